@@ -1,0 +1,1 @@
+"""Watcher handlers: one WatcherHandler subclass per service name."""

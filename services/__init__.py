@@ -1,0 +1,1 @@
+"""Service plugins: one ServiceProgramTemplate subclass per service name."""

@@ -1,0 +1,106 @@
+"""The ``soaf`` command line: ``soaf core`` runs a core; the other commands talk to one.
+
+Only this module configures logging. Exit codes: 0 success, 1 a service failed or an
+error occurred, 2 bad usage (click's convention).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from soaf.errors import SoafError
+
+log = logging.getLogger("soaf.cli")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="soaf")
+def cli() -> None:
+    """soaf: run other people's programs as managed services."""
+
+
+@cli.command()
+@click.option("--redis", "redis_url", metavar="URL", envvar="SOAF_REDIS_URL",
+              help="Redis to use (redis://, rediss://, unix://). Env SOAF_REDIS_URL. "
+                   "Default: start an embedded redis-server in the state dir.")
+@click.option("--work-root", type=click.Path(path_type=Path), envvar="SOAF_WORK_ROOT",
+              help="Directory holding every service's work dir. Env SOAF_WORK_ROOT. "
+                   "Default: <state dir>/work.")
+@click.option("--plugins", type=click.Path(path_type=Path, file_okay=False), envvar="SOAF_PLUGINS",
+              help="Directory holding the handlers/ and services/ packages. Env SOAF_PLUGINS. "
+                   "Default: the current directory.")
+@click.option("--node", envvar="SOAF_NODE",
+              help="This core's name, unique among cores. Env SOAF_NODE. Default: the host name.")
+@click.option("--state-dir", type=click.Path(path_type=Path), envvar="SOAF_STATE_DIR",
+              help="Embedded Redis data, its URL and the secret. Env SOAF_STATE_DIR. "
+                   "Default: .soaf")
+@click.option("--max-services", type=click.IntRange(min=1), envvar="SOAF_MAX_SERVICES",
+              help="Services run at once; beyond it no new work is read. Env SOAF_MAX_SERVICES.")
+@click.option("--prefix", envvar="SOAF_PREFIX", help="Redis key prefix. Env SOAF_PREFIX.")
+@click.option("--insecure", is_flag=True, default=None,
+              help="Accept a shared Redis without SOAF_SECRET (signs with a well-known key).")
+@click.option("--drain/--no-drain", default=True, show_default=True,
+              help="On SIGTERM/SIGINT wait for running services (drain) or stop them.")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, node: str | None,
+         state_dir: Path | None, max_services: int | None, prefix: str | None,
+         insecure: bool | None, drain: bool, verbose: int, quiet: bool) -> None:
+    """Run a core until SIGTERM/SIGINT (a second one forces the stop).
+
+    The secret that signs payloads is read from SOAF_SECRET (comma-separated for key
+    rotation: the first signs, all are accepted); with the embedded Redis it is
+    created in the state dir when unset.
+    """
+    from soaf.config import Settings
+    from soaf.core import Core
+
+    _setup_logging(verbose, quiet)
+    try:
+        settings = Settings.load(
+            redis_url=redis_url, work_root=work_root, plugins=plugins, node=node,
+            state_dir=state_dir, max_services=max_services, prefix=prefix, insecure=insecure,
+        )
+        the_core = Core(settings)
+        the_core.start()
+    except SoafError as e:
+        raise click.ClickException(str(e))
+    signals = {"count": 0}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        signals["count"] += 1
+        the_core.request_stop(force=signals["count"] > 1 or not drain)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        the_core.run()
+    finally:
+        log.info("stopping: %s %d running services",
+                 "draining" if drain and signals["count"] < 2 else "stopping",
+                 the_core.running())
+        the_core.shutdown(drain=drain and signals["count"] < 2)
+        log.info("core stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="soaf")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Client: submit templates and follow, wait for and cancel services, from anywhere.
+
+Uses only the wire contract of docs/protocol.md (it never imports the core). Waiting
+reads the service's event stream from the position stored in its record, so no event
+between "read the record" and "follow the stream" can be missed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from soaf.codec import dumps
+from soaf.config import find_redis_url, find_secrets, state_dir_from_env
+from soaf.connection import connect, redact
+from soaf.errors import (
+    ConfigError,
+    DuplicateService,
+    RedisUnavailable,
+    UnknownService,
+    WaitTimeout,
+)
+from soaf.keys import DEFAULT_PREFIX, Keys
+from soaf.state import EVENTS_MAXLEN, FINAL_VALUES, SUBMIT_LUA, ServiceRecord, decode_event
+from soaf.template import ServiceParamTemplate
+
+#: Longest single blocking read, in milliseconds; waits are made of such reads.
+_BLOCK_MS = 2000
+
+
+class Client:
+    """A connection to the Redis that soaf cores read from.
+
+    ``url`` and ``secret`` default to what a core on this machine uses: SOAF_REDIS_URL
+    and SOAF_SECRET, else the files of the embedded core's state dir (``.soaf/``).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        secret: str | None = None,
+        prefix: str | None = None,
+        state_dir: str | Path | None = None,
+    ) -> None:
+        state = Path(state_dir) if state_dir is not None else state_dir_from_env()
+        self.url = url or find_redis_url(state)
+        if not self.url:
+            raise ConfigError(
+                "no Redis to talk to: set SOAF_REDIS_URL, pass url=, or start a core "
+                f"with an embedded Redis here (looked for {state / 'redis.url'})"
+            )
+        self._secret = secret
+        self._state_dir = state
+        self.keys = Keys(prefix or os.environ.get("SOAF_PREFIX") or DEFAULT_PREFIX)
+        self.redis = connect(self.url, name="soaf-client")
+        self._blocking = connect(self.url, blocking=True, name="soaf-client-wait")
+
+    def close(self) -> None:
+        self.redis.close()
+        self._blocking.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise RedisUnavailable(f"cannot reach Redis at {redact(self.url or '')}: {e}") from e
+
+    # -- submitting ---------------------------------------------------------------------
+
+    def submit(self, template: ServiceParamTemplate) -> str:
+        """Validate, sign and queue ``template``; return its service id.
+
+        Raises ValidationError naming a bad field, DuplicateService when the id was
+        already submitted.
+        """
+        template.validate()
+        secret = self._secret
+        if secret is None:
+            found = find_secrets(self._state_dir)
+            secret = found[0] if found else None
+        payload = dumps(template, secret)
+        sid = template.service_id
+        created, detail = self._call(
+            self.redis.eval, SUBMIT_LUA, 4,
+            self.keys.service(sid), self.keys.events(sid), self.keys.services, self.keys.submit,
+            sid, template.service, time.time(), payload, self.keys.notify, EVENTS_MAXLEN,
+        )
+        if not created:
+            raise DuplicateService(
+                f"service id {sid!r} was already submitted (state {detail.decode().strip(chr(34))})"
+            )
+        return sid
+
+    # -- reading ------------------------------------------------------------------------
+
+    def status(self, service_id: str) -> ServiceRecord:
+        """The current record; UnknownService if no such id was ever submitted."""
+        data = self._call(self.redis.hgetall, self.keys.service(service_id))
+        if not data:
+            raise UnknownService(f"no service with id {service_id!r}")
+        return ServiceRecord.from_hash(service_id, data)
+
+    def _record_or_none(self, service_id: str) -> ServiceRecord | None:
+        data = self._call(self.redis.hgetall, self.keys.service(service_id))
+        return ServiceRecord.from_hash(service_id, data) if data else None
+
+    def wait(self, service_id: str, timeout: float | None = None) -> ServiceRecord:
+        """Block until the service is final and return its record; WaitTimeout if not in time."""
+        for record in self.as_completed([service_id], timeout=timeout):
+            return record
+        raise WaitTimeout(f"service {service_id} is not final")  # pragma: no cover
+
+    def wait_all(self, ids: Iterable[str], timeout: float | None = None) -> list[ServiceRecord]:
+        """Wait for all ``ids``; records in the order of ``ids``."""
+        ids = list(ids)
+        done = {r.service_id: r for r in self.as_completed(ids, timeout=timeout)}
+        return [done[i] for i in ids]
+
+    def as_completed(
+        self, ids: Iterable[str], timeout: float | None = None
+    ) -> Iterator[ServiceRecord]:
+        """Yield each service's final record as it finishes; WaitTimeout for the rest."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        positions: dict[str, str] = {}
+        for sid in dict.fromkeys(ids):
+            record = self._record_or_none(sid)
+            if record is not None and record.final:
+                yield record
+                continue
+            positions[sid] = (record.raw.get("event_id") if record else None) or "0-0"
+        while positions:
+            block = _BLOCK_MS
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WaitTimeout(
+                        f"{len(positions)} service(s) not final after {timeout} s: "
+                        + ", ".join(list(positions)[:5])
+                    )
+                block = max(1, min(block, int(left * 1000)))
+            streams = {self.keys.events(sid): pos for sid, pos in positions.items()}
+            resp = self._call(self._blocking.xread, streams, block=block)
+            finished: set[str] = set()
+            for stream, entries in resp or []:
+                sid = stream.decode().rsplit("{", 1)[1].rstrip("}")
+                for raw_id, data in entries:
+                    positions[sid] = raw_id.decode()
+                    if decode_event(data).get("state") in FINAL_VALUES:
+                        finished.add(sid)
+            for sid in finished:
+                positions.pop(sid, None)
+                yield self.status(sid)
+
+    def events(
+        self, service_id: str, *, follow: bool = True, timeout: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every event of the service from the first, then live ones until it is final.
+
+        Replay and live reading are one stream read, so there is neither a gap nor a
+        duplicate between them. Stops after the final event (or at once when
+        ``follow`` is False and the past is replayed); WaitTimeout after ``timeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        position = "0-0"
+        key = self.keys.events(service_id)
+        while True:
+            entries = self._call(self.redis.xrange, key, min=f"({position}" if position != "0-0"
+                                 else "-", count=500)
+            for raw_id, data in entries:
+                position = raw_id.decode()
+                event = decode_event(data)
+                event["event_id"] = position
+                yield event
+                if event.get("state") in FINAL_VALUES:
+                    return
+            if entries:
+                continue
+            if not follow:
+                return
+            block = _BLOCK_MS
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WaitTimeout(f"no final event for {service_id} after {timeout} s")
+                block = max(1, min(block, int(left * 1000)))
+            self._call(self._blocking.xread, {key: position}, block=block, count=1)
+
+    def list(
+        self, *, state: str | None = None, service: str | None = None, limit: int = 100
+    ) -> list[ServiceRecord]:
+        """The newest services first, optionally only those in ``state`` / of ``service``."""
+        out: list[ServiceRecord] = []
+        start = 0
+        while len(out) < limit:
+            ids = self._call(self.redis.zrevrange, self.keys.services, start, start + 199)
+            if not ids:
+                break
+            start += len(ids)
+            pipe = self.redis.pipeline(transaction=False)
+            for raw in ids:
+                pipe.hgetall(self.keys.service(raw.decode()))
+            for raw, data in zip(ids, self._call(pipe.execute)):
+                if not data:
+                    continue
+                record = ServiceRecord.from_hash(raw.decode(), data)
+                if (state is None or record.state == state) and (
+                    service is None or record.service == service
+                ):
+                    out.append(record)
+                    if len(out) >= limit:
+                        break
+        return out
+
+    # -- steering -----------------------------------------------------------------------
+
+    def cancel(self, service_id: str) -> str:
+        """Ask for a service to be cancelled; returns what happened in plain words.
+
+        The request is durable: a core applies it when it next looks, even if it was
+        busy or away when the request was made.
+        """
+        record = self._record_or_none(service_id)
+        if record is None:
+            raise UnknownService(f"no service with id {service_id!r}")
+        if record.final:
+            return f"already {record.state}; nothing to cancel"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.cancels, service_id, json.dumps(time.time()))
+        pipe.xadd(self.keys.control, {"type": "cancel", "id": service_id},
+                  maxlen=10_000, approximate=True)
+        self._call(pipe.execute)
+        return f"cancel requested ({record.state})"
+
+    def plugins(self) -> dict[str, Any]:
+        """Plugin version and last load error of every core, by node name."""
+        data = self._call(self.redis.hgetall, self.keys.plugins)
+        return {k.decode(): json.loads(v) for k, v in data.items()}
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The cores alive now (their heartbeat has not expired), with their load."""
+        names = sorted(n.decode() for n in self._call(self.redis.smembers, self.keys.nodes))
+        if not names:
+            return []
+        values = self._call(self.redis.mget, [self.keys.node(n) for n in names])
+        return [json.loads(v) for v in values if v is not None]
+
+    def reload(self, node: str | None = None) -> None:
+        """Ask cores (all, or one ``node``) to reload their plugins now."""
+        fields = {"type": "reload", **({"node": node} if node else {})}
+        self._call(self.redis.xadd, self.keys.control, fields, maxlen=10_000, approximate=True)

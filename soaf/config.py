@@ -1,0 +1,182 @@
+"""Settings for cores and clients: defaults < environment (SOAF_*) < flags, validated once.
+
+Clients and cores find the same Redis and secret the same way: the environment first,
+then the files an embedded core writes into its state directory (``.soaf/`` by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets as _secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from soaf.codec import DEFAULT_MAX_PAYLOAD
+from soaf.errors import ConfigError
+from soaf.keys import DEFAULT_PREFIX
+
+#: Where an embedded core keeps its Redis data, the URL file and the secret.
+DEFAULT_STATE_DIR = ".soaf"
+#: Services one core runs at once; beyond this it reads no new submissions.
+DEFAULT_MAX_SERVICES = 64
+#: Seconds between heartbeats; the heartbeat key lives DEFAULT_HEARTBEAT_TTL seconds.
+DEFAULT_HEARTBEAT_INTERVAL = 2.0
+DEFAULT_HEARTBEAT_TTL = 10.0
+#: Seconds between the periodic plugin scans that back up file-system notifications.
+DEFAULT_RELOAD_POLL = 2.0
+#: Seconds of quiet after a plugin file changes before the packages are reloaded,
+#: so a burst of saves gives one reload.
+DEFAULT_RELOAD_DEBOUNCE = 0.2
+#: Seconds between SIGTERM and SIGKILL when a program is stopped.
+DEFAULT_KILL_GRACE = 5.0
+#: Largest stdout/stderr file kept per service; older output is dropped, the tail kept.
+DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
+
+SECRET_FILE = "secret"
+#: The well-known key of ``--insecure`` cores (and clients with SOAF_INSECURE=1): it
+#: signs, but proves nothing, since everybody knows it.
+INSECURE_SECRET = "soaf-insecure-well-known-key"
+URL_FILE = "redis.url"
+
+
+def state_dir_from_env() -> Path:
+    return Path(os.environ.get("SOAF_STATE_DIR", DEFAULT_STATE_DIR)).expanduser()
+
+
+def find_secrets(state_dir: Path | None = None) -> list[str]:
+    """Secrets a client or core knows: SOAF_SECRET (comma-separated; the first signs,
+    all are accepted, for key rotation), else the embedded core's secret file."""
+    env = os.environ.get("SOAF_SECRET", "")
+    if env.strip():
+        return [s.strip() for s in env.split(",") if s.strip()]
+    path = (state_dir or state_dir_from_env()) / SECRET_FILE
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    if text:
+        return [text]
+    if os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"):
+        return [INSECURE_SECRET]
+    return []
+
+
+def find_redis_url(state_dir: Path | None = None) -> str | None:
+    """SOAF_REDIS_URL, else the URL an embedded core recorded, else None."""
+    env = os.environ.get("SOAF_REDIS_URL", "").strip()
+    if env:
+        return env
+    path = (state_dir or state_dir_from_env()) / URL_FILE
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def create_secret(state_dir: Path) -> str:
+    """Return the state directory's secret, creating it (mode 0600) the first time."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    value = _secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}")
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}")
+
+
+@dataclass
+class Settings:
+    """Everything a core needs to know; build it with ``Settings.load(**flags)``."""
+
+    redis_url: str | None = None
+    secrets: list[str] = field(default_factory=list, repr=False)
+    work_root: Path = Path(DEFAULT_STATE_DIR) / "work"
+    plugins: Path = Path(".")
+    node: str = field(default_factory=socket.gethostname)
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    prefix: str = DEFAULT_PREFIX
+    max_services: int = DEFAULT_MAX_SERVICES
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
+    reload_poll: float = DEFAULT_RELOAD_POLL
+    reload_debounce: float = DEFAULT_RELOAD_DEBOUNCE
+    watch_files: bool = True
+    kill_grace: float = DEFAULT_KILL_GRACE
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    insecure: bool = False
+
+    @classmethod
+    def load(cls, **flags: Any) -> Settings:
+        """Defaults, overridden by SOAF_* variables, overridden by non-None ``flags``."""
+        state_dir = Path(flags.get("state_dir") or state_dir_from_env())
+        values: dict[str, Any] = {
+            "redis_url": os.environ.get("SOAF_REDIS_URL") or None,
+            "secrets": find_secrets(state_dir) if os.environ.get("SOAF_SECRET") else [],
+            "work_root": Path(os.environ.get("SOAF_WORK_ROOT", state_dir / "work")),
+            "plugins": Path(os.environ.get("SOAF_PLUGINS", ".")),
+            "node": os.environ.get("SOAF_NODE") or socket.gethostname(),
+            "state_dir": state_dir,
+            "prefix": os.environ.get("SOAF_PREFIX", DEFAULT_PREFIX),
+            "max_services": _env_int("SOAF_MAX_SERVICES", DEFAULT_MAX_SERVICES),
+            "max_payload": _env_int("SOAF_MAX_PAYLOAD", DEFAULT_MAX_PAYLOAD),
+            "heartbeat_interval": _env_float("SOAF_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL),
+            "heartbeat_ttl": _env_float("SOAF_HEARTBEAT_TTL", DEFAULT_HEARTBEAT_TTL),
+            "reload_poll": _env_float("SOAF_RELOAD_POLL", DEFAULT_RELOAD_POLL),
+            "reload_debounce": _env_float("SOAF_RELOAD_DEBOUNCE", DEFAULT_RELOAD_DEBOUNCE),
+            "watch_files": os.environ.get("SOAF_WATCH_FILES", "1") not in ("0", "false", "no"),
+            "kill_grace": _env_float("SOAF_KILL_GRACE", DEFAULT_KILL_GRACE),
+            "log_max_bytes": _env_int("SOAF_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES),
+            "insecure": os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"),
+        }
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name, value in flags.items():
+            if name not in known:
+                raise ConfigError(f"unknown setting {name!r}")
+            if value is not None:
+                values[name] = value
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.max_services < 1:
+            raise ConfigError(f"max services must be at least 1, got {self.max_services}")
+        if self.max_payload < 1024:
+            raise ConfigError(f"max payload must be at least 1024 bytes, got {self.max_payload}")
+        if not self.node or any(c in self.node for c in " :{}"):
+            raise ConfigError(f"node name {self.node!r} must be non-empty without ' :{{}}'")
+        if not self.prefix or any(c in self.prefix for c in " {}"):
+            raise ConfigError(f"key prefix {self.prefix!r} must be non-empty without ' {{}}'")
+        if self.heartbeat_ttl <= self.heartbeat_interval * 2:
+            raise ConfigError("heartbeat TTL must be more than twice the heartbeat interval")
+        for name in ("plugins",):
+            path = getattr(self, name)
+            if not Path(path).is_dir():
+                raise ConfigError(f"plugin directory {path} does not exist")

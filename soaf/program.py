@@ -1,0 +1,131 @@
+"""ServiceProgramTemplate: the developer's description of how one black box is run.
+
+Subclass it in the ``services/`` package, set ``name`` (the service name templates ask
+for) and usually ``program`` and ``command()``. The core calls ``build()`` then
+``prepare_input_file()`` in the service's work dir, then runs ``command()`` there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import ClassVar
+
+from soaf.errors import PluginError, ProgramError
+from soaf.template import ServiceParamTemplate, is_url
+from soaf.workdir import confine
+
+
+class ServiceProgramTemplate:
+    """How to prepare and start one service's program.
+
+    Class attributes a subclass may set:
+        name: the service name (required, unique among loaded plugins).
+        program: path of the executable the default ``build()`` copies into the work dir;
+            relative paths are looked up from the plugin root, then the plugin's module.
+        timeout: default seconds a run may take (a template's ``timeout`` wins).
+        success_codes: exit codes that count as success.
+        retries: default further attempts after a failure (a template's ``retries`` wins).
+    """
+
+    name: ClassVar[str] = ""
+    program: ClassVar[str | None] = None
+    timeout: ClassVar[float | None] = None
+    success_codes: ClassVar[tuple[int, ...]] = (0,)
+    retries: ClassVar[int] = 0
+
+    def __init__(
+        self, template: ServiceParamTemplate, work_dir: Path, *, plugin_root: Path
+    ) -> None:
+        self.template = template
+        self.work_dir = work_dir
+        self.plugin_root = plugin_root
+
+    # -- the steps the core calls, in order -------------------------------------------
+
+    def build(self) -> None:
+        """Pre-work in the (already created) work dir; by default copy ``program`` in."""
+        if self.program:
+            source = self.program_path()
+            target = self.work_dir / source.name
+            shutil.copy2(source, target)
+            target.chmod(target.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+    def prepare_input_file(self) -> None:
+        """Stage ``template.input_files`` into the work dir: copy paths, download URLs."""
+        for name, source in self.template.input_sources().items():
+            target = confine(self.work_dir, name, field="input_files")
+            if is_url(source):
+                download(source, target)
+            else:
+                copy_local(source, target)
+
+    def command(self) -> list[str]:
+        """The argv of the program, run with the work dir as its working directory."""
+        if self.program:
+            return ["./" + Path(self.program).name]
+        raise PluginError(f"service {self.name!r} sets no program and does not override command()")
+
+    def environment(self) -> dict[str, str]:
+        """The program's environment: the core's, the template's ``env``, and soaf's ids."""
+        env = dict(os.environ)
+        for key in [k for k in env if k.startswith("SOAF_")]:
+            del env[key]  # never leak the core's secret or settings to a black box
+        env.update(self.template.env)
+        env["SOAF_SERVICE_ID"] = self.template.service_id
+        env["SOAF_WORK_DIR"] = str(self.work_dir)
+        return env
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def program_path(self) -> Path:
+        """Where ``program`` is on this machine; ProgramError when it is nowhere."""
+        assert self.program
+        candidate = Path(self.program).expanduser()
+        if candidate.is_absolute():
+            options = [candidate]
+        else:
+            module_file = getattr(type(self), "_soaf_module_file", None)
+            options = [self.plugin_root / candidate]
+            if module_file:
+                options.append(Path(module_file).parent / candidate)
+        for option in options:
+            if option.is_file():
+                return option
+        raise ProgramError(
+            f"program {self.program!r} of service {self.name!r} not found "
+            f"(looked in {', '.join(str(o) for o in options)})"
+        )
+
+
+def copy_local(source: str, target: Path) -> None:
+    """Copy a local file or directory to ``target``, never moving the original."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"input {source!r} does not exist on this machine")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        shutil.copytree(path, target, dirs_exist_ok=True)
+    else:
+        shutil.copy2(path, target)
+
+
+def download(url: str, target: Path, *, timeout: float = 60.0) -> None:
+    """Fetch ``url`` to ``target`` through a temporary name, so a partial download never
+    looks complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            shutil.copyfileobj(resp, out, 1024 * 1024)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,52 @@
+"""Work directories: where they live under the work root, and keeping paths inside them.
+
+Every name a template or plugin hands soaf (work_path, input and output names) is
+resolved through ``confine``, which follows symlinks, so neither ``..`` nor a symlink
+planted inside a work dir can reach a file outside it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from soaf.errors import ValidationError
+from soaf.template import ServiceParamTemplate, check_relative
+
+
+def confine(root: Path, name: str, *, field: str = "path") -> Path:
+    """``root / name`` with symlinks resolved, or ValidationError if it leaves ``root``."""
+    check_relative(field, name)
+    real_root = root.resolve()
+    target = (real_root / name).resolve()
+    if target != real_root and real_root not in target.parents:
+        raise ValidationError(field, f"{name!r} resolves to {target}, outside {real_root}")
+    return target
+
+
+def work_dir_for(work_root: Path, template: ServiceParamTemplate) -> Path:
+    """The work dir a template runs in: its ``work_path`` or one named after its id."""
+    name = template.work_path or template.service_id
+    return confine(work_root, name, field="work_path" if template.work_path else "service_id")
+
+
+def create(work_root: Path, template: ServiceParamTemplate) -> Path:
+    """Create (or re-use, for a shared ``work_path``) the template's work dir."""
+    work_root.mkdir(parents=True, exist_ok=True)
+    path = work_dir_for(work_root, template)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def list_files(work_dir: Path) -> list[str]:
+    """Sorted paths of every regular file below ``work_dir``, relative to it."""
+    out: list[str] = []
+    base = str(work_dir)
+    cut = len(base) + 1
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        prefix = dirpath[cut:]
+        for name in filenames:
+            out.append(f"{prefix}/{name}" if prefix else name)
+    out.sort()
+    return out

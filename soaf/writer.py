@@ -1,0 +1,129 @@
+"""StateWriter: the one thread that writes every state change to Redis, in order.
+
+Services never talk to Redis themselves; they queue ``Change``s here. The writer sends
+whatever is queued as one pipeline, so a busy core pays one round trip for many
+changes. When Redis is unreachable it keeps the changes, retries with backoff, and
+writes them in their original order once Redis is back; the record script skips
+anything already applied, so a retried batch writes nothing twice. A stream entry is
+acknowledged only in the batch that writes its service's final state.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import redis
+
+from soaf.keys import GROUP, Keys
+from soaf.state import RECORD_LUA, Change
+
+log = logging.getLogger(__name__)
+
+#: Changes sent in one pipeline at most.
+BATCH = 500
+#: Longest pause between reconnection attempts, in seconds.
+MAX_BACKOFF = 5.0
+
+
+class StateWriter:
+    """Queue changes with ``put``; a background thread writes them."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self._redis = client
+        self._keys = keys
+        self._queue: collections.deque[Change] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self.connected = True
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="soaf-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, change: Change) -> None:
+        with self._cond:
+            self._queue.append(change)
+            self._cond.notify()
+
+    def pending(self) -> int:
+        return len(self._queue) + (1 if self._busy else 0)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is written; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Write what is queued (up to ``timeout``) and stop; False if some was left."""
+        done = self.flush(timeout)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=2)
+        if not done:
+            log.error("stopping with %d state changes not written to Redis", len(self._queue))
+        return done
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue and self._stopping:
+                    return
+                batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+                self._busy = True
+            try:
+                self._write(batch)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                with self._cond:
+                    self._busy = False
+                if self.connected:
+                    log.warning("Redis unreachable (%s); keeping %d state changes until it is back",
+                                e, len(self._queue))
+                    self.connected = False
+                if self._stopping:
+                    with self._cond:
+                        return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            except Exception:
+                log.exception("dropping %d state changes that Redis refused", len(batch))
+            if not self.connected:
+                log.warning("Redis is back; wrote the state changes kept meanwhile")
+                self.connected = True
+            backoff = 0.05
+            with self._cond:
+                for _ in batch:
+                    self._queue.popleft()
+                self._busy = False
+                self.written += len(batch)
+                self._cond.notify_all()
+
+    def _write(self, batch: list[Change]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for change in batch:
+            keys, args = change.record_args(self._keys)
+            pipe.eval(RECORD_LUA, len(keys), *keys, *args)
+            if change.ack:
+                pipe.xack(self._keys.submit, GROUP, change.ack)
+                pipe.hdel(self._keys.cancels, change.service_id)
+        results = pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
+                raise result
+            if isinstance(result, Exception):
+                log.error("state write refused by Redis: %s", result)
