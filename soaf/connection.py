@@ -9,6 +9,8 @@ would cut an ``XREADGROUP BLOCK`` short); every other call fails fast.
 from __future__ import annotations
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from soaf.errors import ConfigError
 
@@ -25,6 +27,8 @@ def connect(url: str, *, blocking: bool = False, name: str | None = None) -> red
             socket_connect_timeout=5.0,
             health_check_interval=0 if blocking else 30,
             client_name=name,
+            # redis-py's default retries for seconds; soaf has its own reconnect logic.
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
         )
     except ValueError as e:
         raise ConfigError(f"cannot use Redis URL: {e}") from e

