@@ -27,11 +27,15 @@ from soaf.errors import (
     WaitTimeout,
 )
 from soaf.keys import DEFAULT_PREFIX, Keys
-from soaf.state import EVENTS_MAXLEN, FINAL_VALUES, SUBMIT_LUA, ServiceRecord, decode_event
+from soaf.state import EVENTS_MAXLEN, FINAL_VALUES, SUBMIT, ServiceRecord, decode_event
 from soaf.template import ServiceParamTemplate
 
 #: Longest single blocking read, in milliseconds; waits are made of such reads.
 _BLOCK_MS = 2000
+#: Waits on more ids than this follow the notify channel instead of event streams.
+_STREAM_WAIT_MAX = 16
+#: Seconds between re-reads of the records while following the notify channel.
+_RECHECK_S = 2.0
 
 
 class Client:
@@ -94,9 +98,9 @@ class Client:
         payload = dumps(template, secret)
         sid = template.service_id
         created, detail = self._call(
-            self.redis.eval, SUBMIT_LUA, 4,
-            self.keys.service(sid), self.keys.events(sid), self.keys.services, self.keys.submit,
-            sid, template.service, time.time(), payload, self.keys.notify, EVENTS_MAXLEN,
+            SUBMIT.run, self.redis,
+            [self.keys.service(sid), self.keys.events(sid), self.keys.services, self.keys.submit],
+            [sid, template.service, time.time(), payload, self.keys.notify, EVENTS_MAXLEN],
         )
         if not created:
             raise DuplicateService(
@@ -132,25 +136,26 @@ class Client:
     def as_completed(
         self, ids: Iterable[str], timeout: float | None = None
     ) -> Iterator[ServiceRecord]:
-        """Yield each service's final record as it finishes; WaitTimeout for the rest."""
+        """Yield each service's final record as it finishes; WaitTimeout for the rest.
+
+        A few ids are followed through their event streams (nothing can be missed);
+        many ids through the notify channel, re-checked every few seconds because
+        pub/sub drops messages while a connection is down.
+        """
+        ids = list(dict.fromkeys(ids))
+        if len(ids) > _STREAM_WAIT_MAX:
+            yield from self._as_completed_notify(ids, timeout)
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         positions: dict[str, str] = {}
-        for sid in dict.fromkeys(ids):
+        for sid in ids:
             record = self._record_or_none(sid)
             if record is not None and record.final:
                 yield record
                 continue
             positions[sid] = (record.raw.get("event_id") if record else None) or "0-0"
         while positions:
-            block = _BLOCK_MS
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise WaitTimeout(
-                        f"{len(positions)} service(s) not final after {timeout} s: "
-                        + ", ".join(list(positions)[:5])
-                    )
-                block = max(1, min(block, int(left * 1000)))
+            block = self._block_ms(deadline, positions, timeout)
             streams = {self.keys.events(sid): pos for sid, pos in positions.items()}
             resp = self._call(self._blocking.xread, streams, block=block)
             finished: set[str] = set()
@@ -163,6 +168,64 @@ class Client:
             for sid in finished:
                 positions.pop(sid, None)
                 yield self.status(sid)
+
+    @staticmethod
+    def _block_ms(deadline: float | None, pending: Iterable[str], timeout: float | None) -> int:
+        block = _BLOCK_MS
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pending = list(pending)
+                raise WaitTimeout(
+                    f"{len(pending)} service(s) not final after {timeout} s: "
+                    + ", ".join(pending[:5])
+                )
+            block = max(1, min(block, int(left * 1000)))
+        return block
+
+    def _final_states(self, ids: Iterable[str]) -> dict[str, str]:
+        ids = list(ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in ids:
+            pipe.hget(self.keys.service(sid), "state")
+        states = self._call(pipe.execute)
+        return {
+            sid: json.loads(raw) for sid, raw in zip(ids, states)
+            if raw is not None and json.loads(raw) in FINAL_VALUES
+        }
+
+    def _as_completed_notify(
+        self, ids: list[str], timeout: float | None
+    ) -> Iterator[ServiceRecord]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = set(ids)
+        pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+        try:
+            self._call(pubsub.subscribe, self.keys.notify)
+            next_check = 0.0
+            while pending:
+                now = time.monotonic()
+                done: set[str] = set()
+                if now >= next_check:  # subscribed first, so nothing slips between
+                    done = set(self._final_states(pending))
+                    next_check = now + _RECHECK_S
+                else:
+                    block = self._block_ms(deadline, pending, timeout) / 1000
+                    message = self._call(pubsub.get_message, timeout=min(block, _RECHECK_S))
+                    while message is not None:
+                        try:
+                            note = json.loads(message["data"])
+                        except (ValueError, TypeError):
+                            note = {}
+                        if note.get("id") in pending and note.get("state") in FINAL_VALUES:
+                            done.add(note["id"])
+                        message = self._call(pubsub.get_message, timeout=0)
+                self._block_ms(deadline, pending - done, timeout) if not done else None
+                for sid in done:
+                    pending.discard(sid)
+                    yield self.status(sid)
+        finally:
+            pubsub.close()
 
     def events(
         self, service_id: str, *, follow: bool = True, timeout: float | None = None

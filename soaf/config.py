@@ -30,6 +30,9 @@ DEFAULT_RELOAD_POLL = 2.0
 #: Seconds of quiet after a plugin file changes before the packages are reloaded,
 #: so a burst of saves gives one reload.
 DEFAULT_RELOAD_DEBOUNCE = 0.2
+#: Seconds between checks of a running service's work dir for new, removed or renamed
+#: files, so file_change_callback runs promptly after a change (0: only every interval).
+DEFAULT_FILE_POLL = 0.05
 #: Seconds between SIGTERM and SIGKILL when a program is stopped.
 DEFAULT_KILL_GRACE = 5.0
 #: Largest stdout/stderr file kept per service; older output is dropped, the tail kept.
@@ -127,7 +130,7 @@ class Settings:
     heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
     reload_poll: float = DEFAULT_RELOAD_POLL
     reload_debounce: float = DEFAULT_RELOAD_DEBOUNCE
-    watch_files: bool = True
+    file_poll: float = DEFAULT_FILE_POLL
     kill_grace: float = DEFAULT_KILL_GRACE
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     insecure: bool = False
@@ -150,7 +153,7 @@ class Settings:
             "heartbeat_ttl": _env_float("SOAF_HEARTBEAT_TTL", DEFAULT_HEARTBEAT_TTL),
             "reload_poll": _env_float("SOAF_RELOAD_POLL", DEFAULT_RELOAD_POLL),
             "reload_debounce": _env_float("SOAF_RELOAD_DEBOUNCE", DEFAULT_RELOAD_DEBOUNCE),
-            "watch_files": os.environ.get("SOAF_WATCH_FILES", "1") not in ("0", "false", "no"),
+            "file_poll": _env_float("SOAF_FILE_POLL", DEFAULT_FILE_POLL),
             "kill_grace": _env_float("SOAF_KILL_GRACE", DEFAULT_KILL_GRACE),
             "log_max_bytes": _env_int("SOAF_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES),
             "insecure": os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"),
@@ -163,6 +166,9 @@ class Settings:
                 values[name] = value
         settings = cls(**values)
         settings.validate()
+        # Resolved once here, so no hot path pays for symlink resolution.
+        settings.work_root = Path(settings.work_root).expanduser().resolve()
+        settings.plugins = Path(settings.plugins).expanduser().resolve()
         return settings
 
     def validate(self) -> None:

@@ -26,8 +26,8 @@ from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
 from soaf.lifecycle import Claim, ServiceRun
 from soaf.plugins import PluginLoader
 from soaf.runner import Reaper
-from soaf.state import CLAIM_LUA, EVENTS_MAXLEN, FINAL_VALUES, Change, State
-from soaf.watcher import WorkRootMonitor
+from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, State, is_noscript
+from soaf.template import ServiceParamTemplate
 from soaf.writer import StateWriter
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,6 @@ class Core:
         self.writer = StateWriter(self.redis, self.keys)
         self.writer.start()
         self.reaper = Reaper()
-        self.monitor = WorkRootMonitor(s.work_root) if s.watch_files else None
-        if self.monitor is not None:
-            self.monitor.start()
         self._spawn(self._heartbeat_loop, "soaf-heartbeat")
         self._spawn(self._control_loop, "soaf-control")
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
@@ -135,8 +132,6 @@ class Core:
             self._slot_freed.wait(0.2)
             self._slot_freed.clear()
         self.writer.stop(timeout=10)
-        if self.monitor is not None:
-            self.monitor.stop()
         self.reaper.close()
         try:
             self.redis.delete(self.keys.node(self.settings.node))
@@ -172,15 +167,14 @@ class Core:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
-            for entry_id, fields in entries:
-                if self._stopping.is_set():
-                    break  # left pending: recoverable
-                try:
-                    self._accept(entry_id, fields)
-                except (redis.ConnectionError, redis.TimeoutError) as e:
-                    log.warning("lost Redis while accepting %s (%s); it stays pending", entry_id, e)
-                    self._check_own_pending = True
-                    break
+            if not entries or self._stopping.is_set():
+                continue  # anything read but not claimed stays pending: recoverable
+            try:
+                self._accept(entries)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning("lost Redis while accepting %d entries (%s); they stay pending",
+                            len(entries), e)
+                self._check_own_pending = True
 
     def _read(self, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
         if self._check_own_pending:
@@ -212,39 +206,67 @@ class Core:
             return []
         return [(raw_id.decode(), fields or {}) for raw_id, fields in resp[0][1]]
 
-    def _accept(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+    def _accept(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
+        """Decode a batch of entries, claim the good ones in one round trip, start them."""
         registry = self.loader.current
-        try:
-            template = decode_entry(
-                fields, secrets=self.secrets, max_payload=self.settings.max_payload,
-                registry=registry,
-            )
-        except Refusal as refusal:
-            self._refuse(entry_id, fields, refusal)
-            return
-        version = registry.version if registry else "none"
-        verdict, detail, attempt, seq = self.redis.eval(
-            CLAIM_LUA, 4,
-            self.keys.service(template.service_id), self.keys.events(template.service_id),
-            self.keys.services, self.keys.cancels,
-            template.service_id, template.service, time.time(), self.settings.node, entry_id,
-            self.keys.notify, EVENTS_MAXLEN, json.dumps(version), ",".join(FINAL_VALUES),
-        )
-        verdict = verdict.decode()
-        if verdict != "run":
-            log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id, verdict,
-                     detail.decode())
-            self.redis.xack(self.keys.submit, GROUP, entry_id)
+        accepted: list[tuple[str, ServiceParamTemplate]] = []
+        for entry_id, fields in entries:
+            try:
+                template = decode_entry(
+                    fields, secrets=self.secrets, max_payload=self.settings.max_payload,
+                    registry=registry,
+                )
+            except Refusal as refusal:
+                self._refuse(entry_id, fields, refusal)
+                continue
+            accepted.append((entry_id, template))
+        if not accepted:
             return
         assert registry is not None
-        run = ServiceRun(
-            template, Claim(entry_id, int(attempt), int(seq)),
-            registry=registry, settings=self.settings, writer=self.writer,
-            reaper=self.reaper, monitor=self.monitor, on_done=self._done,
-        )
-        with self._runs_lock:
-            self.runs[template.service_id] = run
-        run.start()
+        version = json.dumps(registry.version)
+        finals = ",".join(FINAL_VALUES)
+        now = time.time()
+        calls = []
+        for entry_id, template in accepted:
+            sid = template.service_id
+            calls.append((
+                [self.keys.service(sid), self.keys.events(sid), self.keys.services,
+                 self.keys.cancels],
+                [sid, template.service, now, self.settings.node, entry_id,
+                 self.keys.notify, EVENTS_MAXLEN, version, finals],
+            ))
+        results = self._claim(calls)
+        unclaimed: list[str] = []
+        for (entry_id, template), (verdict, detail, attempt, seq) in zip(accepted, results):
+            if verdict != b"run":
+                log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id,
+                         verdict.decode(), detail.decode())
+                unclaimed.append(entry_id)
+                continue
+            run = ServiceRun(
+                template, Claim(entry_id, int(attempt), int(seq)),
+                registry=registry, settings=self.settings, writer=self.writer,
+                reaper=self.reaper, on_done=self._done,
+            )
+            with self._runs_lock:
+                self.runs[template.service_id] = run
+            run.start()
+        if unclaimed:
+            self.redis.xack(self.keys.submit, GROUP, *unclaimed)
+
+    def _claim(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run CLAIM_LUA for each call in one round trip; a claim that met an empty
+        script cache never ran, so only those are sent again, with the script loaded."""
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            CLAIM.call(pipe, keys, args)
+        results = pipe.execute(raise_on_error=False)
+        for i, result in enumerate(results):
+            if is_noscript(result):
+                results[i] = CLAIM.run(self.redis, *calls[i])
+            elif isinstance(result, Exception):
+                raise result
+        return results
 
     def _refuse(self, entry_id: str, fields: dict[bytes, bytes], refusal: Refusal) -> None:
         log.warning("refused entry %s: %s", entry_id, refusal.reason)

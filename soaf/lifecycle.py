@@ -24,7 +24,7 @@ from soaf.runner import Exit, Process, Reaper
 from soaf.service import Service
 from soaf.state import Change, State
 from soaf.template import ServiceParamTemplate
-from soaf.watcher import WorkRootMonitor, call_callback, watch
+from soaf.watcher import call_callback, watch
 from soaf.writer import StateWriter
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,6 @@ class ServiceRun:
         settings: Settings,
         writer: StateWriter,
         reaper: Reaper,
-        monitor: WorkRootMonitor | None,
         on_done: Callable[[ServiceRun], None],
     ) -> None:
         self.template = template
@@ -67,7 +66,6 @@ class ServiceRun:
         self.settings = settings
         self.writer = writer
         self.reaper = reaper
-        self.monitor = monitor
         self.on_done = on_done
         self.service_id = template.service_id
         self.process: Process | None = None
@@ -151,7 +149,7 @@ class ServiceRun:
         handler_cls = self.registry.handler(template.service)
         work_dir = self._phase("work dir", lambda: workdir.create(self.settings.work_root, template))
         self.emit({"work_dir": str(work_dir)})
-        program = program_cls(template, work_dir, plugin_root=self.settings.plugins.resolve())
+        program = program_cls(template, work_dir, plugin_root=self.settings.plugins)
         timeout = template.timeout if template.timeout is not None else program_cls.timeout
 
         self._check_cancel()
@@ -172,25 +170,20 @@ class ServiceRun:
             plugin_version=self.registry.version, emit=self.emit,
         )
         process.on_exit(lambda _exit: self.wake.set())
-        if self.monitor is not None:
-            self.monitor.register(work_dir, self.wake)
-        try:
-            self._phase("start", lambda: process.start(self.reaper))
-            self.process = process
-            if timeout is not None:
-                self._timeout = float(timeout)
-                self._deadline = time.monotonic() + float(timeout)
-            self._state(State.RUNNING, pid=process.pid, command=list(process.argv))
-            reason, files = watch(handler, service, process, wake=self.wake, check=self._reason)
-            if reason is not None:
-                process.stop(self.settings.kill_grace)
-            process.exited.wait()
-            assert process.exit is not None
-            self._exited(process.exit)
-            after_error = self._after_watch(handler, service, files)
-        finally:
-            if self.monitor is not None:
-                self.monitor.unregister(work_dir, self.wake)
+        self._phase("start", lambda: process.start(self.reaper))
+        self.process = process
+        if timeout is not None:
+            self._timeout = float(timeout)
+            self._deadline = time.monotonic() + float(timeout)
+        self._state(State.RUNNING, pid=process.pid, command=list(process.argv))
+        reason, files = watch(handler, service, process, wake=self.wake, check=self._reason,
+                              file_poll=self.settings.file_poll)
+        if reason is not None:
+            process.stop(self.settings.kill_grace)
+        process.exited.wait()
+        assert process.exit is not None
+        self._exited(process.exit)
+        after_error = self._after_watch(handler, service, files)
         return self._final(program_cls.success_codes, process.exit, reason, after_error)
 
     def _reason(self) -> str | None:

@@ -7,6 +7,7 @@ for) and usually ``program`` and ``command()``. The core calls ``build()`` then
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
@@ -72,9 +73,7 @@ class ServiceProgramTemplate:
 
     def environment(self) -> dict[str, str]:
         """The program's environment: the core's, the template's ``env``, and soaf's ids."""
-        env = dict(os.environ)
-        for key in [k for k in env if k.startswith("SOAF_")]:
-            del env[key]  # never leak the core's secret or settings to a black box
+        env = base_environment().copy()
         env.update(self.template.env)
         env["SOAF_SERVICE_ID"] = self.template.service_id
         env["SOAF_WORK_DIR"] = str(self.work_dir)
@@ -100,6 +99,13 @@ class ServiceProgramTemplate:
             f"program {self.program!r} of service {self.name!r} not found "
             f"(looked in {', '.join(str(o) for o in options)})"
         )
+
+
+@functools.lru_cache(maxsize=1)
+def base_environment() -> dict[str, str]:
+    """The core's environment without its SOAF_* settings (never leak the secret to a
+    black box); read once, since copying os.environ costs more than starting a program."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SOAF_")}
 
 
 def copy_local(source: str, target: Path) -> None:

@@ -13,11 +13,14 @@ service (an older attempt) cannot overwrite the newer attempt's record.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+import redis
 
 from soaf.keys import Keys
 
@@ -100,21 +103,73 @@ redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=seq, state=newstate
 return {newstate == 'cancelled' and 'cancelled' or 'run', newstate, attempt, seq}
 """
 
-# KEYS: record, events | ARGV: id, attempt, seq, notify, maxlen, event json, k1, v1, k2, v2 ...
+# KEYS: record, events, services zset
+# ARGV: id, attempt, notify, maxlen, now, then per change: seq, event json, state ('' if
+# none), n, then n field/value pairs. Changes are applied in order; each one only if it is
+# newer than the record (attempt first, then seq). Returns the number applied.
 RECORD_LUA = """
 local cur_attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
 local cur_seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local attempt = tonumber(ARGV[2])
-local seq = tonumber(ARGV[3])
-if attempt < cur_attempt or (attempt == cur_attempt and seq <= cur_seq) then return 0 end
-local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'data', ARGV[6])
-redis.call('HSET', KEYS[1], 'attempt', attempt, 'seq', seq, 'event_id', cjson.encode(evid))
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local state = nil
-for i = 7, #ARGV, 2 do if ARGV[i] == 'state' then state = cjson.decode(ARGV[i + 1]) end end
-redis.call('PUBLISH', ARGV[4], cjson.encode({id=ARGV[1], seq=seq, state=state}))
-return 1
+if attempt < cur_attempt then return 0 end
+local i = 6
+local applied = 0
+local evid = nil
+while i <= #ARGV do
+  local seq = tonumber(ARGV[i])
+  local n = tonumber(ARGV[i + 3])
+  if attempt > cur_attempt or seq > cur_seq then
+    evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[i + 1])
+    if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, i + 4, i + 3 + 2 * n)) end
+    local note = {id=ARGV[1], seq=seq}
+    if ARGV[i + 2] ~= '' then note['state'] = ARGV[i + 2] end
+    redis.call('PUBLISH', ARGV[3], cjson.encode(note))
+    cur_attempt = attempt
+    cur_seq = seq
+    applied = applied + 1
+  end
+  i = i + 4 + 2 * n
+end
+if applied > 0 then
+  redis.call('HSET', KEYS[1], 'attempt', cur_attempt, 'seq', cur_seq,
+    'event_id', cjson.encode(evid))
+  redis.call('ZADD', KEYS[3], 'NX', ARGV[5], ARGV[1])
+end
+return applied
 """
+
+
+class Script:
+    """A Lua script called by its SHA1 (EVALSHA), so its text crosses the wire once."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def call(self, target: Any, keys: list[str], args: list[Any]) -> Any:
+        """Queue (on a pipeline) or run (on a client) the script."""
+        return target.evalsha(self.sha, len(keys), *keys, *args)
+
+    def run(self, client: redis.Redis, keys: list[str], args: list[Any]) -> Any:
+        """Run on a client; load the script first if Redis does not know it."""
+        try:
+            return self.call(client, keys, args)
+        except redis.exceptions.NoScriptError:
+            return client.eval(self.text, len(keys), *keys, *args)
+
+    def load(self, client: redis.Redis) -> None:
+        client.script_load(self.text)
+
+
+SUBMIT = Script(SUBMIT_LUA)
+CLAIM = Script(CLAIM_LUA)
+RECORD = Script(RECORD_LUA)
+SCRIPTS = (SUBMIT, CLAIM, RECORD)
+
+
+def is_noscript(result: Any) -> bool:
+    return isinstance(result, redis.exceptions.NoScriptError)
+
 
 FIELD_PREFIX = "f:"
 
@@ -130,22 +185,26 @@ class Change:
     ts: float = field(default_factory=time.time)
     ack: str | None = None  # stream entry to acknowledge once this change is written
 
-    def record_args(self, keys: Keys) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV for RECORD_LUA."""
-        event = {"seq": self.seq, "attempt": self.attempt, "ts": self.ts, **self.values}
-        flat: list[Any] = []
+    def flat(self) -> list[Any]:
+        """This change's part of RECORD_LUA's ARGV (each value JSON-encoded once)."""
+        pairs: list[str] = []
+        parts = [f'"seq": {self.seq}, "attempt": {self.attempt}, "ts": {self.ts!r}']
         for key, value in self.values.items():
-            flat += [key, json.dumps(value, default=str)]
-        args = [
-            self.service_id,
-            self.attempt,
-            self.seq,
-            keys.notify,
-            EVENTS_MAXLEN,
-            json.dumps(event, default=str),
-            *flat,
-        ]
-        return [keys.service(self.service_id), keys.events(self.service_id)], args
+            encoded = json.dumps(value, default=str)
+            pairs += [key, encoded]
+            parts.append(f"{json.dumps(key)}: {encoded}")
+        state = self.values.get("state") or ""
+        return [self.seq, "{" + ", ".join(parts) + "}", state, len(pairs) // 2, *pairs]
+
+
+def record_call(keys: Keys, changes: list[Change]) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV for RECORD_LUA writing ``changes`` (one service, one attempt, in order)."""
+    first = changes[0]
+    args: list[Any] = [first.service_id, first.attempt, keys.notify, EVENTS_MAXLEN, first.ts]
+    for change in changes:
+        args += change.flat()
+    sid = first.service_id
+    return [keys.service(sid), keys.events(sid), keys.services], args
 
 
 @dataclass

@@ -32,7 +32,17 @@ def work_dir_for(work_root: Path, template: ServiceParamTemplate) -> Path:
 
 def create(work_root: Path, template: ServiceParamTemplate) -> Path:
     """Create (or re-use, for a shared ``work_path``) the template's work dir."""
-    work_root.mkdir(parents=True, exist_ok=True)
+    if template.work_path is None:
+        # The common case, kept cheap: a validated id is one plain path component, and a
+        # directory this call creates cannot be a symlink. (``work_root`` is resolved.)
+        path = work_root / template.service_id
+        try:
+            path.mkdir()
+            return path
+        except FileNotFoundError:
+            work_root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            pass
     path = work_dir_for(work_root, template)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -18,7 +18,7 @@ import time
 import redis
 
 from soaf.keys import GROUP, Keys
-from soaf.state import RECORD_LUA, Change
+from soaf.state import RECORD, Change, is_noscript, record_call
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +114,24 @@ class StateWriter:
                 self._cond.notify_all()
 
     def _write(self, batch: list[Change]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
+        # One script call per service (and attempt): its changes in their original order.
+        groups: dict[tuple[str, int], list[Change]] = {}
         for change in batch:
-            keys, args = change.record_args(self._keys)
-            pipe.eval(RECORD_LUA, len(keys), *keys, *args)
-            if change.ack:
-                pipe.xack(self._keys.submit, GROUP, change.ack)
-                pipe.hdel(self._keys.cancels, change.service_id)
-        results = pipe.execute(raise_on_error=False)
+            groups.setdefault((change.service_id, change.attempt), []).append(change)
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            for changes in groups.values():
+                keys, args = record_call(self._keys, changes)
+                RECORD.call(pipe, keys, args)
+                for change in changes:
+                    if change.ack:
+                        pipe.xack(self._keys.submit, GROUP, change.ack)
+                        pipe.hdel(self._keys.cancels, change.service_id)
+            results = pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(is_noscript(r) for r in results):
+                RECORD.load(self._redis)  # Redis restarted or flushed its scripts
+                continue  # every change is fenced by (attempt, seq): re-sending is safe
+            break
         for result in results:
             if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
                 raise result

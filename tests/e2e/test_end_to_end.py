@@ -179,3 +179,24 @@ def test_embedded_redis_without_server_on_path(tmp_path, plugin_dir, work_root):
                 os.kill(int(pid_file.read_text()), 9)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+def test_file_change_callback_runs_promptly_when_files_appear(start_core, client):
+    """With a 60 s interval, only a change in the work dir can explain the calls in between."""
+    start_core()
+    sid = client.submit(ServiceParamTemplate("steps", args={"n": 3, "delay": 0.4},
+                                             watch_interval=60))
+    record = client.wait(sid, timeout=30)
+    assert record.state == "succeeded"
+    progress = [e["progress"] for e in events_of(client, sid) if "progress" in e]
+    assert progress[0] == 0.0
+    assert {1 / 3, 2 / 3} & set(progress), progress
+
+
+def test_no_prompt_calls_when_file_poll_is_off(start_core, client):
+    start_core(SOAF_FILE_POLL="0")
+    sid = client.submit(ServiceParamTemplate("steps", args={"n": 3, "delay": 0.3},
+                                             watch_interval=60))
+    assert client.wait(sid, timeout=30).state == "succeeded"
+    progress = [e["progress"] for e in events_of(client, sid) if "progress" in e]
+    assert progress == [0.0]

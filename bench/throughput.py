@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Benchmark: how fast one core runs a trivial service (`true`), end to end.
+
+Starts a private redis-server (unix socket) and one real core process (start_core.py),
+work root on tmpfs (/dev/shm) unless --work-root is given, then measures
+  1. latency: submit one service, wait for its final state, repeat (p50/p95/max);
+  2. throughput: submit N services as fast as one client can, wait for all;
+and prints Redis commands per service (from INFO commandstats).
+
+    .venv/bin/python bench/throughput.py [-n 2000] [--latency-runs 300] [--max-services 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from soaf import Client, ServiceParamTemplate  # noqa: E402
+from soaf.embedded import find_redis_server  # noqa: E402
+
+PLUGIN = '''
+from soaf import ServiceProgramTemplate, WatcherHandler
+
+class TrueService(ServiceProgramTemplate):
+    name = "true"
+    def command(self):
+        return ["true"]
+'''
+
+
+def commands(r: redis.Redis) -> int:
+    stats = r.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_info",))
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("-n", type=int, default=2000, help="services in the throughput run")
+    ap.add_argument("--latency-runs", type=int, default=300)
+    ap.add_argument("--max-services", type=int, default=64)
+    ap.add_argument("--work-root", type=Path, default=None)
+    ap.add_argument("--file-poll", default="0.05", help="SOAF_FILE_POLL for the core")
+    opts = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="soaf-bench-", dir="/tmp"))
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    work_root = opts.work_root or Path(tempfile.mkdtemp(prefix="soaf-bench-work-", dir=base))
+    plugins = tmp / "plugins"
+    (plugins / "services").mkdir(parents=True)
+    (plugins / "handlers").mkdir()
+    (plugins / "services" / "__init__.py").write_text("")
+    (plugins / "handlers" / "__init__.py").write_text("")
+    (plugins / "services" / "bench.py").write_text(PLUGIN)
+    sock = tmp / "redis.sock"
+    server = subprocess.Popen([find_redis_server(), "--port", "0", "--unixsocket", str(sock),
+                               "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                              stdout=subprocess.DEVNULL)
+    url = f"unix://{sock}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOAF_")}
+    env.update(SOAF_REDIS_URL=url, SOAF_SECRET="bench-secret", SOAF_PLUGINS=str(plugins),
+               SOAF_WORK_ROOT=str(work_root), SOAF_NODE="bench",
+               SOAF_MAX_SERVICES=str(opts.max_services), SOAF_FILE_POLL=opts.file_poll)
+    core = None
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.02)
+        r = redis.Redis(unix_socket_path=str(sock))
+        core_log = open(tmp / "core.log", "wb")  # noqa: SIM115
+        core = subprocess.Popen([sys.executable, str(ROOT / "start_core.py"), "-q"], env=env,
+                                cwd=str(ROOT), stdout=core_log, stderr=subprocess.STDOUT)
+        client = Client(url, secret="bench-secret")
+        # warm up (and wait for the core to be ready)
+        deadline = time.monotonic() + 30
+        sid = client.submit(ServiceParamTemplate("true"))
+        client.wait(sid, timeout=max(1, deadline - time.monotonic()))
+        for _ in range(50):
+            client.submit(ServiceParamTemplate("true"))
+        time.sleep(1)
+
+        print(f"soaf {sys.version.split()[0]}, work root {work_root} "
+              f"({'tmpfs' if str(work_root).startswith('/dev/shm') else 'disk'}), "
+              f"max_services={opts.max_services}, file_poll={opts.file_poll}")
+        lat = []
+        for _ in range(opts.latency_runs):
+            t0 = time.perf_counter()
+            sid = client.submit(ServiceParamTemplate("true"))
+            rec = client.wait(sid, timeout=30)
+            lat.append((time.perf_counter() - t0) * 1000)
+            assert rec.state == "succeeded", rec
+        print(f"latency submit->final ({opts.latency_runs} sequential): "
+              f"p50 {statistics.median(lat):.2f} ms, p95 {pct(lat, 95):.2f} ms, "
+              f"max {max(lat):.2f} ms")
+
+        before = commands(r)
+        ids = []
+        t0 = time.perf_counter()
+        for _ in range(opts.n):
+            ids.append(client.submit(ServiceParamTemplate("true")))
+        t_submit = time.perf_counter() - t0
+        records = client.wait_all(ids, timeout=600)
+        elapsed = time.perf_counter() - t0
+        after = commands(r)
+        bad = [x for x in records if x.state != "succeeded"]
+        e2e = [(x.get("finished_at") - x.get("submitted_at")) * 1000 for x in records]
+        print(f"throughput: {opts.n} services in {elapsed:.2f} s = {opts.n / elapsed:.0f}/s "
+              f"(submitting took {t_submit:.2f} s = {opts.n / t_submit:.0f}/s), "
+              f"{len(bad)} not succeeded")
+        print(f"  submit->final under load: p50 {statistics.median(e2e):.1f} ms, "
+              f"p95 {pct(e2e, 95):.1f} ms")
+        print(f"  redis commands per service (client+core, incl. waiting): "
+              f"{(after - before) / opts.n:.1f}")
+        client.close()
+        return 0 if not bad else 1
+    finally:
+        if core is not None:
+            core.terminate()
+            core.wait(30)
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if opts.work_root is None:
+            shutil.rmtree(work_root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
