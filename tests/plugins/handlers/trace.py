@@ -16,11 +16,13 @@ class StepsHandler(WatcherHandler):
         order = service.fields["order"]
         if order[-1] != "change":
             service.set(order=[*order, "change"])
-        steps = [f for f in files if f.startswith("step")]
+        steps = [f for f in files if f.startswith("step") and f.endswith(".txt")]
         service.progress = len(steps) / max(1, int(service.template.args.get("n", 3)))
         service.set(last_files=files)
 
     def after_watch_callback(self, service, files):
+        steps = [f for f in files if f.startswith("step") and f.endswith(".txt")]
+        service.progress = len(steps) / max(1, int(service.template.args.get("n", 3)))
         build = json.loads((service.work_dir / "build.json").read_text())
         prepare = json.loads((service.work_dir / "prepare.json").read_text())
         service.set(
