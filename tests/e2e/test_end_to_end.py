@@ -199,4 +199,4 @@ def test_no_prompt_calls_when_file_poll_is_off(start_core, client):
                                              watch_interval=60))
     assert client.wait(sid, timeout=30).state == "succeeded"
     progress = [e["progress"] for e in events_of(client, sid) if "progress" in e]
-    assert progress == [0.0]
+    assert progress == [0.0, 1.0]  # the first call, then after_watch_callback's
