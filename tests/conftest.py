@@ -234,9 +234,13 @@ def start_core(core_env: dict[str, str], tmp_path: Path,
         if core.alive():
             core.signal(signal.SIGTERM)
             try:
-                core.proc.wait(15)  # type: ignore[union-attr]
+                core.proc.wait(3)  # type: ignore[union-attr]
             except subprocess.TimeoutExpired:
-                core.kill()
+                core.signal(signal.SIGTERM)  # a second signal stops running services
+                try:
+                    core.proc.wait(15)  # type: ignore[union-attr]
+                except subprocess.TimeoutExpired:
+                    core.kill()
     failed = getattr(request.node, "rep_call", None)
     if failed is not None and failed.failed:
         for core in cores:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import redis
 
 import soaf
@@ -200,3 +201,17 @@ def test_no_prompt_calls_when_file_poll_is_off(start_core, client):
     assert client.wait(sid, timeout=30).state == "succeeded"
     progress = [e["progress"] for e in events_of(client, sid) if "progress" in e]
     assert progress == [0.0, 1.0]  # the first call, then after_watch_callback's
+
+
+def test_wait_raises_a_soaf_timeout(start_core, client):
+    start_core()
+    sid = client.submit(ServiceParamTemplate("sleep", args={"seconds": 30}))
+    with pytest.raises(soaf.WaitTimeout) as info:
+        client.wait(sid, timeout=0.5)
+    assert isinstance(info.value, TimeoutError) and sid in str(info.value)
+
+
+def test_client_validates_before_sending(client):
+    with pytest.raises(soaf.ValidationError) as info:
+        client.submit(ServiceParamTemplate("steps", watch_interval=-1))
+    assert info.value.field == "watch_interval"
