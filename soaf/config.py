@@ -38,6 +38,9 @@ DEFAULT_KILL_GRACE = 5.0
 #: Largest stdout/stderr file kept per service; older output is dropped, the tail kept.
 DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
 
+#: Seconds a final service's record and events are kept (0: forever).
+DEFAULT_RECORD_TTL = 7 * 24 * 3600.0
+
 SECRET_FILE = "secret"
 #: The well-known key of ``--insecure`` cores (and clients with SOAF_INSECURE=1): it
 #: signs, but proves nothing, since everybody knows it.
@@ -134,6 +137,7 @@ class Settings:
     kill_grace: float = DEFAULT_KILL_GRACE
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     insecure: bool = False
+    record_ttl: float = DEFAULT_RECORD_TTL
 
     @classmethod
     def load(cls, **flags: Any) -> Settings:
@@ -157,6 +161,7 @@ class Settings:
             "kill_grace": _env_float("SOAF_KILL_GRACE", DEFAULT_KILL_GRACE),
             "log_max_bytes": _env_int("SOAF_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES),
             "insecure": os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"),
+            "record_ttl": _env_float("SOAF_RECORD_TTL", DEFAULT_RECORD_TTL),
         }
         known = {f.name for f in dataclasses.fields(cls)}
         for name, value in flags.items():

@@ -96,7 +96,7 @@ class Core:
             self.loader.load()
         except PluginError:
             log.error("no plugin version loaded; fix the plugins and they will be loaded")
-        self.writer = StateWriter(self.redis, self.keys)
+        self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl)
         self.writer.start()
         self.reaper = Reaper()
         self._spawn(self._heartbeat_loop, "soaf-heartbeat")
@@ -252,7 +252,10 @@ class Core:
                 self.runs[template.service_id] = run
             run.start()
         if unclaimed:
-            self.redis.xack(self.keys.submit, GROUP, *unclaimed)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xack(self.keys.submit, GROUP, *unclaimed)
+            pipe.xdel(self.keys.submit, *unclaimed)
+            pipe.execute()
 
     def _claim(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run CLAIM_LUA for each call in one round trip; a claim that met an empty
@@ -295,6 +298,7 @@ class Core:
             "ts": time.time(),
         }, maxlen=DEADLETTER_MAXLEN, approximate=True)
         pipe.xack(self.keys.submit, GROUP, entry_id)
+        pipe.xdel(self.keys.submit, entry_id)
         pipe.execute()
 
     def _done(self, run: ServiceRun) -> None:
@@ -332,13 +336,15 @@ class Core:
                          px=int(s.heartbeat_ttl * 1000))
                 pipe.sadd(self.keys.nodes, s.node)
                 pipe.hset(self.keys.plugins, s.node, json.dumps(self.plugin_info()))
+                if s.record_ttl > 0:  # ids whose records have expired
+                    pipe.zremrangebyscore(self.keys.services, "-inf", time.time() - s.record_ttl)
                 with self._runs_lock:
                     ids = list(self.runs)
                 if ids:
                     pipe.hmget(self.keys.cancels, ids)
                 results = pipe.execute()
                 if ids:
-                    for service_id, flag in zip(ids, results[-1]):
+                    for service_id, flag in zip(ids, results[-1]):  # the HMGET
                         if flag is not None:
                             self.cancel_local(service_id)
             except redis.RedisError as e:

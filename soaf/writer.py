@@ -14,6 +14,7 @@ import collections
 import logging
 import threading
 import time
+from typing import Any
 
 import redis
 
@@ -31,9 +32,10 @@ MAX_BACKOFF = 5.0
 class StateWriter:
     """Queue changes with ``put``; a background thread writes them."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, *, record_ttl: float = 0) -> None:
         self._redis = client
         self._keys = keys
+        self._record_ttl = record_ttl
         self._queue: collections.deque[Change] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -113,6 +115,17 @@ class StateWriter:
                 self.written += len(batch)
                 self._cond.notify_all()
 
+    def _finish(self, pipe: Any, change: Change) -> None:
+        """With a final state: the entry is done (ack and delete it, so the stream does
+        not grow), the cancel request is spent, and the record starts to age."""
+        pipe.xack(self._keys.submit, GROUP, change.ack)
+        pipe.xdel(self._keys.submit, change.ack)
+        pipe.hdel(self._keys.cancels, change.service_id)
+        if self._record_ttl > 0:
+            ttl = int(self._record_ttl)
+            pipe.expire(self._keys.service(change.service_id), ttl)
+            pipe.expire(self._keys.events(change.service_id), ttl)
+
     def _write(self, batch: list[Change]) -> None:
         # One script call per service (and attempt): its changes in their original order.
         groups: dict[tuple[str, int], list[Change]] = {}
@@ -125,8 +138,7 @@ class StateWriter:
                 RECORD.call(pipe, keys, args)
                 for change in changes:
                     if change.ack:
-                        pipe.xack(self._keys.submit, GROUP, change.ack)
-                        pipe.hdel(self._keys.cancels, change.service_id)
+                        self._finish(pipe, change)
             results = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(is_noscript(r) for r in results):
                 RECORD.load(self._redis)  # Redis restarted or flushed its scripts

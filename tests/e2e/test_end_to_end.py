@@ -215,3 +215,15 @@ def test_client_validates_before_sending(client):
     with pytest.raises(soaf.ValidationError) as info:
         client.submit(ServiceParamTemplate("steps", watch_interval=-1))
     assert info.value.field == "watch_interval"
+
+
+def test_finished_entries_leave_the_stream_and_records_age(start_core, client, redis_server,
+                                                           prefix):
+    start_core(SOAF_RECORD_TTL="3600")
+    sid = client.submit(ServiceParamTemplate("steps", args={"n": 1}))
+    assert client.wait(sid, timeout=30).state == "succeeded"
+    r = redis_server.client()
+    keys = Keys(prefix)
+    assert r.xlen(keys.submit) == 0
+    assert 0 < r.ttl(keys.service(sid)) <= 3600
+    assert 0 < r.ttl(keys.events(sid)) <= 3600
