@@ -18,7 +18,8 @@ from typing import Any
 
 import dill
 
-from soaf.errors import DecodeError, SignatureError
+from soaf.errors import DecodeError, SignatureError, UnsafePayload
+from soaf.unpickler import restricted_loads
 
 MAGIC = b"soaf1:"
 #: Payloads larger than this are refused before any decoding.
@@ -109,6 +110,17 @@ def loads(
         secrets = find_secrets()
     body = verify(payload, secrets, max_size=max_size)
     try:
-        return dill.loads(body)
-    except Exception as e:
-        raise DecodeError(f"signed payload does not unpickle: {type(e).__name__}: {e}") from e
+        return restricted_loads(body)
+    except UnsafePayload:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a corrupt pickle may raise anything, SystemExit included
+        raise DecodeError(f"signed payload does not unpickle: {_describe(e)}") from e
+
+
+def _describe(e: BaseException) -> str:
+    try:
+        return f"{type(e).__name__}: {e}"[:500]
+    except Exception:  # an exception with a broken __str__
+        return type(e).__name__

@@ -52,12 +52,43 @@ def state_dir_from_env() -> Path:
     return Path(os.environ.get("SOAF_STATE_DIR", DEFAULT_STATE_DIR)).expanduser()
 
 
-def find_secrets(state_dir: Path | None = None) -> list[str]:
-    """Secrets a client or core knows: SOAF_SECRET (comma-separated; the first signs,
-    all are accepted, for key rotation), else the embedded core's secret file."""
+def parse_secrets(text: str) -> list[str]:
+    """Keys from a comma- or newline-separated list, in order, without blanks or repeats."""
+    keys = [k.strip() for k in text.replace("\n", ",").split(",")]
+    return list(dict.fromkeys(k for k in keys if k))
+
+
+def configured_secrets(secret_file: str | Path | None = None) -> list[str]:
+    """The keys given explicitly: SOAF_SECRET, or a secret file (``secret_file``, else
+    SOAF_SECRET_FILE). The first key signs; all are accepted (key rotation). Errors name
+    the file, never its content."""
     env = os.environ.get("SOAF_SECRET", "")
+    path = secret_file or os.environ.get("SOAF_SECRET_FILE", "").strip() or None
+    if env.strip() and path:
+        raise ConfigError("set SOAF_SECRET or a secret file (SOAF_SECRET_FILE/--secret-file), "
+                          "not both")
     if env.strip():
-        return [s.strip() for s in env.split(",") if s.strip()]
+        return parse_secrets(env)
+    if path is None:
+        return []
+    try:
+        keys = parse_secrets(Path(path).expanduser().read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"secret file {path} is not UTF-8 text")
+    except OSError as e:
+        raise ConfigError(f"cannot read secret file {path}: {e.strerror or type(e).__name__}")
+    if not keys:
+        raise ConfigError(f"secret file {path} holds no key")
+    return keys
+
+
+def find_secrets(state_dir: Path | None = None) -> list[str]:
+    """Secrets a client or core knows: SOAF_SECRET or SOAF_SECRET_FILE (see
+    ``configured_secrets``), else the embedded core's secret file, else the well-known
+    key when SOAF_INSECURE is set."""
+    keys = configured_secrets()
+    if keys:
+        return keys
     path = (state_dir or state_dir_from_env()) / SECRET_FILE
     try:
         text = path.read_text().strip()
@@ -138,6 +169,7 @@ class Settings:
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     insecure: bool = False
     record_ttl: float = DEFAULT_RECORD_TTL
+    secret_file: Path | None = None
 
     @classmethod
     def load(cls, **flags: Any) -> Settings:
@@ -145,7 +177,6 @@ class Settings:
         state_dir = Path(flags.get("state_dir") or state_dir_from_env())
         values: dict[str, Any] = {
             "redis_url": os.environ.get("SOAF_REDIS_URL") or None,
-            "secrets": find_secrets(state_dir) if os.environ.get("SOAF_SECRET") else [],
             "work_root": Path(os.environ.get("SOAF_WORK_ROOT", state_dir / "work")),
             "plugins": Path(os.environ.get("SOAF_PLUGINS", ".")),
             "node": os.environ.get("SOAF_NODE") or socket.gethostname(),
@@ -169,6 +200,8 @@ class Settings:
                 raise ConfigError(f"unknown setting {name!r}")
             if value is not None:
                 values[name] = value
+        if flags.get("secrets") is None:  # never the well-known key without --insecure
+            values["secrets"] = configured_secrets(values.get("secret_file"))
         settings = cls(**values)
         settings.validate()
         # Resolved once here, so no hot path pays for symlink resolution.

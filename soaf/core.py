@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from soaf.codec import key_id
 from soaf.config import INSECURE_SECRET, Settings, create_secret
 from soaf.connection import connect, redact
 from soaf.errors import ConfigError, PluginError, RedisUnavailable
@@ -32,6 +33,9 @@ from soaf.writer import StateWriter
 
 log = logging.getLogger(__name__)
 
+#: Secrets shorter than this get a warning at start (an HMAC of a known message lets
+#: anyone holding one payload test guesses offline).
+MIN_SECRET_LENGTH = 16
 #: Dead letters kept (approximate).
 DEADLETTER_MAXLEN = 10_000
 #: Milliseconds one XREADGROUP may block; bounds how fast the loop notices a stop.
@@ -75,12 +79,13 @@ class Core:
             if not self.secrets:
                 if not s.insecure:
                     raise ConfigError(
-                        "no secret configured for a shared Redis: set SOAF_SECRET "
-                        "(or pass --insecure to accept a well-known key; never in production)"
+                        "no secret configured for a shared Redis: set SOAF_SECRET or "
+                        "SOAF_SECRET_FILE (or pass --insecure to accept a well-known key; "
+                        "never in production)"
                     )
-                log.warning("INSECURE: no SOAF_SECRET; anyone who can write to this Redis "
-                            "can run code on this core")
+                self._warn_insecure()
                 self.secrets = [INSECURE_SECRET]
+        self._check_secrets()
         self.redis = connect(self.url, name=f"soaf-core-{s.node}")
         self.blocking = connect(self.url, blocking=True, name=f"soaf-core-{s.node}-intake")
         try:
@@ -103,6 +108,24 @@ class Core:
         self._spawn(self._control_loop, "soaf-control")
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
                  s.node, s.max_services, s.work_root.resolve(), s.plugins.resolve())
+
+    def _warn_insecure(self) -> None:
+        bar = "!" * 72
+        log.warning(bar)
+        log.warning("INSECURE CORE: no secret is set, payloads are checked against a key "
+                    "everybody knows.")
+        log.warning("Anyone who can write to %s can run any code on this core as user %s.",
+                    redact(self.url or ""), os.environ.get("USER") or os.getuid())
+        log.warning("Set SOAF_SECRET (or SOAF_SECRET_FILE) and drop --insecure. See SECURITY.md.")
+        log.warning(bar)
+
+    def _check_secrets(self) -> None:
+        """Log which keys are accepted, by key id only; warn about keys easy to guess."""
+        if any(len(k) < MIN_SECRET_LENGTH for k in self.secrets if k != INSECURE_SECRET):
+            log.warning("a configured secret is shorter than %d characters and can be guessed "
+                        "from one signed payload; use a long random key", MIN_SECRET_LENGTH)
+        log.info("accepting payloads signed with key id%s %s", "s" if len(self.secrets) > 1
+                 else "", ", ".join(key_id(k) for k in self.secrets))
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -214,7 +237,7 @@ class Core:
             try:
                 template = decode_entry(
                     fields, secrets=self.secrets, max_payload=self.settings.max_payload,
-                    registry=registry,
+                    registry=registry, work_root=self.settings.work_root,
                 )
             except Refusal as refusal:
                 self._refuse(entry_id, fields, refusal)

@@ -14,11 +14,12 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from soaf import workdir
 from soaf.config import Settings
-from soaf.errors import SoafError
+from soaf.errors import SoafError, ValidationError
 from soaf.plugins import Registry
 from soaf.runner import Exit, Process, Reaper
 from soaf.service import Service
@@ -154,6 +155,8 @@ class ServiceRun:
 
         self._check_cancel()
         self._phase("build", program.build)
+        self._phase("work dir check", lambda: workdir.check_names(
+            self.settings.work_root, work_dir, template))  # build() may have made links
         self._check_cancel()
         self._state(State.PREPARING)
         self._phase("prepare_input_file", program.prepare_input_file)
@@ -183,8 +186,22 @@ class ServiceRun:
         process.exited.wait()
         assert process.exit is not None
         self._exited(process.exit)
+        escape = self._outputs_escape(work_dir)
         after_error = self._after_watch(handler, service, files)
+        if escape is not None and reason is None:
+            return {"state": State.FAILED.value, "failure": "confinement", "error": escape}
         return self._final(program_cls.success_codes, process.exit, reason, after_error)
+
+    def _outputs_escape(self, work_dir: Path) -> str | None:
+        """Why the output names now lead out of the work dir (the program may have made
+        links), or None when they stay inside."""
+        try:
+            workdir.check_names(self.settings.work_root, work_dir, self.template,
+                                outputs_only=True)
+        except ValidationError as e:
+            log.warning("service %s: %s", self.service_id, e)
+            return f"after the run: {e}"
+        return None
 
     def _reason(self) -> str | None:
         if self.cancel_requested.is_set():
