@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from soaf.codec import dumps
+from soaf.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps
 from soaf.config import find_redis_url, find_secrets, state_dir_from_env
 from soaf.connection import connect, redact
 from soaf.errors import (
@@ -24,6 +24,7 @@ from soaf.errors import (
     DuplicateService,
     RedisUnavailable,
     UnknownService,
+    ValidationError,
     WaitTimeout,
 )
 from soaf.keys import DEFAULT_PREFIX, Keys
@@ -52,6 +53,7 @@ class Client:
         secret: str | None = None,
         prefix: str | None = None,
         state_dir: str | Path | None = None,
+        max_payload: int | None = None,
     ) -> None:
         state = Path(state_dir) if state_dir is not None else state_dir_from_env()
         self.url = url or find_redis_url(state)
@@ -62,6 +64,11 @@ class Client:
             )
         self._secret = secret
         self._state_dir = state
+        env_max = os.environ.get("SOAF_MAX_PAYLOAD", "").strip()
+        try:
+            self.max_payload = max_payload or (int(env_max) if env_max else DEFAULT_MAX_PAYLOAD)
+        except ValueError:
+            raise ConfigError(f"SOAF_MAX_PAYLOAD must be an integer, got {env_max!r}")
         self.keys = Keys(prefix or os.environ.get("SOAF_PREFIX") or DEFAULT_PREFIX)
         self.redis = connect(self.url, name="soaf-client")
         self._blocking = connect(self.url, blocking=True, name="soaf-client-wait")
@@ -87,15 +94,22 @@ class Client:
     def submit(self, template: ServiceParamTemplate) -> str:
         """Validate, sign and queue ``template``; return its service id.
 
-        Raises ValidationError naming a bad field, DuplicateService when the id was
-        already submitted.
+        Everything a core would refuse is refused here first: ValidationError naming a
+        bad field (or ``payload`` when it is over the size limit), UnsafePayload naming a
+        global the core will not load; DuplicateService when the id was already submitted.
         """
-        template.validate()
+        ServiceParamTemplate.validate(template)
+        if type(template).validate is not ServiceParamTemplate.validate:
+            template.validate()
         secret = self._secret
         if secret is None:
             found = find_secrets(self._state_dir)
             secret = found[0] if found else None
         payload = dumps(template, secret)
+        if len(payload) > self.max_payload:
+            raise ValidationError("payload", f"the template pickles to {len(payload)} bytes, over "
+                                             f"the limit of {self.max_payload} (SOAF_MAX_PAYLOAD)")
+        check_loadable(payload)
         sid = template.service_id
         created, detail = self._call(
             SUBMIT.run, self.redis,

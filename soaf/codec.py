@@ -119,6 +119,18 @@ def loads(
         raise DecodeError(f"signed payload does not unpickle: {_describe(e)}") from e
 
 
+def check_loadable(payload: bytes) -> None:
+    """Unpickle a payload made by ``dumps`` the way a core will, so that a client learns
+    before sending what the core would refuse (UnsafePayload names the global)."""
+    body = payload.split(b":", 3)[3] if payload.startswith(MAGIC) else payload
+    try:
+        restricted_loads(body)
+    except UnsafePayload:
+        raise
+    except Exception as e:
+        raise DecodeError(f"the template does not load back: {_describe(e)}") from e
+
+
 def _describe(e: BaseException) -> str:
     try:
         return f"{type(e).__name__}: {e}"[:500]
