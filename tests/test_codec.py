@@ -51,7 +51,7 @@ def no_secret_in(text: str, *secrets: str) -> bool:
 def test_round_trip_and_envelope_layout() -> None:
     t = template(args={"n": 2})
     payload = dumps(t, NEW)
-    head, kid, mac, body = payload.split(b":", 3)
+    head, kid, mac, _ = payload.split(b":", 3)
     assert head + b":" == MAGIC
     assert kid.decode() == key_id(NEW) == hashlib.sha256(NEW.encode()).hexdigest()[:8]
     assert len(mac) == 64

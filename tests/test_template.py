@@ -98,7 +98,7 @@ def test_a_subclass_whose_field_raises_when_read() -> None:
         def timeout(self, value):
             pass
 
-    with pytest.raises(ValidationError, match="^timeout: reading it raised RuntimeError: no"):
+    with pytest.raises(ValidationError, match=r"^timeout: reading it raised RuntimeError: no"):
         Raising("steps").validate()
 
 
@@ -109,7 +109,7 @@ def test_a_subclass_that_overrides_validate_cannot_skip_the_base_checks() -> Non
 
     t = Lax("steps", timeout=-1)
     t.validate()  # its own override lets it through ...
-    with pytest.raises(ValidationError, match="^timeout:"):
+    with pytest.raises(ValidationError, match=r"^timeout:"):
         ServiceParamTemplate.validate(t)  # ... the base check (what core and client run) does not
 
 
@@ -118,7 +118,7 @@ def test_a_mapping_that_breaks_while_checked() -> None:
         def items(self):
             raise OSError("boom")
 
-    with pytest.raises(ValidationError, match="^env: cannot be checked: OSError: boom"):
+    with pytest.raises(ValidationError, match=r"^env: cannot be checked: OSError: boom"):
         ServiceParamTemplate("steps", env=Exploding(A="b")).validate()
 
 
@@ -135,7 +135,7 @@ def test_symlinks_that_lead_out_of_the_work_root(tmp_path: Path) -> None:
     (root / "alias").symlink_to(root / "inside")
     with pytest.raises(ValidationError, match=r"^work_path: 'escape/run' resolves to .*outside"):
         work_dir_for(root, ServiceParamTemplate("steps", work_path="escape/run"))
-    with pytest.raises(ValidationError, match="^work_path: 'escape' resolves to"):
+    with pytest.raises(ValidationError, match=r"^work_path: 'escape' resolves to"):
         create(root, ServiceParamTemplate("steps", work_path="escape"))
     assert work_dir_for(root, ServiceParamTemplate("steps", work_path="alias")) == (
         root / "inside").resolve()  # a link that stays inside is fine
@@ -157,12 +157,12 @@ def test_check_names_sees_links_made_after_validation(tmp_path: Path) -> None:
         check_names(root, work_dir, t)
     (work_dir / "data").unlink()
     (work_dir / "results").symlink_to(outside)  # or the program itself
-    with pytest.raises(ValidationError, match="^output_files: 'results' resolves to"):
+    with pytest.raises(ValidationError, match=r"^output_files: 'results' resolves to"):
         check_names(root, work_dir, t, outputs_only=True)
     (work_dir / "results").unlink()
     work_dir.rmdir()
     work_dir.symlink_to(outside)  # the work dir itself replaced by a link
-    with pytest.raises(ValidationError, match="^service_id: 'sid' resolves to"):
+    with pytest.raises(ValidationError, match=r"^service_id: 'sid' resolves to"):
         check_names(root, work_dir, t)
 
 
