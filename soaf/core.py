@@ -76,6 +76,7 @@ class Core:
             log.info("embedded Redis at %s (state in %s)", redact(self.url), s.state_dir.resolve())
         else:
             self.url = s.redis_url
+            log.info("using Redis at %s", redact(self.url))
             if not self.secrets:
                 if not s.insecure:
                     raise ConfigError(
