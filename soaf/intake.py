@@ -84,7 +84,8 @@ def decode_entry(
         raise Refusal(
             f"payload is a {type(template).__name__}, not a ServiceParamTemplate", clear_id(fields)
         )
-    service_id = _readable_id(template)
+    # The verified payload's id; the clear one only if the payload's is unusable.
+    service_id = _readable_id(template) or clear_id(fields)
     service = _readable_field(template, "service")
     try:
         ServiceParamTemplate.validate(template)  # the base checks, whatever a subclass did

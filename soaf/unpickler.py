@@ -168,12 +168,12 @@ class RestrictedUnpickler(dill.Unpickler):
         if _module_denied(module, name):
             raise _refuse(where, f"nothing from {module} is needed to rebuild a template")
         obj = super().find_class(module, parts[0])
-        for part in parts[1:]:  # nested classes only: never through a module or to a method
+        for part in parts[1:]:  # through classes only, never through a module
             if not isinstance(obj, type):
                 raise _refuse(where, "only nested classes may be named with dots")
             obj = getattr(obj, part)
-        if len(parts) > 1 and callable(obj) and not isinstance(obj, type):
-            raise _refuse(where, "a method reached through its class")
+        if len(parts) > 1 and callable(obj) and not isinstance(obj, (type, types.FunctionType)):
+            raise _refuse(where, "a built-in method reached through its class")
         return self._vet(obj, where)
 
     def _vet(self, obj: Any, where: str | None = None) -> Any:

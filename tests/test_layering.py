@@ -18,7 +18,8 @@ CLIENT_SIDE = ["client", "aio", "pipeline"]
 LOW = {
     "errors": set(),
     "keys": set(),
-    "codec": {"soaf.errors", "soaf.config"},
+    "codec": {"soaf.errors", "soaf.config", "soaf.unpickler"},
+    "unpickler": {"soaf.errors"},
     "connection": {"soaf.errors"},
 }
 

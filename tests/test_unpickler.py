@@ -249,3 +249,16 @@ def test_by_value_classes_and_everyday_values_still_load(tmp_path: Path) -> None
     assert a["plain"].a == 1 and a["bound"]() == 1 and a["none"] is type(None)
     assert str(t.path) == "a/b" and t.state.value == "queued" and t.point == (1, 2)
     assert a["from_bytes"](b"\x01", "big") == 1
+
+
+class Holder:
+    @staticmethod
+    def make(text: str) -> str:
+        return f"made {text}"
+
+
+def test_dotted_names_reach_python_functions_but_not_builtin_methods() -> None:
+    assert restricted_loads(stack_global("tests.test_unpickler", "Holder.make", "x")) == "made x"
+    assert bytearray.fromhex("ff") == b"\xff"  # harmless, but a C method reached via its class
+    with pytest.raises(UnsafePayload, match="built-in method reached through its class"):
+        restricted_loads(stack_global("builtins", "bytearray.fromhex", "ff"))

@@ -170,6 +170,12 @@ CASES: list[tuple[str, Callable[[Bench, str], dict[str, Any]], str, str]] = [
     ("negative timeout", lambda b, sid: {
         "payload": signed(template(service_id=sid, timeout=-5))}, "record",
      "timeout: must be a positive number of seconds or None, got int -5"),
+    ("subclass whose validate() skips the checks", lambda b, sid: {
+        "payload": signed(lax(sid))}, "record",
+     "timeout: must be a positive number of seconds or None, got int -1"),
+    ("malformed service_id, clear id given", lambda b, sid: {
+        "payload": signed(template(service_id="../bad")), "id": sid}, "record",
+     "service_id: must be 1-128 letters, digits or '_.-', got str '../bad'"),
     ("work_path with ..", lambda b, sid: {
         "payload": signed(template(service_id=sid, work_path="../up"))}, "record",
      "work_path: '../up' contains '..'"),
@@ -192,6 +198,22 @@ CASES: list[tuple[str, Callable[[Bench, str], dict[str, Any]], str, str]] = [
         "payload": signed(template(service_id=sid, output_files=["/etc/passwd"]))}, "record",
      "output_files: '/etc/passwd' is absolute"),
 ]
+
+
+class Lax(ServiceParamTemplate):
+    """A subclass that overrides validate() and checks nothing."""
+
+    def validate(self) -> None:
+        pass
+
+
+Lax.__module__ = "__main__"  # so dill sends it by value, like a client script's class
+
+
+def lax(sid: str) -> ServiceParamTemplate:
+    t = Lax("steps", service_id=sid, timeout=-1)
+    t.validate()  # passes: only the core's own base check can catch it
+    return t
 
 
 def missing_env(sid: str) -> ServiceParamTemplate:

@@ -159,7 +159,7 @@ def test_secret_never_appears_anywhere(start_core, client, redis_server, prefix,
         "program environment": program_env,
         **{f"help {i}": h.stdout + h.stderr for i, h in enumerate(helps)},
     }
-    assert "refused entry" in texts["core log"] and "DEBUG" in texts["core log"]
+    assert "refused entry" in texts["core log"] and "ready" in texts["core log"]
     for where, text in texts.items():
         for secret in (NEW, OLD):
             assert secret not in text, f"a secret appears in the {where}"
