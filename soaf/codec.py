@@ -11,6 +11,7 @@ revealing it, so several secrets can be accepted at once while a key is rotated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ MAGIC = b"soaf1:"
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
 
+@functools.lru_cache(maxsize=64)  # verify() names every accepted key on every payload
 def key_id(secret: str | bytes) -> str:
     """The public name of a secret: 8 hex digits of its sha256."""
     raw = secret.encode() if isinstance(secret, str) else secret

@@ -24,7 +24,6 @@ import io
 import re
 import sys
 import types
-from collections.abc import Callable
 from typing import Any
 
 import dill
@@ -130,27 +129,7 @@ class RestrictedUnpickler(dill.Unpickler):
         # core's own __main__ (dill does that by default).
         super().__init__(file, ignore=True)
         self._made: dict[int, Any] = {}  # objects this payload created: setattr targets
-        self._replacements: dict[int, Any] = {
-            id(builtins.getattr): self._getattr,
-            id(dill_impl._get_attr): self._get_attr,
-            id(builtins.setattr): self._setattr,
-            id(dill_impl._import_module): self._import_module,
-            id(dill_impl._eval_repr): _eval_repr,
-            id(dill_impl._create_type): self._tracked(dill_impl._create_type),
-            id(dill_impl._create_function): self._tracked(dill_impl._create_function),
-            id(dill_impl._create_cell): self._tracked(dill_impl._create_cell),
-            id(types.new_class): self._tracked(types.new_class),  # generic by-value classes
-            id(dill_impl._create_namedtuple): self._create_namedtuple,
-            id(dill_impl._load_type): lambda name: self._vet(dill_impl._load_type(name)),
-        }
-        shim_set = getattr(dill_impl, "_setattr", None)
-        if shim_set is not None and shim_set is not builtins.setattr:
-            self._replacements[id(shim_set)] = self._setattr
-        shim_del = getattr(dill_impl, "_delattr", None)
-        if shim_del is not None:
-            self._replacements[id(shim_del)] = self._delattr
-
-        self._stand_ins = frozenset(id(v) for v in self._replacements.values())
+        self._given: dict[str, Any] = {}  # stand-ins handed out, so their identity holds
 
     # -- the one hook the C unpickler offers --------------------------------------------
 
@@ -180,12 +159,9 @@ class RestrictedUnpickler(dill.Unpickler):
         """``obj`` (or its guarded stand-in) if it may be handed to the payload."""
         if isinstance(obj, types.ModuleType):
             return obj  # inert by itself; what is taken out of it is vetted
-        try:
-            replacement = self._replacements.get(id(obj))
-        except TypeError:
-            replacement = None
-        if replacement is not None:
-            return replacement
+        stand_in = _STAND_INS.get(id(obj))
+        if stand_in is not None:
+            return self._stand_in(stand_in)
         if id(obj) in _DENIED_BUILTIN_IDS:
             raise _refuse(where or f"builtins.{getattr(obj, '__name__', '?')}",
                           "it evaluates code, imports, or opens files")
@@ -195,6 +171,12 @@ class RestrictedUnpickler(dill.Unpickler):
                           "it can run commands, touch files or sockets, or reach internals")
         return obj
 
+    def _stand_in(self, name: str) -> Any:
+        given = self._given.get(name)
+        if given is None:
+            given = self._given[name] = getattr(self, name)
+        return given
+
     # -- guarded stand-ins for dill's reflective helpers --------------------------------
 
     def _getattr(self, obj: Any, name: str, *default: Any) -> Any:
@@ -203,7 +185,7 @@ class RestrictedUnpickler(dill.Unpickler):
                 name.startswith("_") and name != "__func__" and not dill_helper):
             raise _refuse(f"getattr(..., {name!r})", "private attributes")
         value = getattr(obj, name, *default)
-        if id(value) in self._stand_ins:  # a default that is already one of ours
+        if any(value is given for given in self._given.values()):  # a default already ours
             return value
         self_ = getattr(value, "__self__", None)
         if (isinstance(value, (types.MethodType, types.BuiltinMethodType))
@@ -228,12 +210,28 @@ class RestrictedUnpickler(dill.Unpickler):
                           "payload did not create")
         delattr(obj, name)
 
-    def _tracked(self, make: Callable[..., Any]) -> Callable[..., Any]:
-        def tracked(*args: Any, **kwargs: Any) -> Any:
-            obj = make(*args, **kwargs)
-            self._made[id(obj)] = obj
-            return obj
-        return tracked
+    def _made_here(self, obj: Any) -> Any:
+        self._made[id(obj)] = obj
+        return obj
+
+    def _create_type(self, *args: Any) -> Any:
+        return self._made_here(dill_impl._create_type(*args))
+
+    def _create_function(self, *args: Any, **kwargs: Any) -> Any:
+        return self._made_here(dill_impl._create_function(*args, **kwargs))
+
+    def _create_cell(self, *args: Any) -> Any:
+        return self._made_here(dill_impl._create_cell(*args))
+
+    def _new_class(self, *args: Any, **kwargs: Any) -> Any:  # generic by-value classes
+        return self._made_here(types.new_class(*args, **kwargs))
+
+    def _load_type(self, name: str) -> Any:
+        return self._vet(dill_impl._load_type(name), f"dill type {name}")
+
+    @staticmethod
+    def _eval_repr(text: str) -> Any:
+        return _eval_repr(text)
 
     def _import_module(self, import_name: str, safe: bool = False) -> Any:
         if not isinstance(import_name, str):
@@ -249,6 +247,46 @@ class RestrictedUnpickler(dill.Unpickler):
             raise _refuse(f"namedtuple from {modulename!r}", "importing it has side effects")
         cls = dill_impl._create_namedtuple(name, fieldnames, modulename, defaults)
         return self._vet(cls, f"namedtuple {modulename}.{name}")
+
+
+#: Globals a payload gets a guarded stand-in for (the RestrictedUnpickler method named).
+_STAND_INS: dict[int, str] = {
+    id(builtins.getattr): "_getattr",
+    id(dill_impl._get_attr): "_get_attr",
+    id(builtins.setattr): "_setattr",
+    id(dill_impl._import_module): "_import_module",
+    id(dill_impl._eval_repr): "_eval_repr",
+    id(dill_impl._create_type): "_create_type",
+    id(dill_impl._create_function): "_create_function",
+    id(dill_impl._create_cell): "_create_cell",
+    id(dill_impl._create_namedtuple): "_create_namedtuple",
+    id(dill_impl._load_type): "_load_type",
+    id(types.new_class): "_new_class",
+}
+for _name, _stand_in in (("_setattr", "_setattr"), ("_delattr", "_delattr")):
+    _shim = getattr(dill_impl, _name, None)  # present on old Pythons only
+    if _shim is not None and id(_shim) not in _STAND_INS:
+        _STAND_INS[id(_shim)] = _stand_in
+
+
+#: Globals a payload gets a guarded stand-in for (the RestrictedUnpickler method named).
+_STAND_INS: dict[int, str] = {
+    id(builtins.getattr): "_getattr",
+    id(dill_impl._get_attr): "_get_attr",
+    id(builtins.setattr): "_setattr",
+    id(dill_impl._import_module): "_import_module",
+    id(dill_impl._eval_repr): "_eval_repr",
+    id(dill_impl._create_type): "_create_type",
+    id(dill_impl._create_function): "_create_function",
+    id(dill_impl._create_cell): "_create_cell",
+    id(dill_impl._create_namedtuple): "_create_namedtuple",
+    id(dill_impl._load_type): "_load_type",
+    id(types.new_class): "_new_class",
+}
+for _name, _stand_in in (("_setattr", "_setattr"), ("_delattr", "_delattr")):
+    _shim = getattr(dill_impl, _name, None)  # present on old Pythons only
+    if _shim is not None and id(_shim) not in _STAND_INS:
+        _STAND_INS[id(_shim)] = _stand_in
 
 
 def _eval_repr(text: str) -> Any:
