@@ -7,6 +7,7 @@ then the files an embedded core writes into its state directory (``.soaf/`` by d
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets as _secrets
 import socket
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soaf.codec import DEFAULT_MAX_PAYLOAD
+from soaf.codec import DEFAULT_MAX_PAYLOAD, key_id
 from soaf.errors import ConfigError
 from soaf.keys import DEFAULT_PREFIX
 
@@ -46,6 +47,11 @@ SECRET_FILE = "secret"
 #: signs, but proves nothing, since everybody knows it.
 INSECURE_SECRET = "soaf-insecure-well-known-key"
 URL_FILE = "redis.url"
+#: Secrets shorter than this get a warning at start (an HMAC of a known message lets
+#: anyone holding one signed payload test guesses offline).
+MIN_SECRET_LENGTH = 16
+
+log = logging.getLogger(__name__)
 
 
 def state_dir_from_env() -> Path:
@@ -125,6 +131,37 @@ def create_secret(state_dir: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value
+
+
+def core_secrets(settings: Settings, shown_url: str, *, embedded: bool) -> list[str]:
+    """The keys a core accepts: the configured ones; else, on its embedded Redis, the
+    state dir's (created once); else the well-known key if ``insecure`` (with a loud
+    warning); else ConfigError, because a shared Redis without a key would let anyone who
+    can write to it run code on the core. Logs the accepted key ids, never the keys."""
+    if settings.secrets:
+        keys = list(settings.secrets)
+    elif embedded:
+        keys = [create_secret(settings.state_dir)]
+    elif settings.insecure:
+        bar = "!" * 72
+        log.warning(bar)
+        log.warning("INSECURE CORE: no secret is set, payloads are checked against a key "
+                    "everybody knows.")
+        log.warning("Anyone who can write to %s can run any code on this core as user %s.",
+                    shown_url, os.environ.get("USER") or os.getuid())
+        log.warning("Set SOAF_SECRET (or SOAF_SECRET_FILE) and drop --insecure. See SECURITY.md.")
+        log.warning(bar)
+        keys = [INSECURE_SECRET]
+    else:
+        raise ConfigError(
+            "no secret configured for a shared Redis: set SOAF_SECRET or SOAF_SECRET_FILE "
+            "(or pass --insecure to accept a well-known key; never in production)")
+    if any(len(k) < MIN_SECRET_LENGTH for k in keys if k != INSECURE_SECRET):
+        log.warning("a configured secret is shorter than %d characters and can be guessed "
+                    "from one signed payload; use a long random key", MIN_SECRET_LENGTH)
+    log.info("accepting payloads signed with key id%s %s", "s" if len(keys) > 1 else "",
+             ", ".join(key_id(k) for k in keys))
+    return keys
 
 
 def _env_float(name: str, default: float) -> float:

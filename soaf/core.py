@@ -18,10 +18,9 @@ from typing import Any
 
 import redis
 
-from soaf.codec import key_id
-from soaf.config import INSECURE_SECRET, Settings, create_secret
+from soaf.config import Settings, core_secrets
 from soaf.connection import connect, redact
-from soaf.errors import ConfigError, PluginError, RedisUnavailable
+from soaf.errors import PluginError, RedisUnavailable
 from soaf.intake import Refusal, decode_entry
 from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
 from soaf.lifecycle import Claim, ServiceRun
@@ -71,22 +70,11 @@ class Core:
 
             self.embedded = EmbeddedRedis(s.state_dir)
             self.url = self.embedded.start()
-            if not self.secrets:
-                self.secrets = [create_secret(s.state_dir)]
             log.info("embedded Redis at %s (state in %s)", redact(self.url), s.state_dir.resolve())
         else:
             self.url = s.redis_url
             log.info("using Redis at %s", redact(self.url))
-            if not self.secrets:
-                if not s.insecure:
-                    raise ConfigError(
-                        "no secret configured for a shared Redis: set SOAF_SECRET or "
-                        "SOAF_SECRET_FILE (or pass --insecure to accept a well-known key; "
-                        "never in production)"
-                    )
-                self._warn_insecure()
-                self.secrets = [INSECURE_SECRET]
-        self._check_secrets()
+        self.secrets = core_secrets(s, redact(self.url), embedded=self.embedded is not None)
         self.redis = connect(self.url, name=f"soaf-core-{s.node}")
         self.blocking = connect(self.url, blocking=True, name=f"soaf-core-{s.node}-intake")
         try:
@@ -109,24 +97,6 @@ class Core:
         self._spawn(self._control_loop, "soaf-control")
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
                  s.node, s.max_services, s.work_root.resolve(), s.plugins.resolve())
-
-    def _warn_insecure(self) -> None:
-        bar = "!" * 72
-        log.warning(bar)
-        log.warning("INSECURE CORE: no secret is set, payloads are checked against a key "
-                    "everybody knows.")
-        log.warning("Anyone who can write to %s can run any code on this core as user %s.",
-                    redact(self.url or ""), os.environ.get("USER") or os.getuid())
-        log.warning("Set SOAF_SECRET (or SOAF_SECRET_FILE) and drop --insecure. See SECURITY.md.")
-        log.warning(bar)
-
-    def _check_secrets(self) -> None:
-        """Log which keys are accepted, by key id only; warn about keys easy to guess."""
-        if any(len(k) < MIN_SECRET_LENGTH for k in self.secrets if k != INSECURE_SECRET):
-            log.warning("a configured secret is shorter than %d characters and can be guessed "
-                        "from one signed payload; use a long random key", MIN_SECRET_LENGTH)
-        log.info("accepting payloads signed with key id%s %s", "s" if len(self.secrets) > 1
-                 else "", ", ".join(key_id(k) for k in self.secrets))
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -52,3 +52,23 @@ def test_secret_file_flag(tmp_path: Path) -> None:
     assert Settings.load(secret_file=keys).secrets == [KEY]
     with pytest.raises(ConfigError, match="cannot read secret file"):
         Settings.load(secret_file=tmp_path / "missing")
+
+
+def test_core_secrets_decides_and_names_keys_by_id(monkeypatch, tmp_path: Path, caplog) -> None:
+    from soaf.codec import key_id
+    from soaf.config import INSECURE_SECRET, core_secrets
+
+    caplog.set_level("INFO", logger="soaf.config")
+    with pytest.raises(ConfigError, match="no secret configured for a shared Redis"):
+        core_secrets(Settings.load(), "redis://h", embedded=False)
+    made = core_secrets(Settings.load(), "unix:///s", embedded=True)
+    assert (tmp_path / "state" / "secret").read_text().strip() == made[0]
+    assert oct((tmp_path / "state" / "secret").stat().st_mode & 0o777) == "0o600"
+    assert core_secrets(Settings.load(insecure=True), "redis://h", embedded=False) == [
+        INSECURE_SECRET]
+    assert "INSECURE CORE" in caplog.text
+    monkeypatch.setenv("SOAF_SECRET", "short")
+    assert core_secrets(Settings.load(), "redis://h", embedded=False) == ["short"]
+    assert "shorter than 16 characters" in caplog.text
+    assert f"accepting payloads signed with key id {key_id('short')}" in caplog.text
+    assert "short\n" not in caplog.text and "id short" not in caplog.text
