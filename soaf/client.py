@@ -29,7 +29,7 @@ from soaf.errors import (
 )
 from soaf.keys import DEFAULT_PREFIX, Keys
 from soaf.state import EVENTS_MAXLEN, FINAL_VALUES, SUBMIT, ServiceRecord, decode_event
-from soaf.template import ServiceParamTemplate
+from soaf.template import ServiceParamTemplate, validate_template
 
 #: Longest single blocking read, in milliseconds; waits are made of such reads.
 _BLOCK_MS = 2000
@@ -98,9 +98,7 @@ class Client:
         bad field (or ``payload`` when it is over the size limit), UnsafePayload naming a
         global the core will not load; DuplicateService when the id was already submitted.
         """
-        ServiceParamTemplate.validate(template)
-        if type(template).validate is not ServiceParamTemplate.validate:
-            template.validate()
+        validate_template(template)
         secret = self._secret
         if secret is None:
             found = find_secrets(self._state_dir)

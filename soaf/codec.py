@@ -118,7 +118,7 @@ def loads(
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # a corrupt pickle may raise anything, SystemExit included
-        raise DecodeError(f"signed payload does not unpickle: {_describe(e)}") from e
+        raise DecodeError(f"signed payload does not unpickle: {describe_exception(e)}") from e
 
 
 def check_loadable(payload: bytes) -> None:
@@ -130,10 +130,12 @@ def check_loadable(payload: bytes) -> None:
     except UnsafePayload:
         raise
     except Exception as e:
-        raise DecodeError(f"the template does not load back: {_describe(e)}") from e
+        raise DecodeError(f"the template does not load back: {describe_exception(e)}") from e
 
 
-def _describe(e: BaseException) -> str:
+def describe_exception(e: BaseException) -> str:
+    """``Type: message`` of an exception raised by untrusted code, bounded in length and
+    safe even when its ``__str__`` raises."""
     try:
         return f"{type(e).__name__}: {e}"[:500]
     except Exception:  # an exception with a broken __str__

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from soaf.codec import loads
+from soaf.codec import describe_exception, loads
 from soaf.errors import DecodeError, SoafError, ValidationError
 from soaf.keys import ID_FIELD, PAYLOAD_FIELD
 from soaf.plugins import Registry
-from soaf.template import ServiceParamTemplate
+from soaf.template import ServiceParamTemplate, validate_template
 from soaf.workdir import work_dir_for
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -79,7 +79,7 @@ def decode_entry(
     except DecodeError as e:
         raise Refusal(str(e), clear_id(fields)) from e
     except Exception as e:  # a signed pickle may still raise anything while loading
-        raise Refusal(f"payload does not unpickle: {_describe(e)}", clear_id(fields)) from e
+        raise Refusal(f"payload does not unpickle: {describe_exception(e)}", clear_id(fields)) from e
     if not isinstance(template, ServiceParamTemplate):
         raise Refusal(
             f"payload is a {type(template).__name__}, not a ServiceParamTemplate", clear_id(fields)
@@ -88,9 +88,7 @@ def decode_entry(
     service_id = _readable_id(template) or clear_id(fields)
     service = _readable_field(template, "service")
     try:
-        ServiceParamTemplate.validate(template)  # the base checks, whatever a subclass did
-        if type(template).validate is not ServiceParamTemplate.validate:
-            template.validate()  # and the subclass's own
+        validate_template(template)
         if registry is None:
             raise SoafError("no plugins are loaded on this core (see the plugin load error)")
         registry.program(template.service)
@@ -99,13 +97,7 @@ def decode_entry(
     except (ValidationError, SoafError) as e:
         raise Refusal(str(e), service_id, service, trusted=True) from e
     except Exception as e:  # validate() of a user subclass may raise anything
-        raise Refusal(f"template validation raised {_describe(e)}", service_id,
+        raise Refusal(f"template validation raised {describe_exception(e)}", service_id,
                       service, trusted=True) from e
     return template
 
-
-def _describe(e: BaseException) -> str:
-    try:
-        return f"{type(e).__name__}: {e}"[:500]
-    except Exception:  # a hostile __str__
-        return type(e).__name__

@@ -140,6 +140,14 @@ class ServiceParamTemplate:
         return out
 
 
+def validate_template(template: ServiceParamTemplate) -> None:
+    """What clients and cores run: the base class's checks, which a subclass that
+    overrides ``validate()`` cannot skip, then the subclass's own ``validate()``."""
+    ServiceParamTemplate.validate(template)
+    if type(template).validate is not ServiceParamTemplate.validate:
+        template.validate()
+
+
 def _check_service(t: ServiceParamTemplate, value: Any) -> None:
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValidationError(
