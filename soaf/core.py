@@ -345,8 +345,6 @@ class Core:
                 pipe.set(self.keys.node(s.node), json.dumps(self.node_info()),
                          px=int(s.heartbeat_ttl * 1000))
                 pipe.sadd(self.keys.nodes, s.node)
-                if self.versions is not None:
-                    self.versions.publish(self.loader, pipe)
                 if s.record_ttl > 0:  # ids whose records have expired
                     pipe.zremrangebyscore(self.keys.services, "-inf", time.time() - s.record_ttl)
                 with self._runs_lock:
@@ -354,6 +352,8 @@ class Core:
                 if ids:
                     pipe.hmget(self.keys.cancels, ids)
                 results = pipe.execute()
+                if self.versions is not None:
+                    self.versions.publish(self.loader)
                 if ids:
                     for service_id, flag in zip(ids, results[-1]):  # the HMGET
                         if flag is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 import redis
@@ -63,6 +64,7 @@ class PluginVersions:
         self.redis = client
         self.keys = keys
         self.node = node
+        self._lock = threading.Lock()
 
     def next_number(self, last: int) -> int:
         """The number of the next version (``last`` is this process's newest one)."""
@@ -74,13 +76,14 @@ class PluginVersions:
                         e, last + 1)
             return last + 1
 
-    def publish(self, loader: PluginLoader, pipe: Any = None) -> None:
-        """Write the report now (into ``pipe`` if given, for the heartbeat)."""
-        value = json.dumps(plugin_report(loader))
-        if pipe is not None:
-            pipe.hset(self.keys.plugins, self.node, value)
-            return
-        try:
-            self.redis.hset(self.keys.plugins, self.node, value)
-        except redis.RedisError as e:
-            log.debug("cannot publish the plugin report yet (%s); the heartbeat will", e)
+    def publish(self, loader: PluginLoader) -> None:
+        """Write the report now.
+
+        Building and writing happen under one lock, so a heartbeat that read the
+        previous version cannot overwrite the report of a reload that just finished.
+        """
+        with self._lock:
+            try:
+                self.redis.hset(self.keys.plugins, self.node, json.dumps(plugin_report(loader)))
+            except redis.RedisError as e:
+                log.debug("cannot publish the plugin report (%s); the heartbeat will", e)
