@@ -105,13 +105,17 @@ class Core:
         self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl)
         self.writer.start()
         self.reaper = Reaper()
-        self._spawn(self._heartbeat_loop, "soaf-heartbeat")
-        self._spawn(self._control_loop, "soaf-control")
         self.reloader = Reloader(
             self.loader, debounce=s.reload_debounce, poll=s.reload_poll, watch=s.reload_watch,
             timeout=s.reload_timeout, on_result=lambda ok: self.versions.publish(self.loader),
         )
         self.reloader.start()
+        # Control messages are read from the newest one that exists now, so none sent
+        # after start() returns is missed, however late the control thread first reads.
+        newest = self.redis.xrevrange(self.keys.control, count=1)
+        self._control_from = newest[0][0].decode() if newest else "0-0"
+        self._spawn(self._heartbeat_loop, "soaf-heartbeat")
+        self._spawn(self._control_loop, "soaf-control")
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
                  s.node, s.max_services, s.work_root.resolve(), s.plugins.resolve())
 
@@ -373,7 +377,7 @@ class Core:
         return True
 
     def _control_loop(self) -> None:
-        last = "$"
+        last = self._control_from
         while not self._stopping.is_set():
             try:
                 resp = self.blocking.xread({self.keys.control: last}, count=100, block=1000)
