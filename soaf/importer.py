@@ -30,13 +30,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from soaf.errors import PluginError
+
 log = logging.getLogger(__name__)
 
 _local = threading.local()
-
-
-class ImportAbandoned(ImportError):
-    """Raised in an abandoned import thread that tries to execute another plugin module."""
 
 
 class SourceOnlyLoader(SourceFileLoader):
@@ -49,7 +47,7 @@ class SourceOnlyLoader(SourceFileLoader):
     def exec_module(self, module: ModuleType) -> None:
         attempt: Attempt | None = getattr(_local, "attempt", None)
         if attempt is not None and attempt.abandoned:
-            raise ImportAbandoned(f"plugin load abandoned; not importing {module.__name__}")
+            raise PluginError(f"plugin load abandoned; not importing {module.__name__}")
         super().exec_module(module)
 
 

@@ -153,3 +153,25 @@ def test_request_reloads_even_without_changes(root, make):
     reloader.request()
     wait_until(lambda: loader.current.number == 2, 15, message="the requested reload")
     assert loader.current.digest == digest and results.outcomes == [True]
+
+
+def test_a_package_replaced_as_a_whole_is_still_watched(root, make):
+    """``rm -r handlers`` and a fresh copy (a checkout, a deploy): events keep coming."""
+    loader, _, results = make()
+    shutil.rmtree(root / "handlers")
+    wait_until(lambda: results.outcomes, 15, message="the reload after the removal")
+    write(root, "handlers/__init__.py", "")
+    write(root, "handlers/h.py", """\
+        from soaf import WatcherHandler
+
+        class H(WatcherHandler):
+            service = "a"
+        """)
+    wait_until(lambda: "a" in loader.current.handlers, 15, message="the new handler")
+    write(root, "handlers/h.py", """\
+        from soaf import WatcherHandler
+
+        class H(WatcherHandler):
+            service = "b"
+        """)
+    wait_until(lambda: "b" in loader.current.handlers, 15, message="the edited handler")
