@@ -10,8 +10,8 @@ Two things the standard import system does not give a reloading core:
   call, ``input()``, a lock). ``Attempt`` runs the import in a daemon thread and waits
   a limited time. A thread cannot be killed in Python, so a hung import is
   *abandoned*: its module locks are detached so the next load can import the same
-  names again, and any plugin module it tries to execute afterwards fails at once, so
-  if it ever wakes up it cannot put its modules into ``sys.modules``. Its thread (and
+  names again, any plugin module it tries to execute afterwards fails at once, and
+  if it ever ends, its owner is told so it can put ``sys.modules`` right again. Its thread (and
   whatever CPU a busy loop burns) stays until the core restarts. Nothing in-process
   protects against ``os._exit()``, a crash in a C extension, or code that holds the
   GIL forever; those need a restart.
@@ -107,8 +107,12 @@ def release_module_locks(ident: int) -> list[str]:
 class Attempt:
     """One import of the plugin packages, run in a daemon thread of its own."""
 
-    def __init__(self, target: Callable[[], Any], *, name: str) -> None:
+    def __init__(
+        self, target: Callable[[], Any], *, name: str,
+        on_late_end: Callable[[], None] | None = None,
+    ) -> None:
         self._target = target
+        self._on_late_end = on_late_end
         self.result: Any = None
         self.error: BaseException | None = None
         self.abandoned = False
@@ -123,6 +127,11 @@ class Attempt:
             self.error = e
         finally:
             self.done.set()
+        if self.abandoned and self._on_late_end is not None:
+            # A failing import deletes its module's name from sys.modules, and that name
+            # may belong to a newer generation by now: let the owner repair it.
+            log.warning("an abandoned plugin import ended after all; its result is discarded")
+            self._on_late_end()
 
     def run(self, timeout: float | None) -> bool:
         """Start and wait; True if the import finished (well or not) within ``timeout``."""

@@ -187,7 +187,9 @@ def _claimed_twice(kind: str, key: str, first: type, second: type) -> _Located:
     )
 
 
-Collected = tuple[dict[str, type[ServiceProgramTemplate]], dict[str, type[WatcherHandler]]]
+Collected = tuple[
+    list[ModuleType], dict[str, type[ServiceProgramTemplate]], dict[str, type[WatcherHandler]]
+]
 
 
 def _collect(modules: list[ModuleType]) -> Collected:
@@ -210,7 +212,7 @@ def _collect(modules: list[ModuleType]) -> Collected:
                     raise _claimed_twice("handler of service", obj.service,
                                          handlers[obj.service], obj)
                 handlers[obj.service] = obj
-    return programs, handlers
+    return modules, programs, handlers
 
 
 class PluginLoader:
@@ -254,7 +256,7 @@ class PluginLoader:
                 sys.path.insert(0, root_s)
             importlib.invalidate_caches()
             attempt = Attempt(lambda: _collect(_import_all(self.root)),
-                              name="soaf-plugin-import")
+                              name="soaf-plugin-import", on_late_end=self._repair)
             if not attempt.run(timeout):
                 file, line = attempt.where(self.root) or (None, None)
                 attempt.abandon()
@@ -268,8 +270,9 @@ class PluginLoader:
                 _install(previous)
                 error = describe_error(attempt.error, self.root)
                 raise self._failed(error, attempt.error)
-            programs, handlers = attempt.result
-            modules = {name: sys.modules[name] for name in _module_names()}
+            imported, programs, handlers = attempt.result
+            modules = {m.__name__: m for m in imported}
+            modules.update((name, sys.modules[name]) for name in _module_names())
             try:
                 number = self._numbers(self._number)
             except Exception:
@@ -283,6 +286,11 @@ class PluginLoader:
             log.info("plugins version %s loaded: services %s", registry.version,
                      ", ".join(sorted(registry.programs)) or "none")
             return registry
+
+    def _repair(self) -> None:
+        """Put the current generation's modules back (after an abandoned import ended)."""
+        with self._lock:
+            _install(self.current.modules if self.current else {})
 
     def _failed(self, error: LoadError, cause: BaseException | None = None) -> PluginError:
         self.error = error

@@ -139,6 +139,7 @@ def test_a_hung_import_is_abandoned_and_cannot_come_back(root, tmp_path):
         import pathlib, time
         while not pathlib.Path({str(gate)!r}).exists():
             time.sleep(0.01)
+        import services.late
         """)
     with pytest.raises(PluginError, match=r"did not finish within 0\.5 s"):
         loader.load(timeout=0.5)
@@ -150,11 +151,14 @@ def test_a_hung_import_is_abandoned_and_cannot_come_back(root, tmp_path):
     write(root, "services/hang.py", PROGRAM.format(name="hang", value="fixed"))
     fixed = loader.load(timeout=10)
     assert fixed.programs["hang"].value == "fixed" and loader.error is None
-    # Let the abandoned import run on: it must change nothing.
+    # Let the abandoned import run on: it must change nothing, and not even run a module
+    # that is new since the last load.
+    ran = tmp_path / "late-ran"
+    write(root, "services/late.py", f"open({str(ran)!r}, 'w').close()\n")
     gate.touch()
     wait_until(lambda: not any(t.name == "soaf-plugin-import" for t in threading.enumerate()),
                10, message="the abandoned import to end")
-    assert loader.current is fixed
+    assert loader.current is fixed and not ran.exists()
     for name, module in fixed.modules.items():
         assert sys.modules[name] is module, name
     assert set(_plugin_modules()) == set(fixed.modules)
