@@ -29,7 +29,7 @@ from soaf.reloader import Reloader
 from soaf.runner import Reaper
 from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, State, is_noscript
 from soaf.template import ServiceParamTemplate
-from soaf.versions import PluginVersions, plugin_report
+from soaf.versions import PluginVersions
 from soaf.writer import StateWriter
 
 log = logging.getLogger(__name__)
@@ -334,9 +334,6 @@ class Core:
             "plugin_version": registry.version if registry else None,
             "redis_connected": self.writer.connected,
         }
-
-    def plugin_info(self) -> dict[str, Any]:
-        return plugin_report(self.loader)
 
     def _next_plugin_number(self, last: int) -> int:
         return self.versions.next_number(last) if self.versions is not None else last + 1

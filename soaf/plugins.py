@@ -234,10 +234,6 @@ class PluginLoader:
         self._number = 0
         self._lock = threading.Lock()
 
-    @property
-    def last_error(self) -> str | None:
-        return self.error.text if self.error else None
-
     def load(self, *, timeout: float | None = None) -> Registry:
         """Import a new generation and make it current; PluginError (old one kept) on failure.
 
