@@ -26,6 +26,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # watchdog logs every inotify event at DEBUG: far too much even for -v.
+    logging.getLogger("watchdog").setLevel(max(level, logging.INFO))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

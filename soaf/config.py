@@ -26,7 +26,8 @@ DEFAULT_MAX_SERVICES = 64
 #: Seconds between heartbeats; the heartbeat key lives DEFAULT_HEARTBEAT_TTL seconds.
 DEFAULT_HEARTBEAT_INTERVAL = 2.0
 DEFAULT_HEARTBEAT_TTL = 10.0
-#: Seconds between the periodic plugin scans that back up file-system notifications.
+#: Seconds between the periodic plugin scans (a hash of the sources) that back up
+#: file-system notifications, which some file systems never deliver; 0 turns it off.
 DEFAULT_RELOAD_POLL = 2.0
 #: Seconds of quiet after a plugin file changes before the packages are reloaded,
 #: so a burst of saves gives one reload.
@@ -34,6 +35,9 @@ DEFAULT_RELOAD_DEBOUNCE = 0.2
 #: Seconds between checks of a running service's work dir for new, removed or renamed
 #: files, so file_change_callback runs promptly after a change (0: only every interval).
 DEFAULT_FILE_POLL = 0.05
+#: Seconds a plugin import may take before it is abandoned as hung and the last good
+#: version kept (generous: the first import of heavy libraries can take a while).
+DEFAULT_RELOAD_TIMEOUT = 30.0
 #: Seconds between SIGTERM and SIGKILL when a program is stopped.
 DEFAULT_KILL_GRACE = 5.0
 #: Largest stdout/stderr file kept per service; older output is dropped, the tail kept.
@@ -202,6 +206,8 @@ class Settings:
     reload_poll: float = DEFAULT_RELOAD_POLL
     reload_debounce: float = DEFAULT_RELOAD_DEBOUNCE
     file_poll: float = DEFAULT_FILE_POLL
+    reload_timeout: float = DEFAULT_RELOAD_TIMEOUT
+    reload_watch: bool = True
     kill_grace: float = DEFAULT_KILL_GRACE
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
     insecure: bool = False
@@ -226,6 +232,8 @@ class Settings:
             "reload_poll": _env_float("SOAF_RELOAD_POLL", DEFAULT_RELOAD_POLL),
             "reload_debounce": _env_float("SOAF_RELOAD_DEBOUNCE", DEFAULT_RELOAD_DEBOUNCE),
             "file_poll": _env_float("SOAF_FILE_POLL", DEFAULT_FILE_POLL),
+            "reload_timeout": _env_float("SOAF_RELOAD_TIMEOUT", DEFAULT_RELOAD_TIMEOUT),
+            "reload_watch": os.environ.get("SOAF_RELOAD_WATCH", "1") not in ("0", "false", "no"),
             "kill_grace": _env_float("SOAF_KILL_GRACE", DEFAULT_KILL_GRACE),
             "log_max_bytes": _env_int("SOAF_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES),
             "insecure": os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"),
@@ -257,6 +265,10 @@ class Settings:
             raise ConfigError(f"key prefix {self.prefix!r} must be non-empty without ' {{}}'")
         if self.heartbeat_ttl <= self.heartbeat_interval * 2:
             raise ConfigError("heartbeat TTL must be more than twice the heartbeat interval")
+        if self.reload_poll < 0 or self.reload_debounce < 0:
+            raise ConfigError("reload poll and debounce must not be negative")
+        if self.reload_timeout <= 0:
+            raise ConfigError(f"reload timeout must be positive, got {self.reload_timeout}")
         for name in ("plugins",):
             path = getattr(self, name)
             if not Path(path).is_dir():

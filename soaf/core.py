@@ -1,10 +1,10 @@
 """The core daemon: reads submissions, runs services, reports on itself. Wires the engines.
 
 ``Core.start()`` connects (starting the embedded Redis when no URL is configured),
-loads the plugins and starts the helper threads; ``Core.run()`` is the intake loop:
-it reads the submit stream through the consumer group only while it has free
-capacity, claims each entry, and hands it to a ``ServiceRun``. Signal handlers only
-set flags; the loop does the work.
+loads the plugins and starts the helper threads (the plugin reloader among them);
+``Core.run()`` is the intake loop: it reads the submit stream through the consumer
+group only while it has free capacity, claims each entry, and hands it to a
+``ServiceRun``. Signal handlers only set flags; the loop does the work.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from soaf.intake import Refusal, decode_entry
 from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
 from soaf.lifecycle import Claim, ServiceRun
 from soaf.plugins import PluginLoader
+from soaf.reloader import Reloader
 from soaf.runner import Reaper
 from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, State, is_noscript
 from soaf.template import ServiceParamTemplate
+from soaf.versions import PluginVersions
 from soaf.writer import StateWriter
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,9 @@ class Core:
         self.keys = Keys(settings.prefix)
         self.consumer = settings.node
         self.runs: dict[str, ServiceRun] = {}
-        self.loader = PluginLoader(settings.plugins)
+        self.versions: PluginVersions | None = None
+        self.loader = PluginLoader(settings.plugins, numbers=self._next_plugin_number)
+        self.reloader: Reloader | None = None
         self.embedded: Any = None
         self.url: str | None = None
         self.secrets: list[str] = list(settings.secrets)
@@ -86,13 +90,24 @@ class Core:
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise RedisUnavailable(f"cannot reach Redis at {redact(self.url)}: {e}") from e
         s.work_root.mkdir(parents=True, exist_ok=True)
+        self.versions = PluginVersions(self.redis, self.keys, s.node)
         try:
-            self.loader.load()
+            self.loader.load(timeout=s.reload_timeout)
         except PluginError:
             log.error("no plugin version loaded; fix the plugins and they will be loaded")
+        self.versions.publish(self.loader)
         self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl)
         self.writer.start()
         self.reaper = Reaper()
+        self.reloader = Reloader(
+            self.loader, debounce=s.reload_debounce, poll=s.reload_poll, watch=s.reload_watch,
+            timeout=s.reload_timeout, on_result=lambda ok: self.versions.publish(self.loader),
+        )
+        self.reloader.start()
+        # Control messages are read from the newest one that exists now, so none sent
+        # after start() returns is missed, however late the control thread first reads.
+        newest = self.redis.xrevrange(self.keys.control, count=1)
+        self._control_from = newest[0][0].decode() if newest else "0-0"
         self._spawn(self._heartbeat_loop, "soaf-heartbeat")
         self._spawn(self._control_loop, "soaf-control")
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
@@ -115,6 +130,8 @@ class Core:
     def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Wait for running services (or stop them), write every state, close."""
         self.request_stop(force=not drain)
+        if self.reloader is not None:
+            self.reloader.stop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.running():
             if self._force.is_set():
@@ -312,14 +329,8 @@ class Core:
             "redis_connected": self.writer.connected,
         }
 
-    def plugin_info(self) -> dict[str, Any]:
-        registry = self.loader.current
-        return {
-            "version": registry.version if registry else None,
-            "loaded_at": registry.loaded_at if registry else None,
-            "services": sorted(registry.programs) if registry else [],
-            "error": self.loader.last_error, "error_at": self.loader.last_error_at,
-        }
+    def _next_plugin_number(self, last: int) -> int:
+        return self.versions.next_number(last) if self.versions is not None else last + 1
 
     def _heartbeat_loop(self) -> None:
         s = self.settings
@@ -329,7 +340,6 @@ class Core:
                 pipe.set(self.keys.node(s.node), json.dumps(self.node_info()),
                          px=int(s.heartbeat_ttl * 1000))
                 pipe.sadd(self.keys.nodes, s.node)
-                pipe.hset(self.keys.plugins, s.node, json.dumps(self.plugin_info()))
                 if s.record_ttl > 0:  # ids whose records have expired
                     pipe.zremrangebyscore(self.keys.services, "-inf", time.time() - s.record_ttl)
                 with self._runs_lock:
@@ -337,6 +347,8 @@ class Core:
                 if ids:
                     pipe.hmget(self.keys.cancels, ids)
                 results = pipe.execute()
+                if self.versions is not None:
+                    self.versions.publish(self.loader)
                 if ids:
                     for service_id, flag in zip(ids, results[-1]):  # the HMGET
                         if flag is not None:
@@ -356,7 +368,7 @@ class Core:
         return True
 
     def _control_loop(self) -> None:
-        last = "$"
+        last = self._control_from
         while not self._stopping.is_set():
             try:
                 resp = self.blocking.xread({self.keys.control: last}, count=100, block=1000)
@@ -376,20 +388,13 @@ class Core:
         if kind == "cancel":
             self.cancel_local(fields.get(b"id", b"").decode(errors="replace"))
         elif kind == "reload":
-            self.reload_plugins()
+            if self.reloader is not None:
+                self.reloader.request()
         else:
             log.warning("unknown control message %r", kind)
 
     def reload_plugins(self) -> bool:
-        """Load a new plugin generation now; False (old one kept) if it fails."""
-        try:
-            self.loader.load()
-        except PluginError:
-            ok = False
-        else:
-            ok = True
-        try:
-            self.redis.hset(self.keys.plugins, self.settings.node, json.dumps(self.plugin_info()))
-        except redis.RedisError:
-            pass
-        return ok
+        """Load a new plugin generation now, in this thread, and report it; False (old one
+        kept) if it fails. The ``reload`` control message does the same in the reloader."""
+        assert self.reloader is not None, "start() the core first"
+        return self.reloader.reload()

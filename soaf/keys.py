@@ -69,6 +69,11 @@ class Keys:
         """Hash: the plugin version serving on each node and its last load error."""
         return f"{self.prefix}:plugins"
 
+    def plugin_number(self, node: str) -> str:
+        """String: the number of a node's newest plugin version, so numbers keep rising
+        across restarts of its core."""
+        return f"{self.prefix}:plugins:number:{node}"
+
     def node(self, name: str) -> str:
         """String with a TTL: a core's heartbeat; gone means the core is dead."""
         return f"{self.prefix}:node:{name}"
