@@ -27,7 +27,15 @@ from soaf.errors import (
     WaitTimeout,
 )
 from soaf.keys import DEFAULT_PREFIX, Keys
-from soaf.state import EVENTS_MAXLEN, FINAL_VALUES, SUBMIT, ServiceRecord, decode_event
+from soaf.logs import LogLine
+from soaf.state import (
+    CANCEL,
+    EVENTS_MAXLEN,
+    FINAL_VALUES,
+    SUBMIT,
+    ServiceRecord,
+    decode_event,
+)
 from soaf.template import ServiceParamTemplate
 
 #: Longest single blocking read, in milliseconds; waits are made of such reads.
@@ -36,6 +44,8 @@ _BLOCK_MS = 2000
 _STREAM_WAIT_MAX = 16
 #: Seconds between re-reads of the records while following the notify channel.
 _RECHECK_S = 2.0
+#: Control messages kept (approximate).
+CONTROL_MAXLEN = 10_000
 
 
 class Client:
@@ -290,22 +300,118 @@ class Client:
     # -- steering -----------------------------------------------------------------------
 
     def cancel(self, service_id: str) -> str:
-        """Ask for a service to be cancelled; returns what happened in plain words.
+        """Cancel a service; returns what happened in plain words.
 
-        The request is durable: a core applies it when it next looks, even if it was
-        busy or away when the request was made.
+        A queued service (no core holds it) is ``cancelled`` at once and never starts.
+        For one a core holds, the request is recorded in Redis and announced to the
+        cores; it is durable: the core running it applies it within a heartbeat, and a
+        core that takes it over later finds it. A finished service is left as it is
+        (the answer says so); an unknown id raises UnknownService.
         """
-        record = self._record_or_none(service_id)
-        if record is None:
+        verdict, state = self._call(
+            CANCEL.run, self.redis,
+            [self.keys.service(service_id), self.keys.events(service_id), self.keys.cancels,
+             self.keys.control],
+            [service_id, time.time(), self.keys.notify, EVENTS_MAXLEN, ",".join(FINAL_VALUES),
+             CONTROL_MAXLEN],
+        )
+        verdict, state = verdict.decode(), state.decode()
+        if verdict == "unknown":
             raise UnknownService(f"no service with id {service_id!r}")
-        if record.final:
-            return f"already {record.state}; nothing to cancel"
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.cancels, service_id, json.dumps(time.time()))
-        pipe.xadd(self.keys.control, {"type": "cancel", "id": service_id},
-                  maxlen=10_000, approximate=True)
-        self._call(pipe.execute)
-        return f"cancel requested ({record.state})"
+        if verdict == "final":
+            return f"already {state}; nothing to cancel"
+        if verdict == "cancelled":
+            return "cancelled (it was queued and never started)"
+        return f"cancel requested; it was {state} and will end cancelled"
+
+    # -- logs ---------------------------------------------------------------------------
+
+    def logs(self, service_id: str, tail: int = 100,
+             streams: Iterable[str] | None = None) -> list[LogLine]:
+        """The last ``tail`` lines of the service's output, oldest first.
+
+        Read from Redis, so it works from any machine; soaf keeps the newest
+        ``log_lines`` lines of each service there (the capped files in the work dir hold
+        more). ``streams`` selects ``stdout``/``stderr``/``soaf`` (soaf's notes); default
+        all. UnknownService if no such id was ever submitted.
+        """
+        return self._tail(service_id, tail, streams)[0]
+
+    def follow_logs(self, service_id: str, tail: int = 10, *,
+                    streams: Iterable[str] | None = None,
+                    timeout: float | None = None) -> Iterator[LogLine]:
+        """The last ``tail`` lines, then each new line as it is written, until the service
+        is final (every line written before the end is yielded). WaitTimeout after
+        ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        record = self.status(service_id)
+        wanted = set(streams) if streams is not None else None
+        lines, position = self._tail(service_id, tail, streams)
+        yield from lines
+        log_key, ev_key = self.keys.log(service_id), self.keys.events(service_id)
+        ev_position = record.raw.get("event_id") or "0-0"
+        final = record.final
+        while True:
+            if final:
+                while True:  # everything written before the final state
+                    entries = self._call(self.redis.xrange, log_key, min=f"({position}",
+                                         count=500)
+                    if not entries:
+                        return
+                    for raw_id, fields in entries:
+                        position = raw_id.decode()
+                        line = LogLine.from_entry(raw_id, fields)
+                        if wanted is None or line.stream in wanted:
+                            yield line
+            block = _BLOCK_MS
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WaitTimeout(f"{service_id} not final after {timeout} s")
+                block = max(1, min(block, int(left * 1000)))
+            resp = self._call(self._blocking.xread, {log_key: position, ev_key: ev_position},
+                              block=block, count=500)
+            for stream, entries in resp or []:
+                is_log = stream.decode() == log_key
+                for raw_id, fields in entries:
+                    if not is_log:
+                        ev_position = raw_id.decode()
+                        if decode_event(fields).get("state") in FINAL_VALUES:
+                            final = True
+                        continue
+                    position = raw_id.decode()
+                    line = LogLine.from_entry(raw_id, fields)
+                    if wanted is None or line.stream in wanted:
+                        yield line
+
+    def _tail(self, service_id: str, tail: int,
+              streams: Iterable[str] | None) -> tuple[list[LogLine], str]:
+        """(the last ``tail`` wanted lines, the id of the newest entry or "0-0")."""
+        if not self._call(self.redis.exists, self.keys.service(service_id)):
+            raise UnknownService(f"no service with id {service_id!r}")
+        wanted = set(streams) if streams is not None else None
+        key = self.keys.log(service_id)
+        lines: list[LogLine] = []
+        newest = None
+        top = "+"
+        while len(lines) < tail:
+            entries = self._call(self.redis.xrevrange, key, max=top, min="-", count=max(tail, 100))
+            if not entries:
+                break
+            if newest is None:
+                newest = entries[0][0].decode()
+            for raw_id, fields in entries:
+                line = LogLine.from_entry(raw_id, fields)
+                if wanted is None or line.stream in wanted:
+                    lines.append(line)
+                    if len(lines) >= tail:
+                        break
+            top = f"({entries[-1][0].decode()}"
+        if newest is None:
+            last = self._call(self.redis.xrevrange, key, count=1)
+            newest = last[0][0].decode() if last else "0-0"
+        lines.reverse()
+        return lines, newest
 
     def plugins(self) -> dict[str, Any]:
         """Plugin version and last load error of every core, by node name."""
@@ -323,4 +429,5 @@ class Client:
     def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""
         fields = {"type": "reload", **({"node": node} if node else {})}
-        self._call(self.redis.xadd, self.keys.control, fields, maxlen=10_000, approximate=True)
+        self._call(self.redis.xadd, self.keys.control, fields, maxlen=CONTROL_MAXLEN,
+                   approximate=True)

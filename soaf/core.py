@@ -24,8 +24,9 @@ from soaf.errors import ConfigError, PluginError, RedisUnavailable
 from soaf.intake import Refusal, decode_entry
 from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
 from soaf.lifecycle import Claim, ServiceRun
+from soaf.logs import LogKeeper
 from soaf.plugins import PluginLoader
-from soaf.runner import Reaper
+from soaf.runner import Reaper, become_subreaper
 from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, State, is_noscript
 from soaf.template import ServiceParamTemplate
 from soaf.writer import StateWriter
@@ -53,6 +54,7 @@ class Core:
         self._runs_lock = threading.Lock()
         self._slot_freed = threading.Event()
         self._stopping = threading.Event()
+        self._stop_programs = threading.Event()
         self._force = threading.Event()
         self._threads: list[threading.Thread] = []
         self._check_own_pending = True
@@ -98,7 +100,14 @@ class Core:
             log.error("no plugin version loaded; fix the plugins and they will be loaded")
         self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl)
         self.writer.start()
+        if not become_subreaper():
+            log.warning("cannot become a child subreaper; orphans of programs go to PID 1")
+        _raise_open_files_limit()
         self.reaper = Reaper()
+        self.keeper = LogKeeper(self.writer.put, max_bytes=s.log_max_bytes,
+                                interval=s.log_interval, lines=s.log_lines,
+                                connected=lambda: self.writer.connected)
+        self.keeper.start()
         self._spawn(self._heartbeat_loop, "soaf-heartbeat")
         self._spawn(self._control_loop, "soaf-control")
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
@@ -111,26 +120,36 @@ class Core:
 
     # -- stop -----------------------------------------------------------------------------
 
-    def request_stop(self, *, force: bool = False) -> None:
-        """Stop taking work; with ``force`` also stop running programs. Safe in handlers."""
+    def request_stop(self, *, stop_programs: bool = False, force: bool = False) -> None:
+        """Stop taking work. ``stop_programs``: stop the running programs too (their
+        services are left for recovery); ``force``: and wait for nothing (no grace period,
+        no after_watch_callback). Only sets flags: safe in a signal handler."""
         if force:
             self._force.set()
+        if stop_programs or force:
+            self._stop_programs.set()
         self._stopping.set()
         self._slot_freed.set()
 
     def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
-        """Wait for running services (or stop them), write every state, close."""
-        self.request_stop(force=not drain)
+        """Wait for running services (or stop them), write every state, close.
+
+        Services that end meanwhile get their final state; those whose programs are
+        stopped go back to ``queued`` with their stream entries unacknowledged."""
+        self.request_stop(stop_programs=not drain)
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.running():
-            if self._force.is_set():
-                for run in list(self.runs.values()):
-                    run.cancel()
+            if self._stop_programs.is_set():
+                force = self._force.is_set()
+                for run in self._runs_now():
+                    if not run.interrupt_requested.is_set() or (force and not run.force.is_set()):
+                        run.interrupt(force=force)
             if deadline is not None and time.monotonic() > deadline:
                 log.error("shutdown timed out with %d services running", self.running())
                 break
             self._slot_freed.wait(0.2)
             self._slot_freed.clear()
+        self.keeper.stop()
         self.writer.stop(timeout=10)
         self.reaper.close()
         try:
@@ -143,6 +162,10 @@ class Core:
     def running(self) -> int:
         with self._runs_lock:
             return len(self.runs)
+
+    def _runs_now(self) -> list[ServiceRun]:
+        with self._runs_lock:
+            return list(self.runs.values())
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -237,16 +260,18 @@ class Core:
             ))
         results = self._claim(calls)
         unclaimed: list[str] = []
-        for (entry_id, template), (verdict, detail, attempt, seq) in zip(accepted, results):
+        for (entry_id, template), (verdict, detail, attempt, seq, attempts) in zip(
+            accepted, results
+        ):
             if verdict != b"run":
                 log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id,
                          verdict.decode(), detail.decode())
                 unclaimed.append(entry_id)
                 continue
             run = ServiceRun(
-                template, Claim(entry_id, int(attempt), int(seq)),
+                template, Claim(entry_id, int(attempt), int(seq), _attempts(attempts)),
                 registry=registry, settings=self.settings, writer=self.writer,
-                reaper=self.reaper, on_done=self._done,
+                reaper=self.reaper, on_done=self._done, keeper=self.keeper,
             )
             with self._runs_lock:
                 self.runs[template.service_id] = run
@@ -399,3 +424,25 @@ class Core:
         except redis.RedisError:
             pass
         return ok
+
+
+def _attempts(raw: bytes | str) -> list[dict[str, Any]]:
+    """The ``attempts`` field a claim returned (JSON text), or [] when absent or bad."""
+    try:
+        value = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return [a for a in value if isinstance(a, dict)] if isinstance(value, list) else []
+
+
+def _raise_open_files_limit() -> None:
+    """Each running service holds a pidfd and a few files: use the hard limit on open files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.debug("cannot raise the open files limit: %s", e)

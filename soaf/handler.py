@@ -3,8 +3,12 @@
 The watcher thread of a service calls ``before_watch_callback(service)`` once, then
 ``file_change_callback(service, files)`` every ``watch_interval`` seconds (sooner when a
 file in the work dir changes), and ``after_watch_callback(service, files)`` exactly
-once after the program has exited. ``files`` are sorted paths relative to the work dir.
-An exception in a callback is recorded on the service and never stops the core.
+once per attempt, whatever happened (even when the build failed, the program could
+not start, timed out or was cancelled: ``service.outcome`` and ``service.exit`` say
+which). ``files`` are sorted paths relative to the work dir. Callbacks run one at a
+time in a thread of their own: an exception is recorded on the service and never stops
+the core, and a callback that hangs delays neither the program's supervision nor the
+recording of its exit.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ class WatcherHandler:
 
     #: The service name this handler watches.
     service: ClassVar[str] = ""
+    #: Seconds ``after_watch_callback`` may take; None: the core's ``callback_timeout``.
+    #: Past it the service ends ``failed`` (failure ``callback``) and the call is abandoned.
+    after_watch_timeout: ClassVar[float | None] = None
 
     def before_watch_callback(self, service: Service) -> None:
         """Called once, after the program started and before the first file check."""

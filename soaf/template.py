@@ -61,7 +61,12 @@ class ServiceParamTemplate:
         env: extra environment variables for the program (strings only).
         watch_interval: seconds between ``file_change_callback`` calls.
         timeout: seconds the program may run; None uses the service's default.
-        retries: further attempts after a failed one (0: none).
+        retries: further attempts after a failed or timed-out one (0: none); None uses
+            the service's default.
+        retry_backoff: seconds before the first retry (doubled for each further one);
+            None uses the service's default.
+        max_memory_mb: resident memory (MiB) the program may use before it is killed;
+            None uses the service's default.
     """
 
     service: str = ""
@@ -73,7 +78,9 @@ class ServiceParamTemplate:
     env: dict[str, str] = field(default_factory=dict)
     watch_interval: float = 1.0
     timeout: float | None = None
-    retries: int = 0
+    retries: int | None = None
+    retry_backoff: float | None = None
+    max_memory_mb: float | None = None
 
     def validate(self) -> None:
         """Raise ValidationError naming the first field that cannot be accepted."""
@@ -112,8 +119,17 @@ class ServiceParamTemplate:
             )
         if self.timeout is not None and not _positive_number(self.timeout):
             raise ValidationError("timeout", f"must be a positive number, got {self.timeout!r}")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise ValidationError("retries", f"must be a whole number >= 0, got {self.retries!r}")
+        retries = getattr(self, "retries", None)
+        if retries is not None and (
+            isinstance(retries, bool) or not isinstance(retries, int) or retries < 0
+        ):
+            raise ValidationError("retries", f"must be a whole number >= 0, got {retries!r}")
+        backoff = getattr(self, "retry_backoff", None)
+        if backoff is not None and not (_positive_number(backoff) or _zero(backoff)):
+            raise ValidationError("retry_backoff", f"must be a number >= 0, got {backoff!r}")
+        memory = getattr(self, "max_memory_mb", None)
+        if memory is not None and not _positive_number(memory):
+            raise ValidationError("max_memory_mb", f"must be a positive number, got {memory!r}")
 
     def input_names(self) -> list[str]:
         """Names the inputs will have inside the work dir."""
@@ -151,3 +167,7 @@ def _positive_number(value: Any) -> bool:
         and math.isfinite(value)
         and value > 0
     )
+
+
+def _zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0

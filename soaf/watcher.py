@@ -1,15 +1,20 @@
-"""The watcher of one service: calls its handler's callbacks while the program runs.
+"""The watcher of one service: follows its program and calls its handler's callbacks.
 
-``watch`` runs in the service's own thread: ``before_watch_callback`` once, then
-``file_change_callback`` every ``watch_interval`` seconds, and promptly (within
-``file_poll`` seconds) when an entry is created, removed or renamed in any directory
-of the work dir, and ``after_watch_callback`` exactly once after the program ended.
+``watch`` runs in the service's own thread, which only waits and decides: it has
+``before_watch_callback`` called once, then ``file_change_callback`` every
+``watch_interval`` seconds and promptly when an entry is created, removed or renamed in
+any directory of the work dir, until the program exits or must be stopped (timeout,
+cancel, memory). The callbacks run in the service's plugin thread (soaf.callbacks), one
+at a time, so a slow or hung callback never delays the reaction to the program's exit,
+a timeout or a cancel. A callback that raises is recorded on the service and the
+watcher carries on. ``after_watch_callback`` is the attempt's business (soaf.attempt).
 
 Changes are noticed by comparing the modification times of the work dir's
 directories, a few ``stat`` calls per check. Unlike inotify this also works on
 network file systems, costs nothing for programs that finish quickly, and cannot be
-flooded by a program that writes a lot. A callback that raises is recorded on the
-service and the watcher carries on.
+flooded by a program that writes a lot. The check runs every ``file_poll`` seconds
+after a change and less often (up to ``MAX_FILE_POLL``) while the dir stays quiet, so
+a thousand idle services do not keep the core busy.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from soaf.callbacks import PluginThread
 from soaf.handler import STOP, WatcherHandler
 from soaf.runner import Process
 from soaf.service import Service
@@ -31,19 +37,37 @@ log = logging.getLogger(__name__)
 
 #: Shortest gap between two file_change_callback calls triggered by file changes.
 MIN_CALLBACK_GAP = 0.05
-
-Check = Callable[[], "str | None"]
+#: Longest gap between two checks of a quiet work dir (the check interval grows from
+#: ``file_poll`` to this while nothing changes, and drops back at the first change).
+MAX_FILE_POLL = 0.5
+#: Longest sleep of a watcher between two looks at its program (a safety net: exits
+#: and cancels wake it at once).
+MAX_WAIT = 1.0
+#: How often a watcher looks whether a callback that is due can run (the previous one
+#: is still running).
+BUSY_POLL = 0.25
 
 
 def call_callback(service: Service, name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run one plugin callback; record (never raise) what it raises."""
+    """Run one plugin callback; record (never raise) what it raises.
+
+    Returns what the callback returned, or ``FAILED`` if it raised."""
     try:
         return fn(*args)
-    except Exception as e:
+    except BaseException as e:  # SystemExit from a plugin must not end its thread silently
         text = f"{name} raised {type(e).__name__}: {e}"
-        log.warning("service %s: %s", service.service_id, text, exc_info=True)
+        # The first error of a service is logged with its traceback; a callback that
+        # fails every interval does not flood the log (every one is on the record).
+        if service.callback_errors == 0:
+            log.warning("service %s: %s", service.service_id, text, exc_info=True)
+        else:
+            log.debug("service %s: %s (again)", service.service_id, text)
         service.record_callback_error(text, traceback.format_exc())
-        return None
+        return FAILED
+
+
+#: What ``call_callback`` returns when the callback raised.
+FAILED = object()
 
 
 class DirSignature:
@@ -81,53 +105,64 @@ def watch(
     handler: WatcherHandler,
     service: Service,
     process: Process,
+    plugin: PluginThread,
     *,
     wake: threading.Event,
-    check: Check,
+    check: Callable[[], str | None],
+    due: Callable[[], float | None],
     file_poll: float,
-) -> tuple[str | None, list[str]]:
-    """Follow ``process`` until it exits; return (what stopped it early, final files).
+) -> str | None:
+    """Follow ``process`` until it exits (None) or ``check()`` gives a reason to stop it.
 
-    ``check`` is called after every wait; when it returns a reason (``"timed_out"``,
-    ``"cancelled"``) watching stops so that the caller can stop the program. ``wake``
-    is set when the program exits or a cancel arrives.
+    ``wake`` is set when the program exits or a cancel arrives; ``due()`` is the next
+    monotonic time at which ``check()`` must run again (a deadline), or None.
     """
     interval = float(service.template.watch_interval)
     signature = DirSignature(str(service.work_dir)) if file_poll > 0 else None
-    call_callback(service, "before_watch_callback", handler.before_watch_callback, service)
-    watching = True
-    reason: str | None = None
-    while not process.exited.is_set() and reason is None:
-        if watching and not service.stop_requested.is_set():
-            files = list_files(service.work_dir)
+    poll = file_poll
+
+    def change() -> None:
+        files = list_files(service.work_dir)
+        if signature is not None:
+            signature.update_dirs(files)
+        result = call_callback(service, "file_change_callback", handler.file_change_callback,
+                               service, files)
+        if result is STOP:
+            service.stop()
+
+    plugin.submit("before_watch_callback", call_callback, service, "before_watch_callback",
+                  handler.before_watch_callback, service)
+    next_call = time.monotonic()  # the first file check right after before_watch_callback
+    last_call = float("-inf")
+    next_poll = float("inf") if signature is None else next_call + poll
+    changed = False
+    while not process.exited.is_set():
+        reason = check()
+        if reason is not None:
+            return reason
+        now = time.monotonic()
+        timeout = MAX_WAIT
+        if not service.stop_requested.is_set():
+            if signature is not None and now >= next_poll:
+                if signature.changed():
+                    changed, poll = True, file_poll
+                else:
+                    poll = min(poll * 1.5, max(file_poll, MAX_FILE_POLL))
+                next_poll = now + poll
+            due_at = min(next_call, last_call + MIN_CALLBACK_GAP) if changed else next_call
+            if now >= due_at and plugin.busy:
+                timeout = BUSY_POLL  # a callback still runs: call again once it is done
+            elif now >= due_at:
+                plugin.submit("file_change_callback", change)
+                last_call, next_call, changed = now, now + interval, False
+                continue
+            else:
+                timeout = min(timeout, due_at - now)
             if signature is not None:
-                signature.update_dirs(files)
-            last_call = time.monotonic()
-            result = call_callback(
-                service, "file_change_callback", handler.file_change_callback, service, files
-            )
-            watching = result is not STOP
-        else:
-            watching = False
-        next_call = last_call + interval
-        # Wait for: the next interval, a change in the work dir, the exit, or a reason.
-        while not process.exited.is_set():
-            now = time.monotonic()
-            if watching and now >= next_call:
-                break
-            step = min(next_call - now, file_poll) if watching and file_poll > 0 else (
-                next_call - now if watching else 0.5)
-            if wake.wait(max(step, 0.001)):
-                wake.clear()
-            reason = check()
-            if reason is not None:
-                break
-            if (
-                watching
-                and signature is not None
-                and time.monotonic() - last_call >= MIN_CALLBACK_GAP
-                and signature.changed()
-            ):
-                break
-    files = list_files(service.work_dir)
-    return reason, files
+                timeout = min(timeout, max(0.0, next_poll - now))
+        deadline = due()
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - now))
+        if wake.wait(timeout):
+            wake.clear()
+    return None
