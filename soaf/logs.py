@@ -117,6 +117,7 @@ class _File:
     partial: bytes = b""  # an unfinished last line, not shipped yet
     dropped: int = 0  # bytes removed from the head so far
     method: str | None = None  # "collapse", "punch" or "truncate", once known
+    ragged: bool = False  # cut somewhere inside a line
 
 
 @dataclass
@@ -263,6 +264,7 @@ class LogKeeper:
     def _dropped(self, f: _File, length: int, *, shift: bool) -> None:
         self.trims += 1
         f.dropped += length
+        f.ragged = True
         if shift:  # the file's contents moved: what was at ``length`` is at 0 now
             if f.offset < length:
                 f.partial = b""
@@ -277,20 +279,20 @@ class LogKeeper:
             size = f.path.stat().st_size
         except FileNotFoundError:
             return
-        if f.head == 0 and size <= self.max_bytes:
+        if not f.ragged and size <= self.max_bytes:
             return
         keep = min(self.max_bytes, size - f.head)
         with open(f.path, "rb") as fh:
             fh.seek(size - keep)
             tail = fh.read(keep)
         cut = tail.find(b"\n")
-        if size - keep > 0 and 0 <= cut < len(tail) - 1:
+        if (f.ragged or size - f.head > keep) and 0 <= cut < len(tail) - 1:
             tail = tail[cut + 1:]  # start at a whole line
         tmp = f.path.with_name(f.path.name + ".tmp")
         tmp.write_bytes(tail)
         os.replace(tmp, f.path)
         f.dropped += size - f.head - len(tail)
-        f.head = 0
+        f.head, f.ragged = 0, False
 
     # -- shipping ---------------------------------------------------------------------
 
