@@ -10,8 +10,9 @@ thread per core looks at every running program's files every ``log_interval`` se
   where the file system has it (ext4, xfs: the file really shrinks), else
   ``FALLOC_FL_PUNCH_HOLE`` (tmpfs, btrfs: the head becomes a hole that takes no space;
   the file keeps its apparent size). Disk use per file is thus bounded by the cap plus
-  what a program writes in one interval. When the program has ended, its files are
-  rewritten as a plain tail (whole lines, no hole) of at most the cap.
+  what a program writes in one interval (``FLOOD_INTERVAL`` while a file is being cut).
+  When the program has ended, its files are rewritten as a plain tail (whole lines, no
+  hole) of at most the cap.
 * **Ship.** New complete lines go to the service's Redis log stream (``Keys.log``),
   capped to ``log_lines`` entries, so a client on another machine can read the tail and
   follow it. A flood is sampled: at most ``SHIP_MAX_BYTES``/``SHIP_MAX_LINES`` per file
@@ -41,6 +42,8 @@ SHIP_MAX_BYTES = 64 * 1024
 SHIP_MAX_LINES = 200
 #: Longest line shipped; longer ones are cut (the file keeps them whole).
 LINE_MAX = 4096
+#: Seconds between passes while some program floods its output.
+FLOOD_INTERVAL = 0.05
 #: The stream name of soaf's own notes in a service's log stream.
 NOTE_STREAM = "soaf"
 
@@ -197,14 +200,21 @@ class LogKeeper:
     # -- the loop ---------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait = self.interval
+        while not self._stop.wait(wait):
             try:
-                self.tick()
+                trims = self.tick()
             except Exception:
                 log.exception("log keeping failed")
+                trims = 0
+            # A file that had to be cut is written fast: look again sooner, so what it
+            # writes between two passes (the cap's overshoot) stays small.
+            wait = min(self.interval, FLOOD_INTERVAL) if trims else self.interval
 
-    def tick(self) -> None:
-        """One pass over every running program's files (what the thread does each interval)."""
+    def tick(self) -> int:
+        """One pass over every running program's files (what the thread does each
+        interval); returns how many files had to be cut."""
+        before = self.trims
         with self._lock:
             handles = list(self._handles)
         for handle in handles:
@@ -217,6 +227,7 @@ class LogKeeper:
                     self._ship(handle, final=False)
                 except OSError as e:
                     log.warning("cannot keep the logs of %s: %s", handle.service_id, e)
+        return self.trims - before
 
     # -- capping ----------------------------------------------------------------------
 

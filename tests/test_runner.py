@@ -147,7 +147,7 @@ def test_orphans_are_killed_and_reaped(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    child, exists, reaped = out.stdout.split()
+    _child, exists, reaped = out.stdout.split()
     assert exists == "False" and int(reaped) >= 1
 
 
