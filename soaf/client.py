@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 
+from soaf import logstream
 from soaf.codec import dumps
 from soaf.config import find_redis_url, find_secrets, state_dir_from_env
 from soaf.connection import connect, redact
@@ -27,7 +28,7 @@ from soaf.errors import (
     WaitTimeout,
 )
 from soaf.keys import DEFAULT_PREFIX, Keys
-from soaf.logs import LogLine
+from soaf.logstream import LogLine
 from soaf.state import (
     CANCEL,
     EVENTS_MAXLEN,
@@ -335,7 +336,9 @@ class Client:
         more). ``streams`` selects ``stdout``/``stderr``/``soaf`` (soaf's notes); default
         all. UnknownService if no such id was ever submitted.
         """
-        return self._tail(service_id, tail, streams)[0]
+        self.status(service_id)
+        return self._call(logstream.read_tail, self.redis, self.keys, service_id, tail,
+                          streams)[0]
 
     def follow_logs(self, service_id: str, tail: int = 10, *,
                     streams: Iterable[str] | None = None,
@@ -343,75 +346,12 @@ class Client:
         """The last ``tail`` lines, then each new line as it is written, until the service
         is final (every line written before the end is yielded). WaitTimeout after
         ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         record = self.status(service_id)
-        wanted = set(streams) if streams is not None else None
-        lines, position = self._tail(service_id, tail, streams)
-        yield from lines
-        log_key, ev_key = self.keys.log(service_id), self.keys.events(service_id)
-        ev_position = record.raw.get("event_id") or "0-0"
-        final = record.final
-        while True:
-            if final:
-                while True:  # everything written before the final state
-                    entries = self._call(self.redis.xrange, log_key, min=f"({position}",
-                                         count=500)
-                    if not entries:
-                        return
-                    for raw_id, fields in entries:
-                        position = raw_id.decode()
-                        line = LogLine.from_entry(raw_id, fields)
-                        if wanted is None or line.stream in wanted:
-                            yield line
-            block = _BLOCK_MS
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise WaitTimeout(f"{service_id} not final after {timeout} s")
-                block = max(1, min(block, int(left * 1000)))
-            resp = self._call(self._blocking.xread, {log_key: position, ev_key: ev_position},
-                              block=block, count=500)
-            for stream, entries in resp or []:
-                is_log = stream.decode() == log_key
-                for raw_id, fields in entries:
-                    if not is_log:
-                        ev_position = raw_id.decode()
-                        if decode_event(fields).get("state") in FINAL_VALUES:
-                            final = True
-                        continue
-                    position = raw_id.decode()
-                    line = LogLine.from_entry(raw_id, fields)
-                    if wanted is None or line.stream in wanted:
-                        yield line
-
-    def _tail(self, service_id: str, tail: int,
-              streams: Iterable[str] | None) -> tuple[list[LogLine], str]:
-        """(the last ``tail`` wanted lines, the id of the newest entry or "0-0")."""
-        if not self._call(self.redis.exists, self.keys.service(service_id)):
-            raise UnknownService(f"no service with id {service_id!r}")
-        wanted = set(streams) if streams is not None else None
-        key = self.keys.log(service_id)
-        lines: list[LogLine] = []
-        newest = None
-        top = "+"
-        while len(lines) < tail:
-            entries = self._call(self.redis.xrevrange, key, max=top, min="-", count=max(tail, 100))
-            if not entries:
-                break
-            if newest is None:
-                newest = entries[0][0].decode()
-            for raw_id, fields in entries:
-                line = LogLine.from_entry(raw_id, fields)
-                if wanted is None or line.stream in wanted:
-                    lines.append(line)
-                    if len(lines) >= tail:
-                        break
-            top = f"({entries[-1][0].decode()}"
-        if newest is None:
-            last = self._call(self.redis.xrevrange, key, count=1)
-            newest = last[0][0].decode() if last else "0-0"
-        lines.reverse()
-        return lines, newest
+        try:
+            yield from logstream.follow(self.redis, self._blocking, self.keys, record, tail=tail,
+                                        streams=streams, timeout=timeout, block_ms=_BLOCK_MS)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise RedisUnavailable(f"cannot reach Redis at {redact(self.url or '')}: {e}") from e
 
     def plugins(self) -> dict[str, Any]:
         """Plugin version and last load error of every core, by node name."""

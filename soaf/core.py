@@ -26,7 +26,7 @@ from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
 from soaf.lifecycle import Claim, ServiceRun
 from soaf.logs import LogKeeper
 from soaf.plugins import PluginLoader
-from soaf.runner import Reaper, become_subreaper
+from soaf.runner import Reaper, become_subreaper, raise_open_files_limit
 from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, State, is_noscript
 from soaf.template import ServiceParamTemplate
 from soaf.writer import StateWriter
@@ -102,7 +102,7 @@ class Core:
         self.writer.start()
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphans of programs go to PID 1")
-        _raise_open_files_limit()
+        raise_open_files_limit()
         self.reaper = Reaper()
         self.keeper = LogKeeper(self.writer.put, max_bytes=s.log_max_bytes,
                                 interval=s.log_interval, lines=s.log_lines,
@@ -269,7 +269,7 @@ class Core:
                 unclaimed.append(entry_id)
                 continue
             run = ServiceRun(
-                template, Claim(entry_id, int(attempt), int(seq), _attempts(attempts)),
+                template, Claim(entry_id, int(attempt), int(seq), Claim.parse_attempts(attempts)),
                 registry=registry, settings=self.settings, writer=self.writer,
                 reaper=self.reaper, on_done=self._done, keeper=self.keeper,
             )
@@ -424,25 +424,3 @@ class Core:
         except redis.RedisError:
             pass
         return ok
-
-
-def _attempts(raw: bytes | str) -> list[dict[str, Any]]:
-    """The ``attempts`` field a claim returned (JSON text), or [] when absent or bad."""
-    try:
-        value = json.loads(raw) if raw else []
-    except ValueError:
-        return []
-    return [a for a in value if isinstance(a, dict)] if isinstance(value, list) else []
-
-
-def _raise_open_files_limit() -> None:
-    """Each running service holds a pidfd and a few files: use the hard limit on open files."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as e:
-            log.debug("cannot raise the open files limit: %s", e)

@@ -13,6 +13,7 @@ unacknowledged, so the service is run again when a core recovers it.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -50,6 +51,15 @@ class Claim:
     attempt: int
     seq: int
     attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts' records
+
+    @staticmethod
+    def parse_attempts(raw: bytes | str) -> list[dict[str, Any]]:
+        """The ``attempts`` field a claim returned (JSON text); [] when absent or bad."""
+        try:
+            value = json.loads(raw) if raw else []
+        except ValueError:
+            return []
+        return [a for a in value if isinstance(a, dict)] if isinstance(value, list) else []
 
 
 class ServiceRun:

@@ -67,35 +67,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-@dataclass(frozen=True)
-class LogLine:
-    """One line of a service's output as read back from Redis (``Client.logs``)."""
-
-    stream: str  # "stdout", "stderr", or "soaf" for soaf's own notes
-    text: str
-    attempt: int
-    ts: float  # when soaf copied it (from the stream entry id)
-    entry_id: str = ""
-
-    def __str__(self) -> str:
-        return self.text
-
-    @classmethod
-    def from_entry(cls, entry_id: bytes, fields: dict[bytes, bytes]) -> LogLine:
-        eid = entry_id.decode()
-        try:
-            attempt = int(fields.get(b"a", b"0"))
-        except ValueError:
-            attempt = 0
-        return cls(
-            stream=fields.get(b"s", b"").decode(errors="replace"),
-            text=fields.get(b"l", b"").decode(errors="replace"),
-            attempt=attempt,
-            ts=int(eid.split("-", 1)[0]) / 1000,
-            entry_id=eid,
-        )
-
-
 @dataclass
 class LogLines:
     """Lines for one service's log stream; written by the state writer, in order."""

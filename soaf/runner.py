@@ -49,6 +49,17 @@ def become_subreaper() -> bool:
         return False
 
 
+def raise_open_files_limit() -> None:
+    """Each running service holds a pidfd and a few files: use the hard limit on open files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.debug("cannot raise the open files limit: %s", e)
+
+
 @dataclass(frozen=True)
 class Exit:
     """How a program ended, with what it cost."""

@@ -374,10 +374,13 @@ def test_hanging_callbacks_block_nothing(start_core, client):
     after_hang = client.submit(ServiceParamTemplate("cb-after-hang", args={"seconds": 0.5}))
     # others run meanwhile
     assert client.wait(client.submit(ServiceParamTemplate("true")), timeout=30).state == "succeeded"
-    # the exit is recorded while file_change_callback still hangs
+    # the exit is recorded while file_change_callback still hangs, not when it is given up
     wait_until(lambda: client.status(hang).exit_code == 0, 20, message="exit recorded")
     record = client.wait(hang, timeout=30)
     assert record.state == "succeeded"
+    events = list(client.events(hang, follow=False))
+    exited = next(e for e in events if "exited_at" in e)
+    assert events[-1]["ts"] - exited["ts"] >= 1.5  # the 2 s budget ran after the exit
     assert "file_change_callback did not return within 2 s" in record.get("callback_error")
     assert (work_dir(record) / "callbacks.txt").read_text().split() == ["change", "after"]
     assert record.fields["after_ran"] is True
