@@ -260,6 +260,7 @@ class Core:
             ))
         results = self._claim(calls)
         unclaimed: list[str] = []
+        ended: list[str] = []  # final without running (e.g. cancelled while queued)
         for (entry_id, template), (verdict, detail, attempt, seq, attempts) in zip(
             accepted, results
         ):
@@ -267,6 +268,8 @@ class Core:
                 log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id,
                          verdict.decode(), detail.decode())
                 unclaimed.append(entry_id)
+                if verdict in (b"final", b"cancelled"):
+                    ended.append(template.service_id)
                 continue
             run = ServiceRun(
                 template, Claim(entry_id, int(attempt), int(seq), Claim.parse_attempts(attempts)),
@@ -280,6 +283,10 @@ class Core:
             pipe = self.redis.pipeline(transaction=False)
             pipe.xack(self.keys.submit, GROUP, *unclaimed)
             pipe.xdel(self.keys.submit, *unclaimed)
+            ttl = int(self.settings.record_ttl)
+            for sid in ended if ttl > 0 else []:
+                for key in (self.keys.service(sid), self.keys.events(sid)):
+                    pipe.expire(key, ttl)  # the record starts to age
             pipe.execute()
 
     def _claim(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:

@@ -83,7 +83,7 @@ def test_service_default_timeout(start_core, client):
 
 
 def test_cancel_while_queued_never_starts(start_core, client):
-    start_core(SOAF_MAX_SERVICES="1")
+    core = start_core(SOAF_MAX_SERVICES="1")
     busy = client.submit(ServiceParamTemplate("sleep", args={"seconds": 60}))
     wait_state(client, busy, "running")
     queued = client.submit(ServiceParamTemplate("sleep", args={"seconds": 1}))
@@ -99,6 +99,8 @@ def test_cancel_while_queued_never_starts(start_core, client):
                == 0, 20, message="both entries acknowledged")
     assert states(client, queued) == ["queued", "cancelled"]
     assert client.status(queued).get("building_at") is None
+    assert 0 < client.redis.ttl(client.keys.service(queued))  # it ages like any final record
+    assert core.alive()
 
 
 def test_cancel_while_building_stops_before_spawning(start_core, client):
