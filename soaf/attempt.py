@@ -153,8 +153,9 @@ class Attempt:
             argv = self._step("command", program.command)
             env = self._step("environment", program.environment)
             cwd = self._step("working_dir", program.working_dir)
+            self._halt_check("start")
         except Halted as h:
-            outcome = self._halted(f"while in {h}")
+            outcome = self._halted(str(h))
         except PhaseError as e:
             outcome = self._phase_failed(e)
         if outcome is None:
@@ -188,7 +189,9 @@ class Attempt:
         if self.run_.halt.is_set():
             raise Halted(phase)
 
-    def _halted(self, where: str) -> Outcome:
+    def _halted(self, phase: str) -> Outcome:
+        where = {"build": " while building", "prepare_input_file": " while preparing its input",
+                 }.get(phase, "")
         # Let the plugin code in flight finish briefly; a hung build is abandoned.
         current = self.plugin.current
         note = ""
@@ -197,9 +200,8 @@ class Attempt:
             note = f" ({current.name} did not return; abandoned)"
             self.plugin.abandon()
         if self.run_.interrupt_requested.is_set():
-            return Outcome(INTERRUPTED, error=f"core stopped {where}{note}")
-        return Outcome(State.CANCELLED.value,
-                       error=f"cancelled {where}, before it started{note}")
+            return Outcome(INTERRUPTED, error=f"core stopped{where}, before it started{note}")
+        return Outcome(State.CANCELLED.value, error=f"cancelled{where}, before it started{note}")
 
     def _phase_failed(self, e: PhaseError) -> Outcome:
         err = e.error
