@@ -28,6 +28,7 @@ from soaf.logs import LogKeeper
 from soaf.plugins import PluginLoader
 from soaf.runner import Reaper, become_subreaper, raise_open_files_limit
 from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, State, is_noscript
+from soaf.supervisor import Supervisor
 from soaf.template import ServiceParamTemplate
 from soaf.writer import StateWriter
 
@@ -108,6 +109,8 @@ class Core:
                                 interval=s.log_interval, lines=s.log_lines,
                                 connected=lambda: self.writer.connected)
         self.keeper.start()
+        self.supervisor = Supervisor()
+        self.supervisor.start()
         self._spawn(self._heartbeat_loop, "soaf-heartbeat")
         self._spawn(self._control_loop, "soaf-control")
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
@@ -142,13 +145,14 @@ class Core:
             if self._stop_programs.is_set():
                 force = self._force.is_set()
                 for run in self._runs_now():
-                    if not run.interrupt_requested.is_set() or (force and not run.force.is_set()):
+                    if not run.interrupt_requested or (force and not run.force):
                         run.interrupt(force=force)
             if deadline is not None and time.monotonic() > deadline:
                 log.error("shutdown timed out with %d services running", self.running())
                 break
             self._slot_freed.wait(0.2)
             self._slot_freed.clear()
+        self.supervisor.stop()
         self.keeper.stop()
         self.writer.stop(timeout=10)
         self.reaper.close()
@@ -275,6 +279,7 @@ class Core:
                 template, Claim(entry_id, int(attempt), int(seq), Claim.parse_attempts(attempts)),
                 registry=registry, settings=self.settings, writer=self.writer,
                 reaper=self.reaper, on_done=self._done, keeper=self.keeper,
+                supervisor=self.supervisor,
             )
             with self._runs_lock:
                 self.runs[template.service_id] = run
@@ -388,7 +393,7 @@ class Core:
             run = self.runs.get(service_id)
         if run is None:
             return False
-        if not run.cancel_requested.is_set():
+        if not run.cancel_requested:
             log.info("cancelling service %s", service_id)
         run.cancel()
         return True

@@ -1,5 +1,11 @@
 """ServiceRun: one service from claim to final state, in a thread of its own.
 
+Its thread runs the plugin code inline. If that code hangs, the core's supervisor
+(``tick``, from soaf.supervisor) takes the run over: it bumps the run's generation and
+starts a new thread that finishes the attempt (``Attempt.resume``) and goes on with
+the run; the stuck thread finds, if its call ever returns, that it is no longer the
+owner (``Orphaned``) and ends.
+
 A run is a series of attempts (soaf.attempt): the first, then, when the service opted
 into retries, one more after each failed or timed-out attempt, after a backoff, while
 retries are left. Each attempt is recorded in the ``attempts`` field. The final state
@@ -22,12 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from soaf.attempt import INTERRUPTED, Attempt, Outcome
+from soaf.attempt import INTERRUPTED, Attempt, Orphaned, Outcome
 from soaf.config import Settings
 from soaf.logs import LogKeeper
 from soaf.plugins import Registry
 from soaf.runner import Reaper
 from soaf.state import Change, State
+from soaf.supervisor import Supervisor
 from soaf.template import ServiceParamTemplate
 from soaf.writer import StateWriter
 
@@ -76,6 +83,7 @@ class ServiceRun:
         reaper: Reaper,
         on_done: Callable[[ServiceRun], None],
         keeper: LogKeeper | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.template = template
         self.claim = claim
@@ -84,6 +92,7 @@ class ServiceRun:
         self.writer = writer
         self.reaper = reaper
         self.keeper = keeper
+        self.supervisor = supervisor
         self.on_done = on_done
         self.service_id = template.service_id
         self.program_cls = registry.program(template.service)
@@ -91,11 +100,17 @@ class ServiceRun:
         self.attempt = claim.attempt
         self.attempts: list[dict[str, Any]] = list(claim.attempts)
         self.current: Attempt | None = None
-        self.cancel_requested = threading.Event()
-        self.interrupt_requested = threading.Event()
-        self.force = threading.Event()
-        self.halt = threading.Event()  # cancel or interrupt: stop waiting for plugin code
+        # Requests (plain flags: set once, read anywhere; ``wake`` tells the run's thread).
+        self.cancel_requested = False
+        self.interrupt_requested = False
+        self.force = False  # stop now: no grace period, no after_watch_callback
+        self.halt_at: float | None = None  # monotonic time of the first cancel/interrupt
         self.wake = threading.Event()
+        # Which thread owns the run: a takeover bumps the generation; ``in_call`` is the
+        # plugin call under way in the owner thread: (name, monotonic start, attempt).
+        self.lock = threading.Lock()
+        self.generation = 0
+        self.in_call: tuple[str, float, Attempt] | None = None
         self._seq = claim.seq
         self._seq_lock = threading.Lock()
         self._closed = False
@@ -104,23 +119,67 @@ class ServiceRun:
         )
 
     def start(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.add(self)
         self.thread.start()
 
     def cancel(self) -> None:
         """Stop the service for good: it ends ``cancelled``."""
-        self.cancel_requested.set()
-        self.halt.set()
-        self.wake.set()
+        self.cancel_requested = True
+        self._halt()
 
     def interrupt(self, *, force: bool = False) -> None:
         """The core is stopping: stop the program, leave the service for recovery.
 
         With ``force``, waits for nothing (no grace period, no after_watch_callback)."""
         if force:
-            self.force.set()
-        self.interrupt_requested.set()
-        self.halt.set()
+            self.force = True
+        self.interrupt_requested = True
+        self._halt()
+
+    @property
+    def halted(self) -> bool:
+        """A cancel or an interrupt came: the program must not start (or must stop)."""
+        return self.halt_at is not None
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``; True as soon as a cancel or interrupt comes instead."""
+        deadline = time.monotonic() + seconds
+        while not self.halted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.wake.wait(left)
+            self.wake.clear()
+        return True
+
+    def _halt(self) -> None:
+        if self.halt_at is None:
+            self.halt_at = time.monotonic()
         self.wake.set()
+        if self.supervisor is not None:
+            self.supervisor.poke()
+
+    # -- supervision (the supervisor's thread) ------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Enforce the program's limits; take over from a thread stuck in plugin code."""
+        attempt = self.current
+        if attempt is not None:
+            attempt.enforce(now)
+        with self.lock:
+            if self.in_call is None:
+                return
+            name, started, stuck = self.in_call
+            deadline = stuck.deadline_for(name, started)
+            if deadline is None or now < deadline:
+                return
+            self.generation += 1
+            self.in_call = None
+        log.warning("service %s: %s has not returned; a new thread finishes attempt %d",
+                    self.service_id, name, stuck.number)
+        threading.Thread(target=self._run, kwargs={"resume": (stuck, name)}, daemon=True,
+                         name=f"soaf-svc-{self.service_id[:12]}-g{self.generation}").start()
 
     # -- recording ----------------------------------------------------------------------
 
@@ -140,10 +199,14 @@ class ServiceRun:
 
     # -- the run ------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, resume: tuple[Attempt, str] | None = None) -> None:
         final: dict[str, Any] | None
         try:
-            final = self._attempts()
+            final = self._attempts(resume)
+        except Orphaned:
+            log.info("service %s: a plugin call returned after its attempt was taken over",
+                     self.service_id)
+            return
         except Exception as e:
             log.exception("service %s: soaf failed running it", self.service_id)
             final = {"state": State.FAILED.value, "failure": "core", "error": f"core: {e}",
@@ -156,18 +219,25 @@ class ServiceRun:
             final["finished_at"] = now
             self.emit(final, final=True)
             log.info("service %s %s", self.service_id, final["state"])
+        if self.supervisor is not None:
+            self.supervisor.remove(self)
         try:
             self.on_done(self)
         except Exception:
             log.exception("on_done failed for %s", self.service_id)
 
-    def _attempts(self) -> dict[str, Any] | None:
+    def _attempts(self, resume: tuple[Attempt, str] | None) -> dict[str, Any] | None:
         while True:
-            if self.attempt > self.claim.attempt:
-                self._begin_retry()
-            attempt = Attempt(self, self.attempt)
-            self.current = attempt
-            outcome = attempt.run()
+            if resume is not None:
+                attempt, stuck = resume
+                resume = None
+                outcome = attempt.resume(stuck)
+            else:
+                if self.attempt > self.claim.attempt:
+                    self._begin_retry()
+                attempt = Attempt(self, self.attempt)
+                self.current = attempt
+                outcome = attempt.run()
             if outcome.state == INTERRUPTED:
                 self._requeue(outcome)
                 return None
@@ -181,8 +251,8 @@ class ServiceRun:
                        "attempts": self.attempts})
             log.info("service %s attempt %d %s (%s); retrying in %.1f s", self.service_id,
                      self.attempt, outcome.state, outcome.error, delay)
-            if self.halt.wait(delay):
-                if self.interrupt_requested.is_set():
+            if self._sleep(delay):
+                if self.interrupt_requested:
                     self._requeue(Outcome(INTERRUPTED, error="core stopped before a retry"))
                     return None
                 return {"state": State.CANCELLED.value, "attempts": self.attempts,

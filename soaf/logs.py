@@ -157,11 +157,13 @@ class LogKeeper:
         stats: dict[str, Any] = {}
         with handle.lock:
             handle.active = False
-            self._ship(handle, final=True)
+            sizes = self._ship(handle, final=True)
             for f in handle.files:
+                size = sizes.get(f.stream)
+                if size is None:
+                    continue
                 try:
-                    self._compact(f)
-                    stats[f"{f.stream}_bytes"] = f.path.stat().st_size
+                    stats[f"{f.stream}_bytes"] = self._compact(f, size)
                 except OSError as e:
                     log.warning("cannot compact %s: %s", f.path, e)
                 if f.dropped:
@@ -255,14 +257,11 @@ class LogKeeper:
             f.partial = b""
             f.offset = f.head
 
-    def _compact(self, f: _File) -> None:
-        """Rewrite an ended program's file as a plain tail of at most the cap."""
-        try:
-            size = f.path.stat().st_size
-        except FileNotFoundError:
-            return
+    def _compact(self, f: _File, size: int) -> int:
+        """Rewrite an ended program's file (``size`` bytes) as a plain tail of at most the
+        cap; returns its size."""
         if not f.ragged and size <= self.max_bytes:
-            return
+            return size
         keep = min(self.max_bytes, size - f.head)
         with open(f.path, "rb") as fh:
             fh.seek(size - keep)
@@ -275,18 +274,22 @@ class LogKeeper:
         os.replace(tmp, f.path)
         f.dropped += size - f.head - len(tail)
         f.head, f.ragged = 0, False
+        return len(tail)
 
     # -- shipping ---------------------------------------------------------------------
 
-    def _ship(self, handle: LogHandle, *, final: bool) -> None:
-        if not self._connected():
-            return  # the files keep the output; the newest part is shipped once Redis is back
+    def _ship(self, handle: LogHandle, *, final: bool) -> dict[str, int]:
+        """Copy new whole lines to Redis; returns the files' sizes."""
+        sizes: dict[str, int] = {}
         entries: list[tuple[str, int, bytes]] = []
+        connected = self._connected()
         for f in handle.files:
             try:
-                size = f.path.stat().st_size
+                size = sizes[f.stream] = f.path.stat().st_size
             except OSError:
                 continue
+            if not connected:
+                continue  # the file keeps the output; its newest part goes once Redis is back
             if size < f.offset:  # rewritten under us; start over at its end
                 f.offset, f.partial = size, b""
                 continue
@@ -322,3 +325,4 @@ class LogKeeper:
             entries.extend((f.stream, handle.attempt, line[:LINE_MAX]) for line in lines)
         if entries:
             self._put(LogLines(handle.service_id, entries, self.lines))
+        return sizes

@@ -242,9 +242,13 @@ class Process:
         self.exited = threading.Event()
         self._popen: subprocess.Popen[bytes] | None = None
         self._on_exit: list[Callable[[Exit], None]] = []
+        self._kill_at: float | None = None
+        #: The last signal soaf sent to stop the program (SIGTERM, or SIGKILL after the grace).
+        self.stopped_with: str | None = None
 
     def on_exit(self, callback: Callable[[Exit], None]) -> None:
-        """Call ``callback(exit)`` (from the reaper thread) when the program has ended."""
+        """Call ``callback(exit)`` (from the reaper thread) when the program has ended,
+        before ``exited`` is set."""
         self._on_exit.append(callback)
 
     def start(self, reaper: Reaper) -> int:
@@ -302,12 +306,12 @@ class Process:
             cpu_time=(usage.ru_utime + usage.ru_stime) if usage else 0.0,
             max_rss_kb=usage.ru_maxrss if usage else 0,
         )
-        self.exited.set()
-        for callback in self._on_exit:
+        for callback in self._on_exit:  # before ``exited``: whoever waits sees their effects
             try:
                 callback(self.exit)
             except Exception:
                 log.exception("on_exit callback failed for pid %d", pid)
+        self.exited.set()
 
     def signal_group(self, sig: int) -> bool:
         """Send ``sig`` to the program's whole process group; False if it is gone."""
@@ -325,21 +329,36 @@ class Process:
             return 0
         return group_rss_kb(self.pid)
 
-    def stop(self, grace: float, *, force: threading.Event | None = None) -> str | None:
-        """SIGTERM the group, then SIGKILL it if it has not exited after ``grace`` seconds
-        (at once when ``force`` is set meanwhile). Returns the last signal sent, if any."""
-        if not self.signal_group(signal.SIGTERM):
-            return None
-        deadline = time.monotonic() + grace
-        while not self.exited.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline or (force is not None and force.is_set()):
-                log.info("pid %s still running after SIGTERM; sending SIGKILL", self.pid)
-                self.signal_group(signal.SIGKILL)
-                self.exited.wait(10)
-                return "SIGKILL"
-        return "SIGTERM"
+    def begin_stop(self, grace: float) -> None:
+        """Start stopping the group: SIGTERM now, SIGKILL once ``grace`` seconds have
+        passed (see ``tick``); at once when ``grace`` is 0 or a stop is already under way
+        and this one is more urgent. Never blocks."""
+        if self.exited.is_set():
+            return
+        kill_at = time.monotonic() + max(grace, 0.0)
+        if self._kill_at is None:
+            self._kill_at = kill_at
+            if grace > 0:
+                self._send("SIGTERM")
+        elif kill_at < self._kill_at:
+            self._kill_at = kill_at
+        self.tick()
 
-    def kill(self) -> None:
-        """SIGKILL the group at once and wait for the leader to be reaped."""
-        self.signal_group(signal.SIGKILL)
-        self.exited.wait(5)
+    def tick(self) -> None:
+        """Send the SIGKILL a stop has become due for."""
+        if self._kill_at is not None and time.monotonic() >= self._kill_at:
+            self._kill_at = float("inf")  # sent once
+            if self._send("SIGKILL"):
+                log.info("pid %s still running after SIGTERM; sent SIGKILL", self.pid)
+
+    def _send(self, name: str) -> bool:
+        # Noted before it is sent: the exit it causes may be recorded at once.
+        before, self.stopped_with = self.stopped_with, name
+        if self.signal_group(signal.Signals[name]):
+            return True
+        self.stopped_with = before
+        return False
+
+    @property
+    def stopping(self) -> bool:
+        return self._kill_at is not None

@@ -1,13 +1,12 @@
 """The watcher of one service: follows its program and calls its handler's callbacks.
 
-``watch`` runs in the service's own thread, which only waits and decides: it has
-``before_watch_callback`` called once, then ``file_change_callback`` every
-``watch_interval`` seconds and promptly when an entry is created, removed or renamed in
-any directory of the work dir, until the program exits or must be stopped (timeout,
-cancel, memory). The callbacks run in the service's plugin thread (soaf.callbacks), one
-at a time, so a slow or hung callback never delays the reaction to the program's exit,
-a timeout or a cancel. A callback that raises is recorded on the service and the
-watcher carries on. ``after_watch_callback`` is the attempt's business (soaf.attempt).
+``watch`` runs in the service's own thread: ``before_watch_callback`` once, then
+``file_change_callback`` every ``watch_interval`` seconds and promptly when an entry is
+created, removed or renamed in any directory of the work dir, until the program exits.
+A callback that raises is recorded on the service and the watcher carries on; one that
+hangs is the supervisor's business (soaf.supervisor): stopping the program and
+recording its exit never wait for callbacks. ``after_watch_callback`` is the
+attempt's (soaf.attempt).
 
 Changes are noticed by comparing the modification times of the work dir's
 directories, a few ``stat`` calls per check. Unlike inotify this also works on
@@ -27,7 +26,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from soaf.callbacks import PluginThread
 from soaf.handler import STOP, WatcherHandler
 from soaf.runner import Process
 from soaf.service import Service
@@ -40,12 +38,9 @@ MIN_CALLBACK_GAP = 0.05
 #: Longest gap between two checks of a quiet work dir (the check interval grows from
 #: ``file_poll`` to this while nothing changes, and drops back at the first change).
 MAX_FILE_POLL = 0.5
-#: Longest sleep of a watcher between two looks at its program (a safety net: exits
-#: and cancels wake it at once).
+#: Longest sleep of a watcher between two looks at its program (a safety net: an exit
+#: wakes it at once).
 MAX_WAIT = 1.0
-#: How often a watcher looks whether a callback that is due can run (the previous one
-#: is still running).
-BUSY_POLL = 0.25
 
 
 def call_callback(service: Service, name: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -105,64 +100,51 @@ def watch(
     handler: WatcherHandler,
     service: Service,
     process: Process,
-    plugin: PluginThread,
+    call: Callable[..., Any],
     *,
     wake: threading.Event,
-    check: Callable[[], str | None],
-    due: Callable[[], float | None],
     file_poll: float,
-) -> str | None:
-    """Follow ``process`` until it exits (None) or ``check()`` gives a reason to stop it.
+) -> None:
+    """Follow ``process`` with the handler's callbacks until it exits.
 
-    ``wake`` is set when the program exits or a cancel arrives; ``due()`` is the next
-    monotonic time at which ``check()`` must run again (a deadline), or None.
+    Callbacks are made through ``call(name, fn, *args)`` (soaf.attempt), which lets the
+    supervisor see what is under way. ``wake`` is set when the program exits.
     """
     interval = float(service.template.watch_interval)
     signature = DirSignature(str(service.work_dir)) if file_poll > 0 else None
     poll = file_poll
-
-    def change() -> None:
-        files = list_files(service.work_dir)
-        if signature is not None:
-            signature.update_dirs(files)
-        result = call_callback(service, "file_change_callback", handler.file_change_callback,
-                               service, files)
-        if result is STOP:
-            service.stop()
-
-    plugin.submit("before_watch_callback", call_callback, service, "before_watch_callback",
-                  handler.before_watch_callback, service)
+    call("before_watch_callback", call_callback, service, "before_watch_callback",
+         handler.before_watch_callback, service)
     next_call = time.monotonic()  # the first file check right after before_watch_callback
     last_call = float("-inf")
-    next_poll = float("inf") if signature is None else next_call + poll
     changed = False
     while not process.exited.is_set():
-        reason = check()
-        if reason is not None:
-            return reason
         now = time.monotonic()
-        timeout = MAX_WAIT
-        if not service.stop_requested.is_set():
-            if signature is not None and now >= next_poll:
-                if signature.changed():
-                    changed, poll = True, file_poll
-                else:
-                    poll = min(poll * 1.5, max(file_poll, MAX_FILE_POLL))
-                next_poll = now + poll
-            due_at = min(next_call, last_call + MIN_CALLBACK_GAP) if changed else next_call
-            if now >= due_at and plugin.busy:
-                timeout = BUSY_POLL  # a callback still runs: call again once it is done
-            elif now >= due_at:
-                plugin.submit("file_change_callback", change)
-                last_call, next_call, changed = now, now + interval, False
-                continue
-            else:
-                timeout = min(timeout, due_at - now)
-            if signature is not None:
-                timeout = min(timeout, max(0.0, next_poll - now))
-        deadline = due()
-        if deadline is not None:
-            timeout = min(timeout, max(0.0, deadline - now))
-        if wake.wait(timeout):
+        if service.stop_requested.is_set():
+            wake.wait(MAX_WAIT)
             wake.clear()
-    return None
+            continue
+        if now >= next_call or (changed and now >= last_call + MIN_CALLBACK_GAP):
+            files = list_files(service.work_dir)
+            if signature is not None:
+                signature.update_dirs(files)
+            last_call, next_call, changed = now, now + interval, False
+            result = call("file_change_callback", call_callback, service,
+                          "file_change_callback", handler.file_change_callback, service, files)
+            if result is STOP:
+                service.stop()
+            continue
+        timeout = min(MAX_WAIT, next_call - now)
+        if signature is not None:
+            if changed:
+                timeout = min(timeout, max(0.0, last_call + MIN_CALLBACK_GAP - now))
+            else:
+                timeout = min(timeout, poll)
+        if wake.wait(max(timeout, 0.0)):
+            wake.clear()
+            continue
+        if signature is not None and not changed:
+            if signature.changed():
+                changed, poll = True, file_poll
+            else:
+                poll = min(poll * 1.5, max(file_poll, MAX_FILE_POLL))

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
@@ -79,26 +78,36 @@ def test_exit_code_signal_and_rusage(tmp_path, reaper):
     assert busy.cpu_time >= 0.15 and busy.max_rss_kb >= 30 * 1024 and busy.wall_time > 0
 
 
+def stop(p: Process, grace: float) -> None:
+    """What the supervisor does: begin the stop, then tick until the program is gone."""
+    p.begin_stop(grace)
+    while not p.exited.wait(0.05):
+        p.tick()
+
+
 def test_stop_sigterm_then_sigkill(tmp_path, reaper):
     polite = process(tmp_path, ["sleep", "60"])
     polite.start(reaper)
-    assert polite.stop(5) == "SIGTERM"
-    assert polite.exit.signal == "SIGTERM"
+    stop(polite, 5)
+    assert polite.stopped_with == "SIGTERM" and polite.exit.signal == "SIGTERM"
     stubborn = process(tmp_path, ["sh", "-c", "trap '' TERM; touch ready; sleep 60"])
     stubborn.start(reaper)
     wait_until(lambda: (tmp_path / "ready").exists(), 10, message="trap set")
-    assert stubborn.stop(0.5) == "SIGKILL"
-    assert stubborn.exit.signal == "SIGKILL"
+    stubborn.begin_stop(0.5)
+    assert not stubborn.exited.wait(0.3)  # SIGTERM ignored; the grace is not over
+    stop(stubborn, 0.5)
+    assert stubborn.stopped_with == "SIGKILL" and stubborn.exit.signal == "SIGKILL"
     assert not stubborn.signal_group(0)  # nothing left to signal
 
 
-def test_force_cuts_the_grace_period_short(tmp_path, reaper):
+def test_a_more_urgent_stop_cuts_the_grace_short(tmp_path, reaper):
     p = process(tmp_path, ["sh", "-c", "trap '' TERM; touch ready2; sleep 60"])
     p.start(reaper)
     wait_until(lambda: (tmp_path / "ready2").exists(), 10, message="trap set")
-    force = threading.Event()
-    threading.Timer(0.3, force.set).start()
-    assert p.stop(60, force=force) == "SIGKILL"
+    p.begin_stop(60)
+    assert p.stopping and p.stopped_with == "SIGTERM"
+    p.begin_stop(0)  # e.g. a forced core stop
+    assert p.exited.wait(10) and p.stopped_with == "SIGKILL"
 
 
 def test_group_rss_counts_children(tmp_path, reaper):
@@ -119,7 +128,7 @@ def test_group_rss_counts_children(tmp_path, reaper):
         assert p.rss_kb() >= 40 * 1024
         assert group_rss_kb(p.pid) == pytest.approx(p.rss_kb(), rel=0.2)
     finally:
-        p.kill()
+        stop(p, 0)
     assert p.rss_kb() == 0
 
 
