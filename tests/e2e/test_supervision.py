@@ -392,6 +392,25 @@ def test_hanging_callbacks_block_nothing(start_core, client):
     assert (work_dir(record) / "callbacks.txt").read_text().split() == ["after"]
 
 
+def test_timeout_and_cancel_while_a_callback_hangs(start_core, client):
+    """The service's thread is stuck in before_watch_callback: the program is stopped
+    anyway, and the service ends once the callback has had its grace."""
+    start_core(SOAF_CALLBACK_TIMEOUT="2")
+    timed = client.submit(ServiceParamTemplate("cb-before-hang", args={"seconds": 300},
+                                               timeout=1))
+    cancelled = client.submit(ServiceParamTemplate("cb-before-hang", args={"seconds": 300}))
+    wait_work_file(client, cancelled, "callbacks.txt")
+    client.cancel(cancelled)
+    record = client.wait(cancelled, timeout=30)
+    assert record.state == "cancelled" and record.get("signal") == "SIGTERM"
+    assert "before_watch_callback did not return within 1 s" in record.get("callback_error")
+    assert (work_dir(record) / "callbacks.txt").read_text().split() == ["before", "after"]
+    assert record.fields["after_outcome"] == "cancelled"
+    record = client.wait(timed, timeout=30)
+    assert record.state == "timed_out" and record.get("signal") == "SIGTERM"
+    assert "before_watch_callback did not return within 2 s" in record.get("callback_error")
+
+
 # -- shutdown -------------------------------------------------------------------------------
 
 

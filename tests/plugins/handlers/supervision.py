@@ -82,3 +82,17 @@ class AfterHangingHandler(WatcherHandler):
     def after_watch_callback(self, service, files):
         note(service, "after")
         time.sleep(3600)
+
+
+class BeforeHangingHandler(WatcherHandler):
+    """before_watch_callback never returns: the program must still be stopped on time."""
+
+    service = "cb-before-hang"
+
+    def before_watch_callback(self, service):
+        note(service, "before")
+        time.sleep(3600)
+
+    def after_watch_callback(self, service, files):
+        note(service, "after")
+        service.set(after_outcome=service.outcome)

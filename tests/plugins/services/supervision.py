@@ -153,3 +153,7 @@ class CallbackHang(Callbacks):
 
 class CallbackAfterHang(Callbacks):
     name = "cb-after-hang"
+
+
+class CallbackBeforeHang(Callbacks):
+    name = "cb-before-hang"
