@@ -92,6 +92,7 @@ class _File:
     dropped: int = 0  # bytes removed from the head so far
     method: str | None = None  # "collapse", "punch" or "truncate", once known
     ragged: bool = False  # cut somewhere inside a line
+    seen: int = -1  # its size at the last pass
 
 
 @dataclass
@@ -190,27 +191,34 @@ class LogKeeper:
         before = self.trims
         with self._lock:
             handles = list(self._handles)
+        connected = self._connected()
         for handle in handles:
             with handle.lock:
                 if not handle.active:
                     continue
                 try:
+                    changed = False
                     for f in handle.files:
-                        self._trim(f)
-                    self._ship(handle, final=False)
+                        try:
+                            size = os.stat(f.path).st_size
+                        except OSError:
+                            continue
+                        if size == f.seen:
+                            continue  # the common case: a quiet program costs one stat
+                        changed = True
+                        f.seen = size if connected else -1
+                        if size - f.head > self.max_bytes:
+                            self._trim(f, size)
+                            f.seen = -1
+                    if changed:
+                        self._ship(handle, final=False)
                 except OSError as e:
                     log.warning("cannot keep the logs of %s: %s", handle.service_id, e)
         return self.trims - before
 
     # -- capping ----------------------------------------------------------------------
 
-    def _trim(self, f: _File) -> None:
-        try:
-            size = f.path.stat().st_size
-        except OSError:
-            return
-        if size - f.head <= self.max_bytes:
-            return
+    def _trim(self, f: _File, size: int) -> None:
         keep = self.max_bytes // 2
         with open(f.path, "r+b") as fh:
             block = max(os.fstat(fh.fileno()).st_blksize, 512)

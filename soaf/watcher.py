@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 MIN_CALLBACK_GAP = 0.05
 #: Longest gap between two checks of a quiet work dir (the check interval grows from
 #: ``file_poll`` to this while nothing changes, and drops back at the first change).
-MAX_FILE_POLL = 0.5
+MAX_FILE_POLL = 1.0
 #: Longest sleep of a watcher between two looks at its program (a safety net: an exit
 #: wakes it at once).
 MAX_WAIT = 1.0
