@@ -384,17 +384,20 @@ class Attempt:
         """Finish this attempt in a new thread; the old one is stuck in ``stuck``."""
         if stuck in PREPARE_STEPS:
             return self._after_watch(self._halted(f" ({stuck} did not return; abandoned)"))
+        assert self.service is not None
         if stuck in WATCH_CALLBACKS:
-            assert self.service is not None and self.exited_at is not None
-            waited = self._watch_grace()
-            self.service.record_callback_error(
-                f"{stuck} did not return within {waited:g} s after the program ended; "
-                "abandoned, after_watch_callback ran without waiting for it", "")
-            self.process.exited.wait()  # type: ignore[union-attr]
+            assert self.process is not None
+            self.process.exited.wait()  # it has ended, or is being killed (a forced stop)
+            if not self.run_.force:
+                self.service.record_callback_error(
+                    f"{stuck} did not return within {self._watch_grace():g} s after the "
+                    "program ended; abandoned, after_watch_callback ran without waiting for it",
+                    "")
             return self._after_watch(self._ended())
         # stuck in after_watch_callback
         text = f"after_watch_callback did not return within {self._budget():g} s"
-        assert self.service is not None
+        if self.run_.force:
+            text = "after_watch_callback was abandoned: the core was forced to stop"
         self.service.record_callback_error(text, "")
         outcome = self.outcome or Outcome(State.FAILED.value)
         if outcome.state == State.SUCCEEDED.value:

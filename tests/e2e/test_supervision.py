@@ -475,3 +475,18 @@ def test_stop_without_drain_during_a_slow_build(start_core, client):
     assert record.get("requeued_because") == (
         "core stopped while building, before it started (build did not return; abandoned)")
     assert client.redis.xpending(client.keys.submit, GROUP)["pending"] == 1
+
+
+def test_forced_stop_while_a_callback_hangs(start_core, client):
+    core = start_core()
+    sid = client.submit(ServiceParamTemplate("cb-before-hang", args={"seconds": 300}))
+    pid = wait_until(lambda: client.status(sid).get("pid"), 30, message="the program's pid")
+    wait_work_file(client, sid, "callbacks.txt")  # before_watch_callback now hangs
+    core.signal(signal.SIGINT)
+    wait_until(lambda: "draining" in core.log(), 20, message="the core to start draining")
+    core.signal(signal.SIGINT)  # (two signals at once would count as one)
+    assert core.proc.wait(30) == 0
+    assert not alive(pid)
+    record = client.status(sid)
+    assert record.state == "queued" and record.get("requeued_because") == "core stopped while it ran"
+    assert client.redis.xpending(client.keys.submit, GROUP)["pending"] == 1
