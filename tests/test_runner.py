@@ -167,3 +167,19 @@ def test_reaper_follows_many_children(tmp_path, reaper):
     for i, p in enumerate(procs):
         assert p.exited.wait(30)
         assert p.exit.exit_code == i % 5
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit():
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from soaf.runner import raise_open_files_limit
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        raise_open_files_limit()
+        want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == want)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "True", out.stderr

@@ -490,3 +490,26 @@ def test_forced_stop_while_a_callback_hangs(start_core, client):
     record = client.status(sid)
     assert record.state == "queued" and record.get("requeued_because") == "core stopped while it ran"
     assert client.redis.xpending(client.keys.submit, GROUP)["pending"] == 1
+
+
+def test_retry_on_limits_what_is_retried(start_core, client):
+    start_core()
+    record = client.wait(client.submit(ServiceParamTemplate("flaky-timeouts-only")), timeout=60)
+    assert record.state == "failed" and record.attempt == 1
+    assert [a["failure"] for a in record.get("attempts")] == ["exit_code"]
+
+
+def test_attempts_survive_a_core_restart_during_the_backoff(start_core, client):
+    core = start_core(args=["--no-drain"])
+    sid = client.submit(ServiceParamTemplate("flaky", args={"fail": 1}, retry_backoff=60))
+    wait_state(client, sid, "retrying")
+    core.signal(signal.SIGTERM)
+    assert core.proc.wait(30) == 0
+    record = client.status(sid)
+    assert record.state == "queued"
+    assert record.get("requeued_because") == "core stopped before a retry"
+    start_core()
+    record = client.wait(sid, timeout=60)
+    assert record.state == "succeeded" and record.attempt == 2
+    assert [(a["attempt"], a["state"]) for a in record.get("attempts")] == [
+        (1, "failed"), (2, "succeeded")]

@@ -157,3 +157,10 @@ class CallbackAfterHang(Callbacks):
 
 class CallbackBeforeHang(Callbacks):
     name = "cb-before-hang"
+
+
+class FlakyRetriesTimeoutsOnly(Flaky):
+    """Retries, but only timeouts: its exit-code failures are final."""
+
+    name = "flaky-timeouts-only"
+    retry_on = frozenset({"timeout"})
