@@ -10,7 +10,8 @@ files; finally it cancels all N and times how long until every one is final and 
 program is gone.
 
 Each service has the default handler (file_change_callback every watch_interval,
-default 1 s, listing the work dir) and its own supervisor and plugin threads.
+default 1 s, listing the work dir) and its own thread; one supervisor thread per core
+enforces the limits of all of them.
 
     .venv/bin/python bench/scale.py [--counts 200 1000] [--window 10] [--watch-interval 1]
                                     [--env SOAF_FILE_POLL=0 ...]

@@ -5,10 +5,11 @@ The watcher thread of a service calls ``before_watch_callback(service)`` once, t
 file in the work dir changes), and ``after_watch_callback(service, files)`` exactly
 once per attempt, whatever happened (even when the build failed, the program could
 not start, timed out or was cancelled: ``service.outcome`` and ``service.exit`` say
-which). ``files`` are sorted paths relative to the work dir. Callbacks run one at a
-time in a thread of their own: an exception is recorded on the service and never stops
-the core, and a callback that hangs delays neither the program's supervision nor the
-recording of its exit.
+which). ``files`` are sorted paths relative to the work dir. An exception in a
+callback is recorded on the service and never stops the core. A callback that hangs
+delays neither the program's supervision (timeout, cancel) nor the recording of its
+exit; once the program has ended it gets ``after_watch_timeout`` (the core's
+``callback_timeout``) before soaf finishes the service without it.
 """
 
 from __future__ import annotations
