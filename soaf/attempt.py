@@ -7,7 +7,7 @@ over in a fresh thread (``resume``) when a plugin call overstays (``deadline_for
 The program's exit is recorded the moment the reaper sees it (``_exited``), whatever
 the plugin code is doing. ``after_watch_callback`` runs exactly once per attempt
 (unless the core is forced down), whatever happened before it. The attempt ends in an
-``Outcome`` whose failure kind a user can tell apart at a glance (``FAILURES``).
+``Outcome`` (soaf.outcome).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from soaf import workdir
 from soaf.errors import ProgramError, SoafError
 from soaf.logs import LogHandle
+from soaf.outcome import INTERRUPTED, Outcome, classify
 from soaf.runner import Exit, Process
 from soaf.service import Service
 from soaf.state import State
@@ -36,23 +36,8 @@ log = logging.getLogger(__name__)
 STDOUT = "stdout.log"
 STDERR = "stderr.log"
 
-#: The ``failure`` field of a failed or timed-out service: what went wrong, in one word.
-FAILURES = {
-    "exit_code": "the program exited with a code that is not a success code",
-    "signal": "the program was killed by a signal",
-    "timeout": "the program ran past its timeout and was stopped",
-    "memory": "the program used more memory than its limit and was killed",
-    "start": "the program could not be started (missing executable, permission, cwd)",
-    "plugin": "plugin code (build, prepare_input_file, command ...) raised",
-    "callback": "after_watch_callback raised or did not return in time",
-}
-#: Fraction of a memory limit that a SIGKILLed program must have reached for its death
-#: to be classified ``memory`` (the kernel's OOM killer, or a cgroup limit, killed it).
-MEMORY_NEAR = 0.9
 #: Seconds between two looks at the resident memory of a program that has a limit.
 MEMORY_CHECK_INTERVAL = 0.5
-#: Not a final state: the core was stopped; the service is left for recovery.
-INTERRUPTED = "interrupted"
 #: Plugin calls made before the program starts.
 PREPARE_STEPS = ("handler", "program", "build", "prepare_input_file", "command",
                  "environment", "working_dir")
@@ -76,24 +61,6 @@ class PhaseError(Exception):
         super().__init__(str(error))
         self.phase = phase
         self.error = error
-
-
-@dataclass
-class Outcome:
-    """How one attempt ended."""
-
-    state: str
-    failure: str | None = None
-    error: str | None = None
-    values: dict[str, Any] = field(default_factory=dict)
-
-    def fields(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"state": self.state, **self.values}
-        if self.failure is not None:
-            out["failure"] = self.failure
-        if self.error is not None:
-            out["error"] = self.error
-        return out
 
 
 class Attempt:
@@ -407,27 +374,8 @@ class Attempt:
     # -- classification and after_watch_callback ----------------------------------------
 
     def _classify(self, exit: Exit, reason: str | None) -> Outcome:
-        if reason == INTERRUPTED:
-            return Outcome(INTERRUPTED, error="core stopped while it ran")
-        if reason == State.CANCELLED.value:
-            return Outcome(State.CANCELLED.value, error="cancelled while running")
-        if reason == State.TIMED_OUT.value:
-            how = " (SIGKILL after the grace period)" if exit.signal == "SIGKILL" else ""
-            return Outcome(State.TIMED_OUT.value, "timeout",
-                           f"ran past its timeout ({self._timeout:g} s){how}")
-        limit_kb = self._memory_kb
-        if reason == "memory" or (
-            limit_kb and exit.signal == "SIGKILL" and exit.max_rss_kb >= MEMORY_NEAR * limit_kb
-        ):
-            used = max(self._rss_kb, exit.max_rss_kb)
-            return Outcome(State.FAILED.value, "memory",
-                           f"used {used / 1024:.0f} MiB, over its memory limit of "
-                           f"{(limit_kb or 0) / 1024:g} MiB; killed")
-        if exit.signal is not None:
-            return Outcome(State.FAILED.value, "signal", f"killed by {exit.signal}")
-        if exit.returncode not in self.program_cls.success_codes:
-            return Outcome(State.FAILED.value, "exit_code", f"exited with code {exit.returncode}")
-        return Outcome(State.SUCCEEDED.value)
+        return classify(exit, reason, timeout=self._timeout, memory_kb=self._memory_kb,
+                        rss_kb=self._rss_kb, success_codes=self.program_cls.success_codes)
 
     def _after_watch(self, outcome: Outcome) -> Outcome:
         """Run ``after_watch_callback`` once; a success it spoils becomes ``failed``."""

@@ -28,9 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from soaf.attempt import INTERRUPTED, Attempt, Orphaned, Outcome
+from soaf.attempt import Attempt, Orphaned
 from soaf.config import Settings
 from soaf.logs import LogKeeper
+from soaf.outcome import INTERRUPTED, Outcome
 from soaf.plugins import Registry
 from soaf.runner import Reaper
 from soaf.state import Change, State

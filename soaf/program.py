@@ -38,7 +38,7 @@ class ServiceProgramTemplate:
             ``retries`` wins). Cancelled services are never retried.
         retry_backoff: seconds before the first retry (a template's ``retry_backoff`` wins);
             doubled for each further one, up to ``retry_backoff_max``.
-        retry_on: failure kinds that are retried (see ``soaf.attempt.FAILURES``); None: all.
+        retry_on: failure kinds that are retried (see ``soaf.outcome.FAILURES``); None: all.
         work_dir_policy: ``"fresh"``: a retry runs in a new, empty work dir (the failed
             attempt's dir is kept beside it as ``<dir>.attempt<N>``); ``"reuse"``: a retry
             runs in the same dir, over what the failed attempt left. A template's shared
