@@ -66,7 +66,8 @@ def cli() -> None:
               help="Accept a shared Redis without a secret (signs with a well-known key: "
                    "anyone who can write to Redis can run code here).")
 @click.option("--drain/--no-drain", default=True, show_default=True,
-              help="On SIGTERM/SIGINT wait for running services (drain) or stop them.")
+              help="On SIGTERM/SIGINT wait for running services (drain) or stop their "
+                   "programs and leave them queued for recovery. A second signal forces.")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, node: str | None,
@@ -97,14 +98,17 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
 
     def on_signal(signum: int, frame: Any) -> None:
         signals["count"] += 1
-        the_core.request_stop(force=signals["count"] > 1 or not drain)
+        if signals["count"] > 1:
+            the_core.request_stop(force=True)
+        else:
+            the_core.request_stop(stop_programs=not drain)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
         the_core.run()
     finally:
-        log.info("stopping: %s %d running services",
+        log.info("stopping: %s %d running services (a second signal forces)",
                  "draining" if drain and signals["count"] < 2 else "stopping",
                  the_core.running())
         the_core.shutdown(drain=drain and signals["count"] < 2)

@@ -42,6 +42,13 @@ DEFAULT_RELOAD_TIMEOUT = 30.0
 DEFAULT_KILL_GRACE = 5.0
 #: Largest stdout/stderr file kept per service; older output is dropped, the tail kept.
 DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
+#: Seconds between two passes of the log keeper (capping files, copying lines to Redis).
+DEFAULT_LOG_INTERVAL = 0.5
+#: Lines of each service's output kept in Redis for ``Client.logs`` (approximate).
+DEFAULT_LOG_LINES = 1000
+#: Seconds ``after_watch_callback`` may take (and a callback still running when the
+#: program ends may go on) before soaf gives up on it and records the service's end.
+DEFAULT_CALLBACK_TIMEOUT = 300.0
 
 #: Seconds a final service's record and events are kept (0: forever).
 DEFAULT_RECORD_TTL = 7 * 24 * 3600.0
@@ -210,6 +217,9 @@ class Settings:
     reload_watch: bool = True
     kill_grace: float = DEFAULT_KILL_GRACE
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    log_interval: float = DEFAULT_LOG_INTERVAL
+    log_lines: int = DEFAULT_LOG_LINES
+    callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT
     insecure: bool = False
     record_ttl: float = DEFAULT_RECORD_TTL
     secret_file: Path | None = None
@@ -236,6 +246,9 @@ class Settings:
             "reload_watch": os.environ.get("SOAF_RELOAD_WATCH", "1") not in ("0", "false", "no"),
             "kill_grace": _env_float("SOAF_KILL_GRACE", DEFAULT_KILL_GRACE),
             "log_max_bytes": _env_int("SOAF_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES),
+            "log_interval": _env_float("SOAF_LOG_INTERVAL", DEFAULT_LOG_INTERVAL),
+            "log_lines": _env_int("SOAF_LOG_LINES", DEFAULT_LOG_LINES),
+            "callback_timeout": _env_float("SOAF_CALLBACK_TIMEOUT", DEFAULT_CALLBACK_TIMEOUT),
             "insecure": os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"),
             "record_ttl": _env_float("SOAF_RECORD_TTL", DEFAULT_RECORD_TTL),
         }
@@ -263,6 +276,14 @@ class Settings:
             raise ConfigError(f"node name {self.node!r} must be non-empty without ' :{{}}'")
         if not self.prefix or any(c in self.prefix for c in " {}"):
             raise ConfigError(f"key prefix {self.prefix!r} must be non-empty without ' {{}}'")
+        if self.log_max_bytes < 16 * 1024:
+            raise ConfigError(f"log max bytes must be at least 16384, got {self.log_max_bytes}")
+        if self.log_lines < 1:
+            raise ConfigError(f"log lines must be at least 1, got {self.log_lines}")
+        for name in ("log_interval", "callback_timeout", "kill_grace"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be positive, "
+                                  f"got {getattr(self, name)}")
         if self.heartbeat_ttl <= self.heartbeat_interval * 2:
             raise ConfigError("heartbeat TTL must be more than twice the heartbeat interval")
         if self.reload_poll < 0 or self.reload_debounce < 0:

@@ -24,10 +24,12 @@ from soaf.errors import PluginError, RedisUnavailable
 from soaf.intake import Refusal, decode_entry
 from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
 from soaf.lifecycle import Claim, ServiceRun
+from soaf.logs import LogKeeper
 from soaf.plugins import PluginLoader
 from soaf.reloader import Reloader
-from soaf.runner import Reaper
+from soaf.runner import Reaper, become_subreaper, raise_open_files_limit
 from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, State, is_noscript
+from soaf.supervisor import Supervisor
 from soaf.template import ServiceParamTemplate
 from soaf.versions import PluginVersions
 from soaf.writer import StateWriter
@@ -60,6 +62,7 @@ class Core:
         self._runs_lock = threading.Lock()
         self._slot_freed = threading.Event()
         self._stopping = threading.Event()
+        self._stop_programs = threading.Event()
         self._force = threading.Event()
         self._threads: list[threading.Thread] = []
         self._check_own_pending = True
@@ -98,6 +101,9 @@ class Core:
         self.versions.publish(self.loader)
         self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl)
         self.writer.start()
+        if not become_subreaper():
+            log.warning("cannot become a child subreaper; orphans of programs go to PID 1")
+        raise_open_files_limit()
         self.reaper = Reaper()
         self.reloader = Reloader(
             self.loader, debounce=s.reload_debounce, poll=s.reload_poll, watch=s.reload_watch,
@@ -108,6 +114,12 @@ class Core:
         # after start() returns is missed, however late the control thread first reads.
         newest = self.redis.xrevrange(self.keys.control, count=1)
         self._control_from = newest[0][0].decode() if newest else "0-0"
+        self.keeper = LogKeeper(self.writer.put, max_bytes=s.log_max_bytes,
+                                interval=s.log_interval, lines=s.log_lines,
+                                connected=lambda: self.writer.connected)
+        self.keeper.start()
+        self.supervisor = Supervisor()
+        self.supervisor.start()
         self._spawn(self._heartbeat_loop, "soaf-heartbeat")
         self._spawn(self._control_loop, "soaf-control")
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
@@ -120,28 +132,39 @@ class Core:
 
     # -- stop -----------------------------------------------------------------------------
 
-    def request_stop(self, *, force: bool = False) -> None:
-        """Stop taking work; with ``force`` also stop running programs. Safe in handlers."""
+    def request_stop(self, *, stop_programs: bool = False, force: bool = False) -> None:
+        """Stop taking work. ``stop_programs``: stop the running programs too (their
+        services are left for recovery); ``force``: and wait for nothing (no grace period,
+        no after_watch_callback). Only sets flags: safe in a signal handler."""
         if force:
             self._force.set()
+        if stop_programs or force:
+            self._stop_programs.set()
         self._stopping.set()
         self._slot_freed.set()
 
     def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
-        """Wait for running services (or stop them), write every state, close."""
-        self.request_stop(force=not drain)
+        """Wait for running services (or stop them), write every state, close.
+
+        Services that end meanwhile get their final state; those whose programs are
+        stopped go back to ``queued`` with their stream entries unacknowledged."""
+        self.request_stop(stop_programs=not drain)
         if self.reloader is not None:
             self.reloader.stop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.running():
-            if self._force.is_set():
-                for run in list(self.runs.values()):
-                    run.cancel()
+            if self._stop_programs.is_set():
+                force = self._force.is_set()
+                for run in self._runs_now():
+                    if not run.interrupt_requested or (force and not run.force):
+                        run.interrupt(force=force)
             if deadline is not None and time.monotonic() > deadline:
                 log.error("shutdown timed out with %d services running", self.running())
                 break
             self._slot_freed.wait(0.2)
             self._slot_freed.clear()
+        self.supervisor.stop()
+        self.keeper.stop()
         self.writer.stop(timeout=10)
         self.reaper.close()
         try:
@@ -154,6 +177,10 @@ class Core:
     def running(self) -> int:
         with self._runs_lock:
             return len(self.runs)
+
+    def _runs_now(self) -> list[ServiceRun]:
+        with self._runs_lock:
+            return list(self.runs.values())
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -248,16 +275,22 @@ class Core:
             ))
         results = self._claim(calls)
         unclaimed: list[str] = []
-        for (entry_id, template), (verdict, detail, attempt, seq) in zip(accepted, results):
+        ended: list[str] = []  # final without running (e.g. cancelled while queued)
+        for (entry_id, template), (verdict, detail, attempt, seq, attempts) in zip(
+            accepted, results
+        ):
             if verdict != b"run":
                 log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id,
                          verdict.decode(), detail.decode())
                 unclaimed.append(entry_id)
+                if verdict in (b"final", b"cancelled"):
+                    ended.append(template.service_id)
                 continue
             run = ServiceRun(
-                template, Claim(entry_id, int(attempt), int(seq)),
+                template, Claim(entry_id, int(attempt), int(seq), Claim.parse_attempts(attempts)),
                 registry=registry, settings=self.settings, writer=self.writer,
-                reaper=self.reaper, on_done=self._done,
+                reaper=self.reaper, on_done=self._done, keeper=self.keeper,
+                supervisor=self.supervisor,
             )
             with self._runs_lock:
                 self.runs[template.service_id] = run
@@ -266,6 +299,10 @@ class Core:
             pipe = self.redis.pipeline(transaction=False)
             pipe.xack(self.keys.submit, GROUP, *unclaimed)
             pipe.xdel(self.keys.submit, *unclaimed)
+            ttl = int(self.settings.record_ttl)
+            for sid in ended if ttl > 0 else []:
+                for key in (self.keys.service(sid), self.keys.events(sid)):
+                    pipe.expire(key, ttl)  # the record starts to age
             pipe.execute()
 
     def _claim(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -362,7 +399,7 @@ class Core:
             run = self.runs.get(service_id)
         if run is None:
             return False
-        if not run.cancel_requested.is_set():
+        if not run.cancel_requested:
             log.info("cancelling service %s", service_id)
         run.cancel()
         return True

@@ -75,7 +75,12 @@ class ServiceParamTemplate:
         env: extra environment variables for the program (strings only).
         watch_interval: seconds between ``file_change_callback`` calls.
         timeout: seconds the program may run; None uses the service's default.
-        retries: further attempts after a failed one (0: none).
+        retries: further attempts after a failed or timed-out one (0: none); None uses
+            the service's default.
+        retry_backoff: seconds before the first retry (doubled for each further one);
+            None uses the service's default.
+        max_memory_mb: resident memory (MiB) the program may use before it is killed;
+            None uses the service's default.
     """
 
     service: str = ""
@@ -87,7 +92,9 @@ class ServiceParamTemplate:
     env: dict[str, str] = field(default_factory=dict)
     watch_interval: float = 1.0
     timeout: float | None = None
-    retries: int = 0
+    retries: int | None = None
+    retry_backoff: float | None = None
+    max_memory_mb: float | None = None
 
     def validate(self) -> None:
         """Raise ValidationError naming the first field that cannot be accepted.
@@ -212,8 +219,19 @@ def _check_timeout(t: ServiceParamTemplate, value: Any) -> None:
 
 
 def _check_retries(t: ServiceParamTemplate, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError("retries", f"must be a whole number >= 0, got {_show(value)}")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValidationError("retries", f"must be a whole number >= 0 or None, got {_show(value)}")
+
+
+def _check_retry_backoff(t: ServiceParamTemplate, value: Any) -> None:
+    if value is not None and not (_positive_number(value) or _zero(value)):
+        raise ValidationError("retry_backoff", f"must be a number >= 0 or None, got {_show(value)}")
+
+
+def _check_max_memory_mb(t: ServiceParamTemplate, value: Any) -> None:
+    if value is not None and not _positive_number(value):
+        raise ValidationError("max_memory_mb", f"must be a positive number or None, got "
+                                               f"{_show(value)}")
 
 
 #: Every field and its check, in the order errors are reported.
@@ -222,7 +240,8 @@ _CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
     ("work_path", _check_work_path), ("input_files", _check_input_files),
     ("output_files", _check_output_files), ("args", _check_args), ("env", _check_env),
     ("watch_interval", _check_watch_interval), ("timeout", _check_timeout),
-    ("retries", _check_retries),
+    ("retries", _check_retries), ("retry_backoff", _check_retry_backoff),
+    ("max_memory_mb", _check_max_memory_mb),
 ]
 
 
@@ -233,3 +252,7 @@ def _positive_number(value: Any) -> bool:
         and math.isfinite(value)
         and value > 0
     )
+
+
+def _zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0

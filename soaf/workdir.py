@@ -84,6 +84,20 @@ def create(work_root: Path, template: ServiceParamTemplate) -> Path:
     return path
 
 
+def set_aside(path: Path, label: str) -> Path | None:
+    """Move ``path`` to ``<path>.<label>`` (numbered if taken) so a new, empty one can be made;
+    returns where it went, None if there was nothing to move."""
+    if not path.exists():
+        return None
+    target = path.with_name(f"{path.name}.{label}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{label}-{n}")
+    path.rename(target)
+    return target
+
+
 def list_files(work_dir: Path) -> list[str]:
     """Sorted paths of every regular file below ``work_dir``, relative to it."""
     out: list[str] = []
