@@ -229,8 +229,13 @@ class PlainDisplay:
         self.labels[record.service_id] = record.service or "?"
         self.shown[record.service_id] = record.progress or 0.0
         self.states[record.service_id] = record.state
-        extra = f" {percent(record.progress)}" if record.progress is not None else ""
-        self._line(record.service_id, record.state + extra)
+        if record.final:
+            text = f"{record.state}: {record.error}" if record.error else record.state
+        elif record.progress is not None:
+            text = f"{record.state} {percent(record.progress)}"
+        else:
+            text = record.state
+        self._line(record.service_id, text)
 
     def event(self, service_id: str, event: dict[str, Any]) -> None:
         value = event.get("progress")

@@ -207,7 +207,7 @@ def test_redis_unreachable(tmp_path, own_redis, start_core, prefix):
     def waiting() -> None:
         try:
             client.wait(sid, timeout=60)
-        except BaseException as e:  # noqa: BLE001 - the test looks at it
+        except BaseException as e:  # the test looks at it
             failure.append(e)
 
     waiter = threading.Thread(target=waiting)

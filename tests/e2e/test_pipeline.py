@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import http.server
+import itertools
 import json
 import re
 import shutil
@@ -48,7 +49,7 @@ def test_loop_example_runs_until_the_check_passes(example_core, core_env, client
     # A's output went to B, and back to the next A: the data really flowed between steps.
     for a, b in zip(refines, evaluates):
         assert (work[a] / "refined.txt").read_text() == (work[b] / "estimate.txt").read_text()
-    for before, after in zip(refines, refines[1:]):
+    for before, after in itertools.pairwise(refines):
         assert (work[before] / "refined.txt").read_text() == (work[after] / "estimate.txt").read_text()
         assert client.status(after).get("queued_at") > client.status(before).get("finished_at")
 
@@ -175,6 +176,6 @@ def test_template_problems(start_core, client):
             after.wait(timeout=60)
         missing = p.run(lambda a: steps(), after=[a])
         missing.wait(timeout=60)
-        with pytest.raises(PipelineError, match="wrote no 'nothing.txt'"):
+        with pytest.raises(PipelineError, match=r"wrote no 'nothing\.txt'"):
             missing.output("nothing.txt")
     assert broken.state == "error" and after.state == "skipped"
