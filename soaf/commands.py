@@ -8,8 +8,6 @@ the embedded core's state dir), prints tables on a terminal and plain lines or J
 from __future__ import annotations
 
 import functools
-import json
-import runpy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,12 +16,10 @@ from typing import Any
 import click
 
 from soaf.client import Client
-from soaf.errors import UnknownService, WaitTimeout
-from soaf.follow import is_final, unique
+from soaf.errors import UnknownService
+from soaf.follow import unique
+from soaf.monitor import watch
 from soaf.render import (
-    LiveDisplay,
-    PlainDisplay,
-    WaitDisplay,
     console,
     nodes_table,
     plugins_table,
@@ -32,14 +28,7 @@ from soaf.render import (
     records_table,
     show,
 )
-from soaf.state import ServiceRecord
-from soaf.template import ServiceParamTemplate, is_url
-
-#: How often ``wait --all`` looks for new submissions, in seconds.
-DISCOVER_EVERY = 1.0
-#: Seconds ``wait --all`` goes on looking for new submissions once all it saw are final,
-#: so the next step of a pipeline that is being submitted right now is not missed.
-LINGER = 2.0
+from soaf.templatefile import from_options, load_templates
 
 
 def with_client(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -68,68 +57,6 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 
 
 # -- submit ------------------------------------------------------------------------------------
-
-def parse_pairs(values: tuple[str, ...], what: str, *, decode: bool) -> dict[str, Any]:
-    """``k=v`` options to a dict; values as JSON when ``decode`` and they parse, else text."""
-    out: dict[str, Any] = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
-        if decode:
-            try:
-                out[key] = json.loads(value)
-                continue
-            except ValueError:
-                pass
-        out[key] = value
-    return out
-
-
-def absolute(source: str, base: Path) -> str:
-    """A local input path made absolute (the core may run elsewhere than here); URLs kept."""
-    return source if is_url(source) else str((base / Path(source).expanduser()).resolve())
-
-
-def load_templates(path: Path) -> list[ServiceParamTemplate]:
-    """Templates from a ``.json`` file (an object or a list of objects with template
-    fields) or a Python file defining ``template`` or ``templates``."""
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise click.BadParameter(f"cannot read {path}: {e}", param_hint="FILE") from e
-        items = data if isinstance(data, list) else [data]
-        templates = []
-        for item in items:
-            if not isinstance(item, dict):
-                raise click.BadParameter(f"{path}: expected objects, got {item!r}", param_hint="FILE")
-            try:
-                template = ServiceParamTemplate(**item)
-            except TypeError as e:
-                raise click.BadParameter(f"{path}: {e}", param_hint="FILE") from e
-            template.input_files = _absolute_inputs(template.input_files, path.parent)
-            templates.append(template)
-        return templates
-    # __main__, so template classes defined in the file travel by value (like a script's).
-    namespace = runpy.run_path(str(path), run_name="__main__")
-    found = namespace.get("templates", namespace.get("template"))
-    if isinstance(found, ServiceParamTemplate):
-        return [found]
-    if isinstance(found, (list, tuple)) and found and all(
-            isinstance(t, ServiceParamTemplate) for t in found):
-        return list(found)
-    raise click.BadParameter(f"{path} defines no 'template' (a ServiceParamTemplate) or "
-                             "'templates' (a list of them)", param_hint="FILE")
-
-
-def _absolute_inputs(inputs: Any, base: Path) -> Any:
-    if isinstance(inputs, dict):
-        return {k: absolute(v, base) if isinstance(v, str) else v for k, v in inputs.items()}
-    if isinstance(inputs, list):
-        return [absolute(v, base) if isinstance(v, str) else v for v in inputs]
-    return inputs
-
 
 @click.command()
 @click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -165,6 +92,7 @@ def submit(client: Client, file: Path | None, service: str | None, args: tuple[s
     fields, e.g. {"service": "wordcount", "input_files": ["a.txt"], "args": {"delay": 1}}
     (relative paths from the file's directory) - or from options:
 
+    \b
         soaf submit -s wordcount -i examples/data/alpha.txt -a delay=0.5 --wait
     """
     options = (args, inputs, outputs, env, service_id, timeout, retries, watch_interval, work_path)
@@ -175,24 +103,10 @@ def submit(client: Client, file: Path | None, service: str | None, args: tuple[s
     if file is not None:
         templates = load_templates(file)
     else:
-        sources: dict[str, str] = {}
-        for item in inputs:
-            name, sep, source = item.partition("=")
-            if not sep or is_url(item):
-                name, source = Path(item.split("?", 1)[0].rstrip("/")).name, item
-            sources[name] = absolute(source, Path.cwd())
-        template = ServiceParamTemplate(
-            service=service or "", args=parse_pairs(args, "--arg", decode=True),
-            input_files=sources, output_files=list(outputs),
-            env=parse_pairs(env, "--env", decode=False), work_path=work_path, timeout=timeout,
-        )
-        if service_id:
-            template.service_id = service_id
-        if retries is not None:
-            template.retries = retries
-        if watch_interval is not None:
-            template.watch_interval = watch_interval
-        templates = [template]
+        templates = [from_options(
+            service=service or "", args=args, inputs=inputs, outputs=outputs, env=env,
+            service_id=service_id, timeout=timeout, retries=retries,
+            watch_interval=watch_interval, work_path=work_path)]
     ids = [client.submit(t) for t in templates]
     for sid in ids:
         click.echo(sid)
@@ -245,81 +159,6 @@ def status(client: Client, service_id: str, as_json: bool) -> None:
     else:
         ctx = click.get_current_context()
         show(console(), record_table(record, verbose=ctx.params.get("verbose", 0) > 0))
-
-
-def watch(client: Client, records: list[ServiceRecord], *, discover: bool,
-          timeout: float | None, as_json: bool, out_stderr: bool = False) -> list[ServiceRecord]:
-    """Show services until they are final (and, with ``discover``, new ones too); their
-    final records in the order they were first seen."""
-    out = console(stderr=out_stderr)
-    display: WaitDisplay
-    if as_json:
-        display = _Quiet()
-    elif out.is_terminal:
-        display = LiveDisplay(out)
-    else:
-        display = PlainDisplay(out)
-    try:
-        return _follow(client, records, display, discover=discover, timeout=timeout)
-    finally:
-        display.close()
-
-
-class _Quiet:
-    def add(self, record: ServiceRecord) -> None: ...
-    def event(self, service_id: str, event: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
-
-
-def _follow(client: Client, records: list[ServiceRecord], display: WaitDisplay, *,
-            discover: bool, timeout: float | None) -> list[ServiceRecord]:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    known: dict[str, ServiceRecord] = {}
-    since = time.time()
-    linger_until: float | None = None
-
-    def add(record: ServiceRecord) -> None:
-        known[record.service_id] = record
-        display.add(record)
-
-    for record in records:
-        add(record)
-    while True:
-        if discover:
-            for record in reversed(client.list(since=since - 1, limit=1000)):
-                if record.service_id not in known:
-                    add(record)
-                    since = max(since, record.get("submitted_at") or since)
-        pending = [r for r in known.values() if not r.final]
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            raise WaitTimeout(f"{len(pending)} service(s) not final after {timeout:g} s: "
-                              + ", ".join(r.service_id for r in pending[:5]))
-        if not pending:
-            if not discover:
-                break
-            linger_until = linger_until or now + LINGER
-            if now >= linger_until:
-                break
-            time.sleep(min(0.2, linger_until - now))
-            continue
-        linger_until = None
-        limits = [x for x in (DISCOVER_EVERY if discover else None,
-                              None if deadline is None else deadline - now) if x is not None]
-        try:
-            for sid, event in client.follow(pending, timeout=min(limits) if limits else None):
-                display.event(sid, event)
-                if is_final(event):
-                    known[sid] = client.status(sid)
-        except WaitTimeout:
-            for record in pending:  # pick up where the stream is now
-                if not known[record.service_id].final:
-                    fresh = client.status(record.service_id)
-                    if fresh.state != record.state or fresh.final:
-                        display.event(fresh.service_id, {"state": fresh.state, "error": fresh.error,
-                                                         "progress": fresh.progress})
-                    known[fresh.service_id] = fresh
-    return list(known.values())
 
 
 @click.command()
