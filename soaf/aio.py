@@ -191,14 +191,14 @@ class AsyncClient:
     async def events(self, service_id: str, *, follow: bool = True,
                      timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
         """Every event from the first, then live ones until final; no gap, no duplicate."""
-        if not follow:
+        record = await self._record_or_none(service_id)
+        if not follow or (record is not None and record.final):  # all there is, at once
             entries = await self._call(self.redis.xrange, self.keys.events(service_id))
-            if not entries and await self._record_or_none(service_id) is None:
+            if not entries and record is None:
                 raise unknown(service_id)
             for raw_id, data in entries:
                 yield {**decode_event(data), "event_id": raw_id.decode()}
             return
-        record = await self._record_or_none(service_id)
         async for _, event in self.follow([record or service_id], timeout=timeout, replay=True):
             yield event
 

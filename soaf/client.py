@@ -276,15 +276,14 @@ class Client:
         duplicate between them. Stops after the final event (or, when ``follow`` is
         False, once the past is replayed); WaitTimeout after ``timeout`` seconds.
         """
-        if not follow:
-            key = self.keys.events(service_id)
-            entries = self._call(self.redis.xrange, key)
-            if not entries and self._record_or_none(service_id) is None:
+        record = self._record_or_none(service_id)
+        if not follow or (record is not None and record.final):  # all there is, at once
+            entries = self._call(self.redis.xrange, self.keys.events(service_id))
+            if not entries and record is None:
                 raise unknown(service_id)
             for raw_id, data in entries:
                 yield {**decode_event(data), "event_id": raw_id.decode()}
             return
-        record = self._record_or_none(service_id)
         for _, event in self.follow([record or service_id], timeout=timeout, replay=True):
             yield event
 

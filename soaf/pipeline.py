@@ -232,7 +232,8 @@ class Pipeline:
     """Steps run through one ``Client``; use it as a context manager.
 
     Leaving the ``with`` block normally waits for every step, and raises StepFailed for
-    a step that failed and whose failure nobody looked at (``wait``, ``gather`` ...).
+    a step that failed and whose failure nobody looked at (``wait``, ``gather`` ...),
+    unless the pipeline was cancelled.
     Leaving it through an exception (Ctrl-C included) cancels the running steps.
     """
 
@@ -252,6 +253,8 @@ class Pipeline:
             return
         with self._cond:
             self._cond.wait_for(lambda: all(s.done() for s in self.steps))
+        if self.cancelled:
+            return  # asked for: the cancelled steps are no surprise
         for step in self.steps:
             if not step.ok and step.cause is None and not step._observed:
                 raise step.failure()

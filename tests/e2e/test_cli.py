@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -265,3 +266,16 @@ def test_plugins_nodes_reload(start_core, core_env, client, plugin_dir):
     shown = json.loads(soaf(core_env, "plugins", "--json").stdout)["core-a"]
     assert "SyntaxError" in shown["error"] and shown["alive"] is True
     assert soaf(core_env, "reload", "--node", "nobody").returncode == 1
+
+
+def test_ctrl_c_exits_130_without_a_traceback(start_core, core_env):
+    start_core()
+    sid = submit(core_env, "-s", "sleep", "-a", "seconds=30")
+    waiter = subprocess.Popen([str(SOAF), "wait", sid], env=core_env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert waiter.stdout is not None
+    assert sid in waiter.stdout.readline()  # it is waiting now
+    waiter.send_signal(signal.SIGINT)
+    _, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 130 and "Traceback" not in err
+    soaf(core_env, "cancel", sid)

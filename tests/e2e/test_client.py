@@ -233,3 +233,13 @@ def test_client_finds_redis_and_secret_in_the_state_dir(start_core, redis_server
     (state / "secret").write_text(SECRET + "\n")
     with Client(state_dir=state) as found:
         assert found.wait(found.submit(ServiceParamTemplate("true")), 30).ok
+
+
+def test_events_of_a_final_service_never_block(start_core, client, redis_server, prefix):
+    """A finished service's events are all there is: even with its stream gone, no wait."""
+    start_core()
+    sid = client.submit(ServiceParamTemplate("true"))
+    client.wait(sid, timeout=30)
+    assert [e["state"] for e in client.events(sid, timeout=5) if "state" in e][-1] == "succeeded"
+    redis_server.client().delete(Keys(prefix).events(sid))
+    assert list(client.events(sid, timeout=5)) == []

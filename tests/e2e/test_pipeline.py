@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from soaf import Pipeline, PipelineError, ServiceParamTemplate, StepFailed, ValidationError
+from soaf import (
+    Pipeline,
+    PipelineError,
+    ServiceParamTemplate,
+    StepFailed,
+    ValidationError,
+    WaitTimeout,
+)
 from tests.conftest import ROOT, wait_until
 
 EXAMPLES = ROOT / "examples"
@@ -179,3 +186,20 @@ def test_template_problems(start_core, client):
         with pytest.raises(PipelineError, match=r"wrote no 'nothing\.txt'"):
             missing.output("nothing.txt")
     assert broken.state == "error" and after.state == "skipped"
+
+
+def test_gather(start_core, client):
+    start_core()
+    with Pipeline(client) as p:
+        a, b = p.run(steps(n=2)), p.run(steps(n=1))
+        records = p.gather(a, b, timeout=60)
+        assert [r.service_id for r in records] == [a.service_id, b.service_id]
+        assert all(r.ok for r in records)
+        slow, bad = p.run(sleeper()), p.run(steps(code=5))
+        with pytest.raises(StepFailed, match="exited with code 5"):
+            p.gather(slow, bad, timeout=60)  # as soon as one fails, not when all are done
+        assert not slow.done()
+        with pytest.raises(WaitTimeout, match=r"not done after 0\.2 s"):
+            p.gather(slow, timeout=0.2)
+        p.cancel()  # no StepFailed when the block ends: the cancel was asked for
+    assert slow.state == "cancelled"
