@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import quote
 
 from soaf.client import Client
-from soaf.errors import PipelineError, RedisUnavailable, StepFailed, WaitTimeout
+from soaf.errors import PipelineError, RedisUnavailable, SoafError, StepFailed, WaitTimeout
 from soaf.state import ServiceRecord
 from soaf.template import ServiceParamTemplate, check_relative
 
@@ -51,8 +51,8 @@ REDIS_GRACE = 30.0
 
 TemplateFactory = Callable[..., ServiceParamTemplate]
 
-#: Client-side states of a step, besides the service states of its record.
-WAITING, SKIPPED, ERROR = "waiting", "skipped", "error"
+#: Client-side states of a step, until its service's final record replaces them.
+WAITING, SUBMITTED, SKIPPED, ERROR = "waiting", "submitted", "skipped", "error"
 
 
 class Step:
@@ -84,7 +84,9 @@ class Step:
 
     @property
     def state(self) -> str:
-        """``waiting``, ``skipped``, ``error``, or the state of the service's record."""
+        """``waiting`` (for the steps it needs), ``submitted``, ``skipped`` (a step it
+        needs failed, or the pipeline was cancelled), ``error`` (its template could not
+        be built or submitted), or the final state of its service."""
         return self.record.state if self.record is not None else self._state
 
     @property
@@ -327,10 +329,19 @@ class Pipeline:
     def report(self) -> str:
         """One line per step: name, service, state, id, and why it did not succeed."""
         lines = []
-        for step in self.steps:
+        for step in list(self.steps):
             service = step.template.service if step.template is not None else "-"
+            state = step.state
             why = step.error or (step.record.error if step.record and not step.ok else "") or ""
-            lines.append(f"{step.name:<12} {service:<12} {step.state:<10} "
+            if state == SUBMITTED and step.service_id:  # still running: say how far
+                try:
+                    live = self.client.status(step.service_id)
+                except SoafError:
+                    live = None
+                if live is not None:
+                    state = live.state
+                    why = f"{live.progress:.0%}" if live.progress is not None else ""
+            lines.append(f"{step.name:<12} {service:<12} {state:<10} "
                          f"{step.service_id or '-':<32} {why}".rstrip())
         return "\n".join(lines)
 
@@ -360,6 +371,7 @@ class Pipeline:
         sid = self.client.submit(step.template)
         with self._cond:
             step.service_id = sid
+            step._state = SUBMITTED
             cancel_now = self.cancelled
         log.info("%s submitted", step.label)
         if cancel_now:

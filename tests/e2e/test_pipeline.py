@@ -149,9 +149,12 @@ def test_cancel_cancels_running_steps_and_skips_waiting_ones(start_core, client)
     start_core()
     p = Pipeline(client)
     a, b = p.run(sleeper()), p.run(sleeper())
-    c = p.run(lambda a: steps(), after=[a])
+    c = p.run(lambda a: steps(), after=[a], name="C")
+    assert (a.state, c.state) == ("submitted", "waiting")
     wait_until(lambda: client.status(a.service_id).state == "running"
                and client.status(b.service_id).state == "running", 30, message="running")
+    assert re.search(rf"^sleep +sleep +running +{a.service_id}$", p.report(), re.M)
+    assert re.search(r"^C +- +waiting +-$", p.report(), re.M)
     p.cancel(timeout=60)
     assert (a.state, b.state, c.state) == ("cancelled", "cancelled", "skipped")
     assert client.status(a.service_id).state == client.status(b.service_id).state == "cancelled"
