@@ -42,6 +42,23 @@ def submit(env: dict[str, str], *args: str) -> str:
     return out.stdout.strip()
 
 
+def gate(env: dict[str, str], client, n: int) -> tuple[str, Path]:
+    """A running ``gate`` service (it advances only when a go<I> file appears) and its work dir."""
+    sid = submit(env, "-s", "gate", "-a", f"n={n}", "--watch-interval", "0.05")
+    wait_until(lambda: client.status(sid).state == "running", 60, message="gate running")
+    return sid, Path(client.status(sid).get("work_dir"))
+
+
+def lines_until(stream, text: str) -> list[str]:
+    """Lines read from a child's output up to the first one containing ``text``."""
+    lines: list[str] = []
+    while not lines or text not in lines[-1]:
+        line = stream.readline()
+        assert line, f"output ended before {text!r}: {lines}"
+        lines.append(line.rstrip("\n"))
+    return lines
+
+
 def test_help_everywhere(core_env):
     top = soaf(core_env, "--help")
     assert top.returncode == 0
@@ -154,20 +171,26 @@ def test_submit_inputs_and_validation(start_core, core_env, tmp_path):
     assert out.returncode == 1 and out.stderr.startswith("Error: service: must be a service name")
 
 
-def test_wait_exit_code_and_plain_lines(start_core, core_env):
+def test_wait_exit_code_and_plain_lines(start_core, core_env, client):
     start_core()
-    good = submit(core_env, "-s", "steps", "-a", "n=4", "-a", "delay=0.5", "--watch-interval", "0.05")
+    good, work = gate(core_env, client, 2)
     bad = submit(core_env, "-s", "steps", "-a", "n=1", "-a", "code=3")
-    out = soaf(core_env, "wait", good, bad)
-    assert out.returncode == 1
-    lines = out.stdout.splitlines()
+    waiter = subprocess.Popen([str(SOAF), "wait", good, bad], env=core_env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = lines_until(waiter.stdout, f"{good} gate running")
+    (work / "go1").touch()
+    lines += lines_until(waiter.stdout, f"{good} gate progress 50%")
+    (work / "go2").touch()
+    out, err = waiter.communicate(timeout=60)
+    lines += out.splitlines()
+    assert waiter.returncode == 1
     assert f"{bad} steps failed: exited with code 3" in lines
-    assert f"{good} steps succeeded" in lines
-    assert f"{good} steps progress 100%" in lines
-    assert out.stderr.strip() == "1 failed, 1 succeeded"
+    assert lines.index(f"{good} gate progress 50%") < lines.index(f"{good} gate progress 100%")
+    assert lines[-1] == f"{good} gate succeeded" or f"{good} gate succeeded" in lines
+    assert err.strip() == "1 failed, 1 succeeded"
     unknown = soaf(core_env, "wait", good, "nope")
     assert unknown.returncode == 1 and "no service with id 'nope'" in unknown.stderr
-    slow = submit(core_env, "-s", "sleep", "-a", "seconds=30")
+    slow, _ = gate(core_env, client, 1)
     timed = soaf(core_env, "wait", slow, "--timeout", "0.5")
     assert timed.returncode == 1 and "not final after 0.5 s" in timed.stderr
     soaf(core_env, "cancel", slow)
@@ -175,20 +198,23 @@ def test_wait_exit_code_and_plain_lines(start_core, core_env):
 
 def test_wait_all_follows_new_submissions(start_core, core_env, client):
     start_core()
-    first = submit(core_env, "-s", "sleep", "-a", "seconds=2")
+    first, work = gate(core_env, client, 1)
     waiter = subprocess.Popen([str(SOAF), "wait", "--all"], env=core_env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.5)  # let it start; the next one is submitted while it waits
-    second = submit(core_env, "-s", "steps", "-a", "n=1")
+    lines = lines_until(waiter.stdout, f"{first} gate running")
+    second = submit(core_env, "-s", "steps", "-a", "n=1")  # submitted while it waits
+    lines += lines_until(waiter.stdout, f"{second} steps")
+    (work / "go1").touch()
     out, err = waiter.communicate(timeout=60)
+    lines += out.splitlines()
     assert waiter.returncode == 0, err
-    assert f"{first} sleep succeeded" in out and f"{second} steps succeeded" in out
+    assert f"{first} gate succeeded" in lines and f"{second} steps succeeded" in lines
     assert err.strip() == "2 succeeded"
 
 
-def test_wait_shows_progress_bars_in_a_terminal(start_core, core_env):
+def test_wait_shows_progress_bars_in_a_terminal(start_core, core_env, client):
     start_core()
-    sid = submit(core_env, "-s", "steps", "-a", "n=5", "-a", "delay=0.3", "--watch-interval", "0.05")
+    sid, work = gate(core_env, client, 3)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
     env = {k: v for k, v in core_env.items() if k not in ("NO_COLOR", "COLUMNS", "TERM")}
@@ -196,29 +222,36 @@ def test_wait_shows_progress_bars_in_a_terminal(start_core, core_env):
     proc = subprocess.Popen([str(SOAF), "wait", sid], env=env, stdin=slave, stdout=slave,
                             stderr=slave, close_fds=True)
     os.close(slave)
-    output = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the other side closed: the program ended
-                break
-            if not chunk:
-                break
-            output += chunk
-        elif proc.poll() is not None:
-            break
+    seen, pos = b"", 0
+
+    def read_until(pattern: bytes) -> None:
+        """Read the terminal until ``pattern`` shows after the previous match."""
+        nonlocal seen, pos
+        deadline = time.monotonic() + 60
+        while (found := re.search(pattern, seen[pos:])) is None:
+            assert time.monotonic() < deadline, f"no {pattern!r} in {seen[pos:]!r}"
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the other side closed: the program ended
+                    chunk = b""
+                assert chunk, f"the output ended before {pattern!r}: {seen[pos:]!r}"
+                seen += chunk
+        pos += found.end()
+
+    # The bar moves as the service advances, one step at a time.
+    read_until(rb"\s0% .*running")
+    for step, shown in ((1, rb"33% .*running"), (2, rb"67% .*running"), (3, rb"100% .*succeeded")):
+        (work / f"go{step}").touch()
+        read_until(shown)
+    read_until(rb"1 succeeded")
+    assert proc.wait(30) == 0
     os.close(master)
-    assert proc.wait(10) == 0
-    text = output.decode(errors="replace")
+    text = seen.decode(errors="replace")
     assert "━" in text  # rich's bar
     assert "\x1b[" in text  # colours and cursor moves: a live display, not plain lines
-    assert f"steps {sid[:12]}" in text
-    shown = {int(p) for p in re.findall(r"(\d+)%", text)}
-    assert 100 in shown and len(shown) >= 3, shown  # the bar moved through several values
-    assert "succeeded" in text and "1 succeeded" in text
+    assert f"gate {sid[:12]}" in text
 
 
 def test_logs(start_core, core_env, client):
