@@ -243,3 +243,25 @@ def test_events_of_a_final_service_never_block(start_core, client, redis_server,
     assert [e["state"] for e in client.events(sid, timeout=5) if "state" in e][-1] == "succeeded"
     redis_server.client().delete(Keys(prefix).events(sid))
     assert list(client.events(sid, timeout=5)) == []
+
+
+def test_waiting_for_many_services_goes_through_the_notify_channel(start_core, client,
+                                                                   monkeypatch):
+    monkeypatch.setattr(soaf.follow, "UNKNOWN_GRACE", 0.5)
+    start_core()
+    ids = [client.submit(ServiceParamTemplate("true")) for _ in range(soaf.follow.STREAM_WAIT_MAX)]
+    slow = client.submit(ServiceParamTemplate("sleep", args={"seconds": 30}))
+    finished = []
+    for record in client.as_completed([slow, *ids], timeout=60):
+        finished.append(record.service_id)
+        if len(finished) == len(ids):
+            client.cancel(slow)  # the slow one can only end after this
+    assert sorted(finished[:-1]) == sorted(ids) and finished[-1] == slow
+    assert client.status(slow).state == "cancelled"
+    with pytest.raises(UnknownService, match="'nope'"):
+        client.wait_all([*ids, "nope"], timeout=30)
+    busy = [client.submit(ServiceParamTemplate("sleep", args={"seconds": 30})) for _ in range(17)]
+    with pytest.raises(WaitTimeout, match=r"17 service\(s\) not final"):
+        client.wait_all(busy, timeout=1)
+    for sid in busy:
+        client.cancel(sid)
