@@ -3,8 +3,10 @@
 Users build a ``ServiceParamTemplate`` and submit it with a ``Client``; developers
 write a ``ServiceProgramTemplate`` and a ``WatcherHandler`` per service in the
 ``services/`` and ``handlers/`` packages; a core (``python start_core.py``) runs them.
+``Pipeline`` chains services on the client; ``AsyncClient`` is the asyncio flavour.
 """
 
+from soaf.aio import AsyncClient
 from soaf.client import Client
 from soaf.codec import dumps, loads
 from soaf.errors import (
@@ -12,11 +14,14 @@ from soaf.errors import (
     ConfigError,
     DecodeError,
     DuplicateService,
+    LogsUnavailable,
+    PipelineError,
     PluginError,
     ProgramError,
     RedisUnavailable,
     SignatureError,
     SoafError,
+    StepFailed,
     UnknownService,
     UnknownServiceError,
     UnsafePayload,
@@ -24,6 +29,7 @@ from soaf.errors import (
     WaitTimeout,
 )
 from soaf.handler import STOP, WatcherHandler
+from soaf.pipeline import Pipeline, Step
 from soaf.program import ServiceProgramTemplate
 from soaf.service import Service
 from soaf.state import FINAL_STATES, ServiceRecord, State
@@ -34,11 +40,15 @@ __version__ = "0.1.0"
 __all__ = [
     "FINAL_STATES",
     "STOP",
+    "AsyncClient",
     "Client",
     "ClientError",
     "ConfigError",
     "DecodeError",
     "DuplicateService",
+    "LogsUnavailable",
+    "Pipeline",
+    "PipelineError",
     "PluginError",
     "ProgramError",
     "RedisUnavailable",
@@ -49,6 +59,8 @@ __all__ = [
     "SignatureError",
     "SoafError",
     "State",
+    "Step",
+    "StepFailed",
     "UnknownService",
     "UnknownServiceError",
     "UnsafePayload",
