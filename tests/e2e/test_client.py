@@ -61,7 +61,7 @@ def test_wait_timeout_then_cancel(start_core, client):
     with pytest.raises(WaitTimeout, match=sid):
         client.wait(sid, timeout=0.5)
     wait_until(lambda: client.status(sid).state == "running", 20, message="running")
-    assert client.cancel(sid) == "cancel requested (running)"
+    assert client.cancel(sid) == "cancel requested; it was running and will end cancelled"
     record = client.wait(sid, timeout=30)
     assert record.state == "cancelled"
     assert client.cancel(sid) == "already cancelled; nothing to cancel"
