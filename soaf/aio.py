@@ -131,8 +131,16 @@ class AsyncClient:
                 yield record
             else:
                 pending.append(record if record is not None else sid)
+        done: set[str] = set()
         async for sid, event in self.follow(pending, timeout=timeout):
             if is_final(event):
+                done.add(sid)
+                yield await self.status(sid)
+        # An id whose record appeared, already final, between the first read and the
+        # follow's own read is not followed at all: it is final now.
+        for item in pending:
+            sid = item if isinstance(item, str) else item.service_id
+            if sid not in done:
                 yield await self.status(sid)
 
     async def _states(self, ids: list[str]) -> dict[str, str | None]:

@@ -240,8 +240,16 @@ class Client:
                 yield record
             else:
                 pending.append(record if record is not None else sid)
+        done: set[str] = set()
         for sid, event in self.follow(pending, timeout=timeout):
             if is_final(event):
+                done.add(sid)
+                yield self.status(sid)
+        # An id whose record appeared, already final, between the first read and the
+        # follow's own read is not followed at all: it is final now.
+        for item in pending:
+            sid = item if isinstance(item, str) else item.service_id
+            if sid not in done:
                 yield self.status(sid)
 
     def _states(self, ids: list[str]) -> dict[str, str | None]:

@@ -244,7 +244,7 @@ def test_follow_logs_streams_lines_until_the_end(start_core, client):
     assert seen == [f"tick {i}" for i in range(15)]
     assert client.status(sid).state == "succeeded"
     with pytest.raises(UnknownService):
-        client.logs("no-such-service")
+        client.log_lines("no-such-service")
 
 
 # -- exit status ----------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_retry_then_success_in_a_fresh_dir(start_core, client):
     assert (old / "attempts.txt").read_text() == "attempt 1\n"
     assert (work_dir(record) / "attempts.txt").read_text() == "attempt 2\n"
     assert "failing on purpose" in (old / "stderr.log").read_text()
-    lines = client.logs(sid, tail=10)
+    lines = client.log_lines(sid, tail=10)
     assert [(line.attempt, line.text) for line in lines if line.stream != "soaf"] == [
         (1, "failing on purpose in attempt 1"), (2, "fine in attempt 2")]
     # after_watch ran once per attempt
