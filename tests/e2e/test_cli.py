@@ -272,7 +272,8 @@ def test_cancel(start_core, core_env, client):
     wait_until(lambda: client.status(sid).state == "running", 20, message="running")
     out = soaf(core_env, "cancel", sid, "--wait")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [f"{sid}: cancel requested; it was running and will end cancelled", f"{sid}: cancelled"]
+    assert out.stdout.splitlines() == [
+        f"{sid}: cancel requested; it was running and will end cancelled", f"{sid}: cancelled"]
     again = soaf(core_env, "cancel", sid, "nope")
     assert again.returncode == 1
     assert f"{sid}: already cancelled; nothing to cancel" in again.stdout
