@@ -10,8 +10,11 @@ from soaf.codec import dumps, loads
 from soaf.errors import (
     ClientError,
     ConfigError,
+    DataError,
     DecodeError,
     DuplicateService,
+    FetchError,
+    MissingOutputError,
     PluginError,
     ProgramError,
     RedisUnavailable,
@@ -19,6 +22,7 @@ from soaf.errors import (
     SoafError,
     UnknownService,
     UnknownServiceError,
+    UploadError,
     ValidationError,
     WaitTimeout,
 )
@@ -26,7 +30,7 @@ from soaf.handler import STOP, WatcherHandler
 from soaf.program import ServiceProgramTemplate
 from soaf.service import Service
 from soaf.state import FINAL_STATES, ServiceRecord, State
-from soaf.template import ServiceParamTemplate
+from soaf.template import ServiceParamTemplate, output_ref
 
 __version__ = "0.1.0"
 
@@ -36,8 +40,11 @@ __all__ = [
     "Client",
     "ClientError",
     "ConfigError",
+    "DataError",
     "DecodeError",
     "DuplicateService",
+    "FetchError",
+    "MissingOutputError",
     "PluginError",
     "ProgramError",
     "RedisUnavailable",
@@ -50,10 +57,12 @@ __all__ = [
     "State",
     "UnknownService",
     "UnknownServiceError",
+    "UploadError",
     "ValidationError",
     "WaitTimeout",
     "WatcherHandler",
     "__version__",
     "dumps",
     "loads",
+    "output_ref",
 ]

@@ -14,10 +14,12 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
 
+from soaf import retention
 from soaf.config import INSECURE_SECRET, Settings, create_secret
 from soaf.connection import connect, redact
 from soaf.errors import ConfigError, PluginError, RedisUnavailable
@@ -26,7 +28,7 @@ from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
 from soaf.lifecycle import Claim, ServiceRun
 from soaf.plugins import PluginLoader
 from soaf.runner import Reaper
-from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, State, is_noscript
+from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, ServiceRecord, State, is_noscript
 from soaf.template import ServiceParamTemplate
 from soaf.writer import StateWriter
 
@@ -101,6 +103,9 @@ class Core:
         self.reaper = Reaper()
         self._spawn(self._heartbeat_loop, "soaf-heartbeat")
         self._spawn(self._control_loop, "soaf-control")
+        self.sweeper = retention.Sweeper(s.work_root, s.retention, interval=s.gc_interval,
+                                         in_use=self.work_dirs_in_use)
+        self.sweeper.start()
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
                  s.node, s.max_services, s.work_root.resolve(), s.plugins.resolve())
 
@@ -131,6 +136,7 @@ class Core:
                 break
             self._slot_freed.wait(0.2)
             self._slot_freed.clear()
+        self.sweeper.stop()
         self.writer.stop(timeout=10)
         self.reaper.close()
         try:
@@ -246,7 +252,7 @@ class Core:
             run = ServiceRun(
                 template, Claim(entry_id, int(attempt), int(seq)),
                 registry=registry, settings=self.settings, writer=self.writer,
-                reaper=self.reaper, on_done=self._done,
+                reaper=self.reaper, on_done=self._done, lookup=self._lookup,
             )
             with self._runs_lock:
                 self.runs[template.service_id] = run
@@ -300,6 +306,15 @@ class Core:
         pipe.xack(self.keys.submit, GROUP, entry_id)
         pipe.xdel(self.keys.submit, entry_id)
         pipe.execute()
+
+    def _lookup(self, service_id: str) -> dict[str, Any] | None:
+        """Another service's record fields, for resolving ``soaf://`` inputs."""
+        data = self.redis.hgetall(self.keys.service(service_id))
+        return ServiceRecord.from_hash(service_id, data).raw if data else None
+
+    def work_dirs_in_use(self) -> set[Path]:
+        with self._runs_lock:
+            return {run.work_dir for run in self.runs.values() if run.work_dir is not None}
 
     def _done(self, run: ServiceRun) -> None:
         with self._runs_lock:

@@ -1,27 +1,33 @@
 """ServiceRun: one service from claim to final state, in a thread of its own.
 
 The steps are fixed: create the work dir, ``build()``, ``prepare_input_file()``, spawn
-the program, watch it with the handler's callbacks, ``after_watch_callback`` once, and
-write the final state (which acknowledges the stream entry). Whatever a plugin raises
-ends this service as ``failed`` with the error and traceback; it never reaches the core.
+the program, watch it with the handler's callbacks, ``after_watch_callback`` once, then
+(only if the run succeeded so far) ``collect_output_files()``, and write the final state
+(which acknowledges the stream entry). Whatever a plugin raises ends this service as
+``failed`` with the error and traceback; it never reaches the core. The run's marker
+(soaf/markers.py) is written when the work dir is taken and when it ends.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from soaf import workdir
+from soaf import markers, workdir
 from soaf.config import Settings
-from soaf.errors import SoafError
+from soaf.errors import FetchError, MissingOutputError, SoafError
+from soaf.handoff import Lookup, resolve_ref
 from soaf.plugins import Registry
 from soaf.runner import Exit, Process, Reaper
 from soaf.service import Service
+from soaf.staging import StageContext
 from soaf.state import Change, State
 from soaf.template import ServiceParamTemplate
 from soaf.watcher import call_callback, watch
@@ -59,6 +65,7 @@ class ServiceRun:
         writer: StateWriter,
         reaper: Reaper,
         on_done: Callable[[ServiceRun], None],
+        lookup: Lookup | None = None,
     ) -> None:
         self.template = template
         self.claim = claim
@@ -67,7 +74,10 @@ class ServiceRun:
         self.writer = writer
         self.reaper = reaper
         self.on_done = on_done
+        self.lookup = lookup
         self.service_id = template.service_id
+        self.work_dir: Path | None = None
+        self.service: Service | None = None
         self.process: Process | None = None
         self.cancel_requested = threading.Event()
         self.wake = threading.Event()
@@ -123,7 +133,10 @@ class ServiceRun:
                 "failed_in": phase,
                 "traceback": traceback.format_exc(),
             }
+            if isinstance(e, MissingOutputError):
+                final.update(failure="missing_outputs", missing_outputs=e.missing)
         final.setdefault(f"{final['state']}_at", time.time())
+        self._mark_finished(final["state"])
         final["finished_at"] = time.time()
         self.emit(final, final=True)
         log.info("service %s %s", self.service_id, final["state"])
@@ -131,6 +144,30 @@ class ServiceRun:
             self.on_done(self)
         except Exception:
             log.exception("on_done failed for %s", self.service_id)
+
+    def _mark_finished(self, state: str) -> None:
+        if self.work_dir is None:
+            return
+        outputs = [o["name"] for o in self.service.outputs] if self.service else []
+        try:
+            markers.mark_finished(self.settings.work_root, self.service_id, self.work_dir,
+                                    state, outputs)
+        except OSError:
+            log.warning("cannot write the retention marker of %s", self.service_id, exc_info=True)
+
+    def _take_work_dir(self) -> Path:
+        """Create (or re-use) the work dir and mark it in use, atomically for the sweep."""
+        root = self.settings.work_root
+        with markers.work_root_lock(root, exclusive=False):
+            name = self.template.work_path or self.service_id
+            self._marker = markers.mark_started(root, self.service_id, name)
+            self.work_dir = workdir.create(root, self.template)
+            return self.work_dir
+
+    def _resolve(self, ref: str) -> Path | str:
+        if self.lookup is None:
+            raise FetchError(ref, "this core cannot read other services' records")
+        return resolve_ref(ref, lookup=self.lookup, work_root=self.settings.work_root)
 
     def _phase(self, phase: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -147,10 +184,17 @@ class ServiceRun:
         template = self.template
         program_cls = self.registry.program(template.service)
         handler_cls = self.registry.handler(template.service)
-        work_dir = self._phase("work dir", lambda: workdir.create(self.settings.work_root, template))
-        self.emit({"work_dir": str(work_dir)})
+        work_dir = self._phase("work dir", self._take_work_dir)
+        self.emit({"work_dir": str(work_dir), "host": socket.gethostname()})
         program = program_cls(template, work_dir, plugin_root=self.settings.plugins)
         timeout = template.timeout if template.timeout is not None else program_cls.timeout
+        service = Service(
+            template, work_dir, attempt=self.claim.attempt, node=self.settings.node,
+            plugin_version=self.registry.version, emit=self.emit,
+        )
+        self.service = program.service = service
+        program.staging = StageContext(timeout=self.settings.fetch_timeout,
+                                       resolve=self._resolve)
 
         self._check_cancel()
         self._phase("build", program.build)
@@ -165,10 +209,6 @@ class ServiceRun:
             cwd=work_dir, env=env, stdout=work_dir / STDOUT, stderr=work_dir / STDERR,
         )
         handler = self._phase("handler", handler_cls)
-        service = Service(
-            template, work_dir, attempt=self.claim.attempt, node=self.settings.node,
-            plugin_version=self.registry.version, emit=self.emit,
-        )
         process.on_exit(lambda _exit: self.wake.set())
         self._phase("start", lambda: process.start(self.reaper))
         self.process = process
@@ -184,7 +224,11 @@ class ServiceRun:
         assert process.exit is not None
         self._exited(process.exit)
         after_error = self._after_watch(handler, service, files)
-        return self._final(program_cls.success_codes, process.exit, reason, after_error)
+        final = self._final(program_cls.success_codes, process.exit, reason, after_error)
+        if final["state"] == State.SUCCEEDED.value:
+            # After after_watch_callback, which may still write or rename outputs.
+            self._phase("collect_output_files", program.collect_output_files)
+        return final
 
     def _reason(self) -> str | None:
         if self.cancel_requested.is_set():

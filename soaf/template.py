@@ -21,6 +21,12 @@ from soaf.errors import ValidationError
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
+#: How local inputs are staged: copied, hard-linked, or symlinked (never moved).
+INPUT_MODES = ("copy", "link", "symlink")
+#: The first path component soaf keeps for itself at the top of the work root.
+RESERVED_WORK_NAME = ".soaf"
+#: The scheme of a reference to another service's output: ``soaf://<service_id>/<name>``.
+REF_SCHEME = "soaf://"
 
 
 def new_service_id() -> str:
@@ -56,7 +62,16 @@ class ServiceParamTemplate:
             share it. Default: a directory of its own named after ``service_id``.
         input_files: paths or URLs the default ``prepare_input_file`` stages into the
             work dir; a mapping form ``{name_in_work_dir: source}`` chooses the names.
-        output_files: names (globs allowed) the program is expected to write.
+            ``soaf://<service_id>/<name>`` names another service's output (see
+            ``soaf.output_ref``). See docs/data.md.
+        input_mode: how local inputs are staged: ``"copy"`` (default), ``"link"`` (hard
+            link, falling back to a copy across file systems) or ``"symlink"``.
+        output_files: names (globs allowed) the program must write; any missing one
+            fails the service after the program exits.
+        optional_outputs: names (globs allowed) collected when present, never required.
+        output_target: a directory (absolute path on the core's machine) or URL the
+            outputs are copied to after a successful run; ``{service_id}`` and
+            ``{service}`` in it are replaced.
         args: free arguments for the plugin (``command()`` decides how to use them).
         env: extra environment variables for the program (strings only).
         watch_interval: seconds between ``file_change_callback`` calls.
@@ -69,6 +84,11 @@ class ServiceParamTemplate:
     work_path: str | None = None
     input_files: list[str] | dict[str, str] = field(default_factory=list)
     output_files: list[str] = field(default_factory=list)
+    # Fields added after the first release default to immutable values, so a template
+    # pickled by an older client (without them) still has them through the class.
+    input_mode: str = "copy"
+    optional_outputs: list[str] | tuple[str, ...] = ()
+    output_target: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     watch_interval: float = 1.0
@@ -87,16 +107,35 @@ class ServiceParamTemplate:
             )
         if self.work_path is not None:
             check_relative("work_path", self.work_path)
+            if PurePosixPath(self.work_path).parts[0] == RESERVED_WORK_NAME:
+                raise ValidationError(
+                    "work_path", f"{RESERVED_WORK_NAME!r} at the top of the work root is soaf's own"
+                )
         for name in self.input_names():
             check_relative("input_files", name)
-        if isinstance(self.input_files, Mapping):
-            for source in self.input_files.values():
-                if not isinstance(source, str) or not source:
-                    raise ValidationError("input_files", f"source {source!r} must be a string")
-        if not isinstance(self.output_files, (list, tuple)):
-            raise ValidationError("output_files", "must be a list of names or globs")
-        for name in self.output_files:
-            check_relative("output_files", name)
+        for source in self.input_sources().values():
+            if not isinstance(source, str) or not source:
+                raise ValidationError("input_files", f"source {source!r} must be a string")
+            if source.startswith(REF_SCHEME):
+                parse_ref(source)
+        if self.input_mode not in INPUT_MODES:
+            raise ValidationError(
+                "input_mode", f"must be one of {', '.join(INPUT_MODES)}, got {self.input_mode!r}"
+            )
+        for name in ("output_files", "optional_outputs"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ValidationError(name, "must be a list of names or globs")
+            for pattern in value:
+                check_relative(name, pattern)
+        if self.output_target is not None:
+            target = self.output_target
+            if not isinstance(target, str) or not target or "\x00" in target:
+                raise ValidationError("output_target", f"must be a URL or directory, got {target!r}")
+            if not is_url(target) and not PurePosixPath(target).is_absolute():
+                raise ValidationError(
+                    "output_target", f"{target!r} must be a URL or an absolute directory"
+                )
         if not isinstance(self.args, Mapping):
             raise ValidationError("args", f"must be a dict, got {type(self.args).__name__}")
         if not isinstance(self.env, Mapping):
@@ -142,6 +181,28 @@ class ServiceParamTemplate:
             if isinstance(value, (str, int, float, bool, type(None), list, dict, tuple)):
                 out[key] = value
         return out
+
+
+def output_ref(service_id: str, name: str) -> str:
+    """A source for ``input_files`` naming output ``name`` of service ``service_id``.
+
+    A core on the producer's host links the file from the producer's work dir (no
+    copy); elsewhere it fetches the copy the producer uploaded to its ``output_target``.
+    """
+    ref = f"{REF_SCHEME}{service_id}/{name}"
+    parse_ref(ref)
+    return ref
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """``(service_id, name)`` of a ``soaf://`` reference, or ValidationError."""
+    if not isinstance(ref, str) or not ref.startswith(REF_SCHEME):
+        raise ValidationError("input_files", f"{ref!r} is not a {REF_SCHEME}<service_id>/<name> reference")
+    service_id, _, name = ref[len(REF_SCHEME):].partition("/")
+    if not _ID.match(service_id):
+        raise ValidationError("input_files", f"{ref!r} names no valid service id")
+    check_relative("input_files", name)
+    return service_id, name
 
 
 def _positive_number(value: Any) -> bool:

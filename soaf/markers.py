@@ -1,0 +1,155 @@
+"""Run markers: which service used which work dir under a work root, and how it ended.
+
+Every run leaves ``<work root>/.soaf/runs/<service_id>.json``: written as ``running``
+(with the core's host and pid) before its work dir is created or re-used, rewritten with
+the final state and output names when it ends. The sweep (soaf/retention.py) decides on
+these alone, so it needs no Redis. ``work_root_lock`` makes "take a dir" (shared) and
+"remove a dir" (exclusive) exclude each other, across threads and processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from soaf.state import FINAL_VALUES
+from soaf.template import RESERVED_WORK_NAME
+
+log = logging.getLogger(__name__)
+
+RUNNING = "running"
+#: Seconds after which a marker that cannot be parsed is taken as damaged, not in progress.
+DAMAGED_AFTER = 60.0
+
+
+def meta_dir(work_root: Path) -> Path:
+    return work_root / RESERVED_WORK_NAME
+
+
+def runs_dir(work_root: Path) -> Path:
+    return meta_dir(work_root) / "runs"
+
+
+@contextlib.contextmanager
+def work_root_lock(work_root: Path, *, exclusive: bool) -> Iterator[None]:
+    """Hold ``.soaf/gc.lock``: shared while a service takes a dir, exclusive to remove one.
+
+    The lock file is opened per use: flock locks belong to an open file, so threads of one
+    process exclude each other only through separate opens.
+    """
+    meta = meta_dir(work_root)
+    meta.mkdir(parents=True, exist_ok=True)
+    fd = os.open(meta / "gc.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@dataclass
+class Marker:
+    """What the sweep knows of one run from its marker file."""
+
+    service_id: str
+    work_dir: str  # relative to the work root
+    state: str = RUNNING
+    host: str | None = None
+    pid: int | None = None
+    started_at: float = 0.0
+    finished_at: float | None = None
+    outputs: list[str] = field(default_factory=list)
+    trimmed: bool = False
+    path: Path | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_VALUES
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in vars(self).items() if k != "path"}
+        return json.dumps(data)
+
+
+def write_marker(path: Path, marker: Marker) -> None:
+    # One write, no temp file: a reader that sees a half-written marker cannot parse it
+    # and treats the dir as in use, which is the safe side.
+    with open(path, "w") as f:
+        f.write(marker.to_json())
+
+
+def mark_started(work_root: Path, service_id: str, work_dir: Path) -> None:
+    """Record that this process is using ``work_dir`` for ``service_id`` (call under the
+    shared lock, before the dir is created)."""
+    directory = runs_dir(work_root)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = Marker(service_id, os.path.relpath(work_dir, work_root.resolve()),
+                    host=socket.gethostname(), pid=os.getpid(), started_at=time.time())
+    write_marker(directory / f"{service_id}.json", marker)
+
+
+def mark_finished(work_root: Path, service_id: str, work_dir: Path, state: str,
+                  outputs: list[str] | None = None) -> None:
+    """Record the final state (and output names, kept by ``on_success=outputs``)."""
+    path = runs_dir(work_root) / f"{service_id}.json"
+    relative = os.path.relpath(work_dir, work_root.resolve())
+    marker = _read(path) or Marker(service_id, relative, host=socket.gethostname(),
+                                   pid=os.getpid())
+    marker.work_dir = relative
+    marker.state = state
+    marker.finished_at = time.time()
+    marker.outputs = list(outputs or [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_marker(path, marker)
+
+
+def _read(path: Path) -> Marker | None:
+    try:
+        data = json.loads(path.read_text())
+        marker = Marker(**{k: v for k, v in data.items() if k in Marker.__dataclass_fields__})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError):
+        # Being written right now: in use until proven otherwise. One that stays
+        # unreadable (a crash mid-write) is ignored after a while, not obeyed forever.
+        try:
+            stale = time.time() - path.stat().st_mtime > DAMAGED_AFTER
+        except OSError:
+            return None
+        if stale:
+            log.warning("ignoring the unreadable marker %s", path)
+            return None
+        marker = Marker(path.stem, "", state=RUNNING)
+    marker.path = path
+    return marker
+
+
+def read_markers(work_root: Path) -> list[Marker]:
+    directory = runs_dir(work_root)
+    if not directory.is_dir():
+        return []
+    return [m for p in sorted(directory.glob("*.json")) if (m := _read(p)) is not None]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def abandoned(marker: Marker, host: str) -> bool:
+    """A ``running`` marker whose core process is gone from this host."""
+    return (not marker.final and marker.host == host and isinstance(marker.pid, int)
+            and marker.pid != os.getpid() and not _alive(marker.pid))
