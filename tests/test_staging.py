@@ -74,7 +74,7 @@ def test_link_and_symlink_modes(served, work):
 
 
 def test_missing_local_source_names_it(work):
-    with pytest.raises(FetchError, match="/no/such/input.*no such file or directory"):
+    with pytest.raises(FetchError, match=r"/no/such/input.*no such file or directory"):
         stage("/no/such/input", work, "input")
 
 
@@ -161,7 +161,7 @@ def test_ftp_credentials_are_used_but_never_recorded(ftp_files, work):
 
 
 def test_ftp_missing_file(ftp_files, work):
-    with pytest.raises(FetchError, match="nothere.txt: not found"):
+    with pytest.raises(FetchError, match=r"nothere\.txt: not found"):
         stage(ftp_files.url("nothere.txt"), work, "nothere.txt")
     assert list(work.iterdir()) == []
 
