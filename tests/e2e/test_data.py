@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -157,3 +158,20 @@ def test_soaf_gc_command_next_to_a_core(start_core, client, core_env, work_root)
     assert (work_root.resolve() / long).exists()
     client.cancel(long)
     client.wait(long, 60)
+
+
+def test_example_digest_service(start_core, core_env, tmp_path):
+    """The docs/data.md example: URL inputs in, checked outputs copied to a target."""
+    start_core(SOAF_PLUGINS=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "digest_client.py")],
+                         env=core_env, cwd=str(tmp_path), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "succeeded on core-a" in out.stdout
+    results = next((tmp_path / "results").iterdir())
+    reports = sorted(p.name for p in (results / "reports").iterdir())
+    assert reports == ["alpha.txt.json", "beta.txt.json", "delta.txt.json", "gamma.txt.json"]
+    summary = json.loads((results / "summary.json").read_text())
+    data = ROOT / "examples" / "data"
+    assert summary["words"] == sum(len(p.read_text().split()) for p in data.glob("*.txt"))
+    assert f"summary: {json.dumps(summary)}" in out.stdout
