@@ -77,6 +77,7 @@ class ServiceRun:
         self.lookup = lookup
         self.service_id = template.service_id
         self.work_dir: Path | None = None
+        self._marker: markers.Marker | None = None
         self.service: Service | None = None
         self.process: Process | None = None
         self.cancel_requested = threading.Event()
@@ -146,12 +147,11 @@ class ServiceRun:
             log.exception("on_done failed for %s", self.service_id)
 
     def _mark_finished(self, state: str) -> None:
-        if self.work_dir is None:
+        if self._marker is None:
             return
         outputs = [o["name"] for o in self.service.outputs] if self.service else []
         try:
-            markers.mark_finished(self.settings.work_root, self.service_id, self.work_dir,
-                                    state, outputs)
+            markers.mark_finished(self._marker, state, outputs)
         except OSError:
             log.warning("cannot write the retention marker of %s", self.service_id, exc_info=True)
 

@@ -45,9 +45,12 @@ def work_root_lock(work_root: Path, *, exclusive: bool) -> Iterator[None]:
     The lock file is opened per use: flock locks belong to an open file, so threads of one
     process exclude each other only through separate opens.
     """
-    meta = meta_dir(work_root)
-    meta.mkdir(parents=True, exist_ok=True)
-    fd = os.open(meta / "gc.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    path = meta_dir(work_root) / "gc.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
@@ -86,29 +89,27 @@ def write_marker(path: Path, marker: Marker) -> None:
         f.write(marker.to_json())
 
 
-def mark_started(work_root: Path, service_id: str, work_dir: Path) -> None:
-    """Record that this process is using ``work_dir`` for ``service_id`` (call under the
-    shared lock, before the dir is created)."""
-    directory = runs_dir(work_root)
-    directory.mkdir(parents=True, exist_ok=True)
-    marker = Marker(service_id, os.path.relpath(work_dir, work_root.resolve()),
-                    host=socket.gethostname(), pid=os.getpid(), started_at=time.time())
-    write_marker(directory / f"{service_id}.json", marker)
-
-
-def mark_finished(work_root: Path, service_id: str, work_dir: Path, state: str,
-                  outputs: list[str] | None = None) -> None:
-    """Record the final state (and output names, kept by ``on_success=outputs``)."""
+def mark_started(work_root: Path, service_id: str, work_name: str) -> Marker:
+    """Record that this process uses ``<work_root>/<work_name>`` for ``service_id``; call
+    under the shared lock, before the dir is created. Keep the marker for ``mark_finished``."""
     path = runs_dir(work_root) / f"{service_id}.json"
-    relative = os.path.relpath(work_dir, work_root.resolve())
-    marker = _read(path) or Marker(service_id, relative, host=socket.gethostname(),
-                                   pid=os.getpid())
-    marker.work_dir = relative
+    marker = Marker(service_id, work_name, host=socket.gethostname(), pid=os.getpid(),
+                    started_at=time.time(), path=path)
+    try:
+        write_marker(path, marker)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_marker(path, marker)
+    return marker
+
+
+def mark_finished(marker: Marker, state: str, outputs: list[str] | None = None) -> None:
+    """Record the final state (and output names, kept by ``on_success=outputs``)."""
+    assert marker.path is not None
     marker.state = state
     marker.finished_at = time.time()
     marker.outputs = list(outputs or [])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_marker(path, marker)
+    write_marker(marker.path, marker)
 
 
 def _read(path: Path) -> Marker | None:

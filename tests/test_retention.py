@@ -16,6 +16,7 @@ from soaf.markers import mark_finished, mark_started, runs_dir, work_root_lock
 from soaf.retention import Sweeper, sweep
 
 HOUR = 3600.0
+MARKERS: dict = {}
 
 
 @pytest.fixture
@@ -29,12 +30,12 @@ def run(root: Path, sid: str, state: str | None, *, size: int = 10, work_path: s
         outputs: list[str] | None = None) -> Path:
     """A finished (or, with state None, running) service with a ``size``-byte file."""
     work_dir = (root / (work_path or sid)).resolve()
-    mark_started(root, sid, work_dir)
+    MARKERS[sid] = mark_started(root, sid, work_path or sid)
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / f"{sid}.dat").write_bytes(b"x" * size)
     (work_dir / "stdout.log").write_text("log\n")
     if state is not None:
-        mark_finished(root, sid, work_dir, state, outputs)
+        mark_finished(MARKERS[sid], state, outputs)
     return work_dir
 
 
@@ -90,7 +91,7 @@ def test_shared_work_path_stays_while_any_service_uses_it(root):
     everything = policy(keep_succeeded_hours=0, keep_failed_hours=0)
     sweep(root, everything, now=time.time() + HOUR)
     assert (shared / "first.dat").exists() and (shared / "second.dat").exists()
-    mark_finished(root, "second", shared, "succeeded")
+    mark_finished(MARKERS["second"], "succeeded")
     assert [r["dir"] for r in sweep(root, everything, now=time.time() + HOUR).removed] == [
         "shared/area"]
     assert not shared.exists()
@@ -158,7 +159,7 @@ def test_removal_waits_for_a_service_taking_the_lock(root):
                                                   done.set()))
         thread.start()
         assert not done.wait(0.5)
-        mark_started(root, "again", (root / "ok").resolve())  # the service re-uses the dir
+        mark_started(root, "again", "ok")  # a service re-uses the dir
     thread.join(10)
     assert (root / "ok").exists()
 
