@@ -45,11 +45,11 @@ def work_root_lock(work_root: Path, *, exclusive: bool) -> Iterator[None]:
     The lock file is opened per use: flock locks belong to an open file, so threads of one
     process exclude each other only through separate opens.
     """
-    path = meta_dir(work_root) / "gc.lock"
+    path = f"{work_root}/{RESERVED_WORK_NAME}/gc.lock"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        meta_dir(work_root).mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -78,21 +78,25 @@ class Marker:
         return self.state in FINAL_VALUES
 
     def to_json(self) -> str:
-        data = {k: v for k, v in vars(self).items() if k != "path"}
+        data = dict(vars(self))
+        del data["path"]
         return json.dumps(data)
 
 
 def write_marker(path: Path, marker: Marker) -> None:
     # One write, no temp file: a reader that sees a half-written marker cannot parse it
     # and treats the dir as in use, which is the safe side.
-    with open(path, "w") as f:
-        f.write(marker.to_json())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, marker.to_json().encode())
+    finally:
+        os.close(fd)
 
 
 def mark_started(work_root: Path, service_id: str, work_name: str) -> Marker:
     """Record that this process uses ``<work_root>/<work_name>`` for ``service_id``; call
     under the shared lock, before the dir is created. Keep the marker for ``mark_finished``."""
-    path = runs_dir(work_root) / f"{service_id}.json"
+    path = Path(f"{work_root}/{RESERVED_WORK_NAME}/runs/{service_id}.json")
     marker = Marker(service_id, work_name, host=socket.gethostname(), pid=os.getpid(),
                     started_at=time.time(), path=path)
     try:

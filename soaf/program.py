@@ -74,7 +74,7 @@ class ServiceProgramTemplate:
         in ``preparing`` and its program never starts.
         """
         staged = stage_inputs(self.template, self.work_dir, self.staging)
-        if self.service is not None:
+        if staged and self.service is not None:  # no inputs, no event
             self.service.record_inputs([s.to_record() for s in staged])
 
     def collect_output_files(self) -> None:
