@@ -1,10 +1,10 @@
 """The core daemon: reads submissions, runs services, reports on itself. Wires the engines.
 
 ``Core.start()`` connects (starting the embedded Redis when no URL is configured),
-loads the plugins and starts the helper threads; ``Core.run()`` is the intake loop:
-it reads the submit stream through the consumer group only while it has free
-capacity, claims each entry, and hands it to a ``ServiceRun``. Signal handlers only
-set flags; the loop does the work.
+loads the plugins and starts the helper threads (the plugin reloader among them);
+``Core.run()`` is the intake loop: it reads the submit stream through the consumer
+group only while it has free capacity, claims each entry, and hands it to a
+``ServiceRun``. Signal handlers only set flags; the loop does the work.
 """
 
 from __future__ import annotations
@@ -20,20 +20,27 @@ from typing import Any
 import redis
 
 from soaf import retention
-from soaf.config import INSECURE_SECRET, Settings, create_secret
+from soaf.config import Settings, core_secrets
 from soaf.connection import connect, redact
-from soaf.errors import ConfigError, PluginError, RedisUnavailable
+from soaf.errors import PluginError, RedisUnavailable
 from soaf.intake import Refusal, decode_entry
 from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
 from soaf.lifecycle import Claim, ServiceRun
+from soaf.logs import LogKeeper
 from soaf.plugins import PluginLoader
-from soaf.runner import Reaper
+from soaf.reloader import Reloader
+from soaf.runner import Reaper, become_subreaper, raise_open_files_limit
 from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, ServiceRecord, State, is_noscript
+from soaf.supervisor import Supervisor
 from soaf.template import ServiceParamTemplate
+from soaf.versions import PluginVersions
 from soaf.writer import StateWriter
 
 log = logging.getLogger(__name__)
 
+#: Secrets shorter than this get a warning at start (an HMAC of a known message lets
+#: anyone holding one payload test guesses offline).
+MIN_SECRET_LENGTH = 16
 #: Dead letters kept (approximate).
 DEADLETTER_MAXLEN = 10_000
 #: Milliseconds one XREADGROUP may block; bounds how fast the loop notices a stop.
@@ -48,13 +55,16 @@ class Core:
         self.keys = Keys(settings.prefix)
         self.consumer = settings.node
         self.runs: dict[str, ServiceRun] = {}
-        self.loader = PluginLoader(settings.plugins)
+        self.versions: PluginVersions | None = None
+        self.loader = PluginLoader(settings.plugins, numbers=self._next_plugin_number)
+        self.reloader: Reloader | None = None
         self.embedded: Any = None
         self.url: str | None = None
         self.secrets: list[str] = list(settings.secrets)
         self._runs_lock = threading.Lock()
         self._slot_freed = threading.Event()
         self._stopping = threading.Event()
+        self._stop_programs = threading.Event()
         self._force = threading.Event()
         self._threads: list[threading.Thread] = []
         self._check_own_pending = True
@@ -69,20 +79,11 @@ class Core:
 
             self.embedded = EmbeddedRedis(s.state_dir)
             self.url = self.embedded.start()
-            if not self.secrets:
-                self.secrets = [create_secret(s.state_dir)]
             log.info("embedded Redis at %s (state in %s)", redact(self.url), s.state_dir.resolve())
         else:
             self.url = s.redis_url
-            if not self.secrets:
-                if not s.insecure:
-                    raise ConfigError(
-                        "no secret configured for a shared Redis: set SOAF_SECRET "
-                        "(or pass --insecure to accept a well-known key; never in production)"
-                    )
-                log.warning("INSECURE: no SOAF_SECRET; anyone who can write to this Redis "
-                            "can run code on this core")
-                self.secrets = [INSECURE_SECRET]
+            log.info("using Redis at %s", redact(self.url))
+        self.secrets = core_secrets(s, redact(self.url), embedded=self.embedded is not None)
         self.redis = connect(self.url, name=f"soaf-core-{s.node}")
         self.blocking = connect(self.url, blocking=True, name=f"soaf-core-{s.node}-intake")
         try:
@@ -94,13 +95,33 @@ class Core:
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise RedisUnavailable(f"cannot reach Redis at {redact(self.url)}: {e}") from e
         s.work_root.mkdir(parents=True, exist_ok=True)
+        self.versions = PluginVersions(self.redis, self.keys, s.node)
         try:
-            self.loader.load()
+            self.loader.load(timeout=s.reload_timeout)
         except PluginError:
             log.error("no plugin version loaded; fix the plugins and they will be loaded")
+        self.versions.publish(self.loader)
         self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl)
         self.writer.start()
+        if not become_subreaper():
+            log.warning("cannot become a child subreaper; orphans of programs go to PID 1")
+        raise_open_files_limit()
         self.reaper = Reaper()
+        self.reloader = Reloader(
+            self.loader, debounce=s.reload_debounce, poll=s.reload_poll, watch=s.reload_watch,
+            timeout=s.reload_timeout, on_result=lambda ok: self.versions.publish(self.loader),
+        )
+        self.reloader.start()
+        # Control messages are read from the newest one that exists now, so none sent
+        # after start() returns is missed, however late the control thread first reads.
+        newest = self.redis.xrevrange(self.keys.control, count=1)
+        self._control_from = newest[0][0].decode() if newest else "0-0"
+        self.keeper = LogKeeper(self.writer.put, max_bytes=s.log_max_bytes,
+                                interval=s.log_interval, lines=s.log_lines,
+                                connected=lambda: self.writer.connected)
+        self.keeper.start()
+        self.supervisor = Supervisor()
+        self.supervisor.start()
         self._spawn(self._heartbeat_loop, "soaf-heartbeat")
         self._spawn(self._control_loop, "soaf-control")
         self.sweeper = retention.Sweeper(s.work_root, s.retention, interval=s.gc_interval,
@@ -116,27 +137,40 @@ class Core:
 
     # -- stop -----------------------------------------------------------------------------
 
-    def request_stop(self, *, force: bool = False) -> None:
-        """Stop taking work; with ``force`` also stop running programs. Safe in handlers."""
+    def request_stop(self, *, stop_programs: bool = False, force: bool = False) -> None:
+        """Stop taking work. ``stop_programs``: stop the running programs too (their
+        services are left for recovery); ``force``: and wait for nothing (no grace period,
+        no after_watch_callback). Only sets flags: safe in a signal handler."""
         if force:
             self._force.set()
+        if stop_programs or force:
+            self._stop_programs.set()
         self._stopping.set()
         self._slot_freed.set()
 
     def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
-        """Wait for running services (or stop them), write every state, close."""
-        self.request_stop(force=not drain)
+        """Wait for running services (or stop them), write every state, close.
+
+        Services that end meanwhile get their final state; those whose programs are
+        stopped go back to ``queued`` with their stream entries unacknowledged."""
+        self.request_stop(stop_programs=not drain)
+        if self.reloader is not None:
+            self.reloader.stop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.running():
-            if self._force.is_set():
-                for run in list(self.runs.values()):
-                    run.cancel()
+            if self._stop_programs.is_set():
+                force = self._force.is_set()
+                for run in self._runs_now():
+                    if not run.interrupt_requested or (force and not run.force):
+                        run.interrupt(force=force)
             if deadline is not None and time.monotonic() > deadline:
                 log.error("shutdown timed out with %d services running", self.running())
                 break
             self._slot_freed.wait(0.2)
             self._slot_freed.clear()
         self.sweeper.stop()
+        self.supervisor.stop()
+        self.keeper.stop()
         self.writer.stop(timeout=10)
         self.reaper.close()
         try:
@@ -149,6 +183,10 @@ class Core:
     def running(self) -> int:
         with self._runs_lock:
             return len(self.runs)
+
+    def _runs_now(self) -> list[ServiceRun]:
+        with self._runs_lock:
+            return list(self.runs.values())
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -220,7 +258,7 @@ class Core:
             try:
                 template = decode_entry(
                     fields, secrets=self.secrets, max_payload=self.settings.max_payload,
-                    registry=registry,
+                    registry=registry, work_root=self.settings.work_root,
                 )
             except Refusal as refusal:
                 self._refuse(entry_id, fields, refusal)
@@ -243,16 +281,22 @@ class Core:
             ))
         results = self._claim(calls)
         unclaimed: list[str] = []
-        for (entry_id, template), (verdict, detail, attempt, seq) in zip(accepted, results):
+        ended: list[str] = []  # final without running (e.g. cancelled while queued)
+        for (entry_id, template), (verdict, detail, attempt, seq, attempts) in zip(
+            accepted, results
+        ):
             if verdict != b"run":
                 log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id,
                          verdict.decode(), detail.decode())
                 unclaimed.append(entry_id)
+                if verdict in (b"final", b"cancelled"):
+                    ended.append(template.service_id)
                 continue
             run = ServiceRun(
-                template, Claim(entry_id, int(attempt), int(seq)),
+                template, Claim(entry_id, int(attempt), int(seq), Claim.parse_attempts(attempts)),
                 registry=registry, settings=self.settings, writer=self.writer,
                 reaper=self.reaper, on_done=self._done, lookup=self._lookup,
+                keeper=self.keeper, supervisor=self.supervisor,
             )
             with self._runs_lock:
                 self.runs[template.service_id] = run
@@ -261,6 +305,10 @@ class Core:
             pipe = self.redis.pipeline(transaction=False)
             pipe.xack(self.keys.submit, GROUP, *unclaimed)
             pipe.xdel(self.keys.submit, *unclaimed)
+            ttl = int(self.settings.record_ttl)
+            for sid in ended if ttl > 0 else []:
+                for key in (self.keys.service(sid), self.keys.events(sid)):
+                    pipe.expire(key, ttl)  # the record starts to age
             pipe.execute()
 
     def _claim(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -333,14 +381,8 @@ class Core:
             "redis_connected": self.writer.connected,
         }
 
-    def plugin_info(self) -> dict[str, Any]:
-        registry = self.loader.current
-        return {
-            "version": registry.version if registry else None,
-            "loaded_at": registry.loaded_at if registry else None,
-            "services": sorted(registry.programs) if registry else [],
-            "error": self.loader.last_error, "error_at": self.loader.last_error_at,
-        }
+    def _next_plugin_number(self, last: int) -> int:
+        return self.versions.next_number(last) if self.versions is not None else last + 1
 
     def _heartbeat_loop(self) -> None:
         s = self.settings
@@ -350,7 +392,6 @@ class Core:
                 pipe.set(self.keys.node(s.node), json.dumps(self.node_info()),
                          px=int(s.heartbeat_ttl * 1000))
                 pipe.sadd(self.keys.nodes, s.node)
-                pipe.hset(self.keys.plugins, s.node, json.dumps(self.plugin_info()))
                 if s.record_ttl > 0:  # ids whose records have expired
                     pipe.zremrangebyscore(self.keys.services, "-inf", time.time() - s.record_ttl)
                 with self._runs_lock:
@@ -358,6 +399,8 @@ class Core:
                 if ids:
                     pipe.hmget(self.keys.cancels, ids)
                 results = pipe.execute()
+                if self.versions is not None:
+                    self.versions.publish(self.loader)
                 if ids:
                     for service_id, flag in zip(ids, results[-1]):  # the HMGET
                         if flag is not None:
@@ -371,13 +414,13 @@ class Core:
             run = self.runs.get(service_id)
         if run is None:
             return False
-        if not run.cancel_requested.is_set():
+        if not run.cancel_requested:
             log.info("cancelling service %s", service_id)
         run.cancel()
         return True
 
     def _control_loop(self) -> None:
-        last = "$"
+        last = self._control_from
         while not self._stopping.is_set():
             try:
                 resp = self.blocking.xread({self.keys.control: last}, count=100, block=1000)
@@ -397,20 +440,13 @@ class Core:
         if kind == "cancel":
             self.cancel_local(fields.get(b"id", b"").decode(errors="replace"))
         elif kind == "reload":
-            self.reload_plugins()
+            if self.reloader is not None:
+                self.reloader.request()
         else:
             log.warning("unknown control message %r", kind)
 
     def reload_plugins(self) -> bool:
-        """Load a new plugin generation now; False (old one kept) if it fails."""
-        try:
-            self.loader.load()
-        except PluginError:
-            ok = False
-        else:
-            ok = True
-        try:
-            self.redis.hset(self.keys.plugins, self.settings.node, json.dumps(self.plugin_info()))
-        except redis.RedisError:
-            pass
-        return ok
+        """Load a new plugin generation now, in this thread, and report it; False (old one
+        kept) if it fails. The ``reload`` control message does the same in the reloader."""
+        assert self.reloader is not None, "start() the core first"
+        return self.reloader.reload()

@@ -116,6 +116,18 @@ def mark_finished(marker: Marker, state: str, outputs: list[str] | None = None) 
     write_marker(marker.path, marker)
 
 
+def mark_set_aside(work_root: Path, work_name: str, state: str) -> Marker:
+    """Record a failed attempt's dir that a retry set aside (``<dir>.attempt<N>``) as a
+    finished run of its own, so the sweep recycles it like any failed dir."""
+    path = Path(f"{work_root}/{RESERVED_WORK_NAME}/runs/{work_name}.json")
+    now = time.time()
+    marker = Marker(work_name, work_name, state=state, host=socket.gethostname(),
+                    pid=os.getpid(), started_at=now, finished_at=now, path=path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_marker(path, marker)
+    return marker
+
+
 def _read(path: Path) -> Marker | None:
     try:
         data = json.loads(path.read_text())

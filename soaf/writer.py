@@ -1,6 +1,7 @@
 """StateWriter: the one thread that writes every state change to Redis, in order.
 
-Services never talk to Redis themselves; they queue ``Change``s here. The writer sends
+Services never talk to Redis themselves; they queue ``Change``s here (and the log
+keeper its ``LogLines``). The writer sends
 whatever is queued as one pipeline, so a busy core pays one round trip for many
 changes. When Redis is unreachable it keeps the changes, retries with backoff, and
 writes them in their original order once Redis is back; the record script skips
@@ -14,7 +15,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -22,6 +23,13 @@ from soaf.keys import GROUP, Keys
 from soaf.state import RECORD, Change, is_noscript, record_call
 
 log = logging.getLogger(__name__)
+
+
+class Writable(Protocol):
+    """Anything else the writer writes in queue order (e.g. ``soaf.logs.LogLines``)."""
+
+    def write_to(self, pipe: Any, keys: Keys) -> None: ...
+
 
 #: Changes sent in one pipeline at most.
 BATCH = 500
@@ -36,7 +44,7 @@ class StateWriter:
         self._redis = client
         self._keys = keys
         self._record_ttl = record_ttl
-        self._queue: collections.deque[Change] = collections.deque()
+        self._queue: collections.deque[Change | Writable] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
@@ -47,7 +55,7 @@ class StateWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, change: Change) -> None:
+    def put(self, change: Change | Writable) -> None:
         with self._cond:
             self._queue.append(change)
             self._cond.notify()
@@ -125,14 +133,23 @@ class StateWriter:
             ttl = int(self._record_ttl)
             pipe.expire(self._keys.service(change.service_id), ttl)
             pipe.expire(self._keys.events(change.service_id), ttl)
+            pipe.expire(self._keys.log(change.service_id), ttl)
 
-    def _write(self, batch: list[Change]) -> None:
+    def _write(self, batch: list[Change | Writable]) -> None:
         # One script call per service (and attempt): its changes in their original order.
+        # Other items (log lines) go first: a service's last lines precede its final state.
         groups: dict[tuple[str, int], list[Change]] = {}
+        others: list[Writable] = []
         for change in batch:
-            groups.setdefault((change.service_id, change.attempt), []).append(change)
+            if isinstance(change, Change):
+                groups.setdefault((change.service_id, change.attempt), []).append(change)
+            else:
+                others.append(change)
         for attempt in (1, 2):
             pipe = self._redis.pipeline(transaction=False)
+            if attempt == 1:
+                for other in others:
+                    other.write_to(pipe, self._keys)
             for changes in groups.values():
                 keys, args = record_call(self._keys, changes)
                 RECORD.call(pipe, keys, args)

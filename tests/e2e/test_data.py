@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import soaf
-from soaf import ServiceParamTemplate
+from soaf import ServiceParamTemplate, retention
+from soaf.config import RetentionPolicy
 from tests.conftest import ROOT, wait_until
 from tests.dataservers import (  # noqa: F401  (fixtures)
     closed_port,
@@ -175,3 +176,25 @@ def test_example_digest_service(start_core, core_env, tmp_path):
     data = ROOT / "examples" / "data"
     assert summary["words"] == sum(len(p.read_text().split()) for p in data.glob("*.txt"))
     assert f"summary: {json.dumps(summary)}" in out.stdout
+
+
+def test_missing_outputs_is_retried_and_cleared_by_the_next_attempt(start_core, client):
+    start_core()
+    script = 'if [ "$SOAF_ATTEMPT" = 2 ]; then echo ok > a.txt; fi'
+    record = client.wait(client.submit(shell(script, output_files=["a.txt"], retries=1,
+                                             retry_backoff=0.1)), 60)
+    assert record.state == "succeeded", record.error
+    first, second = record.get("attempts")
+    assert (first["state"], first["failure"]) == ("failed", "missing_outputs")
+    assert second["state"] == "succeeded"
+    assert record.get("missing_outputs") is None and record.get("failure") is None
+    assert [o["name"] for o in record.outputs] == ["a.txt"]
+    root = Path(record.get("work_dir")).parent
+    marker = json.loads((root / ".soaf" / "runs" / f"{record.service_id}.json").read_text())
+    assert marker["state"] == "succeeded" and marker["outputs"] == ["a.txt"]
+    # The first attempt's dir, set aside for the retry, is recycled like a failed run.
+    aside = root / f"{record.service_id}.attempt1"
+    assert aside.is_dir()
+    report = retention.sweep(root, RetentionPolicy(keep_failed_hours=0, on_success="keep"))
+    assert {r["dir"] for r in report.removed} == {aside.name}
+    assert not aside.exists() and Path(record.get("work_dir")).is_dir()
