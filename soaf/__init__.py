@@ -3,8 +3,10 @@
 Users build a ``ServiceParamTemplate`` and submit it with a ``Client``; developers
 write a ``ServiceProgramTemplate`` and a ``WatcherHandler`` per service in the
 ``services/`` and ``handlers/`` packages; a core (``python start_core.py``) runs them.
+``Pipeline`` chains services on the client; ``AsyncClient`` is the asyncio flavour.
 """
 
+from soaf.aio import AsyncClient
 from soaf.client import Client
 from soaf.codec import dumps, loads
 from soaf.errors import (
@@ -14,12 +16,15 @@ from soaf.errors import (
     DecodeError,
     DuplicateService,
     FetchError,
+    LogsUnavailable,
     MissingOutputError,
+    PipelineError,
     PluginError,
     ProgramError,
     RedisUnavailable,
     SignatureError,
     SoafError,
+    StepFailed,
     UnknownService,
     UnknownServiceError,
     UnsafePayload,
@@ -28,6 +33,7 @@ from soaf.errors import (
     WaitTimeout,
 )
 from soaf.handler import STOP, WatcherHandler
+from soaf.pipeline import Pipeline, Step
 from soaf.program import ServiceProgramTemplate
 from soaf.service import Service
 from soaf.state import FINAL_STATES, ServiceRecord, State
@@ -38,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FINAL_STATES",
     "STOP",
+    "AsyncClient",
     "Client",
     "ClientError",
     "ConfigError",
@@ -45,7 +52,10 @@ __all__ = [
     "DecodeError",
     "DuplicateService",
     "FetchError",
+    "LogsUnavailable",
     "MissingOutputError",
+    "Pipeline",
+    "PipelineError",
     "PluginError",
     "ProgramError",
     "RedisUnavailable",
@@ -56,6 +66,8 @@ __all__ = [
     "SignatureError",
     "SoafError",
     "State",
+    "Step",
+    "StepFailed",
     "UnknownService",
     "UnknownServiceError",
     "UnsafePayload",

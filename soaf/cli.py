@@ -30,10 +30,34 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("watchdog").setLevel(max(level, logging.INFO))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def configure_logging(verbose: int) -> None:
+    """Logging of the client commands: warnings only, ``-v`` info, ``-vv`` debug."""
+    _setup_logging(verbose - 1 if verbose else 0, quiet=verbose == 0)
+
+
+class SoafGroup(click.Group):
+    """Turns soaf's errors into one ``Error: ...`` line (exit 1) instead of a traceback,
+    and Ctrl-C into exit code 130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SoafError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(130) from None
+
+
+@click.group(cls=SoafGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="soaf")
 def cli() -> None:
-    """soaf: run other people's programs as managed services."""
+    """soaf: run other people's programs as managed services.
+
+    `soaf core` runs a core; the other commands talk to the cores through Redis,
+    found like the core finds it (SOAF_REDIS_URL, else the embedded core's state dir
+    .soaf/ in the current directory). Exit codes: 0 fine, 1 an error or a service that
+    did not succeed, 2 bad usage.
+    """
 
 
 def retention_options(fn: Any) -> Any:
@@ -203,6 +227,16 @@ def _size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def _add_client_commands() -> None:
+    from soaf.commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_add_client_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,15 @@
 """Client: submit templates and follow, wait for and cancel services, from anywhere.
 
 Uses only the wire contract of docs/protocol.md (it never imports the core). Waiting
-reads the service's event stream from the position stored in its record, so no event
-between "read the record" and "follow the stream" can be missed.
+reads each service's event stream from the position stored in its record, so no event
+between "read the record" and "follow the stream" can be missed (see soaf/follow.py).
+
+What the calls raise (all soaf errors): ``RedisUnavailable`` when Redis cannot be
+reached, ``UnknownService`` for an id that was never submitted, ``WaitTimeout`` when a
+wait runs out of time, ``ValidationError`` / ``DuplicateService`` from ``submit``.
+A service that ends badly is not an exception: ``wait`` returns its final record
+whatever the state (``failed``, ``cancelled``, ``timed_out`` and ``rejected`` - the
+core refused the submission, ``record.error`` says why); check ``record.ok``.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from soaf.errors import (
     ConfigError,
     DuplicateService,
     RedisUnavailable,
+    StateError,
     UnknownService,
     ValidationError,
     WaitTimeout,
 )
+from soaf.follow import READ_COUNT, STREAM_WAIT_MAX, Follow, NotifyWait, is_final, unique
 from soaf.keys import DEFAULT_PREFIX, Keys
 from soaf.logstream import LogLine
 from soaf.state import (
@@ -38,6 +47,7 @@ from soaf.state import (
     ServiceRecord,
     decode_event,
 )
+from soaf.tail import OutputFile, output_path
 from soaf.template import ServiceParamTemplate, validate_template
 
 #: Longest single blocking read, in milliseconds; waits are made of such reads.
@@ -46,15 +56,88 @@ _BLOCK_MS = 2000
 _STREAM_WAIT_MAX = 16
 #: Seconds between re-reads of the records while following the notify channel.
 _RECHECK_S = 2.0
-#: Control messages kept (approximate).
+#: Control messages kept in the control stream (approximate).
 CONTROL_MAXLEN = 10_000
+#: Seconds between two looks at a followed output file.
+LOG_POLL = 0.2
+
+
+# -- shared with AsyncClient ----------------------------------------------------------------
+
+def resolve(url: str | None, prefix: str | None, state_dir: str | Path | None
+            ) -> tuple[str, Keys, Path]:
+    """The Redis URL, key names and state dir a client uses, found like a core finds them."""
+    state = Path(state_dir) if state_dir is not None else state_dir_from_env()
+    found = url or find_redis_url(state)
+    if not found:
+        raise ConfigError(
+            "no Redis to talk to: set SOAF_REDIS_URL (or pass --redis / url=), or run "
+            f"next to a core with an embedded Redis (looked for {state / 'redis.url'})"
+        )
+    return found, Keys(prefix or os.environ.get("SOAF_PREFIX") or DEFAULT_PREFIX), state
+
+
+def unreachable(url: str, e: Exception) -> StateError:
+    """The soaf error for a redis-py error: RedisUnavailable for connection trouble."""
+    if isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError)):
+        return RedisUnavailable(f"cannot reach Redis at {redact(url)}: {e}")
+    return StateError(f"Redis at {redact(url)} refused a command: {e}")
+
+
+def submit_call(keys: Keys, template: ServiceParamTemplate, secret: str | None,
+                state_dir: Path, max_payload: int = DEFAULT_MAX_PAYLOAD
+                ) -> tuple[list[str], list[Any]]:
+    """Check, sign and check again what a core would refuse (ValidationError naming a
+    bad field, or ``payload`` when over the size limit; UnsafePayload naming a global
+    the core will not load); KEYS and ARGV of the SUBMIT script that queues it."""
+    validate_template(template)
+    if secret is None:
+        found = find_secrets(state_dir)
+        secret = found[0] if found else None
+    payload = dumps(template, secret)
+    if len(payload) > max_payload:
+        raise ValidationError("payload", f"the template pickles to {len(payload)} bytes, over "
+                                         f"the limit of {max_payload} (SOAF_MAX_PAYLOAD)")
+    check_loadable(payload)
+    sid = template.service_id
+    return ([keys.service(sid), keys.events(sid), keys.services, keys.submit],
+            [sid, template.service, time.time(), payload, keys.notify, EVENTS_MAXLEN])
+
+
+def duplicate(service_id: str, detail: bytes) -> DuplicateService:
+    state = detail.decode(errors="replace").strip('"')
+    return DuplicateService(f"service id {service_id!r} was already submitted (state {state})")
+
+
+def matches(record: ServiceRecord, state: str | None, service: str | None,
+            node: str | None) -> bool:
+    return ((state is None or record.state == state)
+            and (service is None or record.service == service)
+            and (node is None or record.node == node))
+
+
+def reload_fields(node: str | None) -> dict[str, str]:
+    return {"type": "reload", **({"node": node} if node else {})}
+
+
+def unknown(service_id: str) -> UnknownService:
+    return UnknownService(f"no service with id {service_id!r}")
+
+
+def queue_cancel(pipe: Any, keys: Keys, service_id: str) -> None:
+    """Add a durable cancel request (the cancels hash) and its prompt notice (the control
+    stream) to a pipeline, sync or async."""
+    pipe.hset(keys.cancels, service_id, json.dumps(time.time()))
+    pipe.xadd(keys.control, {"type": "cancel", "id": service_id},
+              maxlen=CONTROL_MAXLEN, approximate=True)
 
 
 class Client:
     """A connection to the Redis that soaf cores read from.
 
     ``url`` and ``secret`` default to what a core on this machine uses: SOAF_REDIS_URL
-    and SOAF_SECRET, else the files of the embedded core's state dir (``.soaf/``).
+    and SOAF_SECRET, else the files of the embedded core's state dir (``.soaf/``, or
+    SOAF_STATE_DIR). Safe to share between threads.
     """
 
     def __init__(
@@ -66,21 +149,13 @@ class Client:
         state_dir: str | Path | None = None,
         max_payload: int | None = None,
     ) -> None:
-        state = Path(state_dir) if state_dir is not None else state_dir_from_env()
-        self.url = url or find_redis_url(state)
-        if not self.url:
-            raise ConfigError(
-                "no Redis to talk to: set SOAF_REDIS_URL, pass url=, or start a core "
-                f"with an embedded Redis here (looked for {state / 'redis.url'})"
-            )
+        self.url, self.keys, self._state_dir = resolve(url, prefix, state_dir)
         self._secret = secret
-        self._state_dir = state
         env_max = os.environ.get("SOAF_MAX_PAYLOAD", "").strip()
         try:
             self.max_payload = max_payload or (int(env_max) if env_max else DEFAULT_MAX_PAYLOAD)
         except ValueError:
             raise ConfigError(f"SOAF_MAX_PAYLOAD must be an integer, got {env_max!r}")
-        self.keys = Keys(prefix or os.environ.get("SOAF_PREFIX") or DEFAULT_PREFIX)
         self.redis = connect(self.url, name="soaf-client")
         self._blocking = connect(self.url, blocking=True, name="soaf-client-wait")
 
@@ -97,8 +172,8 @@ class Client:
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise RedisUnavailable(f"cannot reach Redis at {redact(self.url or '')}: {e}") from e
+        except (redis.RedisError, OSError) as e:
+            raise unreachable(self.url, e) from e
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -109,50 +184,39 @@ class Client:
         bad field (or ``payload`` when it is over the size limit), UnsafePayload naming a
         global the core will not load; DuplicateService when the id was already submitted.
         """
-        validate_template(template)
-        secret = self._secret
-        if secret is None:
-            found = find_secrets(self._state_dir)
-            secret = found[0] if found else None
-        payload = dumps(template, secret)
-        if len(payload) > self.max_payload:
-            raise ValidationError("payload", f"the template pickles to {len(payload)} bytes, over "
-                                             f"the limit of {self.max_payload} (SOAF_MAX_PAYLOAD)")
-        check_loadable(payload)
-        sid = template.service_id
-        created, detail = self._call(
-            SUBMIT.run, self.redis,
-            [self.keys.service(sid), self.keys.events(sid), self.keys.services, self.keys.submit],
-            [sid, template.service, time.time(), payload, self.keys.notify, EVENTS_MAXLEN],
-        )
+        keys, args = submit_call(self.keys, template, self._secret, self._state_dir,
+                                 self.max_payload)
+        created, detail = self._call(SUBMIT.run, self.redis, keys, args)
         if not created:
-            raise DuplicateService(
-                f"service id {sid!r} was already submitted (state {detail.decode().strip(chr(34))})"
-            )
-        return sid
+            raise duplicate(template.service_id, detail)
+        return template.service_id
 
     # -- reading ------------------------------------------------------------------------
 
     def status(self, service_id: str) -> ServiceRecord:
         """The current record; UnknownService if no such id was ever submitted."""
-        data = self._call(self.redis.hgetall, self.keys.service(service_id))
-        if not data:
-            raise UnknownService(f"no service with id {service_id!r}")
-        return ServiceRecord.from_hash(service_id, data)
+        record = self._record_or_none(service_id)
+        if record is None:
+            raise unknown(service_id)
+        return record
 
     def _record_or_none(self, service_id: str) -> ServiceRecord | None:
         data = self._call(self.redis.hgetall, self.keys.service(service_id))
         return ServiceRecord.from_hash(service_id, data) if data else None
 
     def wait(self, service_id: str, timeout: float | None = None) -> ServiceRecord:
-        """Block until the service is final and return its record; WaitTimeout if not in time."""
+        """Block until the service is final and return its record, whatever the final state.
+
+        WaitTimeout if it is not final within ``timeout`` seconds; UnknownService if the
+        id has no record (after a short grace, see ``soaf.follow.UNKNOWN_GRACE``).
+        """
         for record in self.as_completed([service_id], timeout=timeout):
             return record
         raise WaitTimeout(f"service {service_id} is not final")  # pragma: no cover
 
     def wait_all(self, ids: Iterable[str], timeout: float | None = None) -> list[ServiceRecord]:
-        """Wait for all ``ids``; records in the order of ``ids``."""
-        ids = list(ids)
+        """Wait for all ``ids``; their final records in the order of ``ids``."""
+        ids = unique(ids)
         done = {r.service_id: r for r in self.as_completed(ids, timeout=timeout)}
         return [done[i] for i in ids]
 
@@ -165,90 +229,73 @@ class Client:
         many ids through the notify channel, re-checked every few seconds because
         pub/sub drops messages while a connection is down.
         """
-        ids = list(dict.fromkeys(ids))
-        if len(ids) > _STREAM_WAIT_MAX:
+        ids = unique(ids)
+        if len(ids) > STREAM_WAIT_MAX:
             yield from self._as_completed_notify(ids, timeout)
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        positions: dict[str, str] = {}
+        pending: list[ServiceRecord | str] = []
         for sid in ids:
             record = self._record_or_none(sid)
             if record is not None and record.final:
                 yield record
-                continue
-            positions[sid] = (record.raw.get("event_id") if record else None) or "0-0"
-        while positions:
-            block = self._block_ms(deadline, positions, timeout)
-            streams = {self.keys.events(sid): pos for sid, pos in positions.items()}
-            resp = self._call(self._blocking.xread, streams, block=block)
-            finished: set[str] = set()
-            for stream, entries in resp or []:
-                sid = stream.decode().rsplit("{", 1)[1].rstrip("}")
-                for raw_id, data in entries:
-                    positions[sid] = raw_id.decode()
-                    if decode_event(data).get("state") in FINAL_VALUES:
-                        finished.add(sid)
-            for sid in finished:
-                positions.pop(sid, None)
+            else:
+                pending.append(record if record is not None else sid)
+        for sid, event in self.follow(pending, timeout=timeout):
+            if is_final(event):
                 yield self.status(sid)
 
-    @staticmethod
-    def _block_ms(deadline: float | None, pending: Iterable[str], timeout: float | None) -> int:
-        block = _BLOCK_MS
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pending = list(pending)
-                raise WaitTimeout(
-                    f"{len(pending)} service(s) not final after {timeout} s: "
-                    + ", ".join(pending[:5])
-                )
-            block = max(1, min(block, int(left * 1000)))
-        return block
-
-    def _final_states(self, ids: Iterable[str]) -> dict[str, str]:
-        ids = list(ids)
+    def _states(self, ids: list[str]) -> dict[str, str | None]:
         pipe = self.redis.pipeline(transaction=False)
         for sid in ids:
             pipe.hget(self.keys.service(sid), "state")
-        states = self._call(pipe.execute)
-        return {
-            sid: json.loads(raw) for sid, raw in zip(ids, states)
-            if raw is not None and json.loads(raw) in FINAL_VALUES
-        }
+        raw = self._call(pipe.execute)
+        return {sid: None if v is None else json.loads(v) for sid, v in zip(ids, raw)}
 
-    def _as_completed_notify(
-        self, ids: list[str], timeout: float | None
-    ) -> Iterator[ServiceRecord]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pending = set(ids)
+    def _as_completed_notify(self, ids: list[str], timeout: float | None
+                             ) -> Iterator[ServiceRecord]:
+        wait = NotifyWait(ids, timeout=timeout)
         pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
         try:
-            self._call(pubsub.subscribe, self.keys.notify)
-            next_check = 0.0
-            while pending:
-                now = time.monotonic()
-                done: set[str] = set()
-                if now >= next_check:  # subscribed first, so nothing slips between
-                    done = set(self._final_states(pending))
-                    next_check = now + _RECHECK_S
+            self._call(pubsub.subscribe, self.keys.notify)  # first, so nothing slips by
+            while wait.pending:
+                done: list[str] = []
+                if wait.check_due():
+                    done = wait.checked(self._states(sorted(wait.pending)))
                 else:
-                    block = self._block_ms(deadline, pending, timeout) / 1000
-                    message = self._call(pubsub.get_message, timeout=min(block, _RECHECK_S))
+                    message = self._call(pubsub.get_message, timeout=wait.block_s())
                     while message is not None:
-                        try:
-                            note = json.loads(message["data"])
-                        except (ValueError, TypeError):
-                            note = {}
-                        if note.get("id") in pending and note.get("state") in FINAL_VALUES:
-                            done.add(note["id"])
+                        if (sid := wait.note(message["data"])) is not None:
+                            done.append(sid)
                         message = self._call(pubsub.get_message, timeout=0)
-                self._block_ms(deadline, pending - done, timeout) if not done else None
-                for sid in done:
-                    pending.discard(sid)
+                for sid in dict.fromkeys(done):
+                    wait.pending.discard(sid)
                     yield self.status(sid)
         finally:
             pubsub.close()
+
+    def follow(
+        self, services: Iterable[str | ServiceRecord], *, timeout: float | None = None,
+        replay: bool = False,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(id, event)`` for every event of these services, until each one is final.
+
+        A record given (rather than an id) is followed from the moment it was read, so
+        a caller that shows records and then follows them misses nothing; an id is
+        followed from its record as read now. Without ``replay`` a service that is
+        already final yields nothing. WaitTimeout after ``timeout`` seconds.
+        """
+        follow = Follow(self.keys, timeout=timeout)
+        for item in services:
+            if isinstance(item, ServiceRecord):
+                follow.add(item.service_id, item, replay=replay)
+            else:
+                follow.add(item, self._record_or_none(item), replay=replay)
+        while follow.active:
+            resp = self._call(self._blocking.xread, follow.streams(), count=READ_COUNT,
+                              block=follow.block_ms())
+            yield from follow.feed(resp)
+            for sid in follow.overdue():
+                follow.resolve(sid, bool(self._call(self.redis.exists, self.keys.service(sid))))
 
     def events(
         self, service_id: str, *, follow: bool = True, timeout: float | None = None
@@ -256,42 +303,58 @@ class Client:
         """Every event of the service from the first, then live ones until it is final.
 
         Replay and live reading are one stream read, so there is neither a gap nor a
-        duplicate between them. Stops after the final event (or at once when
-        ``follow`` is False and the past is replayed); WaitTimeout after ``timeout``.
+        duplicate between them. Stops after the final event (or, when ``follow`` is
+        False, once the past is replayed); WaitTimeout after ``timeout`` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        position = "0-0"
-        key = self.keys.events(service_id)
-        while True:
-            entries = self._call(self.redis.xrange, key, min=f"({position}" if position != "0-0"
-                                 else "-", count=500)
+        record = self._record_or_none(service_id)
+        if not follow or (record is not None and record.final):  # all there is, at once
+            entries = self._call(self.redis.xrange, self.keys.events(service_id))
+            if not entries and record is None:
+                raise unknown(service_id)
             for raw_id, data in entries:
-                position = raw_id.decode()
-                event = decode_event(data)
-                event["event_id"] = position
-                yield event
-                if event.get("state") in FINAL_VALUES:
-                    return
-            if entries:
-                continue
-            if not follow:
+                yield {**decode_event(data), "event_id": raw_id.decode()}
+            return
+        for _, event in self.follow([record or service_id], timeout=timeout, replay=True):
+            yield event
+
+    def logs(
+        self, service_id: str, *, tail: int | None = None, follow: bool = False,
+        stream: str = "stdout",
+    ) -> Iterator[str]:
+        """Lines of the program's ``stdout`` (or ``stderr``), read from its work dir.
+
+        ``tail`` keeps only the last lines; ``follow`` goes on yielding new lines until
+        the service is final. Works where the work dir is visible (the core's machine or
+        a shared file system); LogsUnavailable elsewhere.
+        """
+        record = self.status(service_id)
+        path = output_path(record, stream)
+        while path is None:  # not started yet: no work dir
+            if not follow or record.final:
                 return
-            block = _BLOCK_MS
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise WaitTimeout(f"no final event for {service_id} after {timeout} s")
-                block = max(1, min(block, int(left * 1000)))
-            self._call(self._blocking.xread, {key: position}, block=block, count=1)
+            time.sleep(LOG_POLL)
+            record = self.status(service_id)
+            path = output_path(record, stream)
+        out = OutputFile(path)
+        yield from out.tail(tail)
+        while follow:
+            final = self.status(service_id).final
+            yield from out.new_lines(final=final)
+            if final:
+                return
+            time.sleep(LOG_POLL)
 
     def list(
-        self, *, state: str | None = None, service: str | None = None, limit: int = 100
+        self, *, state: str | None = None, service: str | None = None, node: str | None = None,
+        since: float | None = None, limit: int = 100,
     ) -> list[ServiceRecord]:
-        """The newest services first, optionally only those in ``state`` / of ``service``."""
+        """The newest services first, optionally only those in ``state``, of ``service``,
+        on ``node``, or submitted at or after ``since`` (a ``time.time()`` value)."""
         out: list[ServiceRecord] = []
         start = 0
         while len(out) < limit:
-            ids = self._call(self.redis.zrevrange, self.keys.services, start, start + 199)
+            ids = self._call(self.redis.zrevrangebyscore, self.keys.services, "+inf",
+                                  since if since is not None else "-inf", start=start, num=200)
             if not ids:
                 break
             start += len(ids)
@@ -299,15 +362,12 @@ class Client:
             for raw in ids:
                 pipe.hgetall(self.keys.service(raw.decode()))
             for raw, data in zip(ids, self._call(pipe.execute)):
-                if not data:
-                    continue
-                record = ServiceRecord.from_hash(raw.decode(), data)
-                if (state is None or record.state == state) and (
-                    service is None or record.service == service
-                ):
-                    out.append(record)
-                    if len(out) >= limit:
-                        break
+                if data:
+                    record = ServiceRecord.from_hash(raw.decode(), data)
+                    if matches(record, state, service, node):
+                        out.append(record)
+                        if len(out) >= limit:
+                            break
         return out
 
     # -- steering -----------------------------------------------------------------------
@@ -339,9 +399,10 @@ class Client:
 
     # -- logs ---------------------------------------------------------------------------
 
-    def logs(self, service_id: str, tail: int = 100,
+    def log_lines(self, service_id: str, tail: int = 100,
              streams: Iterable[str] | None = None) -> list[LogLine]:
-        """The last ``tail`` lines of the service's output, oldest first.
+        """The last ``tail`` lines of the service's output, oldest first (see also
+        ``logs``, which reads the work dir's files).
 
         Read from Redis, so it works from any machine; soaf keeps the newest
         ``log_lines`` lines of each service there (the capped files in the work dir hold
@@ -366,7 +427,7 @@ class Client:
             raise RedisUnavailable(f"cannot reach Redis at {redact(self.url or '')}: {e}") from e
 
     def plugins(self) -> dict[str, Any]:
-        """Plugin version and last load error of every core, by node name."""
+        """Plugin version, services and last load error of every core, by node name."""
         data = self._call(self.redis.hgetall, self.keys.plugins)
         return {k.decode(): json.loads(v) for k, v in data.items()}
 
@@ -380,6 +441,5 @@ class Client:
 
     def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""
-        fields = {"type": "reload", **({"node": node} if node else {})}
-        self._call(self.redis.xadd, self.keys.control, fields, maxlen=CONTROL_MAXLEN,
-                   approximate=True)
+        self._call(self.redis.xadd, self.keys.control, reload_fields(node),
+                   maxlen=CONTROL_MAXLEN, approximate=True)

@@ -8,11 +8,16 @@ would cut an ``XREADGROUP BLOCK`` short); every other call fails fast.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from soaf.errors import ConfigError
+
+if TYPE_CHECKING:
+    import redis.asyncio
 
 #: Seconds a normal (non-blocking) command may take before it counts as a failure.
 DEFAULT_SOCKET_TIMEOUT = 10.0
@@ -53,3 +58,22 @@ def redact(url: str) -> str:
     # Built by hand: urlunsplit drops the "//" of "unix:///path" when there is no host.
     return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
             + (f"#{parts.fragment}" if parts.fragment else ""))
+
+
+def connect_async(url: str, *, blocking: bool = False, name: str | None = None
+                  ) -> redis.asyncio.Redis:
+    """The redis.asyncio flavour of ``connect``, for ``AsyncClient``."""
+    import redis.asyncio
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    try:
+        return redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=None if blocking else DEFAULT_SOCKET_TIMEOUT,
+            socket_connect_timeout=5.0,
+            health_check_interval=0 if blocking else 30,
+            client_name=name,
+            retry=AsyncRetry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        )
+    except ValueError as e:
+        raise ConfigError(f"cannot use Redis URL: {e}") from e

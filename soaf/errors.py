@@ -19,7 +19,10 @@
     └── ClientError            a client call that cannot be answered
         ├── WaitTimeout        `Client.wait` ran out of time (also a TimeoutError)
         ├── UnknownService     no service has this id
-        └── DuplicateService   a service with this id was already submitted
+        ├── DuplicateService   a service with this id was already submitted
+        ├── LogsUnavailable    a service's output files cannot be read from this machine
+        └── PipelineError      a pipeline cannot go on (e.g. a step's output is missing)
+            └── StepFailed     a step did not succeed, or was skipped because one it needs did not
 
 Callers catch SoafError to handle anything soaf raises; third-party errors are wrapped
 where they are caught (``raise StateError(...) from e``) so the cause stays visible.
@@ -124,3 +127,25 @@ class UnknownService(ClientError, KeyError):
 
 class DuplicateService(ClientError):
     """A service with this id was already submitted; it runs once."""
+
+
+class LogsUnavailable(ClientError):
+    """A service's output files cannot be read from this machine (yet)."""
+
+
+class PipelineError(ClientError):
+    """A pipeline cannot go on: an output is missing, a template cannot be built ..."""
+
+
+class StepFailed(PipelineError):
+    """A pipeline step did not succeed, or was skipped because a step it needs did not.
+
+    ``step`` is the step waited for, ``cause`` the step that really failed (the same
+    step when it failed itself), ``record`` the final record of ``step`` when it ran.
+    """
+
+    def __init__(self, message: str, *, step: object, cause: object, record: object = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.cause = cause
+        self.record = record

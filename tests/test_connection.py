@@ -43,3 +43,11 @@ def test_unknown_scheme_is_a_config_error_without_the_password() -> None:
     with pytest.raises(ConfigError) as info:
         connect("http://soaf:pw-123@localhost:6379")
     assert "pw-123" not in str(info.value)
+
+
+def test_redact_hides_passwords_and_keeps_unix_paths():
+    assert redact("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
+    assert redact("unix:///tmp/r.sock?password=s3cret&db=1") == "unix:///tmp/r.sock?password=***&db=1"
+    assert redact("unix://:s3cret@/tmp/r.sock") == "unix://:***@/tmp/r.sock"
+    assert redact("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redact("rediss://host:6380") == "rediss://host:6380"

@@ -230,11 +230,11 @@ def test_megabytes_of_output_keep_a_capped_tail(start_core, client):
     assert last[-2].startswith(f"line {end:09d}")
     assert record.get("stdout_bytes") == len(data)
     assert record.get("stdout_dropped_bytes") > 7_000_000
-    tail = client.logs(sid, tail=3, streams=["stdout"])
+    tail = client.log_lines(sid, tail=3, streams=["stdout"])
     assert [str(line) for line in tail][-1] == f"END {end}"
     assert [line.text[:14] for line in tail[:2]] == [f"line {end - 1:09d}", f"line {end:09d}"]
-    assert [line.text for line in client.logs(sid, tail=5, streams=["stderr"])] == ["chatty done"]
-    assert len(client.logs(sid, tail=100_000)) <= 1100  # Redis keeps ~log_lines lines
+    assert [line.text for line in client.log_lines(sid, tail=5, streams=["stderr"])] == ["chatty done"]
+    assert len(client.log_lines(sid, tail=100_000)) <= 1100  # Redis keeps ~log_lines lines
 
 
 def test_follow_logs_streams_lines_until_the_end(start_core, client):
