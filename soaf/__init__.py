@@ -12,9 +12,12 @@ from soaf.codec import dumps, loads
 from soaf.errors import (
     ClientError,
     ConfigError,
+    DataError,
     DecodeError,
     DuplicateService,
+    FetchError,
     LogsUnavailable,
+    MissingOutputError,
     PipelineError,
     PluginError,
     ProgramError,
@@ -25,6 +28,7 @@ from soaf.errors import (
     UnknownService,
     UnknownServiceError,
     UnsafePayload,
+    UploadError,
     ValidationError,
     WaitTimeout,
 )
@@ -33,7 +37,7 @@ from soaf.pipeline import Pipeline, Step
 from soaf.program import ServiceProgramTemplate
 from soaf.service import Service
 from soaf.state import FINAL_STATES, ServiceRecord, State
-from soaf.template import ServiceParamTemplate
+from soaf.template import ServiceParamTemplate, output_ref
 
 __version__ = "0.1.0"
 
@@ -44,9 +48,12 @@ __all__ = [
     "Client",
     "ClientError",
     "ConfigError",
+    "DataError",
     "DecodeError",
     "DuplicateService",
+    "FetchError",
     "LogsUnavailable",
+    "MissingOutputError",
     "Pipeline",
     "PipelineError",
     "PluginError",
@@ -64,10 +71,12 @@ __all__ = [
     "UnknownService",
     "UnknownServiceError",
     "UnsafePayload",
+    "UploadError",
     "ValidationError",
     "WaitTimeout",
     "WatcherHandler",
     "__version__",
     "dumps",
     "loads",
+    "output_ref",
 ]

@@ -8,23 +8,31 @@ The program's exit is recorded the moment the reaper sees it (``_exited``), what
 the plugin code is doing. ``after_watch_callback`` runs exactly once per attempt
 (unless the core is forced down), whatever happened before it. The attempt ends in an
 ``Outcome`` (soaf.outcome).
+
+Data (docs/data.md): the work dir is taken under the work root's shared lock with the
+run marker written first, so the sweep (soaf.retention) never removes it under the
+attempt; ``prepare_input_file`` stages the inputs; after ``after_watch_callback``, and
+only when the attempt has succeeded so far, ``collect_output_files`` checks, records and
+uploads the outputs (a missing one fails the attempt: ``failure: missing_outputs``).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from soaf import workdir
-from soaf.errors import ProgramError, SoafError, ValidationError
+from soaf import markers, workdir
+from soaf.errors import MissingOutputError, ProgramError, SoafError, ValidationError
 from soaf.logs import LogHandle
 from soaf.outcome import INTERRUPTED, Outcome, classify
 from soaf.runner import Exit, Process
 from soaf.service import Service
+from soaf.staging import StageContext
 from soaf.state import State
 from soaf.watcher import FAILED, call_callback, watch
 
@@ -43,6 +51,8 @@ PREPARE_STEPS = ("handler", "program", "build", "prepare_input_file", "command",
                  "environment", "working_dir")
 WATCH_CALLBACKS = ("before_watch_callback", "file_change_callback")
 AFTER = "after_watch_callback"
+#: The last plugin call of a successful attempt (it may upload: no callback budget).
+COLLECT = "collect_output_files"
 
 
 class Halted(Exception):
@@ -75,6 +85,7 @@ class Attempt:
         self.started_at = time.time()
         self.work_dir: Path | None = None
         self.handler: Any = None
+        self.program: Any = None
         self.step = ""  # the last plugin call made
         self.service: Service | None = None
         self.process: Process | None = None
@@ -120,7 +131,7 @@ class Attempt:
             self.work_dir = self._work_dir()
         except Exception as e:
             return Outcome(State.FAILED.value, "plugin", f"work dir: {e}", {"failed_in": "work dir"})
-        self.emit({"work_dir": str(self.work_dir)})
+        self.emit({"work_dir": str(self.work_dir), "host": socket.gethostname()})
         self.service = Service(
             self.template, self.work_dir, attempt=self.number, node=self.settings.node,
             plugin_version=self.run_.registry.version, emit=self.emit,
@@ -143,7 +154,7 @@ class Attempt:
                 escape = self._outputs_escape()
                 if escape is not None:
                     outcome = Outcome(State.FAILED.value, "confinement", escape)
-        return self._after_watch(outcome)
+        return self._collect(self._after_watch(outcome))
 
     def _outputs_escape(self) -> str | None:
         """Why the output names now lead out of the work dir (the program may have made
@@ -166,6 +177,10 @@ class Attempt:
             program = self.call(step, lambda: self.program_cls(
                 self.template, self.work_dir, attempt=self.number,
                 plugin_root=self.settings.plugins))
+            self.program = program
+            program.service = self.service
+            program.staging = StageContext(timeout=self.settings.fetch_timeout,
+                                           resolve=self.run_.resolve)
             step = "build"
             self.call(step, program.build)
             step = "work dir check"  # build() may have made links that lead out
@@ -220,9 +235,17 @@ class Attempt:
             path = workdir.work_dir_for(root, self.template)
             moved = workdir.set_aside(path, f"attempt{self.number - 1}")
             if moved is not None:
+                last = self.run_.attempts[-1].get("state") if self.run_.attempts else None
+                markers.mark_set_aside(root, moved.relative_to(root).as_posix(),
+                                       last or State.FAILED.value)
                 log.info("service %s: attempt %d runs in a fresh dir; the last one is at %s",
                          self.template.service_id, self.number, moved)
-        return workdir.create(root, self.template)
+        # Marker first, under the shared lock: a sweep sees the dir as in use from the
+        # moment it exists.
+        with markers.work_root_lock(root, exclusive=False):
+            name = self.template.work_path or self.template.service_id
+            self.run_.marker = markers.mark_started(root, self.template.service_id, name)
+            return workdir.create(root, self.template)
 
     # -- the program --------------------------------------------------------------------
 
@@ -348,7 +371,7 @@ class Attempt:
         run = self.run_
         if run.force:
             return started
-        if name in PREPARE_STEPS:
+        if name in PREPARE_STEPS or name == COLLECT:
             return None if run.halt_at is None else run.halt_at + self.settings.kill_grace
         if name in WATCH_CALLBACKS:
             if self.exited_at is None:
@@ -368,6 +391,11 @@ class Attempt:
 
     def resume(self, stuck: str) -> Outcome:
         """Finish this attempt in a new thread; the old one is stuck in ``stuck``."""
+        if stuck == COLLECT:
+            if self.run_.interrupt_requested:
+                return Outcome(INTERRUPTED, error="core stopped while the outputs were collected")
+            return Outcome(State.CANCELLED.value,
+                           error="cancelled while the outputs were collected")
         if stuck in PREPARE_STEPS:
             return self._after_watch(self._halted(f" ({stuck} did not return; abandoned)"))
         assert self.service is not None
@@ -379,7 +407,7 @@ class Attempt:
                     f"{stuck} did not return within {self._watch_grace():g} s after the "
                     "program ended; abandoned, after_watch_callback ran without waiting for it",
                     "")
-            return self._after_watch(self._ended())
+            return self._collect(self._after_watch(self._ended()))
         # stuck in after_watch_callback
         text = f"after_watch_callback did not return within {self._budget():g} s"
         if self.run_.force:
@@ -411,4 +439,22 @@ class Attempt:
         if self.call(AFTER, after) is FAILED and outcome.state == State.SUCCEEDED.value:
             return Outcome(State.FAILED.value, "callback",
                            "after_watch_callback raised; see callback_error")
+        return outcome
+
+    def _collect(self, outcome: Outcome) -> Outcome:
+        """``collect_output_files`` after a success (after ``after_watch_callback``, which
+        may still write or rename outputs); a missing output or a failed upload fails."""
+        program = self.program
+        if outcome.state != State.SUCCEEDED.value or program is None or self.run_.force:
+            return outcome
+        try:
+            self.call(COLLECT, program.collect_output_files)
+        except Orphaned:
+            raise
+        except MissingOutputError as e:
+            log.info("service %s: %s", self.template.service_id, e)
+            return Outcome(State.FAILED.value, "missing_outputs", str(e),
+                           {"failed_in": COLLECT, "missing_outputs": e.missing})
+        except BaseException as e:  # a plugin may raise SystemExit too
+            return self._phase_failed(PhaseError(COLLECT, e))
         return outcome

@@ -52,6 +52,18 @@ DEFAULT_CALLBACK_TIMEOUT = 300.0
 
 #: Seconds a final service's record and events are kept (0: forever).
 DEFAULT_RECORD_TTL = 7 * 24 * 3600.0
+#: Seconds a network operation of staging or uploading (connect, one read) may take.
+DEFAULT_FETCH_TIMEOUT = 60.0
+#: Seconds between the core's sweeps of its work root (0: no periodic sweep).
+DEFAULT_GC_INTERVAL = 600.0
+#: What becomes of a succeeded service's work dir once it is old enough: ``remove`` it,
+#: keep only its ``outputs`` (and the program's stdout/stderr logs), or ``keep`` it whole.
+SUCCESS_ACTIONS = ("remove", "outputs", "keep")
+DEFAULT_ON_SUCCESS = "remove"
+#: Hours a finished work dir is left alone: succeeded ones for a look at the results,
+#: failed (cancelled, timed out) ones much longer, for inspection.
+DEFAULT_KEEP_SUCCEEDED_HOURS = 24.0
+DEFAULT_KEEP_FAILED_HOURS = 7 * 24.0
 
 SECRET_FILE = "secret"
 #: The well-known key of ``--insecure`` cores (and clients with SOAF_INSECURE=1): it
@@ -195,6 +207,71 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}")
 
 
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str | int, *, name: str = "size") -> int:
+    """Bytes in ``"500M"``, ``"20G"``, ``"1.5T"`` or a plain number; ConfigError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    raw = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    unit = raw[-1:] if raw[-1:] in _SIZE_UNITS else ""
+    try:
+        return int(float(raw[: len(raw) - len(unit)]) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ConfigError(f"{name} must be a size like 500M or 20G, got {text!r}")
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How long finished work dirs stay under the work root (see soaf/retention.py).
+
+    Unfinished services' dirs are never touched. A succeeded dir is left whole for
+    ``keep_succeeded_hours``, then ``on_success`` applies; a failed, cancelled or timed
+    out one stays ``keep_failed_hours`` (``inf``: forever), then goes. When the finished
+    dirs together pass ``max_bytes`` (0: no cap), the oldest go first, succeeded before
+    failed, whatever their age.
+    """
+
+    on_success: str = DEFAULT_ON_SUCCESS
+    keep_succeeded_hours: float = DEFAULT_KEEP_SUCCEEDED_HOURS
+    keep_failed_hours: float = DEFAULT_KEEP_FAILED_HOURS
+    max_bytes: int = 0
+
+    @classmethod
+    def load(cls, **flags: Any) -> RetentionPolicy:
+        """Defaults < SOAF_ON_SUCCESS, SOAF_KEEP_SUCCEEDED_HOURS, SOAF_KEEP_FAILED_HOURS,
+        SOAF_MAX_WORK_BYTES < non-None ``flags``."""
+        values: dict[str, Any] = {
+            "on_success": os.environ.get("SOAF_ON_SUCCESS") or DEFAULT_ON_SUCCESS,
+            "keep_succeeded_hours": _env_float("SOAF_KEEP_SUCCEEDED_HOURS",
+                                               DEFAULT_KEEP_SUCCEEDED_HOURS),
+            "keep_failed_hours": _env_float("SOAF_KEEP_FAILED_HOURS", DEFAULT_KEEP_FAILED_HOURS),
+            "max_bytes": os.environ.get("SOAF_MAX_WORK_BYTES") or 0,
+        }
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name, value in flags.items():
+            if name not in known:
+                raise ConfigError(f"unknown retention setting {name!r}")
+            if value is not None:
+                values[name] = value
+        values["max_bytes"] = parse_size(values["max_bytes"], name="max work bytes")
+        policy = cls(**values)
+        policy.validate()
+        return policy
+
+    def validate(self) -> None:
+        if self.on_success not in SUCCESS_ACTIONS:
+            raise ConfigError(f"on success must be one of {', '.join(SUCCESS_ACTIONS)}, "
+                              f"got {self.on_success!r}")
+        for name in ("keep_succeeded_hours", "keep_failed_hours"):
+            value = getattr(self, name)
+            if not value >= 0:  # also refuses NaN
+                raise ConfigError(f"{name.replace('_', ' ')} must be >= 0, got {value!r}")
+        if self.max_bytes < 0:
+            raise ConfigError(f"max work bytes must be >= 0, got {self.max_bytes}")
+
+
 @dataclass
 class Settings:
     """Everything a core needs to know; build it with ``Settings.load(**flags)``."""
@@ -222,6 +299,9 @@ class Settings:
     callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT
     insecure: bool = False
     record_ttl: float = DEFAULT_RECORD_TTL
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+    gc_interval: float = DEFAULT_GC_INTERVAL
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     secret_file: Path | None = None
 
     @classmethod
@@ -251,7 +331,11 @@ class Settings:
             "callback_timeout": _env_float("SOAF_CALLBACK_TIMEOUT", DEFAULT_CALLBACK_TIMEOUT),
             "insecure": os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"),
             "record_ttl": _env_float("SOAF_RECORD_TTL", DEFAULT_RECORD_TTL),
+            "fetch_timeout": _env_float("SOAF_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT),
+            "gc_interval": _env_float("SOAF_GC_INTERVAL", DEFAULT_GC_INTERVAL),
         }
+        if flags.get("retention") is None:
+            values["retention"] = RetentionPolicy.load()
         known = {f.name for f in dataclasses.fields(cls)}
         for name, value in flags.items():
             if name not in known:
@@ -286,6 +370,11 @@ class Settings:
                                   f"got {getattr(self, name)}")
         if self.heartbeat_ttl <= self.heartbeat_interval * 2:
             raise ConfigError("heartbeat TTL must be more than twice the heartbeat interval")
+        if not self.fetch_timeout > 0:
+            raise ConfigError(f"fetch timeout must be a positive number, got {self.fetch_timeout}")
+        if not self.gc_interval >= 0:
+            raise ConfigError(f"gc interval must be >= 0 seconds, got {self.gc_interval}")
+        self.retention.validate()
         if self.reload_poll < 0 or self.reload_debounce < 0:
             raise ConfigError("reload poll and debounce must not be negative")
         if self.reload_timeout <= 0:

@@ -14,10 +14,12 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
 
+from soaf import retention
 from soaf.config import Settings, core_secrets
 from soaf.connection import connect, redact
 from soaf.errors import PluginError, RedisUnavailable
@@ -28,7 +30,7 @@ from soaf.logs import LogKeeper
 from soaf.plugins import PluginLoader
 from soaf.reloader import Reloader
 from soaf.runner import Reaper, become_subreaper, raise_open_files_limit
-from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, State, is_noscript
+from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, ServiceRecord, State, is_noscript
 from soaf.supervisor import Supervisor
 from soaf.template import ServiceParamTemplate
 from soaf.versions import PluginVersions
@@ -122,6 +124,9 @@ class Core:
         self.supervisor.start()
         self._spawn(self._heartbeat_loop, "soaf-heartbeat")
         self._spawn(self._control_loop, "soaf-control")
+        self.sweeper = retention.Sweeper(s.work_root, s.retention, interval=s.gc_interval,
+                                         in_use=self.work_dirs_in_use)
+        self.sweeper.start()
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
                  s.node, s.max_services, s.work_root.resolve(), s.plugins.resolve())
 
@@ -163,6 +168,7 @@ class Core:
                 break
             self._slot_freed.wait(0.2)
             self._slot_freed.clear()
+        self.sweeper.stop()
         self.supervisor.stop()
         self.keeper.stop()
         self.writer.stop(timeout=10)
@@ -289,8 +295,8 @@ class Core:
             run = ServiceRun(
                 template, Claim(entry_id, int(attempt), int(seq), Claim.parse_attempts(attempts)),
                 registry=registry, settings=self.settings, writer=self.writer,
-                reaper=self.reaper, on_done=self._done, keeper=self.keeper,
-                supervisor=self.supervisor,
+                reaper=self.reaper, on_done=self._done, lookup=self._lookup,
+                keeper=self.keeper, supervisor=self.supervisor,
             )
             with self._runs_lock:
                 self.runs[template.service_id] = run
@@ -348,6 +354,15 @@ class Core:
         pipe.xack(self.keys.submit, GROUP, entry_id)
         pipe.xdel(self.keys.submit, entry_id)
         pipe.execute()
+
+    def _lookup(self, service_id: str) -> dict[str, Any] | None:
+        """Another service's record fields, for resolving ``soaf://`` inputs."""
+        data = self.redis.hgetall(self.keys.service(service_id))
+        return ServiceRecord.from_hash(service_id, data).raw if data else None
+
+    def work_dirs_in_use(self) -> set[Path]:
+        with self._runs_lock:
+            return {run.work_dir for run in self.runs.values() if run.work_dir is not None}
 
     def _done(self, run: ServiceRun) -> None:
         with self._runs_lock:

@@ -10,6 +10,10 @@
     ├── PluginError            a plugin package failed to load or a plugin raised
     │   └── UnknownServiceError no plugin serves the requested service name
     ├── ProgramError           a service program could not be started
+    ├── DataError              data could not be moved into or out of a work dir
+    │   ├── FetchError         an input could not be staged (names the source and why)
+    │   ├── MissingOutputError expected outputs the program did not write (lists them)
+    │   └── UploadError        outputs could not be copied to the output target
     ├── StateError             reading or writing the state store failed
     │   └── RedisUnavailable   Redis could not be reached
     └── ClientError            a client call that cannot be answered
@@ -70,6 +74,32 @@ class UnknownServiceError(PluginError):
 
 class ProgramError(SoafError):
     """A service program could not be started (missing executable, no permission ...)."""
+
+
+class DataError(SoafError):
+    """Data could not be moved into or out of a work dir."""
+
+
+class FetchError(DataError):
+    """An input could not be staged; the message names the source (credentials hidden)
+    and the reason, so the submitter can fix the template without reading core logs."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"cannot stage {source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class MissingOutputError(DataError):
+    """Outputs the template expects (``output_files``) that the program did not write."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"missing outputs: {', '.join(missing)}")
+        self.missing = list(missing)
+
+
+class UploadError(DataError):
+    """Outputs could not be copied to the template's ``output_target``."""
 
 
 class StateError(SoafError):

@@ -15,6 +15,10 @@ attempt as ``failed`` with the error and traceback; it never reaches the core.
 When the core stops without draining (``interrupt()``), the program is stopped but no
 final state is written: the record goes back to ``queued`` and the stream entry stays
 unacknowledged, so the service is run again when a core recovers it.
+
+Data (docs/data.md): each attempt writes the run's marker (soaf/markers.py) when it
+takes its work dir; the run rewrites it with the final state and outputs when it ends.
+``soaf://`` inputs are resolved through ``lookup`` (another service's record).
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from soaf import markers
 from soaf.attempt import Attempt, Orphaned
 from soaf.config import Settings
+from soaf.errors import FetchError
+from soaf.handoff import Lookup, resolve_ref
 from soaf.logs import LogKeeper
 from soaf.outcome import INTERRUPTED, Outcome
 from soaf.plugins import Registry
@@ -47,7 +55,7 @@ ATTEMPT_FIELDS = (
     "max_rss_kb", "exited_at", "error", "failure", "failed_in", "traceback", "progress",
     "message", "callback_error", "callback_traceback", "callback_errors", "running_at",
     "preparing_at", "stdout_bytes", "stderr_bytes", "stdout_dropped_bytes",
-    "stderr_dropped_bytes",
+    "stderr_dropped_bytes", "missing_outputs", "inputs", "outputs", "output_target",
 )
 
 
@@ -85,6 +93,7 @@ class ServiceRun:
         on_done: Callable[[ServiceRun], None],
         keeper: LogKeeper | None = None,
         supervisor: Supervisor | None = None,
+        lookup: Lookup | None = None,
     ) -> None:
         self.template = template
         self.claim = claim
@@ -95,6 +104,9 @@ class ServiceRun:
         self.keeper = keeper
         self.supervisor = supervisor
         self.on_done = on_done
+        self.lookup = lookup
+        #: The run marker, written by each attempt as it takes its work dir.
+        self.marker: markers.Marker | None = None
         self.service_id = template.service_id
         self.program_cls = registry.program(template.service)
         self.handler_cls = registry.handler(template.service)
@@ -118,6 +130,18 @@ class ServiceRun:
         self.thread = threading.Thread(
             target=self._run, name=f"soaf-svc-{self.service_id[:12]}", daemon=True
         )
+
+    @property
+    def work_dir(self) -> Path | None:
+        """The current attempt's work dir (the sweep leaves it alone), once taken."""
+        current = self.current
+        return current.work_dir if current is not None else None
+
+    def resolve(self, ref: str) -> Path | str:
+        """Where a ``soaf://`` input is: a local path or the URL it was uploaded to."""
+        if self.lookup is None:
+            raise FetchError(ref, "this core cannot read other services' records")
+        return resolve_ref(ref, lookup=self.lookup, work_root=self.settings.work_root)
 
     def start(self) -> None:
         if self.supervisor is not None:
@@ -218,6 +242,7 @@ class ServiceRun:
             now = time.time()
             final.setdefault(f"{final['state']}_at", now)
             final["finished_at"] = now
+            self._mark_finished(final["state"])
             self.emit(final, final=True)
             log.info("service %s %s", self.service_id, final["state"])
         if self.supervisor is not None:
@@ -260,6 +285,18 @@ class ServiceRun:
                         "error": "cancelled while waiting to retry", "failure": None}
             with self._seq_lock:
                 self.attempt += 1
+
+    def _mark_finished(self, state: str) -> None:
+        """Rewrite the run marker with the final state (an interrupted run keeps its
+        ``running`` marker: the sweep counts it as abandoned once this core is gone)."""
+        if self.marker is None:
+            return
+        service = self.current.service if self.current is not None else None
+        outputs = [o["name"] for o in service.outputs] if service is not None else []
+        try:
+            markers.mark_finished(self.marker, state, outputs)
+        except OSError:
+            log.warning("cannot write the retention marker of %s", self.service_id, exc_info=True)
 
     def _retry_delay(self, outcome: Outcome) -> float | None:
         """Seconds before the next attempt, or None when this outcome is final."""

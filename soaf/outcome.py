@@ -21,6 +21,7 @@ FAILURES = {
     "start": "the program could not be started (missing executable, permission, cwd)",
     "plugin": "plugin code (build, prepare_input_file, command ...) raised",
     "callback": "after_watch_callback raised or did not return in time",
+    "missing_outputs": "the program succeeded but did not write every ``output_files`` entry",
 }
 #: Fraction of a memory limit that a SIGKILLed program must have reached for its death
 #: to be classified ``memory`` (the kernel's OOM killer, or a cgroup limit, killed it).

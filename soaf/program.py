@@ -2,7 +2,9 @@
 
 Subclass it in the ``services/`` package, set ``name`` (the service name templates ask
 for) and usually ``program`` and ``command()``. The core calls ``build()`` then
-``prepare_input_file()`` in the service's work dir, then runs ``command()`` there.
+``prepare_input_file()`` in the service's work dir, then runs ``command()`` there, and
+after a successful run (and after the handler's ``after_watch_callback``) calls
+``collect_output_files()``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import functools
 import os
 import shutil
 import stat
-import tempfile
-import urllib.request
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from soaf.errors import PluginError, ProgramError
-from soaf.template import ServiceParamTemplate, is_url
-from soaf.workdir import confine
+from soaf.outputs import collect_outputs, expand_target, upload_outputs
+from soaf.staging import StageContext, redact, stage_inputs
+from soaf.template import ServiceParamTemplate
+
+if TYPE_CHECKING:
+    from soaf.service import Service
 
 
 class ServiceProgramTemplate:
@@ -64,6 +68,11 @@ class ServiceProgramTemplate:
         self.work_dir = work_dir
         self.plugin_root = plugin_root
         self.attempt = attempt
+        #: The live record of this run (set by the core before ``build()``; None when a
+        #: program is used on its own). The default data steps record on it.
+        self.service: Service | None = None
+        #: Fetch timeout and the resolver of ``soaf://`` references, set by the core.
+        self.staging = StageContext()
 
     # -- the steps the core calls, in order -------------------------------------------
 
@@ -76,13 +85,40 @@ class ServiceProgramTemplate:
             target.chmod(target.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
     def prepare_input_file(self) -> None:
-        """Stage ``template.input_files`` into the work dir: copy paths, download URLs."""
-        for name, source in self.template.input_sources().items():
-            target = confine(self.work_dir, name, field="input_files")
-            if is_url(source):
-                download(source, target)
-            else:
-                copy_local(source, target)
+        """Stage ``template.input_files`` into the work dir and record them (``inputs``).
+
+        Local paths are copied (or linked, see ``input_mode``), URLs downloaded through a
+        temporary name, ``soaf://`` references to other services' outputs linked or
+        fetched. A source that cannot be staged raises ``FetchError``: the service fails
+        in ``preparing`` and its program never starts.
+        """
+        staged = stage_inputs(self.template, self.work_dir, self.staging)
+        if staged and self.service is not None:  # no inputs, no event
+            self.service.record_inputs([s.to_record() for s in staged])
+
+    def collect_output_files(self) -> None:
+        """Check, checksum and ship the outputs after a successful run.
+
+        Runs after ``after_watch_callback`` (which may still write or rename files), so it
+        sees the work dir as the developer left it. Every ``output_files`` pattern must
+        match (else ``MissingOutputError``: the service fails with the list);
+        ``optional_outputs`` are taken when present. The files, sizes and sha256 go to the
+        record (``outputs``); with ``output_target`` they are copied there first.
+        """
+        template = self.template
+        required = list(template.output_files)
+        optional = list(getattr(template, "optional_outputs", ()) or ())
+        target = getattr(template, "output_target", None)
+        if not required and not optional:
+            return
+        outputs = collect_outputs(self.work_dir, required, optional)
+        shown = None
+        if target:
+            resolved = expand_target(target, template)
+            upload_outputs(self.work_dir, outputs, resolved, timeout=self.staging.timeout)
+            shown = redact(resolved)
+        if self.service is not None:
+            self.service.record_outputs([o.to_record() for o in outputs], target=shown)
 
     def command(self) -> list[str]:
         """The argv of the program, run with the work dir as its working directory."""
@@ -131,31 +167,3 @@ def base_environment() -> dict[str, str]:
     black box); read once, since copying os.environ costs more than starting a program."""
     return {k: v for k, v in os.environ.items() if not k.startswith("SOAF_")}
 
-
-def copy_local(source: str, target: Path) -> None:
-    """Copy a local file or directory to ``target``, never moving the original."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"input {source!r} does not exist on this machine")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_dir():
-        shutil.copytree(path, target, dirs_exist_ok=True)
-    else:
-        shutil.copy2(path, target)
-
-
-def download(url: str, target: Path, *, timeout: float = 60.0) -> None:
-    """Fetch ``url`` to ``target`` through a temporary name, so a partial download never
-    looks complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out, 1024 * 1024)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

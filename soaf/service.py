@@ -44,6 +44,8 @@ class Service:
         self._progress: float | None = None
         self._message: str | None = None
         self.fields: dict[str, Any] = {}
+        self.inputs: list[dict[str, Any]] = []
+        self.outputs: list[dict[str, Any]] = []
         self.stop_requested = threading.Event()
         self.callback_errors = 0
         #: How the program ended (``soaf.runner.Exit``: exit_code, signal, wall_time ...),
@@ -94,6 +96,20 @@ class Service:
                 changed["f:" + key] = value
         if changed:
             self._emit(changed)
+
+    def record_inputs(self, inputs: list[dict[str, Any]]) -> None:
+        """Record what was staged into the work dir (``inputs``: name, source, size ...)."""
+        self.inputs = list(inputs)
+        self._emit({"inputs": self.inputs})
+
+    def record_outputs(self, outputs: list[dict[str, Any]], *, target: str | None = None) -> None:
+        """Record the collected outputs (``outputs``: name, size, sha256, url) and where
+        they were copied (``output_target``)."""
+        self.outputs = list(outputs)
+        values: dict[str, Any] = {"outputs": self.outputs}
+        if target is not None:
+            values["output_target"] = target
+        self._emit(values)
 
     def record_callback_error(self, text: str, tb: str) -> None:
         """Record a callback's exception on the record; the service carries on."""

@@ -268,6 +268,16 @@ class ServiceRecord:
     def ok(self) -> bool:
         return self.state == State.SUCCEEDED.value
 
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        """What was staged into the work dir: name, source, size, files, mode."""
+        return list(self.raw.get("inputs") or [])
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        """The collected outputs: name, size, sha256 and, when uploaded, url."""
+        return list(self.raw.get("outputs") or [])
+
     def get(self, name: str, default: Any = None) -> Any:
         """Any stored field, e.g. ``record.get('running_at')``."""
         return self.raw.get(name, default)

@@ -21,6 +21,12 @@ from soaf.errors import ValidationError
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
+#: How local inputs are staged: copied, hard-linked, or symlinked (never moved).
+INPUT_MODES = ("copy", "link", "symlink")
+#: The first path component soaf keeps for itself at the top of the work root.
+RESERVED_WORK_NAME = ".soaf"
+#: The scheme of a reference to another service's output: ``soaf://<service_id>/<name>``.
+REF_SCHEME = "soaf://"
 
 
 def new_service_id() -> str:
@@ -70,7 +76,16 @@ class ServiceParamTemplate:
             share it. Default: a directory of its own named after ``service_id``.
         input_files: paths or URLs the default ``prepare_input_file`` stages into the
             work dir; a mapping form ``{name_in_work_dir: source}`` chooses the names.
-        output_files: names (globs allowed) the program is expected to write.
+            ``soaf://<service_id>/<name>`` names another service's output (see
+            ``soaf.output_ref``). See docs/data.md.
+        input_mode: how local inputs are staged: ``"copy"`` (default), ``"link"`` (hard
+            link, falling back to a copy across file systems) or ``"symlink"``.
+        output_files: names (globs allowed) the program must write; any missing one
+            fails the service after the program exits.
+        optional_outputs: names (globs allowed) collected when present, never required.
+        output_target: a directory (absolute path on the core's machine) or URL the
+            outputs are copied to after a successful run; ``{service_id}`` and
+            ``{service}`` in it are replaced.
         args: free arguments for the plugin (``command()`` decides how to use them).
         env: extra environment variables for the program (strings only).
         watch_interval: seconds between ``file_change_callback`` calls.
@@ -88,6 +103,11 @@ class ServiceParamTemplate:
     work_path: str | None = None
     input_files: list[str] | dict[str, str] = field(default_factory=list)
     output_files: list[str] = field(default_factory=list)
+    # Fields added after the first release default to immutable values, so a template
+    # pickled by an older client (without them) still has them through the class.
+    input_mode: str = "copy"
+    optional_outputs: list[str] | tuple[str, ...] = ()
+    output_target: str | None = None
     args: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     watch_interval: float = 1.0
@@ -147,6 +167,28 @@ class ServiceParamTemplate:
         return out
 
 
+def output_ref(service_id: str, name: str) -> str:
+    """A source for ``input_files`` naming output ``name`` of service ``service_id``.
+
+    A core on the producer's host links the file from the producer's work dir (no
+    copy); elsewhere it fetches the copy the producer uploaded to its ``output_target``.
+    """
+    ref = f"{REF_SCHEME}{service_id}/{name}"
+    parse_ref(ref)
+    return ref
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """``(service_id, name)`` of a ``soaf://`` reference, or ValidationError."""
+    if not isinstance(ref, str) or not ref.startswith(REF_SCHEME):
+        raise ValidationError("input_files", f"{ref!r} is not a {REF_SCHEME}<service_id>/<name> reference")
+    service_id, _, name = ref[len(REF_SCHEME):].partition("/")
+    if not _ID.match(service_id):
+        raise ValidationError("input_files", f"{ref!r} names no valid service id")
+    check_relative("input_files", name)
+    return service_id, name
+
+
 def validate_template(template: ServiceParamTemplate) -> None:
     """What clients and cores run: the base class's checks, which a subclass that
     overrides ``validate()`` cannot skip, then the subclass's own ``validate()``."""
@@ -170,6 +212,9 @@ def _check_service_id(t: ServiceParamTemplate, value: Any) -> None:
 def _check_work_path(t: ServiceParamTemplate, value: Any) -> None:
     if value is not None:
         check_relative("work_path", value)
+        if PurePosixPath(value).parts[0] == RESERVED_WORK_NAME:
+            raise ValidationError(
+                "work_path", f"{RESERVED_WORK_NAME!r} at the top of the work root is soaf's own")
 
 
 def _check_input_files(t: ServiceParamTemplate, value: Any) -> None:
@@ -179,14 +224,36 @@ def _check_input_files(t: ServiceParamTemplate, value: Any) -> None:
                 raise ValidationError("input_files", f"source {_show(source)} must be a string")
     for name in ServiceParamTemplate.input_names(t):
         check_relative("input_files", name)
+    for source in ServiceParamTemplate.input_sources(t).values():
+        if source.startswith(REF_SCHEME):
+            parse_ref(source)
 
 
-def _check_output_files(t: ServiceParamTemplate, value: Any) -> None:
-    if not isinstance(value, (list, tuple)):
-        raise ValidationError("output_files", f"must be a list of names or globs, got "
+def _check_input_mode(t: ServiceParamTemplate, value: Any) -> None:
+    if value not in INPUT_MODES:
+        raise ValidationError(
+            "input_mode", f"must be one of {', '.join(INPUT_MODES)}, got {_show(value)}")
+
+
+def _check_patterns(field_name: str) -> Callable[[ServiceParamTemplate, Any], None]:
+    """The check of a list of names or globs inside the work dir (``output_files``,
+    ``optional_outputs``)."""
+    def check(t: ServiceParamTemplate, value: Any) -> None:
+        if not isinstance(value, (list, tuple)):
+            raise ValidationError(field_name, f"must be a list of names or globs, got "
                                               f"{_show(value)}")
-    for name in value:
-        check_relative("output_files", name)
+        for name in value:
+            check_relative(field_name, name)
+    return check
+
+
+def _check_output_target(t: ServiceParamTemplate, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise ValidationError("output_target", f"must be a URL or directory, got {_show(value)}")
+    if not is_url(value) and not PurePosixPath(value).is_absolute():
+        raise ValidationError("output_target", f"{value!r} must be a URL or an absolute directory")
 
 
 def _check_args(t: ServiceParamTemplate, value: Any) -> None:
@@ -238,7 +305,9 @@ def _check_max_memory_mb(t: ServiceParamTemplate, value: Any) -> None:
 _CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
     ("service", _check_service), ("service_id", _check_service_id),
     ("work_path", _check_work_path), ("input_files", _check_input_files),
-    ("output_files", _check_output_files), ("args", _check_args), ("env", _check_env),
+    ("input_mode", _check_input_mode), ("output_files", _check_patterns("output_files")),
+    ("optional_outputs", _check_patterns("optional_outputs")),
+    ("output_target", _check_output_target), ("args", _check_args), ("env", _check_env),
     ("watch_interval", _check_watch_interval), ("timeout", _check_timeout),
     ("retries", _check_retries), ("retry_backoff", _check_retry_backoff),
     ("max_memory_mb", _check_max_memory_mb),
