@@ -16,10 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from soaf import workdir
+from soaf import shim, workdir
 from soaf.config import Settings
 from soaf.errors import SoafError
+from soaf.journal import RunJournal
 from soaf.plugins import Registry
+from soaf.procinfo import ProcIdentity
 from soaf.runner import Exit, Process, Reaper
 from soaf.service import Service
 from soaf.state import Change, State
@@ -75,6 +77,13 @@ class ServiceRun:
         self._seq_lock = threading.Lock()
         self._deadline: float | None = None
         self._timeout: float | None = None
+        #: The run's journal (soaf.journal), from the moment its work dir exists.
+        self.journal: RunJournal | None = None
+        #: Set when a newer attempt took this service over (this core was thought dead):
+        #: the program is stopped, after_watch_callback is not called, writes are fenced.
+        self.superseded = False
+        #: Set once the final state is in Redis (or was fenced out by a newer attempt).
+        self.final_written = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name=f"soaf-svc-{self.service_id[:12]}", daemon=True
         )
@@ -98,8 +107,17 @@ class ServiceRun:
                     self._seq,
                     values,
                     ack=self.claim.entry_id if final else None,
+                    on_written=self._final_written if final else None,
                 )
             )
+
+    def _final_written(self, applied: bool) -> None:
+        if self.journal is not None:
+            self.journal.remove()
+        self.final_written.set()
+
+    def _journal(self, step: str, **info: Any) -> dict[str, Any]:
+        return self.journal.try_step(step, **info) if self.journal is not None else {}
 
     def _state(self, state: State, **values: Any) -> None:
         self.emit({"state": state.value, f"{state.value}_at": time.time(), **values},
@@ -125,6 +143,8 @@ class ServiceRun:
             }
         final.setdefault(f"{final['state']}_at", time.time())
         final["finished_at"] = time.time()
+        if self.journal is not None:
+            final.update(self.journal.finish(final))
         self.emit(final, final=True)
         log.info("service %s %s", self.service_id, final["state"])
         try:
@@ -149,20 +169,27 @@ class ServiceRun:
         handler_cls = self.registry.handler(template.service)
         work_dir = self._phase("work dir", lambda: workdir.create(self.settings.work_root, template))
         self.emit({"work_dir": str(work_dir)})
+        self.journal = RunJournal(self.settings.work_root, self.settings.node, self.service_id,
+                                  self.claim.attempt, work_dir)
         program = program_cls(template, work_dir, plugin_root=self.settings.plugins)
         timeout = template.timeout if template.timeout is not None else program_cls.timeout
 
         self._check_cancel()
         self._phase("build", program.build)
         self._check_cancel()
-        self._state(State.PREPARING)
+        self._state(State.PREPARING, **self.journal.step("built"))
         self._phase("prepare_input_file", program.prepare_input_file)
         self._check_cancel()
         argv = self._phase("command", program.command)
         env = self._phase("environment", program.environment)
+        argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv
+        # Saved before the spawn: a work root that cannot take it fails the service here.
+        journal = self.journal
+        self._phase("journal", lambda: journal.step("prepared", save=True))
+        spawn_argv, shimmed = self._phase("start", lambda: shim.wrap(
+            argv, cwd=work_dir, env=env, exit_file=journal.exit_file))
         process = Process(
-            [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv,
-            cwd=work_dir, env=env, stdout=work_dir / STDOUT, stderr=work_dir / STDERR,
+            spawn_argv, cwd=work_dir, env=env, stdout=work_dir / STDOUT, stderr=work_dir / STDERR,
         )
         handler = self._phase("handler", handler_cls)
         service = Service(
@@ -175,7 +202,11 @@ class ServiceRun:
         if timeout is not None:
             self._timeout = float(timeout)
             self._deadline = time.monotonic() + float(timeout)
-        self._state(State.RUNNING, pid=process.pid, command=list(process.argv))
+        assert process.pid is not None
+        identity = ProcIdentity.of(process.pid)
+        self._state(State.RUNNING, pid=process.pid, command=list(argv), **self._journal(
+            "running", process=identity.to_dict() if identity else None, shimmed=shimmed,
+            running_at=time.time()))
         reason, files = watch(handler, service, process, wake=self.wake, check=self._reason,
                               file_poll=self.settings.file_poll)
         if reason is not None:
@@ -194,18 +225,25 @@ class ServiceRun:
         return None
 
     def _exited(self, exit: Exit) -> None:
-        self.emit({
+        values = {
             "exit_code": exit.exit_code,
             "signal": exit.signal,
             "wall_time": round(exit.wall_time, 6),
             "cpu_time": round(exit.cpu_time, 6),
             "max_rss_kb": exit.max_rss_kb,
             "exited_at": time.time(),
-        })
+        }
+        self.emit({**values, **self._journal("exited", exit={
+            "returncode": exit.returncode, "wall_time": values["wall_time"],
+            "cpu_time": values["cpu_time"], "max_rss_kb": exit.max_rss_kb})})
 
     def _after_watch(self, handler: Any, service: Service, files: list[str]) -> str | None:
+        if self.superseded:  # the newer attempt will collect; never run the callback twice
+            return None
         before = service.callback_errors
         call_callback(service, "after_watch_callback", handler.after_watch_callback, service, files)
+        if self.journal is not None:
+            self.journal.collected = True
         if service.callback_errors > before:
             return "after_watch_callback raised; see callback_error"
         return None

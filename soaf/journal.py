@@ -1,0 +1,183 @@
+"""The journal of one service run: which lifecycle steps are done, so that a core that
+restarts after a crash resumes a run instead of guessing.
+
+The steps are ``built``, ``prepared``, ``running`` (with the program's identity: pid,
+start time, process group), ``exited`` (with how it ended) and ``collected``
+(``after_watch_callback`` has returned; with the final values). The journal is kept in
+two places:
+
+* in Redis, as the ``journal`` field of the service's record, written through the state
+  writer with the other changes of the step, so it is fenced by (attempt, seq) like
+  them; ``collected`` travels in the same write as the final state;
+* on the core's disk, in ``<work root>/.soaf-runs/<node>/<service id>.json``, written
+  synchronously (write to a temporary name, rename) before the core goes on. This copy
+  survives what the Redis copy may not: a crash while Redis was away and the writer
+  still held the changes. It is removed once the final state is in Redis.
+
+The shim's exit file lives next to it, one per attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from soaf.procinfo import ProcIdentity
+
+log = logging.getLogger(__name__)
+
+#: Directory under the work root that holds every node's run journals and exit files.
+RUNS_DIR = ".soaf-runs"
+STEPS = ("built", "prepared", "running", "exited", "collected")
+
+
+def runs_dir(work_root: Path, node: str) -> Path:
+    return Path(work_root) / RUNS_DIR / node
+
+
+@dataclass
+class Journal:
+    """What is known about one attempt of one service."""
+
+    service_id: str
+    attempt: int
+    node: str
+    steps: list[str] = field(default_factory=list)
+    work_dir: str | None = None
+    exit_file: str | None = None
+    process: dict[str, Any] | None = None  # ProcIdentity.to_dict()
+    shimmed: bool = False
+    running_at: float | None = None
+    exit: dict[str, Any] | None = None  # returncode (None: unknown), wall_time ...
+    final: dict[str, Any] | None = None  # the final values, once collected
+
+    @property
+    def step(self) -> str | None:
+        return self.steps[-1] if self.steps else None
+
+    @property
+    def identity(self) -> ProcIdentity | None:
+        return ProcIdentity.from_dict(self.process) if self.process else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Journal | None:
+        if not isinstance(data, dict):
+            return None
+        try:
+            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        except TypeError:
+            return None
+
+    def shared(self) -> dict[str, Any]:
+        """The part written to Redis (the final values are in the record already)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("final", "service_id")}
+
+
+def load(path: Path) -> Journal | None:
+    try:
+        return Journal.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def local_journals(work_root: Path, node: str) -> dict[str, tuple[Path, Journal]]:
+    """Every run journal a node left on this machine, by service id."""
+    out: dict[str, tuple[Path, Journal]] = {}
+    base = runs_dir(work_root, node)
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return out
+    for name in names:
+        if name.endswith(".json"):
+            path = base / name
+            journal = load(path)
+            if journal is not None:
+                out[journal.service_id] = (path, journal)
+    return out
+
+
+def remove_files(path: Path, journal: Journal | None) -> None:
+    """Remove a journal file and its attempt's exit file; missing ones are fine."""
+    for p in (path, Path(journal.exit_file) if journal and journal.exit_file else None):
+        if p is not None:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot remove %s: %s", p, e)
+
+
+class RunJournal:
+    """The journal of the run in progress: ``step()`` records a step and returns the values
+    to write to the record; steps from ``prepared`` on are saved to disk at once."""
+
+    def __init__(self, work_root: Path, node: str, service_id: str, attempt: int,
+                 work_dir: Path | None = None, *, journal: Journal | None = None) -> None:
+        base = runs_dir(work_root, node)
+        self.path = base / f"{service_id}.json"
+        self.data = journal or Journal(
+            service_id=service_id, attempt=attempt, node=node,
+            work_dir=str(work_dir) if work_dir else None,
+            exit_file=str(base / f"{service_id}.{attempt}.exit"),
+        )
+        self.data.node = node
+        self.collected = False
+
+    @property
+    def exit_file(self) -> Path:
+        assert self.data.exit_file
+        return Path(self.data.exit_file)
+
+    def step(self, name: str, *, save: bool = False, **info: Any) -> dict[str, Any]:
+        """Record step ``name`` (with ``info`` fields); returns ``{"journal": ...}``.
+
+        With ``save`` the local file is written first; an OSError (disk full, not
+        writable) is raised to the caller.
+        """
+        assert name in STEPS, name
+        if name not in self.data.steps:
+            self.data.steps.append(name)
+        for key, value in info.items():
+            setattr(self.data, key, value)
+        if save:
+            self.save()
+        return {"journal": self.data.shared()}
+
+    def try_step(self, name: str, **info: Any) -> dict[str, Any]:
+        """``step(save=True)`` that logs instead of raising: once a program runs, a journal
+        that cannot be saved must not stop the run (Redis still gets the step)."""
+        try:
+            return self.step(name, save=True, **info)
+        except OSError as e:
+            log.warning("service %s: cannot save its journal (%s)", self.data.service_id, e)
+            return {"journal": self.data.shared()}
+
+    def finish(self, final: dict[str, Any]) -> dict[str, Any]:
+        """The journal values that go with the final state (``collected`` if the
+        after-watch callback returned), saved to disk first."""
+        if self.collected:
+            return self.try_step("collected", final=final)
+        return {"journal": self.data.shared()}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.data.to_dict(), default=str))
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        """Remove this attempt's files (a newer attempt's journal is left alone)."""
+        on_disk = load(self.path)
+        if on_disk is not None and on_disk.attempt != self.data.attempt:
+            remove_files(Path(self.data.exit_file or ""), None)
+            return
+        remove_files(self.path, self.data)
