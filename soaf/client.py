@@ -3,6 +3,13 @@
 Uses only the wire contract of docs/protocol.md (it never imports the core). Waiting
 reads the service's event stream from the position stored in its record, so no event
 between "read the record" and "follow the stream" can be missed.
+
+Calls that only read (``wait``, ``wait_all``, ``as_completed``, ``events``) ride out an
+outage of Redis of up to ``reconnect_for`` seconds, retrying with backoff and going on
+from the stream position they had, so nothing is missed; the others, and those after
+that time, raise ``RedisUnavailable``. ``submit`` never retries by itself: resubmitting
+the same template (same service id) is safe, and ``DuplicateService`` then means the
+first try had gone through.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ _BLOCK_MS = 2000
 _STREAM_WAIT_MAX = 16
 #: Seconds between re-reads of the records while following the notify channel.
 _RECHECK_S = 2.0
+#: Seconds a waiting call keeps retrying while Redis cannot be reached.
+DEFAULT_RECONNECT_FOR = 30.0
 
 
 class Client:
@@ -52,6 +61,7 @@ class Client:
         secret: str | None = None,
         prefix: str | None = None,
         state_dir: str | Path | None = None,
+        reconnect_for: float = DEFAULT_RECONNECT_FOR,
     ) -> None:
         state = Path(state_dir) if state_dir is not None else state_dir_from_env()
         self.url = url or find_redis_url(state)
@@ -62,6 +72,7 @@ class Client:
             )
         self._secret = secret
         self._state_dir = state
+        self.reconnect_for = reconnect_for
         self.keys = Keys(prefix or os.environ.get("SOAF_PREFIX") or DEFAULT_PREFIX)
         self.redis = connect(self.url, name="soaf-client")
         self._blocking = connect(self.url, blocking=True, name="soaf-client-wait")
@@ -81,6 +92,25 @@ class Client:
             return fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise RedisUnavailable(f"cannot reach Redis at {redact(self.url or '')}: {e}") from e
+
+    def _patient(self, deadline: float | None, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``_call`` for reads that may be repeated: retries for up to ``reconnect_for``
+        seconds of unreachable Redis (never past ``deadline``), then raises."""
+        failing_since: float | None = None
+        pause = 0.1
+        while True:
+            try:
+                return self._call(fn, *args, **kwargs)
+            except RedisUnavailable:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                left = self.reconnect_for - (now - failing_since)
+                if deadline is not None:
+                    left = min(left, deadline - now)
+                if left <= 0:
+                    raise
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 2.0)
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -117,8 +147,9 @@ class Client:
             raise UnknownService(f"no service with id {service_id!r}")
         return ServiceRecord.from_hash(service_id, data)
 
-    def _record_or_none(self, service_id: str) -> ServiceRecord | None:
-        data = self._call(self.redis.hgetall, self.keys.service(service_id))
+    def _record_or_none(self, service_id: str, deadline: float | None = None
+                        ) -> ServiceRecord | None:
+        data = self._patient(deadline, self.redis.hgetall, self.keys.service(service_id))
         return ServiceRecord.from_hash(service_id, data) if data else None
 
     def wait(self, service_id: str, timeout: float | None = None) -> ServiceRecord:
@@ -149,7 +180,7 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         positions: dict[str, str] = {}
         for sid in ids:
-            record = self._record_or_none(sid)
+            record = self._record_or_none(sid, deadline)
             if record is not None and record.final:
                 yield record
                 continue
@@ -157,7 +188,7 @@ class Client:
         while positions:
             block = self._block_ms(deadline, positions, timeout)
             streams = {self.keys.events(sid): pos for sid, pos in positions.items()}
-            resp = self._call(self._blocking.xread, streams, block=block)
+            resp = self._patient(deadline, self._blocking.xread, streams, block=block)
             finished: set[str] = set()
             for stream, entries in resp or []:
                 sid = stream.decode().rsplit("{", 1)[1].rstrip("}")
@@ -167,7 +198,10 @@ class Client:
                         finished.add(sid)
             for sid in finished:
                 positions.pop(sid, None)
-                yield self.status(sid)
+                record = self._record_or_none(sid, deadline)
+                if record is None:
+                    raise UnknownService(f"no service with id {sid!r}")
+                yield record
 
     @staticmethod
     def _block_ms(deadline: float | None, pending: Iterable[str], timeout: float | None) -> int:
@@ -183,12 +217,12 @@ class Client:
             block = max(1, min(block, int(left * 1000)))
         return block
 
-    def _final_states(self, ids: Iterable[str]) -> dict[str, str]:
+    def _final_states(self, ids: Iterable[str], deadline: float | None) -> dict[str, str]:
         ids = list(ids)
         pipe = self.redis.pipeline(transaction=False)
         for sid in ids:
             pipe.hget(self.keys.service(sid), "state")
-        states = self._call(pipe.execute)
+        states = self._patient(deadline, pipe.execute)
         return {
             sid: json.loads(raw) for sid, raw in zip(ids, states)
             if raw is not None and json.loads(raw) in FINAL_VALUES
@@ -201,17 +235,20 @@ class Client:
         pending = set(ids)
         pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
         try:
-            self._call(pubsub.subscribe, self.keys.notify)
+            self._patient(deadline, pubsub.subscribe, self.keys.notify)
             next_check = 0.0
             while pending:
                 now = time.monotonic()
                 done: set[str] = set()
                 if now >= next_check:  # subscribed first, so nothing slips between
-                    done = set(self._final_states(pending))
+                    done = set(self._final_states(pending, deadline))
                     next_check = now + _RECHECK_S
                 else:
                     block = self._block_ms(deadline, pending, timeout) / 1000
-                    message = self._call(pubsub.get_message, timeout=min(block, _RECHECK_S))
+                    # After an outage redis-py subscribes again; what was published
+                    # meanwhile is caught by the next re-check of the records.
+                    message = self._patient(deadline, pubsub.get_message,
+                                            timeout=min(block, _RECHECK_S))
                     while message is not None:
                         try:
                             note = json.loads(message["data"])
@@ -223,7 +260,10 @@ class Client:
                 self._block_ms(deadline, pending - done, timeout) if not done else None
                 for sid in done:
                     pending.discard(sid)
-                    yield self.status(sid)
+                    record = self._record_or_none(sid, deadline)
+                    if record is None:
+                        raise UnknownService(f"no service with id {sid!r}")
+                    yield record
         finally:
             pubsub.close()
 
@@ -240,8 +280,8 @@ class Client:
         position = "0-0"
         key = self.keys.events(service_id)
         while True:
-            entries = self._call(self.redis.xrange, key, min=f"({position}" if position != "0-0"
-                                 else "-", count=500)
+            entries = self._patient(deadline, self.redis.xrange, key,
+                                    min=f"({position}" if position != "0-0" else "-", count=500)
             for raw_id, data in entries:
                 position = raw_id.decode()
                 event = decode_event(data)
@@ -259,7 +299,7 @@ class Client:
                 if left <= 0:
                     raise WaitTimeout(f"no final event for {service_id} after {timeout} s")
                 block = max(1, min(block, int(left * 1000)))
-            self._call(self._blocking.xread, {key: position}, block=block, count=1)
+            self._patient(deadline, self._blocking.xread, {key: position}, block=block, count=1)
 
     def list(
         self, *, state: str | None = None, service: str | None = None, limit: int = 100

@@ -10,11 +10,14 @@ two places:
   writer with the other changes of the step, so it is fenced by (attempt, seq) like
   them; ``collected`` travels in the same write as the final state;
 * on the core's disk, in ``<work root>/.soaf-runs/<node>/<service id>.json``, written
-  synchronously (write to a temporary name, rename) before the core goes on. This copy
-  survives what the Redis copy may not: a crash while Redis was away and the writer
+  synchronously (write to a temporary name, rename) at the two steps a crash must not
+  lose: ``running`` (who the program is) and ``collected`` (the callback has run). This
+  copy survives what the Redis copy may not: a crash while Redis was away and the writer
   still held the changes. It is removed once the final state is in Redis.
 
-The shim's exit file lives next to it, one per attempt.
+The shim's exit file lives next to it, one per attempt, at a path known in advance
+(``exit_path``): a program spawned just before a crash, before its journal was saved,
+is still found by that path on its command line.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ STEPS = ("built", "prepared", "running", "exited", "collected")
 
 def runs_dir(work_root: Path, node: str) -> Path:
     return Path(work_root) / RUNS_DIR / node
+
+
+def exit_path(work_root: Path, node: str, service_id: str, attempt: int) -> Path:
+    """Where the shim of this attempt writes the exit status."""
+    return runs_dir(work_root, node) / f"{service_id}.{attempt}.exit"
 
 
 @dataclass
@@ -127,7 +135,7 @@ class RunJournal:
         self.data = journal or Journal(
             service_id=service_id, attempt=attempt, node=node,
             work_dir=str(work_dir) if work_dir else None,
-            exit_file=str(base / f"{service_id}.{attempt}.exit"),
+            exit_file=str(exit_path(work_root, node, service_id, attempt)),
         )
         self.data.node = node
         self.collected = False

@@ -84,6 +84,8 @@ class ServiceRun:
         self.superseded = False
         #: Set once the final state is in Redis (or was fenced out by a newer attempt).
         self.final_written = threading.Event()
+        #: Asked before after_watch_callback: False if a newer attempt exists (set by the core).
+        self.still_current: Callable[[ServiceRun], bool] | None = None
         self.thread = threading.Thread(
             target=self._run, name=f"soaf-svc-{self.service_id[:12]}", daemon=True
         )
@@ -116,8 +118,10 @@ class ServiceRun:
             self.journal.remove()
         self.final_written.set()
 
-    def _journal(self, step: str, **info: Any) -> dict[str, Any]:
-        return self.journal.try_step(step, **info) if self.journal is not None else {}
+    def _journal(self, step: str, *, save: bool = False, **info: Any) -> dict[str, Any]:
+        if self.journal is None:
+            return {}
+        return self.journal.try_step(step, **info) if save else self.journal.step(step, **info)
 
     def _state(self, state: State, **values: Any) -> None:
         self.emit({"state": state.value, f"{state.value}_at": time.time(), **values},
@@ -183,9 +187,8 @@ class ServiceRun:
         argv = self._phase("command", program.command)
         env = self._phase("environment", program.environment)
         argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv
-        # Saved before the spawn: a work root that cannot take it fails the service here.
         journal = self.journal
-        self._phase("journal", lambda: journal.step("prepared", save=True))
+        journal.step("prepared")
         spawn_argv, shimmed = self._phase("start", lambda: shim.wrap(
             argv, cwd=work_dir, env=env, exit_file=journal.exit_file))
         process = Process(
@@ -205,8 +208,8 @@ class ServiceRun:
         assert process.pid is not None
         identity = ProcIdentity.of(process.pid)
         self._state(State.RUNNING, pid=process.pid, command=list(argv), **self._journal(
-            "running", process=identity.to_dict() if identity else None, shimmed=shimmed,
-            running_at=time.time()))
+            "running", save=True, process=identity.to_dict() if identity else None,
+            shimmed=shimmed, running_at=time.time()))
         reason, files = watch(handler, service, process, wake=self.wake, check=self._reason,
                               file_poll=self.settings.file_poll)
         if reason is not None:
@@ -238,7 +241,8 @@ class ServiceRun:
             "cpu_time": values["cpu_time"], "max_rss_kb": exit.max_rss_kb})})
 
     def _after_watch(self, handler: Any, service: Service, files: list[str]) -> str | None:
-        if self.superseded:  # the newer attempt will collect; never run the callback twice
+        if self.superseded or (self.still_current is not None and not self.still_current(self)):
+            self.superseded = True  # the newer attempt collects; never run the callback twice
             return None
         before = service.callback_errors
         call_callback(service, "after_watch_callback", handler.after_watch_callback, service, files)

@@ -34,7 +34,7 @@ import redis
 
 from soaf import shim
 from soaf.adopt import RecoveredRun
-from soaf.journal import Journal, load, local_journals, remove_files, runs_dir
+from soaf.journal import Journal, exit_path, load, local_journals, remove_files, runs_dir
 from soaf.keys import GROUP
 from soaf.lifecycle import Claim, ServiceRun
 from soaf.plugins import Registry
@@ -199,16 +199,22 @@ class Recovery:
             # Not started, final, or a duplicate: the plain claim knows what to do.
             self.core.claim_and_start([(entry_id, template)], registry)
             return
-        path = runs_dir(self.core.settings.work_root, previous) / f"{sid}.json"
+        root = self.core.settings.work_root
+        path = runs_dir(root, previous) / f"{sid}.json"
         local = load(path)
         shared = Journal.from_dict(record.get("journal"))
-        journal = _current(record.attempt, local, shared)
-        if previous == self.node and journal is not None:
+        # Nothing journaled for this attempt: it may still have spawned its program just
+        # before the crash; the exit file's path, known in advance, finds that one.
+        journal = _current(record.attempt, local, shared) or Journal(
+            service_id=sid, attempt=record.attempt, node=previous, steps=["prepared"],
+            work_dir=record.get("work_dir"),
+            exit_file=str(exit_path(root, previous, sid, record.attempt)))
+        if previous == self.node:
             run = self._resume(entry_id, template, registry, record, journal)
             if run is not None:
                 self.core.launch(run)
                 return
-        for candidate in (local, shared):
+        for candidate in (local, shared, journal):
             if candidate is not None:
                 self._stop_leftover(candidate, why="its attempt is lost")
         if local is not None:
