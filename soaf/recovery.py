@@ -285,8 +285,8 @@ class Recovery:
 
     def take_over_dead(self) -> int:
         """Take over entries of dead nodes, as many as this core has free slots for."""
-        if not self.may_take_over():
-            return 0
+        if not self.may_take_over() or self.core.loader.current is None:
+            return 0  # without plugins this core could not run what it took
         core = self.core
         free = core.settings.max_services - core.running()
         if free <= 0:

@@ -328,6 +328,36 @@ def test_embedded_redis_killed_then_core_restarted(start_core, tmp_path, prefix,
     client.close()
 
 
+def test_embedded_redis_killed_under_a_running_core_is_restarted(start_core, tmp_path, prefix,
+                                                                 logdir):
+    state = tmp_path / "state"
+    core = start_core(SOAF_REDIS_URL="")
+    client = soaf.Client(state_dir=state, secret=SECRET, prefix=prefix)
+    ids = [hold(client, logdir, 3) for _ in range(3)]
+    wait_until(lambda: len(running_on(client, ids, "core-a")) == 3, 30, message="running")
+    old_pid = int((state / "redis.pid").read_text())
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: "starting it again" in core.log(), 30, message="the core to restart it")
+    records = client.wait_all(ids, timeout=60)
+    assert all(r.state == "succeeded" and r.attempt == 1 for r in records)
+    for sid in ids:
+        events = history(client, sid)
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert int((state / "redis.pid").read_text()) != old_pid
+    client.close()
+
+
+def test_stream_and_group_gone_the_core_carries_on(start_core, client, redis_server, prefix,
+                                                   logdir):
+    """Redis came back without data (no persistence): the core makes its group again."""
+    core = start_core()
+    assert client.wait(hold(client, logdir, 0.1), timeout=30).state == "succeeded"
+    redis_server.client().delete(f"{prefix}:submit")
+    wait_until(lambda: "creating it again" in core.log(), 30, message="the group to be re-made")
+    assert client.wait(hold(client, logdir, 0.1), timeout=30).state == "succeeded"
+    assert core.alive()
+
+
 def test_duplicate_submissions_run_once(start_core, client, redis_server, prefix, logdir):
     start_core()
     sid = hold(client, logdir, 0.5, service_id="dup-1")
