@@ -62,6 +62,7 @@ class Journal:
     running_at: float | None = None
     exit: dict[str, Any] | None = None  # returncode (None: unknown), wall_time ...
     final: dict[str, Any] | None = None  # the final values, once collected
+    core: dict[str, Any] | None = None  # ProcIdentity of the core process that ran it
 
     @property
     def step(self) -> str | None:
@@ -70,6 +71,12 @@ class Journal:
     @property
     def identity(self) -> ProcIdentity | None:
         return ProcIdentity.from_dict(self.process) if self.process else None
+
+    def core_gone(self) -> bool:
+        """True if the core process that ran this attempt is verifiably dead (it ran on
+        this machine, and its pid now names no process or another one)."""
+        core = ProcIdentity.from_dict(self.core) if self.core else None
+        return core is not None and core.local and not core.alive()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +131,17 @@ def remove_files(path: Path, journal: Journal | None) -> None:
                 log.warning("cannot remove %s: %s", p, e)
 
 
+_SELF: dict[str, Any] = {}
+
+
+def _this_core() -> dict[str, Any] | None:
+    if _SELF.get("pid") != os.getpid():
+        me = ProcIdentity.of(os.getpid())
+        _SELF.clear()
+        _SELF.update(me.to_dict() if me else {"pid": os.getpid()})
+    return dict(_SELF) if "start_time" in _SELF else None
+
+
 class RunJournal:
     """The journal of the run in progress: ``step()`` records a step and returns the values
     to write to the record; steps from ``prepared`` on are saved to disk at once."""
@@ -136,6 +154,7 @@ class RunJournal:
             service_id=service_id, attempt=attempt, node=node,
             work_dir=str(work_dir) if work_dir else None,
             exit_file=str(exit_path(work_root, node, service_id, attempt)),
+            core=_this_core(),
         )
         self.data.node = node
         self.collected = False

@@ -209,7 +209,10 @@ class Recovery:
             service_id=sid, attempt=record.attempt, node=previous, steps=["prepared"],
             work_dir=record.get("work_dir"),
             exit_file=str(exit_path(root, previous, sid, record.attempt)))
-        if previous == self.node:
+        if previous == self.node or (journal.final is not None and journal.core_gone()):
+            # This node's own attempt; or, from a dead core of this machine, an attempt
+            # whose after_watch_callback has run and only the final write was lost: the
+            # final is written as journaled, never running the callback again.
             run = self._resume(entry_id, template, registry, record, journal)
             if run is not None:
                 self.core.launch(run)
