@@ -9,10 +9,11 @@ two places:
 * in Redis, as the ``journal`` field of the service's record, written through the state
   writer with the other changes of the step, so it is fenced by (attempt, seq) like
   them; ``collected`` travels in the same write as the final state;
-* on the core's disk, in ``<work root>/.soaf-runs/<node>/<service id>.json``, written
-  synchronously (write to a temporary name, rename) at the two steps a crash must not
-  lose: ``running`` (who the program is) and ``collected`` (the callback has run). This
-  copy survives what the Redis copy may not: a crash while Redis was away and the writer
+* on the core's disk, in ``<work root>/.soaf-runs/<node>/<service id>.<attempt>.json``,
+  appended synchronously (one JSON line, one ``write``) at the two steps a crash must not
+  lose: ``running`` (who the program is) and ``collected`` (the callback has run); the
+  last complete line counts, so a line torn by a crash only loses that step. This copy
+  survives what the Redis copy may not: a crash while Redis was away and the writer
   still held the changes. It is removed once the final state is in Redis.
 
 The shim's exit file lives next to it, one per attempt, at a path known in advance
@@ -25,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ def runs_dir(work_root: Path, node: str) -> Path:
 def exit_path(work_root: Path, node: str, service_id: str, attempt: int) -> Path:
     """Where the shim of this attempt writes the exit status."""
     return runs_dir(work_root, node) / f"{service_id}.{attempt}.exit"
+
+
+def journal_path(work_root: Path, node: str, service_id: str, attempt: int) -> Path:
+    return runs_dir(work_root, node) / f"{service_id}.{attempt}.json"
 
 
 @dataclass
@@ -79,7 +84,8 @@ class Journal:
         return core is not None and core.local and not core.alive()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: its deep copy would cost more than the whole step.
+        return {name: getattr(self, name) for name in _FIELDS}
 
     @classmethod
     def from_dict(cls, data: Any) -> Journal | None:
@@ -91,20 +97,39 @@ class Journal:
             return None
 
     def shared(self) -> dict[str, Any]:
-        """The part written to Redis (the final values are in the record already)."""
-        return {k: v for k, v in self.to_dict().items() if k not in ("final", "service_id")}
+        """The part written to Redis: the steps and what identifies the program and its
+        end (the work dir and the final values are in the record already)."""
+        out: dict[str, Any] = {"attempt": self.attempt, "node": self.node,
+                               "steps": list(self.steps)}
+        for name in ("process", "shimmed", "running_at", "exit"):
+            value = getattr(self, name)
+            if value:
+                out[name] = value
+        return out
+
+
+_FIELDS = tuple(f.name for f in fields(Journal))
 
 
 def load(path: Path) -> Journal | None:
+    """The journal as of its last complete line, or None."""
     try:
-        return Journal.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
+        text = path.read_text()
+    except OSError:
         return None
+    for line in reversed(text.splitlines()):
+        try:
+            journal = Journal.from_dict(json.loads(line))
+        except ValueError:
+            continue
+        if journal is not None:
+            return journal
+    return None
 
 
-def local_journals(work_root: Path, node: str) -> dict[str, tuple[Path, Journal]]:
-    """Every run journal a node left on this machine, by service id."""
-    out: dict[str, tuple[Path, Journal]] = {}
+def local_journals(work_root: Path, node: str) -> list[tuple[Path, Journal]]:
+    """Every run journal a node left on this machine."""
+    out: list[tuple[Path, Journal]] = []
     base = runs_dir(work_root, node)
     try:
         names = sorted(os.listdir(base))
@@ -112,10 +137,9 @@ def local_journals(work_root: Path, node: str) -> dict[str, tuple[Path, Journal]
         return out
     for name in names:
         if name.endswith(".json"):
-            path = base / name
-            journal = load(path)
+            journal = load(base / name)
             if journal is not None:
-                out[journal.service_id] = (path, journal)
+                out.append((base / name, journal))
     return out
 
 
@@ -148,8 +172,7 @@ class RunJournal:
 
     def __init__(self, work_root: Path, node: str, service_id: str, attempt: int,
                  work_dir: Path | None = None, *, journal: Journal | None = None) -> None:
-        base = runs_dir(work_root, node)
-        self.path = base / f"{service_id}.json"
+        self.path = journal_path(work_root, node, service_id, attempt)
         self.data = journal or Journal(
             service_id=service_id, attempt=attempt, node=node,
             work_dir=str(work_dir) if work_dir else None,
@@ -196,15 +219,15 @@ class RunJournal:
         return {"journal": self.data.shared()}
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.data.to_dict(), default=str))
-        os.replace(tmp, self.path)
+        line = json.dumps(self.data.to_dict(), default=str) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except FileNotFoundError:  # the first run of this node here (or a wiped dir)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(line)
 
     def remove(self) -> None:
-        """Remove this attempt's files (a newer attempt's journal is left alone)."""
-        on_disk = load(self.path)
-        if on_disk is not None and on_disk.attempt != self.data.attempt:
-            remove_files(Path(self.data.exit_file or ""), None)
-            return
+        """Remove this attempt's journal and exit file."""
         remove_files(self.path, self.data)

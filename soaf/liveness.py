@@ -169,16 +169,20 @@ class Heartbeat:
         self.connected_since: float | None = None
         #: Another core holds this node's heartbeat now; this one no longer renews it.
         self.replaced = False
+        #: Monotonic time at which the last successful beat was sent (see still_current).
+        self.last_ok: float | None = None
 
     def loop(self) -> None:
         core = self.core
         while not core.stopping or core.running():
             try:
+                sent = time.monotonic()
                 self.beat()
+                self.last_ok = sent
                 if self.connected_since is None:
-                    self.connected_since = time.monotonic()
+                    self.connected_since = sent
             except redis.RedisError as e:
-                self.connected_since = None
+                self.connected_since = self.last_ok = None
                 log.debug("heartbeat failed: %s", e)
                 if core.embedded is not None:
                     try:
@@ -213,8 +217,16 @@ class Heartbeat:
                 core.cancel_local(run.service_id)
 
     def still_current(self, run: ServiceRun) -> bool:
-        """False if a newer attempt of the run's service exists. True when Redis cannot be
-        asked: see docs/delivery.md (partitions) for what that leaves open."""
+        """False if a newer attempt of the run's service exists.
+
+        Answered without Redis while the last beat is younger than half the TTL: that
+        beat renewed the heartbeat key (so no core can have found it missing since) and
+        checked every run's attempt (so none was taken over before). Otherwise Redis is
+        asked; when it cannot be, True: see docs/delivery.md (partitions).
+        """
+        last = self.last_ok
+        if last is not None and time.monotonic() - last < self.core.settings.heartbeat_ttl / 2:
+            return not run.superseded
         try:
             attempt = self.core.redis.hget(self.core.keys.service(run.service_id), "attempt")
         except redis.RedisError:

@@ -11,12 +11,13 @@ killed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
 import signal
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 _PROC = Path("/proc")
 
 
+@functools.cache
 def boot_id() -> str:
     """This boot's random id; pids and start times are only comparable within one boot."""
     try:
@@ -33,6 +35,7 @@ def boot_id() -> str:
         return ""
 
 
+@functools.cache
 def host_name() -> str:
     return socket.gethostname()
 
@@ -90,7 +93,8 @@ class ProcIdentity:
             return None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"pid": self.pid, "start_time": self.start_time, "pgid": self.pgid,
+                "host": self.host, "boot_id": self.boot_id}
 
     @property
     def local(self) -> bool:

@@ -34,7 +34,7 @@ import redis
 
 from soaf import shim
 from soaf.adopt import RecoveredRun
-from soaf.journal import Journal, exit_path, load, local_journals, remove_files, runs_dir
+from soaf.journal import Journal, exit_path, journal_path, load, local_journals, remove_files
 from soaf.keys import GROUP
 from soaf.lifecycle import Claim, ServiceRun
 from soaf.plugins import Registry
@@ -174,9 +174,8 @@ class Recovery:
     def _sweep(self, pending: set[str]) -> None:
         """Stop programs this node started for runs it no longer owns (taken over by another
         core meanwhile, or already final) and drop their journals."""
-        for service_id, (path, journal) in local_journals(self.core.settings.work_root,
-                                                          self.node).items():
-            record = self.record(service_id)
+        for path, journal in local_journals(self.core.settings.work_root, self.node):
+            record = self.record(journal.service_id)
             if (record is not None and not record.final and record.get("entry") in pending
                     and record.attempt == journal.attempt):
                 continue  # its entry is recovered below
@@ -200,7 +199,7 @@ class Recovery:
             self.core.claim_and_start([(entry_id, template)], registry)
             return
         root = self.core.settings.work_root
-        path = runs_dir(root, previous) / f"{sid}.json"
+        path = journal_path(root, previous, sid, record.attempt)
         local = load(path)
         shared = Journal.from_dict(record.get("journal"))
         # Nothing journaled for this attempt: it may still have spawned its program just

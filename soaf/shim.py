@@ -49,6 +49,22 @@ SCRIPT = (
 _MAGIC = (b"#!", b"\x7fELF")
 
 
+_FOUND: dict[tuple[str, str], str] = {}
+
+
+def _which(name: str, search: str) -> str | None:
+    """``shutil.which``, remembering what it found (while it stays executable)."""
+    found = _FOUND.get((name, search))
+    if found is not None and os.access(found, os.X_OK):
+        return found
+    found = shutil.which(name, path=search)
+    if found is not None:
+        if len(_FOUND) > 1000:
+            _FOUND.clear()
+        _FOUND[(name, search)] = found
+    return found
+
+
 def _check(argv: list[str], cwd: Path, env: dict[str, str]) -> bool:
     """Raise ProgramError, in the words a direct spawn would use, if the program cannot be
     started; return True if it can safely run under the shim.
@@ -63,7 +79,7 @@ def _check(argv: list[str], cwd: Path, env: dict[str, str]) -> bool:
         if not path.exists():
             raise ProgramError(f"executable not found: {name} (No such file or directory)")
     else:
-        found = shutil.which(name, path=env.get("PATH", os.defpath))
+        found = _which(name, env.get("PATH", os.defpath))
         if found is None:
             raise ProgramError(f"executable not found: {name} (No such file or directory)")
         path = Path(found)

@@ -255,13 +255,16 @@ def test_journal_on_disk_and_removal(tmp_path):
     assert "journal" in old.step("built")
     old.step("running", save=True, process={"pid": 1}, running_at=1.0)
     assert load(old.path).steps == ["built", "running"]
-    assert list(local_journals(tmp_path, "n")) == ["svc"]
     new = RunJournal(tmp_path, "n", "svc", 2, tmp_path / "w")
     new.step("running", save=True)
-    old.remove()  # the older attempt's removal leaves the newer journal alone
-    assert load(new.path).attempt == 2
+    assert sorted(j.attempt for _, j in local_journals(tmp_path, "n")) == [1, 2]
+    old.remove()  # one attempt's files only
+    assert [j.attempt for _, j in local_journals(tmp_path, "n")] == [2]
     new.collected = True
     assert new.finish({"state": "succeeded"})["journal"]["steps"][-1] == "collected"
+    assert load(new.path).final == {"state": "succeeded"}
+    with open(new.path, "a") as f:  # a line torn by a crash: the last complete one counts
+        f.write('{"service_id": "svc", "attem')
     assert load(new.path).final == {"state": "succeeded"}
     new.remove()
     assert not new.path.exists()
