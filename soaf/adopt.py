@@ -102,7 +102,8 @@ class AdoptedProcess:
 
 
 class RecoveredRun(ServiceRun):
-    """Finishes, in the same attempt, a run that a killed core of this node started here.
+    """Finishes, in the same attempt, a run that a killed core of this node started here
+    (or, when only its final write was lost, a verifiably dead core of this machine).
 
     ``identity`` set: adopt the running program. Otherwise collect an ended one, whose
     ``returncode`` (None: unknown) the caller found in the journal or the exit file.
@@ -135,7 +136,7 @@ class RecoveredRun(ServiceRun):
         if self.identity is not None:
             note["pid"] = self.identity.pid
         self.emit(note)
-        log.info("service %s attempt %d: %s after a restart of this core", self.service_id,
+        log.info("service %s attempt %d: %s after its core stopped", self.service_id,
                  self.claim.attempt, {"adopt": "re-adopted the running program",
                                       "collect": "collecting the program that ended meanwhile",
                                       "collected": "writing the final state that was lost"

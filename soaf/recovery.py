@@ -247,10 +247,10 @@ class Recovery:
     def _resume(self, entry_id: str, template: ServiceParamTemplate, registry: Registry,
                 record: ServiceRecord, journal: Journal) -> RecoveredRun | None:
         """A run that finishes ``journal``'s attempt here, or None if that cannot be done."""
-        if journal.work_dir is None or not Path(journal.work_dir).is_dir():
-            return None
         kwargs: dict[str, Any] = {}
         if journal.final is None:
+            if journal.work_dir is None or not Path(journal.work_dir).is_dir():
+                return None  # its callbacks would have nothing to look at
             identity = _identity(journal)
             if identity is not None and identity.alive():
                 kwargs["identity"] = identity

@@ -304,6 +304,35 @@ def test_redis_outage_keeps_events_in_order(start_core, own_redis, prefix, logdi
     client.close()
 
 
+def test_callback_done_but_final_unwritten_is_not_run_again_by_a_survivor(
+        start_core, own_redis, prefix, logdir):
+    """Redis is away when the program ends: the core runs after_watch_callback, keeps the
+    final state in memory, and is killed. The survivor that takes the service over finds
+    the dead core's journal (same machine) and writes that final state: no second call."""
+    client = soaf.Client(own_redis.url, secret=SECRET, prefix=prefix)
+    start_core(SOAF_NODE="core-b", SOAF_REDIS_URL=own_redis.url)
+    a = start_core(SOAF_NODE="core-a", SOAF_MAX_SERVICES="1", SOAF_REDIS_URL=own_redis.url)
+    ids: list[str] = []
+    def one_on_a() -> list[str]:
+        if len(ids) < 6:
+            ids.append(hold(client, logdir, 2))
+        return running_on(client, ids, "core-a")
+    sid = wait_until(one_on_a, 30, interval=0.3, message="a service on core-a")[0]
+    own_redis.stop()
+    try:
+        wait_until(lambda: afters(logdir, sid), 30, message="the callback during the outage")
+        a.kill()
+    finally:
+        own_redis.start()
+    record = client.wait(sid, timeout=60)
+    assert record.state == "succeeded" and record.attempt == 1
+    assert record.node == "core-b" and record.get("recovered_as") == "collected"
+    assert len(afters(logdir, sid)) == 1 and starts(logdir, sid) == 1
+    history(client, sid)
+    client.wait_all(ids, timeout=60)
+    client.close()
+
+
 def test_embedded_redis_killed_then_core_restarted(start_core, tmp_path, prefix, logdir):
     state = tmp_path / "state"
     a = start_core(SOAF_REDIS_URL="")
