@@ -19,6 +19,7 @@ from soaf.errors import (
     SoafError,
     UnknownService,
     UnknownServiceError,
+    UnsafePayload,
     ValidationError,
     WaitTimeout,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "State",
     "UnknownService",
     "UnknownServiceError",
+    "UnsafePayload",
     "ValidationError",
     "WaitTimeout",
     "WatcherHandler",

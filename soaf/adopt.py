@@ -33,14 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from soaf import shim
+from soaf.attempt import STDERR, STDOUT, Attempt, Orphaned, PhaseError
 from soaf.journal import Journal, RunJournal
 from soaf.lifecycle import ServiceRun
+from soaf.outcome import Outcome
 from soaf.procinfo import ProcIdentity, pidfd_for, stop_group
 from soaf.runner import Exit
 from soaf.service import Service
 from soaf.state import ServiceRecord, State
 from soaf.watcher import watch
-from soaf.workdir import list_files
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class AdoptedProcess:
         self.running_at = running_at or time.time()
         self.exit: Exit | None = None  # None after the exit: its status is unknown
         self.exited = threading.Event()
+        self.stopped_with: str | None = None
+        self.argv: list[str] = []
+        self._kill_at: float | None = None
         self._on_exit: list[Callable[[Exit | None], None]] = []
 
     def on_exit(self, callback: Callable[[Exit | None], None]) -> None:
@@ -100,6 +104,34 @@ class AdoptedProcess:
             stop_group(self.identity, grace)
         self.exited.wait(grace + 5)
 
+    # What the core's supervisor uses to stop a program (as soaf.runner.Process offers).
+
+    def begin_stop(self, grace: float) -> None:
+        """SIGTERM now, SIGKILL once ``grace`` seconds have passed (``tick``); never blocks."""
+        if self.exited.is_set():
+            return
+        kill_at = time.monotonic() + max(grace, 0.0)
+        if self._kill_at is None:
+            self._kill_at = kill_at
+            if grace > 0:
+                self._send("SIGTERM")
+        elif kill_at < self._kill_at:
+            self._kill_at = kill_at
+        self.tick()
+
+    def tick(self) -> None:
+        if self._kill_at is not None and time.monotonic() >= self._kill_at:
+            self._kill_at = float("inf")  # sent once
+            self._send("SIGKILL")
+
+    def _send(self, name: str) -> None:
+        before, self.stopped_with = self.stopped_with, name
+        if not self.signal_group(signal.Signals[name]):
+            self.stopped_with = before
+
+    def rss_kb(self) -> int:
+        return 0  # an adopted program's memory limit is not enforced
+
 
 class RecoveredRun(ServiceRun):
     """Finishes, in the same attempt, a run that a killed core of this node started here
@@ -107,6 +139,7 @@ class RecoveredRun(ServiceRun):
 
     ``identity`` set: adopt the running program. Otherwise collect an ended one, whose
     ``returncode`` (None: unknown) the caller found in the journal or the exit file.
+    Should that attempt fail and retries be left, the next attempts run as usual.
     """
 
     def __init__(self, *args: Any, previous: Journal, record: ServiceRecord,
@@ -124,12 +157,26 @@ class RecoveredRun(ServiceRun):
             return "collected"
         return "adopt" if self.identity is not None else "collect"
 
-    def _steps(self) -> dict[str, Any]:
-        template, prev = self.template, self.previous
+    def _attempts(self, resume: Any) -> dict[str, Any] | None:
+        if resume is None and self.attempt == self.claim.attempt and self.previous.final is not None:
+            self._note()  # after_watch_callback has run: never call it again
+            assert self.journal is not None
+            self.journal.collected = True
+            return {k: v for k, v in self.previous.final.items()
+                    if k not in ("journal", "finished_at")}
+        return super()._attempts(resume)
+
+    def new_attempt(self) -> Attempt:
+        if self.attempt == self.claim.attempt:
+            return RecoveredAttempt(self, self.attempt)
+        return super().new_attempt()
+
+    def _note(self) -> None:
+        """Start from the previous core's journal; say on the record what is done."""
+        prev = self.previous
         self.journal = RunJournal(self.settings.work_root, self.settings.node, self.service_id,
                                   self.claim.attempt, journal=prev)
-        now = time.time()
-        note: dict[str, Any] = {"node": self.settings.node, "recovered_at": now,
+        note: dict[str, Any] = {"node": self.settings.node, "recovered_at": time.time(),
                                 "recovered_as": self.mode}
         if self.record.state != State.RUNNING.value and prev.running_at is not None:
             note.update(state=State.RUNNING.value, running_at=prev.running_at)
@@ -141,65 +188,117 @@ class RecoveredRun(ServiceRun):
                                       "collect": "collecting the program that ended meanwhile",
                                       "collected": "writing the final state that was lost"
                                       }[self.mode])
-        if prev.final is not None:  # after_watch_callback has run: never call it again
-            self.journal.collected = True
-            return {k: v for k, v in prev.final.items() if k not in ("journal", "finished_at")}
-        program_cls = self.registry.program(template.service)
-        handler_cls = self.registry.handler(template.service)
-        assert prev.work_dir is not None
-        work_dir = Path(prev.work_dir)
-        handler = self._phase("handler", handler_cls)
-        service = Service(template, work_dir, attempt=self.claim.attempt, node=self.settings.node,
-                          plugin_version=self.registry.version, emit=self.emit)
-        service.restore(self.record.fields, self.record.progress, self.record.message)
-        reason: str | None = None
-        if self.identity is not None:
-            exit, reason, files = self._adopt(handler, service, program_cls, work_dir)
-        else:
-            exit = (Exit(returncode=self.returncode, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
-                    if self.returncode is not None else None)
-            self._exited_recovered(exit)
-            files = list_files(work_dir)
-        after_error = self._after_watch(handler, service, files)
-        if exit is None and reason is None:
-            return {"state": State.FAILED.value, "failure": "exit_status",
-                    "error": "the program ended while its core was down and left no exit "
-                             "status (its shim was killed too)"}
-        if exit is None:  # stopped for a reason; the reason decides the outcome
-            exit = Exit(returncode=-signal.SIGTERM, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
-        return self._final(program_cls.success_codes, exit, reason, after_error)
 
-    def _adopt(self, handler: Any, service: Service, program_cls: Any,
-               work_dir: Path) -> tuple[Exit | None, str | None, list[str]]:
-        prev = self.previous
-        assert self.identity is not None
+
+class RecoveredAttempt(Attempt):
+    """The attempt a killed core began: its program is adopted (or collected), then
+    ``after_watch_callback`` runs once, as in any attempt."""
+
+    run_: RecoveredRun
+    _exit: Exit | None = None  # a collected program's exit, as the journal or shim left it
+
+    def run(self) -> Outcome:
+        run, prev = self.run_, self.run_.previous
+        run._note()
+        assert prev.work_dir is not None
+        self.work_dir = Path(prev.work_dir)
+        self.service = Service(self.template, self.work_dir, attempt=self.number,
+                               node=self.settings.node, plugin_version=run.registry.version,
+                               emit=self.emit)
+        self.service.restore(run.record.fields, run.record.progress, run.record.message)
+        try:
+            self.handler = self.call("handler", run.handler_cls)
+        except Orphaned:
+            raise
+        except BaseException as e:  # a plugin may raise SystemExit too
+            return self._phase_failed(PhaseError("handler", e))
+        if run.identity is not None:
+            return self._after_watch(self._adopt(run.identity))
+        code = run.returncode
+        self._exit = (Exit(returncode=code, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
+                      if code is not None else None)
+        self.record_exit()
+        return self._after_watch(self._recovered_outcome())
+
+    def _adopt(self, identity: ProcIdentity) -> Outcome:
+        run, prev = self.run_, self.run_.previous
+        assert self.work_dir is not None and self.service is not None
         process = AdoptedProcess(
-            self.identity, exit_file=Path(prev.exit_file) if prev.shimmed and prev.exit_file
+            identity, exit_file=Path(prev.exit_file) if prev.shimmed and prev.exit_file
             else None, running_at=prev.running_at)
-        process.on_exit(lambda _exit: self.wake.set())
+        process.on_exit(self._adopted_exit)
         timeout = (self.template.timeout if self.template.timeout is not None
-                   else program_cls.timeout)
+                   else self.program_cls.timeout)
         if timeout is not None:
             ran = time.time() - (prev.running_at or time.time())
             self._timeout = float(timeout)
             self._deadline = time.monotonic() + max(0.0, float(timeout) - ran)
+        if run.keeper is not None:
+            self._logs = run.keeper.add(self.template.service_id, self.number, {
+                "stdout": self.work_dir / STDOUT, "stderr": self.work_dir / STDERR})
+        self.process = process  # type: ignore[assignment]  # the supervisor enforces limits
         process.start()
-        self.process = process  # type: ignore[assignment]
-        reason, files = watch(handler, service, process,  # type: ignore[arg-type]
-                              wake=self.wake, check=self._reason,
-                              file_poll=self.settings.file_poll)
-        if reason is not None:
-            process.stop(self.settings.kill_grace)
+        watch(self.handler, self.service, process, self.call,  # type: ignore[arg-type]
+              wake=run.wake, file_poll=self.settings.file_poll)
         process.exited.wait()
-        self._exited_recovered(process.exit)
-        return process.exit, reason, files
+        return self._ended()
 
-    def _exited_recovered(self, exit: Exit | None) -> None:
+    def _adopted_exit(self, exit: Exit | None) -> None:
+        self.exited_at = time.monotonic()
+        if self.service is not None and exit is not None:
+            self.service.exit = exit
+        with self.run_.lock:
+            busy = self.run_.in_call is not None
+        if busy:
+            self.record_exit()
+        self.run_.wake.set()
+
+    def _known_exit(self) -> Exit | None:
+        process = self.process
+        if process is not None:
+            return process.exit
+        return getattr(self, "_exit", None)
+
+    def record_exit(self, extra: dict[str, Any] | None = None) -> bool:
+        """How the program ended, once: only what a core that is not its parent can know
+        (no CPU time or peak memory; the status only if the shim left it)."""
+        if self.process is not None and not self.process.exited.is_set():
+            return False
+        with self._logs_lock:
+            if self._exit_recorded:
+                return False
+            self._exit_recorded = True
+        exit = self._known_exit()
         values: dict[str, Any] = {"exited_at": time.time(), "cpu_time": None, "max_rss_kb": None,
                                   "exit_status_known": exit is not None}
         if exit is not None:
             values.update(exit_code=exit.exit_code, signal=exit.signal,
                           wall_time=round(exit.wall_time, 6))
-        self.emit({**values, **self._journal("exited", exit={
+        process = self.process
+        if process is not None and process.stopped_with:
+            values["stopped_with"] = process.stopped_with
+        values.update(self.run_.journal_step("exited", exit={
             "returncode": exit.returncode if exit else None,
-            "wall_time": values.get("wall_time")})})
+            "wall_time": values.get("wall_time")}))
+        self.emit({**values, **(extra or {})})
+        return True
+
+    def _ended(self) -> Outcome:
+        with self._logs_lock:
+            logs, self._logs = self._logs, None
+        stats: dict[str, Any] = {}
+        if logs is not None:
+            stats = self.run_.keeper.finish(logs)  # type: ignore[union-attr]
+        if not self.record_exit(stats) and stats:
+            self.emit(stats)
+        return self._recovered_outcome()
+
+    def _recovered_outcome(self) -> Outcome:
+        exit, reason = self._known_exit(), self.stop_reason
+        if exit is None and reason is None:
+            return Outcome(State.FAILED.value, "exit_status",
+                           "the program ended while its core was down and left no exit "
+                           "status (its shim was killed too)")
+        if exit is None:  # stopped for a reason; the reason decides the outcome
+            exit = Exit(returncode=-signal.SIGTERM, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
+        return self._classify(exit, reason)

@@ -23,7 +23,8 @@ from typing import Any
 
 import redis
 
-from soaf.codec import dumps
+from soaf import logstream
+from soaf.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps
 from soaf.config import find_redis_url, find_secrets, state_dir_from_env
 from soaf.connection import connect, redact
 from soaf.errors import (
@@ -31,11 +32,20 @@ from soaf.errors import (
     DuplicateService,
     RedisUnavailable,
     UnknownService,
+    ValidationError,
     WaitTimeout,
 )
 from soaf.keys import DEFAULT_PREFIX, Keys
-from soaf.state import EVENTS_MAXLEN, FINAL_VALUES, SUBMIT, ServiceRecord, decode_event
-from soaf.template import ServiceParamTemplate
+from soaf.logstream import LogLine
+from soaf.state import (
+    CANCEL,
+    EVENTS_MAXLEN,
+    FINAL_VALUES,
+    SUBMIT,
+    ServiceRecord,
+    decode_event,
+)
+from soaf.template import ServiceParamTemplate, validate_template
 
 #: Longest single blocking read, in milliseconds; waits are made of such reads.
 _BLOCK_MS = 2000
@@ -45,6 +55,8 @@ _STREAM_WAIT_MAX = 16
 _RECHECK_S = 2.0
 #: Seconds a waiting call keeps retrying while Redis cannot be reached.
 DEFAULT_RECONNECT_FOR = 30.0
+#: Control messages kept (approximate).
+CONTROL_MAXLEN = 10_000
 
 
 class Client:
@@ -62,6 +74,7 @@ class Client:
         prefix: str | None = None,
         state_dir: str | Path | None = None,
         reconnect_for: float = DEFAULT_RECONNECT_FOR,
+        max_payload: int | None = None,
     ) -> None:
         state = Path(state_dir) if state_dir is not None else state_dir_from_env()
         self.url = url or find_redis_url(state)
@@ -73,6 +86,11 @@ class Client:
         self._secret = secret
         self._state_dir = state
         self.reconnect_for = reconnect_for
+        env_max = os.environ.get("SOAF_MAX_PAYLOAD", "").strip()
+        try:
+            self.max_payload = max_payload or (int(env_max) if env_max else DEFAULT_MAX_PAYLOAD)
+        except ValueError:
+            raise ConfigError(f"SOAF_MAX_PAYLOAD must be an integer, got {env_max!r}")
         self.keys = Keys(prefix or os.environ.get("SOAF_PREFIX") or DEFAULT_PREFIX)
         self.redis = connect(self.url, name="soaf-client")
         self._blocking = connect(self.url, blocking=True, name="soaf-client-wait")
@@ -117,15 +135,20 @@ class Client:
     def submit(self, template: ServiceParamTemplate) -> str:
         """Validate, sign and queue ``template``; return its service id.
 
-        Raises ValidationError naming a bad field, DuplicateService when the id was
-        already submitted.
+        Everything a core would refuse is refused here first: ValidationError naming a
+        bad field (or ``payload`` when it is over the size limit), UnsafePayload naming a
+        global the core will not load; DuplicateService when the id was already submitted.
         """
-        template.validate()
+        validate_template(template)
         secret = self._secret
         if secret is None:
             found = find_secrets(self._state_dir)
             secret = found[0] if found else None
         payload = dumps(template, secret)
+        if len(payload) > self.max_payload:
+            raise ValidationError("payload", f"the template pickles to {len(payload)} bytes, over "
+                                             f"the limit of {self.max_payload} (SOAF_MAX_PAYLOAD)")
+        check_loadable(payload)
         sid = template.service_id
         created, detail = self._call(
             SUBMIT.run, self.redis,
@@ -330,22 +353,57 @@ class Client:
     # -- steering -----------------------------------------------------------------------
 
     def cancel(self, service_id: str) -> str:
-        """Ask for a service to be cancelled; returns what happened in plain words.
+        """Cancel a service; returns what happened in plain words.
 
-        The request is durable: a core applies it when it next looks, even if it was
-        busy or away when the request was made.
+        A queued service (no core holds it) is ``cancelled`` at once and never starts.
+        For one a core holds, the request is recorded in Redis and announced to the
+        cores; it is durable: the core running it applies it within a heartbeat, and a
+        core that takes it over later finds it. A finished service is left as it is
+        (the answer says so); an unknown id raises UnknownService.
         """
-        record = self._record_or_none(service_id)
-        if record is None:
+        verdict, state = self._call(
+            CANCEL.run, self.redis,
+            [self.keys.service(service_id), self.keys.events(service_id), self.keys.cancels,
+             self.keys.control],
+            [service_id, time.time(), self.keys.notify, EVENTS_MAXLEN, ",".join(FINAL_VALUES),
+             CONTROL_MAXLEN],
+        )
+        verdict, state = verdict.decode(), state.decode()
+        if verdict == "unknown":
             raise UnknownService(f"no service with id {service_id!r}")
-        if record.final:
-            return f"already {record.state}; nothing to cancel"
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.cancels, service_id, json.dumps(time.time()))
-        pipe.xadd(self.keys.control, {"type": "cancel", "id": service_id},
-                  maxlen=10_000, approximate=True)
-        self._call(pipe.execute)
-        return f"cancel requested ({record.state})"
+        if verdict == "final":
+            return f"already {state}; nothing to cancel"
+        if verdict == "cancelled":
+            return "cancelled (it was queued and never started)"
+        return f"cancel requested; it was {state} and will end cancelled"
+
+    # -- logs ---------------------------------------------------------------------------
+
+    def logs(self, service_id: str, tail: int = 100,
+             streams: Iterable[str] | None = None) -> list[LogLine]:
+        """The last ``tail`` lines of the service's output, oldest first.
+
+        Read from Redis, so it works from any machine; soaf keeps the newest
+        ``log_lines`` lines of each service there (the capped files in the work dir hold
+        more). ``streams`` selects ``stdout``/``stderr``/``soaf`` (soaf's notes); default
+        all. UnknownService if no such id was ever submitted.
+        """
+        self.status(service_id)
+        return self._call(logstream.read_tail, self.redis, self.keys, service_id, tail,
+                          streams)[0]
+
+    def follow_logs(self, service_id: str, tail: int = 10, *,
+                    streams: Iterable[str] | None = None,
+                    timeout: float | None = None) -> Iterator[LogLine]:
+        """The last ``tail`` lines, then each new line as it is written, until the service
+        is final (every line written before the end is yielded). WaitTimeout after
+        ``timeout`` seconds."""
+        record = self.status(service_id)
+        try:
+            yield from logstream.follow(self.redis, self._blocking, self.keys, record, tail=tail,
+                                        streams=streams, timeout=timeout, block_ms=_BLOCK_MS)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise RedisUnavailable(f"cannot reach Redis at {redact(self.url or '')}: {e}") from e
 
     def plugins(self) -> dict[str, Any]:
         """Plugin version and last load error of every core, by node name."""
@@ -363,4 +421,5 @@ class Client:
     def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""
         fields = {"type": "reload", **({"node": node} if node else {})}
-        self._call(self.redis.xadd, self.keys.control, fields, maxlen=10_000, approximate=True)
+        self._call(self.redis.xadd, self.keys.control, fields, maxlen=CONTROL_MAXLEN,
+                   approximate=True)

@@ -11,6 +11,7 @@ revealing it, so several secrets can be accepted at once while a key is rotated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Sequence
@@ -18,13 +19,15 @@ from typing import Any
 
 import dill
 
-from soaf.errors import DecodeError, SignatureError
+from soaf.errors import DecodeError, SignatureError, UnsafePayload
+from soaf.unpickler import restricted_loads
 
 MAGIC = b"soaf1:"
 #: Payloads larger than this are refused before any decoding.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
 
+@functools.lru_cache(maxsize=64)  # verify() names every accepted key on every payload
 def key_id(secret: str | bytes) -> str:
     """The public name of a secret: 8 hex digits of its sha256."""
     raw = secret.encode() if isinstance(secret, str) else secret
@@ -109,6 +112,31 @@ def loads(
         secrets = find_secrets()
     body = verify(payload, secrets, max_size=max_size)
     try:
-        return dill.loads(body)
+        return restricted_loads(body)
+    except UnsafePayload:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a corrupt pickle may raise anything, SystemExit included
+        raise DecodeError(f"signed payload does not unpickle: {describe_exception(e)}") from e
+
+
+def check_loadable(payload: bytes) -> None:
+    """Unpickle a payload made by ``dumps`` the way a core will, so that a client learns
+    before sending what the core would refuse (UnsafePayload names the global)."""
+    body = payload.split(b":", 3)[3] if payload.startswith(MAGIC) else payload
+    try:
+        restricted_loads(body)
+    except UnsafePayload:
+        raise
     except Exception as e:
-        raise DecodeError(f"signed payload does not unpickle: {type(e).__name__}: {e}") from e
+        raise DecodeError(f"the template does not load back: {describe_exception(e)}") from e
+
+
+def describe_exception(e: BaseException) -> str:
+    """``Type: message`` of an exception raised by untrusted code, bounded in length and
+    safe even when its ``__str__`` raises."""
+    try:
+        return f"{type(e).__name__}: {e}"[:500]
+    except Exception:  # an exception with a broken __str__
+        return type(e).__name__

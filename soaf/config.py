@@ -7,6 +7,7 @@ then the files an embedded core writes into its state directory (``.soaf/`` by d
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets as _secrets
 import socket
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soaf.codec import DEFAULT_MAX_PAYLOAD
+from soaf.codec import DEFAULT_MAX_PAYLOAD, key_id
 from soaf.errors import ConfigError
 from soaf.keys import DEFAULT_PREFIX
 
@@ -25,7 +26,8 @@ DEFAULT_MAX_SERVICES = 64
 #: Seconds between heartbeats; the heartbeat key lives DEFAULT_HEARTBEAT_TTL seconds.
 DEFAULT_HEARTBEAT_INTERVAL = 2.0
 DEFAULT_HEARTBEAT_TTL = 10.0
-#: Seconds between the periodic plugin scans that back up file-system notifications.
+#: Seconds between the periodic plugin scans (a hash of the sources) that back up
+#: file-system notifications, which some file systems never deliver; 0 turns it off.
 DEFAULT_RELOAD_POLL = 2.0
 #: Seconds of quiet after a plugin file changes before the packages are reloaded,
 #: so a burst of saves gives one reload.
@@ -33,10 +35,20 @@ DEFAULT_RELOAD_DEBOUNCE = 0.2
 #: Seconds between checks of a running service's work dir for new, removed or renamed
 #: files, so file_change_callback runs promptly after a change (0: only every interval).
 DEFAULT_FILE_POLL = 0.05
+#: Seconds a plugin import may take before it is abandoned as hung and the last good
+#: version kept (generous: the first import of heavy libraries can take a while).
+DEFAULT_RELOAD_TIMEOUT = 30.0
 #: Seconds between SIGTERM and SIGKILL when a program is stopped.
 DEFAULT_KILL_GRACE = 5.0
 #: Largest stdout/stderr file kept per service; older output is dropped, the tail kept.
 DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
+#: Seconds between two passes of the log keeper (capping files, copying lines to Redis).
+DEFAULT_LOG_INTERVAL = 0.5
+#: Lines of each service's output kept in Redis for ``Client.logs`` (approximate).
+DEFAULT_LOG_LINES = 1000
+#: Seconds ``after_watch_callback`` may take (and a callback still running when the
+#: program ends may go on) before soaf gives up on it and records the service's end.
+DEFAULT_CALLBACK_TIMEOUT = 300.0
 
 #: Seconds a final service's record and events are kept (0: forever).
 DEFAULT_RECORD_TTL = 7 * 24 * 3600.0
@@ -46,18 +58,54 @@ SECRET_FILE = "secret"
 #: signs, but proves nothing, since everybody knows it.
 INSECURE_SECRET = "soaf-insecure-well-known-key"
 URL_FILE = "redis.url"
+#: Secrets shorter than this get a warning at start (an HMAC of a known message lets
+#: anyone holding one signed payload test guesses offline).
+MIN_SECRET_LENGTH = 16
+
+log = logging.getLogger(__name__)
 
 
 def state_dir_from_env() -> Path:
     return Path(os.environ.get("SOAF_STATE_DIR", DEFAULT_STATE_DIR)).expanduser()
 
 
-def find_secrets(state_dir: Path | None = None) -> list[str]:
-    """Secrets a client or core knows: SOAF_SECRET (comma-separated; the first signs,
-    all are accepted, for key rotation), else the embedded core's secret file."""
+def parse_secrets(text: str) -> list[str]:
+    """Keys from a comma- or newline-separated list, in order, without blanks or repeats."""
+    keys = [k.strip() for k in text.replace("\n", ",").split(",")]
+    return list(dict.fromkeys(k for k in keys if k))
+
+
+def configured_secrets(secret_file: str | Path | None = None) -> list[str]:
+    """The keys given explicitly: SOAF_SECRET, or a secret file (``secret_file``, else
+    SOAF_SECRET_FILE). The first key signs; all are accepted (key rotation). Errors name
+    the file, never its content."""
     env = os.environ.get("SOAF_SECRET", "")
+    path = secret_file or os.environ.get("SOAF_SECRET_FILE", "").strip() or None
+    if env.strip() and path:
+        raise ConfigError("set SOAF_SECRET or a secret file (SOAF_SECRET_FILE/--secret-file), "
+                          "not both")
     if env.strip():
-        return [s.strip() for s in env.split(",") if s.strip()]
+        return parse_secrets(env)
+    if path is None:
+        return []
+    try:
+        keys = parse_secrets(Path(path).expanduser().read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"secret file {path} is not UTF-8 text")
+    except OSError as e:
+        raise ConfigError(f"cannot read secret file {path}: {e.strerror or type(e).__name__}")
+    if not keys:
+        raise ConfigError(f"secret file {path} holds no key")
+    return keys
+
+
+def find_secrets(state_dir: Path | None = None) -> list[str]:
+    """Secrets a client or core knows: SOAF_SECRET or SOAF_SECRET_FILE (see
+    ``configured_secrets``), else the embedded core's secret file, else the well-known
+    key when SOAF_INSECURE is set."""
+    keys = configured_secrets()
+    if keys:
+        return keys
     path = (state_dir or state_dir_from_env()) / SECRET_FILE
     try:
         text = path.read_text().strip()
@@ -94,6 +142,37 @@ def create_secret(state_dir: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value
+
+
+def core_secrets(settings: Settings, shown_url: str, *, embedded: bool) -> list[str]:
+    """The keys a core accepts: the configured ones; else, on its embedded Redis, the
+    state dir's (created once); else the well-known key if ``insecure`` (with a loud
+    warning); else ConfigError, because a shared Redis without a key would let anyone who
+    can write to it run code on the core. Logs the accepted key ids, never the keys."""
+    if settings.secrets:
+        keys = list(settings.secrets)
+    elif embedded:
+        keys = [create_secret(settings.state_dir)]
+    elif settings.insecure:
+        bar = "!" * 72
+        log.warning(bar)
+        log.warning("INSECURE CORE: no secret is set, payloads are checked against a key "
+                    "everybody knows.")
+        log.warning("Anyone who can write to %s can run any code on this core as user %s.",
+                    shown_url, os.environ.get("USER") or os.getuid())
+        log.warning("Set SOAF_SECRET (or SOAF_SECRET_FILE) and drop --insecure. See SECURITY.md.")
+        log.warning(bar)
+        keys = [INSECURE_SECRET]
+    else:
+        raise ConfigError(
+            "no secret configured for a shared Redis: set SOAF_SECRET or SOAF_SECRET_FILE "
+            "(or pass --insecure to accept a well-known key; never in production)")
+    if any(len(k) < MIN_SECRET_LENGTH for k in keys if k != INSECURE_SECRET):
+        log.warning("a configured secret is shorter than %d characters and can be guessed "
+                    "from one signed payload; use a long random key", MIN_SECRET_LENGTH)
+    log.info("accepting payloads signed with key id%s %s", "s" if len(keys) > 1 else "",
+             ", ".join(key_id(k) for k in keys))
+    return keys
 
 
 def _env_float(name: str, default: float) -> float:
@@ -134,10 +213,16 @@ class Settings:
     reload_poll: float = DEFAULT_RELOAD_POLL
     reload_debounce: float = DEFAULT_RELOAD_DEBOUNCE
     file_poll: float = DEFAULT_FILE_POLL
+    reload_timeout: float = DEFAULT_RELOAD_TIMEOUT
+    reload_watch: bool = True
     kill_grace: float = DEFAULT_KILL_GRACE
     log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    log_interval: float = DEFAULT_LOG_INTERVAL
+    log_lines: int = DEFAULT_LOG_LINES
+    callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT
     insecure: bool = False
     record_ttl: float = DEFAULT_RECORD_TTL
+    secret_file: Path | None = None
 
     @classmethod
     def load(cls, **flags: Any) -> Settings:
@@ -145,7 +230,6 @@ class Settings:
         state_dir = Path(flags.get("state_dir") or state_dir_from_env())
         values: dict[str, Any] = {
             "redis_url": os.environ.get("SOAF_REDIS_URL") or None,
-            "secrets": find_secrets(state_dir) if os.environ.get("SOAF_SECRET") else [],
             "work_root": Path(os.environ.get("SOAF_WORK_ROOT", state_dir / "work")),
             "plugins": Path(os.environ.get("SOAF_PLUGINS", ".")),
             "node": os.environ.get("SOAF_NODE") or socket.gethostname(),
@@ -158,8 +242,13 @@ class Settings:
             "reload_poll": _env_float("SOAF_RELOAD_POLL", DEFAULT_RELOAD_POLL),
             "reload_debounce": _env_float("SOAF_RELOAD_DEBOUNCE", DEFAULT_RELOAD_DEBOUNCE),
             "file_poll": _env_float("SOAF_FILE_POLL", DEFAULT_FILE_POLL),
+            "reload_timeout": _env_float("SOAF_RELOAD_TIMEOUT", DEFAULT_RELOAD_TIMEOUT),
+            "reload_watch": os.environ.get("SOAF_RELOAD_WATCH", "1") not in ("0", "false", "no"),
             "kill_grace": _env_float("SOAF_KILL_GRACE", DEFAULT_KILL_GRACE),
             "log_max_bytes": _env_int("SOAF_LOG_MAX_BYTES", DEFAULT_LOG_MAX_BYTES),
+            "log_interval": _env_float("SOAF_LOG_INTERVAL", DEFAULT_LOG_INTERVAL),
+            "log_lines": _env_int("SOAF_LOG_LINES", DEFAULT_LOG_LINES),
+            "callback_timeout": _env_float("SOAF_CALLBACK_TIMEOUT", DEFAULT_CALLBACK_TIMEOUT),
             "insecure": os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"),
             "record_ttl": _env_float("SOAF_RECORD_TTL", DEFAULT_RECORD_TTL),
         }
@@ -169,6 +258,8 @@ class Settings:
                 raise ConfigError(f"unknown setting {name!r}")
             if value is not None:
                 values[name] = value
+        if flags.get("secrets") is None:  # never the well-known key without --insecure
+            values["secrets"] = configured_secrets(values.get("secret_file"))
         settings = cls(**values)
         settings.validate()
         # Resolved once here, so no hot path pays for symlink resolution.
@@ -185,8 +276,20 @@ class Settings:
             raise ConfigError(f"node name {self.node!r} must be non-empty without ' :{{}}'")
         if not self.prefix or any(c in self.prefix for c in " {}"):
             raise ConfigError(f"key prefix {self.prefix!r} must be non-empty without ' {{}}'")
+        if self.log_max_bytes < 16 * 1024:
+            raise ConfigError(f"log max bytes must be at least 16384, got {self.log_max_bytes}")
+        if self.log_lines < 1:
+            raise ConfigError(f"log lines must be at least 1, got {self.log_lines}")
+        for name in ("log_interval", "callback_timeout", "kill_grace"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be positive, "
+                                  f"got {getattr(self, name)}")
         if self.heartbeat_ttl <= self.heartbeat_interval * 2:
             raise ConfigError("heartbeat TTL must be more than twice the heartbeat interval")
+        if self.reload_poll < 0 or self.reload_debounce < 0:
+            raise ConfigError("reload poll and debounce must not be negative")
+        if self.reload_timeout <= 0:
+            raise ConfigError(f"reload timeout must be positive, got {self.reload_timeout}")
         for name in ("plugins",):
             path = getattr(self, name)
             if not Path(path).is_dir():

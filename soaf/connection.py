@@ -37,9 +37,11 @@ def connect(url: str, *, blocking: bool = False, name: str | None = None) -> red
 
 def redact(url: str) -> str:
     """The URL with any password replaced by ``***``, safe to log."""
-    from urllib.parse import urlsplit, urlunsplit
+    from urllib.parse import urlsplit
 
     parts = urlsplit(url)
+    if "@" not in parts.netloc and "password=" not in parts.query:
+        return url  # nothing to hide; keep the URL exactly as given
     netloc = parts.netloc
     if "@" in netloc:
         creds, host = netloc.rsplit("@", 1)
@@ -48,4 +50,6 @@ def redact(url: str) -> str:
     query = "&".join(
         "password=***" if q.startswith("password=") else q for q in parts.query.split("&") if q
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    # Built by hand: urlunsplit drops the "//" of "unix:///path" when there is no host.
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))

@@ -2,10 +2,10 @@
 
 ``Core.start()`` connects (starting the embedded Redis when no URL is configured),
 claims its node name (soaf.liveness), loads the plugins, resumes the work its node had
-when its core last stopped (soaf.recovery) and starts the helper threads; ``Core.run()``
-is the intake loop: it reads the submit stream through the consumer group only while it
-has free capacity, claims each entry, and hands it to a ``ServiceRun``. Signal handlers
-only set flags; the loop does the work.
+when its core last stopped (soaf.recovery) and starts the helper threads (the plugin
+reloader among them); ``Core.run()`` is the intake loop: it reads the submit stream
+through the consumer group only while it has free capacity, claims each entry, and hands
+it to a ``ServiceRun``. Signal handlers only set flags; the loop does the work.
 """
 
 from __future__ import annotations
@@ -19,21 +19,28 @@ from typing import Any
 import redis
 
 from soaf import liveness
-from soaf.config import INSECURE_SECRET, Settings, create_secret
+from soaf.config import Settings, core_secrets
 from soaf.connection import connect, redact
 from soaf.errors import ConfigError, PluginError, RedisUnavailable
 from soaf.intake import Refusal, decode_entry
 from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
 from soaf.lifecycle import Claim, ServiceRun
+from soaf.logs import LogKeeper
 from soaf.plugins import PluginLoader, Registry
 from soaf.recovery import Recovery
-from soaf.runner import Reaper
+from soaf.reloader import Reloader
+from soaf.runner import Reaper, become_subreaper, raise_open_files_limit
 from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, State, is_noscript
+from soaf.supervisor import Supervisor
 from soaf.template import ServiceParamTemplate
+from soaf.versions import PluginVersions
 from soaf.writer import StateWriter
 
 log = logging.getLogger(__name__)
 
+#: Secrets shorter than this get a warning at start (an HMAC of a known message lets
+#: anyone holding one payload test guesses offline).
+MIN_SECRET_LENGTH = 16
 #: Dead letters kept (approximate).
 DEADLETTER_MAXLEN = 10_000
 #: Milliseconds one XREADGROUP may block; bounds how fast the loop notices a stop.
@@ -48,13 +55,16 @@ class Core:
         self.keys = Keys(settings.prefix)
         self.consumer = settings.node
         self.runs: dict[str, ServiceRun] = {}
-        self.loader = PluginLoader(settings.plugins)
+        self.versions: PluginVersions | None = None
+        self.loader = PluginLoader(settings.plugins, numbers=self._next_plugin_number)
+        self.reloader: Reloader | None = None
         self.embedded: Any = None
         self.url: str | None = None
         self.secrets: list[str] = list(settings.secrets)
         self._runs_lock = threading.Lock()
         self._slot_freed = threading.Event()
         self._stopping = threading.Event()
+        self._stop_programs = threading.Event()
         self._force = threading.Event()
         self._threads: list[threading.Thread] = []
         # Entries re-read after a lost connection; at start, Recovery.resume_own does it.
@@ -75,20 +85,11 @@ class Core:
 
             self.embedded = EmbeddedRedis(s.state_dir)
             self.url = self.embedded.start()
-            if not self.secrets:
-                self.secrets = [create_secret(s.state_dir)]
             log.info("embedded Redis at %s (state in %s)", redact(self.url), s.state_dir.resolve())
         else:
             self.url = s.redis_url
-            if not self.secrets:
-                if not s.insecure:
-                    raise ConfigError(
-                        "no secret configured for a shared Redis: set SOAF_SECRET "
-                        "(or pass --insecure to accept a well-known key; never in production)"
-                    )
-                log.warning("INSECURE: no SOAF_SECRET; anyone who can write to this Redis "
-                            "can run code on this core")
-                self.secrets = [INSECURE_SECRET]
+            log.info("using Redis at %s", redact(self.url))
+        self.secrets = core_secrets(s, redact(self.url), embedded=self.embedded is not None)
         self.redis = connect(self.url, name=f"soaf-core-{s.node}")
         self.blocking = connect(self.url, blocking=True, name=f"soaf-core-{s.node}-intake")
         try:
@@ -102,13 +103,33 @@ class Core:
             raise ConfigError(f"work root {s.work_root} cannot be created: {e}") from e
         liveness.claim_node(self.redis, self.keys.node(s.node), s.node,
                             json.dumps(self.node_info()), s.heartbeat_ttl)
+        self.versions = PluginVersions(self.redis, self.keys, s.node)
         try:
-            self.loader.load()
+            self.loader.load(timeout=s.reload_timeout)
         except PluginError:
             log.error("no plugin version loaded; fix the plugins and they will be loaded")
+        self.versions.publish(self.loader)
         self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl)
         self.writer.start()
+        if not become_subreaper():
+            log.warning("cannot become a child subreaper; orphans of programs go to PID 1")
+        raise_open_files_limit()
         self.reaper = Reaper()
+        self.reloader = Reloader(
+            self.loader, debounce=s.reload_debounce, poll=s.reload_poll, watch=s.reload_watch,
+            timeout=s.reload_timeout, on_result=lambda ok: self.versions.publish(self.loader),
+        )
+        self.reloader.start()
+        # Control messages are read from the newest one that exists now, so none sent
+        # after start() returns is missed, however late the control thread first reads.
+        newest = self.redis.xrevrange(self.keys.control, count=1)
+        self._control_from = newest[0][0].decode() if newest else "0-0"
+        self.keeper = LogKeeper(self.writer.put, max_bytes=s.log_max_bytes,
+                                interval=s.log_interval, lines=s.log_lines,
+                                connected=lambda: self.writer.connected)
+        self.keeper.start()
+        self.supervisor = Supervisor()
+        self.supervisor.start()
         self._spawn(self.heartbeat.loop, "soaf-heartbeat")
         self.recovery.resume_own()
         self._spawn(self._control_loop, "soaf-control")
@@ -130,26 +151,39 @@ class Core:
 
     # -- stop -----------------------------------------------------------------------------
 
-    def request_stop(self, *, force: bool = False) -> None:
-        """Stop taking work; with ``force`` also stop running programs. Safe in handlers."""
+    def request_stop(self, *, stop_programs: bool = False, force: bool = False) -> None:
+        """Stop taking work. ``stop_programs``: stop the running programs too (their
+        services are left for recovery); ``force``: and wait for nothing (no grace period,
+        no after_watch_callback). Only sets flags: safe in a signal handler."""
         if force:
             self._force.set()
+        if stop_programs or force:
+            self._stop_programs.set()
         self._stopping.set()
         self._slot_freed.set()
 
     def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
-        """Wait for running services (or stop them), write every state, close."""
-        self.request_stop(force=not drain)
+        """Wait for running services (or stop them), write every state, close.
+
+        Services that end meanwhile get their final state; those whose programs are
+        stopped go back to ``queued`` with their stream entries unacknowledged."""
+        self.request_stop(stop_programs=not drain)
+        if self.reloader is not None:
+            self.reloader.stop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.running():
-            if self._force.is_set():
-                for run in list(self.runs.values()):
-                    run.cancel()
+            if self._stop_programs.is_set():
+                force = self._force.is_set()
+                for run in self.current_runs():
+                    if not run.interrupt_requested or (force and not run.force):
+                        run.interrupt(force=force)
             if deadline is not None and time.monotonic() > deadline:
                 log.error("shutdown timed out with %d services running", self.running())
                 break
             self._slot_freed.wait(0.2)
             self._slot_freed.clear()
+        self.supervisor.stop()
+        self.keeper.stop()
         self.writer.stop(timeout=10)
         self.reaper.close()
         self.heartbeat.release()
@@ -262,7 +296,7 @@ class Core:
             try:
                 template = decode_entry(
                     fields, secrets=self.secrets, max_payload=self.settings.max_payload,
-                    registry=registry,
+                    registry=registry, work_root=self.settings.work_root,
                 )
             except Refusal as refusal:
                 self._refuse(entry_id, fields, refusal)
@@ -295,27 +329,39 @@ class Core:
             ))
         results = self._claim(calls)
         unclaimed: list[str] = []
-        for (entry_id, template), (verdict, detail, attempt, seq) in zip(accepted, results):
+        ended: list[str] = []  # final without running (e.g. cancelled while queued)
+        for (entry_id, template), (verdict, detail, attempt, seq, attempts) in zip(
+            accepted, results
+        ):
             if verdict != b"run":
                 log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id,
                          verdict.decode(), detail.decode())
                 unclaimed.append(entry_id)
+                if verdict in (b"final", b"cancelled"):
+                    ended.append(template.service_id)
                 continue
-            self.launch(ServiceRun(template, Claim(entry_id, int(attempt), int(seq)),
-                                   **self.run_kwargs(registry)))
+            self.launch(ServiceRun(
+                template, Claim(entry_id, int(attempt), int(seq), Claim.parse_attempts(attempts)),
+                **self.run_kwargs(registry)))
         if unclaimed:
-            self.finish_entries(unclaimed)
+            self.finish_entries(unclaimed, ended=ended)
 
-    def finish_entries(self, entry_ids: list[str]) -> None:
-        """Acknowledge and delete entries that need no (more) work."""
+    def finish_entries(self, entry_ids: list[str], *, ended: list[str] | None = None) -> None:
+        """Acknowledge and delete entries that need no (more) work; the records of the
+        services in ``ended`` (final without running) start to age."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xack(self.keys.submit, GROUP, *entry_ids)
         pipe.xdel(self.keys.submit, *entry_ids)
+        ttl = int(self.settings.record_ttl)
+        for sid in (ended or []) if ttl > 0 else []:
+            for key in (self.keys.service(sid), self.keys.events(sid)):
+                pipe.expire(key, ttl)  # the record starts to age
         pipe.execute()
 
     def run_kwargs(self, registry: Registry) -> dict[str, Any]:
         return {"registry": registry, "settings": self.settings, "writer": self.writer,
-                "reaper": self.reaper, "on_done": self._done}
+                "reaper": self.reaper, "on_done": self._done, "keeper": self.keeper,
+                "supervisor": self.supervisor}
 
     def launch(self, run: ServiceRun) -> None:
         run.still_current = self.heartbeat.still_current
@@ -372,7 +418,7 @@ class Core:
             self.runs.pop(run.service_id, None)
             self._finishing = {e: r for e, r in self._finishing.items()
                                if not r.final_written.is_set()}
-            if not run.final_written.is_set():
+            if run.final_queued and not run.final_written.is_set():
                 self._finishing[run.claim.entry_id] = run
         self._slot_freed.set()
 
@@ -389,27 +435,21 @@ class Core:
             "redis_connected": writer.connected if writer is not None else True,
         }
 
-    def plugin_info(self) -> dict[str, Any]:
-        registry = self.loader.current
-        return {
-            "version": registry.version if registry else None,
-            "loaded_at": registry.loaded_at if registry else None,
-            "services": sorted(registry.programs) if registry else [],
-            "error": self.loader.last_error, "error_at": self.loader.last_error_at,
-        }
+    def _next_plugin_number(self, last: int) -> int:
+        return self.versions.next_number(last) if self.versions is not None else last + 1
 
     def cancel_local(self, service_id: str) -> bool:
         with self._runs_lock:
             run = self.runs.get(service_id)
         if run is None:
             return False
-        if not run.cancel_requested.is_set():
+        if not run.cancel_requested:
             log.info("cancelling service %s", service_id)
         run.cancel()
         return True
 
     def _control_loop(self) -> None:
-        last = "$"
+        last = self._control_from
         while not self._stopping.is_set():
             try:
                 resp = self.blocking.xread({self.keys.control: last}, count=100, block=1000)
@@ -429,20 +469,13 @@ class Core:
         if kind == "cancel":
             self.cancel_local(fields.get(b"id", b"").decode(errors="replace"))
         elif kind == "reload":
-            self.reload_plugins()
+            if self.reloader is not None:
+                self.reloader.request()
         else:
             log.warning("unknown control message %r", kind)
 
     def reload_plugins(self) -> bool:
-        """Load a new plugin generation now; False (old one kept) if it fails."""
-        try:
-            self.loader.load()
-        except PluginError:
-            ok = False
-        else:
-            ok = True
-        try:
-            self.redis.hset(self.keys.plugins, self.settings.node, json.dumps(self.plugin_info()))
-        except redis.RedisError:
-            pass
-        return ok
+        """Load a new plugin generation now, in this thread, and report it; False (old one
+        kept) if it fails. The ``reload`` control message does the same in the reloader."""
+        assert self.reloader is not None, "start() the core first"
+        return self.reloader.reload()

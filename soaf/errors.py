@@ -5,7 +5,8 @@
     │   └── NodeInUse          another live core already runs under this node name
     ├── EmbeddedRedisError     the embedded redis-server could not be found or started
     ├── DecodeError            a payload that is not a valid, signed, soaf template
-    │   └── SignatureError     unsigned, forged, truncated or signed with an unknown key
+    │   ├── SignatureError     unsigned, forged, truncated or signed with an unknown key
+    │   └── UnsafePayload      a signed payload that names a global soaf refuses to load
     ├── ValidationError        a template field that cannot be accepted (names the field)
     ├── PluginError            a plugin package failed to load or a plugin raised
     │   └── UnknownServiceError no plugin serves the requested service name
@@ -47,6 +48,10 @@ class DecodeError(SoafError):
 
 class SignatureError(DecodeError):
     """A payload that is unsigned, forged, truncated or signed with an unknown key."""
+
+
+class UnsafePayload(DecodeError):
+    """A signed payload that needs a global soaf never loads (``os.system``, ``eval`` ...)."""
 
 
 class ValidationError(SoafError):

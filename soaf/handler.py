@@ -3,8 +3,13 @@
 The watcher thread of a service calls ``before_watch_callback(service)`` once, then
 ``file_change_callback(service, files)`` every ``watch_interval`` seconds (sooner when a
 file in the work dir changes), and ``after_watch_callback(service, files)`` exactly
-once after the program has exited. ``files`` are sorted paths relative to the work dir.
-An exception in a callback is recorded on the service and never stops the core.
+once per attempt, whatever happened (even when the build failed, the program could
+not start, timed out or was cancelled: ``service.outcome`` and ``service.exit`` say
+which). ``files`` are sorted paths relative to the work dir. An exception in a
+callback is recorded on the service and never stops the core. A callback that hangs
+delays neither the program's supervision (timeout, cancel) nor the recording of its
+exit; once the program has ended it gets ``after_watch_timeout`` (the core's
+``callback_timeout``) before soaf finishes the service without it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class WatcherHandler:
 
     #: The service name this handler watches.
     service: ClassVar[str] = ""
+    #: Seconds ``after_watch_callback`` may take; None: the core's ``callback_timeout``.
+    #: Past it the service ends ``failed`` (failure ``callback``) and the call is abandoned.
+    after_watch_timeout: ClassVar[float | None] = None
 
     def before_watch_callback(self, service: Service) -> None:
         """Called once, after the program started and before the first file check."""

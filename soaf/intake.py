@@ -10,12 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from soaf.codec import loads
+from soaf.codec import describe_exception, loads
 from soaf.errors import DecodeError, SoafError, ValidationError
 from soaf.keys import ID_FIELD, PAYLOAD_FIELD
 from soaf.plugins import Registry
-from soaf.template import ServiceParamTemplate
+from soaf.template import ServiceParamTemplate, validate_template
+from soaf.workdir import work_dir_for
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -45,12 +47,27 @@ def clear_id(fields: dict[bytes, bytes]) -> str | None:
     return text if _ID.match(text) else None
 
 
+def _readable_field(template: ServiceParamTemplate, name: str) -> str | None:
+    """A field read from the instance dict (no property or __getattr__ runs), if it is a
+    well-formed name; else None."""
+    try:
+        value = vars(template).get(name)
+    except TypeError:  # no instance dict (a subclass with __slots__)
+        return None
+    return value if type(value) is str and _ID.match(value) else None
+
+
+def _readable_id(template: ServiceParamTemplate) -> str | None:
+    return _readable_field(template, "service_id")
+
+
 def decode_entry(
     fields: dict[bytes, bytes],
     *,
     secrets: Sequence[str],
     max_payload: int,
     registry: Registry | None,
+    work_root: Path | None = None,
 ) -> ServiceParamTemplate:
     """The entry's template, checked through and through, or a Refusal."""
     payload = fields.get(PAYLOAD_FIELD.encode())
@@ -62,23 +79,25 @@ def decode_entry(
     except DecodeError as e:
         raise Refusal(str(e), clear_id(fields)) from e
     except Exception as e:  # a signed pickle may still raise anything while loading
-        raise Refusal(f"payload does not unpickle: {type(e).__name__}: {e}", clear_id(fields))
+        raise Refusal(f"payload does not unpickle: {describe_exception(e)}", clear_id(fields)) from e
     if not isinstance(template, ServiceParamTemplate):
         raise Refusal(
             f"payload is a {type(template).__name__}, not a ServiceParamTemplate", clear_id(fields)
         )
-    service_id = template.service_id if isinstance(template.service_id, str) else None
-    if service_id is not None and not _ID.match(service_id):
-        service_id = None
-    service = template.service if isinstance(template.service, str) else None
+    # The verified payload's id; the clear one only if the payload's is unusable.
+    service_id = _readable_id(template) or clear_id(fields)
+    service = _readable_field(template, "service")
     try:
-        template.validate()
+        validate_template(template)
         if registry is None:
             raise SoafError("no plugins are loaded on this core (see the plugin load error)")
         registry.program(template.service)
+        if work_root is not None and template.work_path is not None:
+            work_dir_for(work_root, template)  # a symlink under the work root may lead out
     except (ValidationError, SoafError) as e:
         raise Refusal(str(e), service_id, service, trusted=True) from e
     except Exception as e:  # validate() of a user subclass may raise anything
-        raise Refusal(f"template validation raised {type(e).__name__}: {e}", service_id,
+        raise Refusal(f"template validation raised {describe_exception(e)}", service_id,
                       service, trusted=True) from e
     return template
+

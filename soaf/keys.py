@@ -39,6 +39,14 @@ class Keys:
         """Stream: every state change and field update of one service, for replay."""
         return f"{self.prefix}:ev:{{{service_id}}}"
 
+    def log(self, service_id: str) -> str:
+        """Stream: the newest lines of one service's stdout/stderr, capped (``log_lines``).
+
+        Entry fields: ``s`` the stream (``stdout``, ``stderr``, or ``soaf`` for soaf's own
+        notes, e.g. how much of a flood was not copied), ``a`` the attempt, ``l`` the line
+        (bytes, no newline). The capped files in the work dir keep the longer tail."""
+        return f"{self.prefix}:log:{{{service_id}}}"
+
     @property
     def services(self) -> str:
         """Sorted set: every known service id, scored by its submit time."""
@@ -68,6 +76,11 @@ class Keys:
     def plugins(self) -> str:
         """Hash: the plugin version serving on each node and its last load error."""
         return f"{self.prefix}:plugins"
+
+    def plugin_number(self, node: str) -> str:
+        """String: the number of a node's newest plugin version, so numbers keep rising
+        across restarts of its core."""
+        return f"{self.prefix}:plugins:number:{node}"
 
     def node(self, name: str) -> str:
         """String with a TTL: a core's heartbeat; gone means the core is dead."""

@@ -1,38 +1,58 @@
 """ServiceRun: one service from claim to final state, in a thread of its own.
 
-The steps are fixed: create the work dir, ``build()``, ``prepare_input_file()``, spawn
-the program, watch it with the handler's callbacks, ``after_watch_callback`` once, and
-write the final state (which acknowledges the stream entry). Whatever a plugin raises
-ends this service as ``failed`` with the error and traceback; it never reaches the core.
+Its thread runs the plugin code inline. If that code hangs, the core's supervisor
+(``tick``, from soaf.supervisor) takes the run over: it bumps the run's generation and
+starts a new thread that finishes the attempt (``Attempt.resume``) and goes on with
+the run; the stuck thread finds, if its call ever returns, that it is no longer the
+owner (``Orphaned``) and ends.
+
+A run is a series of attempts (soaf.attempt): the first, then, when the service opted
+into retries, one more after each failed or timed-out attempt, after a backoff, while
+retries are left. Each attempt is recorded in the ``attempts`` field. The final state
+is written once, and it acknowledges the stream entry; once it is in Redis
+(``final_written``) the attempt's journal (soaf.journal) is removed. A final that a
+newer attempt elsewhere fenced out acknowledges nothing (soaf.writer). Whatever a
+plugin raises ends an attempt as ``failed`` with the error and traceback; it never
+reaches the core.
+
+When the core stops without draining (``interrupt()``), the program is stopped but no
+final state is written: the record goes back to ``queued`` and the stream entry stays
+unacknowledged, so the service is run again when a core recovers it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from soaf import shim, workdir
+from soaf.attempt import Attempt, Orphaned
 from soaf.config import Settings
-from soaf.errors import SoafError
 from soaf.journal import RunJournal
+from soaf.logs import LogKeeper
+from soaf.outcome import INTERRUPTED, Outcome
 from soaf.plugins import Registry
-from soaf.procinfo import ProcIdentity
-from soaf.runner import Exit, Process, Reaper
-from soaf.service import Service
+from soaf.runner import Reaper
 from soaf.state import Change, State
+from soaf.supervisor import Supervisor
 from soaf.template import ServiceParamTemplate
-from soaf.watcher import call_callback, watch
 from soaf.writer import StateWriter
 
 log = logging.getLogger(__name__)
 
-STDOUT = "stdout.log"
-STDERR = "stderr.log"
+#: Fields that describe one attempt; cleared when the next attempt starts.
+ATTEMPT_FIELDS = (
+    "pid", "command", "exit_code", "signal", "stopped_with", "wall_time", "cpu_time",
+    "max_rss_kb", "exited_at", "error", "failure", "failed_in", "traceback", "progress",
+    "message", "callback_error", "callback_traceback", "callback_errors", "running_at",
+    "preparing_at", "stdout_bytes", "stderr_bytes", "stdout_dropped_bytes",
+    "stderr_dropped_bytes",
+)
 
 
 @dataclass
@@ -42,14 +62,20 @@ class Claim:
     entry_id: str
     attempt: int
     seq: int
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts' records
 
-
-class Cancelled(Exception):
-    """Raised inside a run when a cancel arrives before the program was spawned."""
+    @staticmethod
+    def parse_attempts(raw: bytes | str) -> list[dict[str, Any]]:
+        """The ``attempts`` field a claim returned (JSON text); [] when absent or bad."""
+        try:
+            value = json.loads(raw) if raw else []
+        except ValueError:
+            return []
+        return [a for a in value if isinstance(a, dict)] if isinstance(value, list) else []
 
 
 class ServiceRun:
-    """Runs one service; ``start()`` spawns its thread, ``cancel()`` may be called anytime."""
+    """Runs one service; ``start()`` spawns its thread, ``cancel()``/``interrupt()`` anytime."""
 
     def __init__(
         self,
@@ -61,6 +87,8 @@ class ServiceRun:
         writer: StateWriter,
         reaper: Reaper,
         on_done: Callable[[ServiceRun], None],
+        keeper: LogKeeper | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.template = template
         self.claim = claim
@@ -68,16 +96,31 @@ class ServiceRun:
         self.settings = settings
         self.writer = writer
         self.reaper = reaper
+        self.keeper = keeper
+        self.supervisor = supervisor
         self.on_done = on_done
         self.service_id = template.service_id
-        self.process: Process | None = None
-        self.cancel_requested = threading.Event()
+        self.program_cls = registry.program(template.service)
+        self.handler_cls = registry.handler(template.service)
+        self.attempt = claim.attempt
+        self.attempts: list[dict[str, Any]] = list(claim.attempts)
+        self.current: Attempt | None = None
+        # Requests (plain flags: set once, read anywhere; ``wake`` tells the run's thread).
+        self.cancel_requested = False
+        self.interrupt_requested = False
+        self.force = False  # stop now: no grace period, no after_watch_callback
+        self.halt_at: float | None = None  # monotonic time of the first cancel/interrupt
         self.wake = threading.Event()
+        # Which thread owns the run: a takeover bumps the generation; ``in_call`` is the
+        # plugin call under way in the owner thread: (name, monotonic start, attempt).
+        self.lock = threading.Lock()
+        self.generation = 0
+        self.in_call: tuple[str, float, Attempt] | None = None
         self._seq = claim.seq
         self._seq_lock = threading.Lock()
-        self._deadline: float | None = None
-        self._timeout: float | None = None
-        #: The run's journal (soaf.journal), from the moment its work dir exists.
+        self._closed = False
+        #: The journal (soaf.journal) of the attempt under way, from the moment its work dir
+        #: exists; each attempt starts its own.
         self.journal: RunJournal | None = None
         #: Set when a newer attempt took this service over (this core was thought dead):
         #: the program is stopped, after_watch_callback is not called, writes are fenced.
@@ -91,182 +134,218 @@ class ServiceRun:
         )
 
     def start(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.add(self)
         self.thread.start()
 
     def cancel(self) -> None:
-        self.cancel_requested.set()
+        """Stop the service for good: it ends ``cancelled``."""
+        self.cancel_requested = True
+        self._halt()
+
+    def interrupt(self, *, force: bool = False) -> None:
+        """The core is stopping: stop the program, leave the service for recovery.
+
+        With ``force``, waits for nothing (no grace period, no after_watch_callback)."""
+        if force:
+            self.force = True
+        self.interrupt_requested = True
+        self._halt()
+
+    @property
+    def halted(self) -> bool:
+        """A cancel or an interrupt came: the program must not start (or must stop)."""
+        return self.halt_at is not None
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``; True as soon as a cancel or interrupt comes instead."""
+        deadline = time.monotonic() + seconds
+        while not self.halted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.wake.wait(left)
+            self.wake.clear()
+        return True
+
+    def _halt(self) -> None:
+        if self.halt_at is None:
+            self.halt_at = time.monotonic()
         self.wake.set()
+        if self.supervisor is not None:
+            self.supervisor.poke()
+
+    # -- supervision (the supervisor's thread) ------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Enforce the program's limits; take over from a thread stuck in plugin code."""
+        attempt = self.current
+        if attempt is not None:
+            attempt.enforce(now)
+        with self.lock:
+            if self.in_call is None:
+                return
+            name, started, stuck = self.in_call
+            deadline = stuck.deadline_for(name, started)
+            if deadline is None or now < deadline:
+                return
+            self.generation += 1
+            self.in_call = None
+        log.warning("service %s: %s has not returned; a new thread finishes attempt %d",
+                    self.service_id, name, stuck.number)
+        threading.Thread(target=self._run, kwargs={"resume": (stuck, name)}, daemon=True,
+                         name=f"soaf-svc-{self.service_id[:12]}-g{self.generation}").start()
 
     # -- recording ----------------------------------------------------------------------
 
-    def emit(self, values: dict[str, Any], *, final: bool = False) -> None:
+    def emit(self, values: dict[str, Any], *, attempt: int | None = None,
+             final: bool = False) -> None:
+        """Queue a change of the record. Changes from an attempt that is over (a callback
+        abandoned earlier that returns late) or after the final state are dropped."""
         with self._seq_lock:
+            if self._closed or (attempt is not None and attempt != self.attempt):
+                log.debug("dropping a late change of %s: %s", self.service_id, list(values))
+                return
             self._seq += 1
-            self.writer.put(
-                Change(
-                    self.service_id,
-                    self.claim.attempt,
-                    self._seq,
-                    values,
-                    ack=self.claim.entry_id if final else None,
-                    on_written=self._final_written if final else None,
-                )
-            )
+            self.writer.put(Change(self.service_id, self.attempt, self._seq, values,
+                                   ack=self.claim.entry_id if final else None,
+                                   on_written=self._final_written if final else None))
+            if final:
+                self._closed = True
+
+    @property
+    def final_queued(self) -> bool:
+        """The final state has been handed to the writer (it may not be in Redis yet)."""
+        return self._closed
 
     def _final_written(self, applied: bool) -> None:
         if self.journal is not None:
             self.journal.remove()
         self.final_written.set()
 
-    def _journal(self, step: str, *, save: bool = False, **info: Any) -> dict[str, Any]:
+    def journal_step(self, step: str, *, save: bool = False, **info: Any) -> dict[str, Any]:
+        """Record ``step`` in the attempt's journal; the values to write with it."""
         if self.journal is None:
             return {}
         return self.journal.try_step(step, **info) if save else self.journal.step(step, **info)
 
-    def _state(self, state: State, **values: Any) -> None:
-        self.emit({"state": state.value, f"{state.value}_at": time.time(), **values},
-                  final=False)
+    def new_journal(self, number: int, work_dir: Any) -> RunJournal:
+        """Start attempt ``number``'s journal; the last attempt's one is done with."""
+        if self.journal is not None and self.journal.data.attempt != number:
+            self.journal.remove()
+        self.journal = RunJournal(self.settings.work_root, self.settings.node, self.service_id,
+                                  number, work_dir)
+        return self.journal
 
-    # -- the steps ----------------------------------------------------------------------
+    # -- the run ------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        final: dict[str, Any]
+    def _run(self, resume: tuple[Attempt, str] | None = None) -> None:
+        final: dict[str, Any] | None
         try:
-            final = self._steps()
-        except Cancelled:
-            final = {"state": State.CANCELLED.value, "error": "cancelled before it started"}
+            final = self._attempts(resume)
+        except Orphaned:
+            log.info("service %s: a plugin call returned after its attempt was taken over",
+                     self.service_id)
+            return
         except Exception as e:
-            phase = getattr(e, "soaf_phase", "core")
-            log.warning("service %s failed in %s: %s", self.service_id, phase, e,
-                        exc_info=not isinstance(e, SoafError))
-            final = {
-                "state": State.FAILED.value,
-                "error": f"{phase}: {type(e).__name__}: {e}" if phase != "core" else str(e),
-                "failed_in": phase,
-                "traceback": traceback.format_exc(),
-            }
-        final.setdefault(f"{final['state']}_at", time.time())
-        final["finished_at"] = time.time()
-        if self.journal is not None:
-            final.update(self.journal.finish(final))
-        self.emit(final, final=True)
-        log.info("service %s %s", self.service_id, final["state"])
+            log.exception("service %s: soaf failed running it", self.service_id)
+            final = {"state": State.FAILED.value, "failure": "core", "error": f"core: {e}",
+                     "traceback": traceback.format_exc()}
+        if final is None:
+            log.info("service %s interrupted; left for recovery", self.service_id)
+        else:
+            now = time.time()
+            final.setdefault(f"{final['state']}_at", now)
+            final["finished_at"] = now
+            if self.journal is not None:
+                final.update(self.journal.finish(final))
+            self.emit(final, final=True)
+            log.info("service %s %s", self.service_id, final["state"])
+        if self.supervisor is not None:
+            self.supervisor.remove(self)
         try:
             self.on_done(self)
         except Exception:
             log.exception("on_done failed for %s", self.service_id)
 
-    def _phase(self, phase: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as e:
-            e.soaf_phase = phase  # type: ignore[attr-defined]
-            raise
+    def _attempts(self, resume: tuple[Attempt, str] | None) -> dict[str, Any] | None:
+        while True:
+            if resume is not None:
+                attempt, stuck = resume
+                resume = None
+                outcome = attempt.resume(stuck)
+            else:
+                if self.attempt > self.claim.attempt:
+                    self._begin_retry()
+                attempt = self.new_attempt()
+                self.current = attempt
+                outcome = attempt.run()
+            if outcome.state == INTERRUPTED:
+                self._requeue(outcome)
+                return None
+            self.attempts.append(self._summary(attempt, outcome))
+            delay = self._retry_delay(outcome)
+            if delay is None:
+                return {**outcome.fields(), "attempts": self.attempts}
+            retry_at = time.time() + delay
+            self.emit({**outcome.fields(), "state": State.RETRYING.value,
+                       "retrying_at": time.time(), "retry_at": retry_at,
+                       "attempts": self.attempts})
+            log.info("service %s attempt %d %s (%s); retrying in %.1f s", self.service_id,
+                     self.attempt, outcome.state, outcome.error, delay)
+            if self._sleep(delay):
+                if self.interrupt_requested:
+                    self._requeue(Outcome(INTERRUPTED, error="core stopped before a retry"))
+                    return None
+                return {"state": State.CANCELLED.value, "attempts": self.attempts,
+                        "error": "cancelled while waiting to retry", "failure": None}
+            with self._seq_lock:
+                self.attempt += 1
 
-    def _check_cancel(self) -> None:
-        if self.cancel_requested.is_set():
-            raise Cancelled()
+    def new_attempt(self) -> Attempt:
+        """The next attempt (soaf.adopt's RecoveredRun finishes one a killed core began)."""
+        return Attempt(self, self.attempt)
 
-    def _steps(self) -> dict[str, Any]:
-        template = self.template
-        program_cls = self.registry.program(template.service)
-        handler_cls = self.registry.handler(template.service)
-        work_dir = self._phase("work dir", lambda: workdir.create(self.settings.work_root, template))
-        self.emit({"work_dir": str(work_dir)})
-        self.journal = RunJournal(self.settings.work_root, self.settings.node, self.service_id,
-                                  self.claim.attempt, work_dir)
-        program = program_cls(template, work_dir, plugin_root=self.settings.plugins)
-        timeout = template.timeout if template.timeout is not None else program_cls.timeout
-
-        self._check_cancel()
-        self._phase("build", program.build)
-        self._check_cancel()
-        self._state(State.PREPARING, **self.journal.step("built"))
-        self._phase("prepare_input_file", program.prepare_input_file)
-        self._check_cancel()
-        argv = self._phase("command", program.command)
-        env = self._phase("environment", program.environment)
-        argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv
-        journal = self.journal
-        journal.step("prepared")
-        spawn_argv, shimmed = self._phase("start", lambda: shim.wrap(
-            argv, cwd=work_dir, env=env, exit_file=journal.exit_file))
-        process = Process(
-            spawn_argv, cwd=work_dir, env=env, stdout=work_dir / STDOUT, stderr=work_dir / STDERR,
-        )
-        handler = self._phase("handler", handler_cls)
-        service = Service(
-            template, work_dir, attempt=self.claim.attempt, node=self.settings.node,
-            plugin_version=self.registry.version, emit=self.emit,
-        )
-        process.on_exit(lambda _exit: self.wake.set())
-        self._phase("start", lambda: process.start(self.reaper))
-        self.process = process
-        if timeout is not None:
-            self._timeout = float(timeout)
-            self._deadline = time.monotonic() + float(timeout)
-        assert process.pid is not None
-        identity = ProcIdentity.of(process.pid)
-        self._state(State.RUNNING, pid=process.pid, command=list(argv), **self._journal(
-            "running", save=True, process=identity.to_dict() if identity else None,
-            shimmed=shimmed, running_at=time.time()))
-        reason, files = watch(handler, service, process, wake=self.wake, check=self._reason,
-                              file_poll=self.settings.file_poll)
-        if reason is not None:
-            process.stop(self.settings.kill_grace)
-        process.exited.wait()
-        assert process.exit is not None
-        self._exited(process.exit)
-        after_error = self._after_watch(handler, service, files)
-        return self._final(program_cls.success_codes, process.exit, reason, after_error)
-
-    def _reason(self) -> str | None:
-        if self.cancel_requested.is_set():
-            return State.CANCELLED.value
-        if self._deadline is not None and time.monotonic() >= self._deadline:
-            return State.TIMED_OUT.value
-        return None
-
-    def _exited(self, exit: Exit) -> None:
-        values = {
-            "exit_code": exit.exit_code,
-            "signal": exit.signal,
-            "wall_time": round(exit.wall_time, 6),
-            "cpu_time": round(exit.cpu_time, 6),
-            "max_rss_kb": exit.max_rss_kb,
-            "exited_at": time.time(),
-        }
-        self.emit({**values, **self._journal("exited", exit={
-            "returncode": exit.returncode, "wall_time": values["wall_time"],
-            "cpu_time": values["cpu_time"], "max_rss_kb": exit.max_rss_kb})})
-
-    def _after_watch(self, handler: Any, service: Service, files: list[str]) -> str | None:
-        if self.superseded or (self.still_current is not None and not self.still_current(self)):
-            self.superseded = True  # the newer attempt collects; never run the callback twice
+    def _retry_delay(self, outcome: Outcome) -> float | None:
+        """Seconds before the next attempt, or None when this outcome is final."""
+        if outcome.state not in (State.FAILED.value, State.TIMED_OUT.value):
             return None
-        before = service.callback_errors
-        call_callback(service, "after_watch_callback", handler.after_watch_callback, service, files)
-        if self.journal is not None:
-            self.journal.collected = True
-        if service.callback_errors > before:
-            return "after_watch_callback raised; see callback_error"
-        return None
+        program = self.program_cls
+        if program.retry_on is not None and outcome.failure not in program.retry_on:
+            return None
+        retries = getattr(self.template, "retries", None)
+        if retries is None:
+            retries = program.retries
+        failed = sum(1 for a in self.attempts
+                     if a.get("state") in (State.FAILED.value, State.TIMED_OUT.value))
+        if failed > retries:
+            return None
+        base = getattr(self.template, "retry_backoff", None)
+        if base is None:
+            base = program.retry_backoff
+        return float(min(base * 2 ** (failed - 1), program.retry_backoff_max))
 
-    def _final(
-        self, success: tuple[int, ...], exit: Exit, reason: str | None, after_error: str | None
-    ) -> dict[str, Any]:
-        if reason == State.CANCELLED.value:
-            return {"state": State.CANCELLED.value, "error": "cancelled while running"}
-        if reason == State.TIMED_OUT.value:
-            return {"state": State.TIMED_OUT.value,
-                    "error": f"ran past its timeout ({self._timeout:g} s)",
-                    "failure": "timeout"}
-        if exit.signal is not None:
-            return {"state": State.FAILED.value, "error": f"killed by {exit.signal}",
-                    "failure": "signal"}
-        if exit.returncode not in success:
-            return {"state": State.FAILED.value, "failure": "exit_code",
-                    "error": f"exited with code {exit.returncode}"}
-        if after_error is not None:
-            return {"state": State.FAILED.value, "failure": "callback", "error": after_error}
-        return {"state": State.SUCCEEDED.value}
+    def _begin_retry(self) -> None:
+        values: dict[str, Any] = dict.fromkeys(ATTEMPT_FIELDS)
+        values.update({"state": State.BUILDING.value, "building_at": time.time(),
+                       "node": self.settings.node, "plugin_version": self.registry.version})
+        self.emit(values)
+
+    def _summary(self, attempt: Attempt, outcome: Outcome) -> dict[str, Any]:
+        process = attempt.process
+        exit = process.exit if process is not None else None
+        summary: dict[str, Any] = {
+            "attempt": self.attempt, "state": outcome.state, "failure": outcome.failure,
+            "error": outcome.error, "node": self.settings.node,
+            "started_at": attempt.started_at, "ended_at": time.time(),
+            "work_dir": str(attempt.work_dir) if attempt.work_dir else None,
+        }
+        if exit is not None:
+            summary.update(exit_code=exit.exit_code, signal=exit.signal,
+                           wall_time=round(exit.wall_time, 6))
+        return summary
+
+    def _requeue(self, outcome: Outcome) -> None:
+        """Back to ``queued`` (no final state, entry not acknowledged): a core recovers it."""
+        self.emit({"state": State.QUEUED.value, "queued_at": time.time(),
+                   "requeued_because": outcome.error, "attempts": self.attempts})

@@ -199,19 +199,24 @@ class Heartbeat:
             refresh(pipe, keys.node(s.node), json.dumps(core.node_info()),
                     core.identity.token, s.heartbeat_ttl)
         pipe.sadd(keys.nodes, s.node)
-        pipe.hset(keys.plugins, s.node, json.dumps(core.plugin_info()))
         if s.record_ttl > 0:  # ids whose records have expired
             pipe.zremrangebyscore(keys.services, "-inf", time.time() - s.record_ttl)
+        ids = [run.service_id for run in runs]
+        if ids:
+            pipe.hmget(keys.cancels, ids)
         for run in runs:
-            pipe.hget(keys.cancels, run.service_id)
             pipe.hget(keys.service(run.service_id), "attempt")
         results = pipe.execute()
+        if core.versions is not None:
+            core.versions.publish(core.loader)
         if not self.replaced and results[0] == 0:
             self._taken()
-        checks = results[len(results) - 2 * len(runs):]
-        for i, run in enumerate(runs):
-            cancel, attempt = checks[2 * i], checks[2 * i + 1]
-            if attempt is not None and int(attempt) > run.claim.attempt:
+        if not runs:
+            return
+        attempts = results[len(results) - len(runs):]
+        cancels = results[len(results) - len(runs) - 1]
+        for run, cancel, attempt in zip(runs, cancels, attempts):
+            if attempt is not None and int(attempt) > run.attempt:
                 self.superseded(run, int(attempt))
             elif cancel is not None:
                 core.cancel_local(run.service_id)
@@ -231,7 +236,7 @@ class Heartbeat:
             attempt = self.core.redis.hget(self.core.keys.service(run.service_id), "attempt")
         except redis.RedisError:
             return True
-        if attempt is not None and int(attempt) > run.claim.attempt:
+        if attempt is not None and int(attempt) > run.attempt:
             self.superseded(run, int(attempt))
             return False
         return True
@@ -243,7 +248,7 @@ class Heartbeat:
             return
         log.error("service %s: attempt %d was taken over by attempt %d elsewhere (this core "
                   "missed its heartbeats); stopping its program", run.service_id,
-                  run.claim.attempt, attempt)
+                  run.attempt, attempt)
         run.superseded = True
         run.cancel()
 

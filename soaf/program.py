@@ -28,23 +28,42 @@ class ServiceProgramTemplate:
         name: the service name (required, unique among loaded plugins).
         program: path of the executable the default ``build()`` copies into the work dir;
             relative paths are looked up from the plugin root, then the plugin's module.
-        timeout: default seconds a run may take (a template's ``timeout`` wins).
+        timeout: default seconds a run may take (a template's ``timeout`` wins); then the
+            program's group gets SIGTERM, SIGKILL after the core's grace period.
         success_codes: exit codes that count as success.
-        retries: default further attempts after a failure (a template's ``retries`` wins).
+        max_memory_mb: default resident memory (MiB) the program and its children may use
+            (a template's ``max_memory_mb`` wins); above it the group is killed and the
+            failure is classified ``memory``. None: no limit.
+        retries: default further attempts after a failed or timed-out one (a template's
+            ``retries`` wins). Cancelled services are never retried.
+        retry_backoff: seconds before the first retry (a template's ``retry_backoff`` wins);
+            doubled for each further one, up to ``retry_backoff_max``.
+        retry_on: failure kinds that are retried (see ``soaf.outcome.FAILURES``); None: all.
+        work_dir_policy: ``"fresh"``: a retry runs in a new, empty work dir (the failed
+            attempt's dir is kept beside it as ``<dir>.attempt<N>``); ``"reuse"``: a retry
+            runs in the same dir, over what the failed attempt left. A template's shared
+            ``work_path`` is always reused, never moved.
     """
 
     name: ClassVar[str] = ""
     program: ClassVar[str | None] = None
     timeout: ClassVar[float | None] = None
     success_codes: ClassVar[tuple[int, ...]] = (0,)
+    max_memory_mb: ClassVar[float | None] = None
     retries: ClassVar[int] = 0
+    retry_backoff: ClassVar[float] = 1.0
+    retry_backoff_max: ClassVar[float] = 300.0
+    retry_on: ClassVar[frozenset[str] | None] = None
+    work_dir_policy: ClassVar[str] = "fresh"
 
     def __init__(
-        self, template: ServiceParamTemplate, work_dir: Path, *, plugin_root: Path
+        self, template: ServiceParamTemplate, work_dir: Path, *, plugin_root: Path,
+        attempt: int = 1,
     ) -> None:
         self.template = template
         self.work_dir = work_dir
         self.plugin_root = plugin_root
+        self.attempt = attempt
 
     # -- the steps the core calls, in order -------------------------------------------
 
@@ -71,12 +90,17 @@ class ServiceProgramTemplate:
             return ["./" + Path(self.program).name]
         raise PluginError(f"service {self.name!r} sets no program and does not override command()")
 
+    def working_dir(self) -> Path:
+        """Where the program runs; by default its work dir."""
+        return self.work_dir
+
     def environment(self) -> dict[str, str]:
         """The program's environment: the core's, the template's ``env``, and soaf's ids."""
         env = base_environment().copy()
         env.update(self.template.env)
         env["SOAF_SERVICE_ID"] = self.template.service_id
         env["SOAF_WORK_DIR"] = str(self.work_dir)
+        env["SOAF_ATTEMPT"] = str(self.attempt)
         return env
 
     # -- helpers ------------------------------------------------------------------------

@@ -80,7 +80,7 @@ if pstate and not pfinals[pstate] and pstate ~= 'queued' and pentry == ARGV[5] t
       'event_id', cjson.encode(fevid))
     redis.call('HDEL', KEYS[4], ARGV[1])
     redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=fseq, state='failed'}))
-    return {'failed', 'failed', pattempt, fseq}
+    return {'failed', 'failed', pattempt, fseq, ''}
   end
 end
 """
@@ -232,7 +232,7 @@ class Recovery:
         args = [sid, template.service, time.time(), self.node, entry_id, core.keys.notify,
                 EVENTS_MAXLEN, json.dumps(registry.version), ",".join(FINAL_VALUES),
                 max_attempts(template, registry), reason, previous]
-        verdict, detail, attempt, seq = RECLAIM.run(core.redis, keys, args)
+        verdict, detail, attempt, seq, attempts = RECLAIM.run(core.redis, keys, args)
         if verdict != b"run":
             log.warning("service %s: attempt lost (%s); %s", sid, reason,
                         "no retries left: failed" if verdict == b"failed"
@@ -241,8 +241,9 @@ class Recovery:
             return
         log.warning("service %s: attempt %d was lost (%s); running attempt %d", sid,
                     int(attempt) - 1, reason, int(attempt))
-        core.launch(ServiceRun(template, Claim(entry_id, int(attempt), int(seq)),
-                               **core.run_kwargs(registry)))
+        core.launch(ServiceRun(
+            template, Claim(entry_id, int(attempt), int(seq), Claim.parse_attempts(attempts)),
+            **core.run_kwargs(registry)))
 
     def _resume(self, entry_id: str, template: ServiceParamTemplate, registry: Registry,
                 record: ServiceRecord, journal: Journal) -> RecoveredRun | None:
@@ -263,7 +264,9 @@ class Recovery:
                 if code is None:
                     return None
                 kwargs["returncode"] = code
-        return RecoveredRun(template, Claim(entry_id, record.attempt, record.seq),
+        earlier = record.get("attempts")
+        earlier = [a for a in earlier if isinstance(a, dict)] if isinstance(earlier, list) else []
+        return RecoveredRun(template, Claim(entry_id, record.attempt, record.seq, earlier),
                             previous=journal, record=record,
                             **kwargs, **self.core.run_kwargs(registry))
 

@@ -50,6 +50,12 @@ class Service:
         #: instance, ``before_watch_callback`` runs again, and ``fields``, ``progress`` and
         #: ``message`` hold what the previous core had written.
         self.recovered = False
+        #: How the program ended (``soaf.runner.Exit``: exit_code, signal, wall_time ...),
+        #: set before ``after_watch_callback`` runs; None if it never started.
+        self.exit: Any = None
+        #: What this attempt comes to as far as soaf knows before ``after_watch_callback``:
+        #: ``succeeded``, ``failed``, ``timed_out``, ``cancelled`` or ``interrupted``.
+        self.outcome: str | None = None
 
     @property
     def service_id(self) -> str:

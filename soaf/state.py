@@ -27,12 +27,13 @@ from soaf.keys import Keys
 
 
 class State(str, Enum):
-    """The lifecycle of a service; the last four (and ``rejected``) are final."""
+    """The lifecycle of a service; ``succeeded`` ... ``rejected`` are final."""
 
     QUEUED = "queued"
     BUILDING = "building"
     PREPARING = "preparing"
     RUNNING = "running"
+    RETRYING = "retrying"  # an attempt failed; the next one starts after a backoff
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -69,7 +70,8 @@ return {1, entry}
 
 # KEYS: record, events, services zset, cancels hash
 # ARGV: id, service, now, node, entry, notify, maxlen, plugin_version, final states (csv)
-# Returns {verdict, detail, attempt, seq}; verdict: run | duplicate | final | cancelled
+# Returns {verdict, detail, attempt, seq, attempts json or ''};
+# verdict: run | duplicate | final | cancelled
 CLAIM_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then state = cjson.decode(state) end
@@ -77,9 +79,9 @@ local entry = redis.call('HGET', KEYS[1], 'entry')
 if entry then entry = cjson.decode(entry) end
 local finals = {}
 for s in string.gmatch(ARGV[9], '[^,]+') do finals[s] = true end
-if state and finals[state] then return {'final', state, 0, 0} end
+if state and finals[state] then return {'final', state, 0, 0, ''} end
 if state and state ~= 'queued' and entry and entry ~= ARGV[5] then
-  return {'duplicate', state, 0, 0}
+  return {'duplicate', state, 0, 0, ''}
 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
@@ -101,7 +103,38 @@ if redis.call('HEXISTS', KEYS[1], 'submitted_at') == 0 then
 end
 redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1])
 redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=seq, state=newstate}))
-return {newstate == 'cancelled' and 'cancelled' or 'run', newstate, attempt, seq}
+return {newstate == 'cancelled' and 'cancelled' or 'run', newstate, attempt, seq,
+  redis.call('HGET', KEYS[1], 'attempts') or ''}
+"""
+
+# KEYS: record, events, cancels hash, control stream
+# ARGV: id, now, notify, maxlen, final states (csv), control maxlen
+# Returns {verdict, state}; verdict: unknown | final | cancelled (a queued service, now
+# cancelled: no core holds it) | requested (recorded in the cancels hash and announced on
+# the control stream; the core running it stops it, and a core that takes it later
+# finds the request there).
+CANCEL_LUA = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'unknown', ''} end
+state = cjson.decode(state)
+for s in string.gmatch(ARGV[5], '[^,]+') do
+  if s == state then return {'final', state} end
+end
+if state == 'queued' then
+  local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
+  local err = 'cancelled before it started'
+  local ev = {seq=seq, attempt=attempt, ts=tonumber(ARGV[2]), state='cancelled', error=err}
+  local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', cjson.encode(ev))
+  redis.call('HSET', KEYS[1], 'state', '"cancelled"', 'seq', seq, 'cancelled_at', ARGV[2],
+    'finished_at', ARGV[2], 'error', cjson.encode(err), 'event_id', cjson.encode(evid))
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('PUBLISH', ARGV[3], cjson.encode({id=ARGV[1], seq=seq, state='cancelled'}))
+  return {'cancelled', state}
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'type', 'cancel', 'id', ARGV[1])
+return {'requested', state}
 """
 
 # KEYS: record, events, services zset
@@ -167,7 +200,8 @@ class Script:
 SUBMIT = Script(SUBMIT_LUA)
 CLAIM = Script(CLAIM_LUA)
 RECORD = Script(RECORD_LUA)
-SCRIPTS = (SUBMIT, CLAIM, RECORD)
+CANCEL = Script(CANCEL_LUA)
+SCRIPTS = (SUBMIT, CLAIM, RECORD, CANCEL)
 
 
 def is_noscript(result: Any) -> bool:

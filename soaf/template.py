@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -32,10 +32,11 @@ def is_url(value: str) -> bool:
     return bool(_URL.match(value))
 
 
-def check_relative(field_name: str, value: str) -> None:
-    """Refuse a path that could leave the directory it is resolved in."""
+def check_relative(field_name: str, value: Any) -> None:
+    """Refuse a name that could leave the directory it is resolved in, or that names the
+    directory itself. Symlinks are followed later, by ``workdir.confine``."""
     if not isinstance(value, str) or not value:
-        raise ValidationError(field_name, f"must be a non-empty string, got {value!r}")
+        raise ValidationError(field_name, f"must be a non-empty string, got {_show(value)}")
     if "\x00" in value:
         raise ValidationError(field_name, f"{value!r} contains a NUL byte")
     path = PurePosixPath(value)
@@ -43,6 +44,19 @@ def check_relative(field_name: str, value: str) -> None:
         raise ValidationError(field_name, f"{value!r} is absolute; it must stay inside the work dir")
     if ".." in path.parts:
         raise ValidationError(field_name, f"{value!r} contains '..'; it must stay inside the work dir")
+    if not path.parts:
+        raise ValidationError(field_name, f"{value!r} names the directory itself, not an entry in it")
+
+
+def _show(value: Any) -> str:
+    """A short, safe description of a bad value for an error message."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = "<unprintable>"
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
 
 
 @dataclass
@@ -61,7 +75,12 @@ class ServiceParamTemplate:
         env: extra environment variables for the program (strings only).
         watch_interval: seconds between ``file_change_callback`` calls.
         timeout: seconds the program may run; None uses the service's default.
-        retries: further attempts after a failed one (0: none).
+        retries: further attempts after a failed or timed-out one (0: none); None uses
+            the service's default.
+        retry_backoff: seconds before the first retry (doubled for each further one);
+            None uses the service's default.
+        max_memory_mb: resident memory (MiB) the program may use before it is killed;
+            None uses the service's default.
     """
 
     service: str = ""
@@ -73,47 +92,31 @@ class ServiceParamTemplate:
     env: dict[str, str] = field(default_factory=dict)
     watch_interval: float = 1.0
     timeout: float | None = None
-    retries: int = 0
+    retries: int | None = None
+    retry_backoff: float | None = None
+    max_memory_mb: float | None = None
 
     def validate(self) -> None:
-        """Raise ValidationError naming the first field that cannot be accepted."""
-        if not isinstance(self.service, str) or not _NAME.match(self.service):
-            raise ValidationError(
-                "service", f"must be a service name (letters, digits, '_.-'), got {self.service!r}"
-            )
-        if not isinstance(self.service_id, str) or not _ID.match(self.service_id):
-            raise ValidationError(
-                "service_id", f"must be 1-128 letters, digits or '_.-', got {self.service_id!r}"
-            )
-        if self.work_path is not None:
-            check_relative("work_path", self.work_path)
-        for name in self.input_names():
-            check_relative("input_files", name)
-        if isinstance(self.input_files, Mapping):
-            for source in self.input_files.values():
-                if not isinstance(source, str) or not source:
-                    raise ValidationError("input_files", f"source {source!r} must be a string")
-        if not isinstance(self.output_files, (list, tuple)):
-            raise ValidationError("output_files", "must be a list of names or globs")
-        for name in self.output_files:
-            check_relative("output_files", name)
-        if not isinstance(self.args, Mapping):
-            raise ValidationError("args", f"must be a dict, got {type(self.args).__name__}")
-        if not isinstance(self.env, Mapping):
-            raise ValidationError("env", f"must be a dict, got {type(self.env).__name__}")
-        for key, value in self.env.items():
-            if not isinstance(key, str) or not key or "=" in key or "\x00" in key:
-                raise ValidationError("env", f"variable name {key!r} is not valid")
-            if not isinstance(value, str) or "\x00" in value:
-                raise ValidationError("env", f"value of {key} must be a string, got {value!r}")
-        if not _positive_number(self.watch_interval):
-            raise ValidationError(
-                "watch_interval", f"must be a positive number, got {self.watch_interval!r}"
-            )
-        if self.timeout is not None and not _positive_number(self.timeout):
-            raise ValidationError("timeout", f"must be a positive number, got {self.timeout!r}")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise ValidationError("retries", f"must be a whole number >= 0, got {self.retries!r}")
+        """Raise ValidationError naming the first field that cannot be accepted.
+
+        Only ValidationError comes out, whatever the fields hold: a field a subclass
+        deleted is "missing", one that raises when read or checked says so. The core
+        runs this base-class check itself (a subclass's override cannot skip it), then
+        the subclass's own ``validate`` if it has one.
+        """
+        for name, check in _CHECKS:
+            try:
+                value = getattr(self, name)
+            except AttributeError:
+                raise ValidationError(name, "is missing (a subclass deleted it or never set it)")
+            except Exception as e:
+                raise ValidationError(name, f"reading it raised {type(e).__name__}: {e}")
+            try:
+                check(self, value)
+            except ValidationError:
+                raise
+            except Exception as e:
+                raise ValidationError(name, f"cannot be checked: {type(e).__name__}: {e}")
 
     def input_names(self) -> list[str]:
         """Names the inputs will have inside the work dir."""
@@ -144,6 +147,104 @@ class ServiceParamTemplate:
         return out
 
 
+def validate_template(template: ServiceParamTemplate) -> None:
+    """What clients and cores run: the base class's checks, which a subclass that
+    overrides ``validate()`` cannot skip, then the subclass's own ``validate()``."""
+    ServiceParamTemplate.validate(template)
+    if type(template).validate is not ServiceParamTemplate.validate:
+        template.validate()
+
+
+def _check_service(t: ServiceParamTemplate, value: Any) -> None:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValidationError(
+            "service", f"must be a service name (letters, digits, '_.-'), got {_show(value)}")
+
+
+def _check_service_id(t: ServiceParamTemplate, value: Any) -> None:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ValidationError(
+            "service_id", f"must be 1-128 letters, digits or '_.-', got {_show(value)}")
+
+
+def _check_work_path(t: ServiceParamTemplate, value: Any) -> None:
+    if value is not None:
+        check_relative("work_path", value)
+
+
+def _check_input_files(t: ServiceParamTemplate, value: Any) -> None:
+    if isinstance(value, Mapping):
+        for source in value.values():
+            if not isinstance(source, str) or not source:
+                raise ValidationError("input_files", f"source {_show(source)} must be a string")
+    for name in ServiceParamTemplate.input_names(t):
+        check_relative("input_files", name)
+
+
+def _check_output_files(t: ServiceParamTemplate, value: Any) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise ValidationError("output_files", f"must be a list of names or globs, got "
+                                              f"{_show(value)}")
+    for name in value:
+        check_relative("output_files", name)
+
+
+def _check_args(t: ServiceParamTemplate, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise ValidationError("args", f"must be a dict, got {_show(value)}")
+
+
+def _check_env(t: ServiceParamTemplate, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise ValidationError("env", f"must be a dict of strings, got {_show(value)}")
+    for key, item in value.items():
+        if not isinstance(key, str) or not key or "=" in key or "\x00" in key:
+            raise ValidationError("env", f"variable name {_show(key)} is not valid")
+        if not isinstance(item, str):
+            raise ValidationError("env", f"value of {key} must be a string, got {_show(item)}")
+        if "\x00" in item:
+            raise ValidationError("env", f"value of {key} contains a NUL byte")
+
+
+def _check_watch_interval(t: ServiceParamTemplate, value: Any) -> None:
+    if not _positive_number(value):
+        raise ValidationError("watch_interval", f"must be a positive number of seconds, got "
+                                                f"{_show(value)}")
+
+
+def _check_timeout(t: ServiceParamTemplate, value: Any) -> None:
+    if value is not None and not _positive_number(value):
+        raise ValidationError("timeout", f"must be a positive number of seconds or None, got "
+                                         f"{_show(value)}")
+
+
+def _check_retries(t: ServiceParamTemplate, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValidationError("retries", f"must be a whole number >= 0 or None, got {_show(value)}")
+
+
+def _check_retry_backoff(t: ServiceParamTemplate, value: Any) -> None:
+    if value is not None and not (_positive_number(value) or _zero(value)):
+        raise ValidationError("retry_backoff", f"must be a number >= 0 or None, got {_show(value)}")
+
+
+def _check_max_memory_mb(t: ServiceParamTemplate, value: Any) -> None:
+    if value is not None and not _positive_number(value):
+        raise ValidationError("max_memory_mb", f"must be a positive number or None, got "
+                                               f"{_show(value)}")
+
+
+#: Every field and its check, in the order errors are reported.
+_CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
+    ("service", _check_service), ("service_id", _check_service_id),
+    ("work_path", _check_work_path), ("input_files", _check_input_files),
+    ("output_files", _check_output_files), ("args", _check_args), ("env", _check_env),
+    ("watch_interval", _check_watch_interval), ("timeout", _check_timeout),
+    ("retries", _check_retries), ("retry_backoff", _check_retry_backoff),
+    ("max_memory_mb", _check_max_memory_mb),
+]
+
+
 def _positive_number(value: Any) -> bool:
     return (
         isinstance(value, (int, float))
@@ -151,3 +252,7 @@ def _positive_number(value: Any) -> bool:
         and math.isfinite(value)
         and value > 0
     )
+
+
+def _zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0

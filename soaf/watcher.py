@@ -1,15 +1,19 @@
-"""The watcher of one service: calls its handler's callbacks while the program runs.
+"""The watcher of one service: follows its program and calls its handler's callbacks.
 
 ``watch`` runs in the service's own thread: ``before_watch_callback`` once, then
-``file_change_callback`` every ``watch_interval`` seconds, and promptly (within
-``file_poll`` seconds) when an entry is created, removed or renamed in any directory
-of the work dir, and ``after_watch_callback`` exactly once after the program ended.
+``file_change_callback`` every ``watch_interval`` seconds and promptly when an entry is
+created, removed or renamed in any directory of the work dir, until the program exits.
+A callback that raises is recorded on the service and the watcher carries on; one that
+hangs is the supervisor's business (soaf.supervisor): stopping the program and
+recording its exit never wait for callbacks. ``after_watch_callback`` is the
+attempt's (soaf.attempt).
 
 Changes are noticed by comparing the modification times of the work dir's
 directories, a few ``stat`` calls per check. Unlike inotify this also works on
 network file systems, costs nothing for programs that finish quickly, and cannot be
-flooded by a program that writes a lot. A callback that raises is recorded on the
-service and the watcher carries on.
+flooded by a program that writes a lot. The check runs every ``file_poll`` seconds
+after a change and less often (up to ``MAX_FILE_POLL``) while the dir stays quiet, so
+a thousand idle services do not keep the core busy.
 """
 
 from __future__ import annotations
@@ -31,19 +35,34 @@ log = logging.getLogger(__name__)
 
 #: Shortest gap between two file_change_callback calls triggered by file changes.
 MIN_CALLBACK_GAP = 0.05
-
-Check = Callable[[], "str | None"]
+#: Longest gap between two checks of a quiet work dir (the check interval grows from
+#: ``file_poll`` to this while nothing changes, and drops back at the first change).
+MAX_FILE_POLL = 1.0
+#: Longest sleep of a watcher between two looks at its program (a safety net: an exit
+#: wakes it at once).
+MAX_WAIT = 1.0
 
 
 def call_callback(service: Service, name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run one plugin callback; record (never raise) what it raises."""
+    """Run one plugin callback; record (never raise) what it raises.
+
+    Returns what the callback returned, or ``FAILED`` if it raised."""
     try:
         return fn(*args)
-    except Exception as e:
+    except BaseException as e:  # SystemExit from a plugin must not end its thread silently
         text = f"{name} raised {type(e).__name__}: {e}"
-        log.warning("service %s: %s", service.service_id, text, exc_info=True)
+        # The first error of a service is logged with its traceback; a callback that
+        # fails every interval does not flood the log (every one is on the record).
+        if service.callback_errors == 0:
+            log.warning("service %s: %s", service.service_id, text, exc_info=True)
+        else:
+            log.debug("service %s: %s (again)", service.service_id, text)
         service.record_callback_error(text, traceback.format_exc())
-        return None
+        return FAILED
+
+
+#: What ``call_callback`` returns when the callback raised.
+FAILED = object()
 
 
 class DirSignature:
@@ -81,53 +100,51 @@ def watch(
     handler: WatcherHandler,
     service: Service,
     process: Process,
+    call: Callable[..., Any],
     *,
     wake: threading.Event,
-    check: Check,
     file_poll: float,
-) -> tuple[str | None, list[str]]:
-    """Follow ``process`` until it exits; return (what stopped it early, final files).
+) -> None:
+    """Follow ``process`` with the handler's callbacks until it exits.
 
-    ``check`` is called after every wait; when it returns a reason (``"timed_out"``,
-    ``"cancelled"``) watching stops so that the caller can stop the program. ``wake``
-    is set when the program exits or a cancel arrives.
+    Callbacks are made through ``call(name, fn, *args)`` (soaf.attempt), which lets the
+    supervisor see what is under way. ``wake`` is set when the program exits.
     """
     interval = float(service.template.watch_interval)
     signature = DirSignature(str(service.work_dir)) if file_poll > 0 else None
-    call_callback(service, "before_watch_callback", handler.before_watch_callback, service)
-    watching = True
-    reason: str | None = None
-    while not process.exited.is_set() and reason is None:
-        if watching and not service.stop_requested.is_set():
+    poll = file_poll
+    call("before_watch_callback", call_callback, service, "before_watch_callback",
+         handler.before_watch_callback, service)
+    next_call = time.monotonic()  # the first file check right after before_watch_callback
+    last_call = float("-inf")
+    changed = False
+    while not process.exited.is_set():
+        now = time.monotonic()
+        if service.stop_requested.is_set():
+            wake.wait(MAX_WAIT)
+            wake.clear()
+            continue
+        if now >= next_call or (changed and now >= last_call + MIN_CALLBACK_GAP):
             files = list_files(service.work_dir)
             if signature is not None:
                 signature.update_dirs(files)
-            last_call = time.monotonic()
-            result = call_callback(
-                service, "file_change_callback", handler.file_change_callback, service, files
-            )
-            watching = result is not STOP
-        else:
-            watching = False
-        next_call = last_call + interval
-        # Wait for: the next interval, a change in the work dir, the exit, or a reason.
-        while not process.exited.is_set():
-            now = time.monotonic()
-            if watching and now >= next_call:
-                break
-            step = min(next_call - now, file_poll) if watching and file_poll > 0 else (
-                next_call - now if watching else 0.5)
-            if wake.wait(max(step, 0.001)):
-                wake.clear()
-            reason = check()
-            if reason is not None:
-                break
-            if (
-                watching
-                and signature is not None
-                and time.monotonic() - last_call >= MIN_CALLBACK_GAP
-                and signature.changed()
-            ):
-                break
-    files = list_files(service.work_dir)
-    return reason, files
+            last_call, next_call, changed = now, now + interval, False
+            result = call("file_change_callback", call_callback, service,
+                          "file_change_callback", handler.file_change_callback, service, files)
+            if result is STOP:
+                service.stop()
+            continue
+        timeout = min(MAX_WAIT, next_call - now)
+        if signature is not None:
+            if changed:
+                timeout = min(timeout, max(0.0, last_call + MIN_CALLBACK_GAP - now))
+            else:
+                timeout = min(timeout, poll)
+        if wake.wait(max(timeout, 0.0)):
+            wake.clear()
+            continue
+        if signature is not None and not changed:
+            if signature.changed():
+                changed, poll = True, file_poll
+            else:
+                poll = min(poll * 1.5, max(file_poll, MAX_FILE_POLL))

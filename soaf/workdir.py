@@ -19,7 +19,9 @@ def confine(root: Path, name: str, *, field: str = "path") -> Path:
     check_relative(field, name)
     real_root = root.resolve()
     target = (real_root / name).resolve()
-    if target != real_root and real_root not in target.parents:
+    if target == real_root:
+        raise ValidationError(field, f"{name!r} resolves to {real_root} itself, not an entry in it")
+    if real_root not in target.parents:
         raise ValidationError(field, f"{name!r} resolves to {target}, outside {real_root}")
     return target
 
@@ -28,6 +30,40 @@ def work_dir_for(work_root: Path, template: ServiceParamTemplate) -> Path:
     """The work dir a template runs in: its ``work_path`` or one named after its id."""
     name = template.work_path or template.service_id
     return confine(work_root, name, field="work_path" if template.work_path else "service_id")
+
+
+def literal_prefix(name: str) -> str:
+    """The part of an output name before its first glob character (``out`` for
+    ``out/*.txt``): the directories a collector will walk through."""
+    parts: list[str] = []
+    for part in name.split("/"):
+        if any(c in part for c in "*?["):
+            break
+        parts.append(part)
+    return "/".join(parts)
+
+
+def check_names(work_root: Path, work_dir: Path, template: ServiceParamTemplate, *,
+                outputs_only: bool = False) -> None:
+    """Check again, with the symlinks that exist *now*, that the work dir is still the one
+    soaf created and that no input or output name leads out of it.
+
+    ``build()`` or the program itself may have created links since the template was
+    validated; nothing must be staged into or collected from outside through them.
+    Raises ValidationError naming the field.
+    """
+    if not outputs_only:
+        if template.work_path is None and not work_dir.is_symlink():
+            pass  # one plain component under the resolved root: an lstat is proof enough
+        elif (now := work_dir_for(work_root, template)) != work_dir:
+            raise ValidationError(
+                "work_path", f"the work dir {work_dir} now resolves to {now}; it was replaced")
+        for name in ServiceParamTemplate.input_names(template):
+            confine(work_dir, name, field="input_files")
+    for name in template.output_files:
+        prefix = literal_prefix(name)
+        if prefix:
+            confine(work_dir, prefix, field="output_files")
 
 
 def create(work_root: Path, template: ServiceParamTemplate) -> Path:
@@ -46,6 +82,20 @@ def create(work_root: Path, template: ServiceParamTemplate) -> Path:
     path = work_dir_for(work_root, template)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def set_aside(path: Path, label: str) -> Path | None:
+    """Move ``path`` to ``<path>.<label>`` (numbered if taken) so a new, empty one can be made;
+    returns where it went, None if there was nothing to move."""
+    if not path.exists():
+        return None
+    target = path.with_name(f"{path.name}.{label}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{label}-{n}")
+    path.rename(target)
+    return target
 
 
 def list_files(work_dir: Path) -> list[str]:

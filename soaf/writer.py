@@ -1,6 +1,7 @@
 """StateWriter: the one thread that writes every state change to Redis, in order.
 
-Services never talk to Redis themselves; they queue ``Change``s here. The writer sends
+Services never talk to Redis themselves; they queue ``Change``s here (and the log
+keeper its ``LogLines``). The writer sends
 whatever is queued as one pipeline, so a busy core pays one round trip for many
 changes. When Redis is unreachable it keeps the changes, retries with backoff, and
 writes them in their original order once Redis is back; the record script skips
@@ -15,7 +16,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -23,6 +24,13 @@ from soaf.keys import GROUP, Keys
 from soaf.state import RECORD, Change, is_noscript, record_call
 
 log = logging.getLogger(__name__)
+
+
+class Writable(Protocol):
+    """Anything else the writer writes in queue order (e.g. ``soaf.logs.LogLines``)."""
+
+    def write_to(self, pipe: Any, keys: Keys) -> None: ...
+
 
 #: Changes sent in one pipeline at most.
 BATCH = 500
@@ -37,7 +45,7 @@ class StateWriter:
         self._redis = client
         self._keys = keys
         self._record_ttl = record_ttl
-        self._queue: collections.deque[Change] = collections.deque()
+        self._queue: collections.deque[Change | Writable] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
@@ -48,7 +56,7 @@ class StateWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, change: Change) -> None:
+    def put(self, change: Change | Writable) -> None:
         with self._cond:
             self._queue.append(change)
             self._cond.notify()
@@ -126,15 +134,24 @@ class StateWriter:
             ttl = int(self._record_ttl)
             pipe.expire(self._keys.service(change.service_id), ttl)
             pipe.expire(self._keys.events(change.service_id), ttl)
+            pipe.expire(self._keys.log(change.service_id), ttl)
 
-    def _write(self, batch: list[Change]) -> None:
+    def _write(self, batch: list[Change | Writable]) -> None:
         # One script call per service (and attempt): its changes in their original order.
+        # Other items (log lines) go first: a service's last lines precede its final state.
         groups: dict[tuple[str, int], list[Change]] = {}
+        others: list[Writable] = []
         for change in batch:
-            groups.setdefault((change.service_id, change.attempt), []).append(change)
+            if isinstance(change, Change):
+                groups.setdefault((change.service_id, change.attempt), []).append(change)
+            else:
+                others.append(change)
         calls = list(groups.values())
         for attempt in (1, 2):
             pipe = self._redis.pipeline(transaction=False)
+            if attempt == 1:
+                for other in others:
+                    other.write_to(pipe, self._keys)
             for changes in calls:
                 keys, args = record_call(self._keys, changes)
                 RECORD.call(pipe, keys, args)
@@ -151,7 +168,8 @@ class StateWriter:
         # Finish an entry only where its final state went in: changes fenced out by a newer
         # attempt (-1) come from a core that lost the service, whose entry is now pending
         # for the core that took it over; acknowledging it would hide it from recovery.
-        written = [(changes, r != -1) for changes, r in zip(calls, results)
+        recorded = results[len(results) - len(calls):]  # after the other items' results
+        written = [(changes, r != -1) for changes, r in zip(calls, recorded)
                    if not isinstance(r, Exception)]
         finals = [c for changes, ok in written if ok for c in changes if c.ack]
         if finals:

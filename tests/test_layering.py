@@ -12,13 +12,15 @@ SOAF = ROOT / "soaf"
 
 #: Modules a client process loads must not pull in the core or its engines.
 CORE_ONLY = {"soaf.core", "soaf.lifecycle", "soaf.runner", "soaf.plugins", "soaf.watcher",
-             "soaf.writer", "soaf.intake", "soaf.embedded"}
+             "soaf.writer", "soaf.intake", "soaf.embedded", "soaf.importer", "soaf.reloader",
+             "soaf.versions"}
 CLIENT_SIDE = ["client", "aio", "pipeline"]
 #: Low layers import nothing of soaf above them.
 LOW = {
     "errors": set(),
     "keys": set(),
-    "codec": {"soaf.errors", "soaf.config"},
+    "codec": {"soaf.errors", "soaf.config", "soaf.unpickler"},
+    "unpickler": {"soaf.errors"},
     "connection": {"soaf.errors"},
 }
 

@@ -94,9 +94,9 @@ def _reclaim(r, keys: Keys, sid: str, entry: str, max_attempts: int) -> list:
 def test_lost_attempt_reruns_while_retries_last_then_fails(r, prefix):
     keys = Keys(prefix)
     _record(r, keys, "svc", "1-1", "running", 1)
-    verdict, state, attempt, seq = _reclaim(r, keys, "svc", "1-1", 2)
+    verdict, state, attempt, seq, _attempts = _reclaim(r, keys, "svc", "1-1", 2)
     assert (verdict, state, attempt, seq) == (b"run", b"building", 2, 6)
-    verdict, state, attempt, _ = _reclaim(r, keys, "svc", "1-1", 2)
+    verdict, state, attempt, _, _ = _reclaim(r, keys, "svc", "1-1", 2)
     assert (verdict, attempt) == (b"failed", 2)
     events = [decode_event(d) for _, d in r.xrange(keys.events("svc"))]
     assert [(e["state"], e["attempt"]) for e in events] == [

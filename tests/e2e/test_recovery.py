@@ -454,3 +454,39 @@ def test_full_disk_fails_the_service_and_the_core_carries_on(start_core, client,
         core.stop()
     finally:
         subprocess.run(["umount", "-l", str(root)], capture_output=True)
+
+
+def test_readopted_attempt_that_fails_is_retried(start_core, client, logdir):
+    """A re-adopted program that fails counts as its attempt: the retry runs after it,
+    and both attempts are in the record's ``attempts``."""
+    a = start_core()
+    sid = hold(client, logdir, 3, code=1, retries=1, retry_backoff=0.2)
+    wait_until(lambda: client.status(sid).fields.get("ticks"), 30, message="running")
+    a.kill()
+    start_core()
+    record = client.wait(sid, timeout=90)
+    assert record.state == "failed" and record.get("failure") == "exit_code", record.error
+    assert record.attempt == 2
+    attempts = record.get("attempts")
+    assert [(x["attempt"], x["state"]) for x in attempts] == [(1, "failed"), (2, "failed")]
+    assert starts(logdir, sid) == 2
+    assert len(afters(logdir, sid)) == 2  # once per attempt, the adopted one included
+    history(client, sid)
+    no_overlap(logdir)
+
+
+def test_readopted_program_still_has_its_timeout(start_core, client, logdir, tmp_path):
+    """The timeout counts from the program's start, across the core's restart: the new
+    core's supervisor stops the adopted program when it runs out."""
+    a = start_core()
+    sid = hold(client, logdir, 0, until=str(tmp_path / "never"), timeout=6)
+    wait_until(lambda: client.status(sid).fields.get("ticks"), 30, message="running")
+    a.kill()
+    start_core()
+    record = client.wait(sid, timeout=90)
+    assert record.state == "timed_out", (record.state, record.error)
+    assert record.get("recovered_as") == "adopt"
+    assert record.get("stopped_with") in ("SIGTERM", "SIGKILL")
+    assert starts(logdir, sid) == 1
+    assert len(afters(logdir, sid)) == 1
+    no_overlap(logdir)

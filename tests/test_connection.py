@@ -1,0 +1,45 @@
+"""Redis URLs: every form soaf accepts parses, and passwords never reach a log line."""
+
+from __future__ import annotations
+
+import pytest
+
+from soaf.connection import connect, redact
+from soaf.errors import ConfigError
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://soaf:pw-123@db.example:6380/2", "redis://soaf:***@db.example:6380/2"),
+    ("redis://:pw-123@localhost:6379", "redis://:***@localhost:6379"),
+    ("rediss://soaf:pw-123@db.example:6380/0?ssl_ca_certs=/etc/ca.pem",
+     "rediss://soaf:***@db.example:6380/0?ssl_ca_certs=/etc/ca.pem"),
+    ("unix://soaf:pw-123@/run/redis.sock?db=0", "unix://soaf:***@/run/redis.sock?db=0"),
+    ("unix:///run/redis.sock?password=pw-123&db=1", "unix:///run/redis.sock?password=***&db=1"),
+    ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+])
+def test_redact_hides_passwords_and_keeps_the_rest(url: str, shown: str) -> None:
+    assert redact(url) == shown
+    assert "pw-123" not in redact(url)
+
+
+@pytest.mark.parametrize("url, kwargs", [
+    ("redis://soaf:pw@db.example:6380/2", {"username": "soaf", "password": "pw", "port": 6380}),
+    ("rediss://:pw@db.example/0?ssl_ca_certs=/etc/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem",
+     {"password": "pw", "ssl_ca_certs": "/etc/ca.pem", "ssl_certfile": "/c.pem",
+      "ssl_keyfile": "/k.pem"}),
+    ("unix://soaf:pw@/run/redis.sock?db=3", {"username": "soaf", "password": "pw",
+                                              "path": "/run/redis.sock", "db": 3}),
+])
+def test_url_forms_reach_redis_py(url: str, kwargs: dict) -> None:
+    client = connect(url)  # no connection is made until the first command
+    got = client.connection_pool.connection_kwargs
+    for key, value in kwargs.items():
+        assert got[key] == value, key
+    client.close()
+
+
+def test_unknown_scheme_is_a_config_error_without_the_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        connect("http://soaf:pw-123@localhost:6379")
+    assert "pw-123" not in str(info.value)

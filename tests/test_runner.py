@@ -1,0 +1,185 @@
+"""The runner with real processes: start failures in plain words, stop, reaping, rusage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from soaf.errors import ProgramError
+from soaf.runner import Exit, Process, Reaper, group_rss_kb
+from tests.conftest import ROOT, wait_until
+
+
+@pytest.fixture
+def reaper():
+    r = Reaper()
+    yield r
+    r.close()
+
+
+def process(tmp_path: Path, argv: list[str], cwd: Path | None = None) -> Process:
+    return Process(argv, cwd=cwd or tmp_path, env=dict(os.environ),
+                   stdout=tmp_path / "out.log", stderr=tmp_path / "err.log")
+
+
+def run(tmp_path: Path, reaper: Reaper, argv: list[str], **kw) -> Exit:
+    p = process(tmp_path, argv, **kw)
+    p.start(reaper)
+    assert p.exited.wait(30)
+    assert p.exit is not None
+    return p.exit
+
+
+@pytest.mark.parametrize("setup, argv, cwd, expected", [
+    (None, ["./nope"], None, "executable not found: ./nope"),
+    ("noexec", ["./script.sh"], None, "permission denied running ./script.sh (is it executable?)"),
+    ("dir", ["./adir"], None, "./adir is a directory, not a program"),
+    ("noshebang", ["./binary"], None, "is not a program this machine can run"),
+    (None, ["true"], "missing", "does not exist"),
+    ("file", ["true"], "afile", "is not a directory"),
+])
+def test_start_failures_in_plain_words(tmp_path, reaper, setup, argv, cwd, expected):
+    if setup == "noexec":
+        (tmp_path / "script.sh").write_text("#!/bin/sh\necho hi\n")
+    elif setup == "dir":
+        (tmp_path / "adir").mkdir()
+    elif setup == "noshebang":
+        (tmp_path / "binary").write_bytes(b"\x7fELF garbage")
+        (tmp_path / "binary").chmod(0o755)
+    elif setup == "file":
+        (tmp_path / "afile").write_text("")
+    p = process(tmp_path, argv, cwd=tmp_path / cwd if cwd else None)
+    with pytest.raises(ProgramError) as info:
+        p.start(reaper)
+    assert expected in str(info.value)
+    if cwd:
+        assert f"working directory {tmp_path / cwd}" in str(info.value)
+
+
+def test_exit_code_signal_and_rusage(tmp_path, reaper):
+    assert run(tmp_path, reaper, ["sh", "-c", "exit 7"]).exit_code == 7
+    killed = run(tmp_path, reaper, ["sh", "-c", "kill -TERM $$"])
+    assert killed.exit_code is None and killed.signal == "SIGTERM" and killed.returncode == -15
+    busy = run(tmp_path, reaper, [sys.executable, "-c", textwrap.dedent("""
+        import time
+        hold = bytearray(30 * 1024 * 1024)
+        for i in range(0, len(hold), 4096):
+            hold[i] = 1
+        end = time.process_time() + 0.2
+        while time.process_time() < end:
+            pass
+    """)])
+    assert busy.exit_code == 0
+    assert busy.cpu_time >= 0.15 and busy.max_rss_kb >= 30 * 1024 and busy.wall_time > 0
+
+
+def stop(p: Process, grace: float) -> None:
+    """What the supervisor does: begin the stop, then tick until the program is gone."""
+    p.begin_stop(grace)
+    while not p.exited.wait(0.05):
+        p.tick()
+
+
+def test_stop_sigterm_then_sigkill(tmp_path, reaper):
+    polite = process(tmp_path, ["sleep", "60"])
+    polite.start(reaper)
+    stop(polite, 5)
+    assert polite.stopped_with == "SIGTERM" and polite.exit.signal == "SIGTERM"
+    stubborn = process(tmp_path, ["sh", "-c", "trap '' TERM; touch ready; sleep 60"])
+    stubborn.start(reaper)
+    wait_until(lambda: (tmp_path / "ready").exists(), 10, message="trap set")
+    stubborn.begin_stop(0.5)
+    assert not stubborn.exited.wait(0.3)  # SIGTERM ignored; the grace is not over
+    stop(stubborn, 0.5)
+    assert stubborn.stopped_with == "SIGKILL" and stubborn.exit.signal == "SIGKILL"
+    assert not stubborn.signal_group(0)  # nothing left to signal
+
+
+def test_a_more_urgent_stop_cuts_the_grace_short(tmp_path, reaper):
+    p = process(tmp_path, ["sh", "-c", "trap '' TERM; touch ready2; sleep 60"])
+    p.start(reaper)
+    wait_until(lambda: (tmp_path / "ready2").exists(), 10, message="trap set")
+    p.begin_stop(60)
+    assert p.stopping and p.stopped_with == "SIGTERM"
+    p.begin_stop(0)  # e.g. a forced core stop
+    assert p.exited.wait(10) and p.stopped_with == "SIGKILL"
+
+
+def test_group_rss_counts_children(tmp_path, reaper):
+    code = textwrap.dedent("""
+        import os, sys, time
+        if os.fork() == 0:
+            hold = bytearray(40 * 1024 * 1024)
+            for i in range(0, len(hold), 4096):
+                hold[i] = 1
+            open("child-ready", "w").close()
+            time.sleep(60)
+        time.sleep(60)
+    """)
+    p = process(tmp_path, [sys.executable, "-c", code])
+    p.start(reaper)
+    try:
+        wait_until(lambda: (tmp_path / "child-ready").exists(), 20, message="child ready")
+        assert p.rss_kb() >= 40 * 1024
+        assert group_rss_kb(p.pid) == pytest.approx(p.rss_kb(), rel=0.2)
+    finally:
+        stop(p, 0)
+    assert p.rss_kb() == 0
+
+
+def test_orphans_are_killed_and_reaped(tmp_path):
+    """A leader that leaves a child behind: the child is killed with the group and, the
+    process being a subreaper, reaped (no zombie). Run in a process of its own."""
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(ROOT)!r})
+        from soaf.runner import Process, Reaper, become_subreaper
+        assert become_subreaper()
+        reaper = Reaper()
+        tmp = Path({str(tmp_path)!r})
+        p = Process(["sh", "-c", "trap '' TERM; sleep 300 & echo $! > child.pid"], cwd=tmp,
+                    env=dict(os.environ), stdout=tmp / "o", stderr=tmp / "e")
+        p.start(reaper)
+        assert p.exited.wait(10)
+        child = int((tmp / "child.pid").read_text())
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{{child}}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(child, os.path.exists(f"/proc/{{child}}"), reaper.orphans_reaped)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    _child, exists, reaped = out.stdout.split()
+    assert exists == "False" and int(reaped) >= 1
+
+
+def test_reaper_follows_many_children(tmp_path, reaper):
+    procs = [process(tmp_path, ["sh", "-c", f"exit {i % 5}"]) for i in range(50)]
+    for p in procs:
+        p.start(reaper)
+    for i, p in enumerate(procs):
+        assert p.exited.wait(30)
+        assert p.exit.exit_code == i % 5
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit():
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from soaf.runner import raise_open_files_limit
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        raise_open_files_limit()
+        want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == want)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "True", out.stderr

@@ -1,0 +1,51 @@
+"""The supervisor thread: ticks every service, at once when poked, survives a failing one."""
+
+from __future__ import annotations
+
+import threading
+
+from soaf.supervisor import Supervisor
+from tests.conftest import wait_until
+
+
+class Ticked:
+    def __init__(self, service_id: str, fail: bool = False) -> None:
+        self.service_id = service_id
+        self.fail = fail
+        self.ticks: list[float] = []
+        self.ticked = threading.Event()
+
+    def tick(self, now: float) -> None:
+        self.ticks.append(now)
+        self.ticked.set()
+        if self.fail:
+            raise RuntimeError("broken on purpose")
+
+
+def test_ticks_pokes_and_removal():
+    sup = Supervisor(interval=60)  # only pokes make it tick in this test
+    sup.start()
+    try:
+        good, bad = Ticked("good"), Ticked("bad", fail=True)
+        sup.add(bad)
+        sup.add(good)
+        sup.poke()
+        assert good.ticked.wait(5) and bad.ticked.wait(5)  # the failing one stops nothing
+        good.ticked.clear()
+        sup.remove(good)
+        sup.poke()
+        wait_until(lambda: len(bad.ticks) >= 2, 5, message="a second tick")
+        assert not good.ticked.is_set()
+    finally:
+        sup.stop()
+
+
+def test_ticks_every_interval():
+    sup = Supervisor(interval=0.05)
+    run = Ticked("one")
+    sup.add(run)
+    sup.start()
+    try:
+        wait_until(lambda: len(run.ticks) >= 3, 10, message="three ticks")
+    finally:
+        sup.stop()
