@@ -6,7 +6,8 @@ made through ``call()``, which tells the run what is under way. The core's super
 over in a fresh thread (``resume``) when a plugin call overstays (``deadline_for``).
 The program's exit is recorded the moment the reaper sees it (``_exited``), whatever
 the plugin code is doing. ``after_watch_callback`` runs exactly once per attempt
-(unless the core is forced down), whatever happened before it. The attempt ends in an
+(unless the core is forced down), whatever happened before it, and never once a newer
+attempt elsewhere has taken the service over (``still_current``). The attempt ends in an
 ``Outcome`` (soaf.outcome).
 
 Data (docs/data.md): the work dir is taken under the work root's shared lock with the
@@ -14,6 +15,11 @@ run marker written first, so the sweep (soaf.retention) never removes it under t
 attempt; ``prepare_input_file`` stages the inputs; after ``after_watch_callback``, and
 only when the attempt has succeeded so far, ``collect_output_files`` checks, records and
 uploads the outputs (a missing one fails the attempt: ``failure: missing_outputs``).
+
+Its steps (built, prepared, running with the program's identity, exited, collected) go
+to the run's journal (soaf.journal), and the program runs under the shim (soaf.shim),
+which leaves its exit status in a file: a core restarted after a crash finishes the
+attempt from there (soaf.adopt) instead of running it again.
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from soaf import markers, workdir
+from soaf import markers, shim, workdir
 from soaf.errors import MissingOutputError, ProgramError, SoafError, ValidationError
 from soaf.logs import LogHandle
 from soaf.outcome import INTERRUPTED, Outcome, classify
+from soaf.procinfo import ProcIdentity
 from soaf.runner import Exit, Process
 from soaf.service import Service
 from soaf.staging import StageContext
@@ -89,6 +96,7 @@ class Attempt:
         self.step = ""  # the last plugin call made
         self.service: Service | None = None
         self.process: Process | None = None
+        self.argv: list[str] | None = None  # the command as the plugin gave it (no shim)
         self.exited_at: float | None = None  # monotonic
         self.stop_reason: str | None = None
         self.outcome: Outcome | None = None  # as known before after_watch_callback
@@ -101,6 +109,7 @@ class Attempt:
         self._memory_kb: int | None = None
         self._next_memory_check = 0.0
         self._rss_kb = 0
+        self.shimmed = False
 
     def emit(self, values: dict[str, Any]) -> None:
         self.run_.emit(values, attempt=self.number)
@@ -132,6 +141,7 @@ class Attempt:
         except Exception as e:
             return Outcome(State.FAILED.value, "plugin", f"work dir: {e}", {"failed_in": "work dir"})
         self.emit({"work_dir": str(self.work_dir), "host": socket.gethostname()})
+        journal = self.run_.new_journal(self.number, self.work_dir)
         self.service = Service(
             self.template, self.work_dir, attempt=self.number, node=self.settings.node,
             plugin_version=self.run_.registry.version, emit=self.emit,
@@ -144,8 +154,17 @@ class Attempt:
         except PhaseError as e:
             outcome = self._phase_failed(e)
         if outcome is None:
+            argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv
+            self.argv = list(argv) if isinstance(argv, list) else None
+            journal.step("prepared")
+            # The shim records the exit status in a file, for a core that restarts meanwhile.
+            try:
+                spawn_argv, self.shimmed = shim.wrap(argv, cwd=Path(cwd), env=env,
+                                                     exit_file=journal.exit_file)
+            except ProgramError:  # it cannot start: the spawn below says why, in its words
+                spawn_argv, self.shimmed = argv, False
             process = Process(
-                [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv,
+                spawn_argv,  # type: ignore[arg-type]
                 cwd=Path(cwd), env=env, stdout=self.work_dir / STDOUT,
                 stderr=self.work_dir / STDERR,
             )
@@ -187,7 +206,8 @@ class Attempt:
             self.call(step, lambda: workdir.check_names(
                 self.settings.work_root, self.work_dir, self.template))
             self._halt_check()
-            self.emit({"state": State.PREPARING.value, "preparing_at": time.time()})
+            self.emit({"state": State.PREPARING.value, "preparing_at": time.time(),
+                       **self.run_.journal_step("built")})
             step = "prepare_input_file"
             self.call(step, program.prepare_input_file)
             self._halt_check()
@@ -268,8 +288,14 @@ class Attempt:
                 self._logs = run.keeper.add(self.template.service_id, self.number, {
                     "stdout": process.stdout_path, "stderr": process.stderr_path})
             self.process = process  # from here on the supervisor enforces the limits
-            self.emit({"state": State.RUNNING.value, "running_at": time.time(),
-                       "pid": process.pid, "command": list(process.argv)})
+            assert process.pid is not None
+            identity = ProcIdentity.of(process.pid)
+            now = time.time()
+            self.emit({"state": State.RUNNING.value, "running_at": now, "pid": process.pid,
+                       "command": self.argv if self.argv is not None else list(process.argv),
+                       **run.journal_step(
+                           "running", save=True, shimmed=self.shimmed, running_at=now,
+                           process=identity.to_dict() if identity else None)})
         assert self.service is not None
         watch(self.handler, self.service, process, self.call, wake=run.wake,
               file_poll=self.settings.file_poll)
@@ -312,6 +338,9 @@ class Attempt:
         }
         if process.stopped_with:
             values["stopped_with"] = process.stopped_with
+        values.update(self.run_.journal_step("exited", exit={
+            "returncode": exit.returncode, "wall_time": values["wall_time"],
+            "cpu_time": values["cpu_time"], "max_rss_kb": exit.max_rss_kb}))
         self.emit({**values, **(extra or {})})
         return True
 
@@ -428,7 +457,11 @@ class Attempt:
         """Run ``after_watch_callback`` once; a success it spoils becomes ``failed``."""
         self.outcome = outcome
         service, handler = self.service, self.handler
-        if service is None or handler is None or self.run_.force:
+        run = self.run_
+        if service is None or handler is None or run.force:
+            return outcome
+        if run.superseded or (run.still_current is not None and not run.still_current(run)):
+            run.superseded = True  # the newer attempt collects; never run the callback twice
             return outcome
         service.outcome = outcome.state
 
@@ -436,7 +469,10 @@ class Attempt:
             files = workdir.list_files(service.work_dir)
             return call_callback(service, AFTER, handler.after_watch_callback, service, files)
 
-        if self.call(AFTER, after) is FAILED and outcome.state == State.SUCCEEDED.value:
+        failed = self.call(AFTER, after) is FAILED
+        if run.journal is not None:
+            run.journal.collected = True
+        if failed and outcome.state == State.SUCCEEDED.value:
             return Outcome(State.FAILED.value, "callback",
                            "after_watch_callback raised; see callback_error")
         return outcome

@@ -10,6 +10,13 @@ wait runs out of time, ``ValidationError`` / ``DuplicateService`` from ``submit`
 A service that ends badly is not an exception: ``wait`` returns its final record
 whatever the state (``failed``, ``cancelled``, ``timed_out`` and ``rejected`` - the
 core refused the submission, ``record.error`` says why); check ``record.ok``.
+
+Calls that only read (``wait``, ``wait_all``, ``as_completed``, ``events``) ride out an
+outage of Redis of up to ``reconnect_for`` seconds, retrying with backoff and going on
+from the stream position they had, so nothing is missed; the others, and those after
+that time, raise ``RedisUnavailable``. ``submit`` never retries by itself: resubmitting
+the same template (same service id) is safe, and ``DuplicateService`` then means the
+first try had gone through.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ _BLOCK_MS = 2000
 _STREAM_WAIT_MAX = 16
 #: Seconds between re-reads of the records while following the notify channel.
 _RECHECK_S = 2.0
+#: Seconds a waiting call keeps retrying while Redis cannot be reached.
+DEFAULT_RECONNECT_FOR = 30.0
 #: Control messages kept in the control stream (approximate).
 CONTROL_MAXLEN = 10_000
 #: Seconds between two looks at a followed output file.
@@ -147,10 +156,12 @@ class Client:
         secret: str | None = None,
         prefix: str | None = None,
         state_dir: str | Path | None = None,
+        reconnect_for: float = DEFAULT_RECONNECT_FOR,
         max_payload: int | None = None,
     ) -> None:
         self.url, self.keys, self._state_dir = resolve(url, prefix, state_dir)
         self._secret = secret
+        self.reconnect_for = reconnect_for
         env_max = os.environ.get("SOAF_MAX_PAYLOAD", "").strip()
         try:
             self.max_payload = max_payload or (int(env_max) if env_max else DEFAULT_MAX_PAYLOAD)
@@ -174,6 +185,25 @@ class Client:
             return fn(*args, **kwargs)
         except (redis.RedisError, OSError) as e:
             raise unreachable(self.url, e) from e
+
+    def _patient(self, deadline: float | None, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``_call`` for reads that may be repeated: retries for up to ``reconnect_for``
+        seconds of unreachable Redis (never past ``deadline``), then raises."""
+        failing_since: float | None = None
+        pause = 0.1
+        while True:
+            try:
+                return self._call(fn, *args, **kwargs)
+            except RedisUnavailable:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                left = self.reconnect_for - (now - failing_since)
+                if deadline is not None:
+                    left = min(left, deadline - now)
+                if left <= 0:
+                    raise
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, 2.0)
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -200,8 +230,9 @@ class Client:
             raise unknown(service_id)
         return record
 
-    def _record_or_none(self, service_id: str) -> ServiceRecord | None:
-        data = self._call(self.redis.hgetall, self.keys.service(service_id))
+    def _record_or_none(self, service_id: str, deadline: float | None = None
+                        ) -> ServiceRecord | None:
+        data = self._patient(deadline, self.redis.hgetall, self.keys.service(service_id))
         return ServiceRecord.from_hash(service_id, data) if data else None
 
     def wait(self, service_id: str, timeout: float | None = None) -> ServiceRecord:
@@ -299,8 +330,8 @@ class Client:
             else:
                 follow.add(item, self._record_or_none(item), replay=replay)
         while follow.active:
-            resp = self._call(self._blocking.xread, follow.streams(), count=READ_COUNT,
-                              block=follow.block_ms())
+            resp = self._patient(follow.deadline, self._blocking.xread, follow.streams(),
+                                 count=READ_COUNT, block=follow.block_ms())
             yield from follow.feed(resp)
             for sid in follow.overdue():
                 follow.resolve(sid, bool(self._call(self.redis.exists, self.keys.service(sid))))

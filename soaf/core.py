@@ -1,17 +1,17 @@
 """The core daemon: reads submissions, runs services, reports on itself. Wires the engines.
 
 ``Core.start()`` connects (starting the embedded Redis when no URL is configured),
-loads the plugins and starts the helper threads (the plugin reloader among them);
-``Core.run()`` is the intake loop: it reads the submit stream through the consumer
-group only while it has free capacity, claims each entry, and hands it to a
-``ServiceRun``. Signal handlers only set flags; the loop does the work.
+claims its node name (soaf.liveness), loads the plugins, resumes the work its node had
+when its core last stopped (soaf.recovery) and starts the helper threads (the plugin
+reloader among them); ``Core.run()`` is the intake loop: it reads the submit stream
+through the consumer group only while it has free capacity, claims each entry, and hands
+it to a ``ServiceRun``. Signal handlers only set flags; the loop does the work.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -19,15 +19,16 @@ from typing import Any
 
 import redis
 
-from soaf import retention
+from soaf import liveness, retention
 from soaf.config import Settings, core_secrets
 from soaf.connection import connect, redact
-from soaf.errors import PluginError, RedisUnavailable
+from soaf.errors import ConfigError, PluginError, RedisUnavailable
 from soaf.intake import Refusal, decode_entry
 from soaf.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
 from soaf.lifecycle import Claim, ServiceRun
 from soaf.logs import LogKeeper
-from soaf.plugins import PluginLoader
+from soaf.plugins import PluginLoader, Registry
+from soaf.recovery import Recovery
 from soaf.reloader import Reloader
 from soaf.runner import Reaper, become_subreaper, raise_open_files_limit
 from soaf.state import CLAIM, EVENTS_MAXLEN, FINAL_VALUES, Change, ServiceRecord, State, is_noscript
@@ -67,8 +68,14 @@ class Core:
         self._stop_programs = threading.Event()
         self._force = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._check_own_pending = True
+        # Entries re-read after a lost connection; at start, Recovery.resume_own does it.
+        self._check_own_pending = False
         self.started_at = time.time()
+        self.identity = liveness.Identity()
+        self.heartbeat = liveness.Heartbeat(self)
+        self.recovery = Recovery(self)
+        #: Runs that have ended but whose final state is not in Redis yet, by entry id.
+        self._finishing: dict[str, ServiceRun] = {}
 
     # -- start ----------------------------------------------------------------------------
 
@@ -88,13 +95,15 @@ class Core:
         self.blocking = connect(self.url, blocking=True, name=f"soaf-core-{s.node}-intake")
         try:
             self.redis.ping()
-            self.redis.xgroup_create(self.keys.submit, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+            self._create_group()
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise RedisUnavailable(f"cannot reach Redis at {redact(self.url)}: {e}") from e
-        s.work_root.mkdir(parents=True, exist_ok=True)
+        try:
+            s.work_root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"work root {s.work_root} cannot be created: {e}") from e
+        liveness.claim_node(self.redis, self.keys.node(s.node), s.node,
+                            json.dumps(self.node_info()), s.heartbeat_ttl)
         self.versions = PluginVersions(self.redis, self.keys, s.node)
         try:
             self.loader.load(timeout=s.reload_timeout)
@@ -122,13 +131,22 @@ class Core:
         self.keeper.start()
         self.supervisor = Supervisor()
         self.supervisor.start()
-        self._spawn(self._heartbeat_loop, "soaf-heartbeat")
+        self._spawn(self.heartbeat.loop, "soaf-heartbeat")
+        self.recovery.resume_own()
         self._spawn(self._control_loop, "soaf-control")
         self.sweeper = retention.Sweeper(s.work_root, s.retention, interval=s.gc_interval,
                                          in_use=self.work_dirs_in_use)
         self.sweeper.start()
+        self._spawn(self.recovery.loop, "soaf-recovery")
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
                  s.node, s.max_services, s.work_root.resolve(), s.plugins.resolve())
+
+    def _create_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.keys.submit, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -160,7 +178,7 @@ class Core:
         while self.running():
             if self._stop_programs.is_set():
                 force = self._force.is_set()
-                for run in self._runs_now():
+                for run in self.current_runs():
                     if not run.interrupt_requested or (force and not run.force):
                         run.interrupt(force=force)
             if deadline is not None and time.monotonic() > deadline:
@@ -173,10 +191,7 @@ class Core:
         self.keeper.stop()
         self.writer.stop(timeout=10)
         self.reaper.close()
-        try:
-            self.redis.delete(self.keys.node(self.settings.node))
-        except redis.RedisError:
-            pass
+        self.heartbeat.release()
         if self.embedded is not None:
             self.embedded.stop()
 
@@ -184,9 +199,16 @@ class Core:
         with self._runs_lock:
             return len(self.runs)
 
-    def _runs_now(self) -> list[ServiceRun]:
+    def current_runs(self) -> list[ServiceRun]:
         with self._runs_lock:
             return list(self.runs.values())
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def wait_stopping(self, timeout: float) -> bool:
+        return self._stopping.wait(timeout)
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -203,28 +225,42 @@ class Core:
                 self._slot_freed.clear()
                 continue
             try:
-                entries = self._read(free)
+                entries, previous = self._read(free)
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.warning("cannot read submissions (%s); retrying in %.1f s", e, backoff)
                 self._check_own_pending = True
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            except redis.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                # Redis came back without its data (no persistence): start the group again.
+                log.error("the consumer group is gone (Redis restarted without its data?); "
+                          "creating it again")
+                self._create_group()
+                continue
             backoff = 0.1
             if not entries or self._stopping.is_set():
                 continue  # anything read but not claimed stays pending: recoverable
             try:
-                self._accept(entries)
+                self.accept(entries, previous=previous,
+                            reason="claimed while the connection to Redis broke")
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.warning("lost Redis while accepting %d entries (%s); they stay pending",
                             len(entries), e)
                 self._check_own_pending = True
 
-    def _read(self, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
+    def _read(self, count: int) -> tuple[list[tuple[str, dict[bytes, bytes]]], str | None]:
+        """Entries to accept, and the node that had them before (None: new ones)."""
         if self._check_own_pending:
-            # Entries delivered to this consumer before a crash or a lost connection.
+            # Entries delivered to this consumer whose delivery or claim a lost connection
+            # cut short. Runs that ended but whose final state (and ack) the writer still
+            # holds are not among them: they must not run again.
             with self._runs_lock:
-                mine = {run.claim.entry_id for run in self.runs.values()}
+                self._finishing = {e: r for e, r in self._finishing.items()
+                                   if not r.final_written.is_set()}
+                mine = {run.claim.entry_id for run in self.runs.values()} | set(self._finishing)
             found: list[tuple[str, dict[bytes, bytes]]] = []
             start = "0"
             while True:
@@ -241,17 +277,24 @@ class Core:
                 start = batch[-1][0].decode()
             self._check_own_pending = False
             if found:
-                log.info("re-taking %d entries this core had before it stopped", len(found))
-                return found
+                log.info("re-taking %d entries whose delivery a lost connection cut short",
+                         len(found))
+                return found, self.consumer
         resp = self.blocking.xreadgroup(
             GROUP, self.consumer, {self.keys.submit: ">"}, count=count, block=READ_BLOCK_MS
         )
         if not resp:
-            return []
-        return [(raw_id.decode(), fields or {}) for raw_id, fields in resp[0][1]]
+            return [], None
+        return [(raw_id.decode(), fields or {}) for raw_id, fields in resp[0][1]], None
 
-    def _accept(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> None:
-        """Decode a batch of entries, claim the good ones in one round trip, start them."""
+    def accept(self, entries: list[tuple[str, dict[bytes, bytes]]], *,
+               previous: str | None = None, reason: str = "") -> None:
+        """Decode a batch of entries, claim the good ones in one round trip, start them.
+
+        ``previous`` names the node that had the entries before (this one after a restart
+        or a lost connection, or a dead one): soaf.recovery then decides, per entry, how
+        to go on.
+        """
         registry = self.loader.current
         accepted: list[tuple[str, ServiceParamTemplate]] = []
         for entry_id, fields in entries:
@@ -267,6 +310,16 @@ class Core:
         if not accepted:
             return
         assert registry is not None
+        if previous is not None:
+            for entry_id, template in accepted:
+                self.recovery.recover(entry_id, template, registry, previous, reason)
+            return
+        self.claim_and_start(accepted, registry)
+
+    def claim_and_start(self, accepted: list[tuple[str, ServiceParamTemplate]],
+                        registry: Registry) -> None:
+        """Claim the entries' services for a new attempt (one round trip) and start them;
+        entries whose service is final or claimed under another entry are finished."""
         version = json.dumps(registry.version)
         finals = ",".join(FINAL_VALUES)
         now = time.time()
@@ -292,24 +345,34 @@ class Core:
                 if verdict in (b"final", b"cancelled"):
                     ended.append(template.service_id)
                 continue
-            run = ServiceRun(
+            self.launch(ServiceRun(
                 template, Claim(entry_id, int(attempt), int(seq), Claim.parse_attempts(attempts)),
-                registry=registry, settings=self.settings, writer=self.writer,
-                reaper=self.reaper, on_done=self._done, lookup=self._lookup,
-                keeper=self.keeper, supervisor=self.supervisor,
-            )
-            with self._runs_lock:
-                self.runs[template.service_id] = run
-            run.start()
+                **self.run_kwargs(registry)))
         if unclaimed:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(self.keys.submit, GROUP, *unclaimed)
-            pipe.xdel(self.keys.submit, *unclaimed)
-            ttl = int(self.settings.record_ttl)
-            for sid in ended if ttl > 0 else []:
-                for key in (self.keys.service(sid), self.keys.events(sid)):
-                    pipe.expire(key, ttl)  # the record starts to age
-            pipe.execute()
+            self.finish_entries(unclaimed, ended=ended)
+
+    def finish_entries(self, entry_ids: list[str], *, ended: list[str] | None = None) -> None:
+        """Acknowledge and delete entries that need no (more) work; the records of the
+        services in ``ended`` (final without running) start to age."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(self.keys.submit, GROUP, *entry_ids)
+        pipe.xdel(self.keys.submit, *entry_ids)
+        ttl = int(self.settings.record_ttl)
+        for sid in (ended or []) if ttl > 0 else []:
+            for key in (self.keys.service(sid), self.keys.events(sid)):
+                pipe.expire(key, ttl)  # the record starts to age
+        pipe.execute()
+
+    def run_kwargs(self, registry: Registry) -> dict[str, Any]:
+        return {"registry": registry, "settings": self.settings, "writer": self.writer,
+                "reaper": self.reaper, "on_done": self._done, "keeper": self.keeper,
+                "supervisor": self.supervisor, "lookup": self._lookup}
+
+    def launch(self, run: ServiceRun) -> None:
+        run.still_current = self.heartbeat.still_current
+        with self._runs_lock:
+            self.runs[run.service_id] = run
+        run.start()
 
     def _claim(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run CLAIM_LUA for each call in one round trip; a claim that met an empty
@@ -367,47 +430,27 @@ class Core:
     def _done(self, run: ServiceRun) -> None:
         with self._runs_lock:
             self.runs.pop(run.service_id, None)
+            self._finishing = {e: r for e, r in self._finishing.items()
+                               if not r.final_written.is_set()}
+            if run.final_queued and not run.final_written.is_set():
+                self._finishing[run.claim.entry_id] = run
         self._slot_freed.set()
 
     # -- heartbeat and control --------------------------------------------------------------
 
     def node_info(self) -> dict[str, Any]:
         registry = self.loader.current
+        writer = getattr(self, "writer", None)
         return {
-            "node": self.settings.node, "pid": os.getpid(), "host": os.uname().nodename,
+            "node": self.settings.node, **self.identity.fields(),
             "started_at": self.started_at, "ts": time.time(), "running": self.running(),
             "max_services": self.settings.max_services,
             "plugin_version": registry.version if registry else None,
-            "redis_connected": self.writer.connected,
+            "redis_connected": writer.connected if writer is not None else True,
         }
 
     def _next_plugin_number(self, last: int) -> int:
         return self.versions.next_number(last) if self.versions is not None else last + 1
-
-    def _heartbeat_loop(self) -> None:
-        s = self.settings
-        while not self._stopping.is_set() or self.running():
-            try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.set(self.keys.node(s.node), json.dumps(self.node_info()),
-                         px=int(s.heartbeat_ttl * 1000))
-                pipe.sadd(self.keys.nodes, s.node)
-                if s.record_ttl > 0:  # ids whose records have expired
-                    pipe.zremrangebyscore(self.keys.services, "-inf", time.time() - s.record_ttl)
-                with self._runs_lock:
-                    ids = list(self.runs)
-                if ids:
-                    pipe.hmget(self.keys.cancels, ids)
-                results = pipe.execute()
-                if self.versions is not None:
-                    self.versions.publish(self.loader)
-                if ids:
-                    for service_id, flag in zip(ids, results[-1]):  # the HMGET
-                        if flag is not None:
-                            self.cancel_local(service_id)
-            except redis.RedisError as e:
-                log.debug("heartbeat failed: %s", e)
-            self._stopping.wait(s.heartbeat_interval)
 
     def cancel_local(self, service_id: str) -> bool:
         with self._runs_lock:

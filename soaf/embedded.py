@@ -3,7 +3,8 @@
 State lives in one 0700 directory: ``redis/`` (AOF, log), ``redis.url`` and ``redis.password``
 (0600), ``redis.pid``, ``redis.sock``. The server listens on that unix socket only and needs
 the password. It runs in its own session, so a core killed with ``kill -9`` leaves it running
-and the restarted core re-uses it rather than start a second server on the same AOF.
+and the restarted core re-uses it rather than start a second server on the same AOF. A server
+that dies under a running core is started again by that core (``revive``).
 """
 
 from __future__ import annotations
@@ -138,6 +139,20 @@ class EmbeddedRedis:
             for stale in (self._dir / URL_FILE, self._dir / PID_FILE, self.socket_path):
                 stale.unlink(missing_ok=True)
             return self._spawn(url, timeout)
+
+    def revive(self, timeout: float = 10.0) -> bool:
+        """Start the server again if the one this object started has died; True if it did.
+
+        It comes back on the same socket with the same password, and its append-only file
+        brings the data back, so clients and the core simply reconnect."""
+        proc = self._proc
+        if proc is None or proc.poll() is None:
+            return False
+        log.warning("embedded redis-server (pid %d) ended with code %s; starting it again",
+                    proc.pid, proc.returncode)
+        self._proc = self._pid = self._url = None
+        self.start(timeout)
+        return True
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the server this object started: SHUTDOWN (fsyncs the AOF), SIGTERM, SIGKILL.

@@ -2,6 +2,7 @@
 
     SoafError
     ├── ConfigError            settings that cannot work (bad URL, missing secret ...)
+    │   └── NodeInUse          another live core already runs under this node name
     ├── EmbeddedRedisError     the embedded redis-server could not be found or started
     ├── DecodeError            a payload that is not a valid, signed, soaf template
     │   ├── SignatureError     unsigned, forged, truncated or signed with an unknown key
@@ -37,6 +38,11 @@ class SoafError(Exception):
 
 class ConfigError(SoafError):
     """Settings that cannot work; raised once, at start, before anything runs."""
+
+
+class NodeInUse(ConfigError):
+    """Another core that is alive runs under this node name; a core refuses to start then,
+    since two cores sharing a name would share (and double-run) its pending work."""
 
 
 class EmbeddedRedisError(SoafError):

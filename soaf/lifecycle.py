@@ -9,8 +9,11 @@ owner (``Orphaned``) and ends.
 A run is a series of attempts (soaf.attempt): the first, then, when the service opted
 into retries, one more after each failed or timed-out attempt, after a backoff, while
 retries are left. Each attempt is recorded in the ``attempts`` field. The final state
-is written once, and it acknowledges the stream entry. Whatever a plugin raises ends an
-attempt as ``failed`` with the error and traceback; it never reaches the core.
+is written once, and it acknowledges the stream entry; once it is in Redis
+(``final_written``) the attempt's journal (soaf.journal) is removed. A final that a
+newer attempt elsewhere fenced out acknowledges nothing (soaf.writer). Whatever a
+plugin raises ends an attempt as ``failed`` with the error and traceback; it never
+reaches the core.
 
 When the core stops without draining (``interrupt()``), the program is stopped but no
 final state is written: the record goes back to ``queued`` and the stream entry stays
@@ -38,6 +41,7 @@ from soaf.attempt import Attempt, Orphaned
 from soaf.config import Settings
 from soaf.errors import FetchError
 from soaf.handoff import Lookup, resolve_ref
+from soaf.journal import RunJournal
 from soaf.logs import LogKeeper
 from soaf.outcome import INTERRUPTED, Outcome
 from soaf.plugins import Registry
@@ -127,6 +131,16 @@ class ServiceRun:
         self._seq = claim.seq
         self._seq_lock = threading.Lock()
         self._closed = False
+        #: The journal (soaf.journal) of the attempt under way, from the moment its work dir
+        #: exists; each attempt starts its own.
+        self.journal: RunJournal | None = None
+        #: Set when a newer attempt took this service over (this core was thought dead):
+        #: the program is stopped, after_watch_callback is not called, writes are fenced.
+        self.superseded = False
+        #: Set once the final state is in Redis (or was fenced out by a newer attempt).
+        self.final_written = threading.Event()
+        #: Asked before after_watch_callback: False if a newer attempt exists (set by the core).
+        self.still_current: Callable[[ServiceRun], bool] | None = None
         self.thread = threading.Thread(
             target=self._run, name=f"soaf-svc-{self.service_id[:12]}", daemon=True
         )
@@ -218,9 +232,34 @@ class ServiceRun:
                 return
             self._seq += 1
             self.writer.put(Change(self.service_id, self.attempt, self._seq, values,
-                                   ack=self.claim.entry_id if final else None))
+                                   ack=self.claim.entry_id if final else None,
+                                   on_written=self._final_written if final else None))
             if final:
                 self._closed = True
+
+    @property
+    def final_queued(self) -> bool:
+        """The final state has been handed to the writer (it may not be in Redis yet)."""
+        return self._closed
+
+    def _final_written(self, applied: bool) -> None:
+        if self.journal is not None:
+            self.journal.remove()
+        self.final_written.set()
+
+    def journal_step(self, step: str, *, save: bool = False, **info: Any) -> dict[str, Any]:
+        """Record ``step`` in the attempt's journal; the values to write with it."""
+        if self.journal is None:
+            return {}
+        return self.journal.try_step(step, **info) if save else self.journal.step(step, **info)
+
+    def new_journal(self, number: int, work_dir: Any) -> RunJournal:
+        """Start attempt ``number``'s journal; the last attempt's one is done with."""
+        if self.journal is not None and self.journal.data.attempt != number:
+            self.journal.remove()
+        self.journal = RunJournal(self.settings.work_root, self.settings.node, self.service_id,
+                                  number, work_dir)
+        return self.journal
 
     # -- the run ------------------------------------------------------------------------
 
@@ -243,6 +282,8 @@ class ServiceRun:
             final.setdefault(f"{final['state']}_at", now)
             final["finished_at"] = now
             self._mark_finished(final["state"])
+            if self.journal is not None:
+                final.update(self.journal.finish(final))
             self.emit(final, final=True)
             log.info("service %s %s", self.service_id, final["state"])
         if self.supervisor is not None:
@@ -261,7 +302,7 @@ class ServiceRun:
             else:
                 if self.attempt > self.claim.attempt:
                     self._begin_retry()
-                attempt = Attempt(self, self.attempt)
+                attempt = self.new_attempt()
                 self.current = attempt
                 outcome = attempt.run()
             if outcome.state == INTERRUPTED:
@@ -297,6 +338,10 @@ class ServiceRun:
             markers.mark_finished(self.marker, state, outputs)
         except OSError:
             log.warning("cannot write the retention marker of %s", self.service_id, exc_info=True)
+
+    def new_attempt(self) -> Attempt:
+        """The next attempt (soaf.adopt's RecoveredRun finishes one a killed core began)."""
+        return Attempt(self, self.attempt)
 
     def _retry_delay(self, outcome: Outcome) -> float | None:
         """Seconds before the next attempt, or None when this outcome is final."""

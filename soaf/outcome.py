@@ -22,6 +22,8 @@ FAILURES = {
     "plugin": "plugin code (build, prepare_input_file, command ...) raised",
     "callback": "after_watch_callback raised or did not return in time",
     "missing_outputs": "the program succeeded but did not write every ``output_files`` entry",
+    "exit_status": "the program ended while no core watched it, and left no exit status",
+    "lost": "the attempt was lost with its core and no retries were left",
 }
 #: Fraction of a memory limit that a SIGKILLed program must have reached for its death
 #: to be classified ``memory`` (the kernel's OOM killer, or a cgroup limit, killed it).

@@ -86,6 +86,10 @@ class Exit:
 ExitCallback = Callable[[int, int, "resource.struct_rusage | None"], None]
 
 
+#: Seconds the reaper waits for a dead leader's SIGKILLed group members to be reapable.
+GROUP_REAP_WAIT = 0.2
+
+
 class Reaper:
     """One thread that reaps every child it is told about (through pidfds), and the
     orphans left in their process groups."""
@@ -163,6 +167,13 @@ class Reaper:
             os.killpg(pid, signal.SIGKILL)
         self._live.discard(pid)
         self._dead[pid] = time.monotonic()
+        # Reap the group's killed members now (a shimmed program is the leader's child),
+        # so none is left as a zombie once the exit is reported; stragglers are swept later.
+        until = time.monotonic() + GROUP_REAP_WAIT
+        while pid in self._dead and time.monotonic() < until:
+            self._sweep_dead(pid)
+            if pid in self._dead:
+                time.sleep(0.002)
         try:
             callback(pid, status, usage)
         except Exception:

@@ -48,6 +48,10 @@ class Service:
         self.outputs: list[dict[str, Any]] = []
         self.stop_requested = threading.Event()
         self.callback_errors = 0
+        #: True when a restarted core re-adopted the running program: the handler is a new
+        #: instance, ``before_watch_callback`` runs again, and ``fields``, ``progress`` and
+        #: ``message`` hold what the previous core had written.
+        self.recovered = False
         #: How the program ended (``soaf.runner.Exit``: exit_code, signal, wall_time ...),
         #: set before ``after_watch_callback`` runs; None if it never started.
         self.exit: Any = None
@@ -110,6 +114,13 @@ class Service:
         if target is not None:
             values["output_target"] = target
         self._emit(values)
+
+    def restore(self, fields: dict[str, Any], progress: float | None, message: str | None) -> None:
+        """Take over what an earlier core wrote for this run, without writing it again."""
+        self.fields.update(fields)
+        self._progress = progress
+        self._message = message
+        self.recovered = True
 
     def record_callback_error(self, text: str, tb: str) -> None:
         """Record a callback's exception on the record; the service carries on."""

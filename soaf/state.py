@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -139,12 +140,14 @@ return {'requested', state}
 # KEYS: record, events, services zset
 # ARGV: id, attempt, notify, maxlen, now, then per change: seq, event json, state ('' if
 # none), n, then n field/value pairs. Changes are applied in order; each one only if it is
-# newer than the record (attempt first, then seq). Returns the number applied.
+# newer than the record (attempt first, then seq). Returns the number applied, or -1 when
+# the attempt is stale (a newer attempt took the service over: the caller must not
+# acknowledge its entry).
 RECORD_LUA = """
 local cur_attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
 local cur_seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local attempt = tonumber(ARGV[2])
-if attempt < cur_attempt then return 0 end
+if attempt < cur_attempt then return -1 end
 local i = 6
 local applied = 0
 local evid = nil
@@ -218,6 +221,9 @@ class Change:
     values: dict[str, Any]
     ts: float = field(default_factory=time.time)
     ack: str | None = None  # stream entry to acknowledge once this change is written
+    #: Called from the writer thread once the change is in Redis, with True if it was
+    #: applied (or had been, by an earlier try) and False if a newer attempt fenced it out.
+    on_written: Callable[[bool], None] | None = field(default=None, repr=False)
 
     def flat(self) -> list[Any]:
         """This change's part of RECORD_LUA's ARGV (each value JSON-encoded once)."""

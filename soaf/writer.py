@@ -6,7 +6,8 @@ whatever is queued as one pipeline, so a busy core pays one round trip for many
 changes. When Redis is unreachable it keeps the changes, retries with backoff, and
 writes them in their original order once Redis is back; the record script skips
 anything already applied, so a retried batch writes nothing twice. A stream entry is
-acknowledged only in the batch that writes its service's final state.
+acknowledged only once its service's final state is written, and never for a change that
+a newer attempt fenced out.
 """
 
 from __future__ import annotations
@@ -145,17 +146,15 @@ class StateWriter:
                 groups.setdefault((change.service_id, change.attempt), []).append(change)
             else:
                 others.append(change)
+        calls = list(groups.values())
         for attempt in (1, 2):
             pipe = self._redis.pipeline(transaction=False)
             if attempt == 1:
                 for other in others:
                     other.write_to(pipe, self._keys)
-            for changes in groups.values():
+            for changes in calls:
                 keys, args = record_call(self._keys, changes)
                 RECORD.call(pipe, keys, args)
-                for change in changes:
-                    if change.ack:
-                        self._finish(pipe, change)
             results = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(is_noscript(r) for r in results):
                 RECORD.load(self._redis)  # Redis restarted or flushed its scripts
@@ -166,3 +165,28 @@ class StateWriter:
                 raise result
             if isinstance(result, Exception):
                 log.error("state write refused by Redis: %s", result)
+        # Finish an entry only where its final state went in: changes fenced out by a newer
+        # attempt (-1) come from a core that lost the service, whose entry is now pending
+        # for the core that took it over; acknowledging it would hide it from recovery.
+        recorded = results[len(results) - len(calls):]  # after the other items' results
+        written = [(changes, r != -1) for changes, r in zip(calls, recorded)
+                   if not isinstance(r, Exception)]
+        finals = [c for changes, ok in written if ok for c in changes if c.ack]
+        if finals:
+            pipe = self._redis.pipeline(transaction=False)
+            for change in finals:
+                self._finish(pipe, change)
+            for result in pipe.execute(raise_on_error=False):
+                if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
+                    raise result
+        for changes, ok in written:
+            for change in changes:
+                if change.on_written is not None:
+                    try:
+                        change.on_written(ok)
+                    except Exception:
+                        log.exception("on_written callback of %s failed", change.service_id)
+        stale = sum(1 for changes, ok in written if not ok for c in changes if c.ack)
+        if stale:
+            log.warning("%d final states were fenced out: a newer attempt owns those services",
+                        stale)

@@ -1,0 +1,123 @@
+"""The exit-status shim: a few lines of ``sh`` between the core and a program, so that the
+program's exit status survives the death of the core.
+
+Only a process's parent learns its exit status. A core that is killed leaves its programs
+running with nobody to report how they ended, so every program is started as
+
+    sh -c SCRIPT soaf-shim EXIT_FILE PROGRAM ARGS...
+
+The shell runs the program (as its child, in the same process group), writes the exit
+status to EXIT_FILE when it ends, and then ends the same way: with the same code, or by
+re-raising the signal that killed the program, so the core that spawned it sees exactly
+what it would have seen without the shim. It catches SIGHUP/SIGINT/SIGTERM only to wait
+for the program (which gets them with their default handling, as the group's member),
+so a graceful stop keeps its grace period. Its own messages go to /dev/null; the
+program's stdin, stdout and stderr are the ones the core gave.
+
+What the shim cannot carry: CPU time and peak memory of a program that ends while its
+core is down (only its parent, the shim, could read them), and the difference between
+"killed by signal N" and "exited with code 128+N" (a shell reports both as 128+N).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from soaf.errors import ProgramError
+
+#: The shim's $0, also how ``ps`` shows it.
+NAME = "soaf-shim"
+
+# Signals whose default action ends a process; only those are re-raised by the shim.
+_TERMINATING = [
+    "SIGHUP", "SIGINT", "SIGQUIT", "SIGILL", "SIGTRAP", "SIGABRT", "SIGBUS", "SIGFPE",
+    "SIGKILL", "SIGUSR1", "SIGSEGV", "SIGUSR2", "SIGPIPE", "SIGALRM", "SIGTERM",
+    "SIGSTKFLT", "SIGXCPU", "SIGXFSZ", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGSYS",
+]  # fmt: skip
+TERMINATING = sorted({int(getattr(signal, n)) for n in _TERMINATING if hasattr(signal, n)})
+
+SCRIPT = (
+    'f=$1; shift; trap : HUP INT TERM; exec 3>&2 2>/dev/null; (exec "$@" 2>&3 3>&-); c=$?; '
+    'echo "$c" > "$f"; case $c in '
+    + "|".join(str(128 + n) for n in TERMINATING)
+    + ") trap - HUP INT TERM; ulimit -c 0; kill -$((c - 128)) $$;; esac; exit $c"
+)
+
+_MAGIC = (b"#!", b"\x7fELF")
+
+
+_FOUND: dict[tuple[str, str], str] = {}
+
+
+def _which(name: str, search: str) -> str | None:
+    """``shutil.which``, remembering what it found (while it stays executable)."""
+    found = _FOUND.get((name, search))
+    if found is not None and os.access(found, os.X_OK):
+        return found
+    found = shutil.which(name, path=search)
+    if found is not None:
+        if len(_FOUND) > 1000:
+            _FOUND.clear()
+        _FOUND[(name, search)] = found
+    return found
+
+
+def _check(argv: list[str], cwd: Path, env: dict[str, str]) -> bool:
+    """Raise ProgramError, in the words a direct spawn would use, if the program cannot be
+    started; return True if it can safely run under the shim.
+
+    The shell would report a missing program as exit code 127 and run a file without a
+    '#!' line as a shell script; checking first keeps the plain error messages. A file that
+    is neither a script nor an ELF binary (binfmt_misc) is started directly instead.
+    """
+    name = argv[0]
+    if "/" in name:
+        path = cwd / name
+        if not path.exists():
+            raise ProgramError(f"executable not found: {name} (No such file or directory)")
+    else:
+        found = _which(name, env.get("PATH", os.defpath))
+        if found is None:
+            raise ProgramError(f"executable not found: {name} (No such file or directory)")
+        path = Path(found)
+    if path.is_dir() or not os.access(path, os.X_OK):
+        raise ProgramError(f"permission denied running {name} (is it executable?)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(_MAGIC)
+
+
+def wrap(argv: object, *, cwd: Path, env: dict[str, str], exit_file: Path) -> tuple[object, bool]:
+    """``(argv to spawn, shimmed)``: the shimmed command line, or ``argv`` unchanged when
+    it cannot run under the shim (not a list of strings, not a script or ELF binary), in
+    which case the normal spawn reports any problem."""
+    if not isinstance(argv, (list, tuple)) or not argv or not all(isinstance(a, str) for a in argv):
+        return argv, False
+    if not _check(list(argv), cwd, env):
+        return argv, False
+    return ["/bin/sh", "-c", SCRIPT, NAME, str(exit_file), *argv], True
+
+
+def decode(code: int) -> int:
+    """A shell status (0-255) as a returncode: negative for a terminating signal."""
+    if code > 128 and code - 128 in TERMINATING:
+        return -(code - 128)
+    return code
+
+
+def read_exit(exit_file: Path) -> int | None:
+    """The program's returncode from its exit file, or None if the shim wrote none."""
+    try:
+        text = exit_file.read_text().strip()
+    except OSError:
+        return None
+    try:
+        return decode(int(text))
+    except ValueError:
+        return None

@@ -1,0 +1,17 @@
+"""Services for the recovery tests."""
+
+import sys
+
+from soaf import ServiceProgramTemplate
+
+
+class Hold(ServiceProgramTemplate):
+    """Runs programs/hold.py; args: seconds, logdir, code, until (a path)."""
+
+    name = "hold"
+    program = "programs/hold.py"
+
+    def command(self):
+        a = self.template.args
+        return [sys.executable, "hold.py", str(a.get("seconds", 2)), a["logdir"],
+                self.template.service_id, str(a.get("code", 0)), a.get("until", "")]

@@ -1,0 +1,59 @@
+"""The state writer against a real Redis that goes away: changes are kept, written in
+order once it is back, never twice; finals of a superseded attempt are not acknowledged."""
+
+from __future__ import annotations
+
+import threading
+
+from soaf.connection import connect
+from soaf.keys import GROUP, Keys
+from soaf.state import Change, decode_event
+from soaf.writer import StateWriter
+from tests.conftest import wait_until
+
+
+def test_changes_made_while_redis_is_down_are_written_in_order(own_redis, prefix):
+    keys = Keys(prefix)
+    client = connect(own_redis.url)
+    writer = StateWriter(client, keys)
+    writer.start()
+    for seq in range(1, 51):
+        writer.put(Change("svc", 1, seq, {"progress": seq / 200}))
+    assert writer.flush(10)
+    own_redis.stop()
+    for seq in range(51, 201):  # a service keeps reporting while Redis is away
+        writer.put(Change("svc", 1, seq, {"progress": seq / 200}))
+    wait_until(lambda: not writer.connected, 10, message="the writer to notice the outage")
+    assert writer.pending() > 0
+    own_redis.start()
+    assert writer.flush(30)
+    assert writer.connected
+    r = own_redis.client()
+    events = [decode_event(d) for _, d in r.xrange(keys.events("svc"))]
+    assert [e["seq"] for e in events] == list(range(1, 201))  # all, once, in order
+    assert r.hget(keys.service("svc"), "progress") == b"1.0"
+    writer.stop()
+
+
+def test_a_final_fenced_out_by_a_newer_attempt_is_not_acknowledged(redis_server, prefix):
+    r = redis_server.client()
+    keys = Keys(prefix)
+    r.xgroup_create(keys.submit, GROUP, id="0", mkstream=True)
+    entry = r.xadd(keys.submit, {"id": "svc"}).decode()
+    r.xreadgroup(GROUP, "new-owner", {keys.submit: ">"})
+    r.hset(keys.service("svc"), mapping={"attempt": 2, "seq": 5})
+    writer = StateWriter(r, keys)
+    writer.start()
+    written: list[bool] = []
+    done = threading.Event()
+    writer.put(Change("svc", 1, 9, {"state": "succeeded"}, ack=entry, on_written=written.append))
+    writer.put(Change("svc", 2, 6, {"state": "running"},
+                      on_written=lambda ok: (written.append(ok), done.set())))
+    assert done.wait(10)
+    assert written == [False, True]
+    assert r.xpending(keys.submit, GROUP)["pending"] == 1  # still the new owner's
+    assert r.hget(keys.service("svc"), "state") == b'"running"'
+    writer.put(Change("svc", 2, 7, {"state": "succeeded"}, ack=entry))
+    assert writer.flush(10)
+    assert r.xpending(keys.submit, GROUP)["pending"] == 0
+    writer.stop()
