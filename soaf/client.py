@@ -230,9 +230,10 @@ class Client:
             raise unknown(service_id)
         return record
 
-    def _record_or_none(self, service_id: str, deadline: float | None = None
-                        ) -> ServiceRecord | None:
-        data = self._patient(deadline, self.redis.hgetall, self.keys.service(service_id))
+    def _record_or_none(self, service_id: str) -> ServiceRecord | None:
+        # Not patient: a first read fails fast (status, the CLI); following, once
+        # started, rides out an outage (see follow()).
+        data = self._call(self.redis.hgetall, self.keys.service(service_id))
         return ServiceRecord.from_hash(service_id, data) if data else None
 
     def wait(self, service_id: str, timeout: float | None = None) -> ServiceRecord:

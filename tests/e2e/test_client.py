@@ -200,7 +200,7 @@ def test_redis_unreachable(tmp_path, own_redis, start_core, prefix):
     with pytest.raises(RedisUnavailable):
         list(missing.events("x"))
     start_core(SOAF_REDIS_URL=own_redis.url)
-    client = Client(own_redis.url, secret=SECRET, prefix=prefix)
+    client = Client(own_redis.url, secret=SECRET, prefix=prefix, reconnect_for=1)
     sid = client.submit(ServiceParamTemplate("sleep", args={"seconds": 30}))
     failure: list[BaseException] = []
 
