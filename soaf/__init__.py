@@ -6,9 +6,10 @@ write a ``ServiceProgramTemplate`` and a ``WatcherHandler`` per service in the
 ``Pipeline`` chains services on the client; ``AsyncClient`` is the asyncio flavour.
 """
 
-from soaf.aio import AsyncClient
-from soaf.client import Client
-from soaf.codec import dumps, loads
+from soaf.client.aio import AsyncClient
+from soaf.client.payload import dumps, loads
+from soaf.client.pipeline import Pipeline, Step
+from soaf.client.sync import Client
 from soaf.errors import (
     ClientError,
     ConfigError,
@@ -32,12 +33,11 @@ from soaf.errors import (
     ValidationError,
     WaitTimeout,
 )
-from soaf.handler import STOP, WatcherHandler
-from soaf.pipeline import Pipeline, Step
-from soaf.program import ServiceProgramTemplate
-from soaf.service import Service
-from soaf.state import FINAL_STATES, ServiceRecord, State
-from soaf.template import ServiceParamTemplate, output_ref
+from soaf.plugin.handler import STOP, WatcherHandler
+from soaf.plugin.program import ServiceProgramTemplate
+from soaf.plugin.service import Service
+from soaf.protocol.state import FINAL_STATES, ServiceRecord, State
+from soaf.protocol.template import ServiceParamTemplate, output_ref
 
 __version__ = "0.1.0"
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soaf.codec import DEFAULT_MAX_PAYLOAD, key_id
 from soaf.errors import ConfigError
-from soaf.keys import DEFAULT_PREFIX
+from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, key_id
+from soaf.protocol.keys import DEFAULT_PREFIX
 
 #: Where an embedded core keeps its Redis data, the URL file and the secret.
 DEFAULT_STATE_DIR = ".soaf"
@@ -224,7 +224,7 @@ def parse_size(text: str | int, *, name: str = "size") -> int:
 
 @dataclass(frozen=True)
 class RetentionPolicy:
-    """How long finished work dirs stay under the work root (see soaf/retention.py).
+    """How long finished work dirs stay under the work root (see soaf/data/retention.py).
 
     Unfinished services' dirs are never touched. A succeeded dir is left whole for
     ``keep_succeeded_hours``, then ``on_success`` applies; a failed, cancelled or timed

@@ -49,7 +49,7 @@ class RedisServer:
         self.url = f"unix://{self.sock}"
         self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
-        from soaf.embedded import find_redis_server
+        from soaf.core.embedded import find_redis_server
         from soaf.errors import EmbeddedRedisError
 
         try:

@@ -14,12 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import soaf
 from soaf import ServiceParamTemplate, ServiceProgramTemplate
-from soaf.codec import DEFAULT_MAX_PAYLOAD, MAGIC, dumps, key_id, loads, sign, verify
 from soaf.config import configured_secrets, find_secrets, parse_secrets
+from soaf.core.intake import Refusal, decode_entry
 from soaf.errors import ConfigError, DecodeError, SignatureError
-from soaf.intake import Refusal, decode_entry
-from soaf.plugins import Registry
+from soaf.plugin.loader import Registry
+from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, MAGIC, dumps, key_id, loads, sign, verify
 
 NEW = "new-key-0123456789abcdefghijklmnop"
 OLD = "old-key-0123456789abcdefghijklmnop"
@@ -141,7 +142,7 @@ def test_secrets_from_the_environment(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SOAF_SECRET_FILE", raising=False)
     monkeypatch.setenv("SOAF_SECRET", f" {NEW} ,{OLD},,{NEW}")
     assert find_secrets(tmp_path) == [NEW, OLD]  # first signs; blanks and repeats dropped
-    assert dumps(template()).split(b":")[1].decode() == key_id(NEW)
+    assert soaf.dumps(template()).split(b":")[1].decode() == key_id(NEW)
 
 
 def test_secrets_from_a_file(monkeypatch, tmp_path: Path) -> None:
@@ -178,7 +179,7 @@ def test_no_secret_means_dumps_refuses(monkeypatch, tmp_path: Path) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SOAF_STATE_DIR", str(tmp_path))
     with pytest.raises(SignatureError, match="no secret to sign with"):
-        dumps(template())
+        soaf.dumps(template())
 
 
 # -- fuzzing: only documented errors --------------------------------------------------

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from soaf.codec import DEFAULT_MAX_PAYLOAD
 from soaf.config import Settings
 from soaf.errors import ConfigError
+from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD
 
 KEY = "config-test-key-0123456789abcdef"
 
@@ -55,8 +55,8 @@ def test_secret_file_flag(tmp_path: Path) -> None:
 
 
 def test_core_secrets_decides_and_names_keys_by_id(monkeypatch, tmp_path: Path, caplog) -> None:
-    from soaf.codec import key_id
     from soaf.config import INSECURE_SECRET, core_secrets
+    from soaf.protocol.codec import key_id
 
     caplog.set_level("INFO", logger="soaf.config")
     with pytest.raises(ConfigError, match="no secret configured for a shared Redis"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from soaf.connection import connect, redact
 from soaf.errors import ConfigError
+from soaf.protocol.connection import connect, redact
 
 
 @pytest.mark.parametrize("url, shown", [

@@ -20,7 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from soaf.embedded import EmbeddedRedis, find_redis_server, read_url
+from soaf.core.embedded import EmbeddedRedis, find_redis_server, read_url
 from soaf.errors import EmbeddedRedisError
 
 HINT = "pip install 'soaf[embedded]'"
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: A core in a child process: starts the server, prints "url pid", then waits to be killed.
 CORE = """
 import pathlib, sys, time
-from soaf.embedded import EmbeddedRedis
+from soaf.core.embedded import EmbeddedRedis
 er = EmbeddedRedis(pathlib.Path(sys.argv[1]), binary=sys.argv[2] or None)
 print(er.start(), er.pid, flush=True)
 time.sleep(60)
@@ -94,7 +94,7 @@ def make(binary: str, short_dir: Path) -> Iterator[Callable[..., EmbeddedRedis]]
 
 
 def test_start_gives_a_url_that_needs_the_password(make, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="soaf.embedded")
+    caplog.set_level(logging.INFO, logger="soaf.core.embedded")
     er = make()
     url = er.start()
     assert url == er.url == read_url(er.socket_path.parent)

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from soaf import follow as follow_module
+from soaf.client import follow as follow_module
+from soaf.client.follow import BLOCK_MS, RECHECK_S, Follow, NotifyWait
 from soaf.errors import UnknownService, WaitTimeout
-from soaf.follow import BLOCK_MS, RECHECK_S, Follow, NotifyWait
-from soaf.keys import Keys
-from soaf.state import ServiceRecord
+from soaf.protocol.keys import Keys
+from soaf.protocol.state import ServiceRecord
 
 
 class Clock:

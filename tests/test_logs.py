@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from soaf.logs import NOTE_STREAM, SHIP_MAX_BYTES, LogKeeper, LogLines
+from soaf.core.logkeeper import NOTE_STREAM, SHIP_MAX_BYTES, LogKeeper, LogLines
 
 CAP = 64 * 1024
 

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from soaf.outcome import FAILURES, INTERRUPTED, classify
-from soaf.runner import Exit
+from soaf.process.spawn import Exit
+from soaf.run.outcome import FAILURES, INTERRUPTED, classify
 
 
 def end(code: int = 0, *, sig: int | None = None, rss_kb: int = 1000) -> Exit:

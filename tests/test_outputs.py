@@ -10,10 +10,10 @@ import fsspec
 import pytest
 
 from soaf import MissingOutputError, ServiceParamTemplate, UploadError
-from soaf.handoff import resolve_ref
-from soaf.outputs import collect_outputs, expand_target, upload_outputs
-from soaf.program import ServiceProgramTemplate
-from soaf.service import Service
+from soaf.data.handoff import resolve_ref
+from soaf.data.outputs import collect_outputs, expand_target, upload_outputs
+from soaf.plugin.program import ServiceProgramTemplate
+from soaf.plugin.service import Service
 from tests.dataservers import FTP_PASSWORD, ftp_files, served  # noqa: F401  (fixtures)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from soaf.errors import PluginError
-from soaf.plugins import PACKAGES, PluginLoader, content_digest, is_source
+from soaf.plugin.loader import PACKAGES, PluginLoader, content_digest, is_source
 from tests.conftest import wait_until
 
 PROGRAM = """

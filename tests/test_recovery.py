@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from soaf import shim
+from soaf.core.heartbeat import Identity, claim_node
+from soaf.core.recovery import take_over
 from soaf.errors import NodeInUse, ProgramError
-from soaf.journal import RunJournal, load, local_journals
-from soaf.keys import GROUP, Keys
-from soaf.liveness import Identity, claim_node
-from soaf.procinfo import ProcIdentity, find_by_marker, stop_group
-from soaf.recovery import RECLAIM_LUA, take_over
-from soaf.state import EVENTS_MAXLEN, FINAL_VALUES, decode_event
+from soaf.process import shim
+from soaf.process.identity import ProcIdentity, find_by_marker, stop_group
+from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.scripts import RECLAIM_LUA
+from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, decode_event
+from soaf.run.journal import RunJournal, load, local_journals
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from soaf.plugins import PluginLoader
-from soaf.reloader import Reloader
+from soaf.plugin.loader import PluginLoader
+from soaf.plugin.reloader import Reloader
 from tests.conftest import wait_until
 from tests.test_plugins import PROGRAM, root, write
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from soaf.config import ConfigError, RetentionPolicy, Settings
-from soaf.markers import mark_finished, mark_started, runs_dir, work_root_lock
-from soaf.retention import Sweeper, sweep
+from soaf.data.markers import mark_finished, mark_started, runs_dir, work_root_lock
+from soaf.data.retention import Sweeper, sweep
 
 HOUR = 3600.0
 MARKERS: dict = {}

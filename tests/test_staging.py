@@ -10,9 +10,9 @@ import pytest
 
 import soaf
 from soaf import FetchError, ServiceParamTemplate, ValidationError
-from soaf.program import ServiceProgramTemplate
-from soaf.service import Service
-from soaf.staging import StageContext, redact, stage, stage_inputs
+from soaf.data.staging import StageContext, redact, stage, stage_inputs
+from soaf.plugin.program import ServiceProgramTemplate
+from soaf.plugin.service import Service
 from tests.dataservers import (  # noqa: F401  (fixtures)
     FTP_PASSWORD,
     closed_port,

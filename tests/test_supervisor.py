@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from soaf.supervisor import Supervisor
+from soaf.core.enforcer import Supervisor
 from tests.conftest import wait_until
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from soaf.tail import OutputFile
+from soaf.client.tail import OutputFile
 
 
 def test_tail_then_new_lines(tmp_path):

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from soaf import ServiceParamTemplate, ValidationError
-from soaf.workdir import check_names, confine, create, literal_prefix, work_dir_for
+from soaf.data.workdir import check_names, confine, create, literal_prefix, work_dir_for
 
 
 def error(**fields) -> ValidationError:

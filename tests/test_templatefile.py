@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import pytest
 
-from soaf.templatefile import from_options, load_templates, parse_pairs
+from soaf.cli.templatefile import from_options, load_templates, parse_pairs
 
 
 def options(**kw):

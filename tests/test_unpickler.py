@@ -18,10 +18,10 @@ import dill
 import dill._dill as dill_impl
 import pytest
 
-import soaf.codec
-from soaf.codec import loads, sign
+import soaf.protocol.codec
 from soaf.errors import DecodeError, UnsafePayload
-from soaf.unpickler import restricted_loads
+from soaf.protocol.codec import loads, sign
+from soaf.protocol.unpickler import restricted_loads
 from tests.conftest import wait_until
 
 SECRET = "unpickler-test-secret-0123456789"
@@ -80,8 +80,8 @@ def hostile(marker: Path) -> dict[str, bytes]:
             Call(Call(dill_impl._import_module, "subprocess.Popen"), ["touch", str(marker)]),
             protocol=4),
         "alias dill._dill.os.system": stack_global("dill._dill", "os.system", touch),
-        "alias through soaf.template's imports": stack_global(
-            "soaf.template", "uuid.os.system", touch),
+        "alias through soaf.protocol.template's imports": stack_global(
+            "soaf.protocol.template", "uuid.os.system", touch),
         "dill's _eval_repr": pickle.dumps(
             Call(dill_impl._eval_repr, f"__import__('os').system({touch!r})"), protocol=4),
         "dill's _getattr": pickle.dumps(Call(  # it evals a piece of its third argument
@@ -141,12 +141,12 @@ def test_hostile_pickle_unsigned_is_never_unpickled(marker: Path) -> None:
 
 def test_setattr_on_a_module_is_refused() -> None:
     """A payload may not patch soaf (here: replace the signature check)."""
-    original = soaf.codec.verify
+    original = soaf.protocol.codec.verify
     payload = pickle.dumps(Call(
-        setattr, Call(dill_impl._import_module, "soaf.codec"), "verify", len), protocol=4)
+        setattr, Call(dill_impl._import_module, "soaf.protocol.codec"), "verify", len), protocol=4)
     with pytest.raises(UnsafePayload, match="did not create"):
         restricted_loads(payload)
-    assert soaf.codec.verify is original
+    assert soaf.protocol.codec.verify is original
 
 
 def test_import_with_side_effects_is_refused() -> None:
@@ -262,3 +262,18 @@ def test_dotted_names_reach_python_functions_but_not_builtin_methods() -> None:
     assert bytearray.fromhex("ff") == b"\xff"  # harmless, but a C method reached via its class
     with pytest.raises(UnsafePayload, match="built-in method reached through its class"):
         restricted_loads(stack_global("builtins", "bytearray.fromhex", "ff"))
+
+
+def test_payloads_naming_the_modules_of_older_soaf_still_load() -> None:
+    """Before soaf had subpackages the template and states lived in ``soaf.template`` and
+    ``soaf.state``; a payload from a client of that time names those modules."""
+    from soaf import ServiceParamTemplate, State
+
+    # Protocol 2 names globals as text lines ("c<module>\n<name>\n"), easy to rewrite.
+    body = dill.dumps((ServiceParamTemplate("old"), State.QUEUED), protocol=2)
+    for new, old in ((b"soaf.protocol.template\n", b"soaf.template\n"),
+                     (b"soaf.protocol.state\n", b"soaf.state\n")):
+        assert new in body
+        body = body.replace(new, old)
+    template, state = restricted_loads(body)
+    assert template.service == "old" and state is State.QUEUED

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import threading
 
-from soaf.connection import connect
-from soaf.keys import GROUP, Keys
-from soaf.state import Change, decode_event
-from soaf.writer import StateWriter
+from soaf.core.writer import StateWriter
+from soaf.protocol.connection import connect
+from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.state import Change, decode_event
 from tests.conftest import wait_until
 
 

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-import soaf.follow
+import soaf.client.follow
 from soaf import AsyncClient, ServiceParamTemplate
 from soaf.errors import RedisUnavailable, UnknownService, WaitTimeout
-from soaf.keys import Keys
+from soaf.protocol.keys import Keys
 from tests.conftest import SECRET
 
 
@@ -64,7 +64,7 @@ def test_events_replay_and_live_match_the_stream(start_core, redis_server, prefi
 
 
 def test_cancel_timeout_and_unknown(start_core, redis_server, prefix, monkeypatch):
-    monkeypatch.setattr(soaf.follow, "UNKNOWN_GRACE", 0.3)
+    monkeypatch.setattr(soaf.client.follow, "UNKNOWN_GRACE", 0.3)
     start_core()
 
     async def main():

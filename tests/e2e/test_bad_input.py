@@ -26,8 +26,8 @@ import redis
 
 import soaf
 from soaf import ServiceParamTemplate, UnsafePayload, ValidationError
-from soaf.codec import key_id, sign
-from soaf.keys import Keys
+from soaf.protocol.codec import key_id, sign
+from soaf.protocol.keys import Keys
 from tests.conftest import SECRET, TESTS, CoreProcess, RedisServer, _work_base, wait_until
 
 RETIRED = "retired-key-0123456789abcdefghij"

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 import soaf
-import soaf.follow
+import soaf.client.follow
 from soaf import Client, ServiceParamTemplate
 from soaf.errors import (
     ConfigError,
@@ -21,7 +21,7 @@ from soaf.errors import (
     ValidationError,
     WaitTimeout,
 )
-from soaf.keys import Keys
+from soaf.protocol.keys import Keys
 from tests.conftest import SECRET, wait_until
 
 
@@ -81,7 +81,7 @@ def test_as_completed_yields_in_finishing_order_and_wait_all_in_given_order(star
 
 
 def test_unknown_ids(start_core, client, monkeypatch):
-    monkeypatch.setattr(soaf.follow, "UNKNOWN_GRACE", 0.3)
+    monkeypatch.setattr(soaf.client.follow, "UNKNOWN_GRACE", 0.3)
     for call in (client.status, client.wait, client.cancel, lambda i: list(client.events(i)),
                  lambda i: list(client.events(i, follow=False)), lambda i: list(client.logs(i))):
         with pytest.raises(UnknownService, match="no service with id 'nope'"):
@@ -95,7 +95,7 @@ def test_unknown_ids(start_core, client, monkeypatch):
 def test_wait_for_an_id_whose_record_appears_only_when_a_core_takes_it(
         start_core, client, redis_server, prefix, monkeypatch):
     """A plain redis-py submission has no record until a core claims it: wait gives it time."""
-    monkeypatch.setattr(soaf.follow, "UNKNOWN_GRACE", 60)
+    monkeypatch.setattr(soaf.client.follow, "UNKNOWN_GRACE", 60)
     t = ServiceParamTemplate("true")
     redis_server.client().xadd(f"{prefix}:submit", {"payload": soaf.dumps(t, SECRET)})
     result = {}
@@ -247,9 +247,9 @@ def test_events_of_a_final_service_never_block(start_core, client, redis_server,
 
 def test_waiting_for_many_services_goes_through_the_notify_channel(start_core, client,
                                                                    monkeypatch):
-    monkeypatch.setattr(soaf.follow, "UNKNOWN_GRACE", 0.5)
+    monkeypatch.setattr(soaf.client.follow, "UNKNOWN_GRACE", 0.5)
     start_core()
-    ids = [client.submit(ServiceParamTemplate("true")) for _ in range(soaf.follow.STREAM_WAIT_MAX)]
+    ids = [client.submit(ServiceParamTemplate("true")) for _ in range(soaf.client.follow.STREAM_WAIT_MAX)]
     slow = client.submit(ServiceParamTemplate("sleep", args={"seconds": 30}))
     finished = []
     for record in client.as_completed([slow, *ids], timeout=60):

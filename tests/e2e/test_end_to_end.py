@@ -14,7 +14,7 @@ import redis
 
 import soaf
 from soaf import ServiceParamTemplate
-from soaf.keys import Keys
+from soaf.protocol.keys import Keys
 from tests.conftest import ROOT, SECRET
 
 

@@ -17,8 +17,8 @@ import pytest
 import soaf
 from soaf import ServiceParamTemplate
 from soaf.errors import DuplicateService, RedisUnavailable
-from soaf.keys import GROUP, Keys
-from soaf.state import FINAL_VALUES
+from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.state import FINAL_VALUES
 from tests.conftest import SECRET, wait_until
 
 

@@ -15,7 +15,7 @@ import redis
 
 import soaf
 from soaf import ServiceParamTemplate
-from soaf.embedded import find_redis_server
+from soaf.core.embedded import find_redis_server
 from tests.conftest import SECRET, wait_until
 
 PASSWORD = "acl-pass-7a1b2c3d4e5f60718293"

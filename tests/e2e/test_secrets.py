@@ -13,9 +13,9 @@ import redis
 
 import soaf
 from soaf import ServiceParamTemplate
-from soaf.codec import key_id
 from soaf.config import INSECURE_SECRET
-from soaf.keys import Keys
+from soaf.protocol.codec import key_id
+from soaf.protocol.keys import Keys
 from tests.conftest import ROOT, wait_until
 
 NEW = "rotation-new-key-0123456789abcdefgh"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from soaf import ServiceParamTemplate, UnknownService
-from soaf.keys import GROUP
+from soaf.protocol.keys import GROUP
 from tests.conftest import wait_until
 
 

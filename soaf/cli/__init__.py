@@ -1,0 +1,2 @@
+"""The ``soaf`` command line.
+"""

@@ -1,0 +1,255 @@
+"""How the ``soaf`` command shows things: tables, records, and the live display of ``wait``.
+
+Everything goes through rich, which colours only when the output is a terminal (and
+never with NO_COLOR set). On a terminal ``wait`` draws a progress bar per service; in
+a pipe or a file it prints one plain line per change instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from typing import Any, Protocol
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from soaf.protocol.state import FINAL_VALUES, ServiceRecord
+
+STATE_STYLES = {
+    "queued": "dim", "building": "cyan", "preparing": "cyan", "running": "blue",
+    "succeeded": "green", "failed": "bold red", "cancelled": "yellow", "timed_out": "red",
+    "rejected": "bold red", "lost": "magenta",
+}
+#: Width of tables printed to a pipe or file, where there is no terminal to measure.
+PLAIN_WIDTH = 200
+
+
+def console(*, stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    return Console(file=stream, highlight=False, soft_wrap=not tty,
+                   width=None if tty else PLAIN_WIDTH)
+
+
+def state_text(state: str) -> Text:
+    return Text(state, style=STATE_STYLES.get(state, ""))
+
+
+def age(ts: Any, now: float | None = None) -> str:
+    """``3s``, ``5m``, ``2h``, ``4d``: how long ago ``ts`` (epoch seconds) was."""
+    if not isinstance(ts, (int, float)):
+        return "-"
+    seconds = max(0.0, (now or time.time()) - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def when(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "-"
+    return f"{datetime.fromtimestamp(ts).isoformat(sep=' ', timespec='milliseconds')} ({age(ts)} ago)"
+
+
+def percent(progress: Any) -> str:
+    return f"{progress:.0%}" if isinstance(progress, (int, float)) else "-"
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def show(out: Console, renderable: Any) -> None:
+    """Print a table; to a pipe or file without the padding at the ends of lines."""
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    with out.capture() as captured:
+        out.print(renderable)
+    out.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for name in columns:
+        table.add_column(name, no_wrap=name in ("ID", "NODE", "STATE"))
+    return table
+
+
+def records_table(records: list[ServiceRecord]) -> Table:
+    table = _table("ID", "SERVICE", "STATE", "PROGRESS", "NODE", "AGE", "INFO")
+    now = time.time()
+    for r in records:
+        info = r.error if r.error and not r.ok else (r.message or "")
+        table.add_row(r.service_id, r.service or "-", state_text(r.state), percent(r.progress),
+                      r.node or "-", age(r.get("submitted_at"), now), info)
+    return table
+
+
+def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
+    """One record as ``field value`` lines: the well-known fields, then custom ones."""
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    r = record
+    rows: list[tuple[str, Any]] = [
+        ("id", r.service_id), ("service", r.service), ("state", state_text(r.state)),
+        ("progress", percent(r.progress) if r.progress is not None else None),
+        ("message", r.message), ("error", r.error), ("node", r.node),
+        ("attempt", r.attempt or None), ("exit code", r.exit_code),
+        ("signal", r.get("signal")), ("plugin version", r.plugin_version),
+        ("work dir", r.get("work_dir")),
+    ]
+    for name in ("submitted", "building", "preparing", "running", "finished"):
+        ts = r.get(f"{name}_at")
+        if ts is not None:
+            rows.append((name, when(ts)))
+    if r.get("wall_time") is not None:
+        rows.append(("wall time", f"{r.get('wall_time'):.3f} s"))
+    for key, value in sorted(r.fields.items()):
+        rows.append((f"{key} *", value if isinstance(value, str) else json.dumps(value)))
+    if verbose and r.traceback:
+        rows.append(("traceback", r.traceback.rstrip()))
+    for name, value in rows:
+        if value is not None and value != "":
+            table.add_row(name, value if isinstance(value, Text) else str(value))
+    return table
+
+
+def nodes_table(nodes: list[dict[str, Any]]) -> Table:
+    table = _table("NODE", "HOST", "PID", "LOAD", "PLUGINS", "UP", "HEARTBEAT", "REDIS")
+    now = time.time()
+    for n in nodes:
+        table.add_row(str(n.get("node")), str(n.get("host", "-")), str(n.get("pid", "-")),
+                      f"{n.get('running', 0)}/{n.get('max_services', '?')}",
+                      str(n.get("plugin_version") or "-"), age(n.get("started_at"), now),
+                      f"{age(n.get('ts'), now)} ago",
+                      "ok" if n.get("redis_connected", True) else Text("lost", style="red"))
+    return table
+
+
+def plugins_table(plugins: dict[str, Any], alive: set[str]) -> Table:
+    table = _table("NODE", "ALIVE", "VERSION", "LOADED", "SERVICES", "LAST ERROR")
+    now = time.time()
+    for node, info in sorted(plugins.items()):
+        error = info.get("error")
+        table.add_row(node, "yes" if node in alive else Text("no", style="dim"),
+                      str(info.get("version") or "-"), f"{age(info.get('loaded_at'), now)} ago",
+                      ", ".join(info.get("services") or []) or "-",
+                      Text(f"{error} ({age(info.get('error_at'), now)} ago)", style="red")
+                      if error else "")
+    return table
+
+
+# -- soaf wait --------------------------------------------------------------------------------
+
+class WaitDisplay(Protocol):
+    def add(self, record: ServiceRecord) -> None: ...
+    def event(self, service_id: str, event: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+def _label(record: ServiceRecord) -> str:
+    return f"{record.service or '?'} {record.service_id[:12]}"
+
+
+class LiveDisplay:
+    """Progress bars on a terminal: one per service, its state and message beside it."""
+
+    def __init__(self, out: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}", markup=False),
+            console=out, transient=False, refresh_per_second=8,
+        )
+        self.tasks: dict[str, TaskID] = {}
+        self.progress.start()
+
+    def add(self, record: ServiceRecord) -> None:
+        self.tasks[record.service_id] = self.progress.add_task(
+            _label(record), total=1.0, completed=record.progress or 0.0,
+            state=state_text(record.state).markup, info=record.message or "")
+        if record.final:
+            self._final(record.service_id, record.state, record.error)
+
+    def event(self, service_id: str, event: dict[str, Any]) -> None:
+        task = self.tasks.get(service_id)
+        if task is None:
+            return
+        changes: dict[str, Any] = {}
+        if isinstance(event.get("progress"), (int, float)):
+            changes["completed"] = event["progress"]
+        if event.get("message"):
+            changes["info"] = str(event["message"])
+        if "state" in event:
+            changes["state"] = state_text(event["state"]).markup
+        if changes:
+            self.progress.update(task, **changes)
+        if event.get("state") in FINAL_VALUES:
+            self._final(service_id, event["state"], event.get("error"))
+
+    def _final(self, service_id: str, state: str, error: Any) -> None:
+        task = self.tasks[service_id]
+        changes: dict[str, Any] = {"state": state_text(state).markup}
+        if state == "succeeded":
+            changes["completed"] = 1.0
+        elif error:
+            changes["info"] = str(error)
+        self.progress.update(task, **changes)
+        self.progress.stop_task(task)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class PlainDisplay:
+    """One line per change, for pipes and files: ``<id> <service> <what>``."""
+
+    #: Progress is reported again once it moved this much (or reached 100%).
+    STEP = 0.1
+
+    def __init__(self, out: Console) -> None:
+        self.out = out
+        self.labels: dict[str, str] = {}
+        self.shown: dict[str, float] = {}
+        self.states: dict[str, str] = {}
+
+    def _line(self, service_id: str, text: str) -> None:
+        self.out.print(f"{service_id} {self.labels.get(service_id, '?')} {text}", markup=False)
+
+    def add(self, record: ServiceRecord) -> None:
+        self.labels[record.service_id] = record.service or "?"
+        self.shown[record.service_id] = record.progress or 0.0
+        self.states[record.service_id] = record.state
+        if record.final:
+            text = f"{record.state}: {record.error}" if record.error else record.state
+        elif record.progress is not None:
+            text = f"{record.state} {percent(record.progress)}"
+        else:
+            text = record.state
+        self._line(record.service_id, text)
+
+    def event(self, service_id: str, event: dict[str, Any]) -> None:
+        value = event.get("progress")
+        if isinstance(value, (int, float)):
+            last = self.shown.get(service_id, 0.0)
+            if value - last >= self.STEP or (value >= 1.0 > last):
+                self.shown[service_id] = value
+                self._line(service_id, f"progress {percent(value)}")
+        state = event.get("state")
+        if state and state != self.states.get(service_id):
+            self.states[service_id] = state
+            error = event.get("error")
+            self._line(service_id, f"{state}: {error}" if error and state in FINAL_VALUES else state)
+
+    def close(self) -> None:
+        pass
+

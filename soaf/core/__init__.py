@@ -1,0 +1,2 @@
+"""The daemon: wiring, intake, heartbeat, recovery, the state writer, limits, logs, embedded Redis.
+"""

@@ -1,0 +1,242 @@
+"""Whether a core is alive: its heartbeat key and thread, and the guard that keeps two
+cores from running under one node name.
+
+A core's heartbeat is a key with a TTL holding who it is: host, pid, the pid's start
+time, the boot id and a random token. Only the core whose token is in the key refreshes
+it (a Lua compare-and-set), so a second core under the same name can never keep the
+first one's heartbeat alive, and a core that finds its key taken knows it has been
+replaced.
+
+At start a core claims its node name:
+
+* no heartbeat: it is free;
+* a heartbeat from this machine and boot: the process it names is checked in /proc (pid
+  *and* start time). Alive: the core refuses to start (``NodeInUse``). Dead (killed with
+  ``kill -9``): the name is taken over at once, without waiting for the TTL;
+* a heartbeat from another machine (or boot), which cannot be checked: the core waits
+  for it to expire, and refuses if it is refreshed meanwhile.
+
+The heartbeat thread also brings each running service's cancel flag and current attempt
+back from Redis: a run whose service has a newer attempt was taken over by another core
+(this one missed its heartbeats, e.g. cut off from Redis or frozen) and is stopped without
+writing anything more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from soaf.errors import NodeInUse
+from soaf.process.identity import ProcIdentity, boot_id, host_name
+from soaf.protocol.scripts import CAS_LUA, REFRESH_LUA, RELEASE_LUA
+
+if TYPE_CHECKING:
+    from soaf.core.daemon import Core
+    from soaf.run.service_run import ServiceRun
+
+log = logging.getLogger(__name__)
+
+
+
+class Identity:
+    """Who this core process is, as written into its heartbeat."""
+
+    def __init__(self) -> None:
+        me = ProcIdentity.of(os.getpid())
+        self.pid = os.getpid()
+        self.host = host_name()
+        self.boot_id = boot_id()
+        self.pid_start = me.start_time if me else 0
+        self.token = secrets.token_hex(8)
+
+    def fields(self) -> dict[str, Any]:
+        return {"pid": self.pid, "host": self.host, "boot_id": self.boot_id,
+                "pid_start": self.pid_start, "token": self.token}
+
+
+def _parse(raw: bytes | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def holder_alive(info: dict[str, Any]) -> bool | None:
+    """Whether the core a heartbeat names is alive: True/False when this machine can tell
+    (same host and boot), None when it cannot."""
+    if not info.get("boot_id") or info.get("host") != host_name() or info["boot_id"] != boot_id():
+        return None
+    try:
+        holder = ProcIdentity(pid=int(info["pid"]), start_time=int(info["pid_start"]), pgid=0,
+                              host=info["host"], boot_id=info["boot_id"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return holder.alive()
+
+
+def describe(info: dict[str, Any]) -> str:
+    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}"
+
+
+def claim_node(client: redis.Redis, key: str, node: str, value: str, ttl: float,
+               *, clock: Any = time.monotonic, sleep: Any = time.sleep) -> None:
+    """Write this core's first heartbeat, or raise NodeInUse if ``node`` is taken."""
+    ttl_ms = int(ttl * 1000)
+    waited_for: bytes | None = None
+    deadline: float | None = None
+    while True:
+        raw = client.get(key)
+        if raw is None:
+            if client.eval(CAS_LUA, 1, key, value, "", ttl_ms):
+                return
+            continue
+        info = _parse(raw) or {}
+        alive = holder_alive(info)
+        if alive is True:
+            raise NodeInUse(f"node name {node!r} is in use by a running core ({describe(info)}); "
+                            "give this core another --node name or stop that one")
+        if alive is False:
+            log.info("node %s: the previous core (%s) is dead; taking its name over now",
+                     node, describe(info))
+            if client.eval(CAS_LUA, 1, key, value, raw, ttl_ms):
+                return
+            continue
+        # Another machine (or boot): cannot look at the process; wait for the key to expire.
+        if waited_for is None:
+            waited_for, deadline = raw, clock() + ttl + 1.0
+            log.warning("node %s has a live heartbeat from %s; waiting up to %.0f s for it "
+                        "to expire", node, describe(info), ttl)
+        elif raw != waited_for:
+            raise NodeInUse(f"node name {node!r} is in use by a core that keeps its heartbeat "
+                            f"alive ({describe(info)}); give this core another --node name")
+        assert deadline is not None
+        if clock() > deadline:
+            raise NodeInUse(f"the heartbeat of node {node!r} ({describe(info)}) did not expire")
+        sleep(0.2)
+
+
+def refresh(client: redis.Redis | Any, key: str, value: str, token: str, ttl: float) -> Any:
+    """Queue (on a pipeline) or run the token-checked heartbeat refresh."""
+    return client.eval(REFRESH_LUA, 1, key, value, token, int(ttl * 1000))
+
+
+class Heartbeat:
+    """The heartbeat thread of one core (``loop``) and what it learns on each beat."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        #: Monotonic time since which beats have succeeded without a failure (None: the
+        #: last one failed). Takeovers wait until this has lasted a whole TTL.
+        self.connected_since: float | None = None
+        #: Another core holds this node's heartbeat now; this one no longer renews it.
+        self.replaced = False
+        #: Monotonic time at which the last successful beat was sent (see still_current).
+        self.last_ok: float | None = None
+
+    def loop(self) -> None:
+        core = self.core
+        while not core.stopping or core.running():
+            try:
+                sent = time.monotonic()
+                self.beat()
+                self.last_ok = sent
+                if self.connected_since is None:
+                    self.connected_since = sent
+            except redis.RedisError as e:
+                self.connected_since = self.last_ok = None
+                log.debug("heartbeat failed: %s", e)
+                if core.embedded is not None:
+                    try:
+                        core.embedded.revive()
+                    except Exception:
+                        log.exception("cannot restart the embedded Redis")
+            core.wait_stopping(core.settings.heartbeat_interval)
+
+    def beat(self) -> None:
+        core, s, keys = self.core, self.core.settings, self.core.keys
+        runs = core.current_runs()
+        pipe = core.redis.pipeline(transaction=False)
+        if not self.replaced:
+            refresh(pipe, keys.node(s.node), json.dumps(core.node_info()),
+                    core.identity.token, s.heartbeat_ttl)
+        pipe.sadd(keys.nodes, s.node)
+        if s.record_ttl > 0:  # ids whose records have expired
+            pipe.zremrangebyscore(keys.services, "-inf", time.time() - s.record_ttl)
+        ids = [run.service_id for run in runs]
+        if ids:
+            pipe.hmget(keys.cancels, ids)
+        for run in runs:
+            pipe.hget(keys.service(run.service_id), "attempt")
+        results = pipe.execute()
+        if core.versions is not None:
+            core.versions.publish(core.loader)
+        if not self.replaced and results[0] == 0:
+            self._taken()
+        if not runs:
+            return
+        attempts = results[len(results) - len(runs):]
+        cancels = results[len(results) - len(runs) - 1]
+        for run, cancel, attempt in zip(runs, cancels, attempts):
+            if attempt is not None and int(attempt) > run.attempt:
+                self.superseded(run, int(attempt))
+            elif cancel is not None:
+                core.cancel_local(run.service_id)
+
+    def still_current(self, run: ServiceRun) -> bool:
+        """False if a newer attempt of the run's service exists.
+
+        Answered without Redis while the last beat is younger than half the TTL: that
+        beat renewed the heartbeat key (so no core can have found it missing since) and
+        checked every run's attempt (so none was taken over before). Otherwise Redis is
+        asked; when it cannot be, True: see docs/delivery.md (partitions).
+        """
+        last = self.last_ok
+        if last is not None and time.monotonic() - last < self.core.settings.heartbeat_ttl / 2:
+            return not run.superseded
+        try:
+            attempt = self.core.redis.hget(self.core.keys.service(run.service_id), "attempt")
+        except redis.RedisError:
+            return True
+        if attempt is not None and int(attempt) > run.attempt:
+            self.superseded(run, int(attempt))
+            return False
+        return True
+
+    def superseded(self, run: ServiceRun, attempt: int) -> None:
+        """A newer attempt of this run's service exists: another core took it over while
+        this one could not renew its heartbeat. Stop the program; write nothing more."""
+        if run.superseded:
+            return
+        log.error("service %s: attempt %d was taken over by attempt %d elsewhere (this core "
+                  "missed its heartbeats); stopping its program", run.service_id,
+                  run.attempt, attempt)
+        run.superseded = True
+        run.cancel()
+
+    def _taken(self) -> None:
+        """Another core holds this node's heartbeat: it started under the same name after
+        this core's heartbeat had expired. Take no more work and stop."""
+        self.replaced = True
+        log.error("another core has taken node name %s over (this core's heartbeat had "
+                  "expired); stopping", self.core.settings.node)
+        self.core.request_stop()
+
+    def release(self) -> None:
+        """Delete the heartbeat key at a clean stop, if it is still this core's."""
+        if self.replaced:
+            return
+        try:
+            self.core.redis.eval(RELEASE_LUA, 1, self.core.keys.node(self.core.settings.node),
+                                 self.core.identity.token)
+        except redis.RedisError:
+            pass

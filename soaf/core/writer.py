@@ -1,0 +1,193 @@
+"""StateWriter: the one thread that writes every state change to Redis, in order.
+
+Services never talk to Redis themselves; they queue ``Change``s here (and the log
+keeper its ``LogLines``). The writer sends
+whatever is queued as one pipeline, so a busy core pays one round trip for many
+changes. When Redis is unreachable it keeps the changes, retries with backoff, and
+writes them in their original order once Redis is back; the record script skips
+anything already applied, so a retried batch writes nothing twice. A stream entry is
+acknowledged only once its service's final state is written, and never for a change that
+a newer attempt fenced out.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any, Protocol
+
+import redis
+
+from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.scripts import RECORD, is_noscript
+from soaf.protocol.state import Change, record_call
+
+log = logging.getLogger(__name__)
+
+
+class Writable(Protocol):
+    """Anything else the writer writes in queue order (e.g. ``soaf.core.logkeeper.LogLines``)."""
+
+    def write_to(self, pipe: Any, keys: Keys) -> None: ...
+
+
+#: Changes sent in one pipeline at most.
+BATCH = 500
+#: Longest pause between reconnection attempts, in seconds.
+MAX_BACKOFF = 5.0
+
+
+class StateWriter:
+    """Queue changes with ``put``; a background thread writes them."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, record_ttl: float = 0) -> None:
+        self._redis = client
+        self._keys = keys
+        self._record_ttl = record_ttl
+        self._queue: collections.deque[Change | Writable] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self.connected = True
+        self.written = 0
+        self._thread = threading.Thread(target=self._run, name="soaf-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, change: Change | Writable) -> None:
+        with self._cond:
+            self._queue.append(change)
+            self._cond.notify()
+
+    def pending(self) -> int:
+        return len(self._queue) + (1 if self._busy else 0)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued so far is written; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Write what is queued (up to ``timeout``) and stop; False if some was left."""
+        done = self.flush(timeout)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=2)
+        if not done:
+            log.error("stopping with %d state changes not written to Redis", len(self._queue))
+        return done
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue and self._stopping:
+                    return
+                batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+                self._busy = True
+            try:
+                self._write(batch)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                with self._cond:
+                    self._busy = False
+                if self.connected:
+                    log.warning("Redis unreachable (%s); keeping %d state changes until it is back",
+                                e, len(self._queue))
+                    self.connected = False
+                if self._stopping:
+                    with self._cond:
+                        return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            except Exception:
+                log.exception("dropping %d state changes that Redis refused", len(batch))
+            if not self.connected:
+                log.warning("Redis is back; wrote the state changes kept meanwhile")
+                self.connected = True
+            backoff = 0.05
+            with self._cond:
+                for _ in batch:
+                    self._queue.popleft()
+                self._busy = False
+                self.written += len(batch)
+                self._cond.notify_all()
+
+    def _finish(self, pipe: Any, change: Change) -> None:
+        """With a final state: the entry is done (ack and delete it, so the stream does
+        not grow), the cancel request is spent, and the record starts to age."""
+        pipe.xack(self._keys.submit, GROUP, change.ack)
+        pipe.xdel(self._keys.submit, change.ack)
+        pipe.hdel(self._keys.cancels, change.service_id)
+        if self._record_ttl > 0:
+            ttl = int(self._record_ttl)
+            pipe.expire(self._keys.service(change.service_id), ttl)
+            pipe.expire(self._keys.events(change.service_id), ttl)
+            pipe.expire(self._keys.log(change.service_id), ttl)
+
+    def _write(self, batch: list[Change | Writable]) -> None:
+        # One script call per service (and attempt): its changes in their original order.
+        # Other items (log lines) go first: a service's last lines precede its final state.
+        groups: dict[tuple[str, int], list[Change]] = {}
+        others: list[Writable] = []
+        for change in batch:
+            if isinstance(change, Change):
+                groups.setdefault((change.service_id, change.attempt), []).append(change)
+            else:
+                others.append(change)
+        calls = list(groups.values())
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            if attempt == 1:
+                for other in others:
+                    other.write_to(pipe, self._keys)
+            for changes in calls:
+                keys, args = record_call(self._keys, changes)
+                RECORD.call(pipe, keys, args)
+            results = pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(is_noscript(r) for r in results):
+                RECORD.load(self._redis)  # Redis restarted or flushed its scripts
+                continue  # every change is fenced by (attempt, seq): re-sending is safe
+            break
+        for result in results:
+            if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
+                raise result
+            if isinstance(result, Exception):
+                log.error("state write refused by Redis: %s", result)
+        # Finish an entry only where its final state went in: changes fenced out by a newer
+        # attempt (-1) come from a core that lost the service, whose entry is now pending
+        # for the core that took it over; acknowledging it would hide it from recovery.
+        recorded = results[len(results) - len(calls):]  # after the other items' results
+        written = [(changes, r != -1) for changes, r in zip(calls, recorded)
+                   if not isinstance(r, Exception)]
+        finals = [c for changes, ok in written if ok for c in changes if c.ack]
+        if finals:
+            pipe = self._redis.pipeline(transaction=False)
+            for change in finals:
+                self._finish(pipe, change)
+            for result in pipe.execute(raise_on_error=False):
+                if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
+                    raise result
+        for changes, ok in written:
+            for change in changes:
+                if change.on_written is not None:
+                    try:
+                        change.on_written(ok)
+                    except Exception:
+                        log.exception("on_written callback of %s failed", change.service_id)
+        stale = sum(1 for changes, ok in written if not ok for c in changes if c.ack)
+        if stale:
+            log.warning("%d final states were fenced out: a newer attempt owns those services",
+                        stale)

@@ -1,0 +1,85 @@
+"""Same-host handoff: resolving ``soaf://<service_id>/<name>`` inputs on a core.
+
+A pipeline passes one service's output to the next by reference (``soaf.output_ref``)
+instead of by path, because only the core that runs the next step knows where it runs.
+On the producer's host, and inside this core's work root, the reference resolves to the
+file in the producer's work dir, which staging hard-links (or symlinks) in: large files
+are never copied twice. Anywhere else it resolves to the copy the producer uploaded to
+its ``output_target`` (so multi-host pipelines set one); failing both, the consumer
+fails in ``preparing`` saying which.
+
+The producer's record must say ``succeeded``; its ``host``, ``work_dir``, ``outputs``
+and ``output_target`` fields (written by the core that ran it) are what is consulted.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from soaf.data.workdir import confine
+from soaf.errors import FetchError, ValidationError
+from soaf.protocol.state import State
+from soaf.protocol.template import parse_ref
+
+#: Reads a service's record fields (decoded values), or None when there is no record.
+Lookup = Callable[[str], "dict[str, Any] | None"]
+
+
+def resolve_ref(ref: str, *, lookup: Lookup, work_root: Path,
+                host: str | None = None) -> Path | str:
+    """A local path (same host, inside ``work_root``) or a URL for ``ref``."""
+    service_id, name = parse_ref(ref)
+    host = host or socket.gethostname()
+    try:
+        record = lookup(service_id)
+    except Exception as e:
+        raise FetchError(ref, f"cannot read the record of service {service_id}: {e}") from e
+    if not record:
+        raise FetchError(ref, f"no service with id {service_id!r}")
+    state = record.get("state")
+    if state != State.SUCCEEDED.value:
+        raise FetchError(ref, f"service {service_id} is {state}, not succeeded")
+    local = _local(record, name, work_root=work_root, host=host)
+    if local is not None:
+        return local
+    url = _uploaded(record, name)
+    if url is not None:
+        return url
+    where = record.get("host") or "an unknown host"
+    raise FetchError(
+        ref,
+        f"output {name!r} is not on this host ({host}; the producer ran on {where}) and was "
+        "not uploaded: give the producing template an output_target",
+    )
+
+
+def _local(record: dict[str, Any], name: str, *, work_root: Path, host: str) -> Path | None:
+    work_dir = record.get("work_dir")
+    if record.get("host") != host or not isinstance(work_dir, str):
+        return None
+    root = work_root.resolve()
+    producer = Path(work_dir)
+    try:
+        resolved = producer.resolve()
+        if root not in resolved.parents:
+            return None  # another core's work root: not ours to link from
+        path = confine(resolved, name, field="input_files")
+    except (OSError, ValidationError):
+        return None
+    return path if path.exists() else None
+
+
+def _uploaded(record: dict[str, Any], name: str) -> str | None:
+    outputs = record.get("outputs") or []
+    target = record.get("output_target")
+    for entry in outputs:
+        if isinstance(entry, dict) and entry.get("name") == name and entry.get("url"):
+            return str(entry["url"])
+    if isinstance(target, str) and target:
+        prefix = name.rstrip("/") + "/"
+        if any(isinstance(e, dict) and str(e.get("name", "")).startswith(prefix) for e in outputs):
+            return f"{target.rstrip('/')}/{name.rstrip('/')}"
+    return None

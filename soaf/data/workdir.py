@@ -1,0 +1,112 @@
+"""Work directories: where they live under the work root, and keeping paths inside them.
+
+Every name a template or plugin hands soaf (work_path, input and output names) is
+resolved through ``confine``, which follows symlinks, so neither ``..`` nor a symlink
+planted inside a work dir can reach a file outside it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from soaf.errors import ValidationError
+from soaf.protocol.template import ServiceParamTemplate, check_relative
+
+
+def confine(root: Path, name: str, *, field: str = "path") -> Path:
+    """``root / name`` with symlinks resolved, or ValidationError if it leaves ``root``."""
+    check_relative(field, name)
+    real_root = root.resolve()
+    target = (real_root / name).resolve()
+    if target == real_root:
+        raise ValidationError(field, f"{name!r} resolves to {real_root} itself, not an entry in it")
+    if real_root not in target.parents:
+        raise ValidationError(field, f"{name!r} resolves to {target}, outside {real_root}")
+    return target
+
+
+def work_dir_for(work_root: Path, template: ServiceParamTemplate) -> Path:
+    """The work dir a template runs in: its ``work_path`` or one named after its id."""
+    name = template.work_path or template.service_id
+    return confine(work_root, name, field="work_path" if template.work_path else "service_id")
+
+
+def literal_prefix(name: str) -> str:
+    """The part of an output name before its first glob character (``out`` for
+    ``out/*.txt``): the directories a collector will walk through."""
+    parts: list[str] = []
+    for part in name.split("/"):
+        if any(c in part for c in "*?["):
+            break
+        parts.append(part)
+    return "/".join(parts)
+
+
+def check_names(work_root: Path, work_dir: Path, template: ServiceParamTemplate, *,
+                outputs_only: bool = False) -> None:
+    """Check again, with the symlinks that exist *now*, that the work dir is still the one
+    soaf created and that no input or output name leads out of it.
+
+    ``build()`` or the program itself may have created links since the template was
+    validated; nothing must be staged into or collected from outside through them.
+    Raises ValidationError naming the field.
+    """
+    if not outputs_only:
+        if template.work_path is None and not work_dir.is_symlink():
+            pass  # one plain component under the resolved root: an lstat is proof enough
+        elif (now := work_dir_for(work_root, template)) != work_dir:
+            raise ValidationError(
+                "work_path", f"the work dir {work_dir} now resolves to {now}; it was replaced")
+        for name in ServiceParamTemplate.input_names(template):
+            confine(work_dir, name, field="input_files")
+    for name in template.output_files:
+        prefix = literal_prefix(name)
+        if prefix:
+            confine(work_dir, prefix, field="output_files")
+
+
+def create(work_root: Path, template: ServiceParamTemplate) -> Path:
+    """Create (or re-use, for a shared ``work_path``) the template's work dir."""
+    if template.work_path is None:
+        # The common case, kept cheap: a validated id is one plain path component, and a
+        # directory this call creates cannot be a symlink. (``work_root`` is resolved.)
+        path = work_root / template.service_id
+        try:
+            path.mkdir()
+            return path
+        except FileNotFoundError:
+            work_root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            pass
+    path = work_dir_for(work_root, template)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def set_aside(path: Path, label: str) -> Path | None:
+    """Move ``path`` to ``<path>.<label>`` (numbered if taken) so a new, empty one can be made;
+    returns where it went, None if there was nothing to move."""
+    if not path.exists():
+        return None
+    target = path.with_name(f"{path.name}.{label}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{label}-{n}")
+    path.rename(target)
+    return target
+
+
+def list_files(work_dir: Path) -> list[str]:
+    """Sorted paths of every regular file below ``work_dir``, relative to it."""
+    out: list[str] = []
+    base = str(work_dir)
+    cut = len(base) + 1
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        prefix = dirpath[cut:]
+        for name in filenames:
+            out.append(f"{prefix}/{name}" if prefix else name)
+    out.sort()
+    return out

@@ -1,0 +1,2 @@
+"""The developer API (program, handler, service) and the machinery that loads plugins.
+"""

@@ -1,0 +1,269 @@
+"""Every Lua script soaf runs in Redis, and how they are called.
+
+Each change that must be atomic is one script: submitting, claiming an entry for an
+attempt, writing a batch of record changes, cancelling, reclaiming a lost attempt,
+taking over a dead node's entries, the heartbeat's compare-and-set, and the plugin
+version counter. Keeping them together shows, in one file, every multi-key change soaf
+makes; the comment above each one states its KEYS and ARGV.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import redis
+
+# KEYS: record, events, services zset, submit stream | ARGV: id, service, now, payload, notify
+SUBMIT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {0, redis.call('HGET', KEYS[1], 'state') or 'null'}
+end
+local entry = redis.call('XADD', KEYS[4], '*', 'payload', ARGV[4], 'id', ARGV[1])
+local ev = cjson.encode({seq=1, attempt=0, ts=tonumber(ARGV[3]), state='queued'})
+local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'data', ev)
+redis.call('HSET', KEYS[1], 'service_id', cjson.encode(ARGV[1]), 'service', cjson.encode(ARGV[2]),
+  'state', '"queued"', 'seq', '1', 'attempt', '0', 'queued_at', ARGV[3],
+  'submitted_at', ARGV[3], 'entry', cjson.encode(entry), 'event_id', cjson.encode(evid))
+redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1])
+redis.call('PUBLISH', ARGV[5], cjson.encode({id=ARGV[1], seq=1, state='queued'}))
+return {1, entry}
+"""
+
+# KEYS: record, events, services zset, cancels hash
+# ARGV: id, service, now, node, entry, notify, maxlen, plugin_version, final states (csv)
+# Returns {verdict, detail, attempt, seq, attempts json or ''};
+# verdict: run | duplicate | final | cancelled
+CLAIM_LUA = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state then state = cjson.decode(state) end
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if entry then entry = cjson.decode(entry) end
+local finals = {}
+for s in string.gmatch(ARGV[9], '[^,]+') do finals[s] = true end
+if state and finals[state] then return {'final', state, 0, 0, ''} end
+if state and state ~= 'queued' and entry and entry ~= ARGV[5] then
+  return {'duplicate', state, 0, 0, ''}
+end
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
+local newstate = 'building'
+if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then newstate = 'cancelled' end
+local ev = {seq=seq, attempt=attempt, ts=tonumber(ARGV[3]), state=newstate, node=ARGV[4]}
+if newstate == 'cancelled' then ev['error'] = 'cancelled before it started' end
+local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
+redis.call('HSET', KEYS[1], 'service_id', cjson.encode(ARGV[1]), 'service', cjson.encode(ARGV[2]),
+  'state', cjson.encode(newstate), 'seq', seq, 'attempt', attempt, 'node', cjson.encode(ARGV[4]),
+  'entry', cjson.encode(ARGV[5]), newstate .. '_at', ARGV[3], 'event_id', cjson.encode(evid),
+  'plugin_version', ARGV[8])
+if newstate == 'cancelled' then
+  redis.call('HSET', KEYS[1], 'error', '"cancelled before it started"')
+  redis.call('HDEL', KEYS[4], ARGV[1])
+end
+if redis.call('HEXISTS', KEYS[1], 'submitted_at') == 0 then
+  redis.call('HSET', KEYS[1], 'submitted_at', ARGV[3])
+end
+redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1])
+redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=seq, state=newstate}))
+return {newstate == 'cancelled' and 'cancelled' or 'run', newstate, attempt, seq,
+  redis.call('HGET', KEYS[1], 'attempts') or ''}
+"""
+
+# KEYS: record, events, cancels hash, control stream
+# ARGV: id, now, notify, maxlen, final states (csv), control maxlen
+# Returns {verdict, state}; verdict: unknown | final | cancelled (a queued service, now
+# cancelled: no core holds it) | requested (recorded in the cancels hash and announced on
+# the control stream; the core running it stops it, and a core that takes it later
+# finds the request there).
+CANCEL_LUA = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'unknown', ''} end
+state = cjson.decode(state)
+for s in string.gmatch(ARGV[5], '[^,]+') do
+  if s == state then return {'final', state} end
+end
+if state == 'queued' then
+  local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
+  local err = 'cancelled before it started'
+  local ev = {seq=seq, attempt=attempt, ts=tonumber(ARGV[2]), state='cancelled', error=err}
+  local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', cjson.encode(ev))
+  redis.call('HSET', KEYS[1], 'state', '"cancelled"', 'seq', seq, 'cancelled_at', ARGV[2],
+    'finished_at', ARGV[2], 'error', cjson.encode(err), 'event_id', cjson.encode(evid))
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('PUBLISH', ARGV[3], cjson.encode({id=ARGV[1], seq=seq, state='cancelled'}))
+  return {'cancelled', state}
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'type', 'cancel', 'id', ARGV[1])
+return {'requested', state}
+"""
+
+# KEYS: record, events, services zset
+# ARGV: id, attempt, notify, maxlen, now, then per change: seq, event json, state ('' if
+# none), n, then n field/value pairs. Changes are applied in order; each one only if it is
+# newer than the record (attempt first, then seq). Returns the number applied, or -1 when
+# the attempt is stale (a newer attempt took the service over: the caller must not
+# acknowledge its entry).
+RECORD_LUA = """
+local cur_attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+local cur_seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local attempt = tonumber(ARGV[2])
+if attempt < cur_attempt then return -1 end
+local i = 6
+local applied = 0
+local evid = nil
+while i <= #ARGV do
+  local seq = tonumber(ARGV[i])
+  local n = tonumber(ARGV[i + 3])
+  if attempt > cur_attempt or seq > cur_seq then
+    evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[i + 1])
+    if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, i + 4, i + 3 + 2 * n)) end
+    local note = {id=ARGV[1], seq=seq}
+    if ARGV[i + 2] ~= '' then note['state'] = ARGV[i + 2] end
+    redis.call('PUBLISH', ARGV[3], cjson.encode(note))
+    cur_attempt = attempt
+    cur_seq = seq
+    applied = applied + 1
+  end
+  i = i + 4 + 2 * n
+end
+if applied > 0 then
+  redis.call('HSET', KEYS[1], 'attempt', cur_attempt, 'seq', cur_seq,
+    'event_id', cjson.encode(evid))
+  redis.call('ZADD', KEYS[3], 'NX', ARGV[5], ARGV[1])
+end
+return applied
+"""
+
+# Prepended to CLAIM_LUA. Extra ARGV: 10 max attempts, 11 reason, 12 node that lost it.
+# When the entry's service is mid-run (not queued, not final) under this very entry, its
+# attempt was lost: record that, and end the service as failed if no attempt is left.
+_LOST_PROLOGUE = """
+local pstate = redis.call('HGET', KEYS[1], 'state')
+if pstate then pstate = cjson.decode(pstate) end
+local pentry = redis.call('HGET', KEYS[1], 'entry')
+if pentry then pentry = cjson.decode(pentry) end
+local pfinals = {}
+for s in string.gmatch(ARGV[9], '[^,]+') do pfinals[s] = true end
+if pstate and not pfinals[pstate] and pstate ~= 'queued' and pentry == ARGV[5] then
+  local pattempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+  local pseq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
+  local ev = {seq=pseq, attempt=pattempt, ts=tonumber(ARGV[3]), state='lost', node=ARGV[12],
+              error=ARGV[11], lost_in=pstate}
+  local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
+  redis.call('HSET', KEYS[1], 'state', '"lost"', 'seq', pseq, 'lost_at', ARGV[3],
+    'lost_reason', cjson.encode(ARGV[11]), 'event_id', cjson.encode(evid))
+  redis.call('HINCRBY', KEYS[1], 'lost_count', 1)
+  redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=pseq, state='lost'}))
+  if pattempt >= tonumber(ARGV[10]) then
+    local fseq = pseq + 1
+    local err = 'lost: ' .. ARGV[11] .. '; no retries left (attempt ' .. pattempt .. ' of ' ..
+      ARGV[10] .. ')'
+    local fev = {seq=fseq, attempt=pattempt, ts=tonumber(ARGV[3]), state='failed',
+                 node=ARGV[12], error=err, failure='lost'}
+    local fevid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data',
+      cjson.encode(fev))
+    redis.call('HSET', KEYS[1], 'state', '"failed"', 'seq', fseq, 'failed_at', ARGV[3],
+      'finished_at', ARGV[3], 'error', cjson.encode(err), 'failure', '"lost"',
+      'event_id', cjson.encode(fevid))
+    redis.call('HDEL', KEYS[4], ARGV[1])
+    redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=fseq, state='failed'}))
+    return {'failed', 'failed', pattempt, fseq, ''}
+  end
+end
+"""
+RECLAIM_LUA = _LOST_PROLOGUE + CLAIM_LUA
+
+# KEYS: heartbeat of the dead node, submit stream | ARGV: group, dead consumer, taker, count
+# The heartbeat check and the claim are one atomic step: two takers never both get an entry,
+# and a node whose heartbeat is back is left alone. A dead consumer with nothing pending is
+# deleted (atomically, so no entry delivered to it meanwhile can be dropped).
+TAKEOVER_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {} end
+local pending = redis.call('XPENDING', KEYS[2], ARGV[1], '-', '+', ARGV[4], ARGV[2])
+if #pending == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[2], ARGV[1], ARGV[2])
+  return {}
+end
+local ids = {}
+for i, p in ipairs(pending) do ids[i] = p[1] end
+return redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[3], 0, unpack(ids))
+"""
+
+# KEYS: heartbeat | ARGV: value, token, ttl ms. 1: written; 0: the key holds another token.
+REFRESH_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, v = pcall(cjson.decode, cur)
+  if ok and type(v) == 'table' and v['token'] and v['token'] ~= ARGV[2] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: heartbeat | ARGV: value, expected current value ('' for none), ttl ms
+CAS_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if (not cur and ARGV[2] == '') or cur == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+# KEYS: heartbeat | ARGV: token. Deletes the key only if it is this core's.
+RELEASE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local ok, v = pcall(cjson.decode, cur)
+if ok and type(v) == 'table' and v['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: the node's counter | ARGV: the last number this process used
+# Returns the next number: one more than both the counter and the process's own.
+NEXT_NUMBER_LUA = """
+local n = redis.call('INCR', KEYS[1])
+local floor = tonumber(ARGV[1]) + 1
+if n < floor then
+  redis.call('SET', KEYS[1], floor)
+  n = floor
+end
+return n
+"""
+
+
+class Script:
+    """A Lua script called by its SHA1 (EVALSHA), so its text crosses the wire once."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def call(self, target: Any, keys: list[str], args: list[Any]) -> Any:
+        """Queue (on a pipeline) or run (on a client) the script."""
+        return target.evalsha(self.sha, len(keys), *keys, *args)
+
+    def run(self, client: redis.Redis, keys: list[str], args: list[Any]) -> Any:
+        """Run on a client; load the script first if Redis does not know it."""
+        try:
+            return self.call(client, keys, args)
+        except redis.exceptions.NoScriptError:
+            return client.eval(self.text, len(keys), *keys, *args)
+
+    def load(self, client: redis.Redis) -> None:
+        client.script_load(self.text)
+
+
+SUBMIT = Script(SUBMIT_LUA)
+CLAIM = Script(CLAIM_LUA)
+RECORD = Script(RECORD_LUA)
+CANCEL = Script(CANCEL_LUA)
+RECLAIM = Script(RECLAIM_LUA)
+SCRIPTS = (SUBMIT, CLAIM, RECORD, CANCEL, RECLAIM)
+
+
+def is_noscript(result: Any) -> bool:
+    return isinstance(result, redis.exceptions.NoScriptError)

@@ -1,0 +1,172 @@
+"""State records and events of services: the record, its fields, and the changes to it.
+
+A service's record is a Redis hash whose values are JSON texts (``"running"``, ``0.5``,
+``null`` ...); custom fields set by a handler are stored as ``f:<name>``. Every change
+also appends an event (the changed fields plus ``seq`` and ``ts``) to the service's
+event stream and publishes a short note on the notify channel.
+
+Each change carries the attempt number and a per-service sequence number. The record
+script applies a change only if it is newer than what is stored, so replaying a batch
+after a lost connection writes nothing twice, and a core that lost ownership of a
+service (an older attempt) cannot overwrite the newer attempt's record.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from soaf.protocol.keys import Keys
+
+
+class State(str, Enum):
+    """The lifecycle of a service; ``succeeded`` ... ``rejected`` are final."""
+
+    QUEUED = "queued"
+    BUILDING = "building"
+    PREPARING = "preparing"
+    RUNNING = "running"
+    RETRYING = "retrying"  # an attempt failed; the next one starts after a backoff
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    REJECTED = "rejected"
+    LOST = "lost"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINAL_STATES = frozenset(
+    {State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT, State.REJECTED}
+)
+FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
+#: Events kept per service (approximate; older ones are trimmed).
+EVENTS_MAXLEN = 1000
+
+FIELD_PREFIX = "f:"
+
+
+@dataclass
+class Change:
+    """One change of a service's record, as queued for the state writer."""
+
+    service_id: str
+    attempt: int
+    seq: int
+    values: dict[str, Any]
+    ts: float = field(default_factory=time.time)
+    ack: str | None = None  # stream entry to acknowledge once this change is written
+    #: Called from the writer thread once the change is in Redis, with True if it was
+    #: applied (or had been, by an earlier try) and False if a newer attempt fenced it out.
+    on_written: Callable[[bool], None] | None = field(default=None, repr=False)
+
+    def flat(self) -> list[Any]:
+        """This change's part of RECORD_LUA's ARGV (each value JSON-encoded once)."""
+        pairs: list[str] = []
+        parts = [f'"seq": {self.seq}, "attempt": {self.attempt}, "ts": {self.ts!r}']
+        for key, value in self.values.items():
+            encoded = json.dumps(value, default=str)
+            pairs += [key, encoded]
+            parts.append(f"{json.dumps(key)}: {encoded}")
+        state = self.values.get("state") or ""
+        return [self.seq, "{" + ", ".join(parts) + "}", state, len(pairs) // 2, *pairs]
+
+
+def record_call(keys: Keys, changes: list[Change]) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV for RECORD_LUA writing ``changes`` (one service, one attempt, in order)."""
+    first = changes[0]
+    args: list[Any] = [first.service_id, first.attempt, keys.notify, EVENTS_MAXLEN, first.ts]
+    for change in changes:
+        args += change.flat()
+    sid = first.service_id
+    return [keys.service(sid), keys.events(sid), keys.services], args
+
+
+@dataclass
+class ServiceRecord:
+    """A service's state record as read from Redis."""
+
+    service_id: str
+    state: str
+    service: str | None = None
+    attempt: int = 0
+    seq: int = 0
+    node: str | None = None
+    exit_code: int | None = None
+    progress: float | None = None
+    error: str | None = None
+    traceback: str | None = None
+    message: str | None = None
+    plugin_version: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_VALUES
+
+    @property
+    def ok(self) -> bool:
+        return self.state == State.SUCCEEDED.value
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        """What was staged into the work dir: name, source, size, files, mode."""
+        return list(self.raw.get("inputs") or [])
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        """The collected outputs: name, size, sha256 and, when uploaded, url."""
+        return list(self.raw.get("outputs") or [])
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Any stored field, e.g. ``record.get('running_at')``."""
+        return self.raw.get(name, default)
+
+    @classmethod
+    def from_hash(cls, service_id: str, data: dict[bytes, bytes]) -> ServiceRecord:
+        raw: dict[str, Any] = {}
+        custom: dict[str, Any] = {}
+        for k, v in data.items():
+            key = k.decode()
+            try:
+                value = json.loads(v)
+            except ValueError:
+                value = v.decode(errors="replace")
+            if key.startswith(FIELD_PREFIX):
+                custom[key[len(FIELD_PREFIX):]] = value
+            else:
+                raw[key] = value
+        return cls(
+            service_id=service_id,
+            state=raw.get("state") or "unknown",
+            service=raw.get("service"),
+            attempt=int(raw.get("attempt") or 0),
+            seq=int(raw.get("seq") or 0),
+            node=raw.get("node"),
+            exit_code=raw.get("exit_code"),
+            progress=raw.get("progress"),
+            error=raw.get("error"),
+            traceback=raw.get("traceback"),
+            message=raw.get("message"),
+            plugin_version=raw.get("plugin_version"),
+            fields=custom,
+            raw=raw,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.raw, "service_id": self.service_id, "fields": self.fields}
+
+
+def decode_event(data: dict[bytes, bytes]) -> dict[str, Any]:
+    """The JSON body of one event stream entry."""
+    try:
+        return json.loads(data[b"data"])
+    except (KeyError, ValueError):
+        return {}

@@ -1,0 +1,150 @@
+"""The watcher of one service: follows its program and calls its handler's callbacks.
+
+``watch`` runs in the service's own thread: ``before_watch_callback`` once, then
+``file_change_callback`` every ``watch_interval`` seconds and promptly when an entry is
+created, removed or renamed in any directory of the work dir, until the program exits.
+A callback that raises is recorded on the service and the watcher carries on; one that
+hangs is the supervisor's business (soaf.core.enforcer): stopping the program and
+recording its exit never wait for callbacks. ``after_watch_callback`` is the
+attempt's (soaf.run.attempt).
+
+Changes are noticed by comparing the modification times of the work dir's
+directories, a few ``stat`` calls per check. Unlike inotify this also works on
+network file systems, costs nothing for programs that finish quickly, and cannot be
+flooded by a program that writes a lot. The check runs every ``file_poll`` seconds
+after a change and less often (up to ``MAX_FILE_POLL``) while the dir stays quiet, so
+a thousand idle services do not keep the core busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from soaf.data.workdir import list_files
+from soaf.plugin.handler import STOP, WatcherHandler
+from soaf.plugin.service import Service
+from soaf.process.spawn import Process
+
+log = logging.getLogger(__name__)
+
+#: Shortest gap between two file_change_callback calls triggered by file changes.
+MIN_CALLBACK_GAP = 0.05
+#: Longest gap between two checks of a quiet work dir (the check interval grows from
+#: ``file_poll`` to this while nothing changes, and drops back at the first change).
+MAX_FILE_POLL = 1.0
+#: Longest sleep of a watcher between two looks at its program (a safety net: an exit
+#: wakes it at once).
+MAX_WAIT = 1.0
+
+
+def call_callback(service: Service, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one plugin callback; record (never raise) what it raises.
+
+    Returns what the callback returned, or ``FAILED`` if it raised."""
+    try:
+        return fn(*args)
+    except BaseException as e:  # SystemExit from a plugin must not end its thread silently
+        text = f"{name} raised {type(e).__name__}: {e}"
+        # The first error of a service is logged with its traceback; a callback that
+        # fails every interval does not flood the log (every one is on the record).
+        if service.callback_errors == 0:
+            log.warning("service %s: %s", service.service_id, text, exc_info=True)
+        else:
+            log.debug("service %s: %s (again)", service.service_id, text)
+        service.record_callback_error(text, traceback.format_exc())
+        return FAILED
+
+
+#: What ``call_callback`` returns when the callback raised.
+FAILED = object()
+
+
+class DirSignature:
+    """Modification times of a work dir's directories, to notice added/removed entries."""
+
+    def __init__(self, work_dir: str) -> None:
+        self.work_dir = work_dir
+        self.dirs: list[str] = [work_dir]
+        self.last = self._read()
+
+    def _read(self) -> tuple[int, ...]:
+        out = []
+        for path in self.dirs:
+            try:
+                out.append(os.stat(path).st_mtime_ns)
+            except OSError:
+                out.append(-1)
+        return tuple(out)
+
+    def update_dirs(self, files: list[str]) -> None:
+        """Also watch every directory that holds one of ``files``."""
+        subdirs = {f.rsplit("/", 1)[0] for f in files if "/" in f}
+        self.dirs = [self.work_dir, *(os.path.join(self.work_dir, d) for d in sorted(subdirs))]
+        self.last = self._read()
+
+    def changed(self) -> bool:
+        now = self._read()
+        if now != self.last:
+            self.last = now
+            return True
+        return False
+
+
+def watch(
+    handler: WatcherHandler,
+    service: Service,
+    process: Process,
+    call: Callable[..., Any],
+    *,
+    wake: threading.Event,
+    file_poll: float,
+) -> None:
+    """Follow ``process`` with the handler's callbacks until it exits.
+
+    Callbacks are made through ``call(name, fn, *args)`` (soaf.run.attempt), which lets the
+    supervisor see what is under way. ``wake`` is set when the program exits.
+    """
+    interval = float(service.template.watch_interval)
+    signature = DirSignature(str(service.work_dir)) if file_poll > 0 else None
+    poll = file_poll
+    call("before_watch_callback", call_callback, service, "before_watch_callback",
+         handler.before_watch_callback, service)
+    next_call = time.monotonic()  # the first file check right after before_watch_callback
+    last_call = float("-inf")
+    changed = False
+    while not process.exited.is_set():
+        now = time.monotonic()
+        if service.stop_requested.is_set():
+            wake.wait(MAX_WAIT)
+            wake.clear()
+            continue
+        if now >= next_call or (changed and now >= last_call + MIN_CALLBACK_GAP):
+            files = list_files(service.work_dir)
+            if signature is not None:
+                signature.update_dirs(files)
+            last_call, next_call, changed = now, now + interval, False
+            result = call("file_change_callback", call_callback, service,
+                          "file_change_callback", handler.file_change_callback, service, files)
+            if result is STOP:
+                service.stop()
+            continue
+        timeout = min(MAX_WAIT, next_call - now)
+        if signature is not None:
+            if changed:
+                timeout = min(timeout, max(0.0, last_call + MIN_CALLBACK_GAP - now))
+            else:
+                timeout = min(timeout, poll)
+        if wake.wait(max(timeout, 0.0)):
+            wake.clear()
+            continue
+        if signature is not None and not changed:
+            if signature.changed():
+                changed, poll = True, file_poll
+            else:
+                poll = min(poll * 1.5, max(file_poll, MAX_FILE_POLL))

@@ -1,0 +1,233 @@
+"""The journal of one service run: which lifecycle steps are done, so that a core that
+restarts after a crash resumes a run instead of guessing.
+
+The steps are ``built``, ``prepared``, ``running`` (with the program's identity: pid,
+start time, process group), ``exited`` (with how it ended) and ``collected``
+(``after_watch_callback`` has returned; with the final values). The journal is kept in
+two places:
+
+* in Redis, as the ``journal`` field of the service's record, written through the state
+  writer with the other changes of the step, so it is fenced by (attempt, seq) like
+  them; ``collected`` travels in the same write as the final state;
+* on the core's disk, in ``<work root>/.soaf-runs/<node>/<service id>.<attempt>.json``,
+  appended synchronously (one JSON line, one ``write``) at the two steps a crash must not
+  lose: ``running`` (who the program is) and ``collected`` (the callback has run); the
+  last complete line counts, so a line torn by a crash only loses that step. This copy
+  survives what the Redis copy may not: a crash while Redis was away and the writer
+  still held the changes. It is removed once the final state is in Redis.
+
+The shim's exit file lives next to it, one per attempt, at a path known in advance
+(``exit_path``): a program spawned just before a crash, before its journal was saved,
+is still found by that path on its command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from soaf.process.identity import ProcIdentity
+
+log = logging.getLogger(__name__)
+
+#: Directory under the work root that holds every node's run journals and exit files.
+RUNS_DIR = ".soaf-runs"
+STEPS = ("built", "prepared", "running", "exited", "collected")
+
+
+def runs_dir(work_root: Path, node: str) -> Path:
+    return Path(work_root) / RUNS_DIR / node
+
+
+def exit_path(work_root: Path, node: str, service_id: str, attempt: int) -> Path:
+    """Where the shim of this attempt writes the exit status."""
+    return runs_dir(work_root, node) / f"{service_id}.{attempt}.exit"
+
+
+def journal_path(work_root: Path, node: str, service_id: str, attempt: int) -> Path:
+    return runs_dir(work_root, node) / f"{service_id}.{attempt}.json"
+
+
+@dataclass
+class Journal:
+    """What is known about one attempt of one service."""
+
+    service_id: str
+    attempt: int
+    node: str
+    steps: list[str] = field(default_factory=list)
+    work_dir: str | None = None
+    exit_file: str | None = None
+    process: dict[str, Any] | None = None  # ProcIdentity.to_dict()
+    shimmed: bool = False
+    running_at: float | None = None
+    exit: dict[str, Any] | None = None  # returncode (None: unknown), wall_time ...
+    final: dict[str, Any] | None = None  # the final values, once collected
+    core: dict[str, Any] | None = None  # ProcIdentity of the core process that ran it
+
+    @property
+    def step(self) -> str | None:
+        return self.steps[-1] if self.steps else None
+
+    @property
+    def identity(self) -> ProcIdentity | None:
+        return ProcIdentity.from_dict(self.process) if self.process else None
+
+    def core_gone(self) -> bool:
+        """True if the core process that ran this attempt is verifiably dead (it ran on
+        this machine, and its pid now names no process or another one)."""
+        core = ProcIdentity.from_dict(self.core) if self.core else None
+        return core is not None and core.local and not core.alive()
+
+    def to_dict(self) -> dict[str, Any]:
+        # Not dataclasses.asdict: its deep copy would cost more than the whole step.
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Journal | None:
+        if not isinstance(data, dict):
+            return None
+        try:
+            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        except TypeError:
+            return None
+
+    def shared(self) -> dict[str, Any]:
+        """The part written to Redis: the steps and what identifies the program and its
+        end (the work dir and the final values are in the record already)."""
+        out: dict[str, Any] = {"attempt": self.attempt, "node": self.node,
+                               "steps": list(self.steps)}
+        for name in ("process", "shimmed", "running_at", "exit"):
+            value = getattr(self, name)
+            if value:
+                out[name] = value
+        return out
+
+
+_FIELDS = tuple(f.name for f in fields(Journal))
+
+
+def load(path: Path) -> Journal | None:
+    """The journal as of its last complete line, or None."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    for line in reversed(text.splitlines()):
+        try:
+            journal = Journal.from_dict(json.loads(line))
+        except ValueError:
+            continue
+        if journal is not None:
+            return journal
+    return None
+
+
+def local_journals(work_root: Path, node: str) -> list[tuple[Path, Journal]]:
+    """Every run journal a node left on this machine."""
+    out: list[tuple[Path, Journal]] = []
+    base = runs_dir(work_root, node)
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return out
+    for name in names:
+        if name.endswith(".json"):
+            journal = load(base / name)
+            if journal is not None:
+                out.append((base / name, journal))
+    return out
+
+
+def remove_files(path: Path, journal: Journal | None) -> None:
+    """Remove a journal file and its attempt's exit file; missing ones are fine."""
+    for p in (path, Path(journal.exit_file) if journal and journal.exit_file else None):
+        if p is not None:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot remove %s: %s", p, e)
+
+
+_SELF: dict[str, Any] = {}
+
+
+def _this_core() -> dict[str, Any] | None:
+    if _SELF.get("pid") != os.getpid():
+        me = ProcIdentity.of(os.getpid())
+        _SELF.clear()
+        _SELF.update(me.to_dict() if me else {"pid": os.getpid()})
+    return dict(_SELF) if "start_time" in _SELF else None
+
+
+class RunJournal:
+    """The journal of the run in progress: ``step()`` records a step and returns the values
+    to write to the record; steps from ``prepared`` on are saved to disk at once."""
+
+    def __init__(self, work_root: Path, node: str, service_id: str, attempt: int,
+                 work_dir: Path | None = None, *, journal: Journal | None = None) -> None:
+        self.path = journal_path(work_root, node, service_id, attempt)
+        self.data = journal or Journal(
+            service_id=service_id, attempt=attempt, node=node,
+            work_dir=str(work_dir) if work_dir else None,
+            exit_file=str(exit_path(work_root, node, service_id, attempt)),
+            core=_this_core(),
+        )
+        self.data.node = node
+        self.collected = False
+
+    @property
+    def exit_file(self) -> Path:
+        assert self.data.exit_file
+        return Path(self.data.exit_file)
+
+    def step(self, name: str, *, save: bool = False, **info: Any) -> dict[str, Any]:
+        """Record step ``name`` (with ``info`` fields); returns ``{"journal": ...}``.
+
+        With ``save`` the local file is written first; an OSError (disk full, not
+        writable) is raised to the caller.
+        """
+        assert name in STEPS, name
+        if name not in self.data.steps:
+            self.data.steps.append(name)
+        for key, value in info.items():
+            setattr(self.data, key, value)
+        if save:
+            self.save()
+        return {"journal": self.data.shared()}
+
+    def try_step(self, name: str, **info: Any) -> dict[str, Any]:
+        """``step(save=True)`` that logs instead of raising: once a program runs, a journal
+        that cannot be saved must not stop the run (Redis still gets the step)."""
+        try:
+            return self.step(name, save=True, **info)
+        except OSError as e:
+            log.warning("service %s: cannot save its journal (%s)", self.data.service_id, e)
+            return {"journal": self.data.shared()}
+
+    def finish(self, final: dict[str, Any]) -> dict[str, Any]:
+        """The journal values that go with the final state (``collected`` if the
+        after-watch callback returned), saved to disk first."""
+        if self.collected:
+            return self.try_step("collected", final=final)
+        return {"journal": self.data.shared()}
+
+    def save(self) -> None:
+        line = json.dumps(self.data.to_dict(), default=str) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except FileNotFoundError:  # the first run of this node here (or a wiped dir)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(line)
+
+    def remove(self) -> None:
+        """Remove this attempt's journal and exit file."""
+        remove_files(self.path, self.data)

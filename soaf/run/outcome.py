@@ -1,0 +1,76 @@
+"""Outcome: how one attempt of a service ended, and the classification of a program's end.
+
+The ``failure`` field tells failures apart at a glance (``FAILURES``); ``classify`` turns
+a program's exit, and why soaf stopped it if it did, into an Outcome.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from soaf.process.spawn import Exit
+from soaf.protocol.state import State
+
+#: The ``failure`` field of a failed or timed-out service: what went wrong, in one word.
+FAILURES = {
+    "exit_code": "the program exited with a code that is not a success code",
+    "signal": "the program was killed by a signal",
+    "timeout": "the program ran past its timeout and was stopped",
+    "memory": "the program used more memory than its limit and was killed",
+    "start": "the program could not be started (missing executable, permission, cwd)",
+    "plugin": "plugin code (build, prepare_input_file, command ...) raised",
+    "callback": "after_watch_callback raised or did not return in time",
+    "missing_outputs": "the program succeeded but did not write every ``output_files`` entry",
+    "exit_status": "the program ended while no core watched it, and left no exit status",
+    "lost": "the attempt was lost with its core and no retries were left",
+}
+#: Fraction of a memory limit that a SIGKILLed program must have reached for its death
+#: to be classified ``memory`` (the kernel's OOM killer, or a cgroup limit, killed it).
+MEMORY_NEAR = 0.9
+#: Not a final state: the core was stopped; the service is left for recovery.
+INTERRUPTED = "interrupted"
+
+
+@dataclass
+class Outcome:
+    """How one attempt ended."""
+
+    state: str
+    failure: str | None = None
+    error: str | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state, **self.values}
+        if self.failure is not None:
+            out["failure"] = self.failure
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+def classify(exit: Exit, reason: str | None, *, timeout: float | None, memory_kb: int | None,
+             rss_kb: int, success_codes: tuple[int, ...]) -> Outcome:
+    """The outcome of a program that ended with ``exit``; ``reason`` is why soaf stopped
+    it (``timed_out``, ``cancelled``, ``memory``, ``interrupted``) or None."""
+    if reason == INTERRUPTED:
+        return Outcome(INTERRUPTED, error="core stopped while it ran")
+    if reason == State.CANCELLED.value:
+        return Outcome(State.CANCELLED.value, error="cancelled while running")
+    if reason == State.TIMED_OUT.value:
+        how = " (SIGKILL after the grace period)" if exit.signal == "SIGKILL" else ""
+        return Outcome(State.TIMED_OUT.value, "timeout",
+                       f"ran past its timeout ({timeout or 0:g} s){how}")
+    if reason == "memory" or (
+        memory_kb and exit.signal == "SIGKILL" and exit.max_rss_kb >= MEMORY_NEAR * memory_kb
+    ):
+        used = max(rss_kb, exit.max_rss_kb)
+        return Outcome(State.FAILED.value, "memory",
+                       f"used {used / 1024:.0f} MiB, over its memory limit of "
+                       f"{(memory_kb or 0) / 1024:g} MiB; killed")
+    if exit.signal is not None:
+        return Outcome(State.FAILED.value, "signal", f"killed by {exit.signal}")
+    if exit.returncode not in success_codes:
+        return Outcome(State.FAILED.value, "exit_code", f"exited with code {exit.returncode}")
+    return Outcome(State.SUCCEEDED.value)
