@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import soaf
-from soaf import ServiceParamTemplate, retention
+from soaf import ServiceParamTemplate
+from soaf.data import retention
 from soaf.config import RetentionPolicy
 from tests.conftest import ROOT, wait_until
 from tests.dataservers import (  # noqa: F401  (fixtures)
