@@ -11,8 +11,8 @@ from pathlib import Path
 
 import soaf
 from soaf import ServiceParamTemplate
-from soaf.data import retention
 from soaf.config import RetentionPolicy
+from soaf.data import retention
 from tests.conftest import ROOT, wait_until
 from tests.dataservers import (  # noqa: F401  (fixtures)
     closed_port,
