@@ -17,9 +17,12 @@ import os
 import select
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from soaf.process.stop import GroupStop
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +147,30 @@ def wait_exit(identity: ProcIdentity, timeout: float) -> bool:
         os.close(fd)
 
 
+def signaller(identity: ProcIdentity) -> Callable[[int], bool]:
+    """A ``signal_group`` for GroupStop that signals the group of ``identity`` only while
+    its leader is verifiably that process (pid *and* start time)."""
+    def signal_group(sig: int) -> bool:
+        if not identity.same():
+            return False
+        try:
+            os.killpg(identity.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return signal_group
+
+
 def stop_group(identity: ProcIdentity, grace: float) -> bool:
-    """SIGTERM the verified process's group, SIGKILL it after ``grace``; False if it was
-    not (or no longer) that process, so nothing was signalled."""
+    """Stop the verified process's group (soaf.process.stop) and wait for its end; False
+    if it was not (or no longer) that process, so nothing was signalled."""
     if not identity.alive():
         return False
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(identity.pgid, signal.SIGTERM)
+    signal_group = signaller(identity)
+    stop = GroupStop(signal_group, describe=lambda: f"pid {identity.pid}")
+    stop.begin(grace)
     if not wait_exit(identity, grace):
-        if identity.same():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(identity.pgid, signal.SIGKILL)
+        stop.begin(0)  # the grace is over: SIGKILL
         wait_exit(identity, 5.0)
     # The leader is gone (or a zombie that still holds its pid and group id): whatever it
     # left in its group goes too, as when a core reaps its own child.

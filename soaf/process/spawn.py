@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soaf.errors import ProgramError
+from soaf.process.stop import GroupStop
 
 log = logging.getLogger(__name__)
 
@@ -253,9 +254,7 @@ class Process:
         self.exited = threading.Event()
         self._popen: subprocess.Popen[bytes] | None = None
         self._on_exit: list[Callable[[Exit], None]] = []
-        self._kill_at: float | None = None
-        #: The last signal soaf sent to stop the program (SIGTERM, or SIGKILL after the grace).
-        self.stopped_with: str | None = None
+        self._stop = GroupStop(self.signal_group, describe=lambda: f"pid {self.pid}")
 
     def on_exit(self, callback: Callable[[Exit], None]) -> None:
         """Call ``callback(exit)`` (from the reaper thread) when the program has ended,
@@ -341,35 +340,20 @@ class Process:
         return group_rss_kb(self.pid)
 
     def begin_stop(self, grace: float) -> None:
-        """Start stopping the group: SIGTERM now, SIGKILL once ``grace`` seconds have
-        passed (see ``tick``); at once when ``grace`` is 0 or a stop is already under way
-        and this one is more urgent. Never blocks."""
-        if self.exited.is_set():
-            return
-        kill_at = time.monotonic() + max(grace, 0.0)
-        if self._kill_at is None:
-            self._kill_at = kill_at
-            if grace > 0:
-                self._send("SIGTERM")
-        elif kill_at < self._kill_at:
-            self._kill_at = kill_at
-        self.tick()
+        """Start stopping the group (soaf.process.stop): SIGTERM now, SIGKILL once
+        ``grace`` seconds have passed (see ``tick``). Never blocks."""
+        if not self.exited.is_set():
+            self._stop.begin(grace)
 
     def tick(self) -> None:
         """Send the SIGKILL a stop has become due for."""
-        if self._kill_at is not None and time.monotonic() >= self._kill_at:
-            self._kill_at = float("inf")  # sent once
-            if self._send("SIGKILL"):
-                log.info("pid %s still running after SIGTERM; sent SIGKILL", self.pid)
+        self._stop.tick()
 
-    def _send(self, name: str) -> bool:
-        # Noted before it is sent: the exit it causes may be recorded at once.
-        before, self.stopped_with = self.stopped_with, name
-        if self.signal_group(signal.Signals[name]):
-            return True
-        self.stopped_with = before
-        return False
+    @property
+    def stopped_with(self) -> str | None:
+        """The last signal soaf sent to stop the program (SIGTERM, or SIGKILL after the grace)."""
+        return self._stop.stopped_with
 
     @property
     def stopping(self) -> bool:
-        return self._kill_at is not None
+        return self._stop.stopping

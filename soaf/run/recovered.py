@@ -21,20 +21,15 @@ that reason).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import select
 import signal
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from soaf.plugin.service import Service
-from soaf.process import shim
-from soaf.process.identity import ProcIdentity, pidfd_for, stop_group
+from soaf.process.adopted import AdoptedProcess
+from soaf.process.identity import ProcIdentity
 from soaf.process.spawn import Exit
 from soaf.protocol.state import ServiceRecord, State
 from soaf.run.attempt import STDERR, STDOUT, Attempt, Orphaned, PhaseError
@@ -44,93 +39,6 @@ from soaf.run.outcome import Outcome
 from soaf.run.service_run import ServiceRun
 
 log = logging.getLogger(__name__)
-
-
-class AdoptedProcess:
-    """A running program this core did not spawn, watched until it exits."""
-
-    def __init__(self, identity: ProcIdentity, *, exit_file: Path | None,
-                 running_at: float | None) -> None:
-        self.identity = identity
-        self.pid = identity.pid
-        self.exit_file = exit_file
-        self.running_at = running_at or time.time()
-        self.exit: Exit | None = None  # None after the exit: its status is unknown
-        self.exited = threading.Event()
-        self.stopped_with: str | None = None
-        self.argv: list[str] = []
-        self._kill_at: float | None = None
-        self._on_exit: list[Callable[[Exit | None], None]] = []
-
-    def on_exit(self, callback: Callable[[Exit | None], None]) -> None:
-        self._on_exit.append(callback)
-
-    def start(self) -> None:
-        threading.Thread(target=self._watch, name=f"soaf-adopted-{self.pid}", daemon=True).start()
-
-    def _watch(self) -> None:
-        fd = pidfd_for(self.identity)
-        if fd is not None:
-            try:
-                select.select([fd], [], [])  # a pidfd turns readable when the process exits
-            finally:
-                os.close(fd)
-        # Whatever the leader left in its group goes with it, as for a core's own child.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.identity.pgid, signal.SIGKILL)
-        code = shim.read_exit(self.exit_file) if self.exit_file is not None else None
-        if code is not None:
-            self.exit = Exit(returncode=code, wall_time=time.time() - self.running_at,
-                             cpu_time=0.0, max_rss_kb=0)
-        self.exited.set()
-        for callback in self._on_exit:
-            try:
-                callback(self.exit)
-            except Exception:
-                log.exception("on_exit callback failed for adopted pid %d", self.pid)
-
-    def signal_group(self, sig: int) -> bool:
-        """Signal the program's group if it is still verifiably the same process."""
-        if self.exited.is_set() or not self.identity.alive():
-            return False
-        try:
-            os.killpg(self.identity.pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-
-    def stop(self, grace: float) -> None:
-        if not self.exited.is_set():
-            stop_group(self.identity, grace)
-        self.exited.wait(grace + 5)
-
-    # What the core's supervisor uses to stop a program (as soaf.process.spawn.Process offers).
-
-    def begin_stop(self, grace: float) -> None:
-        """SIGTERM now, SIGKILL once ``grace`` seconds have passed (``tick``); never blocks."""
-        if self.exited.is_set():
-            return
-        kill_at = time.monotonic() + max(grace, 0.0)
-        if self._kill_at is None:
-            self._kill_at = kill_at
-            if grace > 0:
-                self._send("SIGTERM")
-        elif kill_at < self._kill_at:
-            self._kill_at = kill_at
-        self.tick()
-
-    def tick(self) -> None:
-        if self._kill_at is not None and time.monotonic() >= self._kill_at:
-            self._kill_at = float("inf")  # sent once
-            self._send("SIGKILL")
-
-    def _send(self, name: str) -> None:
-        before, self.stopped_with = self.stopped_with, name
-        if not self.signal_group(signal.Signals[name]):
-            self.stopped_with = before
-
-    def rss_kb(self) -> int:
-        return 0  # an adopted program's memory limit is not enforced
 
 
 class RecoveredRun(ServiceRun):

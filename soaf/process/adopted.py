@@ -1,0 +1,97 @@
+"""A running program this core did not spawn: one a killed core of this node left running.
+
+It is not this core's child, so it is watched through a pidfd (its exit status, which only
+a parent learns, is read from the shim's exit file, soaf.process.shim), and stopped the
+same way as a spawned program (soaf.process.stop), only ever after verifying pid and
+start time (soaf.process.identity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from soaf.process import shim
+from soaf.process.identity import ProcIdentity, pidfd_for, signaller, stop_group
+from soaf.process.spawn import Exit
+from soaf.process.stop import GroupStop
+
+log = logging.getLogger(__name__)
+
+
+class AdoptedProcess:
+    """A running program this core did not spawn, watched until it exits."""
+
+    def __init__(self, identity: ProcIdentity, *, exit_file: Path | None,
+                 running_at: float | None) -> None:
+        self.identity = identity
+        self.pid = identity.pid
+        self.exit_file = exit_file
+        self.running_at = running_at or time.time()
+        self.exit: Exit | None = None  # None after the exit: its status is unknown
+        self.exited = threading.Event()
+        self.argv: list[str] = []
+        self._on_exit: list[Callable[[Exit | None], None]] = []
+        self._stop = GroupStop(self.signal_group, describe=lambda: f"adopted pid {self.pid}")
+
+    def on_exit(self, callback: Callable[[Exit | None], None]) -> None:
+        self._on_exit.append(callback)
+
+    def start(self) -> None:
+        threading.Thread(target=self._watch, name=f"soaf-adopted-{self.pid}", daemon=True).start()
+
+    def _watch(self) -> None:
+        fd = pidfd_for(self.identity)
+        if fd is not None:
+            try:
+                select.select([fd], [], [])  # a pidfd turns readable when the process exits
+            finally:
+                os.close(fd)
+        # Whatever the leader left in its group goes with it, as for a core's own child.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.identity.pgid, signal.SIGKILL)
+        code = shim.read_exit(self.exit_file) if self.exit_file is not None else None
+        if code is not None:
+            self.exit = Exit(returncode=code, wall_time=time.time() - self.running_at,
+                             cpu_time=0.0, max_rss_kb=0)
+        self.exited.set()
+        for callback in self._on_exit:
+            try:
+                callback(self.exit)
+            except Exception:
+                log.exception("on_exit callback failed for adopted pid %d", self.pid)
+
+    def signal_group(self, sig: int) -> bool:
+        """Signal the program's group if it is still verifiably the same process."""
+        if self.exited.is_set() or not self.identity.alive():
+            return False
+        return signaller(self.identity)(sig)
+
+    def stop(self, grace: float) -> None:
+        """Stop the program and wait for its end (a blocking stop)."""
+        if not self.exited.is_set():
+            stop_group(self.identity, grace)
+        self.exited.wait(grace + 5)
+
+    # The non-blocking stop the core's limit enforcer drives, as for a spawned Process.
+
+    def begin_stop(self, grace: float) -> None:
+        if not self.exited.is_set():
+            self._stop.begin(grace)
+
+    def tick(self) -> None:
+        self._stop.tick()
+
+    @property
+    def stopped_with(self) -> str | None:
+        return self._stop.stopped_with
+
+    def rss_kb(self) -> int:
+        return 0  # an adopted program's memory limit is not enforced

@@ -1,0 +1,64 @@
+"""Stopping a program's process group: SIGTERM, a grace period, then SIGKILL.
+
+The one stop path for every program soaf stops: one it spawned (soaf.process.spawn), one a
+restarted core adopted (soaf.process.adopted), and a leftover of a dead core
+(``stop_group`` in soaf.process.identity). ``GroupStop`` never blocks: ``begin`` sends
+SIGTERM and schedules the SIGKILL, ``tick`` (called by the core's limit enforcer, or a
+waiting loop) sends it once it is due. Signals go through the caller's ``signal_group``,
+which signals only a group it has verified as its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class GroupStop:
+    """The stop of one process group, from the first SIGTERM to the SIGKILL."""
+
+    def __init__(self, signal_group: Callable[[int], bool], *,
+                 describe: Callable[[], str] = lambda: "program",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._signal_group = signal_group
+        self._describe = describe
+        self._clock = clock
+        self._kill_at: float | None = None
+        #: The last signal sent to stop the group (SIGTERM, or SIGKILL after the grace).
+        self.stopped_with: str | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._kill_at is not None
+
+    def begin(self, grace: float) -> None:
+        """SIGTERM now and SIGKILL once ``grace`` seconds have passed; SIGKILL at once when
+        ``grace`` is 0, or when a stop is under way and this one is more urgent."""
+        kill_at = self._clock() + max(grace, 0.0)
+        if self._kill_at is None:
+            self._kill_at = kill_at
+            if grace > 0:
+                self._send("SIGTERM")
+        elif kill_at < self._kill_at:
+            self._kill_at = kill_at
+        self.tick()
+
+    def tick(self) -> None:
+        """Send the SIGKILL that has become due (once)."""
+        if self._kill_at is not None and self._clock() >= self._kill_at:
+            self._kill_at = float("inf")  # sent once
+            termed = self.stopped_with == "SIGTERM"
+            if self._send("SIGKILL") and termed:
+                log.info("%s still running after SIGTERM; sent SIGKILL", self._describe())
+
+    def _send(self, name: str) -> bool:
+        # Noted before it is sent: the exit it causes may be recorded at once.
+        before, self.stopped_with = self.stopped_with, name
+        if self._signal_group(signal.Signals[name]):
+            return True
+        self.stopped_with = before
+        return False
