@@ -1,4 +1,4 @@
-"""Supervisor: the core's arbiter, one thread that enforces every running service's limits.
+"""LimitEnforcer: one thread of the core that enforces every running service's limits.
 
 Each service's own thread runs its plugin code inline (build, prepare_input_file, the
 handler's callbacks), which costs nothing extra, but a plugin may never return. So
@@ -13,7 +13,7 @@ the duties that must not wait for plugin code live here, for all services at onc
   attempt, and the stuck one is dropped when, if ever, its call returns.
 
 A program's exit is recorded by the reaper's exit callback, not by any of these
-threads. Each service decides what is due in ``ServiceRun.tick``.
+threads. Each service decides what is due in ``ServiceRun.tick`` (soaf.run.limits).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Protocol
+
+from soaf.run.ports import Supervised
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 0.2
 
 
-class Supervised(Protocol):
-    service_id: str
-
-    def tick(self, now: float) -> None: ...
-
-
-class Supervisor:
+class LimitEnforcer:
     """Calls ``tick(now)`` on every registered service every ``interval`` seconds, and
     at once after ``poke()`` (a cancel, a core stop)."""
 
@@ -45,7 +40,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self._poked = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="soaf-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="soaf-enforcer", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

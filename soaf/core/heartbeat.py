@@ -28,18 +28,19 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
+from soaf.config import Settings
 from soaf.errors import NodeInUse
 from soaf.process.identity import ProcIdentity, boot_id, host_name
+from soaf.protocol.keys import Keys
 from soaf.protocol.scripts import CAS_LUA, REFRESH_LUA, RELEASE_LUA
-
-if TYPE_CHECKING:
-    from soaf.core.daemon import Core
-    from soaf.run.service_run import ServiceRun
+from soaf.run.service_run import ServiceRun
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,22 @@ def refresh(client: redis.Redis | Any, key: str, value: str, token: str, ttl: fl
 class Heartbeat:
     """The heartbeat thread of one core (``loop``) and what it learns on each beat."""
 
-    def __init__(self, core: Core) -> None:
-        self.core = core
+    def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, identity: Identity,
+                 *, info: Callable[[], dict[str, Any]], runs: Callable[[], list[ServiceRun]],
+                 cancel: Callable[[str], bool], on_replaced: Callable[[], None],
+                 after_beat: Callable[[], None], stopping: threading.Event,
+                 revive: Callable[[], Any] | None = None) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.identity = identity
+        self.info = info
+        self.runs = runs
+        self.cancel = cancel
+        self.on_replaced = on_replaced
+        self.after_beat = after_beat
+        self.stopping = stopping
+        self.revive = revive
         #: Monotonic time since which beats have succeeded without a failure (None: the
         #: last one failed). Takeovers wait until this has lasted a whole TTL.
         self.connected_since: float | None = None
@@ -144,8 +159,8 @@ class Heartbeat:
         self.last_ok: float | None = None
 
     def loop(self) -> None:
-        core = self.core
-        while not core.stopping or core.running():
+        """Beat every heartbeat interval until the core stops and its runs have ended."""
+        while not self.stopping.is_set() or self.runs():
             try:
                 sent = time.monotonic()
                 self.beat()
@@ -155,20 +170,20 @@ class Heartbeat:
             except redis.RedisError as e:
                 self.connected_since = self.last_ok = None
                 log.debug("heartbeat failed: %s", e)
-                if core.embedded is not None:
+                if self.revive is not None:
                     try:
-                        core.embedded.revive()
+                        self.revive()
                     except Exception:
                         log.exception("cannot restart the embedded Redis")
-            core.wait_stopping(core.settings.heartbeat_interval)
+            self.stopping.wait(self.settings.heartbeat_interval)
 
     def beat(self) -> None:
-        core, s, keys = self.core, self.core.settings, self.core.keys
-        runs = core.current_runs()
-        pipe = core.redis.pipeline(transaction=False)
+        s, keys = self.settings, self.keys
+        runs = self.runs()
+        pipe = self.client.pipeline(transaction=False)
         if not self.replaced:
-            refresh(pipe, keys.node(s.node), json.dumps(core.node_info()),
-                    core.identity.token, s.heartbeat_ttl)
+            refresh(pipe, keys.node(s.node), json.dumps(self.info()), self.identity.token,
+                    s.heartbeat_ttl)
         pipe.sadd(keys.nodes, s.node)
         if s.record_ttl > 0:  # ids whose records have expired
             pipe.zremrangebyscore(keys.services, "-inf", time.time() - s.record_ttl)
@@ -178,8 +193,7 @@ class Heartbeat:
         for run in runs:
             pipe.hget(keys.service(run.service_id), "attempt")
         results = pipe.execute()
-        if core.versions is not None:
-            core.versions.publish(core.loader)
+        self.after_beat()
         if not self.replaced and results[0] == 0:
             self._taken()
         if not runs:
@@ -188,9 +202,9 @@ class Heartbeat:
         cancels = results[len(results) - len(runs) - 1]
         for run, cancel, attempt in zip(runs, cancels, attempts):
             if attempt is not None and int(attempt) > run.attempt:
-                self.superseded(run, int(attempt))
+                run.supersede(int(attempt))
             elif cancel is not None:
-                core.cancel_local(run.service_id)
+                self.cancel(run.service_id)
 
     def still_current(self, run: ServiceRun) -> bool:
         """False if a newer attempt of the run's service exists.
@@ -201,42 +215,31 @@ class Heartbeat:
         asked; when it cannot be, True: see docs/delivery.md (partitions).
         """
         last = self.last_ok
-        if last is not None and time.monotonic() - last < self.core.settings.heartbeat_ttl / 2:
+        if last is not None and time.monotonic() - last < self.settings.heartbeat_ttl / 2:
             return not run.superseded
         try:
-            attempt = self.core.redis.hget(self.core.keys.service(run.service_id), "attempt")
+            attempt = self.client.hget(self.keys.service(run.service_id), "attempt")
         except redis.RedisError:
             return True
         if attempt is not None and int(attempt) > run.attempt:
-            self.superseded(run, int(attempt))
+            run.supersede(int(attempt))
             return False
         return True
-
-    def superseded(self, run: ServiceRun, attempt: int) -> None:
-        """A newer attempt of this run's service exists: another core took it over while
-        this one could not renew its heartbeat. Stop the program; write nothing more."""
-        if run.superseded:
-            return
-        log.error("service %s: attempt %d was taken over by attempt %d elsewhere (this core "
-                  "missed its heartbeats); stopping its program", run.service_id,
-                  run.attempt, attempt)
-        run.superseded = True
-        run.cancel()
 
     def _taken(self) -> None:
         """Another core holds this node's heartbeat: it started under the same name after
         this core's heartbeat had expired. Take no more work and stop."""
         self.replaced = True
         log.error("another core has taken node name %s over (this core's heartbeat had "
-                  "expired); stopping", self.core.settings.node)
-        self.core.request_stop()
+                  "expired); stopping", self.settings.node)
+        self.on_replaced()
 
     def release(self) -> None:
         """Delete the heartbeat key at a clean stop, if it is still this core's."""
         if self.replaced:
             return
         try:
-            self.core.redis.eval(RELEASE_LUA, 1, self.core.keys.node(self.core.settings.node),
-                                 self.core.identity.token)
+            self.client.eval(RELEASE_LUA, 1, self.keys.node(self.settings.node),
+                             self.identity.token)
         except redis.RedisError:
             pass

@@ -1,4 +1,4 @@
-"""Turn one submit-stream entry into a validated template, or a precise refusal.
+"""The gate of the core: turn submit-stream entries into validated templates, or refuse them.
 
 Nothing in an entry is trusted until its signature checks out: a payload that fails
 the size or signature check is never unpickled. The refusal says whether the
@@ -7,17 +7,25 @@ submitter can be told (a readable service id) or the entry goes to the dead lett
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import redis
 
 from soaf.data.workdir import work_dir_for
 from soaf.errors import DecodeError, SoafError, ValidationError
 from soaf.plugin.loader import Registry
 from soaf.protocol.codec import describe_exception, loads
-from soaf.protocol.keys import ID_FIELD, PAYLOAD_FIELD
+from soaf.protocol.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
+from soaf.protocol.state import Change, State
 from soaf.protocol.template import ServiceParamTemplate, validate_template
+
+log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -101,3 +109,72 @@ def decode_entry(
                       service, trusted=True) from e
     return template
 
+
+
+#: Dead letters kept (approximate).
+DEADLETTER_MAXLEN = 10_000
+
+Entry = tuple[str, dict[bytes, bytes]]
+
+
+class Gate:
+    """Decodes batches of entries for the core: the good ones are returned, each refusal
+    is recorded where its submitter sees it (the service's record, when its id can be
+    trusted) or dead-lettered, and its entry acknowledged."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, secrets: Sequence[str],
+                 max_payload: int, work_root: Path, node: str, put: Callable[[Change], None],
+                 registry: Callable[[], Registry | None]) -> None:
+        self.client = client
+        self.keys = keys
+        self.secrets = secrets
+        self.max_payload = max_payload
+        self.work_root = work_root
+        self.node = node
+        self.put = put
+        self.registry = registry
+
+    def decode(self, entries: list[Entry]) -> tuple[list[tuple[str, ServiceParamTemplate]],
+                                                      Registry | None]:
+        """The entries that decode, with the plugin generation they were checked against."""
+        registry = self.registry()
+        accepted: list[tuple[str, ServiceParamTemplate]] = []
+        for entry_id, fields in entries:
+            try:
+                template = decode_entry(fields, secrets=self.secrets, max_payload=self.max_payload,
+                                        registry=registry, work_root=self.work_root)
+            except Refusal as refusal:
+                self.refuse(entry_id, fields, refusal)
+                continue
+            accepted.append((entry_id, template))
+        return accepted, registry
+
+    def refuse(self, entry_id: str, fields: dict[bytes, bytes], refusal: Refusal) -> None:
+        log.warning("refused entry %s: %s", entry_id, refusal.reason)
+        if refusal.service_id is not None:
+            now = time.time()
+            values: dict[str, Any] = {
+                "state": State.REJECTED.value, "error": refusal.reason, "rejected_at": now,
+                "finished_at": now, "service_id": refusal.service_id, "node": self.node,
+            }
+            if refusal.service:
+                values["service"] = refusal.service
+            # Attempt 0, seq 2: applies only over a fresh 'queued' record (or none), so a
+            # refusal never overwrites a service that is already running elsewhere.
+            self.put(Change(refusal.service_id, 0, 2, values, ack=entry_id))
+            if refusal.trusted:
+                return
+        payload = fields.get(PAYLOAD_FIELD.encode(), b"")
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(self.keys.deadletter, {
+            "entry": entry_id,
+            "reason": refusal.reason,
+            "id": fields.get(ID_FIELD.encode(), b"")[:200],
+            "size": len(payload),
+            "preview": payload[:64].hex(),
+            "node": self.node,
+            "ts": time.time(),
+        }, maxlen=DEADLETTER_MAXLEN, approximate=True)
+        pipe.xack(self.keys.submit, GROUP, entry_id)
+        pipe.xdel(self.keys.submit, entry_id)
+        pipe.execute()

@@ -17,48 +17,52 @@ ways:
   (after verifying pid and start time); on another machine they are stopped by that
   node's core when it restarts. The attempt is marked ``lost``.
 
-A ``lost`` attempt is followed by a new attempt, unless the service's retries are used
-up: then it ends ``failed`` with the reason (one script writes both, so an attempt never
-gets two final states).
+A ``lost`` attempt is followed by a new attempt, unless the service's attempts are used
+up (soaf.run.policy, the same rule as for retries): then it ends ``failed`` with the
+reason (one script writes both, so an attempt never gets two final states).
+
+Recovery never sees the core: it decodes entries through the gate (soaf.core.intake) and
+starts runs through the launcher (soaf.core.launcher), like the intake loop does.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 
+from soaf.config import Settings
+from soaf.core.intake import Entry, Gate
+from soaf.core.launcher import Launcher, RunTable
 from soaf.plugin.loader import Registry
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity, find_by_marker, started_ago, stop_group
-from soaf.protocol.keys import GROUP
+from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.scripts import RECLAIM, TAKEOVER_LUA
-from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord
+from soaf.protocol.state import ServiceRecord
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run.journal import Journal, exit_path, journal_path, load, local_journals, remove_files
+from soaf.run.policy import policy_for
 from soaf.run.recovered import RecoveredRun
 from soaf.run.service_run import Claim, ServiceRun
-
-if TYPE_CHECKING:
-    from soaf.core.daemon import Core
 
 log = logging.getLogger(__name__)
 
 
-
 def max_attempts(template: ServiceParamTemplate, registry: Registry | None) -> int:
-    """1 + the retries of the template (or, if it sets none, of its service)."""
-    retries = template.retries
-    if not retries and registry is not None:
+    """Attempts the program's failures may use (soaf.run.policy, as for any run)."""
+    program = None
+    if registry is not None:
         try:
-            retries = int(getattr(registry.program(template.service), "retries", 0) or 0)
-        except Exception:
-            retries = 0
-    return 1 + max(0, int(retries))
+            program = registry.program(template.service)
+        except Exception:  # the service left the plugins: the template's values alone
+            program = None
+    return policy_for(template, program).max_attempts
 
 
 def take_over(client: redis.Redis, heartbeat_key: str, stream: str, dead: str, taker: str,
@@ -79,9 +83,21 @@ def take_over(client: redis.Redis, heartbeat_key: str, stream: str, dead: str, t
 class Recovery:
     """The recovery duties of one core (restart and takeover)."""
 
-    def __init__(self, core: Core) -> None:
-        self.core = core
-        self.node = core.settings.node
+    def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, *,
+                 launcher: Launcher, gate: Gate, runs: RunTable,
+                 connected_since: Callable[[], float | None], connected: Callable[[], bool],
+                 registry: Callable[[], Registry | None], stopping: threading.Event) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.launcher = launcher
+        self.gate = gate
+        self.runs = runs
+        self.connected_since = connected_since
+        self.connected = connected
+        self.registry = registry
+        self.stopping = stopping
+        self.node = settings.node
         self.taken_over = 0
 
     # -- restart ----------------------------------------------------------------------------
@@ -99,16 +115,25 @@ class Recovery:
                 reason: str) -> None:
         gone = [entry_id for entry_id, fields in entries if fields is None]
         if gone:  # no longer in the stream (finished and deleted): nothing to do
-            self.core.finish_entries(gone)
-        present = [(entry_id, fields) for entry_id, fields in entries if fields is not None]
+            self.launcher.finish_entries(gone)
+        present: list[Entry] = [(e, fields) for e, fields in entries if fields is not None]
         if present:
-            self.core.accept(present, previous=previous, reason=reason)
+            accepted, registry = self.gate.decode(present)
+            if accepted:
+                assert registry is not None
+                self.recover_all(accepted, registry, previous, reason)
+
+    def recover_all(self, accepted: list[tuple[str, ServiceParamTemplate]], registry: Registry,
+                    previous: str, reason: str) -> None:
+        """Go on with decoded entries that ``previous`` had (see ``recover``)."""
+        for entry_id, template in accepted:
+            self.recover(entry_id, template, registry, previous, reason)
 
     def _own_entries(self) -> list[tuple[str, dict[bytes, bytes] | None]]:
         found: list[tuple[str, dict[bytes, bytes] | None]] = []
         start = "0"
         while True:
-            resp = self.core.redis.xreadgroup(GROUP, self.node, {self.core.keys.submit: start},
+            resp = self.client.xreadgroup(GROUP, self.node, {self.keys.submit: start},
                                               count=100)
             batch = resp[0][1] if resp else []
             if not batch:
@@ -120,7 +145,7 @@ class Recovery:
     def _sweep(self, pending: set[str]) -> None:
         """Stop programs this node started for runs it no longer owns (taken over by another
         core meanwhile, or already final) and drop their journals."""
-        for path, journal in local_journals(self.core.settings.work_root, self.node):
+        for path, journal in local_journals(self.settings.work_root, self.node):
             record = self.record(journal.service_id)
             if (record is not None and not record.final and record.get("entry") in pending
                     and record.attempt == journal.attempt):
@@ -131,7 +156,7 @@ class Recovery:
     # -- one entry ----------------------------------------------------------------------------
 
     def record(self, service_id: str) -> ServiceRecord | None:
-        data = self.core.redis.hgetall(self.core.keys.service(service_id))
+        data = self.client.hgetall(self.keys.service(service_id))
         return ServiceRecord.from_hash(service_id, data) if data else None
 
     def recover(self, entry_id: str, template: ServiceParamTemplate, registry: Registry,
@@ -142,9 +167,9 @@ class Recovery:
         if (record is None or record.final or record.state == "queued"
                 or record.get("entry") != entry_id):
             # Not started, final, or a duplicate: the plain claim knows what to do.
-            self.core.claim_and_start([(entry_id, template)], registry)
+            self.launcher.claim_and_start([(entry_id, template)], registry)
             return
-        root = self.core.settings.work_root
+        root = self.settings.work_root
         path = journal_path(root, previous, sid, record.attempt)
         local = load(path)
         shared = Journal.from_dict(record.get("journal"))
@@ -154,14 +179,12 @@ class Recovery:
             service_id=sid, attempt=record.attempt, node=previous, steps=["prepared"],
             work_dir=record.get("work_dir"),
             exit_file=str(exit_path(root, previous, sid, record.attempt)))
-        if previous == self.node or (journal.final is not None and journal.core_gone()):
-            # This node's own attempt; or, from a dead core of this machine, an attempt
-            # whose after_watch_callback has run and only the final write was lost: the
-            # final is written as journaled, never running the callback again.
-            run = self._resume(entry_id, template, registry, record, journal)
-            if run is not None:
-                self.core.launch(run)
-                return
+        # This node's own attempt; or, from a dead core of this machine, an attempt whose
+        # after_watch_callback has run and only the final write was lost: the final is
+        # written as journaled, never running the callback again.
+        mine = previous == self.node or (journal.final is not None and journal.core_gone())
+        if mine and self._resume(entry_id, template, registry, record, journal):
+            return
         for candidate in (local, shared, journal):
             if candidate is not None:
                 self._stop_leftover(candidate, why="its attempt is lost")
@@ -172,32 +195,29 @@ class Recovery:
     def _reclaim(self, entry_id: str, template: ServiceParamTemplate, registry: Registry,
                  reason: str, previous: str) -> None:
         """Record the attempt in progress as lost and start a new one (or end it failed)."""
-        core, sid = self.core, template.service_id
-        keys = [core.keys.service(sid), core.keys.events(sid), core.keys.services,
-                core.keys.cancels]
-        args = [sid, template.service, time.time(), self.node, entry_id, core.keys.notify,
-                EVENTS_MAXLEN, json.dumps(registry.version), ",".join(FINAL_VALUES),
-                max_attempts(template, registry), reason, previous]
-        verdict, detail, attempt, seq, attempts = RECLAIM.run(core.redis, keys, args)
+        sid = template.service_id
+        keys, args = self.launcher.claim_args(entry_id, template, registry)
+        args += [max_attempts(template, registry), reason, previous]
+        reply = RECLAIM.run(self.client, keys, args)
+        verdict, detail = reply[0], reply[1]
         if verdict != b"run":
             log.warning("service %s: attempt lost (%s); %s", sid, reason,
                         "no retries left: failed" if verdict == b"failed"
                         else f"not run: {verdict.decode()} ({detail.decode()})")
-            core.finish_entries([entry_id])
+            self.launcher.finish_entries([entry_id])
             return
+        claim = Claim.from_reply(entry_id, reply)
         log.warning("service %s: attempt %d was lost (%s); running attempt %d", sid,
-                    int(attempt) - 1, reason, int(attempt))
-        core.launch(ServiceRun(
-            template, Claim(entry_id, int(attempt), int(seq), Claim.parse_attempts(attempts)),
-            **core.run_kwargs(registry)))
+                    claim.attempt - 1, reason, claim.attempt)
+        self.launcher.start(ServiceRun, template, claim, registry)
 
     def _resume(self, entry_id: str, template: ServiceParamTemplate, registry: Registry,
-                record: ServiceRecord, journal: Journal) -> RecoveredRun | None:
-        """A run that finishes ``journal``'s attempt here, or None if that cannot be done."""
+                record: ServiceRecord, journal: Journal) -> bool:
+        """Start a run that finishes ``journal``'s attempt here; False if that cannot be done."""
         kwargs: dict[str, Any] = {}
         if journal.final is None:
             if journal.work_dir is None or not Path(journal.work_dir).is_dir():
-                return None  # its callbacks would have nothing to look at
+                return False  # its callbacks would have nothing to look at
             identity = _identity(journal)
             if identity is not None and identity.alive():
                 kwargs["identity"] = identity
@@ -208,13 +228,14 @@ class Recovery:
                 # ran, or the shim died with it and how it ended is unknown: re-run then.
                 code = shim.read_exit(Path(journal.exit_file)) if journal.exit_file else None
                 if code is None:
-                    return None
+                    return False
                 kwargs["returncode"] = code
         earlier = record.get("attempts")
         earlier = [a for a in earlier if isinstance(a, dict)] if isinstance(earlier, list) else []
-        return RecoveredRun(template, Claim(entry_id, record.attempt, record.seq, earlier),
-                            previous=journal, record=record,
-                            **kwargs, **self.core.run_kwargs(registry))
+        self.launcher.start(RecoveredRun, template,
+                            Claim(entry_id, record.attempt, record.seq, earlier), registry,
+                            previous=journal, record=record, **kwargs)
+        return True
 
     def _stop_leftover(self, journal: Journal, *, why: str) -> None:
         identity = _identity(journal)
@@ -222,7 +243,7 @@ class Recovery:
             return
         log.warning("stopping the program of service %s attempt %d (pid %d): %s",
                     journal.service_id, journal.attempt, identity.pid, why)
-        stop_group(identity, self.core.settings.kill_grace)
+        stop_group(identity, self.settings.kill_grace)
 
     # -- takeover ----------------------------------------------------------------------------
 
@@ -230,24 +251,23 @@ class Recovery:
         """Only after a whole TTL of good heartbeats: after an outage of Redis (heartbeat
         keys expire meanwhile) every live core has had time to renew its own heartbeat
         before anyone is declared dead."""
-        since = self.core.heartbeat.connected_since
-        return (since is not None and self.core.writer.connected
-                and time.monotonic() - since >= self.core.settings.heartbeat_ttl)
+        since = self.connected_since()
+        return (since is not None and self.connected()
+                and time.monotonic() - since >= self.settings.heartbeat_ttl)
 
     def take_over_dead(self) -> int:
         """Take over entries of dead nodes, as many as this core has free slots for."""
-        if not self.may_take_over() or self.core.loader.current is None:
+        if not self.may_take_over() or self.registry() is None:
             return 0  # without plugins this core could not run what it took
-        core = self.core
-        free = core.settings.max_services - core.running()
+        free = self.settings.max_services - len(self.runs)
         if free <= 0:
             return 0
         moved = 0
-        for info in core.redis.xinfo_consumers(core.keys.submit, GROUP):
+        for info in self.client.xinfo_consumers(self.keys.submit, GROUP):
             name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
             if name == self.node or free <= 0:
                 continue
-            entries = take_over(core.redis, core.keys.node(name), core.keys.submit, name,
+            entries = take_over(self.client, self.keys.node(name), self.keys.submit, name,
                                 self.node, free)
             if not entries:
                 continue
@@ -261,15 +281,14 @@ class Recovery:
 
     def loop(self) -> None:
         """The takeover thread: look for dead nodes every heartbeat interval."""
-        core = self.core
-        while not core.stopping:
+        while not self.stopping.is_set():
             try:
                 self.take_over_dead()
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.debug("takeover check failed: %s", e)
             except Exception:
                 log.exception("takeover check failed")
-            core.wait_stopping(core.settings.heartbeat_interval)
+            self.stopping.wait(self.settings.heartbeat_interval)
 
 
 def _current(attempt: int, *journals: Journal | None) -> Journal | None:

@@ -1,23 +1,17 @@
-"""Run one external program: its own session, output to files, stop, reap. No Redis here.
+"""Spawn one external program: its own session, output to files, its exit. No Redis here.
 
-Each program starts in a session of its own, so stopping it signals its whole process
-group (a shell pipeline or forked workers included). One ``Reaper`` thread waits for
-every child through pidfds, so an exit is recorded the moment it happens, with its
-resource usage, whatever the service's callbacks are doing. The core is made a child
-subreaper, so a program's orphaned children become the core's children; the reaper
-kills what is left of a group when its leader exits and reaps those orphans too, so no
-process and no zombie outlives a service.
+Each program starts in a session of its own, so stopping it (soaf.process.stop) signals
+its whole process group (a shell pipeline or forked workers included). Its exit, with
+its resource usage, is recorded by the reaper (soaf.process.reaper) the moment it
+happens, whatever the service's callbacks are doing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import logging
 import os
 import resource
-import selectors
 import signal
 import subprocess
 import threading
@@ -27,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soaf.errors import ProgramError
+from soaf.process.reaper import Reaper
 from soaf.process.stop import GroupStop
 
 log = logging.getLogger(__name__)
@@ -35,30 +30,6 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL = 1.0
 _PR_SET_CHILD_SUBREAPER = 36
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def become_subreaper() -> bool:
-    """Make this process the reaper of its descendants' orphans (Linux); False if refused.
-
-    Without it, a program's forked children that outlive their parent are re-parented to
-    PID 1, which in a container often never reaps them (they stay zombies).
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def raise_open_files_limit() -> None:
-    """Each running service holds a pidfd and a few files: use the hard limit on open files."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as e:
-            log.debug("cannot raise the open files limit: %s", e)
 
 
 @dataclass(frozen=True)
@@ -82,132 +53,6 @@ class Exit:
             return signal.Signals(-self.returncode).name
         except ValueError:
             return f"signal {-self.returncode}"
-
-
-ExitCallback = Callable[[int, int, "resource.struct_rusage | None"], None]
-
-
-#: Seconds the reaper waits for a dead leader's SIGKILLed group members to be reapable.
-GROUP_REAP_WAIT = 0.2
-
-
-class Reaper:
-    """One thread that reaps every child it is told about (through pidfds), and the
-    orphans left in their process groups."""
-
-    def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
-        self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._pending: list[tuple[int, ExitCallback]] = []
-        self._live: set[int] = set()  # groups whose leader runs
-        self._dead: dict[int, float] = {}  # groups whose leader exited -> when
-        self._stopping = False
-        self.orphans_reaped = 0
-        self._thread = threading.Thread(target=self._run, name="soaf-reaper", daemon=True)
-        self._thread.start()
-
-    def watch(self, pid: int, callback: ExitCallback) -> None:
-        """Call ``callback(pid, status, rusage)`` from the reaper thread when ``pid`` exits.
-
-        ``pid`` must lead its own process group (``start_new_session``)."""
-        with self._lock:
-            self._pending.append((pid, callback))
-        self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"x")
-
-    def close(self) -> None:
-        self._stopping = True
-        self._wake()
-        self._thread.join(timeout=2)
-
-    def _run(self) -> None:
-        next_sweep = time.monotonic() + SWEEP_INTERVAL
-        while not self._stopping:
-            timeout = 0.1 if self._dead else SWEEP_INTERVAL
-            for key, _ in self._selector.select(timeout=timeout):
-                if key.data is None:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
-                    continue
-                pid, callback = key.data
-                if self._reap(pid, callback):
-                    self._selector.unregister(key.fd)
-                    os.close(key.fd)
-            with self._lock:
-                pending, self._pending = self._pending, []
-            for pid, callback in pending:
-                self._live.add(pid)
-                try:
-                    fd = os.pidfd_open(pid)
-                except ProcessLookupError:
-                    self._reap(pid, callback, block=True)
-                    continue
-                self._selector.register(fd, selectors.EVENT_READ, (pid, callback))
-            for pgid in list(self._dead):
-                self._sweep_dead(pgid)
-            if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + SWEEP_INTERVAL
-                for pgid in list(self._live):
-                    self._sweep_live(pgid)
-
-    def _reap(self, pid: int, callback: ExitCallback, *, block: bool = False) -> bool:
-        try:
-            got, status, usage = os.wait4(pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            got, status, usage = pid, 0, None
-        if got == 0:
-            return False
-        # Whatever the leader left behind in its group goes with it: no stray processes.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        self._live.discard(pid)
-        self._dead[pid] = time.monotonic()
-        # Reap the group's killed members now (a shimmed program is the leader's child),
-        # so none is left as a zombie once the exit is reported; stragglers are swept later.
-        until = time.monotonic() + GROUP_REAP_WAIT
-        while pid in self._dead and time.monotonic() < until:
-            self._sweep_dead(pid)
-            if pid in self._dead:
-                time.sleep(0.002)
-        try:
-            callback(pid, status, usage)
-        except Exception:
-            log.exception("exit callback for pid %d failed", pid)
-        return True
-
-    def _sweep_dead(self, pgid: int) -> None:
-        """Reap the killed members of a group whose leader is gone, until none is left."""
-        while True:
-            try:
-                info = os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG)
-            except ChildProcessError:
-                del self._dead[pgid]  # no child of ours left in that group
-                return
-            if info is None:
-                if time.monotonic() - self._dead[pgid] > 60:
-                    log.warning("process group %d still has members a minute after SIGKILL", pgid)
-                    del self._dead[pgid]
-                return
-            self.orphans_reaped += 1
-
-    def _sweep_live(self, pgid: int) -> None:
-        """Reap exited orphans inside a running program's group, never its leader."""
-        while True:
-            try:
-                info = os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return
-            if info is None or info.si_pid == pgid:
-                return  # the leader's exit is the pidfd's business
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(info.si_pid, 0)
-                self.orphans_reaped += 1
 
 
 def group_rss_kb(pid: int) -> int:

@@ -1,10 +1,12 @@
-"""The watcher of one service: follows its program and calls its handler's callbacks.
+"""The callback loop of one service: calls its handler's callbacks while its program runs.
 
-``watch`` runs in the service's own thread: ``before_watch_callback`` once, then
+(The handler is a ``WatcherHandler``, the plugin API's name; this loop watches files,
+not processes: the program's exit comes from the reaper.) ``callback_loop`` runs in the
+service's own thread: ``before_watch_callback`` once, then
 ``file_change_callback`` every ``watch_interval`` seconds and promptly when an entry is
 created, removed or renamed in any directory of the work dir, until the program exits.
-A callback that raises is recorded on the service and the watcher carries on; one that
-hangs is the supervisor's business (soaf.core.enforcer): stopping the program and
+A callback that raises is recorded on the service and the loop carries on; one that
+hangs is the limit enforcer's business (soaf.core.enforcer): stopping the program and
 recording its exit never wait for callbacks. ``after_watch_callback`` is the
 attempt's (soaf.run.attempt).
 
@@ -96,7 +98,7 @@ class DirSignature:
         return False
 
 
-def watch(
+def callback_loop(
     handler: WatcherHandler,
     service: Service,
     process: Process,
@@ -108,7 +110,7 @@ def watch(
     """Follow ``process`` with the handler's callbacks until it exits.
 
     Callbacks are made through ``call(name, fn, *args)`` (soaf.run.attempt), which lets the
-    supervisor see what is under way. ``wake`` is set when the program exits.
+    limit enforcer see what is under way. ``wake`` is set when the program exits.
     """
     interval = float(service.template.watch_interval)
     signature = DirSignature(str(service.work_dir)) if file_poll > 0 else None

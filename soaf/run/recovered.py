@@ -22,20 +22,19 @@ that reason).
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from soaf.plugin.service import Service
 from soaf.process.adopted import AdoptedProcess
 from soaf.process.identity import ProcIdentity
 from soaf.process.spawn import Exit
 from soaf.protocol.state import ServiceRecord, State
-from soaf.run.attempt import STDERR, STDOUT, Attempt, Orphaned, PhaseError
-from soaf.run.callbacks import watch
+from soaf.run.attempt import STDERR, STDOUT, Attempt
+from soaf.run.control import Orphaned
 from soaf.run.journal import Journal, RunJournal
 from soaf.run.outcome import Outcome
+from soaf.run.prepare import PhaseError, phase_failed
 from soaf.run.service_run import ServiceRun
 
 log = logging.getLogger(__name__)
@@ -67,9 +66,8 @@ class RecoveredRun(ServiceRun):
 
     def _attempts(self, resume: Any) -> dict[str, Any] | None:
         if resume is None and self.attempt == self.claim.attempt and self.previous.final is not None:
-            self._note()  # after_watch_callback has run: never call it again
-            assert self.journal is not None
-            self.journal.collected = True
+            self.note()  # after_watch_callback has run: never call it again
+            self.mark_collected()
             return {k: v for k, v in self.previous.final.items()
                     if k not in ("journal", "finished_at")}
         return super()._attempts(resume)
@@ -79,7 +77,7 @@ class RecoveredRun(ServiceRun):
             return RecoveredAttempt(self, self.attempt)
         return super().new_attempt()
 
-    def _note(self) -> None:
+    def note(self) -> None:
         """Start from the previous core's journal; say on the record what is done."""
         prev = self.previous
         self.journal = RunJournal(self.settings.work_root, self.settings.node, self.service_id,
@@ -100,113 +98,46 @@ class RecoveredRun(ServiceRun):
 
 class RecoveredAttempt(Attempt):
     """The attempt a killed core began: its program is adopted (or collected), then
-    ``after_watch_callback`` runs once, as in any attempt."""
+    ``after_watch_callback`` runs once, as in any attempt. It ends through the same path
+    as any attempt (``Attempt._follow``, ``record_exit``, ``_ended``)."""
 
-    run_: RecoveredRun
-    _exit: Exit | None = None  # a collected program's exit, as the journal or shim left it
+    adopted = True
+
+    def __init__(self, run: RecoveredRun, number: int) -> None:
+        super().__init__(run, number)
+        self.run_ = run
 
     def run(self) -> Outcome:
         run, prev = self.run_, self.run_.previous
-        run._note()
+        run.note()
         assert prev.work_dir is not None
         self.work_dir = Path(prev.work_dir)
-        self.service = Service(self.template, self.work_dir, attempt=self.number,
-                               node=self.settings.node, plugin_version=run.registry.version,
-                               emit=self.emit)
+        self.service = self._new_service()
         self.service.restore(run.record.fields, run.record.progress, run.record.message)
         try:
-            self.handler = self.call("handler", run.handler_cls)
+            self.handler = self.call("handler", run.plugin.handler_cls)
         except Orphaned:
             raise
         except BaseException as e:  # a plugin may raise SystemExit too
-            return self._phase_failed(PhaseError("handler", e))
+            return phase_failed(self.template.service_id, PhaseError("handler", e))
+        self.limits.set_handler(self.handler)
         if run.identity is not None:
             return self._after_watch(self._adopt(run.identity))
         code = run.returncode
-        self._exit = (Exit(returncode=code, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
-                      if code is not None else None)
+        self.collected_exit = (Exit(returncode=code, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
+                               if code is not None else None)
         self.record_exit()
-        return self._after_watch(self._recovered_outcome())
+        return self._after_watch(self._outcome())
 
     def _adopt(self, identity: ProcIdentity) -> Outcome:
-        run, prev = self.run_, self.run_.previous
-        assert self.work_dir is not None and self.service is not None
+        prev = self.run_.previous
+        assert self.work_dir is not None
         process = AdoptedProcess(
             identity, exit_file=Path(prev.exit_file) if prev.shimmed and prev.exit_file
             else None, running_at=prev.running_at)
-        process.on_exit(self._adopted_exit)
-        timeout = (self.template.timeout if self.template.timeout is not None
-                   else self.program_cls.timeout)
-        if timeout is not None:
-            ran = time.time() - (prev.running_at or time.time())
-            self._timeout = float(timeout)
-            self._deadline = time.monotonic() + max(0.0, float(timeout) - ran)
-        if run.keeper is not None:
-            self._logs = run.keeper.add(self.template.service_id, self.number, {
-                "stdout": self.work_dir / STDOUT, "stderr": self.work_dir / STDERR})
-        self.process = process  # type: ignore[assignment]  # the supervisor enforces limits
+        process.on_exit(self._exited)
+        self.limits.started(ran_for=time.time() - (prev.running_at or time.time()))
+        self._keep_logs(self.work_dir / STDOUT, self.work_dir / STDERR)
+        self.process = process  # from here on the enforcer enforces the limits
         process.start()
-        watch(self.handler, self.service, process, self.call,  # type: ignore[arg-type]
-              wake=run.wake, file_poll=self.settings.file_poll)
-        process.exited.wait()
-        return self._ended()
-
-    def _adopted_exit(self, exit: Exit | None) -> None:
-        self.exited_at = time.monotonic()
-        if self.service is not None and exit is not None:
-            self.service.exit = exit
-        with self.run_.lock:
-            busy = self.run_.in_call is not None
-        if busy:
-            self.record_exit()
-        self.run_.wake.set()
-
-    def _known_exit(self) -> Exit | None:
-        process = self.process
-        if process is not None:
-            return process.exit
-        return getattr(self, "_exit", None)
-
-    def record_exit(self, extra: dict[str, Any] | None = None) -> bool:
-        """How the program ended, once: only what a core that is not its parent can know
-        (no CPU time or peak memory; the status only if the shim left it)."""
-        if self.process is not None and not self.process.exited.is_set():
-            return False
-        with self._logs_lock:
-            if self._exit_recorded:
-                return False
-            self._exit_recorded = True
-        exit = self._known_exit()
-        values: dict[str, Any] = {"exited_at": time.time(), "cpu_time": None, "max_rss_kb": None,
-                                  "exit_status_known": exit is not None}
-        if exit is not None:
-            values.update(exit_code=exit.exit_code, signal=exit.signal,
-                          wall_time=round(exit.wall_time, 6))
-        process = self.process
-        if process is not None and process.stopped_with:
-            values["stopped_with"] = process.stopped_with
-        values.update(self.run_.journal_step("exited", exit={
-            "returncode": exit.returncode if exit else None,
-            "wall_time": values.get("wall_time")}))
-        self.emit({**values, **(extra or {})})
-        return True
-
-    def _ended(self) -> Outcome:
-        with self._logs_lock:
-            logs, self._logs = self._logs, None
-        stats: dict[str, Any] = {}
-        if logs is not None:
-            stats = self.run_.keeper.finish(logs)  # type: ignore[union-attr]
-        if not self.record_exit(stats) and stats:
-            self.emit(stats)
-        return self._recovered_outcome()
-
-    def _recovered_outcome(self) -> Outcome:
-        exit, reason = self._known_exit(), self.stop_reason
-        if exit is None and reason is None:
-            return Outcome(State.FAILED.value, "exit_status",
-                           "the program ended while its core was down and left no exit "
-                           "status (its shim was killed too)")
-        if exit is None:  # stopped for a reason; the reason decides the outcome
-            exit = Exit(returncode=-signal.SIGTERM, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
-        return self._classify(exit, reason)
+        return self._follow(process)

@@ -1,10 +1,9 @@
 """ServiceRun: one service from claim to final state, in a thread of its own.
 
-Its thread runs the plugin code inline. If that code hangs, the core's supervisor
-(``tick``, from soaf.core.enforcer) takes the run over: it bumps the run's generation and
-starts a new thread that finishes the attempt (``Attempt.resume``) and goes on with
-the run; the stuck thread finds, if its call ever returns, that it is no longer the
-owner (``Orphaned``) and ends.
+Its thread runs the plugin code inline. If that code hangs, the core's limit enforcer
+(``tick``, from soaf.core.enforcer) takes the run over (soaf.run.control): a new thread
+finishes the attempt (``Attempt.resume``) and goes on with the run; the stuck thread
+finds, if its call ever returns, that it is no longer the owner (``Orphaned``) and ends.
 
 A run is a series of attempts (soaf.run.attempt): the first, then, when the service opted
 into retries, one more after each failed or timed-out attempt, after a backoff, while
@@ -19,8 +18,8 @@ When the core stops without draining (``interrupt()``), the program is stopped b
 final state is written: the record goes back to ``queued`` and the stream entry stays
 unacknowledged, so the service is run again when a core recovers it.
 
-Data (docs/data.md): each attempt writes the run's marker (soaf/data/markers.py) when it
-takes its work dir; the run rewrites it with the final state and outputs when it ends.
+Data (docs/data.md): each attempt writes a run marker (soaf/data/markers.py) when it
+takes its work dir; the run rewrites the last one with the final state and outputs.
 ``soaf://`` inputs are resolved through ``lookup`` (another service's record).
 """
 
@@ -31,25 +30,22 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soaf.config import Settings
-from soaf.core.enforcer import Supervisor
-from soaf.core.logkeeper import LogKeeper
-from soaf.core.writer import StateWriter
 from soaf.data import markers
-from soaf.data.handoff import Lookup, resolve_ref
+from soaf.data.handoff import resolve_ref
 from soaf.errors import FetchError
 from soaf.plugin.loader import Registry
-from soaf.process.spawn import Reaper
 from soaf.protocol.state import Change, State
 from soaf.protocol.template import ServiceParamTemplate
-from soaf.run.attempt import Attempt, Orphaned
+from soaf.run.attempt import Attempt
+from soaf.run.control import CallGuard, Halt, Orphaned
 from soaf.run.journal import RunJournal
 from soaf.run.outcome import INTERRUPTED, Outcome
+from soaf.run.policy import RETRYABLE, policy_for
+from soaf.run.ports import Engines, PluginClasses
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +68,12 @@ class Claim:
     seq: int
     attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts' records
 
+    @classmethod
+    def from_reply(cls, entry_id: str, reply: Any) -> Claim:
+        """The claim a ``run`` verdict of the CLAIM (or RECLAIM) script describes."""
+        _verdict, _detail, attempt, seq, attempts = reply
+        return cls(entry_id, int(attempt), int(seq), cls.parse_attempts(attempts))
+
     @staticmethod
     def parse_attempts(raw: bytes | str) -> list[dict[str, Any]]:
         """The ``attempts`` field a claim returned (JSON text); [] when absent or bad."""
@@ -83,64 +85,42 @@ class Claim:
 
 
 class ServiceRun:
-    """Runs one service; ``start()`` spawns its thread, ``cancel()``/``interrupt()`` anytime."""
+    """Runs one service; ``start()`` spawns its thread, ``cancel()``/``interrupt()`` anytime.
 
-    def __init__(
-        self,
-        template: ServiceParamTemplate,
-        claim: Claim,
-        *,
-        registry: Registry,
-        settings: Settings,
-        writer: StateWriter,
-        reaper: Reaper,
-        on_done: Callable[[ServiceRun], None],
-        keeper: LogKeeper | None = None,
-        supervisor: Supervisor | None = None,
-        lookup: Lookup | None = None,
-    ) -> None:
+    Its attempts (soaf.run.attempt) see it only through the small ``AttemptHost``
+    interface: they report what they produce (changes, journal steps, their marker)
+    and never write into the run."""
+
+    def __init__(self, template: ServiceParamTemplate, claim: Claim, *, registry: Registry,
+                 engines: Engines) -> None:
         self.template = template
         self.claim = claim
-        self.registry = registry
-        self.settings = settings
-        self.writer = writer
-        self.reaper = reaper
-        self.keeper = keeper
-        self.supervisor = supervisor
-        self.on_done = on_done
-        self.lookup = lookup
-        #: The run marker, written by each attempt as it takes its work dir.
-        self.marker: markers.Marker | None = None
+        self.engines = engines
+        self.settings = engines.settings
         self.service_id = template.service_id
-        self.program_cls = registry.program(template.service)
-        self.handler_cls = registry.handler(template.service)
+        self.plugin = PluginClasses(program_cls=registry.program(template.service),
+                                    handler_cls=registry.handler(template.service),
+                                    version=registry.version)
+        self.policy = policy_for(template, self.plugin.program_cls)
         self.attempt = claim.attempt
         self.attempts: list[dict[str, Any]] = list(claim.attempts)
         self.current: Attempt | None = None
-        # Requests (plain flags: set once, read anywhere; ``wake`` tells the run's thread).
-        self.cancel_requested = False
-        self.interrupt_requested = False
-        self.force = False  # stop now: no grace period, no after_watch_callback
-        self.halt_at: float | None = None  # monotonic time of the first cancel/interrupt
-        self.wake = threading.Event()
-        # Which thread owns the run: a takeover bumps the generation; ``in_call`` is the
-        # plugin call under way in the owner thread: (name, monotonic start, attempt).
-        self.lock = threading.Lock()
-        self.generation = 0
-        self.in_call: tuple[str, float, Attempt] | None = None
+        enforcer = engines.enforcer
+        self.halt = Halt(on_halt=enforcer.poke if enforcer is not None else None)
+        self.guard = CallGuard()
         self._seq = claim.seq
         self._seq_lock = threading.Lock()
         self._closed = False
-        #: The journal (soaf.run.journal) of the attempt under way, from the moment its work dir
-        #: exists; each attempt starts its own.
+        #: The run marker of the last attempt that took a work dir.
+        self._marker: markers.Marker | None = None
+        #: The journal (soaf.run.journal) of the attempt under way, from the moment its
+        #: work dir exists; each attempt starts its own.
         self.journal: RunJournal | None = None
         #: Set when a newer attempt took this service over (this core was thought dead):
         #: the program is stopped, after_watch_callback is not called, writes are fenced.
         self.superseded = False
         #: Set once the final state is in Redis (or was fenced out by a newer attempt).
         self.final_written = threading.Event()
-        #: Asked before after_watch_callback: False if a newer attempt exists (set by the core).
-        self.still_current: Callable[[ServiceRun], bool] | None = None
         self.thread = threading.Thread(
             target=self._run, name=f"soaf-svc-{self.service_id[:12]}", daemon=True
         )
@@ -151,76 +131,64 @@ class ServiceRun:
         current = self.current
         return current.work_dir if current is not None else None
 
-    def resolve(self, ref: str) -> Path | str:
-        """Where a ``soaf://`` input is: a local path or the URL it was uploaded to."""
-        if self.lookup is None:
-            raise FetchError(ref, "this core cannot read other services' records")
-        return resolve_ref(ref, lookup=self.lookup, work_root=self.settings.work_root)
+    @property
+    def cancel_requested(self) -> bool:
+        return self.halt.cancel_requested
+
+    @property
+    def interrupt_requested(self) -> bool:
+        return self.halt.interrupt_requested
+
+    @property
+    def force(self) -> bool:
+        return self.halt.force
 
     def start(self) -> None:
-        if self.supervisor is not None:
-            self.supervisor.add(self)
+        if self.engines.enforcer is not None:
+            self.engines.enforcer.add(self)
         self.thread.start()
 
     def cancel(self) -> None:
         """Stop the service for good: it ends ``cancelled``."""
-        self.cancel_requested = True
-        self._halt()
+        self.halt.cancel()
 
     def interrupt(self, *, force: bool = False) -> None:
         """The core is stopping: stop the program, leave the service for recovery.
 
         With ``force``, waits for nothing (no grace period, no after_watch_callback)."""
-        if force:
-            self.force = True
-        self.interrupt_requested = True
-        self._halt()
+        self.halt.interrupt(force=force)
+
+    def supersede(self, attempt: int) -> None:
+        """A newer attempt (``attempt``) of this service exists: another core took it
+        over while this one could not renew its heartbeat. Stop the program; write
+        nothing more."""
+        if self.superseded:
+            return
+        log.error("service %s: attempt %d was taken over by attempt %d elsewhere (this core "
+                  "missed its heartbeats); stopping its program", self.service_id,
+                  self.attempt, attempt)
+        self.superseded = True
+        self.cancel()
+
+    # -- what an attempt asks of its run (AttemptHost) -------------------------------------
 
     @property
-    def halted(self) -> bool:
-        """A cancel or an interrupt came: the program must not start (or must stop)."""
-        return self.halt_at is not None
+    def last_state(self) -> str | None:
+        """How the previous attempt ended (None before the first one has)."""
+        return self.attempts[-1].get("state") if self.attempts else None
 
-    def _sleep(self, seconds: float) -> bool:
-        """Wait ``seconds``; True as soon as a cancel or interrupt comes instead."""
-        deadline = time.monotonic() + seconds
-        while not self.halted:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self.wake.wait(left)
-            self.wake.clear()
-        return True
+    def resolve(self, ref: str) -> Path | str:
+        """Where a ``soaf://`` input is: a local path or the URL it was uploaded to."""
+        if self.engines.lookup is None:
+            raise FetchError(ref, "this core cannot read other services' records")
+        return resolve_ref(ref, lookup=self.engines.lookup, work_root=self.settings.work_root)
 
-    def _halt(self) -> None:
-        if self.halt_at is None:
-            self.halt_at = time.monotonic()
-        self.wake.set()
-        if self.supervisor is not None:
-            self.supervisor.poke()
-
-    # -- supervision (the supervisor's thread) ------------------------------------------
-
-    def tick(self, now: float) -> None:
-        """Enforce the program's limits; take over from a thread stuck in plugin code."""
-        attempt = self.current
-        if attempt is not None:
-            attempt.enforce(now)
-        with self.lock:
-            if self.in_call is None:
-                return
-            name, started, stuck = self.in_call
-            deadline = stuck.deadline_for(name, started)
-            if deadline is None or now < deadline:
-                return
-            self.generation += 1
-            self.in_call = None
-        log.warning("service %s: %s has not returned; a new thread finishes attempt %d",
-                    self.service_id, name, stuck.number)
-        threading.Thread(target=self._run, kwargs={"resume": (stuck, name)}, daemon=True,
-                         name=f"soaf-svc-{self.service_id[:12]}-g{self.generation}").start()
-
-    # -- recording ----------------------------------------------------------------------
+    def still_current(self) -> bool:
+        """False once a newer attempt elsewhere has the service (then it is superseded)."""
+        check = self.engines.still_current
+        if not self.superseded and check is not None and not check(self):
+            self.superseded = True
+        return not self.superseded
 
     def emit(self, values: dict[str, Any], *, attempt: int | None = None,
              final: bool = False) -> None:
@@ -231,11 +199,49 @@ class ServiceRun:
                 log.debug("dropping a late change of %s: %s", self.service_id, list(values))
                 return
             self._seq += 1
-            self.writer.put(Change(self.service_id, self.attempt, self._seq, values,
-                                   ack=self.claim.entry_id if final else None,
-                                   on_written=self._final_written if final else None))
+            self.engines.writer.put(Change(self.service_id, self.attempt, self._seq, values,
+                                           ack=self.claim.entry_id if final else None,
+                                           on_written=self._final_written if final else None))
             if final:
                 self._closed = True
+
+    def new_journal(self, number: int, work_dir: Path | None) -> RunJournal:
+        """Start attempt ``number``'s journal; the last attempt's one is done with."""
+        if self.journal is not None and self.journal.data.attempt != number:
+            self.journal.remove()
+        self.journal = RunJournal(self.settings.work_root, self.settings.node, self.service_id,
+                                  number, work_dir)
+        return self.journal
+
+    def journal_step(self, step: str, *, save: bool = False, **info: Any) -> dict[str, Any]:
+        """Record ``step`` in the attempt's journal; the values to write with it."""
+        if self.journal is None:
+            return {}
+        return self.journal.try_step(step, **info) if save else self.journal.step(step, **info)
+
+    def mark_collected(self) -> None:
+        """after_watch_callback has run: a core that recovers the run never calls it again."""
+        if self.journal is not None:
+            self.journal.collected = True
+
+    # -- supervision (the limit enforcer's thread) ----------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Enforce the program's limits; take over from a thread stuck in plugin code."""
+        attempt = self.current
+        if attempt is not None:
+            attempt.enforce(now)
+        stuck = self.guard.take_over(
+            now, lambda name, started, owner: owner.deadline_for(name, started))
+        if stuck is None:
+            return
+        name, owner = stuck
+        log.warning("service %s: %s has not returned; a new thread finishes attempt %d",
+                    self.service_id, name, owner.number)
+        threading.Thread(target=self._run, kwargs={"resume": (owner, name)}, daemon=True,
+                         name=f"soaf-svc-{self.service_id[:12]}-g{self.guard.generation}").start()
+
+    # -- the run ------------------------------------------------------------------------
 
     @property
     def final_queued(self) -> bool:
@@ -246,22 +252,6 @@ class ServiceRun:
         if self.journal is not None:
             self.journal.remove()
         self.final_written.set()
-
-    def journal_step(self, step: str, *, save: bool = False, **info: Any) -> dict[str, Any]:
-        """Record ``step`` in the attempt's journal; the values to write with it."""
-        if self.journal is None:
-            return {}
-        return self.journal.try_step(step, **info) if save else self.journal.step(step, **info)
-
-    def new_journal(self, number: int, work_dir: Any) -> RunJournal:
-        """Start attempt ``number``'s journal; the last attempt's one is done with."""
-        if self.journal is not None and self.journal.data.attempt != number:
-            self.journal.remove()
-        self.journal = RunJournal(self.settings.work_root, self.settings.node, self.service_id,
-                                  number, work_dir)
-        return self.journal
-
-    # -- the run ------------------------------------------------------------------------
 
     def _run(self, resume: tuple[Attempt, str] | None = None) -> None:
         final: dict[str, Any] | None
@@ -286,10 +276,10 @@ class ServiceRun:
                 final.update(self.journal.finish(final))
             self.emit(final, final=True)
             log.info("service %s %s", self.service_id, final["state"])
-        if self.supervisor is not None:
-            self.supervisor.remove(self)
+        if self.engines.enforcer is not None:
+            self.engines.enforcer.remove(self)
         try:
-            self.on_done(self)
+            self.engines.on_done(self)
         except Exception:
             log.exception("on_done failed for %s", self.service_id)
 
@@ -305,11 +295,14 @@ class ServiceRun:
                 attempt = self.new_attempt()
                 self.current = attempt
                 outcome = attempt.run()
+            if attempt.marker is not None:
+                self._marker = attempt.marker
             if outcome.state == INTERRUPTED:
                 self._requeue(outcome)
                 return None
-            self.attempts.append(self._summary(attempt, outcome))
-            delay = self._retry_delay(outcome)
+            self.attempts.append(attempt.summary(outcome))
+            failed = sum(1 for a in self.attempts if a.get("state") in RETRYABLE)
+            delay = self.policy.retry_delay(outcome.state, outcome.failure, failed)
             if delay is None:
                 return {**outcome.fields(), "attempts": self.attempts}
             retry_at = time.time() + delay
@@ -318,8 +311,8 @@ class ServiceRun:
                        "attempts": self.attempts})
             log.info("service %s attempt %d %s (%s); retrying in %.1f s", self.service_id,
                      self.attempt, outcome.state, outcome.error, delay)
-            if self._sleep(delay):
-                if self.interrupt_requested:
+            if self.halt.sleep(delay):
+                if self.halt.interrupt_requested:
                     self._requeue(Outcome(INTERRUPTED, error="core stopped before a retry"))
                     return None
                 return {"state": State.CANCELLED.value, "attempts": self.attempts,
@@ -330,12 +323,12 @@ class ServiceRun:
     def _mark_finished(self, state: str) -> None:
         """Rewrite the run marker with the final state (an interrupted run keeps its
         ``running`` marker: the sweep counts it as abandoned once this core is gone)."""
-        if self.marker is None:
+        if self._marker is None:
             return
         service = self.current.service if self.current is not None else None
         outputs = [o["name"] for o in service.outputs] if service is not None else []
         try:
-            markers.mark_finished(self.marker, state, outputs)
+            markers.mark_finished(self._marker, state, outputs)
         except OSError:
             log.warning("cannot write the retention marker of %s", self.service_id, exc_info=True)
 
@@ -343,44 +336,11 @@ class ServiceRun:
         """The next attempt (soaf.run.recovered's RecoveredRun finishes one a killed core began)."""
         return Attempt(self, self.attempt)
 
-    def _retry_delay(self, outcome: Outcome) -> float | None:
-        """Seconds before the next attempt, or None when this outcome is final."""
-        if outcome.state not in (State.FAILED.value, State.TIMED_OUT.value):
-            return None
-        program = self.program_cls
-        if program.retry_on is not None and outcome.failure not in program.retry_on:
-            return None
-        retries = getattr(self.template, "retries", None)
-        if retries is None:
-            retries = program.retries
-        failed = sum(1 for a in self.attempts
-                     if a.get("state") in (State.FAILED.value, State.TIMED_OUT.value))
-        if failed > retries:
-            return None
-        base = getattr(self.template, "retry_backoff", None)
-        if base is None:
-            base = program.retry_backoff
-        return float(min(base * 2 ** (failed - 1), program.retry_backoff_max))
-
     def _begin_retry(self) -> None:
         values: dict[str, Any] = dict.fromkeys(ATTEMPT_FIELDS)
         values.update({"state": State.BUILDING.value, "building_at": time.time(),
-                       "node": self.settings.node, "plugin_version": self.registry.version})
+                       "node": self.settings.node, "plugin_version": self.plugin.version})
         self.emit(values)
-
-    def _summary(self, attempt: Attempt, outcome: Outcome) -> dict[str, Any]:
-        process = attempt.process
-        exit = process.exit if process is not None else None
-        summary: dict[str, Any] = {
-            "attempt": self.attempt, "state": outcome.state, "failure": outcome.failure,
-            "error": outcome.error, "node": self.settings.node,
-            "started_at": attempt.started_at, "ended_at": time.time(),
-            "work_dir": str(attempt.work_dir) if attempt.work_dir else None,
-        }
-        if exit is not None:
-            summary.update(exit_code=exit.exit_code, signal=exit.signal,
-                           wall_time=round(exit.wall_time, 6))
-        return summary
 
     def _requeue(self, outcome: Outcome) -> None:
         """Back to ``queued`` (no final state, entry not acknowledged): a core recovers it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from soaf.core.enforcer import Supervisor
+from soaf.core.enforcer import LimitEnforcer
 from tests.conftest import wait_until
 
 
@@ -23,7 +23,7 @@ class Ticked:
 
 
 def test_ticks_pokes_and_removal():
-    sup = Supervisor(interval=60)  # only pokes make it tick in this test
+    sup = LimitEnforcer(interval=60)  # only pokes make it tick in this test
     sup.start()
     try:
         good, bad = Ticked("good"), Ticked("bad", fail=True)
@@ -41,7 +41,7 @@ def test_ticks_pokes_and_removal():
 
 
 def test_ticks_every_interval():
-    sup = Supervisor(interval=0.05)
+    sup = LimitEnforcer(interval=0.05)
     run = Ticked("one")
     sup.add(run)
     sup.start()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from soaf.errors import ProgramError
-from soaf.process.spawn import Exit, Process, Reaper, group_rss_kb
+from soaf.process.reaper import Reaper
+from soaf.process.spawn import Exit, Process, group_rss_kb
 from tests.conftest import ROOT, wait_until
 
 
@@ -139,7 +140,8 @@ def test_orphans_are_killed_and_reaped(tmp_path):
         import os, sys, time
         from pathlib import Path
         sys.path.insert(0, {str(ROOT)!r})
-        from soaf.process.spawn import Process, Reaper, become_subreaper
+        from soaf.process.reaper import Reaper, become_subreaper
+        from soaf.process.spawn import Process
         assert become_subreaper()
         reaper = Reaper()
         tmp = Path({str(tmp_path)!r})
@@ -173,7 +175,7 @@ def test_open_files_limit_is_raised_to_the_hard_limit():
     script = textwrap.dedent(f"""
         import resource, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from soaf.process.spawn import raise_open_files_limit
+        from soaf.process.reaper import raise_open_files_limit
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
         raise_open_files_limit()

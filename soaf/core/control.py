@@ -1,0 +1,68 @@
+"""Control messages: what clients ask of running cores through the control stream.
+
+``cancel`` (a service by id) and ``reload`` (the plugins), each for every core or for the
+one named in ``node``. Messages are read from the newest one that existed when the core
+started (``Control.start_from``), so none sent after that is missed, however late the
+thread first reads. Unknown types are logged and skipped: an older core ignores what a
+newer client sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+
+from soaf.protocol.keys import Keys
+
+log = logging.getLogger(__name__)
+
+#: Milliseconds one read of the control stream blocks.
+READ_BLOCK_MS = 1000
+
+
+class Control:
+    """The control thread of one core (``loop``)."""
+
+    def __init__(self, blocking: redis.Redis, keys: Keys, node: str, *,
+                 cancel: Callable[[str], object], reload: Callable[[], object],
+                 stopping: threading.Event) -> None:
+        self.blocking = blocking
+        self.keys = keys
+        self.node = node
+        self.cancel = cancel
+        self.reload = reload
+        self.stopping = stopping
+        self.last = "0-0"
+
+    def start_from(self, client: redis.Redis) -> None:
+        """Read only messages newer than the newest one in the stream now."""
+        newest = client.xrevrange(self.keys.control, count=1)
+        self.last = newest[0][0].decode() if newest else "0-0"
+
+    def loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                resp = self.blocking.xread({self.keys.control: self.last}, count=100,
+                                           block=READ_BLOCK_MS)
+            except redis.RedisError:
+                self.stopping.wait(1.0)
+                continue
+            for _, messages in resp or []:
+                for raw_id, fields in messages:
+                    self.last = raw_id.decode()
+                    self.handle(fields)
+
+    def handle(self, fields: dict[bytes, bytes]) -> None:
+        kind = fields.get(b"type", b"").decode(errors="replace")
+        target = fields.get(b"node", b"").decode(errors="replace")
+        if target and target != self.node:
+            return
+        if kind == "cancel":
+            self.cancel(fields.get(b"id", b"").decode(errors="replace"))
+        elif kind == "reload":
+            self.reload()
+        else:
+            log.warning("unknown control message %r", kind)

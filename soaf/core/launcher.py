@@ -1,0 +1,170 @@
+"""Starting runs: claiming stream entries for an attempt, and the table of running services.
+
+The intake loop (soaf.core.daemon) and recovery (soaf.core.recovery) both start work here,
+so a run is built in exactly one place (``Launcher.start``) from one set of ``Engines``.
+``RunTable`` is the core's list of running services: the heartbeat reports it, the
+control listener cancels through it, and the intake loop reads only while it has free
+slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from soaf.config import Settings
+from soaf.plugin.loader import Registry
+from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.scripts import CLAIM, is_noscript
+from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES
+from soaf.protocol.template import ServiceParamTemplate
+from soaf.run.ports import Engines
+from soaf.run.service_run import Claim, ServiceRun
+
+log = logging.getLogger(__name__)
+
+
+class RunTable:
+    """The services this core runs now, and those whose final state is not in Redis yet."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, ServiceRun] = {}
+        #: Runs that have ended but whose final state is not in Redis yet, by entry id.
+        self._finishing: dict[str, ServiceRun] = {}
+        #: Set whenever a run ends (a slot is free).
+        self.slot_freed = threading.Event()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._runs)
+
+    def current(self) -> list[ServiceRun]:
+        with self._lock:
+            return list(self._runs.values())
+
+    def get(self, service_id: str) -> ServiceRun | None:
+        with self._lock:
+            return self._runs.get(service_id)
+
+    def add(self, run: ServiceRun) -> None:
+        with self._lock:
+            self._runs[run.service_id] = run
+
+    def done(self, run: ServiceRun) -> None:
+        """A run is over (its thread is about to end)."""
+        with self._lock:
+            self._runs.pop(run.service_id, None)
+            self._prune()
+            if run.final_queued and not run.final_written.is_set():
+                self._finishing[run.claim.entry_id] = run
+        self.slot_freed.set()
+
+    def entries(self) -> set[str]:
+        """Stream entries this core holds: running, or ended with the final not yet written
+        (those must not run again)."""
+        with self._lock:
+            self._prune()
+            return {run.claim.entry_id for run in self._runs.values()} | set(self._finishing)
+
+    def _prune(self) -> None:
+        self._finishing = {e: r for e, r in self._finishing.items()
+                           if not r.final_written.is_set()}
+
+    def work_dirs(self) -> set[Path]:
+        with self._lock:
+            return {run.work_dir for run in self._runs.values() if run.work_dir is not None}
+
+    def cancel(self, service_id: str) -> bool:
+        """Cancel a service running here; False if it does not run here."""
+        run = self.get(service_id)
+        if run is None:
+            return False
+        if not run.cancel_requested:
+            log.info("cancelling service %s", service_id)
+        run.cancel()
+        return True
+
+
+class Launcher:
+    """Claims entries for new attempts (the CLAIM script) and starts their runs."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, engines: Engines,
+                 runs: RunTable) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.runs = runs
+        self.engines = dataclasses.replace(engines, on_done=runs.done)
+
+    def start(self, run_type: type[ServiceRun], template: ServiceParamTemplate, claim: Claim,
+              registry: Registry, **extra: Any) -> ServiceRun:
+        """Build a run (a ServiceRun, or a subclass given ``extra``) and start it."""
+        run = run_type(template, claim, registry=registry, engines=self.engines, **extra)
+        self.runs.add(run)
+        run.start()
+        return run
+
+    def claim_args(self, entry_id: str, template: ServiceParamTemplate, registry: Registry
+                   ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the CLAIM script for one entry (RECLAIM adds to its ARGV)."""
+        sid = template.service_id
+        return ([self.keys.service(sid), self.keys.events(sid), self.keys.services,
+                 self.keys.cancels],
+                [sid, template.service, time.time(), self.settings.node, entry_id,
+                 self.keys.notify, EVENTS_MAXLEN, json.dumps(registry.version),
+                 ",".join(FINAL_VALUES)])
+
+    def claim_and_start(self, accepted: list[tuple[str, ServiceParamTemplate]],
+                        registry: Registry) -> None:
+        """Claim the entries' services for a new attempt (one round trip) and start them;
+        entries whose service is final or claimed under another entry are finished."""
+        calls = [self.claim_args(entry_id, template, registry) for entry_id, template in accepted]
+        results = self._claim(calls)
+        unclaimed: list[str] = []
+        ended: list[str] = []  # final without running (e.g. cancelled while queued)
+        for (entry_id, template), reply in zip(accepted, results):
+            verdict, detail = reply[0], reply[1]
+            if verdict != b"run":
+                log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id,
+                         verdict.decode(), detail.decode())
+                unclaimed.append(entry_id)
+                if verdict in (b"final", b"cancelled"):
+                    ended.append(template.service_id)
+                continue
+            self.start(ServiceRun, template, Claim.from_reply(entry_id, reply), registry)
+        if unclaimed:
+            self.finish_entries(unclaimed, ended=ended)
+
+    def _claim(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the CLAIM script for each call in one round trip; a claim that met an empty
+        script cache never ran, so only those are sent again, with the script loaded."""
+        pipe = self.client.pipeline(transaction=False)
+        for keys, args in calls:
+            CLAIM.call(pipe, keys, args)
+        results = pipe.execute(raise_on_error=False)
+        for i, result in enumerate(results):
+            if is_noscript(result):
+                results[i] = CLAIM.run(self.client, *calls[i])
+            elif isinstance(result, Exception):
+                raise result
+        return results
+
+    def finish_entries(self, entry_ids: list[str], *, ended: list[str] | None = None) -> None:
+        """Acknowledge and delete entries that need no (more) work; the records of the
+        services in ``ended`` (final without running) start to age."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xack(self.keys.submit, GROUP, *entry_ids)
+        pipe.xdel(self.keys.submit, *entry_ids)
+        ttl = int(self.settings.record_ttl)
+        for sid in (ended or []) if ttl > 0 else []:
+            for key in (self.keys.service(sid), self.keys.events(sid)):
+                pipe.expire(key, ttl)  # the record starts to age
+        pipe.execute()

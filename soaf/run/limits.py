@@ -1,0 +1,104 @@
+"""The limits of one attempt: when its program must stop, and how long a plugin call may take.
+
+The core's limit enforcer (soaf.core.enforcer) ticks every running service; each tick
+asks ``Limits.reason`` whether the program must stop now (the core stopping, a cancel,
+the timeout, the memory limit) and ``Limits.call_deadline`` whether the plugin call under
+way has overstayed, so the run is handed to a new thread. Nothing here waits for plugin
+code, and nothing here knows Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from soaf.config import Settings
+from soaf.protocol.state import State
+from soaf.run.control import Halt
+from soaf.run.outcome import INTERRUPTED
+from soaf.run.policy import Policy
+
+#: Seconds between two looks at the resident memory of a program that has a limit.
+MEMORY_CHECK_INTERVAL = 0.5
+#: Plugin calls made before the program starts.
+PREPARE_STEPS = ("handler", "program", "build", "prepare_input_file", "command",
+                 "environment", "working_dir")
+WATCH_CALLBACKS = ("before_watch_callback", "file_change_callback")
+AFTER = "after_watch_callback"
+#: The last plugin call of a successful attempt (it may upload: no callback budget).
+COLLECT = "collect_output_files"
+
+
+class Stoppable(Protocol):
+    """A running program as the limits see it (spawned or adopted)."""
+
+    def rss_kb(self) -> int: ...
+
+
+class Limits:
+    """Timeout, memory limit and stop requests of one attempt's program, and the time
+    budget of its plugin calls."""
+
+    def __init__(self, policy: Policy, halt: Halt, settings: Settings) -> None:
+        self.policy = policy
+        self.halt = halt
+        self.kill_grace = settings.kill_grace
+        self.callback_timeout = settings.callback_timeout
+        self.timeout: float | None = None  # set once the program runs
+        self.memory_kb = policy.max_memory_kb
+        self.rss_kb = 0  # the last resident memory seen
+        self.stop_reason: str | None = None
+        #: Seconds after_watch_callback may take (the handler's ``after_watch_timeout``).
+        self.after_budget = settings.callback_timeout
+        self._deadline: float | None = None
+        self._next_memory_check = 0.0
+
+    def started(self, *, ran_for: float = 0.0) -> None:
+        """The program runs (has run for ``ran_for`` seconds already): its timeout counts."""
+        if self.policy.timeout is not None:
+            self.timeout = self.policy.timeout
+            self._deadline = time.monotonic() + max(0.0, self.policy.timeout - ran_for)
+
+    def set_handler(self, handler: Any) -> None:
+        own = getattr(handler, "after_watch_timeout", None)
+        self.after_budget = float(own) if own else self.callback_timeout
+
+    def reason(self, now: float, program: Stoppable) -> str | None:
+        """Why the program must stop now, or None."""
+        halt = self.halt
+        if halt.interrupt_requested:
+            return INTERRUPTED
+        if halt.cancel_requested:
+            return State.CANCELLED.value
+        if self._deadline is not None and now >= self._deadline:
+            return State.TIMED_OUT.value
+        if self.memory_kb is not None and now >= self._next_memory_check:
+            self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+            self.rss_kb = program.rss_kb()
+            if self.rss_kb > self.memory_kb:
+                return "memory"
+        return None
+
+    def grace_for(self, reason: str) -> float:
+        """Seconds between SIGTERM and SIGKILL for a stop for ``reason``."""
+        return 0.0 if reason == "memory" else self.kill_grace
+
+    def watch_grace(self) -> float:
+        """How long a callback may go on after the program ended."""
+        if self.stop_reason in (State.CANCELLED.value, INTERRUPTED):
+            return self.kill_grace
+        return self.after_budget
+
+    def call_deadline(self, name: str, started: float, exited_at: float | None) -> float | None:
+        """When a plugin call ``name`` running since ``started`` has overstayed
+        (monotonic), given when the program exited (None: it runs, or never ran)."""
+        halt = self.halt
+        if halt.force:
+            return started
+        if name in PREPARE_STEPS or name == COLLECT:
+            return None if halt.at is None else halt.at + self.kill_grace
+        if name in WATCH_CALLBACKS:
+            if exited_at is None:
+                return None  # the program runs; a slow callback only delays the next one
+            return exited_at + self.watch_grace()
+        return started + self.after_budget  # after_watch_callback

@@ -1,0 +1,71 @@
+"""The rules of one service run: its limits and retries, resolved once from the template
+and its service.
+
+A template's value wins where it sets one (``None`` means "not set": a template's
+``retries=0`` means no retries, whatever the service says); otherwise the service's
+class attribute applies. First attempts, retries and a core that recovers a run all ask
+``policy_for``, so they can never disagree about a service's limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from soaf.protocol.state import State
+from soaf.protocol.template import ServiceParamTemplate
+
+#: Outcomes that may be retried (a cancelled service never is).
+RETRYABLE = frozenset({State.FAILED.value, State.TIMED_OUT.value})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Limits and retry rules of one run."""
+
+    timeout: float | None = None
+    max_memory_kb: int | None = None
+    retries: int = 0
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+    retry_on: frozenset[str] | None = None
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts a program's failures may use: the first one and its retries."""
+        return 1 + self.retries
+
+    def retry_delay(self, state: str, failure: str | None, failed: int) -> float | None:
+        """Seconds before the next attempt after one that ended ``state`` (with
+        ``failure``), when ``failed`` attempts have failed so far; None: no retry."""
+        if state not in RETRYABLE:
+            return None
+        if self.retry_on is not None and failure not in self.retry_on:
+            return None
+        if failed > self.retries:
+            return None
+        return float(min(self.retry_backoff * 2 ** (failed - 1), self.retry_backoff_max))
+
+
+def _pick(template: ServiceParamTemplate, program: Any, name: str, default: Any) -> Any:
+    own = getattr(template, name, None)
+    if own is not None:
+        return own
+    value = getattr(program, name, default)
+    return default if value is None else value
+
+
+def policy_for(template: ServiceParamTemplate, program: Any) -> Policy:
+    """The policy of ``template`` run by the service class ``program`` (None: no service
+    class known, only the template's own values count)."""
+    timeout = _pick(template, program, "timeout", None)
+    memory = _pick(template, program, "max_memory_mb", None)
+    retry_on = getattr(program, "retry_on", None)
+    return Policy(
+        timeout=float(timeout) if timeout is not None else None,
+        max_memory_kb=int(float(memory) * 1024) if memory else None,
+        retries=max(0, int(_pick(template, program, "retries", 0))),
+        retry_backoff=float(_pick(template, program, "retry_backoff", 1.0)),
+        retry_backoff_max=float(getattr(program, "retry_backoff_max", 300.0) or 300.0),
+        retry_on=frozenset(retry_on) if retry_on is not None else None,
+    )

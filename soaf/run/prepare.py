@@ -1,0 +1,142 @@
+"""Everything before a program starts: its work dir, handler, program, build, inputs, command.
+
+``take_work_dir`` makes (or, for a retry, sets aside and makes again) the attempt's work dir
+under the work root's shared lock, with the run marker written first, so the sweep
+(soaf.data.retention) never removes it under the attempt. ``Preparation`` then makes the
+plugin calls in order, each through the attempt's ``call`` (soaf.run.control.CallGuard), and
+checks for a cancel or a core stop between them. What it made (handler, program) stays
+available when a later step fails: ``after_watch_callback`` still runs then.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from soaf.config import Settings
+from soaf.data import markers, workdir
+from soaf.data.staging import StageContext
+from soaf.errors import ProgramError, SoafError
+from soaf.plugin.service import Service
+from soaf.protocol.state import State
+from soaf.protocol.template import ServiceParamTemplate
+from soaf.run.control import Halt, Orphaned
+from soaf.run.outcome import INTERRUPTED, Outcome
+from soaf.run.ports import AttemptHost
+
+log = logging.getLogger(__name__)
+
+
+class Halted(Exception):
+    """A cancel or a core stop arrived before the program started."""
+
+
+class PhaseError(Exception):
+    """Plugin code raised in a phase; carries the phase and the traceback."""
+
+    def __init__(self, phase: str, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.phase = phase
+        self.error = error
+
+
+def phase_failed(service_id: str, e: PhaseError) -> Outcome:
+    """The outcome of an attempt whose plugin code raised in a phase."""
+    err = e.error
+    log.warning("service %s failed in %s: %s", service_id, e.phase, err,
+                exc_info=(type(err), err, err.__traceback__)
+                if not isinstance(err, SoafError) else None)
+    failure = "start" if isinstance(err, ProgramError) else "plugin"
+    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return Outcome(State.FAILED.value, failure, f"{e.phase}: {type(err).__name__}: {err}",
+                   {"failed_in": e.phase, "traceback": tb})
+
+
+def halted(halt: Halt, step: str, note: str = "") -> Outcome:
+    """The outcome of an attempt stopped by a cancel or a core stop before its program
+    started (``step``: the plugin call it had reached)."""
+    where = {"build": " while building", "prepare_input_file": " while preparing its input",
+             }.get(step, "")
+    if halt.interrupt_requested:
+        return Outcome(INTERRUPTED, error=f"core stopped{where}, before it started{note}")
+    return Outcome(State.CANCELLED.value, error=f"cancelled{where}, before it started{note}")
+
+
+def take_work_dir(settings: Settings, template: ServiceParamTemplate, number: int, *,
+                  policy: str, last_state: str | None) -> tuple[Path, markers.Marker]:
+    """Attempt ``number``'s work dir and its run marker."""
+    root = settings.work_root
+    if policy not in ("fresh", "reuse"):
+        raise SoafError(f"work_dir_policy must be 'fresh' or 'reuse', got {policy!r}")
+    if policy == "fresh" and number > 1 and not template.work_path:
+        path = workdir.work_dir_for(root, template)
+        moved = workdir.set_aside(path, f"attempt{number - 1}")
+        if moved is not None:
+            markers.mark_set_aside(root, moved.relative_to(root).as_posix(),
+                                   last_state or State.FAILED.value)
+            log.info("service %s: attempt %d runs in a fresh dir; the last one is at %s",
+                     template.service_id, number, moved)
+    # Marker first, under the shared lock: a sweep sees the dir as in use from the
+    # moment it exists.
+    with markers.work_root_lock(root, exclusive=False):
+        marker = markers.mark_started(root, template.service_id,
+                                      template.work_path or template.service_id)
+        return workdir.create(root, template), marker
+
+
+class Preparation:
+    """The plugin calls before the program starts; ``run()`` returns (argv, env, cwd)."""
+
+    def __init__(self, host: AttemptHost, number: int, work_dir: Path, service: Service,
+                 call: Callable[..., Any], *, on_handler: Callable[[Any], None]) -> None:
+        self.host = host
+        self.on_handler = on_handler
+        self.number = number
+        self.work_dir = work_dir
+        self.service = service
+        self.call = call
+        self.step = ""  # the last plugin call made
+        self.handler: Any = None
+        self.program: Any = None
+
+    def run(self) -> tuple[Any, Any, Any]:
+        """Raises Halted (a cancel or a core stop came) or PhaseError (plugin code raised)."""
+        host, settings, template = self.host, self.host.engines.settings, self.host.template
+        try:
+            self.handler = self._call("handler", host.plugin.handler_cls)
+            self.on_handler(self.handler)
+            program = self._call("program", lambda: host.plugin.program_cls(
+                template, self.work_dir, attempt=self.number, plugin_root=settings.plugins))
+            self.program = program
+            program.service = self.service
+            program.staging = StageContext(timeout=settings.fetch_timeout, resolve=host.resolve)
+            self._call("build", program.build)
+            # build() may have made links that lead out
+            self._call("work dir check", lambda: workdir.check_names(
+                settings.work_root, self.work_dir, template))
+            self._halt_check()
+            host.emit({"state": State.PREPARING.value, "preparing_at": time.time(),
+                       **host.journal_step("built")}, attempt=self.number)
+            self._call("prepare_input_file", program.prepare_input_file)
+            self._halt_check()
+            argv = self._call("command", program.command)
+            env = self._call("environment", program.environment)
+            cwd = self._call("working_dir", program.working_dir)
+        except (Halted, Orphaned):
+            raise
+        except BaseException as e:  # a plugin may raise SystemExit too
+            raise PhaseError(self.step, e) from e
+        self._halt_check()
+        return argv, env, cwd
+
+    def _call(self, step: str, fn: Callable[..., Any]) -> Any:
+        self.step = step
+        return self.call(step, fn)
+
+    def _halt_check(self) -> None:
+        if self.host.halt.halted:
+            raise Halted()
