@@ -3,7 +3,7 @@
 
     python3 .ci/dev.py demo    # core on an embedded Redis + a submission you can watch
     python3 .ci/dev.py demo examples/diamond.py   # the same core, another client script
-    python3 .ci/dev.py test    # the whole test suite (starts its own redis-servers)
+    python3 .ci/dev.py test    # ruff, mypy on soaf/, then the test suite (own redis-servers)
 """
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ def test(args: list[str]) -> int:
     ensure_venv("embedded,dev")
     step("ruff check")
     lint = subprocess.run([str(PY), "-m", "ruff", "check", "."], cwd=ROOT).returncode
+    step("mypy (soaf/, settings in pyproject.toml)")
+    types = subprocess.run([str(PY), "-m", "mypy"], cwd=ROOT).returncode
     step("pytest")
     tests = subprocess.run([str(PY), "-m", "pytest", *args], cwd=ROOT).returncode
-    return tests or lint
+    return tests or lint or types
 
 
 def main() -> int:
