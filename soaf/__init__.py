@@ -4,12 +4,14 @@ Users build a ``ServiceParamTemplate`` and submit it with a ``Client``; develope
 write a ``ServiceProgramTemplate`` and a ``WatcherHandler`` per service in the
 ``services/`` and ``handlers/`` packages; a core (``python start_core.py``) runs them.
 ``Pipeline`` chains services on the client; ``AsyncClient`` is the asyncio flavour.
+``confine`` keeps a path a plugin writes inside its work dir.
 """
 
 from soaf.client.aio import AsyncClient
 from soaf.client.payload import dumps, loads
 from soaf.client.pipeline import Pipeline, Step
 from soaf.client.sync import Client
+from soaf.data.workdir import confine
 from soaf.errors import (
     ClientError,
     ConfigError,
@@ -76,6 +78,7 @@ __all__ = [
     "WaitTimeout",
     "WatcherHandler",
     "__version__",
+    "confine",
     "dumps",
     "loads",
     "output_ref",

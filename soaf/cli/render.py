@@ -175,7 +175,8 @@ class LiveDisplay:
 
     def add(self, record: ServiceRecord) -> None:
         self.tasks[record.service_id] = self.progress.add_task(
-            _label(record), total=1.0, completed=record.progress or 0.0,
+            # rich annotates add_task's completed as int; its Task.completed is a float.
+            _label(record), total=1.0, completed=record.progress or 0.0,  # type: ignore[arg-type]
             state=state_text(record.state).markup, info=record.message or "")
         if record.final:
             self._final(record.service_id, record.state, record.error)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from soaf.config import DEFAULT_FETCH_TIMEOUT
 from soaf.data.staging import (
-    DEFAULT_FETCH_TIMEOUT,
     install,
     local_path,
     open_fs,

@@ -225,7 +225,7 @@ def _trim(root: Path, d: _Dir, report: SweepReport, in_use: InUse | None,
 
 
 def _files(path: Path) -> list[Path]:
-    out = []
+    out: list[Path] = []
     for dirpath, _dirs, names in os.walk(path):
         out.extend(Path(dirpath) / n for n in names)
     return out

@@ -108,13 +108,14 @@ def open_fs(url: str, *, timeout: float = DEFAULT_FETCH_TIMEOUT) -> tuple[Any, s
     if scheme(url) in ("ftp", "sftp", "ssh"):
         options["timeout"] = timeout
     try:
-        return fsspec.core.url_to_fs(url, **options)
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
         raise ImportError(f"the {scheme(url)!r} scheme needs an extra package: {e}") from e
     except ValueError as e:
         if "Protocol not known" in str(e):
             raise ValueError(f"no fsspec implementation for {scheme(url)!r} URLs") from e
         raise
+    return fs, str(path)
 
 
 # -- writing into a work dir ------------------------------------------------------------

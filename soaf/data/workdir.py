@@ -15,7 +15,14 @@ from soaf.protocol.template import ServiceParamTemplate, check_relative
 
 
 def confine(root: Path, name: str, *, field: str = "path") -> Path:
-    """``root / name`` with symlinks resolved, or ValidationError if it leaves ``root``."""
+    """``root / name`` with symlinks resolved, or ValidationError if it leaves ``root``.
+
+    Public as ``soaf.confine``: a plugin that writes files itself (an overridden
+    ``prepare_input_file``) passes every name through it. ``name`` must be relative,
+    without ``..``, and name an entry *in* ``root``; a symlink anywhere on the way,
+    the last component included, is followed and must stay inside. ``field`` is the
+    name the ValidationError gives (the template field the name came from).
+    """
     check_relative(field, name)
     real_root = root.resolve()
     target = (real_root / name).resolve()

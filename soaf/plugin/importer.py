@@ -23,7 +23,7 @@ import logging
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.abc import MetaPathFinder
 from importlib.machinery import ModuleSpec, PathFinder, SourceFileLoader
 from pathlib import Path
@@ -40,7 +40,7 @@ _local = threading.local()
 class SourceOnlyLoader(SourceFileLoader):
     """Compiles a plugin module from its source every time; reads and writes no bytecode."""
 
-    def path_stats(self, path: str) -> Any:  # type: ignore[override]
+    def path_stats(self, path: str) -> Mapping[str, Any]:
         # SourceLoader.get_code reads (and writes) __pycache__ only when this succeeds.
         raise OSError("plugin modules are always compiled from source")
 

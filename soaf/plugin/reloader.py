@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,10 @@ class Reloader:
                 log.exception("plugin reloader error; carrying on")
                 time.sleep(min(1.0, self.poll or 1.0))
 
+    def _woken(self, seen: int) -> bool:
+        """Whether a waiter on ``_cond`` must look again (call it holding ``_cond``)."""
+        return self._stopping or self._forced > 0 or self._changes != seen
+
     def _settle(self, seen: int) -> int:
         """Wait until no event came and the sources did not change for ``debounce`` s.
 
@@ -212,9 +217,7 @@ class Reloader:
         digest = content_digest(self.root)
         while True:
             with self._cond:
-                self._cond.wait_for(
-                    lambda seen=seen: self._stopping or self._forced or self._changes != seen,
-                    timeout=self.debounce)
+                self._cond.wait_for(partial(self._woken, seen), timeout=self.debounce)
                 if self._stopping:
                     return -1
                 if self._forced:

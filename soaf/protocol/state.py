@@ -167,6 +167,7 @@ class ServiceRecord:
 def decode_event(data: dict[bytes, bytes]) -> dict[str, Any]:
     """The JSON body of one event stream entry."""
     try:
-        return json.loads(data[b"data"])
+        body = json.loads(data[b"data"])
     except (KeyError, ValueError):
         return {}
+    return body if isinstance(body, dict) else {}

@@ -124,7 +124,7 @@ def _owner(obj: Any) -> tuple[str, str]:
     return cls.__module__, cls.__qualname__
 
 
-class RestrictedUnpickler(dill.Unpickler):
+class RestrictedUnpickler(dill.Unpickler):  # type: ignore[misc]  # dill ships no types
     """dill's Unpickler that refuses dangerous globals; one instance per payload."""
 
     def __init__(self, file: Any) -> None:
@@ -251,26 +251,6 @@ class RestrictedUnpickler(dill.Unpickler):
             raise _refuse(f"namedtuple from {modulename!r}", "importing it has side effects")
         cls = dill_impl._create_namedtuple(name, fieldnames, modulename, defaults)
         return self._vet(cls, f"namedtuple {modulename}.{name}")
-
-
-#: Globals a payload gets a guarded stand-in for (the RestrictedUnpickler method named).
-_STAND_INS: dict[int, str] = {
-    id(builtins.getattr): "_getattr",
-    id(dill_impl._get_attr): "_get_attr",
-    id(builtins.setattr): "_setattr",
-    id(dill_impl._import_module): "_import_module",
-    id(dill_impl._eval_repr): "_eval_repr",
-    id(dill_impl._create_type): "_create_type",
-    id(dill_impl._create_function): "_create_function",
-    id(dill_impl._create_cell): "_create_cell",
-    id(dill_impl._create_namedtuple): "_create_namedtuple",
-    id(dill_impl._load_type): "_load_type",
-    id(types.new_class): "_new_class",
-}
-for _name, _stand_in in (("_setattr", "_setattr"), ("_delattr", "_delattr")):
-    _shim = getattr(dill_impl, _name, None)  # present on old Pythons only
-    if _shim is not None and id(_shim) not in _STAND_INS:
-        _STAND_INS[id(_shim)] = _stand_in
 
 
 #: Globals a payload gets a guarded stand-in for (the RestrictedUnpickler method named).
