@@ -16,6 +16,7 @@ from collections.abc import Callable
 import redis
 
 from soaf.protocol.keys import Keys
+from soaf.protocol.replies import entries, stream_entries
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ class Control:
 
     def start_from(self, client: redis.Redis) -> None:
         """Read only messages newer than the newest one in the stream now."""
-        newest = client.xrevrange(self.keys.control, count=1)
-        self.last = newest[0][0].decode() if newest else "0-0"
+        newest = entries(client.xrevrange(self.keys.control, count=1))
+        self.last = newest[0][0] if newest else "0-0"
 
     def loop(self) -> None:
         while not self.stopping.is_set():
@@ -50,10 +51,9 @@ class Control:
             except redis.RedisError:
                 self.stopping.wait(1.0)
                 continue
-            for _, messages in resp or []:
-                for raw_id, fields in messages:
-                    self.last = raw_id.decode()
-                    self.handle(fields)
+            for entry_id, fields in stream_entries(resp):
+                self.last = entry_id
+                self.handle(fields)
 
     def handle(self, fields: dict[bytes, bytes]) -> None:
         kind = fields.get(b"type", b"").decode(errors="replace")

@@ -24,7 +24,7 @@ from soaf.config import Settings, core_secrets
 from soaf.core.control import Control
 from soaf.core.enforcer import LimitEnforcer
 from soaf.core.heartbeat import Heartbeat, Identity, claim_node
-from soaf.core.intake import Entry, Gate
+from soaf.core.intake import Gate, own_pending
 from soaf.core.launcher import Launcher, RunTable
 from soaf.core.logkeeper import LogKeeper
 from soaf.core.recovery import Recovery
@@ -37,6 +37,7 @@ from soaf.plugin.versions import PluginVersions
 from soaf.process.reaper import Reaper, become_subreaper, raise_open_files_limit
 from soaf.protocol.connection import connect, redact
 from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.replies import Entry, hash_of, stream_entries
 from soaf.protocol.state import ServiceRecord
 from soaf.run.ports import Engines
 
@@ -286,32 +287,20 @@ class Core:
         resp = self.blocking.xreadgroup(
             GROUP, self.consumer, {self.keys.submit: ">"}, count=count, block=READ_BLOCK_MS
         )
-        if not resp:
-            return [], None
-        return [(raw_id.decode(), fields or {}) for raw_id, fields in resp[0][1]], None
+        return stream_entries(resp), None
 
     def _own_pending(self) -> list[Entry]:
         """Entries delivered to this consumer whose delivery or claim a lost connection cut
         short. Runs that ended but whose final state (and ack) the writer still holds are
         not among them: they must not run again."""
         mine = self.runs.entries()
-        found: list[Entry] = []
-        start = "0"
-        while True:
-            resp = self.blocking.xreadgroup(GROUP, self.consumer, {self.keys.submit: start},
-                                            count=100)
-            batch = resp[0][1] if resp else []
-            if not batch:
-                return found
-            for raw_id, fields in batch:
-                entry_id = raw_id.decode()
-                if entry_id not in mine:
-                    found.append((entry_id, fields or {}))
-            start = batch[-1][0].decode()
+        return [(entry_id, fields or {}) for entry_id, fields
+                in own_pending(self.blocking, self.keys.submit, self.consumer)
+                if entry_id not in mine]
 
     def _lookup(self, service_id: str) -> dict[str, Any] | None:
         """Another service's record fields, for resolving ``soaf://`` inputs."""
-        data = self.redis.hgetall(self.keys.service(service_id))
+        data = hash_of(self.redis.hgetall(self.keys.service(service_id)))
         return ServiceRecord.from_hash(service_id, data).raw if data else None
 
     # -- reporting ------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def claim_node(client: redis.Redis, key: str, node: str, value: str, ttl: float,
     waited_for: bytes | None = None
     deadline: float | None = None
     while True:
-        raw = client.get(key)
+        got = client.get(key)
+        raw = got.encode() if isinstance(got, str) else got
         if raw is None:
             if client.eval(CAS_LUA, 1, key, value, "", ttl_ms):
                 return

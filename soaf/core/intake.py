@@ -22,6 +22,7 @@ from soaf.errors import DecodeError, SoafError, ValidationError
 from soaf.plugin.loader import Registry
 from soaf.protocol.codec import describe_exception, loads
 from soaf.protocol.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
+from soaf.protocol.replies import Entry, Pending, pending, stream_batch
 from soaf.protocol.state import Change, State
 from soaf.protocol.template import ServiceParamTemplate, validate_template
 
@@ -114,7 +115,20 @@ def decode_entry(
 #: Dead letters kept (approximate).
 DEADLETTER_MAXLEN = 10_000
 
-Entry = tuple[str, dict[bytes, bytes]]
+
+
+def own_pending(client: redis.Redis, stream: str, consumer: str) -> list[Pending]:
+    """Every entry delivered to ``consumer`` and not acknowledged yet (fields None for one
+    no longer in the stream): what a core had when it stopped or lost its connection."""
+    found: list[Pending] = []
+    start = "0"
+    while True:
+        batch = pending(stream_batch(client.xreadgroup(GROUP, consumer, {stream: start},
+                                                       count=100)))
+        if not batch:
+            return found
+        found.extend(batch)
+        start = batch[-1][0]
 
 
 class Gate:

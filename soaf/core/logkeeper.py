@@ -50,6 +50,7 @@ NOTE_STREAM = "soaf"
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_COLLAPSE_RANGE = 0x08
+_fallocate: Any
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
     _fallocate = _libc.fallocate

@@ -37,12 +37,13 @@ from typing import Any
 import redis
 
 from soaf.config import Settings
-from soaf.core.intake import Entry, Gate
+from soaf.core.intake import Gate, own_pending
 from soaf.core.launcher import Launcher, RunTable
 from soaf.plugin.loader import Registry
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity, find_by_marker, started_ago, stop_group
 from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.replies import Entry, Pending, hash_of, pending, text
 from soaf.protocol.scripts import RECLAIM, TAKEOVER_LUA
 from soaf.protocol.state import ServiceRecord
 from soaf.protocol.template import ServiceParamTemplate
@@ -66,18 +67,13 @@ def max_attempts(template: ServiceParamTemplate, registry: Registry | None) -> i
 
 
 def take_over(client: redis.Redis, heartbeat_key: str, stream: str, dead: str, taker: str,
-              count: int) -> list[tuple[str, dict[bytes, bytes] | None]]:
+              count: int) -> list[Pending]:
     """Move up to ``count`` entries pending for ``dead`` to ``taker`` if ``dead``'s
     heartbeat is gone; the entries moved (fields None for an entry no longer in the stream)."""
     resp = client.eval(TAKEOVER_LUA, 2, heartbeat_key, stream, GROUP, dead, taker, count)
-    out: list[tuple[str, dict[bytes, bytes] | None]] = []
-    for item in resp or []:
-        if not item:
-            continue
-        raw_id, flat = item[0], item[1]
-        fields = None if flat is None else {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-        out.append((raw_id.decode(), fields))
-    return out
+    # EVAL returns XCLAIM's entries with their fields flat: [id, [k1, v1, k2, v2 ...]].
+    return pending([(item[0], None if item[1] is None else dict(zip(item[1][::2], item[1][1::2])))
+                    for item in resp or [] if item])
 
 
 class Recovery:
@@ -104,14 +100,14 @@ class Recovery:
 
     def resume_own(self) -> int:
         """Re-take every entry still pending under this node name; returns how many."""
-        entries = self._own_entries()
+        entries = own_pending(self.client, self.keys.submit, self.node)
         self._sweep({entry_id for entry_id, _ in entries})
         if entries:
             log.info("re-taking %d entries this node had when its core stopped", len(entries))
         self._accept(entries, self.node, f"its core ({self.node}) stopped")
         return len(entries)
 
-    def _accept(self, entries: list[tuple[str, dict[bytes, bytes] | None]], previous: str,
+    def _accept(self, entries: list[Pending], previous: str,
                 reason: str) -> None:
         gone = [entry_id for entry_id, fields in entries if fields is None]
         if gone:  # no longer in the stream (finished and deleted): nothing to do
@@ -129,19 +125,6 @@ class Recovery:
         for entry_id, template in accepted:
             self.recover(entry_id, template, registry, previous, reason)
 
-    def _own_entries(self) -> list[tuple[str, dict[bytes, bytes] | None]]:
-        found: list[tuple[str, dict[bytes, bytes] | None]] = []
-        start = "0"
-        while True:
-            resp = self.client.xreadgroup(GROUP, self.node, {self.keys.submit: start},
-                                              count=100)
-            batch = resp[0][1] if resp else []
-            if not batch:
-                return found
-            for raw_id, fields in batch:
-                found.append((raw_id.decode(), fields))
-            start = batch[-1][0].decode()
-
     def _sweep(self, pending: set[str]) -> None:
         """Stop programs this node started for runs it no longer owns (taken over by another
         core meanwhile, or already final) and drop their journals."""
@@ -156,7 +139,7 @@ class Recovery:
     # -- one entry ----------------------------------------------------------------------------
 
     def record(self, service_id: str) -> ServiceRecord | None:
-        data = self.client.hgetall(self.keys.service(service_id))
+        data = hash_of(self.client.hgetall(self.keys.service(service_id)))
         return ServiceRecord.from_hash(service_id, data) if data else None
 
     def recover(self, entry_id: str, template: ServiceParamTemplate, registry: Registry,
@@ -264,7 +247,7 @@ class Recovery:
             return 0
         moved = 0
         for info in self.client.xinfo_consumers(self.keys.submit, GROUP):
-            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            name = text(info["name"])
             if name == self.node or free <= 0:
                 continue
             entries = take_over(self.client, self.keys.node(name), self.keys.submit, name,
