@@ -8,7 +8,7 @@ would cut an ``XREADGROUP BLOCK`` short); every other call fails fast.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -23,21 +23,29 @@ if TYPE_CHECKING:
 DEFAULT_SOCKET_TIMEOUT = 10.0
 
 
+def options(*, blocking: bool, name: str | None) -> dict[str, Any]:
+    """The connection options soaf uses, for the sync and the asyncio client alike."""
+    return {
+        "socket_timeout": None if blocking else DEFAULT_SOCKET_TIMEOUT,
+        "socket_connect_timeout": 5.0,
+        "health_check_interval": 0 if blocking else 30,
+        "client_name": name,
+    }
+
+
+#: redis-py's default retries for seconds; soaf has its own reconnect logic.
+RETRY_BACKOFF = {"cap": 0.2, "base": 0.02}
+RETRIES = 2
+
+
 def connect(url: str, *, blocking: bool = False, name: str | None = None) -> redis.Redis:
     """A redis-py client for ``url``; ``blocking=True`` for connections that BLOCK."""
     try:
-        client = redis.Redis.from_url(
-            url,
-            socket_timeout=None if blocking else DEFAULT_SOCKET_TIMEOUT,
-            socket_connect_timeout=5.0,
-            health_check_interval=0 if blocking else 30,
-            client_name=name,
-            # redis-py's default retries for seconds; soaf has its own reconnect logic.
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-        )
+        return redis.Redis.from_url(
+            url, retry=Retry(ExponentialBackoff(**RETRY_BACKOFF), RETRIES),
+            **options(blocking=blocking, name=name))
     except ValueError as e:
         raise ConfigError(f"cannot use Redis URL: {e}") from e
-    return client
 
 
 def redact(url: str) -> str:
@@ -62,18 +70,13 @@ def redact(url: str) -> str:
 
 def connect_async(url: str, *, blocking: bool = False, name: str | None = None
                   ) -> redis.asyncio.Redis:
-    """The redis.asyncio flavour of ``connect``, for ``AsyncClient``."""
+    """The redis.asyncio flavour of ``connect``, for ``AsyncClient``: the same options."""
     import redis.asyncio
     from redis.asyncio.retry import Retry as AsyncRetry
 
     try:
         return redis.asyncio.Redis.from_url(
-            url,
-            socket_timeout=None if blocking else DEFAULT_SOCKET_TIMEOUT,
-            socket_connect_timeout=5.0,
-            health_check_interval=0 if blocking else 30,
-            client_name=name,
-            retry=AsyncRetry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-        )
+            url, retry=AsyncRetry(ExponentialBackoff(**RETRY_BACKOFF), RETRIES),
+            **options(blocking=blocking, name=name))
     except ValueError as e:
         raise ConfigError(f"cannot use Redis URL: {e}") from e
