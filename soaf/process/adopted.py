@@ -21,12 +21,12 @@ from pathlib import Path
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity, pidfd_for, signaller, stop_group
 from soaf.process.spawn import Exit
-from soaf.process.stop import GroupStop
+from soaf.process.stop import GroupStop, GroupStopping
 
 log = logging.getLogger(__name__)
 
 
-class AdoptedProcess:
+class AdoptedProcess(GroupStopping):
     """A running program this core did not spawn, watched until it exits."""
 
     def __init__(self, identity: ProcIdentity, *, exit_file: Path | None,
@@ -79,19 +79,6 @@ class AdoptedProcess:
         if not self.exited.is_set():
             stop_group(self.identity, grace)
         self.exited.wait(grace + 5)
-
-    # The non-blocking stop the core's limit enforcer drives, as for a spawned Process.
-
-    def begin_stop(self, grace: float) -> None:
-        if not self.exited.is_set():
-            self._stop.begin(grace)
-
-    def tick(self) -> None:
-        self._stop.tick()
-
-    @property
-    def stopped_with(self) -> str | None:
-        return self._stop.stopped_with
 
     def rss_kb(self) -> int:
         return 0  # an adopted program's memory limit is not enforced

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from soaf.process.stop import GroupStop
+from soaf.process.stop import GroupStop, killpg
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +151,7 @@ def signaller(identity: ProcIdentity) -> Callable[[int], bool]:
     """A ``signal_group`` for GroupStop that signals the group of ``identity`` only while
     its leader is verifiably that process (pid *and* start time)."""
     def signal_group(sig: int) -> bool:
-        if not identity.same():
-            return False
-        try:
-            os.killpg(identity.pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        return identity.same() and killpg(identity.pgid, sig)
     return signal_group
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from soaf.errors import ProgramError
 from soaf.process.reaper import Reaper
-from soaf.process.stop import GroupStop
+from soaf.process.stop import GroupStop, GroupStopping, killpg
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def group_rss_kb(pid: int) -> int:
     return total
 
 
-class Process:
+class Process(GroupStopping):
     """One program run in its own session, its output going to two files."""
 
     def __init__(
@@ -172,33 +172,10 @@ class Process:
         """Send ``sig`` to the program's whole process group; False if it is gone."""
         if self.pid is None or self.exited.is_set():
             return False
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        return killpg(self.pid, sig)
 
     def rss_kb(self) -> int:
         """Resident memory of the program and its descendants now, in KiB."""
         if self.pid is None or self.exited.is_set():
             return 0
         return group_rss_kb(self.pid)
-
-    def begin_stop(self, grace: float) -> None:
-        """Start stopping the group (soaf.process.stop): SIGTERM now, SIGKILL once
-        ``grace`` seconds have passed (see ``tick``). Never blocks."""
-        if not self.exited.is_set():
-            self._stop.begin(grace)
-
-    def tick(self) -> None:
-        """Send the SIGKILL a stop has become due for."""
-        self._stop.tick()
-
-    @property
-    def stopped_with(self) -> str | None:
-        """The last signal soaf sent to stop the program (SIGTERM, or SIGKILL after the grace)."""
-        return self._stop.stopped_with
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.stopping

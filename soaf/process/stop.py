@@ -11,7 +11,9 @@ which signals only a group it has verified as its own.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -62,3 +64,38 @@ class GroupStop:
             return True
         self.stopped_with = before
         return False
+
+
+def killpg(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False if it is gone (or not ours to signal)."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+class GroupStopping:
+    """The stop a program offers the core's limit enforcer, spawned or adopted alike:
+    ``begin_stop`` never blocks, ``tick`` sends a SIGKILL that has become due."""
+
+    exited: threading.Event
+    _stop: GroupStop
+
+    def begin_stop(self, grace: float) -> None:
+        """SIGTERM now, SIGKILL once ``grace`` seconds have passed (see ``tick``)."""
+        if not self.exited.is_set():
+            self._stop.begin(grace)
+
+    def tick(self) -> None:
+        """Send the SIGKILL a stop has become due for."""
+        self._stop.tick()
+
+    @property
+    def stopped_with(self) -> str | None:
+        """The last signal soaf sent to stop the program (SIGTERM, or SIGKILL after the grace)."""
+        return self._stop.stopped_with
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.stopping
