@@ -135,7 +135,7 @@ class Attempt:
         journal = self.host.new_journal(self.number, self.work_dir)
         self.service = self._new_service()
         prep = Preparation(self.host, self.number, self.work_dir, self.service, self.call,
-                           on_handler=self.limits.set_handler)
+                           on_handler=self._got_handler)
         outcome: Outcome | None = None
         try:
             argv, env, cwd = prep.run()
@@ -165,6 +165,12 @@ class Attempt:
                 if escape is not None:
                     outcome = Outcome(State.FAILED.value, "confinement", escape)
         return self._collect(self._after_watch(outcome))
+
+    def _got_handler(self, handler: Any) -> None:
+        """The handler exists: after_watch_callback runs even if a later step hangs and
+        another thread finishes the attempt."""
+        self.handler = handler
+        self.limits.set_handler(handler)
 
     def _new_service(self) -> Service:
         assert self.work_dir is not None

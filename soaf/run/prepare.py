@@ -4,8 +4,9 @@
 under the work root's shared lock, with the run marker written first, so the sweep
 (soaf.data.retention) never removes it under the attempt. ``Preparation`` then makes the
 plugin calls in order, each through the attempt's ``call`` (soaf.run.control.CallGuard), and
-checks for a cancel or a core stop between them. What it made (handler, program) stays
-available when a later step fails: ``after_watch_callback`` still runs then.
+checks for a cancel or a core stop between them. The handler is handed over the moment it
+exists (``on_handler``): ``after_watch_callback`` runs even when a later step fails, or
+hangs and another thread finishes the attempt.
 """
 
 from __future__ import annotations
