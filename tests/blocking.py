@@ -74,6 +74,8 @@ class BlockingAsyncClient:
         return attr
 
     def close(self) -> None:
+        if self._loop.is_closed():
+            return  # closed already, as a Client may be
         try:
             self._run(self.aio.close())
         finally:
