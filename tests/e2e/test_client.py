@@ -259,7 +259,7 @@ def test_follow_logs_from_a_service_that_has_not_started(start_core, client):
     sid = client.submit(steps(n=3, delay=0.2))
     got: list[str] = []
     reader = threading.Thread(target=lambda: got.extend(
-        line.text for line in client.follow_logs(sid, tail=0, streams=["stdout"], timeout=60)))
+        line.text for line in client.follow_logs(sid, tail=10, streams=["stdout"], timeout=60)))
     reader.start()
     start_core(SOAF_LOG_INTERVAL="0.05")
     reader.join(60)
@@ -326,7 +326,7 @@ def test_waiting_and_following_logs_ride_out_a_redis_restart(own_redis, start_co
     def following() -> None:
         try:
             results["lines"] = [line.text for line in client.follow_logs(
-                sid, tail=0, streams=["stdout"], timeout=90)]
+                sid, tail=10, streams=["stdout"], timeout=90)]
         except BaseException as e:
             results["lines"] = e
 
