@@ -12,7 +12,7 @@ share one event loop instead of one thread each.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import builtins
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from soaf.client.calls import DEFAULT_RECONNECT_FOR, ListQuery, Patience
 from soaf.client.follow import READ_COUNT, STREAM_WAIT_MAX, Follow, NotifyWait, is_final, unique
 from soaf.client.logstream import LogFollow, LogLine, TailRead
 from soaf.client.tail import OutputFile, check_stream, local_output
-from soaf.errors import RedisUnavailable, WaitTimeout
+from soaf.errors import RedisUnavailable
 from soaf.protocol.connection import connect_async
 from soaf.protocol.scripts import CANCEL, SUBMIT, Script
 from soaf.protocol.state import ServiceRecord
@@ -114,10 +114,7 @@ class AsyncClient:
 
     async def wait(self, service_id: str, timeout: float | None = None) -> ServiceRecord:
         """The final record, whatever the final state (see Client.wait)."""
-        async with contextlib.aclosing(self.as_completed([service_id], timeout=timeout)) as it:
-            async for record in it:
-                return record
-        raise WaitTimeout(f"service {service_id} is not final")  # pragma: no cover
+        return (await self.wait_all([service_id], timeout=timeout))[0]
 
     async def wait_all(self, ids: Iterable[str], timeout: float | None = None
                        ) -> list[ServiceRecord]:
@@ -136,11 +133,11 @@ class AsyncClient:
             return
         pending: list[ServiceRecord | str] = []
         for sid in ids:
-            record = await self._record_or_none(sid)
-            if record is not None and record.final:
-                yield record
+            found = await self._record_or_none(sid)
+            if found is not None and found.final:
+                yield found
             else:
-                pending.append(record if record is not None else sid)
+                pending.append(found if found is not None else sid)
         done: set[str] = set()
         async for sid, event in self.follow(pending, timeout=timeout):
             if is_final(event):
@@ -168,15 +165,15 @@ class AsyncClient:
                                                ignore_subscribe_messages=True,
                                                timeout=wait.block_s())
                     while message is not None:
-                        if (sid := wait.note(message["data"])) is not None:
-                            done.append(sid)
+                        if (noted := wait.note(message["data"])) is not None:
+                            done.append(noted)
                         message = await self._call(pubsub.get_message,
                                                    ignore_subscribe_messages=True, timeout=0)
                 for sid in dict.fromkeys(done):
                     wait.pending.discard(sid)
                     yield await self.status(sid)
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def follow(
         self, services: Iterable[str | ServiceRecord], *, timeout: float | None = None,
@@ -193,8 +190,8 @@ class AsyncClient:
         while follow.active:
             resp = await self._patient(follow.deadline, self._blocking.xread, follow.streams(),
                                        count=READ_COUNT, block=follow.block_ms())
-            for item in follow.feed(resp):
-                yield item
+            for got in follow.feed(resp):
+                yield got
             for sid in follow.overdue():
                 exists = await self._call(self.redis.exists, self.keys.service(sid))
                 follow.resolve(sid, bool(exists))
@@ -245,7 +242,7 @@ class AsyncClient:
             yield text
 
     async def log_lines(self, service_id: str, *, tail: int = 100,
-                        streams: Iterable[str] | None = None) -> list[LogLine]:
+                        streams: Iterable[str] | None = None) -> builtins.list[LogLine]:
         """The last ``tail`` lines of the output, oldest first, from Redis
         (see Client.log_lines)."""
         await self.status(service_id)
@@ -299,7 +296,7 @@ class AsyncClient:
         """Plugin version, services and last load error of every core, by node name."""
         return calls.plugins_from(await self._call(self.redis.hgetall, self.keys.plugins))
 
-    async def nodes(self) -> list[dict[str, Any]]:
+    async def nodes(self) -> builtins.list[dict[str, Any]]:
         """The cores alive now (their heartbeat has not expired), with their load."""
         names = calls.node_names(await self._call(self.redis.smembers, self.keys.nodes))
         if not names:

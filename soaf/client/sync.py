@@ -24,6 +24,7 @@ first try had gone through.
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,7 +37,7 @@ from soaf.client.calls import DEFAULT_RECONNECT_FOR, ListQuery, Patience
 from soaf.client.follow import READ_COUNT, STREAM_WAIT_MAX, Follow, NotifyWait, is_final, unique
 from soaf.client.logstream import LogFollow, LogLine, TailRead
 from soaf.client.tail import OutputFile, check_stream, local_output
-from soaf.errors import RedisUnavailable, WaitTimeout
+from soaf.errors import RedisUnavailable
 from soaf.protocol.connection import connect
 from soaf.protocol.scripts import CANCEL, SUBMIT
 from soaf.protocol.state import ServiceRecord
@@ -129,9 +130,7 @@ class Client:
         WaitTimeout if it is not final within ``timeout`` seconds; UnknownService if the
         id has no record (after a short grace, see ``soaf.client.follow.UNKNOWN_GRACE``).
         """
-        for record in self.as_completed([service_id], timeout=timeout):
-            return record
-        raise WaitTimeout(f"service {service_id} is not final")  # pragma: no cover
+        return self.wait_all([service_id], timeout=timeout)[0]
 
     def wait_all(self, ids: Iterable[str], timeout: float | None = None) -> list[ServiceRecord]:
         """Wait for all ``ids``; their final records in the order of ``ids``."""
@@ -154,11 +153,11 @@ class Client:
             return
         pending: list[ServiceRecord | str] = []
         for sid in ids:
-            record = self._record_or_none(sid)
-            if record is not None and record.final:
-                yield record
+            found = self._record_or_none(sid)
+            if found is not None and found.final:
+                yield found
             else:
-                pending.append(record if record is not None else sid)
+                pending.append(found if found is not None else sid)
         done: set[str] = set()
         for sid, event in self.follow(pending, timeout=timeout):
             if is_final(event):
@@ -172,7 +171,7 @@ class Client:
     def _as_completed_notify(self, ids: list[str], timeout: float | None
                              ) -> Iterator[ServiceRecord]:
         wait = NotifyWait(ids, timeout=timeout)
-        pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             self._call(pubsub.subscribe, self.keys.notify)  # first, so nothing slips by
             while wait.pending:
@@ -186,8 +185,8 @@ class Client:
                 else:
                     message = self._call(pubsub.get_message, timeout=wait.block_s())
                     while message is not None:
-                        if (sid := wait.note(message["data"])) is not None:
-                            done.append(sid)
+                        if (noted := wait.note(message["data"])) is not None:
+                            done.append(noted)
                         message = self._call(pubsub.get_message, timeout=0)
                 for sid in dict.fromkeys(done):
                     wait.pending.discard(sid)
@@ -281,7 +280,7 @@ class Client:
                     else [line.text for line in read.lines])
 
     def log_lines(self, service_id: str, *, tail: int = 100,
-                  streams: Iterable[str] | None = None) -> list[LogLine]:
+                  streams: Iterable[str] | None = None) -> builtins.list[LogLine]:
         """The last ``tail`` lines of the service's output, oldest first, from Redis.
 
         Works from any machine; soaf keeps the newest ``SOAF_LOG_LINES`` lines of each
@@ -343,7 +342,7 @@ class Client:
         """Plugin version, services and last load error of every core, by node name."""
         return calls.plugins_from(self._call(self.redis.hgetall, self.keys.plugins))
 
-    def nodes(self) -> list[dict[str, Any]]:
+    def nodes(self) -> builtins.list[dict[str, Any]]:
         """The cores alive now (their heartbeat has not expired), with their load."""
         names = calls.node_names(self._call(self.redis.smembers, self.keys.nodes))
         if not names:
