@@ -206,8 +206,8 @@ def wait(client: Client, ids: tuple[str, ...], all_: bool, timeout: float | None
 def logs(client: Client, service_id: str, follow: bool, tail: int | None, stream: str) -> None:
     """Print the output of a service's program.
 
-    It is read from the service's work dir, so this works on the core's machine (or
-    where the work root is shared).
+    It is read from Redis, so this works from any machine; the work-dir file is read
+    only when Redis has no copy, on the machine that holds it.
     """
     for line in client.logs(service_id, tail=tail, follow=follow, stream=stream):
         click.echo(line)

@@ -1,45 +1,43 @@
 """AsyncClient: the ``Client`` calls for asyncio programs that drive many services at once.
 
-Same methods, same arguments, same errors and the same wire contract as ``Client``
-(see its docstring); every call is a coroutine, and the ones that follow services
-(``as_completed``, ``follow``, ``events``, ``logs``) are async iterators. Built on
-redis.asyncio, so thousands of waits share one event loop instead of one thread each.
+Same methods, same parameters, same errors and the same meaning as ``Client`` (see
+soaf/client/sync.py; tests/test_client_parity.py holds them to it): every call is a
+coroutine, and the ones that return an iterator there (``as_completed``, ``follow``,
+``events``, ``logs``, ``follow_logs``) are async iterators here. What is sent and what
+the replies mean comes from the same sans-I/O modules (calls.py, follow.py,
+logstream.py); this one only awaits. Built on redis.asyncio, so thousands of waits
+share one event loop instead of one thread each.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
+import builtins
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
+from soaf.client import calls
+from soaf.client.calls import DEFAULT_RECONNECT_FOR, ListQuery, Patience
 from soaf.client.follow import READ_COUNT, STREAM_WAIT_MAX, Follow, NotifyWait, is_final, unique
-from soaf.client.sync import (
-    CONTROL_MAXLEN,
-    LOG_POLL,
-    duplicate,
-    matches,
-    queue_cancel,
-    reload_fields,
-    resolve,
-    submit_call,
-    unknown,
-    unreachable,
-)
-from soaf.client.tail import OutputFile, output_path
-from soaf.errors import WaitTimeout
+from soaf.client.logstream import LogFollow, LogLine, TailRead
+from soaf.client.tail import OutputFile, check_stream, local_output
+from soaf.errors import RedisUnavailable
 from soaf.protocol.connection import connect_async
-from soaf.protocol.scripts import SUBMIT, Script
-from soaf.protocol.state import ServiceRecord, decode_event
+from soaf.protocol.scripts import CANCEL, SUBMIT, Script
+from soaf.protocol.state import ServiceRecord
 from soaf.protocol.template import ServiceParamTemplate
+
+if TYPE_CHECKING:
+    import redis.asyncio
 
 
 class AsyncClient:
-    """``Client`` for asyncio: ``async with AsyncClient() as client: ...``."""
+    """``Client`` for asyncio: ``async with AsyncClient() as client: ...``.
+
+    Safe to share between the tasks of one event loop."""
 
     def __init__(
         self,
@@ -48,10 +46,16 @@ class AsyncClient:
         secret: str | None = None,
         prefix: str | None = None,
         state_dir: str | Path | None = None,
+        reconnect_for: float = DEFAULT_RECONNECT_FOR,
+        max_payload: int | None = None,
     ) -> None:
-        self.url, self.keys, self._state_dir = resolve(url, prefix, state_dir)
+        self._target = calls.target(url, prefix=prefix, state_dir=state_dir,
+                                    max_payload=max_payload)
+        self.url, self.keys = self._target.url, self._target.keys
+        self.max_payload = self._target.max_payload
+        self.reconnect_for = reconnect_for
         self._secret = secret
-        self.redis = connect_async(self.url, name="soaf-aclient")
+        self.redis: redis.asyncio.Redis = connect_async(self.url, name="soaf-aclient")
         self._blocking = connect_async(self.url, blocking=True, name="soaf-aclient-wait")
 
     async def close(self) -> None:
@@ -68,24 +72,32 @@ class AsyncClient:
         try:
             return await fn(*args, **kwargs)
         except (redis.RedisError, OSError) as e:
-            raise unreachable(self.url, e) from e
+            raise calls.unreachable(self.url, e) from e
+
+    async def _patient(self, deadline: float | None, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``_call`` for reads that may be repeated (see ``calls.Patience``)."""
+        patience = Patience(self.reconnect_for, deadline)
+        while True:
+            try:
+                return await self._call(fn, *args, **kwargs)
+            except RedisUnavailable as e:
+                await asyncio.sleep(patience.pause(e))
 
     async def _script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, loading the script first if Redis does not know it (as Script.run)."""
-        try:
-            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            return await self.redis.eval(script.text, len(keys), *keys, *args)
+        async def run() -> Any:
+            try:
+                return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                return await self.redis.eval(script.text, len(keys), *keys, *args)
+        return await self._call(run)
 
     # -- submitting ---------------------------------------------------------------------
 
     async def submit(self, template: ServiceParamTemplate) -> str:
         """Validate, sign and queue ``template``; return its service id (see Client.submit)."""
-        keys, args = submit_call(self.keys, template, self._secret, self._state_dir)
-        created, detail = await self._call(self._script, SUBMIT, keys, args)
-        if not created:
-            raise duplicate(template.service_id, detail)
-        return template.service_id
+        keys, args = calls.submit_call(self._target, template, self._secret)
+        return calls.submitted(template.service_id, await self._script(SUBMIT, keys, args))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -93,19 +105,16 @@ class AsyncClient:
         """The current record; UnknownService if no such id was ever submitted."""
         record = await self._record_or_none(service_id)
         if record is None:
-            raise unknown(service_id)
+            raise calls.unknown(service_id)
         return record
 
     async def _record_or_none(self, service_id: str) -> ServiceRecord | None:
-        data = await self._call(self.redis.hgetall, self.keys.service(service_id))
-        return ServiceRecord.from_hash(service_id, data) if data else None
+        return calls.record_from(
+            service_id, await self._call(self.redis.hgetall, self.keys.service(service_id)))
 
     async def wait(self, service_id: str, timeout: float | None = None) -> ServiceRecord:
-        """The final record, whatever the final state; WaitTimeout if not final in time."""
-        async with contextlib.aclosing(self.as_completed([service_id], timeout=timeout)) as it:
-            async for record in it:
-                return record
-        raise WaitTimeout(f"service {service_id} is not final")  # pragma: no cover
+        """The final record, whatever the final state (see Client.wait)."""
+        return (await self.wait_all([service_id], timeout=timeout))[0]
 
     async def wait_all(self, ids: Iterable[str], timeout: float | None = None
                        ) -> list[ServiceRecord]:
@@ -116,10 +125,7 @@ class AsyncClient:
 
     async def as_completed(self, ids: Iterable[str], timeout: float | None = None
                            ) -> AsyncIterator[ServiceRecord]:
-        """Each service's final record as it finishes; WaitTimeout for the rest.
-
-        Many ids are followed through the notify channel, as in Client.as_completed.
-        """
+        """Each service's final record as it finishes (see Client.as_completed)."""
         ids = unique(ids)
         if len(ids) > STREAM_WAIT_MAX:
             async for record in self._as_completed_notify(ids, timeout):
@@ -127,29 +133,18 @@ class AsyncClient:
             return
         pending: list[ServiceRecord | str] = []
         for sid in ids:
-            record = await self._record_or_none(sid)
-            if record is not None and record.final:
-                yield record
+            found = await self._record_or_none(sid)
+            if found is not None and found.final:
+                yield found
             else:
-                pending.append(record if record is not None else sid)
+                pending.append(found if found is not None else sid)
         done: set[str] = set()
         async for sid, event in self.follow(pending, timeout=timeout):
             if is_final(event):
                 done.add(sid)
                 yield await self.status(sid)
-        # An id whose record appeared, already final, between the first read and the
-        # follow's own read is not followed at all: it is final now.
-        for item in pending:
-            sid = item if isinstance(item, str) else item.service_id
-            if sid not in done:
-                yield await self.status(sid)
-
-    async def _states(self, ids: list[str]) -> dict[str, str | None]:
-        pipe = self.redis.pipeline(transaction=False)
-        for sid in ids:
-            pipe.hget(self.keys.service(sid), "state")
-        raw = await self._call(pipe.execute)
-        return {sid: None if v is None else json.loads(v) for sid, v in zip(ids, raw)}
+        for sid in calls.pending_ids(pending, done):
+            yield await self.status(sid)
 
     async def _as_completed_notify(self, ids: list[str], timeout: float | None
                                    ) -> AsyncIterator[ServiceRecord]:
@@ -160,21 +155,25 @@ class AsyncClient:
             while wait.pending:
                 done: list[str] = []
                 if wait.check_due():
-                    done = wait.checked(await self._states(sorted(wait.pending)))
+                    pipe = self.redis.pipeline(transaction=False)
+                    ids = sorted(wait.pending)
+                    for sid in ids:
+                        pipe.hget(self.keys.service(sid), "state")
+                    done = wait.checked(calls.states_from(ids, await self._call(pipe.execute)))
                 else:
                     message = await self._call(pubsub.get_message,
                                                ignore_subscribe_messages=True,
                                                timeout=wait.block_s())
                     while message is not None:
-                        if (sid := wait.note(message["data"])) is not None:
-                            done.append(sid)
+                        if (noted := wait.note(message["data"])) is not None:
+                            done.append(noted)
                         message = await self._call(pubsub.get_message,
                                                    ignore_subscribe_messages=True, timeout=0)
                 for sid in dict.fromkeys(done):
                     wait.pending.discard(sid)
                     yield await self.status(sid)
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def follow(
         self, services: Iterable[str | ServiceRecord], *, timeout: float | None = None,
@@ -189,101 +188,123 @@ class AsyncClient:
             else:
                 follow.add(item, await self._record_or_none(item), replay=replay)
         while follow.active:
-            resp = await self._call(self._blocking.xread, follow.streams(), count=READ_COUNT,
-                                    block=follow.block_ms())
-            for item in follow.feed(resp):
-                yield item
+            resp = await self._patient(follow.deadline, self._blocking.xread, follow.streams(),
+                                       count=READ_COUNT, block=follow.block_ms())
+            for got in follow.feed(resp):
+                yield got
             for sid in follow.overdue():
                 exists = await self._call(self.redis.exists, self.keys.service(sid))
                 follow.resolve(sid, bool(exists))
 
     async def events(self, service_id: str, *, follow: bool = True,
                      timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Every event from the first, then live ones until final; no gap, no duplicate."""
+        """Every event from the first, then live ones until final (see Client.events)."""
         record = await self._record_or_none(service_id)
         if not follow or (record is not None and record.final):  # all there is, at once
             entries = await self._call(self.redis.xrange, self.keys.events(service_id))
-            if not entries and record is None:
-                raise unknown(service_id)
-            for raw_id, data in entries:
-                yield {**decode_event(data), "event_id": raw_id.decode()}
+            for event in calls.events_from(service_id, record, entries):
+                yield event
             return
         async for _, event in self.follow([record or service_id], timeout=timeout, replay=True):
             yield event
-
-    async def logs(self, service_id: str, *, tail: int | None = None, follow: bool = False,
-                   stream: str = "stdout") -> AsyncIterator[str]:
-        """Lines of the program's output from its work dir (see Client.logs)."""
-        record = await self.status(service_id)
-        path = output_path(record, stream)
-        while path is None:
-            if not follow or record.final:
-                return
-            await asyncio.sleep(LOG_POLL)
-            record = await self.status(service_id)
-            path = output_path(record, stream)
-        out = OutputFile(path)
-        for line in out.tail(tail):
-            yield line
-        while follow:
-            final = (await self.status(service_id)).final
-            for line in out.new_lines(final=final):
-                yield line
-            if final:
-                return
-            await asyncio.sleep(LOG_POLL)
 
     async def list(self, *, state: str | None = None, service: str | None = None,
                    node: str | None = None, since: float | None = None,
                    limit: int = 100) -> list[ServiceRecord]:
         """The newest services first, optionally filtered (see Client.list)."""
-        out: list[ServiceRecord] = []
-        start = 0
-        while len(out) < limit:
+        query = ListQuery(state=state, service=service, node=node, since=since, limit=limit)
+        while (page := query.page()) is not None:
+            low, start, num = page
             ids = await self._call(self.redis.zrevrangebyscore, self.keys.services, "+inf",
-                                        since if since is not None else "-inf", start=start, num=200)
-            if not ids:
-                break
-            start += len(ids)
+                                   low, start=start, num=num)
             pipe = self.redis.pipeline(transaction=False)
             for raw in ids:
                 pipe.hgetall(self.keys.service(raw.decode()))
-            for raw, data in zip(ids, await self._call(pipe.execute)):
-                if data:
-                    record = ServiceRecord.from_hash(raw.decode(), data)
-                    if matches(record, state, service, node):
-                        out.append(record)
-                        if len(out) >= limit:
-                            break
-        return out
+            query.feed(ids, await self._call(pipe.execute) if ids else [])
+        return query.found
+
+    # -- logs ---------------------------------------------------------------------------
+
+    async def logs(self, service_id: str, *, tail: int | None = None, follow: bool = False,
+                   stream: str = "stdout") -> AsyncIterator[str]:
+        """The text of the program's output, from Redis; the work-dir file only when
+        Redis has no copy and the work dir is on this host (see Client.logs)."""
+        check_stream(stream)
+        record = await self.status(service_id)
+        if follow and not record.final:
+            async for line in self._follow_log(record, tail, [stream], None):
+                yield line.text
+            return
+        read = await self._tail(service_id, tail, [stream])
+        path = local_output(record, stream) if read.newest == "0-0" else None
+        for text in (OutputFile(path).tail(tail) if path is not None
+                     else [line.text for line in read.lines]):
+            yield text
+
+    async def log_lines(self, service_id: str, *, tail: int = 100,
+                        streams: Iterable[str] | None = None) -> builtins.list[LogLine]:
+        """The last ``tail`` lines of the output, oldest first, from Redis
+        (see Client.log_lines)."""
+        await self.status(service_id)
+        return (await self._tail(service_id, tail, streams)).lines
+
+    async def follow_logs(self, service_id: str, *, tail: int = 10,
+                          streams: Iterable[str] | None = None,
+                          timeout: float | None = None) -> AsyncIterator[LogLine]:
+        """The last ``tail`` lines, then each new one, until the service is final
+        (see Client.follow_logs)."""
+        async for line in self._follow_log(await self.status(service_id), tail, streams,
+                                           timeout):
+            yield line
+
+    async def _tail(self, service_id: str, n: int | None, streams: Iterable[str] | None
+                    ) -> TailRead:
+        read = TailRead(n, streams)
+        while (request := read.request()) is not None:
+            top, count = request
+            read.feed(await self._call(self.redis.xrevrange, self.keys.log(service_id),
+                                       max=top, min="-", count=count))
+        return read
+
+    async def _follow_log(self, record: ServiceRecord, tail: int | None,
+                          streams: Iterable[str] | None, timeout: float | None
+                          ) -> AsyncIterator[LogLine]:
+        read = await self._tail(record.service_id, tail, streams)
+        for line in read.lines:
+            yield line
+        follow = LogFollow(self.keys, record, position=read.newest, streams=streams,
+                           timeout=timeout)
+        while not follow.final:
+            for line in follow.feed(await self._patient(
+                    follow.deadline, self._blocking.xread, follow.streams(), count=READ_COUNT,
+                    block=follow.block_ms())):
+                yield line
+        while entries := await self._patient(None, self.redis.xrange, follow.log_key,
+                                             min=follow.after(), count=READ_COUNT):
+            for line in follow.feed_log(entries):
+                yield line
 
     # -- steering -----------------------------------------------------------------------
 
     async def cancel(self, service_id: str) -> str:
-        """Ask for a service to be cancelled (durably); returns what happened in words."""
-        record = await self.status(service_id)
-        if record.final:
-            return f"already {record.state}; nothing to cancel"
-        pipe = self.redis.pipeline(transaction=False)
-        queue_cancel(pipe, self.keys, service_id)
-        await self._call(pipe.execute)
-        return f"cancel requested ({record.state})"
+        """Cancel a service; what happened in plain words (see Client.cancel): a queued
+        one is ``cancelled`` at once, for one a core holds a durable request is made."""
+        keys, args = calls.cancel_call(self.keys, service_id)
+        return calls.cancelled(service_id, await self._script(CANCEL, keys, args))
 
     async def plugins(self) -> dict[str, Any]:
         """Plugin version, services and last load error of every core, by node name."""
-        data = await self._call(self.redis.hgetall, self.keys.plugins)
-        return {k.decode(): json.loads(v) for k, v in data.items()}
+        return calls.plugins_from(await self._call(self.redis.hgetall, self.keys.plugins))
 
-    async def nodes(self) -> list[dict[str, Any]]:
-        """The cores alive now, with their load."""
-        members = await self._call(self.redis.smembers, self.keys.nodes)
-        names = sorted(n.decode() for n in members)
+    async def nodes(self) -> builtins.list[dict[str, Any]]:
+        """The cores alive now (their heartbeat has not expired), with their load."""
+        names = calls.node_names(await self._call(self.redis.smembers, self.keys.nodes))
         if not names:
             return []
-        values = await self._call(self.redis.mget, [self.keys.node(n) for n in names])
-        return [json.loads(v) for v in values if v is not None]
+        return calls.nodes_from(
+            await self._call(self.redis.mget, [self.keys.node(n) for n in names]))
 
     async def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""
-        await self._call(self.redis.xadd, self.keys.control, reload_fields(node),
-                         maxlen=CONTROL_MAXLEN, approximate=True)
+        stream, fields, maxlen = calls.reload_call(self.keys, node)
+        await self._call(self.redis.xadd, stream, fields, maxlen=maxlen, approximate=True)

@@ -170,7 +170,7 @@ class NotifyWait:
         self._next_check = 0.0
 
     def check_due(self) -> bool:
-        return self._clock() >= self._next_check
+        return bool(self._clock() >= self._next_check)
 
     def checked(self, states: dict[str, str | None]) -> list[str]:
         """After a re-read: the ids now final; UnknownService for an id still without a
@@ -194,7 +194,7 @@ class NotifyWait:
                     + ", ".join(pending[:5]) + (" ..." if len(pending) > 5 else "")
                 )
             limit = min(limit, self.deadline - now)
-        return limit
+        return float(limit)
 
     def note(self, data: Any) -> str | None:
         """The pending id whose final state a notify message announces, if any."""

@@ -1,8 +1,10 @@
 """Client: submit templates and follow, wait for and cancel services, from anywhere.
 
-Uses only the wire contract of docs/protocol.md (it never imports the core). Waiting
+Uses only the wire contract of docs/protocol.md (it never imports the core). This
+module only talks to Redis: what to send and what the replies mean is decided in
+soaf/client/calls.py, follow.py and logstream.py, shared with ``AsyncClient``. Waiting
 reads each service's event stream from the position stored in its record, so no event
-between "read the record" and "follow the stream" can be missed (see soaf/client/follow.py).
+between "read the record" and "follow the stream" can be missed.
 
 What the calls raise (all soaf errors): ``RedisUnavailable`` when Redis cannot be
 reached, ``UnknownService`` for an id that was never submitted, ``WaitTimeout`` when a
@@ -11,8 +13,9 @@ A service that ends badly is not an exception: ``wait`` returns its final record
 whatever the state (``failed``, ``cancelled``, ``timed_out`` and ``rejected`` - the
 core refused the submission, ``record.error`` says why); check ``record.ok``.
 
-Calls that only read (``wait``, ``wait_all``, ``as_completed``, ``events``) ride out an
-outage of Redis of up to ``reconnect_for`` seconds, retrying with backoff and going on
+Calls that follow (``wait``, ``wait_all``, ``as_completed``, ``follow``, ``events``,
+``follow_logs`` and ``logs(follow=True)``) ride out an outage of Redis of up to
+``reconnect_for`` seconds once they have started, retrying with backoff and going on
 from the stream position they had, so nothing is missed; the others, and those after
 that time, raise ``RedisUnavailable``. ``submit`` never retries by itself: resubmitting
 the same template (same service id) is safe, and ``DuplicateService`` then means the
@@ -21,8 +24,7 @@ first try had gone through.
 
 from __future__ import annotations
 
-import json
-import os
+import builtins
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,107 +32,16 @@ from typing import Any
 
 import redis
 
-from soaf.client import logstream
+from soaf.client import calls
+from soaf.client.calls import DEFAULT_RECONNECT_FOR, ListQuery, Patience
 from soaf.client.follow import READ_COUNT, STREAM_WAIT_MAX, Follow, NotifyWait, is_final, unique
-from soaf.client.logstream import LogLine
-from soaf.client.payload import signing_secret
-from soaf.client.tail import OutputFile, output_path
-from soaf.config import find_redis_url, state_dir_from_env
-from soaf.errors import (
-    ConfigError,
-    DuplicateService,
-    RedisUnavailable,
-    StateError,
-    UnknownService,
-    ValidationError,
-    WaitTimeout,
-)
-from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps
-from soaf.protocol.connection import connect, redact
-from soaf.protocol.keys import DEFAULT_PREFIX, Keys
+from soaf.client.logstream import LogFollow, LogLine, TailRead
+from soaf.client.tail import OutputFile, check_stream, local_output
+from soaf.errors import RedisUnavailable
+from soaf.protocol.connection import connect
 from soaf.protocol.scripts import CANCEL, SUBMIT
-from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_event
-from soaf.protocol.template import ServiceParamTemplate, validate_template
-
-#: Longest single blocking read, in milliseconds; waits are made of such reads.
-_BLOCK_MS = 2000
-#: Waits on more ids than this follow the notify channel instead of event streams.
-_STREAM_WAIT_MAX = 16
-#: Seconds between re-reads of the records while following the notify channel.
-_RECHECK_S = 2.0
-#: Seconds a waiting call keeps retrying while Redis cannot be reached.
-DEFAULT_RECONNECT_FOR = 30.0
-#: Control messages kept in the control stream (approximate).
-CONTROL_MAXLEN = 10_000
-#: Seconds between two looks at a followed output file.
-LOG_POLL = 0.2
-
-
-# -- shared with AsyncClient ----------------------------------------------------------------
-
-def resolve(url: str | None, prefix: str | None, state_dir: str | Path | None
-            ) -> tuple[str, Keys, Path]:
-    """The Redis URL, key names and state dir a client uses, found like a core finds them."""
-    state = Path(state_dir) if state_dir is not None else state_dir_from_env()
-    found = url or find_redis_url(state)
-    if not found:
-        raise ConfigError(
-            "no Redis to talk to: set SOAF_REDIS_URL (or pass --redis / url=), or run "
-            f"next to a core with an embedded Redis (looked for {state / 'redis.url'})"
-        )
-    return found, Keys(prefix or os.environ.get("SOAF_PREFIX") or DEFAULT_PREFIX), state
-
-
-def unreachable(url: str, e: Exception) -> StateError:
-    """The soaf error for a redis-py error: RedisUnavailable for connection trouble."""
-    if isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError)):
-        return RedisUnavailable(f"cannot reach Redis at {redact(url)}: {e}")
-    return StateError(f"Redis at {redact(url)} refused a command: {e}")
-
-
-def submit_call(keys: Keys, template: ServiceParamTemplate, secret: str | None,
-                state_dir: Path, max_payload: int = DEFAULT_MAX_PAYLOAD
-                ) -> tuple[list[str], list[Any]]:
-    """Check, sign and check again what a core would refuse (ValidationError naming a
-    bad field, or ``payload`` when over the size limit; UnsafePayload naming a global
-    the core will not load); KEYS and ARGV of the SUBMIT script that queues it."""
-    validate_template(template)
-    payload = dumps(template, signing_secret(secret, state_dir))
-    if len(payload) > max_payload:
-        raise ValidationError("payload", f"the template pickles to {len(payload)} bytes, over "
-                                         f"the limit of {max_payload} (SOAF_MAX_PAYLOAD)")
-    check_loadable(payload)
-    sid = template.service_id
-    return ([keys.service(sid), keys.events(sid), keys.services, keys.submit],
-            [sid, template.service, time.time(), payload, keys.notify, EVENTS_MAXLEN])
-
-
-def duplicate(service_id: str, detail: bytes) -> DuplicateService:
-    state = detail.decode(errors="replace").strip('"')
-    return DuplicateService(f"service id {service_id!r} was already submitted (state {state})")
-
-
-def matches(record: ServiceRecord, state: str | None, service: str | None,
-            node: str | None) -> bool:
-    return ((state is None or record.state == state)
-            and (service is None or record.service == service)
-            and (node is None or record.node == node))
-
-
-def reload_fields(node: str | None) -> dict[str, str]:
-    return {"type": "reload", **({"node": node} if node else {})}
-
-
-def unknown(service_id: str) -> UnknownService:
-    return UnknownService(f"no service with id {service_id!r}")
-
-
-def queue_cancel(pipe: Any, keys: Keys, service_id: str) -> None:
-    """Add a durable cancel request (the cancels hash) and its prompt notice (the control
-    stream) to a pipeline, sync or async."""
-    pipe.hset(keys.cancels, service_id, json.dumps(time.time()))
-    pipe.xadd(keys.control, {"type": "cancel", "id": service_id},
-              maxlen=CONTROL_MAXLEN, approximate=True)
+from soaf.protocol.state import ServiceRecord
+from soaf.protocol.template import ServiceParamTemplate
 
 
 class Client:
@@ -138,7 +49,8 @@ class Client:
 
     ``url`` and ``secret`` default to what a core on this machine uses: SOAF_REDIS_URL
     and SOAF_SECRET, else the files of the embedded core's state dir (``.soaf/``, or
-    SOAF_STATE_DIR). Safe to share between threads.
+    SOAF_STATE_DIR). ``max_payload`` (default SOAF_MAX_PAYLOAD) is the largest signed
+    template ``submit`` sends. Safe to share between threads.
     """
 
     def __init__(
@@ -151,14 +63,12 @@ class Client:
         reconnect_for: float = DEFAULT_RECONNECT_FOR,
         max_payload: int | None = None,
     ) -> None:
-        self.url, self.keys, self._state_dir = resolve(url, prefix, state_dir)
-        self._secret = secret
+        self._target = calls.target(url, prefix=prefix, state_dir=state_dir,
+                                    max_payload=max_payload)
+        self.url, self.keys = self._target.url, self._target.keys
+        self.max_payload = self._target.max_payload
         self.reconnect_for = reconnect_for
-        env_max = os.environ.get("SOAF_MAX_PAYLOAD", "").strip()
-        try:
-            self.max_payload = max_payload or (int(env_max) if env_max else DEFAULT_MAX_PAYLOAD)
-        except ValueError:
-            raise ConfigError(f"SOAF_MAX_PAYLOAD must be an integer, got {env_max!r}")
+        self._secret = secret
         self.redis = connect(self.url, name="soaf-client")
         self._blocking = connect(self.url, blocking=True, name="soaf-client-wait")
 
@@ -176,26 +86,16 @@ class Client:
         try:
             return fn(*args, **kwargs)
         except (redis.RedisError, OSError) as e:
-            raise unreachable(self.url, e) from e
+            raise calls.unreachable(self.url, e) from e
 
     def _patient(self, deadline: float | None, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """``_call`` for reads that may be repeated: retries for up to ``reconnect_for``
-        seconds of unreachable Redis (never past ``deadline``), then raises."""
-        failing_since: float | None = None
-        pause = 0.1
+        """``_call`` for reads that may be repeated (see ``calls.Patience``)."""
+        patience = Patience(self.reconnect_for, deadline)
         while True:
             try:
                 return self._call(fn, *args, **kwargs)
-            except RedisUnavailable:
-                now = time.monotonic()
-                failing_since = failing_since or now
-                left = self.reconnect_for - (now - failing_since)
-                if deadline is not None:
-                    left = min(left, deadline - now)
-                if left <= 0:
-                    raise
-                time.sleep(min(pause, left))
-                pause = min(pause * 2, 2.0)
+            except RedisUnavailable as e:
+                time.sleep(patience.pause(e))
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -203,15 +103,11 @@ class Client:
         """Validate, sign and queue ``template``; return its service id.
 
         Everything a core would refuse is refused here first: ValidationError naming a
-        bad field (or ``payload`` when it is over the size limit), UnsafePayload naming a
+        bad field (or ``payload`` when it is over ``max_payload``), UnsafePayload naming a
         global the core will not load; DuplicateService when the id was already submitted.
         """
-        keys, args = submit_call(self.keys, template, self._secret, self._state_dir,
-                                 self.max_payload)
-        created, detail = self._call(SUBMIT.run, self.redis, keys, args)
-        if not created:
-            raise duplicate(template.service_id, detail)
-        return template.service_id
+        keys, args = calls.submit_call(self._target, template, self._secret)
+        return calls.submitted(template.service_id, self._call(SUBMIT.run, self.redis, keys, args))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -219,14 +115,14 @@ class Client:
         """The current record; UnknownService if no such id was ever submitted."""
         record = self._record_or_none(service_id)
         if record is None:
-            raise unknown(service_id)
+            raise calls.unknown(service_id)
         return record
 
     def _record_or_none(self, service_id: str) -> ServiceRecord | None:
         # Not patient: a first read fails fast (status, the CLI); following, once
         # started, rides out an outage (see follow()).
-        data = self._call(self.redis.hgetall, self.keys.service(service_id))
-        return ServiceRecord.from_hash(service_id, data) if data else None
+        return calls.record_from(
+            service_id, self._call(self.redis.hgetall, self.keys.service(service_id)))
 
     def wait(self, service_id: str, timeout: float | None = None) -> ServiceRecord:
         """Block until the service is final and return its record, whatever the final state.
@@ -234,9 +130,7 @@ class Client:
         WaitTimeout if it is not final within ``timeout`` seconds; UnknownService if the
         id has no record (after a short grace, see ``soaf.client.follow.UNKNOWN_GRACE``).
         """
-        for record in self.as_completed([service_id], timeout=timeout):
-            return record
-        raise WaitTimeout(f"service {service_id} is not final")  # pragma: no cover
+        return self.wait_all([service_id], timeout=timeout)[0]
 
     def wait_all(self, ids: Iterable[str], timeout: float | None = None) -> list[ServiceRecord]:
         """Wait for all ``ids``; their final records in the order of ``ids``."""
@@ -259,11 +153,11 @@ class Client:
             return
         pending: list[ServiceRecord | str] = []
         for sid in ids:
-            record = self._record_or_none(sid)
-            if record is not None and record.final:
-                yield record
+            found = self._record_or_none(sid)
+            if found is not None and found.final:
+                yield found
             else:
-                pending.append(record if record is not None else sid)
+                pending.append(found if found is not None else sid)
         done: set[str] = set()
         for sid, event in self.follow(pending, timeout=timeout):
             if is_final(event):
@@ -271,33 +165,28 @@ class Client:
                 yield self.status(sid)
         # An id whose record appeared, already final, between the first read and the
         # follow's own read is not followed at all: it is final now.
-        for item in pending:
-            sid = item if isinstance(item, str) else item.service_id
-            if sid not in done:
-                yield self.status(sid)
-
-    def _states(self, ids: list[str]) -> dict[str, str | None]:
-        pipe = self.redis.pipeline(transaction=False)
-        for sid in ids:
-            pipe.hget(self.keys.service(sid), "state")
-        raw = self._call(pipe.execute)
-        return {sid: None if v is None else json.loads(v) for sid, v in zip(ids, raw)}
+        for sid in calls.pending_ids(pending, done):
+            yield self.status(sid)
 
     def _as_completed_notify(self, ids: list[str], timeout: float | None
                              ) -> Iterator[ServiceRecord]:
         wait = NotifyWait(ids, timeout=timeout)
-        pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+        pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             self._call(pubsub.subscribe, self.keys.notify)  # first, so nothing slips by
             while wait.pending:
                 done: list[str] = []
                 if wait.check_due():
-                    done = wait.checked(self._states(sorted(wait.pending)))
+                    pipe = self.redis.pipeline(transaction=False)
+                    ids = sorted(wait.pending)
+                    for sid in ids:
+                        pipe.hget(self.keys.service(sid), "state")
+                    done = wait.checked(calls.states_from(ids, self._call(pipe.execute)))
                 else:
                     message = self._call(pubsub.get_message, timeout=wait.block_s())
                     while message is not None:
-                        if (sid := wait.note(message["data"])) is not None:
-                            done.append(sid)
+                        if (noted := wait.note(message["data"])) is not None:
+                            done.append(noted)
                         message = self._call(pubsub.get_message, timeout=0)
                 for sid in dict.fromkeys(done):
                     wait.pending.discard(sid)
@@ -341,40 +230,10 @@ class Client:
         record = self._record_or_none(service_id)
         if not follow or (record is not None and record.final):  # all there is, at once
             entries = self._call(self.redis.xrange, self.keys.events(service_id))
-            if not entries and record is None:
-                raise unknown(service_id)
-            for raw_id, data in entries:
-                yield {**decode_event(data), "event_id": raw_id.decode()}
+            yield from calls.events_from(service_id, record, entries)
             return
         for _, event in self.follow([record or service_id], timeout=timeout, replay=True):
             yield event
-
-    def logs(
-        self, service_id: str, *, tail: int | None = None, follow: bool = False,
-        stream: str = "stdout",
-    ) -> Iterator[str]:
-        """Lines of the program's ``stdout`` (or ``stderr``), read from its work dir.
-
-        ``tail`` keeps only the last lines; ``follow`` goes on yielding new lines until
-        the service is final. Works where the work dir is visible (the core's machine or
-        a shared file system); LogsUnavailable elsewhere.
-        """
-        record = self.status(service_id)
-        path = output_path(record, stream)
-        while path is None:  # not started yet: no work dir
-            if not follow or record.final:
-                return
-            time.sleep(LOG_POLL)
-            record = self.status(service_id)
-            path = output_path(record, stream)
-        out = OutputFile(path)
-        yield from out.tail(tail)
-        while follow:
-            final = self.status(service_id).final
-            yield from out.new_lines(final=final)
-            if final:
-                return
-            time.sleep(LOG_POLL)
 
     def list(
         self, *, state: str | None = None, service: str | None = None, node: str | None = None,
@@ -382,25 +241,88 @@ class Client:
     ) -> list[ServiceRecord]:
         """The newest services first, optionally only those in ``state``, of ``service``,
         on ``node``, or submitted at or after ``since`` (a ``time.time()`` value)."""
-        out: list[ServiceRecord] = []
-        start = 0
-        while len(out) < limit:
-            ids = self._call(self.redis.zrevrangebyscore, self.keys.services, "+inf",
-                                  since if since is not None else "-inf", start=start, num=200)
-            if not ids:
-                break
-            start += len(ids)
+        query = ListQuery(state=state, service=service, node=node, since=since, limit=limit)
+        while (page := query.page()) is not None:
+            low, start, num = page
+            ids = self._call(self.redis.zrevrangebyscore, self.keys.services, "+inf", low,
+                             start=start, num=num)
             pipe = self.redis.pipeline(transaction=False)
             for raw in ids:
                 pipe.hgetall(self.keys.service(raw.decode()))
-            for raw, data in zip(ids, self._call(pipe.execute)):
-                if data:
-                    record = ServiceRecord.from_hash(raw.decode(), data)
-                    if matches(record, state, service, node):
-                        out.append(record)
-                        if len(out) >= limit:
-                            break
-        return out
+            query.feed(ids, self._call(pipe.execute) if ids else [])
+        return query.found
+
+    # -- logs ---------------------------------------------------------------------------
+
+    def logs(
+        self, service_id: str, *, tail: int | None = None, follow: bool = False,
+        stream: str = "stdout",
+    ) -> Iterator[str]:
+        """The text of the program's ``stdout`` (or ``stderr``), line by line.
+
+        Read from the service's Redis log stream, so it works from any machine (Redis
+        keeps the newest ``SOAF_LOG_LINES`` lines; see ``log_lines``). Only when Redis
+        has no copy of the service's output at all, and its work dir is on this host,
+        the work-dir file is read instead (a capped file's punched head is skipped,
+        never shown as NUL bytes). ``tail`` keeps only the last lines; ``follow`` goes on
+        yielding new lines until the service is final (always from Redis).
+        UnknownService if no such id was ever submitted.
+        """
+        check_stream(stream)
+        record = self.status(service_id)
+        if follow and not record.final:
+            for line in self._follow_log(record, tail, [stream], None):
+                yield line.text
+            return
+        read = self._tail(service_id, tail, [stream])
+        path = local_output(record, stream) if read.newest == "0-0" else None
+        yield from (OutputFile(path).tail(tail) if path is not None
+                    else [line.text for line in read.lines])
+
+    def log_lines(self, service_id: str, *, tail: int = 100,
+                  streams: Iterable[str] | None = None) -> builtins.list[LogLine]:
+        """The last ``tail`` lines of the service's output, oldest first, from Redis.
+
+        Works from any machine; soaf keeps the newest ``SOAF_LOG_LINES`` lines of each
+        service there (the capped files in the work dir hold more, on the core's host).
+        ``streams`` selects ``stdout``/``stderr``/``soaf`` (soaf's notes, e.g. how much
+        of a flood was not copied); default all. UnknownService if no such id was ever
+        submitted.
+        """
+        self.status(service_id)
+        return self._tail(service_id, tail, streams).lines
+
+    def follow_logs(self, service_id: str, *, tail: int = 10,
+                    streams: Iterable[str] | None = None,
+                    timeout: float | None = None) -> Iterator[LogLine]:
+        """The last ``tail`` lines from Redis (as ``log_lines``), then each new line as it
+        is copied there, until the service is final (every line written before the end
+        is yielded). WaitTimeout after ``timeout`` seconds."""
+        yield from self._follow_log(self.status(service_id), tail, streams, timeout)
+
+    def _tail(self, service_id: str, n: int | None, streams: Iterable[str] | None
+              ) -> TailRead:
+        read = TailRead(n, streams)
+        while (request := read.request()) is not None:
+            top, count = request
+            read.feed(self._call(self.redis.xrevrange, self.keys.log(service_id), max=top,
+                                 min="-", count=count))
+        return read
+
+    def _follow_log(self, record: ServiceRecord, tail: int | None,
+                    streams: Iterable[str] | None, timeout: float | None
+                    ) -> Iterator[LogLine]:
+        read = self._tail(record.service_id, tail, streams)
+        yield from read.lines
+        follow = LogFollow(self.keys, record, position=read.newest, streams=streams,
+                           timeout=timeout)
+        while not follow.final:
+            yield from follow.feed(self._patient(
+                follow.deadline, self._blocking.xread, follow.streams(), count=READ_COUNT,
+                block=follow.block_ms()))
+        while entries := self._patient(None, self.redis.xrange, follow.log_key,
+                                       min=follow.after(), count=READ_COUNT):
+            yield from follow.feed_log(entries)
 
     # -- steering -----------------------------------------------------------------------
 
@@ -413,65 +335,21 @@ class Client:
         core that takes it over later finds it. A finished service is left as it is
         (the answer says so); an unknown id raises UnknownService.
         """
-        verdict, state = self._call(
-            CANCEL.run, self.redis,
-            [self.keys.service(service_id), self.keys.events(service_id), self.keys.cancels,
-             self.keys.control],
-            [service_id, time.time(), self.keys.notify, EVENTS_MAXLEN, ",".join(FINAL_VALUES),
-             CONTROL_MAXLEN],
-        )
-        verdict, state = verdict.decode(), state.decode()
-        if verdict == "unknown":
-            raise UnknownService(f"no service with id {service_id!r}")
-        if verdict == "final":
-            return f"already {state}; nothing to cancel"
-        if verdict == "cancelled":
-            return "cancelled (it was queued and never started)"
-        return f"cancel requested; it was {state} and will end cancelled"
-
-    # -- logs ---------------------------------------------------------------------------
-
-    def log_lines(self, service_id: str, tail: int = 100,
-             streams: Iterable[str] | None = None) -> list[LogLine]:
-        """The last ``tail`` lines of the service's output, oldest first (see also
-        ``logs``, which reads the work dir's files).
-
-        Read from Redis, so it works from any machine; soaf keeps the newest
-        ``log_lines`` lines of each service there (the capped files in the work dir hold
-        more). ``streams`` selects ``stdout``/``stderr``/``soaf`` (soaf's notes); default
-        all. UnknownService if no such id was ever submitted.
-        """
-        self.status(service_id)
-        return self._call(logstream.read_tail, self.redis, self.keys, service_id, tail,
-                          streams)[0]
-
-    def follow_logs(self, service_id: str, tail: int = 10, *,
-                    streams: Iterable[str] | None = None,
-                    timeout: float | None = None) -> Iterator[LogLine]:
-        """The last ``tail`` lines, then each new line as it is written, until the service
-        is final (every line written before the end is yielded). WaitTimeout after
-        ``timeout`` seconds."""
-        record = self.status(service_id)
-        try:
-            yield from logstream.follow(self.redis, self._blocking, self.keys, record, tail=tail,
-                                        streams=streams, timeout=timeout, block_ms=_BLOCK_MS)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise RedisUnavailable(f"cannot reach Redis at {redact(self.url or '')}: {e}") from e
+        keys, args = calls.cancel_call(self.keys, service_id)
+        return calls.cancelled(service_id, self._call(CANCEL.run, self.redis, keys, args))
 
     def plugins(self) -> dict[str, Any]:
         """Plugin version, services and last load error of every core, by node name."""
-        data = self._call(self.redis.hgetall, self.keys.plugins)
-        return {k.decode(): json.loads(v) for k, v in data.items()}
+        return calls.plugins_from(self._call(self.redis.hgetall, self.keys.plugins))
 
-    def nodes(self) -> list[dict[str, Any]]:
+    def nodes(self) -> builtins.list[dict[str, Any]]:
         """The cores alive now (their heartbeat has not expired), with their load."""
-        names = sorted(n.decode() for n in self._call(self.redis.smembers, self.keys.nodes))
+        names = calls.node_names(self._call(self.redis.smembers, self.keys.nodes))
         if not names:
             return []
-        values = self._call(self.redis.mget, [self.keys.node(n) for n in names])
-        return [json.loads(v) for v in values if v is not None]
+        return calls.nodes_from(self._call(self.redis.mget, [self.keys.node(n) for n in names]))
 
     def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""
-        self._call(self.redis.xadd, self.keys.control, reload_fields(node),
-                   maxlen=CONTROL_MAXLEN, approximate=True)
+        stream, fields, maxlen = calls.reload_call(self.keys, node)
+        self._call(self.redis.xadd, stream, fields, maxlen=maxlen, approximate=True)

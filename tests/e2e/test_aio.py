@@ -80,8 +80,32 @@ def test_cancel_timeout_and_unknown(start_core, redis_server, prefix, monkeypatc
             return said, record
 
     said, record = run(main())
-    assert said.startswith("cancel requested")
+    assert said in ("cancelled (it was queued and never started)",
+                    "cancel requested; it was running and will end cancelled",
+                    "cancel requested; it was building and will end cancelled",
+                    "cancel requested; it was preparing and will end cancelled")
     assert record.state == "cancelled"
+
+
+def test_follow_the_logs_of_many_services_at_once(start_core, redis_server, prefix):
+    start_core(SOAF_LOG_INTERVAL="0.05")
+
+    async def main():
+        async with aclient(redis_server, prefix) as client:
+            ids = await asyncio.gather(*(client.submit(ServiceParamTemplate(
+                "steps", args={"n": 3, "delay": 0.1}, watch_interval=0.05)) for _ in range(4)))
+
+            async def lines(sid):
+                return [line.text async for line in client.follow_logs(
+                    sid, tail=10, streams=["stdout"], timeout=60)]
+
+            followed = await asyncio.gather(*(lines(sid) for sid in ids))
+            tails = await asyncio.gather(*(client.log_lines(sid, tail=1) for sid in ids))
+            return followed, tails
+
+    followed, tails = run(main())
+    assert followed == [["step 1", "step 2", "step 3"]] * 4
+    assert all(len(t) == 1 for t in tails)
 
 
 def test_plugins_nodes_reload(start_core, redis_server, prefix):

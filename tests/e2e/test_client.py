@@ -1,4 +1,8 @@
-"""Client calls against a real core: waiting, following, listing, cancelling, errors."""
+"""Client and AsyncClient against a real core: waiting, following, listing, cancelling, logs, errors.
+
+Every test runs twice, once with ``Client`` and once with ``AsyncClient`` (driven
+through tests/blocking.py), so the two cannot behave differently.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +15,39 @@ import redis
 
 import soaf
 import soaf.client.follow
-from soaf import Client, ServiceParamTemplate
+from soaf import ServiceParamTemplate
 from soaf.errors import (
     ConfigError,
     DuplicateService,
-    LogsUnavailable,
     RedisUnavailable,
     UnknownService,
     ValidationError,
     WaitTimeout,
 )
 from soaf.protocol.keys import Keys
+from tests.blocking import flavours
 from tests.conftest import SECRET, wait_until
+from tests.test_tail import punch_head
+
+
+@pytest.fixture(params=["sync", "async"])
+def make_client(request):
+    """The client class under test; every client made with it is closed afterwards."""
+    cls = flavours()[request.param]
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(cls(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def client(make_client, redis_server, prefix):
+    return make_client(redis_server.url, secret=SECRET, prefix=prefix)
 
 
 def steps(n: int = 2, delay: float = 0.05, code: int = 0, **kw) -> ServiceParamTemplate:
@@ -43,6 +68,35 @@ def test_submit_status_wait(start_core, client):
         client.submit(t)
     with pytest.raises(ValidationError, match="service"):
         client.submit(ServiceParamTemplate("no spaces allowed"))
+
+
+def test_a_payload_over_the_limit_is_refused_before_it_is_sent(make_client, redis_server,
+                                                               prefix, monkeypatch):
+    small = make_client(redis_server.url, secret=SECRET, prefix=prefix, max_payload=2000)
+    big = ServiceParamTemplate("true", args={"blob": "x" * 5000})
+    with pytest.raises(ValidationError, match=r"payload.*over the limit of 2000"):
+        small.submit(big)
+    monkeypatch.setenv("SOAF_MAX_PAYLOAD", "3000")
+    from_env = make_client(redis_server.url, secret=SECRET, prefix=prefix)
+    assert from_env.max_payload == 3000
+    with pytest.raises(ValidationError, match="over the limit of 3000"):
+        from_env.submit(big)
+    with pytest.raises(UnknownService):
+        from_env.status(big.service_id)  # nothing was queued
+    assert from_env.submit(ServiceParamTemplate("true"))
+
+
+def test_cancel_of_a_queued_service_is_final_at_once(start_core, client):
+    queued = client.submit(ServiceParamTemplate("steps", args={"n": 1}))  # no core yet
+    assert client.cancel(queued) == "cancelled (it was queued and never started)"
+    record = client.status(queued)
+    assert record.state == "cancelled" and record.error == "cancelled before it started"
+    assert client.wait(queued, timeout=1).state == "cancelled"
+    assert client.cancel(queued) == "already cancelled; nothing to cancel"
+    start_core()
+    after = client.wait(client.submit(ServiceParamTemplate("true")), timeout=30)
+    assert after.ok  # the core is at work, and the cancelled one never ran
+    assert client.status(queued).state == "cancelled" and not client.status(queued).node
 
 
 def test_wait_returns_the_record_of_a_failed_or_rejected_service(start_core, client):
@@ -83,7 +137,8 @@ def test_as_completed_yields_in_finishing_order_and_wait_all_in_given_order(star
 def test_unknown_ids(start_core, client, monkeypatch):
     monkeypatch.setattr(soaf.client.follow, "UNKNOWN_GRACE", 0.3)
     for call in (client.status, client.wait, client.cancel, lambda i: list(client.events(i)),
-                 lambda i: list(client.events(i, follow=False)), lambda i: list(client.logs(i))):
+                 lambda i: list(client.events(i, follow=False)), lambda i: list(client.logs(i)),
+                 client.log_lines, lambda i: list(client.follow_logs(i, timeout=5))):
         with pytest.raises(UnknownService, match="no service with id 'nope'"):
             call("nope")
     start_core()
@@ -164,8 +219,9 @@ def test_list_filters(start_core, client):
     assert client.list(since=before + 3600) == []
 
 
-def test_logs(start_core, client, work_root):
-    start_core()
+def test_logs_come_from_redis_and_from_the_work_dir_only_without_a_copy(
+        start_core, client, redis_server, prefix):
+    start_core(SOAF_LOG_INTERVAL="0.05")
     sid = client.submit(steps(n=3, delay=0.4))
     wait_until(lambda: client.status(sid).state == "running", 20, message="running")
     followed = list(client.logs(sid, follow=True))  # from a running service to its end
@@ -174,9 +230,44 @@ def test_logs(start_core, client, work_root):
     assert list(client.logs(sid, tail=1)) == ["step 3"]
     assert list(client.logs(sid, tail=0)) == []
     assert list(client.logs(sid, stream="stderr")) == ["done with 3 steps"]
-    shutil.rmtree(Path(client.status(sid).get("work_dir")))  # as if it were on another host
-    with pytest.raises(LogsUnavailable, match="node core-a"):
-        list(client.logs(sid))
+    assert list(client.logs(sid, follow=True, tail=2)) == ["step 2", "step 3"]  # final: at once
+    with pytest.raises(ValueError, match="stream"):
+        list(client.logs(sid, stream="stdin"))
+    lines = client.log_lines(sid, tail=2, streams=["stdout"])
+    assert [(line.stream, line.text) for line in lines] == [("stdout", "step 2"), ("stdout", "step 3")]
+    assert {line.text for line in client.log_lines(sid)} == {"step 1", "step 2", "step 3",
+                                                            "done with 3 steps"}
+    assert [line.text for line in client.follow_logs(sid, tail=5, streams=["stdout"],
+                                                     timeout=5)] == ["step 1", "step 2", "step 3"]
+
+    # Redis has no copy (the log stream is gone): the work dir on this host is read, and
+    # a capped file's punched head is skipped rather than read as NUL bytes.
+    redis_server.client().delete(Keys(prefix).log(sid))
+    work_dir = Path(client.status(sid).get("work_dir"))
+    assert list(client.logs(sid)) == ["step 1", "step 2", "step 3"]
+    stdout = work_dir / "stdout.log"
+    stdout.write_bytes(b"x" * 8192 + b"...ragged\nstep 1\nstep 2\nstep 3\n")
+    punch_head(stdout, 8192)
+    assert list(client.logs(sid)) == ["...ragged", "step 1", "step 2", "step 3"]
+    assert list(client.logs(sid, tail=10)) == ["...ragged", "step 1", "step 2", "step 3"]
+    assert client.log_lines(sid) == []  # log_lines reads Redis only
+    shutil.rmtree(work_dir)  # as if on another host: neither copy is reachable
+    assert list(client.logs(sid)) == []
+
+
+def test_follow_logs_from_a_service_that_has_not_started(start_core, client):
+    sid = client.submit(steps(n=3, delay=0.2))
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.extend(
+        line.text for line in client.follow_logs(sid, tail=10, streams=["stdout"], timeout=60)))
+    reader.start()
+    start_core(SOAF_LOG_INTERVAL="0.05")
+    reader.join(60)
+    assert got == ["step 1", "step 2", "step 3"]
+    sleeper = client.submit(ServiceParamTemplate("sleep", args={"seconds": 30}))
+    with pytest.raises(WaitTimeout):
+        list(client.follow_logs(sleeper, timeout=0.5))
+    client.cancel(sleeper)
 
 
 def test_plugins_nodes_reload(start_core, client):
@@ -191,8 +282,8 @@ def test_plugins_nodes_reload(start_core, client):
                message="the reload")
 
 
-def test_redis_unreachable(tmp_path, own_redis, start_core, prefix):
-    missing = Client(f"unix://{tmp_path}/no.sock", secret=SECRET)
+def test_redis_unreachable(tmp_path, own_redis, start_core, prefix, make_client):
+    missing = make_client(f"unix://{tmp_path}/no.sock", secret=SECRET)
     with pytest.raises(RedisUnavailable, match="cannot reach Redis at unix://"):
         missing.status("x")
     with pytest.raises(RedisUnavailable):
@@ -200,7 +291,7 @@ def test_redis_unreachable(tmp_path, own_redis, start_core, prefix):
     with pytest.raises(RedisUnavailable):
         list(missing.events("x"))
     start_core(SOAF_REDIS_URL=own_redis.url)
-    client = Client(own_redis.url, secret=SECRET, prefix=prefix, reconnect_for=1)
+    client = make_client(own_redis.url, secret=SECRET, prefix=prefix, reconnect_for=1)
     sid = client.submit(ServiceParamTemplate("sleep", args={"seconds": 30}))
     failure: list[BaseException] = []
 
@@ -219,19 +310,53 @@ def test_redis_unreachable(tmp_path, own_redis, start_core, prefix):
     assert not isinstance(failure[0], redis.RedisError)
 
 
+def test_waiting_and_following_logs_ride_out_a_redis_restart(own_redis, start_core, prefix,
+                                                             make_client):
+    start_core(SOAF_REDIS_URL=own_redis.url, SOAF_LOG_INTERVAL="0.05")
+    client = make_client(own_redis.url, secret=SECRET, prefix=prefix, reconnect_for=30)
+    sid = client.submit(steps(n=6, delay=0.5))
+    results: dict[str, object] = {}
+
+    def waiting() -> None:
+        try:
+            results["record"] = client.wait(sid, timeout=90)
+        except BaseException as e:  # the test looks at it
+            results["record"] = e
+
+    def following() -> None:
+        try:
+            results["lines"] = [line.text for line in client.follow_logs(
+                sid, tail=10, streams=["stdout"], timeout=90)]
+        except BaseException as e:
+            results["lines"] = e
+
+    threads = [threading.Thread(target=waiting), threading.Thread(target=following)]
+    wait_until(lambda: client.status(sid).state == "running", 20, message="running")
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: client.log_lines(sid), 20, message="a first line")
+    own_redis.stop()  # a clean restart: the append-only file keeps everything
+    own_redis.start()
+    for thread in threads:
+        thread.join(90)
+    record = results["record"]
+    assert getattr(record, "state", record) == "succeeded"
+    assert results["lines"] == [f"step {i}" for i in range(1, 7)]
+
+
 def test_client_finds_redis_and_secret_in_the_state_dir(start_core, redis_server, prefix,
-                                                        tmp_path, monkeypatch):
+                                                        tmp_path, monkeypatch, make_client):
     start_core()
     for name in ("SOAF_REDIS_URL", "SOAF_SECRET"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SOAF_PREFIX", prefix)
     state = tmp_path / "found"
     with pytest.raises(ConfigError, match="no Redis to talk to"):
-        Client(state_dir=state)
+        make_client(state_dir=state)
     state.mkdir()
     (state / "redis.url").write_text(redis_server.url + "\n")
     (state / "secret").write_text(SECRET + "\n")
-    with Client(state_dir=state) as found:
+    with make_client(state_dir=state) as found:
         assert found.wait(found.submit(ServiceParamTemplate("true")), 30).ok
 
 

@@ -1,0 +1,259 @@
+"""What ``Client`` and ``AsyncClient`` say to Redis and make of its answers, without I/O.
+
+Both clients are thin shells that send what these functions build and hand the replies
+back to them: where a client connects and with which key names (``Target``), the KEYS
+and ARGV of each script call, what a reply means (a duplicate submission, a cancel
+verdict in words, an unknown id), the paging and filters of ``list``, the parsing of
+``nodes`` and ``plugins``, and how long a reading call keeps trying while Redis is down
+(``Patience``). Whatever is decided here is decided once, so the two clients cannot
+drift apart; the shells only differ in ``await``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from soaf.client.payload import signing_secret
+from soaf.config import find_redis_url, state_dir_from_env
+from soaf.errors import (
+    ConfigError,
+    DuplicateService,
+    RedisUnavailable,
+    StateError,
+    UnknownService,
+    ValidationError,
+)
+from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps
+from soaf.protocol.connection import redact
+from soaf.protocol.keys import DEFAULT_PREFIX, Keys
+from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_event
+from soaf.protocol.template import ServiceParamTemplate, validate_template
+
+#: Seconds a reading call keeps retrying while Redis cannot be reached.
+DEFAULT_RECONNECT_FOR = 30.0
+#: Control messages kept in the control stream (approximate).
+CONTROL_MAXLEN = 10_000
+#: Records asked for per round trip by ``list``.
+LIST_PAGE = 200
+#: Longest pause between two tries while Redis is unreachable, in seconds.
+_PAUSE_MAX = 2.0
+
+Reply = tuple[list[str], list[Any]]
+
+
+# -- where a client connects ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """The Redis URL, key names, state dir and payload limit a client uses."""
+
+    url: str
+    keys: Keys
+    state_dir: Path
+    max_payload: int
+
+
+def target(url: str | None, *, prefix: str | None, state_dir: str | Path | None,
+           max_payload: int | None) -> Target:
+    """Found like a core finds them: arguments, else SOAF_REDIS_URL / SOAF_PREFIX /
+    SOAF_STATE_DIR / SOAF_MAX_PAYLOAD, else the embedded core's state dir (``.soaf/``).
+
+    ConfigError when no Redis URL is found or SOAF_MAX_PAYLOAD is not a number. The
+    secret is looked up only when a template is signed (see ``submit_call``)."""
+    state = Path(state_dir) if state_dir is not None else state_dir_from_env()
+    found = url or find_redis_url(state)
+    if not found:
+        raise ConfigError(
+            "no Redis to talk to: set SOAF_REDIS_URL (or pass --redis / url=), or run "
+            f"next to a core with an embedded Redis (looked for {state / 'redis.url'})"
+        )
+    if max_payload is None:
+        env_max = os.environ.get("SOAF_MAX_PAYLOAD", "").strip()
+        try:
+            max_payload = int(env_max) if env_max else DEFAULT_MAX_PAYLOAD
+        except ValueError:
+            raise ConfigError(f"SOAF_MAX_PAYLOAD must be an integer, got {env_max!r}") from None
+    keys = Keys(prefix or os.environ.get("SOAF_PREFIX") or DEFAULT_PREFIX)
+    return Target(found, keys, state, max_payload)
+
+
+def unreachable(url: str, e: Exception) -> StateError:
+    """The soaf error for a redis-py error: RedisUnavailable for connection trouble."""
+    if isinstance(e, (redis.ConnectionError, redis.TimeoutError, OSError)):
+        return RedisUnavailable(f"cannot reach Redis at {redact(url)}: {e}")
+    return StateError(f"Redis at {redact(url)} refused a command: {e}")
+
+
+@dataclass
+class Patience:
+    """How long one reading call rides out an unreachable Redis.
+
+    After each failure, ``pause`` says how long to wait before the next try (0.1 s,
+    doubling up to 2 s), or raises the failure once ``reconnect_for`` seconds have
+    passed since the first one, or the call's own ``deadline`` (a clock value) is near.
+    """
+
+    reconnect_for: float
+    deadline: float | None = None
+    clock: Callable[[], float] = time.monotonic
+    _since: float | None = field(default=None, init=False)
+    _pause: float = field(default=0.1, init=False)
+
+    def pause(self, failure: RedisUnavailable) -> float:
+        now = self.clock()
+        if self._since is None:
+            self._since = now
+        left = self.reconnect_for - (now - self._since)
+        if self.deadline is not None:
+            left = min(left, self.deadline - now)
+        if left <= 0:
+            raise failure
+        pause, self._pause = min(self._pause, left), min(self._pause * 2, _PAUSE_MAX)
+        return pause
+
+
+# -- submitting ------------------------------------------------------------------------------
+
+def submit_call(target: Target, template: ServiceParamTemplate, secret: str | None) -> Reply:
+    """Check, sign and check again what a core would refuse (ValidationError naming a
+    bad field, or ``payload`` when over the size limit; UnsafePayload naming a global
+    the core will not load); KEYS and ARGV of the SUBMIT script that queues it."""
+    validate_template(template)
+    payload = dumps(template, signing_secret(secret, target.state_dir))
+    if len(payload) > target.max_payload:
+        raise ValidationError("payload", f"the template pickles to {len(payload)} bytes, over "
+                                         f"the limit of {target.max_payload} (SOAF_MAX_PAYLOAD)")
+    check_loadable(payload)
+    sid, keys = template.service_id, target.keys
+    return ([keys.service(sid), keys.events(sid), keys.services, keys.submit],
+            [sid, template.service, time.time(), payload, keys.notify, EVENTS_MAXLEN])
+
+
+def submitted(service_id: str, reply: Any) -> str:
+    """The service id, from the SUBMIT script's reply; DuplicateService if it existed."""
+    created, detail = reply
+    if not created:
+        state = detail.decode(errors="replace").strip('"')
+        raise DuplicateService(f"service id {service_id!r} was already submitted "
+                               f"(state {state})")
+    return service_id
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def unknown(service_id: str) -> UnknownService:
+    return UnknownService(f"no service with id {service_id!r}")
+
+
+def record_from(service_id: str, data: dict[bytes, bytes]) -> ServiceRecord | None:
+    """The record in an HGETALL reply; None for an empty one (no such service)."""
+    return ServiceRecord.from_hash(service_id, data) if data else None
+
+
+def states_from(ids: list[str], raw: list[Any]) -> dict[str, str | None]:
+    """``{id: state}`` from one HGET ``state`` per id (None for an id without a record)."""
+    return {sid: None if v is None else json.loads(v) for sid, v in zip(ids, raw)}
+
+
+def events_from(service_id: str, record: ServiceRecord | None,
+                entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
+    """The events of an XRANGE reply, each with its ``event_id``; UnknownService when
+    there is neither an event nor a record."""
+    if not entries and record is None:
+        raise unknown(service_id)
+    return [{**decode_event(data), "event_id": raw_id.decode()} for raw_id, data in entries]
+
+
+def pending_ids(pending: Iterable[ServiceRecord | str], done: set[str]) -> list[str]:
+    """The ids of ``pending`` (ids or records) not in ``done``."""
+    ids = (item if isinstance(item, str) else item.service_id for item in pending)
+    return [sid for sid in ids if sid not in done]
+
+
+@dataclass
+class ListQuery:
+    """The pages ``list`` reads (newest first) and the records it keeps.
+
+    A shell asks ``page()`` for the next ZREVRANGEBYSCORE arguments (None once done),
+    reads those ids' records and hands both to ``feed``; ``found`` is the answer."""
+
+    state: str | None = None
+    service: str | None = None
+    node: str | None = None
+    since: float | None = None
+    limit: int = 100
+    found: list[ServiceRecord] = field(default_factory=list)
+    _start: int = field(default=0, init=False)
+    _done: bool = field(default=False, init=False)
+
+    def page(self) -> tuple[str | float, int, int] | None:
+        """``(min score, start, count)`` of the next page, or None when there is no more."""
+        if self._done or len(self.found) >= self.limit:
+            return None
+        return ("-inf" if self.since is None else self.since), self._start, LIST_PAGE
+
+    def feed(self, ids: list[bytes], hashes: list[dict[bytes, bytes]]) -> None:
+        if not ids:
+            self._done = True
+            return
+        self._start += len(ids)
+        for raw, data in zip(ids, hashes):
+            record = record_from(raw.decode(), data)
+            if record is not None and self.matches(record):
+                self.found.append(record)
+                if len(self.found) >= self.limit:
+                    return
+
+    def matches(self, record: ServiceRecord) -> bool:
+        return ((self.state is None or record.state == self.state)
+                and (self.service is None or record.service == self.service)
+                and (self.node is None or record.node == self.node))
+
+
+def plugins_from(data: dict[bytes, bytes]) -> dict[str, Any]:
+    """``plugins()``: the plugins hash, by node name."""
+    return {k.decode(): json.loads(v) for k, v in data.items()}
+
+
+def node_names(members: Iterable[bytes]) -> list[str]:
+    """The names in the nodes set, sorted."""
+    return sorted(n.decode() for n in members)
+
+
+def nodes_from(values: list[bytes | None]) -> list[dict[str, Any]]:
+    """``nodes()``: the heartbeats still alive (an expired one reads as None)."""
+    return [json.loads(v) for v in values if v is not None]
+
+
+# -- steering --------------------------------------------------------------------------------
+
+def cancel_call(keys: Keys, service_id: str) -> Reply:
+    """KEYS and ARGV of the CANCEL script (see soaf/protocol/scripts.py)."""
+    return ([keys.service(service_id), keys.events(service_id), keys.cancels, keys.control],
+            [service_id, time.time(), keys.notify, EVENTS_MAXLEN, ",".join(FINAL_VALUES),
+             CONTROL_MAXLEN])
+
+
+def cancelled(service_id: str, reply: Any) -> str:
+    """What the CANCEL script did, in words; UnknownService for an unknown id."""
+    verdict, state = (v.decode() if isinstance(v, bytes) else str(v) for v in reply)
+    if verdict == "unknown":
+        raise unknown(service_id)
+    if verdict == "final":
+        return f"already {state}; nothing to cancel"
+    if verdict == "cancelled":
+        return "cancelled (it was queued and never started)"
+    return f"cancel requested; it was {state} and will end cancelled"
+
+
+def reload_call(keys: Keys, node: str | None) -> tuple[str, dict[str, str], int]:
+    """XADD arguments (stream, fields, maxlen) asking cores (all, or ``node``) to reload."""
+    return keys.control, {"type": "reload", **({"node": node} if node else {})}, CONTROL_MAXLEN
