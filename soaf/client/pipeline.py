@@ -62,9 +62,12 @@ class Step:
                  after: tuple[Step, ...], name: str | None) -> None:
         self.pipeline = pipeline
         self.after = after
-        self.template: ServiceParamTemplate | None = (
-            template if isinstance(template, ServiceParamTemplate) else None)
-        self._factory = None if self.template is not None else template
+        self.template: ServiceParamTemplate | None = None
+        self._factory: TemplateFactory | None = None
+        if isinstance(template, ServiceParamTemplate):
+            self.template = template
+        else:
+            self._factory = template
         self._name = name
         self.service_id: str | None = None
         self.record: ServiceRecord | None = None
