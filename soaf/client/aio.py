@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import builtins
 from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from soaf.client import calls
-from soaf.client.calls import DEFAULT_RECONNECT_FOR, ListQuery, Patience
+from soaf.client.base import ClientBase
+from soaf.client.calls import ListQuery, Patience
 from soaf.client.follow import READ_COUNT, STREAM_WAIT_MAX, Follow, NotifyWait, is_final, unique
 from soaf.client.logstream import LogFollow, LogLine, TailRead
 from soaf.client.tail import OutputFile, check_stream, local_output
@@ -34,29 +34,15 @@ if TYPE_CHECKING:
     import redis.asyncio
 
 
-class AsyncClient:
+class AsyncClient(ClientBase["redis.asyncio.Redis"]):
     """``Client`` for asyncio: ``async with AsyncClient() as client: ...``.
 
     Safe to share between the tasks of one event loop."""
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        secret: str | None = None,
-        prefix: str | None = None,
-        state_dir: str | Path | None = None,
-        reconnect_for: float = DEFAULT_RECONNECT_FOR,
-        max_payload: int | None = None,
-    ) -> None:
-        self._target = calls.target(url, prefix=prefix, state_dir=state_dir,
-                                    max_payload=max_payload)
-        self.url, self.keys = self._target.url, self._target.keys
-        self.max_payload = self._target.max_payload
-        self.reconnect_for = reconnect_for
-        self._secret = secret
-        self.redis: redis.asyncio.Redis = connect_async(self.url, name="soaf-aclient")
-        self._blocking = connect_async(self.url, blocking=True, name="soaf-aclient-wait")
+    client_name = "soaf-aclient"
+
+    def _connect(self, url: str, *, blocking: bool, name: str) -> redis.asyncio.Redis:
+        return connect_async(url, blocking=blocking, name=name)
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -27,13 +27,13 @@ from __future__ import annotations
 import builtins
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import redis
 
 from soaf.client import calls
-from soaf.client.calls import DEFAULT_RECONNECT_FOR, ListQuery, Patience
+from soaf.client.base import ClientBase
+from soaf.client.calls import ListQuery, Patience
 from soaf.client.follow import READ_COUNT, STREAM_WAIT_MAX, Follow, NotifyWait, is_final, unique
 from soaf.client.logstream import LogFollow, LogLine, TailRead
 from soaf.client.tail import OutputFile, check_stream, local_output
@@ -44,7 +44,7 @@ from soaf.protocol.state import ServiceRecord
 from soaf.protocol.template import ServiceParamTemplate
 
 
-class Client:
+class Client(ClientBase["redis.Redis"]):
     """A connection to the Redis that soaf cores read from.
 
     ``url`` and ``secret`` default to what a core on this machine uses: SOAF_REDIS_URL
@@ -53,24 +53,10 @@ class Client:
     template ``submit`` sends. Safe to share between threads.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        secret: str | None = None,
-        prefix: str | None = None,
-        state_dir: str | Path | None = None,
-        reconnect_for: float = DEFAULT_RECONNECT_FOR,
-        max_payload: int | None = None,
-    ) -> None:
-        self._target = calls.target(url, prefix=prefix, state_dir=state_dir,
-                                    max_payload=max_payload)
-        self.url, self.keys = self._target.url, self._target.keys
-        self.max_payload = self._target.max_payload
-        self.reconnect_for = reconnect_for
-        self._secret = secret
-        self.redis = connect(self.url, name="soaf-client")
-        self._blocking = connect(self.url, blocking=True, name="soaf-client-wait")
+    client_name = "soaf-client"
+
+    def _connect(self, url: str, *, blocking: bool, name: str) -> redis.Redis:
+        return connect(url, blocking=blocking, name=name)
 
     def close(self) -> None:
         self.redis.close()
