@@ -262,7 +262,6 @@ CLAIM = Script(CLAIM_LUA)
 RECORD = Script(RECORD_LUA)
 CANCEL = Script(CANCEL_LUA)
 RECLAIM = Script(RECLAIM_LUA)
-SCRIPTS = (SUBMIT, CLAIM, RECORD, CANCEL, RECLAIM)
 
 
 def is_noscript(result: Any) -> bool:
