@@ -77,6 +77,12 @@ MIN_SECRET_LENGTH = 16
 log = logging.getLogger(__name__)
 
 
+def host_name() -> str:
+    """This machine's identity wherever soaf compares hosts: ``SOAF_HOST_ID`` when set
+    (tests; containers that share a kernel but not their processes), else the host name."""
+    return os.environ.get("SOAF_HOST_ID") or socket.gethostname()
+
+
 def state_dir_from_env() -> Path:
     return Path(os.environ.get("SOAF_STATE_DIR", DEFAULT_STATE_DIR)).expanduser()
 

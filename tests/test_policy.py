@@ -4,7 +4,7 @@ service's; first runs, retries and recovery all use it."""
 from __future__ import annotations
 
 from soaf import ServiceParamTemplate, ServiceProgramTemplate
-from soaf.core.recovery import max_attempts
+from soaf.core.recovery import lost_budget
 from soaf.plugin.loader import Registry
 from soaf.run.policy import policy_for
 
@@ -41,8 +41,13 @@ def test_retry_delays_double_up_to_the_cap_and_follow_retry_on():
     assert p.retry_delay("failed", "exit_code", 6) is None  # retries used up
 
 
-def test_recovery_counts_attempts_by_the_same_rule():
+def test_lost_attempts_have_their_own_budget():
     registry = Registry(number=1, digest="0" * 64, programs={"patient": Patient})
-    assert max_attempts(ServiceParamTemplate("patient"), registry) == 3
-    assert max_attempts(ServiceParamTemplate("patient", retries=0), registry) == 1
-    assert max_attempts(ServiceParamTemplate("gone", retries=1), registry) == 2
+    assert lost_budget(ServiceParamTemplate("patient"), registry) == 3
+    assert lost_budget(ServiceParamTemplate("patient", retries=0, max_lost=0), registry) == 0
+    assert lost_budget(ServiceParamTemplate("gone", max_lost=5), registry) == 5
+
+    class Fragile(Patient):
+        max_lost = 1
+
+    assert policy_for(ServiceParamTemplate("x"), Fragile).max_lost == 1

@@ -85,28 +85,43 @@ def _record(r, keys: Keys, sid: str, entry: str, state: str, attempt: int) -> No
         "seq": 4, "entry": json.dumps(entry)})
 
 
-def _reclaim(r, keys: Keys, sid: str, entry: str, max_attempts: int) -> list:
+def _reclaim(r, keys: Keys, sid: str, entry: str, max_lost: int) -> list:
     return r.eval(RECLAIM_LUA, 4, keys.service(sid), keys.events(sid), keys.services,
                   keys.cancels, sid, "hold", time.time(), "heir", entry, keys.notify,
-                  EVENTS_MAXLEN, '"1-x"', ",".join(FINAL_VALUES), max_attempts,
+                  EVENTS_MAXLEN, '"1-x"', ",".join(FINAL_VALUES), max_lost,
                   "its core (dead) died", "dead")
 
 
-def test_lost_attempt_reruns_while_retries_last_then_fails(r, prefix):
+def test_lost_attempts_rerun_until_more_than_max_lost_are_lost(r, prefix):
     keys = Keys(prefix)
     _record(r, keys, "svc", "1-1", "running", 1)
-    verdict, state, attempt, seq, _attempts = _reclaim(r, keys, "svc", "1-1", 2)
+    r.hset(keys.service("svc"), mapping={"signal": '"SIGKILL"', "pid": "42",
+                                         "work_dir": '"/w/svc"'})
+    verdict, state, attempt, seq, attempts = _reclaim(r, keys, "svc", "1-1", 1)
     assert (verdict, state, attempt, seq) == (b"run", b"building", 2, 6)
-    verdict, state, attempt, _, _ = _reclaim(r, keys, "svc", "1-1", 2)
+    (lost,) = json.loads(attempts)  # the lost attempt, with what it left on the record
+    assert (lost["attempt"], lost["state"], lost["node"], lost["signal"], lost["pid"]) == (
+        1, "lost", "dead", "SIGKILL", 42)
+    verdict, state, attempt, _, _ = _reclaim(r, keys, "svc", "1-1", 1)
     assert (verdict, attempt) == (b"failed", 2)
     events = [decode_event(d) for _, d in r.xrange(keys.events("svc"))]
     assert [(e["state"], e["attempt"]) for e in events] == [
         ("lost", 1), ("building", 2), ("lost", 2), ("failed", 2)]
-    assert "no retries left (attempt 2 of 2)" in events[-1]["error"]
+    assert events[-1]["error"].startswith("lost 2 times: the cores running it kept dying")
+    assert events[-1]["failure"] == "lost" and "core dead" in events[-1]["error"]
     assert events[0]["lost_in"] == "running" and events[0]["node"] == "dead"
+    assert [a["attempt"] for a in json.loads(r.hget(keys.service("svc"), "attempts"))] == [1, 2]
     # Final now: a further redelivery changes nothing.
     assert _reclaim(r, keys, "svc", "1-1", 5)[0] == b"final"
     assert len(r.xrange(keys.events("svc"))) == 4
+
+
+def test_a_tampered_record_is_reclaimed_without_a_script_error(r, prefix):
+    keys = Keys(prefix)
+    _record(r, keys, "bad", "1-1", "running", 1)
+    r.hset(keys.service("bad"), mapping={"attempts": "not json", "lost_count": "x",
+                                         "pid": "{"})
+    assert _reclaim(r, keys, "bad", "1-1", 3)[:3] == [b"run", b"building", 2]
 
 
 def test_reclaim_of_a_queued_or_duplicate_entry_marks_nothing_lost(r, prefix):

@@ -35,9 +35,9 @@ from typing import Any
 
 import redis
 
-from soaf.config import Settings
+from soaf.config import Settings, host_name
 from soaf.errors import NodeInUse
-from soaf.process.identity import ProcIdentity, boot_id, host_name
+from soaf.process.identity import ProcIdentity, boot_id
 from soaf.protocol.keys import Keys
 from soaf.protocol.scripts import CAS_LUA, REFRESH_LUA, RELEASE_LUA
 from soaf.run.service_run import ServiceRun

@@ -55,15 +55,16 @@ from soaf.run.service_run import Claim, ServiceRun
 log = logging.getLogger(__name__)
 
 
-def max_attempts(template: ServiceParamTemplate, registry: Registry | None) -> int:
-    """Attempts the program's failures may use (soaf.run.policy, as for any run)."""
+def lost_budget(template: ServiceParamTemplate, registry: Registry | None) -> int:
+    """Attempts that may be lost before the service fails (soaf.run.policy, as for any
+    run); lost attempts never use up retries."""
     program = None
     if registry is not None:
         try:
             program = registry.program(template.service)
         except Exception:  # the service left the plugins: the template's values alone
             program = None
-    return policy_for(template, program).max_attempts
+    return policy_for(template, program).max_lost
 
 
 def take_over(client: redis.Redis, heartbeat_key: str, stream: str, dead: str, taker: str,
@@ -155,20 +156,28 @@ class Recovery:
         root = self.settings.work_root
         path = journal_path(root, previous, sid, record.attempt)
         local = load(path)
-        shared = Journal.from_dict(record.get("journal"))
-        # Nothing journaled for this attempt: it may still have spawned its program just
-        # before the crash; the exit file's path, known in advance, finds that one.
-        journal = _current(record.attempt, local, shared) or Journal(
-            service_id=sid, attempt=record.attempt, node=previous, steps=["prepared"],
-            work_dir=record.get("work_dir"),
-            exit_file=str(exit_path(root, previous, sid, record.attempt)))
-        # This node's own attempt; or, from a dead core of this machine, an attempt whose
-        # after_watch_callback has run and only the final write was lost: the final is
-        # written as journaled, never running the callback again.
-        mine = previous == self.node or (journal.final is not None and journal.core_gone())
-        if mine and self._resume(entry_id, template, registry, record, journal):
+        # Nothing journaled on this disk for this attempt: it may still have spawned its
+        # program just before the crash; the exit file's path, known in advance and under
+        # this work root, finds that one.
+        guess = Journal(service_id=sid, attempt=record.attempt, node=previous,
+                        steps=["prepared"], work_dir=record.get("work_dir"),
+                        exit_file=str(exit_path(root, previous, sid, record.attempt)))
+        if previous == self.node:
+            # This node's own attempt, after a restart.
+            shared = Journal.from_dict(record.get("journal"))
+            journal = _current(record.attempt, local, shared) or guess
+            candidates = [local, shared, journal]
+            mine = True
+        else:
+            # Another node's attempt: finished here only on proof found on this machine,
+            # its journal on this disk naming a core of this host that is verifiably dead
+            # (a survivor adopts what it left running). What Redis says is not enough.
+            journal = local if local is not None and local.attempt == record.attempt else guess
+            candidates = [local, guess]
+            mine = local is not None and local.core_gone()
+        if mine and self._resume(entry_id, template, registry, record, journal, path):
             return
-        for candidate in (local, shared, journal):
+        for candidate in candidates:
             if candidate is not None:
                 self._stop_leftover(candidate, why="its attempt is lost")
         if local is not None:
@@ -180,12 +189,12 @@ class Recovery:
         """Record the attempt in progress as lost and start a new one (or end it failed)."""
         sid = template.service_id
         keys, args = self.launcher.claim_args(entry_id, template, registry)
-        args += [max_attempts(template, registry), reason, previous]
+        args += [lost_budget(template, registry), reason, previous]
         reply = RECLAIM.run(self.client, keys, args)
         verdict, detail = reply[0], reply[1]
         if verdict != b"run":
             log.warning("service %s: attempt lost (%s); %s", sid, reason,
-                        "no retries left: failed" if verdict == b"failed"
+                        "lost too often: failed" if verdict == b"failed"
                         else f"not run: {verdict.decode()} ({detail.decode()})")
             self.launcher.finish_entries([entry_id])
             return
@@ -195,8 +204,9 @@ class Recovery:
         self.launcher.start(ServiceRun, template, claim, registry)
 
     def _resume(self, entry_id: str, template: ServiceParamTemplate, registry: Registry,
-                record: ServiceRecord, journal: Journal) -> bool:
-        """Start a run that finishes ``journal``'s attempt here; False if that cannot be done."""
+                record: ServiceRecord, journal: Journal, path: Path) -> bool:
+        """Start a run that finishes ``journal``'s attempt here (``path``: where its node
+        keeps that journal on this disk); False if that cannot be done."""
         kwargs: dict[str, Any] = {}
         if journal.final is None:
             if journal.work_dir is None or not Path(journal.work_dir).is_dir():
@@ -217,7 +227,7 @@ class Recovery:
         earlier = [a for a in earlier if isinstance(a, dict)] if isinstance(earlier, list) else []
         self.launcher.start(RecoveredRun, template,
                             Claim(entry_id, record.attempt, record.seq, earlier), registry,
-                            previous=journal, record=record, **kwargs)
+                            previous=journal, previous_path=path, record=record, **kwargs)
         return True
 
     def _stop_leftover(self, journal: Journal, *, why: str) -> None:

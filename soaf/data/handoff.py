@@ -14,11 +14,11 @@ and ``output_target`` fields (written by the core that ran it) are what is consu
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from soaf.config import host_name
 from soaf.data.workdir import confine
 from soaf.errors import FetchError, ValidationError
 from soaf.protocol.state import State
@@ -32,7 +32,7 @@ def resolve_ref(ref: str, *, lookup: Lookup, work_root: Path,
                 host: str | None = None) -> Path | str:
     """A local path (same host, inside ``work_root``) or a URL for ``ref``."""
     service_id, name = parse_ref(ref)
-    host = host or socket.gethostname()
+    host = host or host_name()
     try:
         record = lookup(service_id)
     except Exception as e:

@@ -14,12 +14,12 @@ import fcntl
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from soaf.config import host_name
 from soaf.protocol.state import FINAL_VALUES
 from soaf.protocol.template import RESERVED_WORK_NAME
 
@@ -97,7 +97,7 @@ def mark_started(work_root: Path, service_id: str, work_name: str) -> Marker:
     """Record that this process uses ``<work_root>/<work_name>`` for ``service_id``; call
     under the shared lock, before the dir is created. Keep the marker for ``mark_finished``."""
     path = Path(f"{work_root}/{RESERVED_WORK_NAME}/runs/{service_id}.json")
-    marker = Marker(service_id, work_name, host=socket.gethostname(), pid=os.getpid(),
+    marker = Marker(service_id, work_name, host=host_name(), pid=os.getpid(),
                     started_at=time.time(), path=path)
     try:
         write_marker(path, marker)
@@ -121,7 +121,7 @@ def mark_set_aside(work_root: Path, work_name: str, state: str) -> Marker:
     finished run of its own, so the sweep recycles it like any failed dir."""
     path = Path(f"{work_root}/{RESERVED_WORK_NAME}/runs/{work_name}.json")
     now = time.time()
-    marker = Marker(work_name, work_name, state=state, host=socket.gethostname(),
+    marker = Marker(work_name, work_name, state=state, host=host_name(),
                     pid=os.getpid(), started_at=now, finished_at=now, path=path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_marker(path, marker)

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soaf.config import RetentionPolicy
+from soaf.config import RetentionPolicy, host_name
 from soaf.data.markers import Marker, abandoned, meta_dir, read_markers, work_root_lock, write_marker
 from soaf.protocol.state import State
 
@@ -125,7 +124,7 @@ def sweep(work_root: Path, policy: RetentionPolicy, *, in_use: InUse | None = No
 
 def _finished_dirs(root: Path, report: SweepReport, now: float,
                    in_use: InUse | None) -> list[_Dir]:
-    host = socket.gethostname()
+    host = host_name()
     groups: dict[str, list[Marker]] = {}
     for marker in read_markers(root):
         groups.setdefault(marker.work_dir, []).append(marker)
@@ -169,7 +168,7 @@ def _unlink_marker(marker: Marker) -> None:
 
 def _still_finished(root: Path, d: _Dir, in_use: InUse | None) -> bool:
     """Under the exclusive lock: has nobody taken the dir since the sweep looked?"""
-    host = socket.gethostname()
+    host = host_name()
     now_markers = [m for m in read_markers(root) if m.work_dir == d.name or not m.work_dir]
     if any(not m.final and not abandoned(m, host) for m in now_markers):
         return False

@@ -16,7 +16,6 @@ import logging
 import os
 import posixpath
 import shutil
-import socket
 import tempfile
 import urllib.error
 import urllib.parse
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soaf.config import DEFAULT_FETCH_TIMEOUT
+from soaf.config import DEFAULT_FETCH_TIMEOUT, host_name
 from soaf.data.workdir import confine
 from soaf.errors import FetchError, ValidationError
 from soaf.protocol.template import REF_SCHEME, ServiceParamTemplate, check_relative, is_url
@@ -317,7 +316,7 @@ def stage(source: str, work_dir: Path, name: str, *, mode: str = "copy",
         else:
             path = local_path(source)
             if not path.exists():
-                raise FetchError(shown, f"no such file or directory on {socket.gethostname()}")
+                raise FetchError(shown, f"no such file or directory on {host_name()}")
             used = stage_local(path, tmp, mode)
         install(tmp, target)
     except FetchError:

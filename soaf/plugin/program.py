@@ -42,6 +42,9 @@ class ServiceProgramTemplate:
             ``retries`` wins). Cancelled services are never retried.
         retry_backoff: seconds before the first retry (a template's ``retry_backoff`` wins);
             doubled for each further one, up to ``retry_backoff_max``.
+        max_lost: attempts that may be lost because their core died (or stopped without
+            draining) before the service fails with failure ``lost`` (a template's
+            ``max_lost`` wins). Lost attempts are re-run outside ``retries``.
         retry_on: failure kinds that are retried (see ``soaf.run.outcome.FAILURES``); None: all.
         work_dir_policy: ``"fresh"``: a retry runs in a new, empty work dir (the failed
             attempt's dir is kept beside it as ``<dir>.attempt<N>``); ``"reuse"``: a retry
@@ -55,6 +58,7 @@ class ServiceProgramTemplate:
     success_codes: ClassVar[tuple[int, ...]] = (0,)
     max_memory_mb: ClassVar[float | None] = None
     retries: ClassVar[int] = 0
+    max_lost: ClassVar[int] = 3
     retry_backoff: ClassVar[float] = 1.0
     retry_backoff_max: ClassVar[float] = 300.0
     retry_on: ClassVar[frozenset[str] | None] = None

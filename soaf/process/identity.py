@@ -16,12 +16,12 @@ import logging
 import os
 import select
 import signal
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from soaf.config import host_name
 from soaf.process.stop import GroupStop, killpg
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,6 @@ def boot_id() -> str:
         return (_PROC / "sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-@functools.cache
-def host_name() -> str:
-    return socket.gethostname()
 
 
 @dataclass(frozen=True)

@@ -136,31 +136,51 @@ end
 return applied
 """
 
-# Prepended to CLAIM_LUA. Extra ARGV: 10 max attempts, 11 reason, 12 node that lost it.
-# When the entry's service is mid-run (not queued, not final) under this very entry, its
-# attempt was lost: record that, and end the service as failed if no attempt is left.
+# Prepended to CLAIM_LUA. Extra ARGV: 10 lost attempts allowed, 11 reason, 12 node that
+# lost it. When the entry's service is mid-run (not queued, not final) under this very
+# entry, its attempt was lost: record that, move the lost attempt into the ``attempts``
+# list, and end the service as failed once more attempts were lost than allowed. Lost
+# attempts never count as failures (retries stay for the program's own failures).
 _LOST_PROLOGUE = """
-local pstate = redis.call('HGET', KEYS[1], 'state')
-if pstate then pstate = cjson.decode(pstate) end
-local pentry = redis.call('HGET', KEYS[1], 'entry')
-if pentry then pentry = cjson.decode(pentry) end
+local function jget(name)
+  local raw = redis.call('HGET', KEYS[1], name)
+  if not raw then return nil end
+  local ok, v = pcall(cjson.decode, raw)
+  if ok and v ~= cjson.null then return v end
+  return nil
+end
+local pstate = jget('state')
+local pentry = jget('entry')
 local pfinals = {}
 for s in string.gmatch(ARGV[9], '[^,]+') do pfinals[s] = true end
-if pstate and not pfinals[pstate] and pstate ~= 'queued' and pentry == ARGV[5] then
-  local pattempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-  local pseq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
-  local ev = {seq=pseq, attempt=pattempt, ts=tonumber(ARGV[3]), state='lost', node=ARGV[12],
-              error=ARGV[11], lost_in=pstate}
+if type(pstate) == 'string' and not pfinals[pstate] and pstate ~= 'queued'
+    and pentry == ARGV[5] then
+  local now = tonumber(ARGV[3])
+  local pattempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') or 0
+  local pseq = (tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') or 0) + 1
+  local lost = (tonumber(redis.call('HGET', KEYS[1], 'lost_count') or '0') or 0) + 1
+  local attempts = jget('attempts')
+  if type(attempts) ~= 'table' then attempts = {} end
+  local gone = {attempt=pattempt, state='lost', error=ARGV[11], node=ARGV[12],
+                lost_in=pstate, ended_at=now}
+  for _, name in ipairs({'work_dir', 'pid', 'exit_code', 'signal', 'running_at'}) do
+    local v = jget(name)
+    if v ~= nil then gone[name] = v end
+  end
+  table.insert(attempts, gone)
+  local ev = {seq=pseq, attempt=pattempt, ts=now, state='lost', node=ARGV[12],
+              error=ARGV[11], lost_in=pstate, lost_count=lost}
   local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
   redis.call('HSET', KEYS[1], 'state', '"lost"', 'seq', pseq, 'lost_at', ARGV[3],
-    'lost_reason', cjson.encode(ARGV[11]), 'event_id', cjson.encode(evid))
-  redis.call('HINCRBY', KEYS[1], 'lost_count', 1)
+    'lost_reason', cjson.encode(ARGV[11]), 'event_id', cjson.encode(evid),
+    'attempts', cjson.encode(attempts), 'lost_count', lost)
   redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=pseq, state='lost'}))
-  if pattempt >= tonumber(ARGV[10]) then
+  if lost > (tonumber(ARGV[10]) or 0) then
     local fseq = pseq + 1
-    local err = 'lost: ' .. ARGV[11] .. '; no retries left (attempt ' .. pattempt .. ' of ' ..
-      ARGV[10] .. ')'
-    local fev = {seq=fseq, attempt=pattempt, ts=tonumber(ARGV[3]), state='failed',
+    local err = 'lost ' .. lost .. ' times: the cores running it kept dying or stopping ' ..
+      'without draining (last: ' .. ARGV[11] .. '; max_lost ' .. ARGV[10] ..
+      '); see the logs of core ' .. ARGV[12] .. ' around that time'
+    local fev = {seq=fseq, attempt=pattempt, ts=now, state='failed',
                  node=ARGV[12], error=err, failure='lost'}
     local fevid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data',
       cjson.encode(fev))

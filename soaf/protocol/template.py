@@ -96,6 +96,9 @@ class ServiceParamTemplate:
             None uses the service's default.
         max_memory_mb: resident memory (MiB) the program may use before it is killed;
             None uses the service's default.
+        max_lost: attempts that may be lost (their core died, or stopped without
+            draining) before the service ends ``failed`` (failure ``lost``); lost attempts
+            never count against ``retries``. None uses the service's default (3).
     """
 
     service: str = ""
@@ -115,6 +118,7 @@ class ServiceParamTemplate:
     retries: int | None = None
     retry_backoff: float | None = None
     max_memory_mb: float | None = None
+    max_lost: int | None = None
 
     def validate(self) -> None:
         """Raise ValidationError naming the first field that cannot be accepted.
@@ -290,6 +294,13 @@ def _check_retries(t: ServiceParamTemplate, value: Any) -> None:
         raise ValidationError("retries", f"must be a whole number >= 0 or None, got {_show(value)}")
 
 
+def _check_max_lost(t: ServiceParamTemplate, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 0 <= value <= MAX_LOST):
+        raise ValidationError("max_lost", f"must be a whole number from 0 to {MAX_LOST} or "
+                                          f"None, got {_show(value)}")
+
+
 def _check_retry_backoff(t: ServiceParamTemplate, value: Any) -> None:
     if value is not None and not (_positive_number(value) or _zero(value)):
         raise ValidationError("retry_backoff", f"must be a number >= 0 or None, got {_show(value)}")
@@ -301,6 +312,9 @@ def _check_max_memory_mb(t: ServiceParamTemplate, value: Any) -> None:
                                                f"{_show(value)}")
 
 
+#: The most lost attempts a template may allow (a crash loop must end).
+MAX_LOST = 100
+
 #: Every field and its check, in the order errors are reported.
 _CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
     ("service", _check_service), ("service_id", _check_service_id),
@@ -310,7 +324,7 @@ _CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
     ("output_target", _check_output_target), ("args", _check_args), ("env", _check_env),
     ("watch_interval", _check_watch_interval), ("timeout", _check_timeout),
     ("retries", _check_retries), ("retry_backoff", _check_retry_backoff),
-    ("max_memory_mb", _check_max_memory_mb),
+    ("max_memory_mb", _check_max_memory_mb), ("max_lost", _check_max_lost),
 ]
 
 

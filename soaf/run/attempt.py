@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from soaf.config import host_name
 from soaf.data import markers, workdir
 from soaf.errors import MissingOutputError, ProgramError, ValidationError
 from soaf.plugin.service import Service
@@ -131,7 +131,7 @@ class Attempt:
                 policy=self.program_cls.work_dir_policy, last_state=self.host.last_state)
         except Exception as e:
             return Outcome(State.FAILED.value, "plugin", f"work dir: {e}", {"failed_in": "work dir"})
-        self.emit({"work_dir": str(self.work_dir), "host": socket.gethostname()})
+        self.emit({"work_dir": str(self.work_dir), "host": host_name()})
         journal = self.host.new_journal(self.number, self.work_dir)
         self.service = self._new_service()
         prep = Preparation(self.host, self.number, self.work_dir, self.service, self.call,

@@ -179,7 +179,10 @@ class RunJournal:
             exit_file=str(exit_path(work_root, node, service_id, attempt)),
             core=_this_core(),
         )
+        # Whoever goes on with a journal owns it from now: its node, and its core process
+        # (so a later takeover checks this core's life, not the dead one's).
         self.data.node = node
+        self.data.core = _this_core()
         self.collected = False
 
     @property

@@ -15,6 +15,8 @@ from typing import Any
 from soaf.protocol.state import State
 from soaf.protocol.template import ServiceParamTemplate
 
+#: Lost attempts allowed when neither the template nor the service says.
+DEFAULT_MAX_LOST = 3
 #: Outcomes that may be retried (a cancelled service never is).
 RETRYABLE = frozenset({State.FAILED.value, State.TIMED_OUT.value})
 
@@ -29,6 +31,9 @@ class Policy:
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
     retry_on: frozenset[str] | None = None
+    #: Attempts that may be lost (core died or stopped without draining); they never
+    #: count against ``retries``.
+    max_lost: int = DEFAULT_MAX_LOST
 
     @property
     def max_attempts(self) -> int:
@@ -68,4 +73,5 @@ def policy_for(template: ServiceParamTemplate, program: Any) -> Policy:
         retry_backoff=float(_pick(template, program, "retry_backoff", 1.0)),
         retry_backoff_max=float(getattr(program, "retry_backoff_max", 300.0) or 300.0),
         retry_on=frozenset(retry_on) if retry_on is not None else None,
+        max_lost=max(0, int(_pick(template, program, "max_lost", DEFAULT_MAX_LOST))),
     )

@@ -32,7 +32,7 @@ from soaf.process.spawn import Exit
 from soaf.protocol.state import ServiceRecord, State
 from soaf.run.attempt import STDERR, STDOUT, Attempt
 from soaf.run.control import Orphaned
-from soaf.run.journal import Journal, RunJournal
+from soaf.run.journal import Journal, RunJournal, remove_files
 from soaf.run.outcome import Outcome
 from soaf.run.prepare import PhaseError, phase_failed
 from soaf.run.service_run import ServiceRun
@@ -51,12 +51,19 @@ class RecoveredRun(ServiceRun):
 
     def __init__(self, *args: Any, previous: Journal, record: ServiceRecord,
                  identity: ProcIdentity | None = None, returncode: int | None = None,
-                 **kwargs: Any) -> None:
+                 previous_path: Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.previous = previous
+        #: Where the core that began the attempt kept its journal, if it was another node
+        #: of this machine: removed with this run's own journal once the final is written.
+        self.previous_node = previous.node
+        self.previous_path = previous_path if previous.node != self.settings.node else None
         self.record = record
         self.identity = identity
         self.returncode = returncode
+
+    #: Its first attempt is the one already under way: its fields stay on the record.
+    continues_attempt = True
 
     @property
     def mode(self) -> str:
@@ -72,6 +79,11 @@ class RecoveredRun(ServiceRun):
                     if k not in ("journal", "finished_at")}
         return super()._attempts(resume)
 
+    def _final_written(self, applied: bool) -> None:
+        if self.previous_path is not None:
+            remove_files(self.previous_path, None)
+        super()._final_written(applied)
+
     def new_attempt(self) -> Attempt:
         if self.attempt == self.claim.attempt:
             return RecoveredAttempt(self, self.attempt)
@@ -83,14 +95,14 @@ class RecoveredRun(ServiceRun):
         self.journal = RunJournal(self.settings.work_root, self.settings.node, self.service_id,
                                   self.claim.attempt, journal=prev)
         note: dict[str, Any] = {"node": self.settings.node, "recovered_at": time.time(),
-                                "recovered_as": self.mode}
+                                "recovered_as": self.mode, "recovered_from": self.previous_node}
         if self.record.state != State.RUNNING.value and prev.running_at is not None:
             note.update(state=State.RUNNING.value, running_at=prev.running_at)
         if self.identity is not None:
             note["pid"] = self.identity.pid
         self.emit(note)
-        log.info("service %s attempt %d: %s after its core stopped", self.service_id,
-                 self.claim.attempt, {"adopt": "re-adopted the running program",
+        log.info("service %s attempt %d: %s after its core (%s) stopped", self.service_id,
+                 self.claim.attempt, self.previous_node, {"adopt": "re-adopted the running program",
                                       "collect": "collecting the program that ended meanwhile",
                                       "collected": "writing the final state that was lost"
                                       }[self.mode])

@@ -56,6 +56,8 @@ ATTEMPT_FIELDS = (
     "message", "callback_error", "callback_traceback", "callback_errors", "running_at",
     "preparing_at", "stdout_bytes", "stderr_bytes", "stdout_dropped_bytes",
     "stderr_dropped_bytes", "missing_outputs", "inputs", "outputs", "output_target",
+    "lost_at", "lost_reason", "requeued_because", "recovered_at", "recovered_as",
+    "recovered_from", "exit_status_known", "retrying_at", "retry_at",
 )
 
 
@@ -90,6 +92,10 @@ class ServiceRun:
     Its attempts (soaf.run.attempt) see it only through the small ``AttemptHost``
     interface: they report what they produce (changes, journal steps, their marker)
     and never write into the run."""
+
+    #: False: the claim starts a new attempt, so what an earlier attempt left on the
+    #: record (exit code, signal, pid ...) is cleared; it is in ``attempts``.
+    continues_attempt = False
 
     def __init__(self, template: ServiceParamTemplate, claim: Claim, *, registry: Registry,
                  engines: Engines) -> None:
@@ -292,12 +298,15 @@ class ServiceRun:
             else:
                 if self.attempt > self.claim.attempt:
                     self._begin_retry()
+                elif self.attempt > 1 and not self.continues_attempt:
+                    self.emit(dict.fromkeys(ATTEMPT_FIELDS))  # after a lost attempt
                 attempt = self.new_attempt()
                 self.current = attempt
                 outcome = attempt.run()
             if attempt.marker is not None:
                 self._marker = attempt.marker
             if outcome.state == INTERRUPTED:
+                self.attempts.append({**attempt.summary(outcome), "state": "lost"})
                 self._requeue(outcome)
                 return None
             self.attempts.append(attempt.summary(outcome))
