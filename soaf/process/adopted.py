@@ -20,7 +20,7 @@ from pathlib import Path
 
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity, pidfd_for, signaller, stop_group
-from soaf.process.spawn import Exit
+from soaf.process.spawn import Exit, group_rss_kb
 from soaf.process.stop import GroupStop, GroupStopping
 
 log = logging.getLogger(__name__)
@@ -81,4 +81,7 @@ class AdoptedProcess(GroupStopping):
         self.exited.wait(grace + 5)
 
     def rss_kb(self) -> int:
-        return 0  # an adopted program's memory limit is not enforced
+        """Resident memory of the program and its descendants now, in KiB."""
+        if self.exited.is_set() or not self.identity.alive():
+            return 0
+        return group_rss_kb(self.pid)

@@ -89,6 +89,16 @@ def take_work_dir(settings: Settings, template: ServiceParamTemplate, number: in
         return workdir.create(root, template), marker
 
 
+def make_program(host: AttemptHost, number: int, work_dir: Path, service: Service) -> Any:
+    """The service's program object for one attempt, wired to its service and staging."""
+    settings = host.engines.settings
+    program = host.plugin.program_cls(host.template, work_dir, attempt=number,
+                                      plugin_root=settings.plugins)
+    program.service = service
+    program.staging = StageContext(timeout=settings.fetch_timeout, resolve=host.resolve)
+    return program
+
+
 class Preparation:
     """The plugin calls before the program starts; ``run()`` returns (argv, env, cwd)."""
 
@@ -110,11 +120,8 @@ class Preparation:
         try:
             self.handler = self._call("handler", host.plugin.handler_cls)
             self.on_handler(self.handler)
-            program = self._call("program", lambda: host.plugin.program_cls(
-                template, self.work_dir, attempt=self.number, plugin_root=settings.plugins))
-            self.program = program
-            program.service = self.service
-            program.staging = StageContext(timeout=settings.fetch_timeout, resolve=host.resolve)
+            program = self.program = self._call("program", lambda: make_program(
+                host, self.number, self.work_dir, self.service))
             self._call("build", program.build)
             # build() may have made links that lead out
             self._call("work dir check", lambda: workdir.check_names(

@@ -34,7 +34,7 @@ from soaf.run.attempt import STDERR, STDOUT, Attempt
 from soaf.run.control import Orphaned
 from soaf.run.journal import Journal, RunJournal, remove_files
 from soaf.run.outcome import Outcome
-from soaf.run.prepare import PhaseError, phase_failed
+from soaf.run.prepare import PhaseError, make_program, phase_failed
 from soaf.run.service_run import ServiceRun
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,10 @@ class RecoveredRun(ServiceRun):
 
 class RecoveredAttempt(Attempt):
     """The attempt a killed core began: its program is adopted (or collected), then
-    ``after_watch_callback`` runs once, as in any attempt. It ends through the same path
-    as any attempt (``Attempt._follow``, ``record_exit``, ``_ended``)."""
+    ``after_watch_callback`` runs once and the outputs are collected, as in any attempt.
+    It ends through the same path as any attempt (``Attempt._follow``, ``record_exit``,
+    ``_ended``, ``_after_watch``, ``_collect``); its timeout, memory limit and a cancel
+    are enforced like any program's."""
 
     adopted = True
 
@@ -126,20 +128,24 @@ class RecoveredAttempt(Attempt):
         self.work_dir = Path(prev.work_dir)
         self.service = self._new_service()
         self.service.restore(run.record.fields, run.record.progress, run.record.message)
+        step = "handler"
         try:
-            self.handler = self.call("handler", run.plugin.handler_cls)
+            self.handler = self.call(step, run.plugin.handler_cls)
+            step = "program"  # no build(): only to collect the outputs in the end
+            self.program = self.call(step, lambda: make_program(
+                run, self.number, self.work_dir, self.service))
         except Orphaned:
             raise
         except BaseException as e:  # a plugin may raise SystemExit too
-            return phase_failed(self.template.service_id, PhaseError("handler", e))
+            return phase_failed(self.template.service_id, PhaseError(step, e))
         self.limits.set_handler(self.handler)
         if run.identity is not None:
-            return self._after_watch(self._adopt(run.identity))
+            return self._collect(self._after_watch(self._adopt(run.identity)))
         code = run.returncode
         self.collected_exit = (Exit(returncode=code, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
                                if code is not None else None)
         self.record_exit()
-        return self._after_watch(self._outcome())
+        return self._collect(self._after_watch(self._outcome()))
 
     def _adopt(self, identity: ProcIdentity) -> Outcome:
         prev = self.run_.previous

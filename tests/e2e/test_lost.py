@@ -139,3 +139,27 @@ def test_a_new_attempt_starts_with_a_clean_record(start_core, client, logdir):
     assert lost["signal"] == "SIGTERM" and lost["work_dir"]
     assert starts(logdir, sid) == 2
     no_overlap(logdir)
+
+
+def test_an_adopted_program_is_cancelled_and_its_outputs_collected_by_the_survivor(
+        start_core, client, logdir, tmp_path):
+    a = start_core(SOAF_NODE="core-a")
+    done = hold(client, logdir, 5, output_files=["tick1.txt"])
+    endless = hold(client, logdir, 0, until=str(tmp_path / "never"))
+    wait_until(lambda: len(running_on(client, [done, endless], "core-a")) == 2, 30,
+               message="both running on core-a")
+    start_core(SOAF_NODE="core-b")
+    a.kill()
+    wait_until(lambda: client.status(endless).get("recovered_as") == "adopt", 30,
+               message="core-b adopts the endless program")
+    client.cancel(endless)
+    cancelled = client.wait(endless, timeout=30)
+    assert cancelled.state == "cancelled" and cancelled.attempt == 1
+    assert cancelled.get("stopped_with") in ("SIGTERM", "SIGKILL")
+    record = client.wait(done, timeout=60)
+    assert record.state == "succeeded" and record.get("recovered_as") == "adopt"
+    (output,) = record.get("outputs")
+    assert output["name"] == "tick1.txt" and len(output["sha256"]) == 64
+    for sid in (done, endless):
+        assert starts(logdir, sid) == 1 and len(afters(logdir, sid)) == 1
+    no_overlap(logdir)
