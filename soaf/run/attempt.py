@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from soaf.data import markers, workdir
-from soaf.errors import MissingOutputError, ProgramError, ValidationError
+from soaf.errors import MissingOutputError, ProgramError
 from soaf.plugin.service import Service
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity
@@ -45,13 +45,14 @@ from soaf.protocol.state import State
 from soaf.run.callbacks import FAILED, call_callback, callback_loop
 from soaf.run.control import Orphaned
 from soaf.run.limits import AFTER, COLLECT, PREPARE_STEPS, WATCH_CALLBACKS, Limits
-from soaf.run.outcome import INTERRUPTED, Outcome, classify
+from soaf.run.outcome import INTERRUPTED, Outcome, classify, exit_fields, stderr_tail, with_stderr
 from soaf.run.ports import AttemptHost
 from soaf.run.prepare import (
     Halted,
     PhaseError,
     Preparation,
     halted,
+    outputs_escape,
     phase_failed,
     take_work_dir,
 )
@@ -95,6 +96,7 @@ class Attempt:
         self._exit_recorded = False
         self._started = threading.Lock()
         self.shimmed = False
+        self._pid_known = True  # the record has the program's pid (False: not yet)
 
     @property
     def stop_reason(self) -> str | None:
@@ -157,11 +159,11 @@ class Attempt:
             process = Process(
                 spawn_argv,  # type: ignore[arg-type]
                 cwd=Path(cwd), env=env, stdout=self.work_dir / STDOUT,
-                stderr=self.work_dir / STDERR,
+                stderr=self.work_dir / STDERR, shimmed=self.shimmed,
             )
             outcome = self._spawn(process)
             if outcome.state == State.SUCCEEDED.value:
-                escape = self._outputs_escape()
+                escape = outputs_escape(self.settings, self.work_dir, self.template)
                 if escape is not None:
                     outcome = Outcome(State.FAILED.value, "confinement", escape)
         return self._collect(self._after_watch(outcome))
@@ -178,18 +180,6 @@ class Attempt:
                        node=self.settings.node, plugin_version=self.host.plugin.version,
                        emit=self.emit)
 
-    def _outputs_escape(self) -> str | None:
-        """Why the output names now lead out of the work dir (the program may have made
-        links), or None when they stay inside."""
-        assert self.work_dir is not None
-        try:
-            workdir.check_names(self.settings.work_root, self.work_dir, self.template,
-                                outputs_only=True)
-        except ValidationError as e:
-            log.warning("service %s: %s", self.template.service_id, e)
-            return f"after the run: {e}"
-        return None
-
     # -- the program --------------------------------------------------------------------
 
     def _spawn(self, process: Process) -> Outcome:
@@ -205,7 +195,12 @@ class Attempt:
             assert process.pid is not None
             identity = ProcIdentity.of(process.pid)
             now = time.time()
-            self.emit({"state": State.RUNNING.value, "running_at": now, "pid": process.pid,
+            # ``pid`` is the program's; a shimmed one's is known once the shim forked it
+            # (usually by now, else at its first sample: ``enforce``).
+            self._pid_known = process.usage.find(process.pid) is not None
+            self.emit({"state": State.RUNNING.value, "running_at": now,
+                       "pid": process.program_pid,
+                       "shim_pid": process.pid if self.shimmed else None,
                        "command": self.argv if self.argv is not None else list(process.argv),
                        **self.host.journal_step(
                            "running", save=True, shimmed=self.shimmed, running_at=now,
@@ -258,14 +253,7 @@ class Attempt:
                 return False
             self._exit_recorded = True
         exit = self.known_exit()
-        values: dict[str, Any] = {"exited_at": time.time()}
-        if self.adopted:
-            values.update(cpu_time=None, max_rss_kb=None, exit_status_known=exit is not None)
-        if exit is not None:
-            values.update(exit_code=exit.exit_code, signal=exit.signal,
-                          wall_time=round(exit.wall_time, 6))
-            if not self.adopted:
-                values.update(cpu_time=round(exit.cpu_time, 6), max_rss_kb=exit.max_rss_kb)
+        values = exit_fields(exit, adopted=self.adopted)
         if process is not None and process.stopped_with:
             values["stopped_with"] = process.stopped_with
         values.update(self.host.journal_step("exited", exit={
@@ -296,8 +284,9 @@ class Attempt:
         if exit is None:  # stopped for a reason; the reason decides the outcome
             exit = Exit(returncode=-signal.SIGTERM, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
         limits = self.limits
-        return classify(exit, reason, timeout=limits.timeout, memory_kb=limits.memory_kb,
-                        rss_kb=limits.rss_kb, success_codes=self.program_cls.success_codes)
+        outcome = classify(exit, reason, timeout=limits.timeout, memory_kb=limits.memory_kb,
+                           rss_kb=limits.rss_kb, success_codes=self.program_cls.success_codes)
+        return with_stderr(outcome, stderr_tail(self.work_dir / STDERR) if self.work_dir else "")
 
     # -- what the limit enforcer does (its thread) ----------------------------------------
 
@@ -321,6 +310,9 @@ class Attempt:
                 limits.stop_reason = reason
                 log.info("stopping service %s (%s)", self.template.service_id, reason)
                 process.begin_stop(limits.grace_for(reason))
+        if not self._pid_known and process.program_pid is not None:
+            self._pid_known = True
+            self.emit({"pid": process.program_pid})
         process.tick()
 
     def deadline_for(self, name: str, started: float) -> float | None:

@@ -1,0 +1,53 @@
+"""What a program costs and how it fails, measured on real programs: peak memory, CPU time,
+memory limits, streamed output and the stderr tail of a failure."""
+
+from __future__ import annotations
+
+import sys
+
+from soaf import ServiceParamTemplate
+
+MIB = 1024
+
+
+def test_peak_memory_and_cpu_time_are_the_programs(start_core, client):
+    start_core()
+    big = client.submit(ServiceParamTemplate("alloc", args={"argv": [200, 1.0]}))
+    small = client.submit(ServiceParamTemplate("shell", args={"script": "sleep 1"}))
+    burn = client.submit(ServiceParamTemplate("shell", args={
+        "script": f"{sys.executable} -c 'import time\nt=time.process_time()+0.5\n"
+                  "while time.process_time() < t: pass'"}))
+    big, small, burn = (client.wait(sid, timeout=60) for sid in (big, small, burn))
+    assert big.state == "succeeded", big
+    # 200 MiB allocated on top of Python's own ~10 MiB
+    assert 200 * MIB * 0.9 <= big.get("max_rss_kb") <= 200 * MIB * 1.1 + 12 * MIB, big
+    assert small.state == "succeeded"
+    assert 0 < small.get("max_rss_kb") < 10 * MIB, small
+    assert small.get("cpu_time") < 0.05, small
+    assert 0.5 <= burn.get("cpu_time") < 0.8, burn
+    # the record's pid is the program's, the shim's is kept beside it
+    for record in (big, small):
+        assert record.get("pid") and record.get("shim_pid")
+        assert record.get("pid") != record.get("shim_pid")
+
+
+def test_a_failure_ends_with_the_last_lines_of_stderr(start_core, client):
+    start_core()
+    failed = client.submit(ServiceParamTemplate("shell", args={
+        "script": "for i in 1 2 3 4 5 6 7; do echo \"problem $i\" >&2; done; "
+                  "printf 'almost\\rdone\\n' >&2; exit 3"}))
+    hung = client.submit(ServiceParamTemplate("shell", timeout=1, args={
+        "script": "echo 'waiting for a lock' >&2; exec sleep 30"}))
+    quiet = client.submit(ServiceParamTemplate("shell", args={"script": "exit 4"}))
+    huge = client.submit(ServiceParamTemplate("shell", args={
+        "script": f"{sys.executable} -c 'print(\"x\" * 5000)' >&2; exit 1"}))
+    failed, hung, quiet, huge = (client.wait(s, timeout=60) for s in (failed, hung, quiet, huge))
+    assert failed.state == "failed"
+    assert failed.error == ("exited with code 3; last lines of stderr:\n"
+                            "problem 4\nproblem 5\nproblem 6\nproblem 7\ndone")
+    assert hung.state == "timed_out"
+    assert hung.error.startswith("ran past its timeout (1 s)")
+    assert hung.error.endswith("; last lines of stderr:\nwaiting for a lock")
+    assert quiet.error == "exited with code 4"  # nothing on stderr, nothing added
+    assert huge.error.endswith("x" * 1024) and len(huge.error) < 1100
+    assert failed.get("attempts")[-1]["error"] == failed.error
