@@ -152,8 +152,10 @@ class Attempt:
             journal.step("prepared")
             # The shim records the exit status in a file, for a core that restarts meanwhile.
             try:
+                group = self.limits.enter_cgroup(self.host.engines.cgroups,
+                                                 f"{self.template.service_id}.{self.number}")
                 spawn_argv, self.shimmed = shim.wrap(argv, cwd=Path(cwd), env=env,
-                                                     exit_file=journal.exit_file)
+                                                     exit_file=journal.exit_file, cgroup=group)
             except ProgramError:  # it cannot start: the spawn below says why, in its words
                 spawn_argv, self.shimmed = argv, False
             process = Process(
@@ -277,6 +279,7 @@ class Attempt:
 
     def _outcome(self) -> Outcome:
         exit, reason = self.known_exit(), self.limits.stop_reason
+        reason = self.limits.leave_cgroup() or reason  # its cgroup's memory.max killed it
         if exit is None and reason is None:
             return Outcome(State.FAILED.value, "exit_status",
                            "the program ended while its core was down and left no exit "

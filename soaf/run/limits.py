@@ -9,14 +9,19 @@ code, and nothing here knows Redis.
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from soaf.config import Settings
+from soaf.process import cgroup
 from soaf.protocol.state import State
 from soaf.run.control import Halt
 from soaf.run.outcome import INTERRUPTED
 from soaf.run.policy import Policy
+
+log = logging.getLogger(__name__)
 
 #: Seconds between two looks at the resident memory of a program that has a limit (the
 #: enforcer ticks such services this often). A program that allocates R MiB/s overshoots
@@ -60,6 +65,28 @@ class Limits:
         self.after_budget = settings.callback_timeout
         self._deadline: float | None = None
         self._next_sample = float("inf")
+        #: The program's own cgroup (soaf.process.cgroup), where the kernel holds the limit.
+        self.cgroup: Path | None = None
+
+    def enter_cgroup(self, cgroups: cgroup.Cgroups | None, name: str) -> Path | None:
+        """A cgroup with ``memory.max`` for the program, where cgroups are delegated and
+        it has a memory limit; None: the limit is polled only."""
+        if cgroups is None or self.memory_kb is None:
+            return None
+        try:
+            self.cgroup = cgroups.create(name, memory_max_kb=self.memory_kb)
+        except OSError as e:
+            log.warning("cannot create cgroup %s (the memory limit is polled): %s", name, e)
+        return self.cgroup
+
+    def leave_cgroup(self) -> str | None:
+        """The program has ended: remove its cgroup; "memory" if its limit killed it."""
+        path, self.cgroup = self.cgroup, None
+        if path is None:
+            return None
+        killed = cgroup.oom_killed(path)
+        cgroup.remove(path)
+        return "memory" if killed else None
 
     @property
     def fast(self) -> bool:

@@ -226,6 +226,11 @@ class ServiceRun:
 
     # -- supervision (the limit enforcer's thread) ----------------------------------------
 
+    @property
+    def fast(self) -> bool:
+        """Its program has a memory limit: the enforcer looks at it more often."""
+        return self.policy.max_memory_kb is not None
+
     def tick(self, now: float) -> None:
         """Enforce the program's limits; take over from a thread stuck in plugin code."""
         attempt = self.current

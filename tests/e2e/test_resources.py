@@ -51,3 +51,14 @@ def test_a_failure_ends_with_the_last_lines_of_stderr(start_core, client):
     assert quiet.error == "exited with code 4"  # nothing on stderr, nothing added
     assert huge.error.endswith("x" * 1024) and len(huge.error) < 1100
     assert failed.get("attempts")[-1]["error"] == failed.error
+
+
+def test_a_memory_limit_holds_against_a_fast_allocator(start_core, client):
+    start_core()
+    # ~200 MiB/s towards 1 GiB, with a limit of 150 MiB
+    record = client.wait(client.submit(ServiceParamTemplate(
+        "alloc", args={"argv": [1024, 0, 200]}, max_memory_mb=150)), timeout=60)
+    assert record.state == "failed" and record.get("failure") == "memory", record
+    assert record.get("signal") == "SIGKILL"
+    assert 150 * MIB < record.get("max_rss_kb") < 1.5 * 150 * MIB, record
+    assert "over its memory limit of 150 MiB" in record.error
