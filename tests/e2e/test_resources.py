@@ -62,3 +62,20 @@ def test_a_memory_limit_holds_against_a_fast_allocator(start_core, client):
     assert record.get("signal") == "SIGKILL"
     assert 150 * MIB < record.get("max_rss_kb") < 1.5 * 150 * MIB, record
     assert "over its memory limit of 150 MiB" in record.error
+
+
+def test_progress_redrawn_with_carriage_returns_streams(start_core, client):
+    start_core()
+    sid = client.submit(ServiceParamTemplate("shell", args={
+        "script": "i=0; while [ $i -lt 60 ]; do printf '\\rprogress %d/60' $i; i=$((i+1)); "
+                  "sleep 0.05; done; printf '\\rfinished   \\n'"}))
+    seen = []
+    for line in client.follow_logs(sid, timeout=60):
+        if line.text.startswith("progress") and not seen:
+            # it arrives while the program still redraws its line
+            assert client.status(sid).state == "running"
+        seen.append(line.text)
+    assert client.wait(sid, timeout=30).state == "succeeded"
+    progress = [t for t in seen if t.startswith("progress")]
+    assert progress and len(progress) < 20, seen  # one per log pass, not one per redraw
+    assert seen[-1].rstrip() == "finished"
