@@ -218,6 +218,8 @@ class Attempt:
     def _follow(self, process: Any) -> Outcome:
         """Call the handler's callbacks until the program ends; how it ended."""
         assert self.service is not None
+        if not self._pid_known:  # the shim may have forked the program by now
+            process.usage.find(process.pid)
         callback_loop(self.handler, self.service, process, self.call,
                       wake=self.host.halt.wake, file_poll=self.settings.file_poll)
         process.exited.wait()
@@ -256,6 +258,8 @@ class Attempt:
             self._exit_recorded = True
         exit = self.known_exit()
         values = exit_fields(exit, adopted=self.adopted)
+        if not self._pid_known and process is not None and process.program_pid is not None:
+            self._pid_known, values["pid"] = True, process.program_pid
         if process is not None and process.stopped_with:
             values["stopped_with"] = process.stopped_with
         values.update(self.host.journal_step("exited", exit={

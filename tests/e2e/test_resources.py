@@ -3,7 +3,10 @@ memory limits, streamed output and the stderr tail of a failure."""
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+from pathlib import Path
 
 from soaf import ServiceParamTemplate
 
@@ -79,3 +82,29 @@ def test_progress_redrawn_with_carriage_returns_streams(start_core, client):
     progress = [t for t in seen if t.startswith("progress")]
     assert progress and len(progress) < 20, seen  # one per log pass, not one per redraw
     assert seen[-1].rstrip() == "finished"
+
+
+def test_status_shows_what_ran_what_it_cost_and_how_it_ended(start_core, client, core_env,
+                                                                 tmp_path):
+    start_core()
+    (tmp_path / "in.txt").write_text("hello\n")
+    target = tmp_path / "results"
+    sid = client.submit(ServiceParamTemplate(
+        "steps", args={"n": 2, "delay": 0.2}, input_files={"in.txt": str(tmp_path / "in.txt")},
+        output_files=["step*.txt"], output_target=str(target)))
+    record = client.wait(sid, timeout=60)
+    assert record.ok, record
+    out = subprocess.run([str(Path(sys.executable).parent / "soaf"), "status", sid],
+                         env={**core_env, "COLUMNS": "200"}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert re.search(r"^command +\./steps\.sh 2 0\.2 0$", text, re.M), text
+    assert re.search(rf"^pid +{record.get('pid')} \(shim {record.get('shim_pid')}\)$", text, re.M)
+    assert re.search(rf"^inputs +in\.txt +6 B +<- {re.escape(str(tmp_path))}/in\.txt$", text, re.M)
+    sha = record.outputs[0]["sha256"][:16]
+    assert re.search(rf"^outputs +step1\.txt +7 B +sha256 {sha} +-> {re.escape(str(target))}",
+                     text, re.M), text
+    assert re.search(r"^ +step2\.txt +7 B +sha256 ", text, re.M)
+    assert re.search(r"^cpu time +\d+\.\d{3} s$", text, re.M)
+    assert re.search(r"^attempts +#1 succeeded on core-a, \d+\.\d s$", text, re.M)
