@@ -4,8 +4,10 @@ memory limits, streamed output and the stderr tail of a failure."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from soaf import ServiceParamTemplate
@@ -108,3 +110,25 @@ def test_status_shows_what_ran_what_it_cost_and_how_it_ended(start_core, client,
     assert re.search(r"^ +step2\.txt +7 B +sha256 ", text, re.M)
     assert re.search(r"^cpu time +\d+\.\d{3} s$", text, re.M)
     assert re.search(r"^attempts +#1 succeeded on core-a, \d+\.\d s$", text, re.M)
+
+
+def test_wait_all_follow_watches_until_ctrl_c(start_core, client, core_env):
+    start_core()
+    watcher = subprocess.Popen([str(Path(sys.executable).parent / "soaf"), "wait", "--all",
+                                "--follow"], env=core_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        first = client.submit(ServiceParamTemplate("shell", args={"script": "true"}))
+        client.wait(first, timeout=30)
+        # idle for longer than `--all` lingers (2 s), then a new service: still watched
+        time.sleep(3.5)
+        assert watcher.poll() is None
+        second = client.submit(ServiceParamTemplate("shell", args={"script": "exit 2"}))
+        client.wait(second, timeout=30)
+        time.sleep(1.5)  # it shows the end of the second one
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=30)
+    assert f"{first} shell succeeded" in out and f"{second} shell failed" in out, out
+    assert err.strip().endswith("1 failed, 1 succeeded"), err
+    assert watcher.returncode == 1
