@@ -49,3 +49,20 @@ def test_ticks_every_interval():
         wait_until(lambda: len(run.ticks) >= 3, 10, message="three ticks")
     finally:
         sup.stop()
+
+
+def test_fast_services_are_ticked_more_often():
+    sup = LimitEnforcer(interval=60, fast_interval=0.02)
+    slow, fast = Ticked("slow"), Ticked("fast")
+    fast.fast = True  # type: ignore[attr-defined]
+    sup.add(slow)
+    sup.add(fast)
+    sup.start()
+    try:
+        wait_until(lambda: len(fast.ticks) >= 10, 10, message="ten fast ticks")
+        assert slow.ticks == []  # a slow one waits for the interval (or a poke)
+        sup.remove(fast)
+        sup.poke()
+        wait_until(lambda: len(slow.ticks) == 1, 5, message="a poke")
+    finally:
+        sup.stop()

@@ -137,3 +137,21 @@ def test_disconnected_keeps_nothing_in_memory(tmp_path):
     assert sink.lines() == [b"a", b"b", b"c"]
     keeper.finish(handle)
     os.close(fd)
+
+
+def test_carriage_returns_end_lines_and_a_redrawn_line_ships_once_per_pass(tmp_path):
+    sink = Sink()
+    keeper = LogKeeper(sink, max_bytes=CAP, interval=1, lines=1000)
+    path = tmp_path / "stdout.log"
+    fd = appender(path)
+    handle = keeper.add("svc", 1, {"stdout": path})
+    os.write(fd, b"start\n" + b"".join(b"\rprogress %d%%" % i for i in range(50)))
+    keeper.tick()
+    assert sink.lines() == [b"start", b"progress 48%"]  # 49% may still be redrawn
+    os.write(fd, b"\rprogress 73%\rdone\nnext\r\n")
+    keeper.tick()
+    assert sink.lines()[2:] == [b"done", b"next"]
+    os.write(fd, b"tail\rend")
+    keeper.finish(handle)
+    assert sink.lines()[4:] == [b"tail", b"end"]
+    os.close(fd)

@@ -66,17 +66,23 @@ def test_exit_code_signal_and_rusage(tmp_path, reaper):
     assert run(tmp_path, reaper, ["sh", "-c", "exit 7"]).exit_code == 7
     killed = run(tmp_path, reaper, ["sh", "-c", "kill -TERM $$"])
     assert killed.exit_code is None and killed.signal == "SIGTERM" and killed.returncode == -15
-    busy = run(tmp_path, reaper, [sys.executable, "-c", textwrap.dedent("""
+    p = process(tmp_path, [sys.executable, "-c", textwrap.dedent("""
         import time
         hold = bytearray(30 * 1024 * 1024)
         for i in range(0, len(hold), 4096):
             hold[i] = 1
-        end = time.process_time() + 0.2
+        end = time.process_time() + 0.4
         while time.process_time() < end:
             pass
     """)])
-    assert busy.exit_code == 0
-    assert busy.cpu_time >= 0.15 and busy.max_rss_kb >= 30 * 1024 and busy.wall_time > 0
+    p.start(reaper)
+    wait_until(lambda: p.rss_kb() >= 30 * 1024 or p.exited.is_set(), 10)  # a sample
+    assert p.exited.wait(30) and (busy := p.exit) is not None
+    assert busy.exit_code == 0 and p.program_pid == p.pid  # not shimmed: the leader
+    assert busy.cpu_time >= 0.35 and busy.max_rss_kb >= 30 * 1024 and busy.wall_time > 0
+    # a program that ends before its first sample has no peak, unless its rusage tells
+    quick = run(tmp_path, reaper, ["true"])
+    assert quick.max_rss_kb is None and quick.cpu_time < 0.05
 
 
 def stop(p: Process, grace: float) -> None:

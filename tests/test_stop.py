@@ -59,3 +59,19 @@ def test_a_group_that_is_gone_is_not_recorded_as_stopped():
     stop, rec, _ = make(alive=False)
     stop.begin(5)
     assert stop.stopped_with is None and rec.sent == []
+
+
+def test_the_kill_log_says_how_long_after_the_term(caplog):
+    caplog.set_level("INFO", logger="soaf.process.stop")
+    stop, _, now = make()
+    stop.begin(5)
+    now[0] += 5.2
+    stop.tick()
+    assert "still running 5.2 s after SIGTERM; sent SIGKILL" in caplog.text
+    caplog.clear()
+    stop, _, now = make()
+    stop.begin(60)
+    now[0] += 0.004
+    stop.begin(0)  # a forced stop: not "still running after SIGTERM"
+    assert "stop made urgent 0.004 s after SIGTERM; sent SIGKILL" in caplog.text
+    assert "still running" not in caplog.text

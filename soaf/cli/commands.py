@@ -165,25 +165,31 @@ def status(client: Client, service_id: str, as_json: bool) -> None:
 @click.option("-a", "--all", "all_", is_flag=True,
               help="Every service not final now, and those submitted while waiting "
                    "(a running pipeline's next steps).")
+@click.option("-f", "--follow", is_flag=True,
+              help="With --all: keep watching for new services until Ctrl-C.")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Give up after SECONDS (exit 1).")
 @json_option
 @with_client
-def wait(client: Client, ids: tuple[str, ...], all_: bool, timeout: float | None,
+def wait(client: Client, ids: tuple[str, ...], all_: bool, follow: bool, timeout: float | None,
          as_json: bool) -> None:
     """Wait for services to end; a progress bar each on a terminal.
 
     Exit code 0 when all succeeded, 1 when one did not (failed, cancelled, timed out,
-    rejected) or the wait timed out.
+    rejected) or the wait timed out. --all --follow watches until Ctrl-C instead of
+    ending once nothing runs.
     """
     if not ids and not all_:
         raise click.UsageError("give service ids, or --all")
+    if follow and not all_:
+        raise click.UsageError("--follow goes with --all")
     records = [client.status(sid) for sid in unique(ids)]
     if all_:
         known = {r.service_id for r in records}
         records += [r for r in reversed(client.list(limit=1000))
                     if not r.final and r.service_id not in known]
-    finals = watch(client, records, discover=all_, timeout=timeout, as_json=as_json)
-    bad = [r for r in finals if not r.ok]
+    finals = watch(client, records, discover=all_, timeout=timeout, as_json=as_json,
+                   follow=follow)
+    bad = [r for r in finals if r.final and not r.ok]
     if as_json:
         print_json([r.to_dict() for r in finals])
     elif not finals:

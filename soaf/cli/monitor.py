@@ -4,7 +4,8 @@ It reads each service's record, hands it to the display, then follows the event
 streams (``Client.follow``) from exactly those records, so no change is missed. With
 ``discover`` it also picks up services submitted while it waits (the next steps of a
 running pipeline): it looks once a second, showing each followed service's newest
-record then, and lingers a little once all it saw are final.
+record then, and lingers a little once all it saw are final; with ``follow`` as well, it
+never stops on its own (until Ctrl-C, or its timeout).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ LINGER = 2.0
 
 
 def watch(client: Client, records: list[ServiceRecord], *, discover: bool,
-          timeout: float | None, as_json: bool, out_stderr: bool = False) -> list[ServiceRecord]:
-    """Show services until they are final (and, with ``discover``, new ones too); their
-    final records in the order they were first seen."""
+          timeout: float | None, as_json: bool, out_stderr: bool = False,
+          follow: bool = False) -> list[ServiceRecord]:
+    """Show services until they are final (and, with ``discover``, new ones too; with
+    ``follow``, until Ctrl-C); their records in the order they were first seen."""
     out = console(stderr=out_stderr)
     display: WaitDisplay
     if as_json:
@@ -38,7 +40,8 @@ def watch(client: Client, records: list[ServiceRecord], *, discover: bool,
     else:
         display = PlainDisplay(out)
     try:
-        return _follow(client, records, display, discover=discover, timeout=timeout)
+        return _follow(client, records, display, discover=discover, timeout=timeout,
+                       follow=follow)
     finally:
         display.close()
 
@@ -50,11 +53,9 @@ class _Quiet:
 
 
 def _follow(client: Client, records: list[ServiceRecord], display: WaitDisplay, *,
-            discover: bool, timeout: float | None) -> list[ServiceRecord]:
+            discover: bool, timeout: float | None, follow: bool = False) -> list[ServiceRecord]:
     deadline = None if timeout is None else time.monotonic() + timeout
     known: dict[str, ServiceRecord] = {}
-    since = time.time()
-    linger_until: float | None = None
 
     def add(record: ServiceRecord) -> None:
         known[record.service_id] = record
@@ -62,6 +63,20 @@ def _follow(client: Client, records: list[ServiceRecord], display: WaitDisplay, 
 
     for record in records:
         add(record)
+    try:
+        _loop(client, display, known, add, discover=discover, deadline=deadline,
+              timeout=timeout, follow=follow)
+    except KeyboardInterrupt:
+        if not follow:
+            raise
+    return list(known.values())
+
+
+def _loop(client: Client, display: WaitDisplay, known: dict[str, ServiceRecord],
+          add: Any, *, discover: bool, deadline: float | None, timeout: float | None,
+          follow: bool) -> None:
+    since = time.time()
+    linger_until: float | None = None
     while True:
         if discover:
             for record in reversed(client.list(since=since - 1, limit=1000)):
@@ -77,9 +92,9 @@ def _follow(client: Client, records: list[ServiceRecord], display: WaitDisplay, 
             if not discover:
                 break
             linger_until = linger_until or now + LINGER
-            if now >= linger_until:
+            if now >= linger_until and not follow:
                 break
-            time.sleep(min(0.2, linger_until - now))
+            time.sleep(DISCOVER_EVERY if now >= linger_until else min(0.2, linger_until - now))
             continue
         linger_until = None
         limits = [x for x in (DISCOVER_EVERY if discover else None,
@@ -97,4 +112,3 @@ def _follow(client: Client, records: list[ServiceRecord], display: WaitDisplay, 
                         display.event(fresh.service_id, {"state": fresh.state, "error": fresh.error,
                                                          "progress": fresh.progress})
                     known[fresh.service_id] = fresh
-    return list(known.values())

@@ -8,6 +8,7 @@ a pipe or a file it prints one plain line per change instead.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from datetime import datetime
@@ -93,19 +94,78 @@ def records_table(records: list[ServiceRecord]) -> Table:
     return table
 
 
+def size(n: Any) -> str:
+    """A byte count in the unit that reads best."""
+    if not isinstance(n, (int, float)):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def _files(items: list[dict[str, Any]], *, outputs: bool) -> str | None:
+    """One line per input or output file: name, size, and its digest and copy or source."""
+    lines = []
+    for f in items:
+        parts = [str(f.get("name")), size(f.get("size"))]
+        if outputs:
+            parts.append(f"sha256 {str(f.get('sha256') or '-')[:16]}")
+            if f.get("url"):
+                parts.append(f"-> {f['url']}")
+        elif f.get("source"):
+            parts.append(f"<- {f.get('resolved') or f['source']}")
+        lines.append("  ".join(parts))
+    return "\n".join(lines) or None
+
+
+def _attempts(attempts: Any) -> str | None:
+    lines = []
+    for a in attempts if isinstance(attempts, list) else []:
+        wall = f", {a['wall_time']:.1f} s" if isinstance(a.get("wall_time"), (int, float)) else ""
+        why = f" ({a['failure']})" if a.get("failure") else ""
+        lines.append(f"#{a.get('attempt')} {a.get('state')}{why} on {a.get('node')}{wall}")
+    return "\n".join(lines) or None
+
+
+def _warnings(r: ServiceRecord) -> str | None:
+    lines = []
+    if r.get("callback_error"):
+        n = r.get("callback_errors") or 1
+        lines.append(f"callback error ({n}x): {r.get('callback_error')}")
+    for stream in ("stdout", "stderr"):
+        if r.get(f"{stream}_dropped_bytes"):
+            lines.append(f"{stream}: {size(r.get(f'{stream}_dropped_bytes'))} dropped (log cap)")
+    if r.get("missing_outputs"):
+        lines.append(f"missing outputs: {', '.join(map(str, r.get('missing_outputs')))}")
+    if r.get("exit_status_known") is False:
+        lines.append("the program ended while no core watched it; exit status unknown")
+    return "\n".join(lines) or None
+
+
 def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
-    """One record as ``field value`` lines: the well-known fields, then custom ones."""
+    """One record as ``field value`` lines: what ran (command, pid, files), what it cost,
+    how it ended (attempts, warnings), then the handler's custom fields."""
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
     r = record
+    command = r.get("command")
+    pid = r.get("pid")
+    if r.get("shim_pid"):
+        pid = f"{pid or '?'} (shim {r.get('shim_pid')})"
+    peak = r.get("max_rss_kb")
     rows: list[tuple[str, Any]] = [
         ("id", r.service_id), ("service", r.service), ("state", state_text(r.state)),
         ("progress", percent(r.progress) if r.progress is not None else None),
         ("message", r.message), ("error", r.error), ("node", r.node),
-        ("attempt", r.attempt or None), ("exit code", r.exit_code),
-        ("signal", r.get("signal")), ("plugin version", r.plugin_version),
-        ("work dir", r.get("work_dir")),
+        ("attempt", r.attempt or None), ("plugin version", r.plugin_version),
+        ("command", shlex.join(map(str, command)) if isinstance(command, list) else command),
+        ("pid", pid), ("exit code", r.exit_code), ("signal", r.get("signal")),
+        ("stopped with", r.get("stopped_with")), ("work dir", r.get("work_dir")),
+        ("inputs", _files(r.inputs, outputs=False)), ("outputs", _files(r.outputs, outputs=True)),
+        ("output target", r.get("output_target")),
     ]
     for name in ("submitted", "building", "preparing", "running", "finished"):
         ts = r.get(f"{name}_at")
@@ -113,6 +173,11 @@ def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
             rows.append((name, when(ts)))
     if r.get("wall_time") is not None:
         rows.append(("wall time", f"{r.get('wall_time'):.3f} s"))
+    if r.get("cpu_time") is not None:
+        rows.append(("cpu time", f"{r.get('cpu_time'):.3f} s"))
+    if isinstance(peak, (int, float)):
+        rows.append(("peak memory", size(peak * 1024)))
+    rows += [("attempts", _attempts(r.get("attempts"))), ("warnings", _warnings(r))]
     for key, value in sorted(r.fields.items()):
         rows.append((f"{key} *", value if isinstance(value, str) else json.dumps(value)))
     if verbose and r.traceback:

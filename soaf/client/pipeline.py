@@ -330,7 +330,8 @@ class Pipeline:
                 self._cond.wait_for(lambda: all(s.done() for s in self.steps), timeout)
 
     def report(self) -> str:
-        """One line per step: name, service, state, id, and why it did not succeed."""
+        """One line per step: name, service, state, id, and why it did not succeed (the
+        last stderr lines of a failed program follow on lines of their own, indented)."""
         lines = []
         for step in list(self.steps):
             service = step.template.service if step.template is not None else "-"
@@ -344,8 +345,10 @@ class Pipeline:
                 if live is not None:
                     state = live.state
                     why = f"{live.progress:.0%}" if live.progress is not None else ""
+            first, *rest = why.splitlines() or [""]  # an error may end with stderr lines
             lines.append(f"{step.name:<12} {service:<12} {state:<10} "
-                         f"{step.service_id or '-':<32} {why}".rstrip())
+                         f"{step.service_id or '-':<32} {first}".rstrip())
+            lines.extend(f"{'':<12} | {line}" for line in rest)
         return "\n".join(lines)
 
     # -- the steps' side ----------------------------------------------------------------------

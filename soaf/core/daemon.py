@@ -34,6 +34,7 @@ from soaf.errors import ConfigError, PluginError, RedisUnavailable
 from soaf.plugin.loader import PluginLoader
 from soaf.plugin.reloader import Reloader
 from soaf.plugin.versions import PluginVersions
+from soaf.process import cgroup
 from soaf.process.reaper import Reaper, become_subreaper, raise_open_files_limit
 from soaf.protocol.connection import connect, redact
 from soaf.protocol.keys import GROUP, Keys
@@ -102,6 +103,7 @@ class Core:
         self.keeper.start()
         self.enforcer = LimitEnforcer()
         self.enforcer.start()
+        self.cgroups = self._cgroups()
         self._wire()
         self.control.start_from(self.redis)
         self._spawn(self.heartbeat.loop, "soaf-heartbeat")
@@ -134,6 +136,19 @@ class Core:
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise RedisUnavailable(f"cannot reach Redis at {redact(self.url)}: {e}") from e
 
+    @staticmethod
+    def _cgroups() -> cgroup.Cgroups | None:
+        """The delegated cgroup v2 for per-program memory limits, or None (polled)."""
+        found, how = cgroup.detect()
+        if found is not None:
+            try:
+                found.prepare()
+            except OSError as e:
+                how = f"cgroup v2 at {found.root} refused its setup ({e}); polled"
+                found = None
+        log.info("memory limits: %s", how)
+        return found
+
     def _wire(self) -> None:
         """Build the engines, each with the collaborators it uses and nothing more."""
         s, client, keys = self.settings, self.redis, self.keys
@@ -144,7 +159,7 @@ class Core:
             revive=self.embedded.revive if self.embedded is not None else None)
         engines = Engines(settings=s, writer=self.writer, reaper=self.reaper,
                           keeper=self.keeper, enforcer=self.enforcer, lookup=self._lookup,
-                          still_current=self.heartbeat.still_current)
+                          still_current=self.heartbeat.still_current, cgroups=self.cgroups)
         self.launcher = Launcher(client, keys, s, engines, self.runs)
         self.gate = Gate(client, keys, secrets=self.secrets, max_payload=s.max_payload,
                          work_root=s.work_root, node=s.node, put=self.writer.put,

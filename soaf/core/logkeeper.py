@@ -13,7 +13,9 @@ thread per core looks at every running program's files every ``log_interval`` se
   what a program writes in one interval (``FLOOD_INTERVAL`` while a file is being cut).
   When the program has ended, its files are rewritten as a plain tail (whole lines, no
   hole) of at most the cap.
-* **Ship.** New complete lines go to the service's Redis log stream (``Keys.log``),
+* **Ship.** New complete lines go to the service's Redis log stream (``Keys.log``);
+  a carriage return ends a line too, but a line redrawn with ``\r`` (a progress bar)
+  ships only what it shows at each pass (its latest ``\r`` segment). The stream is
   capped to ``log_lines`` entries, so a client on another machine can read the tail and
   follow it. A flood is sampled: at most ``SHIP_MAX_BYTES``/``SHIP_MAX_LINES`` per file
   per interval, with a note saying how much was skipped (the file still keeps it).
@@ -66,6 +68,11 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _shown(line: bytes) -> bytes:
+    """What a line redrawn with ``\r`` shows last: its last non-empty segment."""
+    return next((seg for seg in reversed(line.split(b"\r")) if seg), b"")
 
 
 @dataclass
@@ -323,6 +330,11 @@ class LogKeeper:
             data = f.partial + data
             lines = data.split(b"\n")
             f.partial = lines.pop()
+            lines = [_shown(line) if b"\r" in line else line for line in lines]
+            if b"\r" in f.partial:  # a status line redrawn with \r: ship what it shows now
+                done, _, f.partial = f.partial.rpartition(b"\r")
+                if shown := _shown(done):
+                    lines.append(shown)
             if (final and f.partial) or len(f.partial) > LINE_MAX:
                 lines.append(f.partial)
                 f.partial = b""

@@ -39,12 +39,14 @@ _TERMINATING = [
 ]  # fmt: skip
 TERMINATING = sorted({int(getattr(signal, n)) for n in _TERMINATING if hasattr(signal, n)})
 
-SCRIPT = (
-    'f=$1; shift; trap : HUP INT TERM; exec 3>&2 2>/dev/null; (exec "$@" 2>&3 3>&-); c=$?; '
-    'echo "$c" > "$f"; case $c in '
-    + "|".join(str(128 + n) for n in TERMINATING)
-    + ") trap - HUP INT TERM; ulimit -c 0; kill -$((c - 128)) $$;; esac; exit $c"
-)
+_END = ('echo "$c" > "$f"; case $c in ' + "|".join(str(128 + n) for n in TERMINATING)
+        + ") trap - HUP INT TERM; ulimit -c 0; kill -$((c - 128)) $$;; esac; exit $c")
+SCRIPT = ('f=$1; shift; trap : HUP INT TERM; exec 3>&2 2>/dev/null; (exec "$@" 2>&3 3>&-); '
+          'c=$?; ' + _END)
+#: The same, for a program that runs in a cgroup of its own (soaf.process.cgroup): the
+#: program's subshell enters the cgroup ($2) first (if it cannot, the polled limit holds).
+SCRIPT_CGROUP = ('f=$1; g=$2; shift 2; trap : HUP INT TERM; exec 3>&2 2>/dev/null; '
+                 '(echo 0 > "$g/cgroup.procs"; exec "$@" 2>&3 3>&-); c=$?; ' + _END)
 
 _MAGIC = (b"#!", b"\x7fELF")
 
@@ -93,14 +95,17 @@ def _check(argv: list[str], cwd: Path, env: dict[str, str]) -> bool:
     return head.startswith(_MAGIC)
 
 
-def wrap(argv: object, *, cwd: Path, env: dict[str, str], exit_file: Path) -> tuple[object, bool]:
+def wrap(argv: object, *, cwd: Path, env: dict[str, str], exit_file: Path,
+         cgroup: Path | None = None) -> tuple[object, bool]:
     """``(argv to spawn, shimmed)``: the shimmed command line, or ``argv`` unchanged when
     it cannot run under the shim (not a list of strings, not a script or ELF binary), in
-    which case the normal spawn reports any problem."""
+    which case the normal spawn reports any problem. ``cgroup``: the program runs in it."""
     if not isinstance(argv, (list, tuple)) or not argv or not all(isinstance(a, str) for a in argv):
         return argv, False
     if not _check(list(argv), cwd, env):
         return argv, False
+    if cgroup is not None:
+        return ["/bin/sh", "-c", SCRIPT_CGROUP, NAME, str(exit_file), str(cgroup), *argv], True
     return ["/bin/sh", "-c", SCRIPT, NAME, str(exit_file), *argv], True
 
 

@@ -4,6 +4,12 @@ Each program starts in a session of its own, so stopping it (soaf.process.stop) 
 its whole process group (a shell pipeline or forked workers included). Its exit, with
 its resource usage, is recorded by the reaper (soaf.process.reaper) the moment it
 happens, whatever the service's callbacks are doing.
+
+What a program costs is the program's own, not its shim's (soaf.process.shim): the core's
+limit enforcer samples the group's resident memory and the program's CPU time from
+``/proc`` (``Process.rss_kb``), and the exit combines those samples with the shim's
+rusage, which holds the program's CPU time once the shim has reaped it, and its peak
+memory when that is above what the shim inherited from the core when it was forked.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ class Exit:
     returncode: int  # negative: killed by that signal (as subprocess reports it)
     wall_time: float
     cpu_time: float
-    max_rss_kb: int
+    max_rss_kb: int | None  # None: not measured (it ended before its first sample)
 
     @property
     def exit_code(self) -> int | None:
@@ -76,6 +82,83 @@ def group_rss_kb(pid: int) -> int:
     return total
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_times(pid: int) -> tuple[float, float] | None:
+    """``(own, waited-for children's)`` CPU seconds of ``pid`` from ``/proc/PID/stat``
+    (a zombie's too), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (utime + stime) / _TICKS, (cutime + cstime) / _TICKS
+
+
+class Usage:
+    """The CPU time and peak memory of one program, from samples and its shim's rusage."""
+
+    def __init__(self, *, shimmed: bool) -> None:
+        self.shimmed = shimmed
+        self.program_pid: int | None = None
+        self.peak_rss_kb = 0
+        self.samples = 0
+        self.program_cpu = 0.0  # the program's own and its children's, at the last sample
+        self.shim_cpu = 0.0  # the shim's own (fork, sh), which rusage adds to the program's
+        #: The core's peak once the program was spawned, so at least the shim's own peak
+        #: (the core's memory when it forked), which the shim's rusage reports.
+        self.inherited_kb = 0
+
+    def find(self, leader: int) -> int | None:
+        """The program's pid: the leader's, or the shim's child once it has forked it."""
+        if self.program_pid is None:
+            if not self.shimmed:
+                self.program_pid = leader
+            else:
+                kids = _children(leader)
+                self.program_pid = kids[0] if kids else None
+        return self.program_pid
+
+    def sample(self, leader: int) -> int:
+        """Resident memory of the program's group now (KiB); notes its peak and CPU time."""
+        pid = self.find(leader)
+        if pid is None:
+            return group_rss_kb(leader)  # the shim has not forked the program yet
+        rss = group_rss_kb(pid)
+        self.samples += 1
+        self.peak_rss_kb = max(self.peak_rss_kb, rss)
+        times = cpu_times(pid)
+        if times is not None:
+            self.program_cpu = max(self.program_cpu, sum(times))
+        if self.shimmed:
+            times = cpu_times(leader)
+            if times is not None:
+                self.shim_cpu = times[0]
+        return rss
+
+    def at_exit(self, usage: resource.struct_rusage | None) -> tuple[float, int | None]:
+        """``(cpu_time, max_rss_kb)`` of a program whose leader was reaped with ``usage``."""
+        cpu, peak = self.program_cpu, self.peak_rss_kb
+        if usage is not None:
+            # The leader's rusage counts the program once the shim reaped it (a group killed
+            # at once leaves only the samples); its peak is the program's only above the
+            # core's own size, which the shim inherited.
+            cpu = max(cpu, usage.ru_utime + usage.ru_stime - self.shim_cpu)
+            if usage.ru_maxrss > self.inherited_kb:
+                peak = max(peak, usage.ru_maxrss)
+        return cpu, (peak if peak or self.samples else None)
+
+
 class Process(GroupStopping):
     """One program run in its own session, its output going to two files."""
 
@@ -87,6 +170,7 @@ class Process(GroupStopping):
         env: dict[str, str],
         stdout: Path,
         stderr: Path,
+        shimmed: bool = False,
     ) -> None:
         self.argv = argv
         self.cwd = cwd
@@ -100,6 +184,12 @@ class Process(GroupStopping):
         self._popen: subprocess.Popen[bytes] | None = None
         self._on_exit: list[Callable[[Exit], None]] = []
         self._stop = GroupStop(self.signal_group, describe=lambda: f"pid {self.pid}")
+        self.usage = Usage(shimmed=shimmed)
+
+    @property
+    def program_pid(self) -> int | None:
+        """The program's own pid (the shim's child), once seen; ``pid`` is the group leader."""
+        return self.usage.program_pid
 
     def on_exit(self, callback: Callable[[Exit], None]) -> None:
         """Call ``callback(exit)`` (from the reaper thread) when the program has ended,
@@ -126,6 +216,7 @@ class Process(GroupStopping):
         except OSError as e:
             raise ProgramError(self._why_not_started(e)) from e
         self.pid = self._popen.pid
+        self.usage.inherited_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         reaper.watch(self.pid, self._reaped)
         return self.pid
 
@@ -155,12 +246,9 @@ class Process(GroupStopping):
         code = os.waitstatus_to_exitcode(status) if usage is not None else -1
         if self._popen is not None:
             self._popen.returncode = code
-        self.exit = Exit(
-            returncode=code,
-            wall_time=time.monotonic() - self.started_at,
-            cpu_time=(usage.ru_utime + usage.ru_stime) if usage else 0.0,
-            max_rss_kb=usage.ru_maxrss if usage else 0,
-        )
+        cpu_time, max_rss_kb = self.usage.at_exit(usage)
+        self.exit = Exit(returncode=code, wall_time=time.monotonic() - self.started_at,
+                         cpu_time=cpu_time, max_rss_kb=max_rss_kb)
         for callback in self._on_exit:  # before ``exited``: whoever waits sees their effects
             try:
                 callback(self.exit)
@@ -175,7 +263,8 @@ class Process(GroupStopping):
         return killpg(self.pid, sig)
 
     def rss_kb(self) -> int:
-        """Resident memory of the program and its descendants now, in KiB."""
+        """Resident memory of the program and its descendants now, in KiB: a sample, which
+        also counts towards the exit's peak memory and CPU time."""
         if self.pid is None or self.exited.is_set():
             return 0
-        return group_rss_kb(self.pid)
+        return self.usage.sample(self.pid)

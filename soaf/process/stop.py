@@ -30,6 +30,8 @@ class GroupStop:
         self._describe = describe
         self._clock = clock
         self._kill_at: float | None = None
+        self._termed_at: float | None = None  # when SIGTERM was sent
+        self._grace = 0.0  # the grace period of the first stop
         #: The last signal sent to stop the group (SIGTERM, or SIGKILL after the grace).
         self.stopped_with: str | None = None
 
@@ -42,20 +44,28 @@ class GroupStop:
         ``grace`` is 0, or when a stop is under way and this one is more urgent."""
         kill_at = self._clock() + max(grace, 0.0)
         if self._kill_at is None:
-            self._kill_at = kill_at
-            if grace > 0:
-                self._send("SIGTERM")
+            self._kill_at, self._grace = kill_at, max(grace, 0.0)
+            if grace > 0 and self._send("SIGTERM"):
+                self._termed_at = self._clock()
         elif kill_at < self._kill_at:
             self._kill_at = kill_at
         self.tick()
 
     def tick(self) -> None:
         """Send the SIGKILL that has become due (once)."""
-        if self._kill_at is not None and self._clock() >= self._kill_at:
-            self._kill_at = float("inf")  # sent once
-            termed = self.stopped_with == "SIGTERM"
+        now = self._clock()
+        if self._kill_at is not None and now >= self._kill_at:
+            due, self._kill_at = self._kill_at, float("inf")  # sent once
+            termed = self.stopped_with == "SIGTERM" and self._termed_at is not None
             if self._send("SIGKILL") and termed:
-                log.info("%s still running after SIGTERM; sent SIGKILL", self._describe())
+                assert self._termed_at is not None
+                waited = now - self._termed_at
+                if due - self._termed_at < self._grace - 1e-3:  # a more urgent stop came
+                    log.info("%s: stop made urgent %.3f s after SIGTERM; sent SIGKILL",
+                             self._describe(), waited)
+                else:
+                    log.info("%s still running %.1f s after SIGTERM; sent SIGKILL",
+                             self._describe(), waited)
 
     def _send(self, name: str) -> bool:
         # Noted before it is sent: the exit it causes may be recorded at once.

@@ -36,7 +36,7 @@ from typing import Any
 
 from soaf.config import host_name
 from soaf.data import markers, workdir
-from soaf.errors import MissingOutputError, ProgramError, ValidationError
+from soaf.errors import MissingOutputError, ProgramError
 from soaf.plugin.service import Service
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity
@@ -45,13 +45,14 @@ from soaf.protocol.state import State
 from soaf.run.callbacks import FAILED, call_callback, callback_loop
 from soaf.run.control import Orphaned
 from soaf.run.limits import AFTER, COLLECT, PREPARE_STEPS, WATCH_CALLBACKS, Limits
-from soaf.run.outcome import INTERRUPTED, Outcome, classify
+from soaf.run.outcome import INTERRUPTED, Outcome, classify, exit_fields, stderr_tail, with_stderr
 from soaf.run.ports import AttemptHost
 from soaf.run.prepare import (
     Halted,
     PhaseError,
     Preparation,
     halted,
+    outputs_escape,
     phase_failed,
     take_work_dir,
 )
@@ -95,6 +96,7 @@ class Attempt:
         self._exit_recorded = False
         self._started = threading.Lock()
         self.shimmed = False
+        self._pid_known = True  # the record has the program's pid (False: not yet)
 
     @property
     def stop_reason(self) -> str | None:
@@ -150,18 +152,20 @@ class Attempt:
             journal.step("prepared")
             # The shim records the exit status in a file, for a core that restarts meanwhile.
             try:
+                group = self.limits.enter_cgroup(self.host.engines.cgroups,
+                                                 f"{self.template.service_id}.{self.number}")
                 spawn_argv, self.shimmed = shim.wrap(argv, cwd=Path(cwd), env=env,
-                                                     exit_file=journal.exit_file)
+                                                     exit_file=journal.exit_file, cgroup=group)
             except ProgramError:  # it cannot start: the spawn below says why, in its words
                 spawn_argv, self.shimmed = argv, False
             process = Process(
                 spawn_argv,  # type: ignore[arg-type]
                 cwd=Path(cwd), env=env, stdout=self.work_dir / STDOUT,
-                stderr=self.work_dir / STDERR,
+                stderr=self.work_dir / STDERR, shimmed=self.shimmed,
             )
             outcome = self._spawn(process)
             if outcome.state == State.SUCCEEDED.value:
-                escape = self._outputs_escape()
+                escape = outputs_escape(self.settings, self.work_dir, self.template)
                 if escape is not None:
                     outcome = Outcome(State.FAILED.value, "confinement", escape)
         return self._collect(self._after_watch(outcome))
@@ -178,18 +182,6 @@ class Attempt:
                        node=self.settings.node, plugin_version=self.host.plugin.version,
                        emit=self.emit)
 
-    def _outputs_escape(self) -> str | None:
-        """Why the output names now lead out of the work dir (the program may have made
-        links), or None when they stay inside."""
-        assert self.work_dir is not None
-        try:
-            workdir.check_names(self.settings.work_root, self.work_dir, self.template,
-                                outputs_only=True)
-        except ValidationError as e:
-            log.warning("service %s: %s", self.template.service_id, e)
-            return f"after the run: {e}"
-        return None
-
     # -- the program --------------------------------------------------------------------
 
     def _spawn(self, process: Process) -> Outcome:
@@ -205,7 +197,12 @@ class Attempt:
             assert process.pid is not None
             identity = ProcIdentity.of(process.pid)
             now = time.time()
-            self.emit({"state": State.RUNNING.value, "running_at": now, "pid": process.pid,
+            # ``pid`` is the program's; a shimmed one's is known once the shim forked it
+            # (usually by now, else at its first sample: ``enforce``).
+            self._pid_known = process.usage.find(process.pid) is not None
+            self.emit({"state": State.RUNNING.value, "running_at": now,
+                       "pid": process.program_pid,
+                       "shim_pid": process.pid if self.shimmed else None,
                        "command": self.argv if self.argv is not None else list(process.argv),
                        **self.host.journal_step(
                            "running", save=True, shimmed=self.shimmed, running_at=now,
@@ -221,6 +218,8 @@ class Attempt:
     def _follow(self, process: Any) -> Outcome:
         """Call the handler's callbacks until the program ends; how it ended."""
         assert self.service is not None
+        if not self._pid_known:  # the shim may have forked the program by now
+            process.usage.find(process.pid)
         callback_loop(self.handler, self.service, process, self.call,
                       wake=self.host.halt.wake, file_poll=self.settings.file_poll)
         process.exited.wait()
@@ -258,14 +257,9 @@ class Attempt:
                 return False
             self._exit_recorded = True
         exit = self.known_exit()
-        values: dict[str, Any] = {"exited_at": time.time()}
-        if self.adopted:
-            values.update(cpu_time=None, max_rss_kb=None, exit_status_known=exit is not None)
-        if exit is not None:
-            values.update(exit_code=exit.exit_code, signal=exit.signal,
-                          wall_time=round(exit.wall_time, 6))
-            if not self.adopted:
-                values.update(cpu_time=round(exit.cpu_time, 6), max_rss_kb=exit.max_rss_kb)
+        values = exit_fields(exit, adopted=self.adopted)
+        if not self._pid_known and process is not None and process.program_pid is not None:
+            self._pid_known, values["pid"] = True, process.program_pid
         if process is not None and process.stopped_with:
             values["stopped_with"] = process.stopped_with
         values.update(self.host.journal_step("exited", exit={
@@ -289,6 +283,7 @@ class Attempt:
 
     def _outcome(self) -> Outcome:
         exit, reason = self.known_exit(), self.limits.stop_reason
+        reason = self.limits.leave_cgroup() or reason  # its cgroup's memory.max killed it
         if exit is None and reason is None:
             return Outcome(State.FAILED.value, "exit_status",
                            "the program ended while its core was down and left no exit "
@@ -296,8 +291,9 @@ class Attempt:
         if exit is None:  # stopped for a reason; the reason decides the outcome
             exit = Exit(returncode=-signal.SIGTERM, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
         limits = self.limits
-        return classify(exit, reason, timeout=limits.timeout, memory_kb=limits.memory_kb,
-                        rss_kb=limits.rss_kb, success_codes=self.program_cls.success_codes)
+        outcome = classify(exit, reason, timeout=limits.timeout, memory_kb=limits.memory_kb,
+                           rss_kb=limits.rss_kb, success_codes=self.program_cls.success_codes)
+        return with_stderr(outcome, stderr_tail(self.work_dir / STDERR) if self.work_dir else "")
 
     # -- what the limit enforcer does (its thread) ----------------------------------------
 
@@ -321,6 +317,9 @@ class Attempt:
                 limits.stop_reason = reason
                 log.info("stopping service %s (%s)", self.template.service_id, reason)
                 process.begin_stop(limits.grace_for(reason))
+        if not self._pid_known and process.program_pid is not None:
+            self._pid_known = True
+            self.emit({"pid": process.program_pid})
         process.tick()
 
     def deadline_for(self, name: str, started: float) -> float | None:

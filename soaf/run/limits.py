@@ -9,17 +9,30 @@ code, and nothing here knows Redis.
 
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from soaf.config import Settings
+from soaf.process import cgroup
 from soaf.protocol.state import State
 from soaf.run.control import Halt
 from soaf.run.outcome import INTERRUPTED
 from soaf.run.policy import Policy
 
-#: Seconds between two looks at the resident memory of a program that has a limit.
-MEMORY_CHECK_INTERVAL = 0.5
+log = logging.getLogger(__name__)
+
+#: Seconds between two looks at the resident memory of a program that has a limit (the
+#: enforcer ticks such services this often). A program that allocates R MiB/s overshoots
+#: its limit by at most about R times this (plus the time the kernel takes to kill it).
+MEMORY_CHECK_INTERVAL = 0.05
+#: Seconds between two samples of the memory and CPU time of a program without a limit;
+#: its record's ``max_rss_kb`` is the peak of these samples (and of its rusage).
+SAMPLE_INTERVAL = 0.5
+#: Seconds after its start when a program without a limit is first sampled, so that one
+#: running 0.5 s has a sample, with the enforcer's tick (0.2 s) added.
+FIRST_SAMPLE = 0.3
 #: Plugin calls made before the program starts.
 PREPARE_STEPS = ("handler", "program", "build", "prepare_input_file", "command",
                  "environment", "working_dir")
@@ -51,10 +64,39 @@ class Limits:
         #: Seconds after_watch_callback may take (the handler's ``after_watch_timeout``).
         self.after_budget = settings.callback_timeout
         self._deadline: float | None = None
-        self._next_memory_check = 0.0
+        self._next_sample = float("inf")
+        #: The program's own cgroup (soaf.process.cgroup), where the kernel holds the limit.
+        self.cgroup: Path | None = None
+
+    def enter_cgroup(self, cgroups: cgroup.Cgroups | None, name: str) -> Path | None:
+        """A cgroup with ``memory.max`` for the program, where cgroups are delegated and
+        it has a memory limit; None: the limit is polled only."""
+        if cgroups is None or self.memory_kb is None:
+            return None
+        try:
+            self.cgroup = cgroups.create(name, memory_max_kb=self.memory_kb)
+        except OSError as e:
+            log.warning("cannot create cgroup %s (the memory limit is polled): %s", name, e)
+        return self.cgroup
+
+    def leave_cgroup(self) -> str | None:
+        """The program has ended: remove its cgroup; "memory" if its limit killed it."""
+        path, self.cgroup = self.cgroup, None
+        if path is None:
+            return None
+        killed = cgroup.oom_killed(path)
+        cgroup.remove(path)
+        return "memory" if killed else None
+
+    @property
+    def fast(self) -> bool:
+        """True when the program must be looked at every ``MEMORY_CHECK_INTERVAL``."""
+        return self.memory_kb is not None
 
     def started(self, *, ran_for: float = 0.0) -> None:
         """The program runs (has run for ``ran_for`` seconds already): its timeout counts."""
+        now = time.monotonic()
+        self._next_sample = now if self.fast else now + FIRST_SAMPLE
         if self.policy.timeout is not None:
             self.timeout = self.policy.timeout
             self._deadline = time.monotonic() + max(0.0, self.policy.timeout - ran_for)
@@ -72,10 +114,10 @@ class Limits:
             return State.CANCELLED.value
         if self._deadline is not None and now >= self._deadline:
             return State.TIMED_OUT.value
-        if self.memory_kb is not None and now >= self._next_memory_check:
-            self._next_memory_check = now + MEMORY_CHECK_INTERVAL
+        if now >= self._next_sample:
+            self._next_sample = now + (MEMORY_CHECK_INTERVAL if self.fast else SAMPLE_INTERVAL)
             self.rss_kb = program.rss_kb()
-            if self.rss_kb > self.memory_kb:
+            if self.memory_kb is not None and self.rss_kb > self.memory_kb:
                 return "memory"
         return None
 

@@ -6,7 +6,9 @@ a program's exit, and why soaf stopped it if it did, into an Outcome.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from soaf.process.spawn import Exit
@@ -30,6 +32,10 @@ FAILURES = {
 MEMORY_NEAR = 0.9
 #: Not a final state: the core was stopped; the service is left for recovery.
 INTERRUPTED = "interrupted"
+#: The error of a failed or timed-out program ends with at most this many of the last
+#: lines of its stderr, and at most ``STDERR_TAIL_BYTES`` of them.
+STDERR_TAIL_LINES = 5
+STDERR_TAIL_BYTES = 1024
 
 
 @dataclass
@@ -50,6 +56,45 @@ class Outcome:
         return out
 
 
+def stderr_tail(path: Path) -> str:
+    """The last lines of a program's stderr file (a line redrawn with ``\r`` counts as
+    what it shows last), bounded by ``STDERR_TAIL_LINES`` and ``STDERR_TAIL_BYTES``; ""
+    when there is none."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - 4 * STDERR_TAIL_BYTES))
+            data = f.read()
+    except OSError:
+        return ""
+    lines = [line.rsplit(b"\r", 1)[-1].rstrip() for line in data.split(b"\n")]
+    lines = [line for line in lines if line][-STDERR_TAIL_LINES:]
+    text = b"\n".join(lines)[-STDERR_TAIL_BYTES:]
+    return text.decode("utf-8", errors="replace")
+
+
+def with_stderr(outcome: Outcome, tail: str) -> Outcome:
+    """``outcome`` with the program's last stderr lines at the end of its error, when it
+    failed or timed out."""
+    if tail and outcome.error and outcome.state in (State.FAILED.value, State.TIMED_OUT.value):
+        outcome.error = f"{outcome.error}; last lines of stderr:\n{tail}"
+    return outcome
+
+
+def exit_fields(exit: Exit | None, *, adopted: bool) -> dict[str, Any]:
+    """The record's fields for a program's end; ``adopted``: this core is not its parent,
+    so its CPU time and peak memory are unknown."""
+    values: dict[str, Any] = {"exited_at": time.time()}
+    if adopted:
+        values.update(cpu_time=None, max_rss_kb=None, exit_status_known=exit is not None)
+    if exit is not None:
+        values.update(exit_code=exit.exit_code, signal=exit.signal,
+                      wall_time=round(exit.wall_time, 6))
+        if not adopted:
+            values.update(cpu_time=round(exit.cpu_time, 6), max_rss_kb=exit.max_rss_kb)
+    return values
+
+
 def classify(exit: Exit, reason: str | None, *, timeout: float | None, memory_kb: int | None,
              rss_kb: int, success_codes: tuple[int, ...]) -> Outcome:
     """The outcome of a program that ended with ``exit``; ``reason`` is why soaf stopped
@@ -62,10 +107,11 @@ def classify(exit: Exit, reason: str | None, *, timeout: float | None, memory_kb
         how = " (SIGKILL after the grace period)" if exit.signal == "SIGKILL" else ""
         return Outcome(State.TIMED_OUT.value, "timeout",
                        f"ran past its timeout ({timeout or 0:g} s){how}")
+    peak = exit.max_rss_kb or 0
     if reason == "memory" or (
-        memory_kb and exit.signal == "SIGKILL" and exit.max_rss_kb >= MEMORY_NEAR * memory_kb
+        memory_kb and exit.signal == "SIGKILL" and peak >= MEMORY_NEAR * memory_kb
     ):
-        used = max(rss_kb, exit.max_rss_kb)
+        used = max(rss_kb, peak)
         return Outcome(State.FAILED.value, "memory",
                        f"used {used / 1024:.0f} MiB, over its memory limit of "
                        f"{(memory_kb or 0) / 1024:g} MiB; killed")

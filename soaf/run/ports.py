@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from soaf.config import Settings
 from soaf.data.handoff import Lookup
+from soaf.process.cgroup import Cgroups
 from soaf.process.reaper import Reaper
 from soaf.protocol.state import Change
 from soaf.protocol.template import ServiceParamTemplate
@@ -39,9 +40,13 @@ class LogSink(Protocol):
 
 
 class Supervised(Protocol):
-    """What the limit enforcer drives: one running service."""
+    """What the limit enforcer drives: one running service. A ``fast`` one (its program
+    has a memory limit) is ticked every ``FAST_INTERVAL`` (soaf.core.enforcer)."""
 
     service_id: str
+
+    @property
+    def fast(self) -> bool: ...
 
     def tick(self, now: float) -> None: ...
 
@@ -74,6 +79,8 @@ class Engines:
     #: False if a newer attempt of the run's service exists elsewhere (asked before
     #: after_watch_callback); None: always current.
     still_current: Callable[[Any], bool] | None = None
+    #: The core's delegated cgroup v2 (soaf.process.cgroup), None where limits are polled.
+    cgroups: Cgroups | None = None
     #: Called from the run's thread when the run is over (final queued, or left for recovery).
     on_done: Callable[[Any], None] = _nothing
 

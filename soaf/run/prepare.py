@@ -21,7 +21,7 @@ from typing import Any
 from soaf.config import Settings
 from soaf.data import markers, workdir
 from soaf.data.staging import StageContext
-from soaf.errors import ProgramError, SoafError
+from soaf.errors import ProgramError, SoafError, ValidationError
 from soaf.plugin.service import Service
 from soaf.protocol.state import State
 from soaf.protocol.template import ServiceParamTemplate
@@ -148,3 +148,14 @@ class Preparation:
     def _halt_check(self) -> None:
         if self.host.halt.halted:
             raise Halted()
+
+
+def outputs_escape(settings: Settings, work_dir: Path, template: ServiceParamTemplate) -> str | None:
+    """Why the output names now lead out of the work dir (the program may have made
+    links), or None when they stay inside."""
+    try:
+        workdir.check_names(settings.work_root, work_dir, template, outputs_only=True)
+    except ValidationError as e:
+        log.warning("service %s: %s", template.service_id, e)
+        return f"after the run: {e}"
+    return None

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 #: Fields that describe one attempt; cleared when the next attempt starts.
 ATTEMPT_FIELDS = (
-    "pid", "command", "exit_code", "signal", "stopped_with", "wall_time", "cpu_time",
+    "pid", "shim_pid", "command", "exit_code", "signal", "stopped_with", "wall_time", "cpu_time",
     "max_rss_kb", "exited_at", "error", "failure", "failed_in", "traceback", "progress",
     "message", "callback_error", "callback_traceback", "callback_errors", "running_at",
     "preparing_at", "stdout_bytes", "stderr_bytes", "stdout_dropped_bytes",
@@ -231,6 +231,11 @@ class ServiceRun:
             self.journal.collected = True
 
     # -- supervision (the limit enforcer's thread) ----------------------------------------
+
+    @property
+    def fast(self) -> bool:
+        """Its program has a memory limit: the enforcer looks at it more often."""
+        return self.policy.max_memory_kb is not None
 
     def tick(self, now: float) -> None:
         """Enforce the program's limits; take over from a thread stuck in plugin code."""
