@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from soaf.data import markers, workdir
-from soaf.errors import MissingOutputError, ProgramError, ValidationError
+from soaf.errors import MissingOutputError, ProgramError, TransferStopped, ValidationError
 from soaf.plugin.service import Service
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity
@@ -53,6 +53,7 @@ from soaf.run.prepare import (
     Preparation,
     halted,
     phase_failed,
+    stopped_collecting,
     take_work_dir,
 )
 
@@ -331,10 +332,7 @@ class Attempt:
         """Finish this attempt in a new thread; the old one is stuck in ``stuck``."""
         halt = self.host.halt
         if stuck == COLLECT:
-            if halt.interrupt_requested:
-                return Outcome(INTERRUPTED, error="core stopped while the outputs were collected")
-            return Outcome(State.CANCELLED.value,
-                           error="cancelled while the outputs were collected")
+            return stopped_collecting(halt)
         if stuck in PREPARE_STEPS:
             return self._after_watch(halted(halt, stuck, f" ({stuck} did not return; abandoned)"))
         assert self.service is not None
@@ -390,6 +388,8 @@ class Attempt:
             self.call(COLLECT, program.collect_output_files)
         except Orphaned:
             raise
+        except TransferStopped:
+            return stopped_collecting(self.host.halt)
         except MissingOutputError as e:
             log.info("service %s: %s", self.template.service_id, e)
             return Outcome(State.FAILED.value, "missing_outputs", str(e),

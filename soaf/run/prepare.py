@@ -21,7 +21,7 @@ from typing import Any
 from soaf.config import Settings
 from soaf.data import markers, workdir
 from soaf.data.staging import StageContext
-from soaf.errors import ProgramError, SoafError
+from soaf.errors import ProgramError, SoafError, TransferStopped
 from soaf.plugin.service import Service
 from soaf.protocol.state import State
 from soaf.protocol.template import ServiceParamTemplate
@@ -65,6 +65,24 @@ def halted(halt: Halt, step: str, note: str = "") -> Outcome:
     if halt.interrupt_requested:
         return Outcome(INTERRUPTED, error=f"core stopped{where}, before it started{note}")
     return Outcome(State.CANCELLED.value, error=f"cancelled{where}, before it started{note}")
+
+
+def stopped_collecting(halt: Halt) -> Outcome:
+    """The outcome of an attempt stopped by a cancel or a core stop while its outputs
+    were collected."""
+    if halt.interrupt_requested:
+        return Outcome(INTERRUPTED, error="core stopped while the outputs were collected")
+    return Outcome(State.CANCELLED.value, error="cancelled while the outputs were collected")
+
+
+def _stopped(error: BaseException) -> bool:
+    """A staging error that is a stop request (a plugin may wrap it in its own error)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TransferStopped):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def take_work_dir(settings: Settings, template: ServiceParamTemplate, number: int, *,
@@ -114,7 +132,8 @@ class Preparation:
                 template, self.work_dir, attempt=self.number, plugin_root=settings.plugins))
             self.program = program
             program.service = self.service
-            program.staging = StageContext(timeout=settings.fetch_timeout, resolve=host.resolve)
+            program.staging = StageContext(timeout=settings.fetch_timeout, resolve=host.resolve,
+                                           stop=lambda: host.halt.halted)
             self._call("build", program.build)
             # build() may have made links that lead out
             self._call("work dir check", lambda: workdir.check_names(
@@ -130,6 +149,8 @@ class Preparation:
         except (Halted, Orphaned):
             raise
         except BaseException as e:  # a plugin may raise SystemExit too
+            if host.halt.halted and _stopped(e):
+                raise Halted() from None
             raise PhaseError(self.step, e) from e
         self._halt_check()
         return argv, env, cwd
