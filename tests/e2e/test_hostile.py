@@ -1,0 +1,60 @@
+"""Programs and templates that try to hang, burn or trap a core: odd files among the
+outputs, links that multiply a glob, cancels in the middle of a transfer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from soaf import ServiceParamTemplate
+from tests.conftest import wait_until
+from tests.dataservers import http_files, served  # noqa: F401  (fixtures)
+
+
+def shell(script: str, **fields) -> ServiceParamTemplate:
+    args = {"script": script, **fields.pop("args", {})}
+    return ServiceParamTemplate("shell", args=args, **fields)
+
+
+def snapshot(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.lstat().st_size for p in directory.rglob("*")}
+
+
+def test_a_fifo_among_the_outputs_is_skipped_and_the_service_ends(start_core, client):
+    start_core()
+    sid = client.submit(shell("mkdir out && mkfifo out/pipe && echo a > out/a.txt",
+                              output_files=["out"], optional_outputs=["*.fifo"]))
+    record = client.wait(sid, timeout=30)
+    assert record.state == "succeeded", record.error
+    assert [o["name"] for o in record.outputs] == ["out/a.txt"]
+    assert record.get("outputs_skipped") == ["'out/pipe' is a FIFO, not a regular file; skipped"]
+
+
+def test_links_to_the_work_dir_do_not_multiply_an_output_glob(start_core, client):
+    start_core()
+    script = "for i in 0 1 2 3 4 5 6 7 8 9; do ln -s . l$i; done; echo x > out.txt"
+    started = time.monotonic()
+    sid = client.submit(shell(script, output_files=["out.txt"],
+                              optional_outputs=["*/*/*/*/*/*/out.txt"]))
+    record = client.wait(sid, timeout=30)
+    assert record.state == "succeeded", record.error
+    assert [o["name"] for o in record.outputs] == ["out.txt"]
+    assert time.monotonic() - started < 15
+
+
+def test_a_cancel_while_staging_stops_the_download(start_core, client, http_files, served):
+    (served / "big.bin").write_bytes(b"z" * 200 * 1024)  # 10 s at the slow route's pace
+    start_core()
+    sid = client.submit(shell("true", input_files={"in.bin": http_files.url("slow/big.bin")}))
+    wait_until(lambda: client.status(sid).state == "preparing", 20, message="preparing")
+    time.sleep(0.3)  # some of it has arrived
+    client.cancel(sid)
+    record = client.wait(sid, timeout=20)
+    assert record.state == "cancelled", record.error
+    work_dir = Path(record.get("work_dir"))
+    at_the_end = snapshot(work_dir)
+    assert "in.bin" not in at_the_end
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # nothing is written after the final state
+        assert snapshot(work_dir) == at_the_end
+        time.sleep(0.2)
