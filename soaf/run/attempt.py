@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from soaf.data import markers, workdir
-from soaf.errors import MissingOutputError, ProgramError, TransferStopped, ValidationError
+from soaf.errors import MissingOutputError, ProgramError, TransferStopped
 from soaf.plugin.service import Service
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity
+from soaf.process.lineage import RUN_VAR, RunLineage, new_token
 from soaf.process.spawn import Exit, Process
 from soaf.protocol.state import State
 from soaf.run.callbacks import FAILED, call_callback, callback_loop
@@ -52,6 +53,7 @@ from soaf.run.prepare import (
     PhaseError,
     Preparation,
     halted,
+    outputs_escape,
     phase_failed,
     stopped_collecting,
     take_work_dir,
@@ -96,6 +98,7 @@ class Attempt:
         self._exit_recorded = False
         self._started = threading.Lock()
         self.shimmed = False
+        self.lineage = RunLineage(new_token(self.template.service_id, number))
 
     @property
     def stop_reason(self) -> str | None:
@@ -149,6 +152,8 @@ class Attempt:
             argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv
             self.argv = list(argv) if isinstance(argv, list) else None
             journal.step("prepared")
+            # Every process of the run carries its token, to be found and ended with it.
+            env = {**env, RUN_VAR: self.lineage.token}
             # The shim records the exit status in a file, for a core that restarts meanwhile.
             try:
                 spawn_argv, self.shimmed = shim.wrap(argv, cwd=Path(cwd), env=env,
@@ -162,7 +167,7 @@ class Attempt:
             )
             outcome = self._spawn(process)
             if outcome.state == State.SUCCEEDED.value:
-                escape = self._outputs_escape()
+                escape = outputs_escape(self.settings, self.work_dir, self.template)
                 if escape is not None:
                     outcome = Outcome(State.FAILED.value, "confinement", escape)
         return self._collect(self._after_watch(outcome))
@@ -178,18 +183,6 @@ class Attempt:
         return Service(self.template, self.work_dir, attempt=self.number,
                        node=self.settings.node, plugin_version=self.host.plugin.version,
                        emit=self.emit)
-
-    def _outputs_escape(self) -> str | None:
-        """Why the output names now lead out of the work dir (the program may have made
-        links), or None when they stay inside."""
-        assert self.work_dir is not None
-        try:
-            workdir.check_names(self.settings.work_root, self.work_dir, self.template,
-                                outputs_only=True)
-        except ValidationError as e:
-            log.warning("service %s: %s", self.template.service_id, e)
-            return f"after the run: {e}"
-        return None
 
     # -- the program --------------------------------------------------------------------
 
@@ -277,7 +270,10 @@ class Attempt:
         return True
 
     def _ended(self) -> Outcome:
-        """The program has ended: finish its logs and classify how (either thread)."""
+        """The program has ended: end what it left running outside its group (daemons),
+        finish its logs and classify how (either thread)."""
+        if not self.adopted:
+            self.lineage.end()
         with self._logs_lock:
             logs, self._logs = self._logs, None
         stats: dict[str, Any] = {}
@@ -311,6 +307,8 @@ class Attempt:
             if self.host.guard.busy:
                 self.record_exit()  # the exit came as this thread entered plugin code
             return
+        if not self.adopted:
+            self.lineage.observe()  # remember escapees, to reap them if they exit first
         limits = self.limits
         if self.host.halt.force:
             limits.stop_reason = limits.stop_reason or INTERRUPTED

@@ -21,7 +21,7 @@ from typing import Any
 from soaf.config import Settings
 from soaf.data import markers, workdir
 from soaf.data.staging import StageContext
-from soaf.errors import ProgramError, SoafError, TransferStopped
+from soaf.errors import ProgramError, SoafError, TransferStopped, ValidationError
 from soaf.plugin.service import Service
 from soaf.protocol.state import State
 from soaf.protocol.template import ServiceParamTemplate
@@ -83,6 +83,18 @@ def _stopped(error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def outputs_escape(settings: Settings, work_dir: Path,
+                   template: ServiceParamTemplate) -> str | None:
+    """Why the output names now lead out of the work dir (the program may have made
+    links), or None when they stay inside."""
+    try:
+        workdir.check_names(settings.work_root, work_dir, template, outputs_only=True)
+    except ValidationError as e:
+        log.warning("service %s: %s", template.service_id, e)
+        return f"after the run: {e}"
+    return None
 
 
 def take_work_dir(settings: Settings, template: ServiceParamTemplate, number: int, *,

@@ -3,6 +3,9 @@ outputs, links that multiply a glob, cancels in the middle of a transfer."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -58,3 +61,29 @@ def test_a_cancel_while_staging_stops_the_download(start_core, client, http_file
     while time.monotonic() < deadline:  # nothing is written after the final state
         assert snapshot(work_dir) == at_the_end
         time.sleep(0.2)
+
+
+# -- what a program leaves running ----------------------------------------------------------
+
+
+def gone(pid: int) -> bool:
+    """No such process, not even a zombie."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_a_daemon_is_killed_and_reaped_with_its_service(start_core, client):
+    core = start_core()
+    sid = client.submit(ServiceParamTemplate("daemon"))
+    record = client.wait(sid, timeout=30)
+    assert record.state == "succeeded", record.error
+    daemon, child = map(int, (Path(record.get("work_dir")) / "daemon.txt").read_text().split())
+    try:
+        wait_until(lambda: gone(daemon) and gone(child), 10,
+                   message="the daemon and its zombie child to be gone")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon, signal.SIGKILL)  # never leave it behind, even when this fails
+    zombies = [p for p in Path("/proc").glob("[0-9]*")
+               if (p / "stat").exists() and f" {core.proc.pid} " in (p / "stat").read_text()
+               and ") Z " in (p / "stat").read_text()]
+    assert zombies == []
