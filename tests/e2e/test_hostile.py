@@ -87,3 +87,54 @@ def test_a_daemon_is_killed_and_reaped_with_its_service(start_core, client):
                if (p / "stat").exists() and f" {core.proc.pid} " in (p / "stat").read_text()
                and ") Z " in (p / "stat").read_text()]
     assert zombies == []
+
+
+# -- plugins that would trap the core ---------------------------------------------------------
+
+
+LINGERING = '''"""Starts a thread that never ends and is not a daemon."""
+import threading
+import time
+
+threading.Thread(target=lambda: time.sleep(3600), name="plugin-lingerer", daemon=False).start()
+'''
+
+
+def test_the_core_exits_past_a_plugins_non_daemon_thread(start_core, plugin_dir):
+    (plugin_dir / "services" / "lingering.py").write_text(LINGERING)
+    core = start_core()
+    core.signal(signal.SIGTERM)
+    assert core.proc.wait(20) == 0
+    assert "plugin-lingerer" in core.log()
+
+
+NEEDS_FILE = '''"""A service that can only load once a file outside the plugins exists."""
+import os
+
+from soaf import ServiceProgramTemplate
+
+with open(os.environ["NEEDS_FILE"]) as f:
+    NAME = f.read().strip()
+
+
+class Needy(ServiceProgramTemplate):
+    name = NAME
+
+    def command(self):
+        return ["true"]
+'''
+
+
+def test_a_core_without_plugins_takes_no_work_and_retries_the_load(start_core, client,
+                                                                    plugin_dir, tmp_path):
+    needed = tmp_path / "needed.txt"
+    (plugin_dir / "services" / "needy.py").write_text(NEEDS_FILE)
+    core = start_core(NEEDS_FILE=str(needed))
+    assert "no plugin version loaded" in core.log()
+    sid = client.submit(ServiceParamTemplate("true"))
+    time.sleep(2)  # a core that took it would have rejected or run it by now
+    assert client.status(sid).state == "queued"
+    needed.write_text("needy\n")  # not a plugin file: only a retry of the load sees it
+    record = client.wait(sid, timeout=30)
+    assert record.state == "succeeded", record.error
+    assert "no plugins loaded yet; trying again" in core.log()
