@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -106,6 +107,55 @@ def _carries(pid: int, needle: bytes) -> int | None:
     return None
 
 
+class _Census:
+    """One shared look at the core's descendants and their run tokens, taken at most
+    every ``OBSERVE_INTERVAL / 2`` seconds for all runs together; a process's token is
+    read once in its life (its initial environment changes only when it execs, and an
+    exec keeps the inherited token unless the program clears it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._at = -1e9
+        self._tokens: dict[tuple[int, int], bytes | None] = {}
+        self.members: dict[bytes, list[tuple[int, int]]] = {}
+
+    def take(self, root: int) -> dict[bytes, list[tuple[int, int]]]:
+        """token -> [(pid, start time)] of the live processes below ``root``."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at < OBSERVE_INTERVAL / 2:
+                return self.members
+            self._at = now
+            tokens: dict[tuple[int, int], bytes | None] = {}
+            members: dict[bytes, list[tuple[int, int]]] = {}
+            for pid in descendants(root):
+                stat = read_stat(pid)
+                if stat is None or stat.exited:
+                    continue
+                key = (pid, stat.start_time)
+                token = self._tokens[key] if key in self._tokens else _token_of(pid)
+                tokens[key] = token
+                if token is not None:
+                    members.setdefault(token, []).append(key)
+            self._tokens, self.members = tokens, members
+            return members
+
+
+def _token_of(pid: int) -> bytes | None:
+    try:
+        environ = (_PROC / str(pid) / "environ").read_bytes()
+    except OSError:
+        return None
+    prefix = f"{RUN_VAR}=".encode()
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):]
+    return None
+
+
+_census = _Census()
+
+
 class RunLineage:
     """The processes of one run, found by its token among the core's descendants."""
 
@@ -124,17 +174,9 @@ class RunLineage:
         if not force and now < self._next:
             return []
         self._next = now + OBSERVE_INTERVAL
-        live = []
-        for pid in descendants(self.root):
-            fd = _carries(pid, self._needle)
-            if fd is None:
-                continue
-            os.close(fd)
-            stat = read_stat(pid)
-            if stat is not None:
-                self.seen[pid] = stat.start_time
-                live.append(pid)
-        return live
+        found = _census.take(self.root).get(self.token.encode(), [])
+        self.seen.update(found)
+        return [pid for pid, _start in found]
 
     def end(self, *, wait: float = END_WAIT) -> int:
         """SIGKILL every live process of the run and reap those that are the core's
