@@ -14,7 +14,9 @@
     ├── DataError              data could not be moved into or out of a work dir
     │   ├── FetchError         an input could not be staged (names the source and why)
     │   ├── MissingOutputError expected outputs the program did not write (lists them)
-    │   └── UploadError        outputs could not be copied to the output target
+    │   ├── OutputLimitError   output patterns matched too many files or took too long
+    │   ├── UploadError        outputs could not be copied to the output target
+    │   └── TransferStopped    a cancel or a core stop came while data was moved
     ├── StateError             reading or writing the state store failed
     │   └── RedisUnavailable   Redis could not be reached
     └── ClientError            a client call that cannot be answered
@@ -104,8 +106,18 @@ class MissingOutputError(DataError):
         self.missing = list(missing)
 
 
+class OutputLimitError(DataError):
+    """Matching the output patterns went past a bound (files, entries looked at, seconds);
+    see soaf.data.matching."""
+
+
 class UploadError(DataError):
     """Outputs could not be copied to the template's ``output_target``."""
+
+
+class TransferStopped(DataError):
+    """A cancel or a core stop came while inputs were staged or outputs collected: the
+    transfer stopped between two chunks and wrote nothing more."""
 
 
 class StateError(SoafError):

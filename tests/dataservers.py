@@ -12,6 +12,7 @@ import http.server
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +23,23 @@ FTP_PASSWORD = "s3cret-pw"
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves files; ``/half/<name>`` promises the whole file, sends half, and hangs up."""
+    """Serves files; ``/half/<name>`` promises the whole file, sends half, and hangs up;
+    ``/slow/<name>`` sends it 1 KiB every 50 ms."""
 
     def do_GET(self) -> None:
+        if self.path.startswith("/slow/"):
+            data = (Path(self.directory) / self.path[len("/slow/"):]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for start in range(0, len(data), 1024):
+                    self.wfile.write(data[start:start + 1024])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass  # the client went away
+            return
         if self.path.startswith("/half/"):
             data = (Path(self.directory) / self.path[len("/half/"):]).read_bytes()
             self.send_response(200)

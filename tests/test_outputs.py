@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import fsspec
@@ -11,7 +12,9 @@ import pytest
 
 from soaf import MissingOutputError, ServiceParamTemplate, UploadError
 from soaf.data.handoff import resolve_ref
+from soaf.data.matching import Matcher
 from soaf.data.outputs import collect_outputs, expand_target, upload_outputs
+from soaf.errors import OutputLimitError, TransferStopped
 from soaf.plugin.program import ServiceProgramTemplate
 from soaf.plugin.service import Service
 from tests.dataservers import FTP_PASSWORD, ftp_files, served  # noqa: F401  (fixtures)
@@ -64,6 +67,59 @@ def test_a_symlink_out_of_the_work_dir_is_not_collected(work, tmp_path):
     (work / "leak.txt").symlink_to(secret)
     with pytest.raises(MissingOutputError):
         collect_outputs(work, ["leak.txt"])
+
+
+def test_a_fifo_is_skipped_with_a_note_not_read(work):
+    os.mkfifo(work / "out" / "pipe")  # opening it for reading would block forever
+    notes: list[str] = []
+    names = [o.name for o in collect_outputs(work, ["out"], ["*.fifo", "out/pipe"], notes=notes)]
+    assert names == ["out/a.csv", "out/b.csv", "out/deep/c.dat"]
+    assert notes == ["'out/pipe' is a FIFO, not a regular file; skipped"] * 2
+    with pytest.raises(MissingOutputError):
+        collect_outputs(work, ["out/pipe"])
+
+
+def test_wildcards_never_follow_links(work):
+    for i in range(10):  # ten links to the work dir itself: 10**6 paths if followed
+        (work / f"l{i}").symlink_to(".")
+    (work / "out.txt").write_text("x")
+    started = time.monotonic()
+    notes: list[str] = []
+    assert collect_outputs(work, ["out.txt"], ["*/*/*/*/*/*/out.txt", "**/out.txt"],
+                           notes=notes)[0].name == "out.txt"
+    assert time.monotonic() - started < 5
+    assert [o.name for o in collect_outputs(work, [], ["**/out.txt", "*/out.txt"])] == ["out.txt"]
+    assert "'l0' is a symbolic link, matched by a wildcard; skipped" not in notes  # dirs: silent
+    (work / "out" / "link.csv").symlink_to(work / "out" / "a.csv")
+    notes.clear()
+    assert "out/link.csv" not in [o.name for o in collect_outputs(work, ["out/*"], notes=notes)]
+    assert "'out/link.csv' is a symbolic link, matched by a wildcard; skipped" in notes
+    # a literal name may go through a link that stays inside
+    assert [o.name for o in collect_outputs(work, ["l3/result.txt"])] == ["l3/result.txt"]
+
+
+def test_matching_is_bounded_in_files_and_entries(work):
+    for i in range(30):
+        (work / "out" / f"f{i}.txt").write_text("x")
+    matcher = Matcher(work, max_files=10)
+    with pytest.raises(OutputLimitError, match="more than 10 files"):
+        matcher.match("out/*.txt")
+    with pytest.raises(OutputLimitError, match="more than 5 entries"):
+        Matcher(work, max_entries=5).match("**/*.dat")
+    with pytest.raises(OutputLimitError, match="took more than 0 s"):
+        Matcher(work, time_limit=0).match("**/*")
+
+
+def test_a_stop_request_ends_collection_and_upload_between_chunks(work, tmp_path):
+    (work / "big.bin").write_bytes(b"\x01" * (3 << 20))
+    with pytest.raises(TransferStopped):
+        collect_outputs(work, ["out"], stop=lambda: True)
+    outputs = collect_outputs(work, ["big.bin", "result.txt"])
+    chunks = iter(range(100))
+    target = tmp_path / "target"
+    with pytest.raises(TransferStopped):
+        upload_outputs(work, outputs, str(target), stop=lambda: next(chunks) >= 2)
+    assert [p for p in target.rglob("*") if p.is_file()] == []  # nothing, not even a .part
 
 
 def test_upload_to_a_directory_target(work, tmp_path):

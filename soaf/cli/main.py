@@ -7,7 +7,9 @@ error occurred, 2 bad usage (click's convention).
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +162,26 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
                  the_core.running())
         the_core.shutdown(drain=drain and signals["count"] < 2)
         log.info("core stopped")
+    _exit_past_stray_threads()
+
+
+def _exit_past_stray_threads() -> None:
+    """Exit now if plugin code left non-daemon threads running: the interpreter would wait
+    for them forever. Exit handlers run first, as they would at a normal exit."""
+    import atexit
+    import threading
+
+    stray = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not stray:
+        return
+    log.warning("exiting past %d thread(s) plugin code left running: %s",
+                len(stray), ", ".join(sorted(stray)))
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @cli.command()

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 #: Milliseconds one XREADGROUP may block; bounds how fast the loop notices a stop.
 READ_BLOCK_MS = 500
+#: Seconds before the first retry of a plugin load that failed at start; doubled per
+#: failure up to PLUGIN_RETRY_MAX. Until one succeeds the core takes no work.
+PLUGIN_RETRY = 1.0
+PLUGIN_RETRY_MAX = 60.0
 
 
 class Core:
@@ -66,6 +70,8 @@ class Core:
         self._force = threading.Event()
         # Entries re-read after a lost connection; at start, Recovery.resume_own does it.
         self._check_own_pending = False
+        self._plugin_retry_at = 0.0
+        self._plugin_backoff = PLUGIN_RETRY
         self.started_at = time.time()
         self.identity = Identity()
 
@@ -84,7 +90,10 @@ class Core:
         try:
             self.loader.load(timeout=s.reload_timeout)
         except PluginError:
-            log.error("no plugin version loaded; fix the plugins and they will be loaded")
+            log.error("no plugin version loaded; this core takes no work until one loads "
+                      "(retried from %g s to every %g s, and on every change)",
+                      PLUGIN_RETRY, PLUGIN_RETRY_MAX)
+            self._plugin_retry_at = time.monotonic() + PLUGIN_RETRY
         versions.publish(self.loader)
         self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl)
         self.writer.start()
@@ -243,6 +252,9 @@ class Core:
         """The intake loop; returns when a stop was requested."""
         backoff = 0.1
         while not self._stopping.is_set():
+            if self.loader.current is None:
+                self._await_plugins()  # leave the work to cores that can run it
+                continue
             if not self.writer.connected:
                 self._stopping.wait(0.2)  # take no new work while Redis is away
                 continue
@@ -276,6 +288,19 @@ class Core:
                 log.warning("lost Redis while accepting %d entries (%s); they stay pending",
                             len(entries), e)
                 self._check_own_pending = True
+
+    def _await_plugins(self) -> None:
+        """No plugin version has loaded: ask the reloader to try again once the backoff
+        has passed (a load can fail for reasons outside the plugin files: a module or a
+        file they need that is not there yet)."""
+        now = time.monotonic()
+        if now >= self._plugin_retry_at:
+            log.info("no plugins loaded yet; trying again")
+            assert self.reloader is not None
+            self.reloader.request()
+            self._plugin_retry_at = now + self._plugin_backoff
+            self._plugin_backoff = min(self._plugin_backoff * 2, PLUGIN_RETRY_MAX)
+        self._stopping.wait(0.2)
 
     def _accept(self, entries: list[Entry], previous: str | None) -> None:
         """Decode a batch and start its good entries. Entries this node had before a lost

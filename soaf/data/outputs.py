@@ -1,7 +1,8 @@
 """Collecting results: check a work dir against ``output_files``, checksum, copy to a target.
 
 ``collect_outputs`` expands the template's patterns (globs allowed; a match that is a
-directory stands for every file below it) and fails with ``MissingOutputError`` listing
+directory stands for every file below it; only regular files, no links followed under a
+wildcard, within the bounds of soaf.data.matching) and fails with ``MissingOutputError`` listing
 each required pattern that matched nothing; ``optional_outputs`` are taken when present.
 ``upload_outputs`` copies the collected files to ``output_target``: a directory on the
 core's machine, or any URL fsspec can write. Each file is written under a temporary name
@@ -14,12 +15,13 @@ import hashlib
 import logging
 import os
 import posixpath
-import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from soaf.config import DEFAULT_FETCH_TIMEOUT
+from soaf.data.matching import Matcher, kind_of
 from soaf.data.staging import (
     install,
     local_path,
@@ -28,7 +30,8 @@ from soaf.data.staging import (
     scheme,
     temp_name,
 )
-from soaf.errors import MissingOutputError, UploadError
+from soaf.data.transfer import CHUNK, Stop, check_stop, copy_file
+from soaf.errors import MissingOutputError, TransferStopped, UploadError
 from soaf.protocol.template import ServiceParamTemplate, is_url
 
 log = logging.getLogger(__name__)
@@ -54,55 +57,62 @@ class Output:
         return out
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
+def sha256_of(path: Path, *, stop: Stop | None = None) -> tuple[int, str]:
+    """(size, sha256) of the regular file at ``path``; OSError if it is none. Opened
+    without blocking, so a file swapped for a FIFO cannot hang the reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is {kind_of(st.st_mode)}, not a regular file")
+        digest = hashlib.sha256()
         while True:
-            chunk = f.read(1024 * 1024)
+            check_stop(stop)
+            chunk = f.read(CHUNK)
             if not chunk:
                 break
             digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _matches(work_dir: Path, pattern: str) -> list[str]:
-    """Files (relative names) that ``pattern`` stands for, inside ``work_dir`` only."""
-    root = work_dir.resolve()
-    found: set[str] = set()
-    for match in root.glob(pattern):
-        real = match.resolve()
-        if real != root and root not in real.parents:
-            log.warning("output %s leaves the work dir (-> %s); not collected", match, real)
-            continue
-        if match.is_dir():
-            for dirpath, _dirs, names in os.walk(match):
-                for name in names:
-                    found.add(os.path.relpath(os.path.join(dirpath, name), root))
-        elif match.is_file():
-            found.add(match.relative_to(root).as_posix())
-    return sorted(found)
+    return st.st_size, digest.hexdigest()
 
 
 def collect_outputs(work_dir: Path, required: list[str] | tuple[str, ...],
-                    optional: list[str] | tuple[str, ...] = ()) -> list[Output]:
-    """Every file the patterns name, with its size and sha256; MissingOutputError if a
-    required pattern matched nothing."""
+                    optional: list[str] | tuple[str, ...] = (), *, stop: Stop | None = None,
+                    notes: list[str] | None = None) -> list[Output]:
+    """Every regular file the patterns name, with its size and sha256; MissingOutputError
+    if a required pattern matched nothing, OutputLimitError past the bounds of
+    soaf.data.matching, TransferStopped as soon as ``stop()`` is true. Why files were
+    skipped (a FIFO, a link under a wildcard ...) is appended to ``notes``."""
+    matcher = Matcher(work_dir, stop=stop)
     names: dict[str, None] = {}
     missing: list[str] = []
-    for pattern in required:
-        matched = _matches(work_dir, pattern)
-        if not matched:
-            missing.append(pattern)
-        names.update(dict.fromkeys(matched))
-    if missing:
-        raise MissingOutputError(missing)
-    for pattern in optional:
-        names.update(dict.fromkeys(_matches(work_dir, pattern)))
+    try:
+        for pattern in required:
+            matched = matcher.match(pattern)
+            if not matched:
+                missing.append(pattern)
+            names.update(dict.fromkeys(matched))
+        if missing:
+            raise MissingOutputError(missing)
+        for pattern in optional:
+            names.update(dict.fromkeys(matcher.match(pattern)))
+    finally:
+        if notes is not None:
+            notes.extend(matcher.notes)
+            if matcher.skipped > len(matcher.notes):
+                notes.append(f"... and {matcher.skipped - len(matcher.notes)} more skipped")
     root = work_dir.resolve()
     outputs = []
     for name in sorted(names):
-        path = root / name
-        outputs.append(Output(name, path.stat().st_size, sha256_of(path)))
+        try:
+            size, digest = sha256_of(root / name, stop=stop)
+        except TransferStopped:
+            raise
+        except OSError as e:
+            log.warning("output %s not collected: %s", name, e)
+            if notes is not None:
+                notes.append(f"{name!r} could not be read ({e}); skipped")
+            continue
+        outputs.append(Output(name, size, digest))
     return outputs
 
 
@@ -114,15 +124,16 @@ def expand_target(target: str, template: ServiceParamTemplate) -> str:
 
 
 def upload_outputs(work_dir: Path, outputs: list[Output], target: str, *,
-                   timeout: float = DEFAULT_FETCH_TIMEOUT) -> None:
-    """Copy each output to ``target`` (same relative names); sets each ``url``."""
+                   timeout: float = DEFAULT_FETCH_TIMEOUT, stop: Stop | None = None) -> None:
+    """Copy each output to ``target`` (same relative names); sets each ``url``. A true
+    ``stop()`` ends the copy between two chunks (TransferStopped), its partial file removed."""
     root = work_dir.resolve()
     try:
         if not is_url(target) or scheme(target) == "file":
-            _copy_to_dir(root, outputs, local_path(target))
+            _copy_to_dir(root, outputs, local_path(target), stop)
         else:
-            _put_to_fs(root, outputs, target, timeout=timeout)
-    except UploadError:
+            _put_to_fs(root, outputs, target, timeout=timeout, stop=stop)
+    except (UploadError, TransferStopped):
         raise
     except Exception as e:
         text = str(e) or type(e).__name__
@@ -132,15 +143,18 @@ def upload_outputs(work_dir: Path, outputs: list[Output], target: str, *,
         output.url = f"{shown}/{output.name}"
 
 
-def _copy_to_dir(root: Path, outputs: list[Output], directory: Path) -> None:
+def _copy_to_dir(root: Path, outputs: list[Output], directory: Path, stop: Stop | None) -> None:
+    check_stop(stop)
     directory.mkdir(parents=True, exist_ok=True)
     base = directory.resolve()
     for output in outputs:
+        check_stop(stop)
         destination = base / output.name
         destination.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_name(destination)
         try:
-            shutil.copyfile(root / output.name, tmp)
+            copy_file(root / output.name, tmp, stop=stop)
+            check_stop(stop)
             install(tmp, destination)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -148,13 +162,15 @@ def _copy_to_dir(root: Path, outputs: list[Output], directory: Path) -> None:
         log.debug("copied output %s to %s", output.name, destination)
 
 
-def _put_to_fs(root: Path, outputs: list[Output], target: str, *, timeout: float) -> None:
+def _put_to_fs(root: Path, outputs: list[Output], target: str, *, timeout: float,
+               stop: Stop | None) -> None:
     fs, base = open_fs(target, timeout=timeout)
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     renames = any(p in RENAMING_PROTOCOLS for p in protocols)
     base = base.rstrip("/")
     made: set[str] = set()
     for output in outputs:
+        check_stop(stop)
         remote = posixpath.join(base, output.name)
         parent = posixpath.dirname(remote)
         if parent and parent not in made:
@@ -163,6 +179,9 @@ def _put_to_fs(root: Path, outputs: list[Output], target: str, *, timeout: float
         if renames:
             tmp = posixpath.join(parent, f".{posixpath.basename(remote)}.{os.getpid()}.part")
             fs.put_file(str(root / output.name), tmp)
+            if stop is not None and stop():
+                fs.rm_file(tmp)
+                raise TransferStopped("stopped while the outputs were uploaded")
             if fs.exists(remote):
                 fs.rm_file(remote)
             fs.mv(tmp, remote)

@@ -26,14 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from soaf.config import DEFAULT_FETCH_TIMEOUT, host_name
+from soaf.data.transfer import CHUNK, Stop, check_stop, copy_file
 from soaf.data.workdir import confine
-from soaf.errors import FetchError, ValidationError
+from soaf.errors import FetchError, TransferStopped, ValidationError
 from soaf.protocol.template import REF_SCHEME, ServiceParamTemplate, check_relative, is_url
 
 log = logging.getLogger(__name__)
-
-#: Bytes copied per read.
-CHUNK = 1024 * 1024
 
 #: Resolves a ``soaf://`` reference to a local path (same host) or a URL.
 Resolver = Callable[[str], "Path | str"]
@@ -44,11 +42,14 @@ class StageContext:
     """What staging needs from the core; a program used on its own gets the defaults.
 
     ``resolve`` is set by the core: references to other services' outputs can only be
-    resolved where their records can be read.
+    resolved where their records can be read. ``stop`` is the core's "this run is
+    cancelled or the core stops": staging and collection check it between chunks and
+    stop (``TransferStopped``) instead of writing on after the service has ended.
     """
 
     timeout: float = DEFAULT_FETCH_TIMEOUT
     resolve: Resolver | None = None
+    stop: Stop | None = None
 
 
 @dataclass
@@ -199,17 +200,22 @@ def _no_copy(src: str, dst: str) -> None:
     raise OSError(errno.EXDEV, "cannot hard-link across file systems")
 
 
-def stage_local(source: Path, tmp: Path, mode: str) -> str:
+def stage_local(source: Path, tmp: Path, mode: str, *, stop: Stop | None = None) -> str:
     """Put ``source`` at ``tmp`` by ``mode``; returns the mode actually used."""
     if mode == "symlink":
         os.symlink(source.resolve(), tmp, target_is_directory=source.is_dir())
         return "symlink"
+
+    def copy(src: str, dst: str) -> None:
+        copy_file(src, dst, stop=stop)
+        shutil.copystat(src, dst)
+
     if mode == "link":
-        return "link" if _hard_link_tree(source, tmp, fallback=shutil.copy2) else "copy"
+        return "link" if _hard_link_tree(source, tmp, fallback=copy) else "copy"
     if source.is_dir():
-        shutil.copytree(source, tmp)
+        shutil.copytree(source, tmp, copy_function=copy)
     else:
-        shutil.copy2(source, tmp)
+        copy(str(source), str(tmp))
     return "copy"
 
 
@@ -231,24 +237,28 @@ def link_reference(source: Path, tmp: Path) -> str:
 # -- remote sources ---------------------------------------------------------------------
 
 
-def fetch_http(url: str, tmp: Path, *, timeout: float) -> None:
-    """Download ``url`` to ``tmp``; a body shorter than its Content-Length is an error."""
+def fetch_http(url: str, tmp: Path, *, timeout: float, stop: Stop | None = None) -> None:
+    """Download ``url`` to ``tmp``; a body shorter than its Content-Length is an error.
+    Reads what has arrived (``read1``), so a slow server cannot keep a stopped fetch
+    writing for long."""
     request = urllib.request.Request(url, headers={"User-Agent": "soaf"})
     with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as out:
         expected = resp.headers.get("Content-Length")
         got = 0
         while True:
-            chunk = resp.read(CHUNK)
+            check_stop(stop)
+            chunk = resp.read1(CHUNK)
             if not chunk:
                 break
+            check_stop(stop)
             out.write(chunk)
             got += len(chunk)
     if expected is not None and expected.isdigit() and got != int(expected):
         raise OSError(f"connection closed after {got} of {expected} bytes")
 
 
-def fetch_fsspec(url: str, tmp: Path, *, timeout: float) -> None:
-    """Copy the file or directory tree at ``url`` to ``tmp`` through fsspec."""
+def fetch_fsspec(url: str, tmp: Path, *, timeout: float, stop: Stop | None = None) -> None:
+    """Copy the file or directory tree at ``url`` to ``tmp`` through fsspec, by chunks."""
     fs, path = open_fs(url, timeout=timeout)
     if fs.isdir(path):
         tmp.mkdir()
@@ -259,14 +269,21 @@ def fetch_fsspec(url: str, tmp: Path, *, timeout: float) -> None:
                 continue
             local = tmp / rel
             local.parent.mkdir(parents=True, exist_ok=True)
-            _get_file(fs, remote, local)
+            _get_file(fs, remote, local, stop)
         return
-    _get_file(fs, path, tmp)
+    _get_file(fs, path, tmp, stop)
 
 
-def _get_file(fs: Any, remote: str, local: Path) -> None:
+def _get_file(fs: Any, remote: str, local: Path, stop: Stop | None) -> None:
     expected = fs.info(remote).get("size")  # FileNotFoundError when there is nothing
-    fs.get_file(remote, str(local))
+    check_stop(stop)
+    with fs.open(remote, "rb") as src, open(local, "wb") as out:
+        while True:
+            check_stop(stop)
+            chunk = src.read(CHUNK)
+            if not chunk:
+                break
+            out.write(chunk)
     got = local.stat().st_size
     if isinstance(expected, int) and got != expected:
         raise OSError(f"transfer of {remote} stopped after {got} of {expected} bytes")
@@ -317,9 +334,10 @@ def stage(source: str, work_dir: Path, name: str, *, mode: str = "copy",
             path = local_path(source)
             if not path.exists():
                 raise FetchError(shown, f"no such file or directory on {host_name()}")
-            used = stage_local(path, tmp, mode)
+            used = stage_local(path, tmp, mode, stop=context.stop)
+        check_stop(context.stop)
         install(tmp, target)
-    except FetchError:
+    except (FetchError, TransferStopped):
         _discard(tmp)
         raise
     except Exception as e:
@@ -341,9 +359,9 @@ def stage(source: str, work_dir: Path, name: str, *, mode: str = "copy",
 
 def _fetch_url(url: str, tmp: Path, context: StageContext) -> None:
     if scheme(url) in ("http", "https"):
-        fetch_http(url, tmp, timeout=context.timeout)
+        fetch_http(url, tmp, timeout=context.timeout, stop=context.stop)
     else:
-        fetch_fsspec(url, tmp, timeout=context.timeout)
+        fetch_fsspec(url, tmp, timeout=context.timeout, stop=context.stop)
 
 
 def _discard(tmp: Path) -> None:
@@ -357,5 +375,8 @@ def stage_inputs(template: ServiceParamTemplate, work_dir: Path,
                  context: StageContext | None = None) -> list[Staged]:
     """Stage every entry of ``template.input_files``, in order; the first failure stops."""
     mode = getattr(template, "input_mode", "copy")
-    return [stage(source, work_dir, name, mode=mode, context=context)
-            for name, source in template.input_sources().items()]
+    staged = []
+    for name, source in template.input_sources().items():
+        check_stop(context.stop if context else None)
+        staged.append(stage(source, work_dir, name, mode=mode, context=context))
+    return staged

@@ -106,8 +106,10 @@ class ServiceProgramTemplate:
         Runs after ``after_watch_callback`` (which may still write or rename files), so it
         sees the work dir as the developer left it. Every ``output_files`` pattern must
         match (else ``MissingOutputError``: the service fails with the list);
-        ``optional_outputs`` are taken when present. The files, sizes and sha256 go to the
-        record (``outputs``); with ``output_target`` they are copied there first.
+        ``optional_outputs`` are taken when present. Only regular files count; what was
+        skipped (a FIFO, a link under a wildcard) is noted in ``outputs_skipped``. The
+        files, sizes and sha256 go to the record (``outputs``); with ``output_target``
+        they are copied there first. A cancel stops the transfer between two chunks.
         """
         template = self.template
         required = list(template.output_files)
@@ -115,11 +117,17 @@ class ServiceProgramTemplate:
         target = getattr(template, "output_target", None)
         if not required and not optional:
             return
-        outputs = collect_outputs(self.work_dir, required, optional)
+        stop, notes = self.staging.stop, list[str]()
+        try:
+            outputs = collect_outputs(self.work_dir, required, optional, stop=stop, notes=notes)
+        finally:
+            if notes and self.service is not None:
+                self.service.record_skipped_outputs(notes)
         shown = None
         if target:
             resolved = expand_target(target, template)
-            upload_outputs(self.work_dir, outputs, resolved, timeout=self.staging.timeout)
+            upload_outputs(self.work_dir, outputs, resolved, timeout=self.staging.timeout,
+                           stop=stop)
             shown = redact(resolved)
         if self.service is not None:
             self.service.record_outputs([o.to_record() for o in outputs], target=shown)

@@ -115,6 +115,10 @@ class Service:
             values["output_target"] = target
         self._emit(values)
 
+    def record_skipped_outputs(self, notes: list[str]) -> None:
+        """Record why files the output patterns met were not collected (``outputs_skipped``)."""
+        self._emit({"outputs_skipped": list(notes)})
+
     def restore(self, fields: dict[str, Any], progress: float | None, message: str | None) -> None:
         """Take over what an earlier core wrote for this run, without writing it again."""
         self.fields.update(fields)

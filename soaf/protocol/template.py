@@ -25,6 +25,19 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
 INPUT_MODES = ("copy", "link", "symlink")
 #: The first path component soaf keeps for itself at the top of the work root.
 RESERVED_WORK_NAME = ".soaf"
+#: Names at the top of the work root starting with this are soaf's own (``.soaf/`` with
+#: its run markers, ``.soaf-runs/`` with the journals and exit files).
+RESERVED_WORK_PREFIX = ".soaf"
+#: Files soaf writes into every work dir itself: no input may take their names.
+RESERVED_INPUT_NAMES = frozenset({"stdout.log", "stderr.log"})
+#: Upper bounds of the numeric fields: finite, and far past any real use.
+MAX_SECONDS = 366 * 86400.0
+MAX_MEMORY_MB = 1 << 30  # 1 PiB
+MAX_RETRIES = 100
+MIN_WATCH_INTERVAL = 0.05
+MIN_RETRY_BACKOFF = 0.1
+#: Output targets that live in the core's own process: nobody else could read them.
+IN_PROCESS_SCHEMES = frozenset({"memory"})
 #: The scheme of a reference to another service's output: ``soaf://<service_id>/<name>``.
 REF_SCHEME = "soaf://"
 
@@ -45,6 +58,8 @@ def check_relative(field_name: str, value: Any) -> None:
         raise ValidationError(field_name, f"must be a non-empty string, got {_show(value)}")
     if "\x00" in value:
         raise ValidationError(field_name, f"{value!r} contains a NUL byte")
+    if _has_control(value):
+        raise ValidationError(field_name, f"{value!r} contains a control character")
     path = PurePosixPath(value)
     if path.is_absolute():
         raise ValidationError(field_name, f"{value!r} is absolute; it must stay inside the work dir")
@@ -52,6 +67,10 @@ def check_relative(field_name: str, value: Any) -> None:
         raise ValidationError(field_name, f"{value!r} contains '..'; it must stay inside the work dir")
     if not path.parts:
         raise ValidationError(field_name, f"{value!r} names the directory itself, not an entry in it")
+
+
+def _has_control(value: str) -> bool:
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value)
 
 
 def _show(value: Any) -> str:
@@ -202,13 +221,13 @@ def validate_template(template: ServiceParamTemplate) -> None:
 
 
 def _check_service(t: ServiceParamTemplate, value: Any) -> None:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValidationError(
             "service", f"must be a service name (letters, digits, '_.-'), got {_show(value)}")
 
 
 def _check_service_id(t: ServiceParamTemplate, value: Any) -> None:
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ValidationError(
             "service_id", f"must be 1-128 letters, digits or '_.-', got {_show(value)}")
 
@@ -216,9 +235,10 @@ def _check_service_id(t: ServiceParamTemplate, value: Any) -> None:
 def _check_work_path(t: ServiceParamTemplate, value: Any) -> None:
     if value is not None:
         check_relative("work_path", value)
-        if PurePosixPath(value).parts[0] == RESERVED_WORK_NAME:
+        if PurePosixPath(value).parts[0].startswith(RESERVED_WORK_PREFIX):
             raise ValidationError(
-                "work_path", f"{RESERVED_WORK_NAME!r} at the top of the work root is soaf's own")
+                "work_path", f"{value!r}: names starting with {RESERVED_WORK_PREFIX!r} at the "
+                             "top of the work root are soaf's own")
 
 
 def _check_input_files(t: ServiceParamTemplate, value: Any) -> None:
@@ -228,6 +248,10 @@ def _check_input_files(t: ServiceParamTemplate, value: Any) -> None:
                 raise ValidationError("input_files", f"source {_show(source)} must be a string")
     for name in ServiceParamTemplate.input_names(t):
         check_relative("input_files", name)
+        top = PurePosixPath(name).parts[0]
+        if top in RESERVED_INPUT_NAMES or top.startswith(RESERVED_WORK_PREFIX):
+            raise ValidationError("input_files", f"{name!r} is a name soaf writes in the work "
+                                                 "dir itself")
     for source in ServiceParamTemplate.input_sources(t).values():
         if source.startswith(REF_SCHEME):
             parse_ref(source)
@@ -258,6 +282,9 @@ def _check_output_target(t: ServiceParamTemplate, value: Any) -> None:
         raise ValidationError("output_target", f"must be a URL or directory, got {_show(value)}")
     if not is_url(value) and not PurePosixPath(value).is_absolute():
         raise ValidationError("output_target", f"{value!r} must be a URL or an absolute directory")
+    if is_url(value) and value.split("://", 1)[0].lower() in IN_PROCESS_SCHEMES:
+        raise ValidationError("output_target", f"{value!r} lives in the core's own memory; "
+                                               "nobody else could read it")
 
 
 def _check_args(t: ServiceParamTemplate, value: Any) -> None:
@@ -278,20 +305,23 @@ def _check_env(t: ServiceParamTemplate, value: Any) -> None:
 
 
 def _check_watch_interval(t: ServiceParamTemplate, value: Any) -> None:
-    if not _positive_number(value):
-        raise ValidationError("watch_interval", f"must be a positive number of seconds, got "
-                                                f"{_show(value)}")
+    if not _number_in(value, MIN_WATCH_INTERVAL, MAX_SECONDS):
+        raise ValidationError("watch_interval", f"must be a positive number of seconds from "
+                                                f"{MIN_WATCH_INTERVAL:g} to {MAX_SECONDS:.0f}, "
+                                                f"got {_show(value)}")
 
 
 def _check_timeout(t: ServiceParamTemplate, value: Any) -> None:
-    if value is not None and not _positive_number(value):
+    if value is not None and not (_positive_number(value) and value <= MAX_SECONDS):
         raise ValidationError("timeout", f"must be a positive number of seconds or None, got "
-                                         f"{_show(value)}")
+                                         f"{_show(value)} (at most {MAX_SECONDS:.0f})")
 
 
 def _check_retries(t: ServiceParamTemplate, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValidationError("retries", f"must be a whole number >= 0 or None, got {_show(value)}")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 0 <= value <= MAX_RETRIES):
+        raise ValidationError("retries", f"must be a whole number >= 0 (at most {MAX_RETRIES}) "
+                                         f"or None, got {_show(value)}")
 
 
 def _check_max_lost(t: ServiceParamTemplate, value: Any) -> None:
@@ -302,14 +332,16 @@ def _check_max_lost(t: ServiceParamTemplate, value: Any) -> None:
 
 
 def _check_retry_backoff(t: ServiceParamTemplate, value: Any) -> None:
-    if value is not None and not (_positive_number(value) or _zero(value)):
-        raise ValidationError("retry_backoff", f"must be a number >= 0 or None, got {_show(value)}")
+    if value is not None and not _number_in(value, MIN_RETRY_BACKOFF, MAX_SECONDS):
+        raise ValidationError("retry_backoff", f"must be a number of seconds from "
+                                               f"{MIN_RETRY_BACKOFF:g} to {MAX_SECONDS:.0f} or "
+                                               f"None, got {_show(value)}")
 
 
 def _check_max_memory_mb(t: ServiceParamTemplate, value: Any) -> None:
-    if value is not None and not _positive_number(value):
+    if value is not None and not (_positive_number(value) and value <= MAX_MEMORY_MB):
         raise ValidationError("max_memory_mb", f"must be a positive number or None, got "
-                                               f"{_show(value)}")
+                                               f"{_show(value)} (at most {MAX_MEMORY_MB})")
 
 
 #: The most lost attempts a template may allow (a crash loop must end).
@@ -337,5 +369,5 @@ def _positive_number(value: Any) -> bool:
     )
 
 
-def _zero(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+def _number_in(value: Any, low: float, high: float) -> bool:
+    return _positive_number(value) and low <= value <= high

@@ -36,16 +36,17 @@ from typing import Any
 
 from soaf.config import host_name
 from soaf.data import markers, workdir
-from soaf.errors import MissingOutputError, ProgramError
+from soaf.errors import MissingOutputError, ProgramError, TransferStopped
 from soaf.plugin.service import Service
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity
+from soaf.process.lineage import RUN_VAR, RunLineage, new_token
 from soaf.process.spawn import Exit, Process
 from soaf.protocol.state import State
 from soaf.run.callbacks import FAILED, call_callback, callback_loop
 from soaf.run.control import Orphaned
 from soaf.run.limits import AFTER, COLLECT, PREPARE_STEPS, WATCH_CALLBACKS, Limits
-from soaf.run.outcome import INTERRUPTED, Outcome, classify, exit_fields, stderr_tail, with_stderr
+from soaf.run.outcome import Outcome, classify, exit_fields, stderr_tail, with_stderr
 from soaf.run.ports import AttemptHost
 from soaf.run.prepare import (
     Halted,
@@ -54,6 +55,7 @@ from soaf.run.prepare import (
     halted,
     outputs_escape,
     phase_failed,
+    stopped_collecting,
     take_work_dir,
 )
 
@@ -97,6 +99,7 @@ class Attempt:
         self._started = threading.Lock()
         self.shimmed = False
         self._pid_known = True  # the record has the program's pid (False: not yet)
+        self.lineage = RunLineage(new_token(self.template.service_id, number))
 
     @property
     def stop_reason(self) -> str | None:
@@ -150,6 +153,8 @@ class Attempt:
             argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv
             self.argv = list(argv) if isinstance(argv, list) else None
             journal.step("prepared")
+            # Every process of the run carries its token, to be found and ended with it.
+            env = {**env, RUN_VAR: self.lineage.token}
             # The shim records the exit status in a file, for a core that restarts meanwhile.
             try:
                 group = self.limits.enter_cgroup(self.host.engines.cgroups,
@@ -270,7 +275,10 @@ class Attempt:
         return True
 
     def _ended(self) -> Outcome:
-        """The program has ended: finish its logs and classify how (either thread)."""
+        """The program has ended: end what it left running outside its group (daemons),
+        finish its logs and classify how (either thread)."""
+        if not self.adopted:
+            self.lineage.end()
         with self._logs_lock:
             logs, self._logs = self._logs, None
         stats: dict[str, Any] = {}
@@ -306,17 +314,10 @@ class Attempt:
             if self.host.guard.busy:
                 self.record_exit()  # the exit came as this thread entered plugin code
             return
-        limits = self.limits
-        if self.host.halt.force:
-            limits.stop_reason = limits.stop_reason or INTERRUPTED
-            process.begin_stop(0)
+        if not self.adopted:
+            self.lineage.observe()  # remember escapees, to reap them if they exit first
+        if not self.limits.enforce(now, process, self.template.service_id):
             return
-        if limits.stop_reason is None:
-            reason = limits.reason(now, process)
-            if reason is not None:
-                limits.stop_reason = reason
-                log.info("stopping service %s (%s)", self.template.service_id, reason)
-                process.begin_stop(limits.grace_for(reason))
         if not self._pid_known and process.program_pid is not None:
             self._pid_known = True
             self.emit({"pid": process.program_pid})
@@ -330,10 +331,7 @@ class Attempt:
         """Finish this attempt in a new thread; the old one is stuck in ``stuck``."""
         halt = self.host.halt
         if stuck == COLLECT:
-            if halt.interrupt_requested:
-                return Outcome(INTERRUPTED, error="core stopped while the outputs were collected")
-            return Outcome(State.CANCELLED.value,
-                           error="cancelled while the outputs were collected")
+            return stopped_collecting(halt)
         if stuck in PREPARE_STEPS:
             return self._after_watch(halted(halt, stuck, f" ({stuck} did not return; abandoned)"))
         assert self.service is not None
@@ -389,6 +387,8 @@ class Attempt:
             self.call(COLLECT, program.collect_output_files)
         except Orphaned:
             raise
+        except TransferStopped:
+            return stopped_collecting(self.host.halt)
         except MissingOutputError as e:
             log.info("service %s: %s", self.template.service_id, e)
             return Outcome(State.FAILED.value, "missing_outputs", str(e),

@@ -47,6 +47,8 @@ class Stoppable(Protocol):
 
     def rss_kb(self) -> int: ...
 
+    def begin_stop(self, grace: float) -> None: ...
+
 
 class Limits:
     """Timeout, memory limit and stop requests of one attempt's program, and the time
@@ -120,6 +122,21 @@ class Limits:
             if self.memory_kb is not None and self.rss_kb > self.memory_kb:
                 return "memory"
         return None
+
+    def enforce(self, now: float, program: Stoppable, service_id: str) -> bool:
+        """Begin stopping ``program`` if it must stop now; False after a forced stop
+        (nothing more to do for it this tick)."""
+        if self.halt.force:
+            self.stop_reason = self.stop_reason or INTERRUPTED
+            program.begin_stop(0)
+            return False
+        if self.stop_reason is None:
+            reason = self.reason(now, program)
+            if reason is not None:
+                self.stop_reason = reason
+                log.info("stopping service %s (%s)", service_id, reason)
+                program.begin_stop(self.grace_for(reason))
+        return True
 
     def grace_for(self, reason: str) -> float:
         """Seconds between SIGTERM and SIGKILL for a stop for ``reason``."""

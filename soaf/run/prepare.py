@@ -21,7 +21,7 @@ from typing import Any
 from soaf.config import Settings
 from soaf.data import markers, workdir
 from soaf.data.staging import StageContext
-from soaf.errors import ProgramError, SoafError, ValidationError
+from soaf.errors import ProgramError, SoafError, TransferStopped, ValidationError
 from soaf.plugin.service import Service
 from soaf.protocol.state import State
 from soaf.protocol.template import ServiceParamTemplate
@@ -67,6 +67,36 @@ def halted(halt: Halt, step: str, note: str = "") -> Outcome:
     return Outcome(State.CANCELLED.value, error=f"cancelled{where}, before it started{note}")
 
 
+def stopped_collecting(halt: Halt) -> Outcome:
+    """The outcome of an attempt stopped by a cancel or a core stop while its outputs
+    were collected."""
+    if halt.interrupt_requested:
+        return Outcome(INTERRUPTED, error="core stopped while the outputs were collected")
+    return Outcome(State.CANCELLED.value, error="cancelled while the outputs were collected")
+
+
+def _stopped(error: BaseException) -> bool:
+    """A staging error that is a stop request (a plugin may wrap it in its own error)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TransferStopped):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def outputs_escape(settings: Settings, work_dir: Path,
+                   template: ServiceParamTemplate) -> str | None:
+    """Why the output names now lead out of the work dir (the program may have made
+    links), or None when they stay inside."""
+    try:
+        workdir.check_names(settings.work_root, work_dir, template, outputs_only=True)
+    except ValidationError as e:
+        log.warning("service %s: %s", template.service_id, e)
+        return f"after the run: {e}"
+    return None
+
+
 def take_work_dir(settings: Settings, template: ServiceParamTemplate, number: int, *,
                   policy: str, last_state: str | None) -> tuple[Path, markers.Marker]:
     """Attempt ``number``'s work dir and its run marker."""
@@ -95,7 +125,8 @@ def make_program(host: AttemptHost, number: int, work_dir: Path, service: Servic
     program = host.plugin.program_cls(host.template, work_dir, attempt=number,
                                       plugin_root=settings.plugins)
     program.service = service
-    program.staging = StageContext(timeout=settings.fetch_timeout, resolve=host.resolve)
+    program.staging = StageContext(timeout=settings.fetch_timeout, resolve=host.resolve,
+                                   stop=lambda: host.halt.halted)
     return program
 
 
@@ -137,6 +168,8 @@ class Preparation:
         except (Halted, Orphaned):
             raise
         except BaseException as e:  # a plugin may raise SystemExit too
+            if host.halt.halted and _stopped(e):
+                raise Halted() from None
             raise PhaseError(self.step, e) from e
         self._halt_check()
         return argv, env, cwd
@@ -148,14 +181,3 @@ class Preparation:
     def _halt_check(self) -> None:
         if self.host.halt.halted:
             raise Halted()
-
-
-def outputs_escape(settings: Settings, work_dir: Path, template: ServiceParamTemplate) -> str | None:
-    """Why the output names now lead out of the work dir (the program may have made
-    links), or None when they stay inside."""
-    try:
-        workdir.check_names(settings.work_root, work_dir, template, outputs_only=True)
-    except ValidationError as e:
-        log.warning("service %s: %s", template.service_id, e)
-        return f"after the run: {e}"
-    return None

@@ -37,6 +37,11 @@ class Forker(PythonProgram):
     script = "forker.py"
 
 
+class Daemon(PythonProgram):
+    name = "daemon"
+    script = "daemon.py"
+
+
 class Chatty(PythonProgram):
     name = "chatty"
     script = "chatty.py"

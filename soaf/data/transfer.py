@@ -1,0 +1,45 @@
+"""Copying by chunks that a stop request can end: the shared step of staging and collection.
+
+A transfer checks its ``stop`` callable (the run is cancelled, the core stops) between
+two chunks and raises ``TransferStopped`` instead of writing on, so nothing is written
+into a work dir or an output target after its service has ended.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from soaf.errors import TransferStopped
+
+#: Bytes copied per read.
+CHUNK = 1024 * 1024
+
+#: True once a transfer must stop (a cancel, the core stopping): checked between chunks.
+Stop = Callable[[], bool]
+
+
+def check_stop(stop: Stop | None) -> None:
+    """TransferStopped if ``stop()`` says the transfer must end."""
+    if stop is not None and stop():
+        raise TransferStopped("stopped: the service was cancelled or its core is stopping")
+
+
+def copy_file(source: Path | str, target: Path | str, *, stop: Stop | None = None) -> None:
+    """Copy one regular file by chunks, checking ``stop`` between them; the source is
+    opened without blocking and must be a regular file (a FIFO would never end)."""
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as src:
+        mode = os.fstat(src.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"{source} is not a regular file")
+        with open(target, "wb") as out:
+            while True:
+                check_stop(stop)
+                chunk = src.read(CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)

@@ -1,0 +1,251 @@
+"""Which processes came from one run of a program, and ending every one of them.
+
+A program may leave its process group (``setsid``, a daemon's double fork); the group
+stop then misses it, and once its parent exits the core, a child subreaper
+(soaf.process.reaper), inherits it. Each run's program gets a token in its environment
+(``SOAF_RUN=<service id>/<attempt>/<nonce>``) that its children inherit; a process is
+this run's only if it descends from the core *and* its ``/proc/<pid>/environ`` holds that
+token, read through a pidfd opened first, so a recycled pid is never signalled.
+
+``RunLineage.observe`` (called while the program runs) remembers the token's processes;
+``RunLineage.end`` (when the program has ended) SIGKILLs those still alive, and whatever
+runs below them, and reaps the ones that are the core's children, including escapees
+that exited while the run lasted and were seen alive once, and zombies below them. An
+escapee that clears its own environment and whose parent is gone is out of reach, like
+one running under another user. Linux only; elsewhere nothing is found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+
+from soaf.process.identity import read_stat
+
+log = logging.getLogger(__name__)
+
+#: The environment variable that marks a run's processes.
+RUN_VAR = "SOAF_RUN"
+#: Seconds ``end`` waits for the killed processes to be reaped.
+END_WAIT = 2.0
+#: Seconds between two ``observe`` scans of /proc.
+OBSERVE_INTERVAL = 1.0
+
+_PROC = Path("/proc")
+
+
+def new_token(service_id: str, attempt: int) -> str:
+    """A token unique to one run: its ids and a random part no other run can guess."""
+    return f"{service_id}/{attempt}/{secrets.token_hex(8)}"
+
+
+def _leaders(pid: int) -> tuple[int, int]:
+    """(process group, session) of ``pid``; (0, 0) when it is gone."""
+    try:
+        data = (_PROC / str(pid) / "stat").read_bytes()
+        rest = data[data.rindex(b")") + 2:].split()
+        return int(rest[2]), int(rest[3])
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process in /proc."""
+    parents: dict[int, int] = {}
+    try:
+        names = os.listdir(_PROC)
+    except OSError:
+        return parents
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            data = (_PROC / name / "stat").read_bytes()
+            parents[int(name)] = int(data[data.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return parents
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _parents().items():
+        children.setdefault(ppid, []).append(pid)
+    return children
+
+
+def descendants(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """Every process below ``root`` (children, their children ...; zombies included)."""
+    children = _children() if children is None else children
+    found, todo = [], list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _carries(pid: int, needle: bytes) -> int | None:
+    """A pidfd for ``pid`` if its environment holds ``needle``, else None (closed)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        environ = (_PROC / str(pid) / "environ").read_bytes()
+    except OSError:
+        environ = b""
+    if needle in environ.split(b"\0"):
+        return fd
+    os.close(fd)
+    return None
+
+
+class _Census:
+    """One shared look at the core's descendants and their run tokens, taken at most
+    every ``OBSERVE_INTERVAL / 2`` seconds for all runs together; a process's token is
+    read once in its life (its initial environment changes only when it execs, and an
+    exec keeps the inherited token unless the program clears it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._at = -1e9
+        self._tokens: dict[tuple[int, int], bytes | None] = {}
+        self.members: dict[bytes, list[tuple[int, int]]] = {}
+
+    def take(self, root: int) -> dict[bytes, list[tuple[int, int]]]:
+        """token -> [(pid, start time)] of the live processes below ``root``."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at < OBSERVE_INTERVAL / 2:
+                return self.members
+            self._at = now
+            tokens: dict[tuple[int, int], bytes | None] = {}
+            members: dict[bytes, list[tuple[int, int]]] = {}
+            for pid in descendants(root):
+                stat = read_stat(pid)
+                if stat is None or stat.exited:
+                    continue
+                key = (pid, stat.start_time)
+                token = self._tokens[key] if key in self._tokens else _token_of(pid)
+                tokens[key] = token
+                if token is not None:
+                    members.setdefault(token, []).append(key)
+            self._tokens, self.members = tokens, members
+            return members
+
+
+def _token_of(pid: int) -> bytes | None:
+    try:
+        environ = (_PROC / str(pid) / "environ").read_bytes()
+    except OSError:
+        return None
+    prefix = f"{RUN_VAR}=".encode()
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):]
+    return None
+
+
+_census = _Census()
+
+
+class RunLineage:
+    """The processes of one run, found by its token among the core's descendants."""
+
+    def __init__(self, token: str, *, root: int | None = None) -> None:
+        self.token = token
+        self.root = os.getpid() if root is None else root
+        self._needle = f"{RUN_VAR}={token}".encode()
+        #: pid -> start time of every process seen with the token.
+        self.seen: dict[int, int] = {}
+        self._next = 0.0
+
+    def observe(self, *, force: bool = False) -> list[int]:
+        """Scan for the token's live processes (at most every OBSERVE_INTERVAL unless
+        ``force``) and remember them; their pids."""
+        now = time.monotonic()
+        if not force and now < self._next:
+            return []
+        self._next = now + OBSERVE_INTERVAL
+        found = _census.take(self.root).get(self.token.encode(), [])
+        self.seen.update(found)
+        return [pid for pid, _start in found]
+
+    def end(self, *, wait: float = END_WAIT) -> int:
+        """SIGKILL every live process of the run and reap those that are the core's
+        children (or become so); how many were killed."""
+        killed = 0
+        deadline = time.monotonic() + wait
+        while True:
+            found = 0
+            for pid, fd in self._members():
+                with contextlib.suppress(OSError):
+                    stat = read_stat(pid)
+                    if stat is not None:
+                        self.seen[pid] = stat.start_time
+                        if not stat.exited:
+                            signal.pidfd_send_signal(fd, signal.SIGKILL)
+                            found += 1
+                os.close(fd)
+            killed += found
+            self._reap()
+            if (not found and not self._waiting()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if killed:
+            log.info("killed %d process(es) left behind by run %s", killed, self.token)
+        return killed
+
+    def _members(self) -> list[tuple[int, int]]:
+        """(pid, pidfd) of every process of the run: the core's descendants that carry
+        the token, and everything below them (a zombie's environment cannot be read, and a
+        child may have cleared its own)."""
+        children = _children()
+        mine = set(descendants(self.root, children))
+        members: dict[int, int] = {}
+        for pid in mine:
+            if pid in members:
+                continue
+            fd = _carries(pid, self._needle)
+            if fd is None:
+                continue
+            members[pid] = fd
+            # The leader of its group and session (a daemon's first fork, that called
+            # setsid and exited) descends from the program too: a zombie to reap.
+            related = [*descendants(pid, children), *_leaders(pid)]
+            for other in related:
+                if other in mine and other not in members:
+                    with contextlib.suppress(OSError):
+                        members[other] = os.pidfd_open(other)
+        return list(members.items())
+
+    def _waiting(self) -> bool:
+        """Some process seen with the token still exists (alive or a zombie)."""
+        return any(self._same(pid, start) for pid, start in self.seen.items())
+
+    def _same(self, pid: int, start: int) -> bool:
+        stat = read_stat(pid)
+        return stat is not None and stat.start_time == start
+
+    def _reap(self) -> None:
+        """Reap the seen processes that are the core's children and have exited."""
+        for pid, start in list(self.seen.items()):
+            stat = read_stat(pid)
+            if stat is None or stat.start_time != start:
+                del self.seen[pid]  # gone (reaped by its own parent)
+                continue
+            if not stat.exited:
+                continue
+            try:
+                got, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue  # not ours (yet): its parent reaps it, or it comes to us
+            if got:
+                del self.seen[pid]
