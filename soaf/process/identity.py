@@ -45,6 +45,7 @@ class Stat:
     state: str  # R, S, D, Z (zombie: exited, not reaped), X ...
     pgid: int
     start_time: int
+    ppid: int = 0
 
     @property
     def exited(self) -> bool:
@@ -59,7 +60,8 @@ def read_stat(pid: int) -> Stat | None:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     rest = data[data.rindex(b")") + 2:].split()
-    return Stat(state=rest[0].decode(), pgid=int(rest[2]), start_time=int(rest[19]))
+    return Stat(state=rest[0].decode(), pgid=int(rest[2]), start_time=int(rest[19]),
+                ppid=int(rest[1]))
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,9 @@ def stop_group(identity: ProcIdentity, grace: float) -> bool:
 
 
 def find_by_marker(marker: str) -> list[ProcIdentity]:
-    """Live processes whose command line contains ``marker`` (a path unique to one run)."""
+    """Live processes whose command line contains ``marker`` (a path unique to one run),
+    the topmost only: a child the shim has forked but not yet exec'd shares its command
+    line for a moment, and is not the one to take."""
     found: list[ProcIdentity] = []
     needle = marker.encode()
     try:
@@ -188,7 +192,8 @@ def find_by_marker(marker: str) -> list[ProcIdentity]:
             identity = ProcIdentity.of(int(name))
             if identity is not None and identity.alive():
                 found.append(identity)
-    return found
+    pids = {f.pid for f in found}
+    return [f for f in found if (stat := read_stat(f.pid)) is None or stat.ppid not in pids]
 
 
 def started_ago(identity: ProcIdentity) -> float | None:
