@@ -102,10 +102,10 @@ class RecoveredRun(ServiceRun):
             note["pid"] = self.identity.pid
         self.emit(note)
         log.info("service %s attempt %d: %s after its core (%s) stopped", self.service_id,
-                 self.claim.attempt, self.previous_node, {"adopt": "re-adopted the running program",
+                 self.claim.attempt, {"adopt": "re-adopted the running program",
                                       "collect": "collecting the program that ended meanwhile",
                                       "collected": "writing the final state that was lost"
-                                      }[self.mode])
+                                      }[self.mode], self.previous_node)
 
 
 class RecoveredAttempt(Attempt):

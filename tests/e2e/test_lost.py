@@ -25,14 +25,21 @@ from tests.e2e.test_recovery import (  # noqa: F401  (logdir is a fixture)
 def crash(core, client, ids: list[str]) -> None:
     """kill -9 a core and the process groups of its programs: what a machine crash does
     (no program is left to adopt, no exit status is written)."""
-    pids = [client.status(sid).get("pid") for sid in ids]
-    core.kill()
-    for pid in pids:
+    groups = []
+    for sid in ids:
+        record = client.status(sid)
+        pid = record.get("shim_pid") or record.get("pid")
         if pid:
             try:
-                os.killpg(pid, signal.SIGKILL)
+                groups.append(os.getpgid(pid))
             except ProcessLookupError:
                 pass
+    core.kill()
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def four_each(client, ids: list[str]) -> tuple[list[str], list[str]]:

@@ -258,7 +258,8 @@ def test_exit_status_classification(start_core, client):
         "badcwd": ServiceParamTemplate("badcwd"),
         "missing": ServiceParamTemplate("missing"),
         "selfsignal": ServiceParamTemplate("selfsignal"),
-        "burner": ServiceParamTemplate("burner", args={"argv": [0.3, 40]}),
+        # Long enough to be sampled (peak memory is the program group's, sampled).
+        "burner": ServiceParamTemplate("burner", args={"argv": [0.8, 40]}),
     }
     ids = {name: client.submit(t) for name, t in cases.items()}
     r = {name: client.wait(sid, timeout=60) for name, sid in ids.items()}
@@ -274,7 +275,7 @@ def test_exit_status_classification(start_core, client):
     assert r["selfsignal"].error == "killed by SIGUSR1"
     burner = r["burner"]
     assert burner.state == "succeeded"
-    assert burner.get("cpu_time") >= 0.25 and burner.get("max_rss_kb") >= 40 * 1024
+    assert burner.get("cpu_time") >= 0.75 and burner.get("max_rss_kb") >= 40 * 1024
     assert burner.get("wall_time") >= burner.get("cpu_time") * 0.9
     for name in ("noexec", "badcwd", "missing"):
         assert r[name].fields["file_count"] >= 0  # after_watch ran even though nothing started
