@@ -41,7 +41,13 @@ from soaf.core.intake import Gate, own_pending
 from soaf.core.launcher import Launcher, RunTable
 from soaf.plugin.loader import Registry
 from soaf.process import shim
-from soaf.process.identity import ProcIdentity, find_by_marker, started_ago, stop_group
+from soaf.process.identity import (
+    ProcIdentity,
+    find_by_marker,
+    started_ago,
+    stop_group,
+    verified,
+)
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.replies import Entry, Pending, hash_of, pending, text
 from soaf.protocol.scripts import RECLAIM, TAKEOVER_LUA
@@ -155,7 +161,10 @@ class Recovery:
         root = self.settings.work_root
         path = journal_path(root, previous, sid, record.attempt)
         local = load(path)
-        shared = Journal.from_dict(record.get("journal"))
+        shared = Journal.from_record(record.get("journal"),
+                                     exit_file=exit_path(root, previous, sid, record.attempt))
+        if shared is not None:
+            shared.service_id = sid
         # Nothing journaled for this attempt: it may still have spawned its program just
         # before the crash; the exit file's path, known in advance, finds that one.
         journal = _current(record.attempt, local, shared) or Journal(
@@ -199,8 +208,9 @@ class Recovery:
         """Start a run that finishes ``journal``'s attempt here; False if that cannot be done."""
         kwargs: dict[str, Any] = {}
         if journal.final is None:
-            if journal.work_dir is None or not Path(journal.work_dir).is_dir():
-                return False  # its callbacks would have nothing to look at
+            if journal.work_dir is None or not _inside(self.settings.work_root,
+                                                       journal.work_dir):
+                return False  # its callbacks would have nothing (of ours) to look at
             identity = _identity(journal)
             if identity is not None and identity.alive():
                 kwargs["identity"] = identity
@@ -280,13 +290,24 @@ def _current(attempt: int, *journals: Journal | None) -> Journal | None:
     return max(found, key=lambda j: (j.final is not None, len(j.steps))) if found else None
 
 
+def _inside(root: Path, work_dir: str) -> bool:
+    """True if ``work_dir`` is a directory inside the work root (after resolving links)."""
+    try:
+        path = Path(work_dir).resolve()
+        return path.is_dir() and Path(root).resolve() in path.parents
+    except (OSError, ValueError):
+        return False
+
+
 def _identity(journal: Journal) -> ProcIdentity | None:
     """The journal's program, or (spawned but not yet journaled) the live shim whose
-    command line names this attempt's exit file, a path no other process has."""
+    command line names this attempt's exit file, a path no other process has. Either
+    way verified here (soaf.process.identity.verified): its group is read from /proc."""
     if journal.process:
-        return journal.identity
+        identity = journal.identity
+        return verified(identity) if identity is not None else None
     if journal.exit_file and "prepared" in journal.steps:
-        found = find_by_marker(journal.exit_file)
+        found = [v for p in find_by_marker(journal.exit_file) if (v := verified(p)) is not None]
         if found:
             journal.shimmed = True
             ago = started_ago(found[0])
