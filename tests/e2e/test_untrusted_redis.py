@@ -64,3 +64,27 @@ def test_forged_journal_never_signals_a_foreign_group(start_core, redis_server, 
     assert record.final and record.attempt == 2, record
     assert victim.poll() is None, "the core signalled a process group it never started"
     assert core.alive()
+
+
+def test_edited_producer_record_never_stages_a_local_file(start_core, redis_server, prefix,
+                                                          client, tmp_path):
+    """A succeeded producer's record edited to say its output is a local file elsewhere:
+    the consumer fails in preparing; nothing outside the work root is staged."""
+    private = tmp_path / "private.txt"
+    private.write_text("not for services\n")
+    start_core()
+    producer = client.submit(ServiceParamTemplate("shell", args={"script": "echo hi > data.txt"},
+                                                  output_files=["data.txt"]))
+    assert client.wait(producer, timeout=60).ok
+    r = redis_server.client()
+    for url in (str(private), f"file://{private}"):
+        r.hset(Keys(prefix).service(producer), mapping={
+            "host": '"elsewhere"',
+            "outputs": json.dumps([{"name": "data.txt", "size": 3, "url": url}])})
+        consumer = client.submit(ServiceParamTemplate(
+            "shell", args={"script": "cat data.txt"},
+            input_files=[soaf.output_ref(producer, "data.txt")]))
+        record = client.wait(consumer, timeout=60)
+        assert record.state == "failed", record
+        assert "outside the work root" in record.error
+        assert not record.inputs
