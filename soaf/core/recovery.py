@@ -39,6 +39,7 @@ import redis
 from soaf.config import Settings
 from soaf.core.intake import Gate, own_pending
 from soaf.core.launcher import Launcher, RunTable
+from soaf.core.ratelog import RateLimitedLog
 from soaf.plugin.loader import Registry
 from soaf.process import shim
 from soaf.process.identity import (
@@ -101,6 +102,7 @@ class Recovery:
         self.stopping = stopping
         self.node = settings.node
         self.taken_over = 0
+        self._errors = RateLimitedLog(log)
 
     # -- restart ----------------------------------------------------------------------------
 
@@ -280,7 +282,7 @@ class Recovery:
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.debug("takeover check failed: %s", e)
             except Exception:
-                log.exception("takeover check failed")
+                self._errors.exception("takeover", "takeover check failed")
             self.stopping.wait(self.settings.heartbeat_interval)
 
 

@@ -9,12 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import soaf
 from soaf import ServiceParamTemplate
 from soaf.process.identity import ProcIdentity
 from soaf.protocol.keys import GROUP, Keys
-from tests.conftest import SECRET
+from tests.conftest import SECRET, wait_until
 
 
 @pytest.fixture
@@ -88,3 +90,74 @@ def test_edited_producer_record_never_stages_a_local_file(start_core, redis_serv
         assert record.state == "failed", record
         assert "outside the work root" in record.error
         assert not record.inputs
+
+
+def test_tampered_attempt_beside_a_replayed_payload_fails_that_service_only(
+        start_core, redis_server, prefix, client, logdir):
+    """``attempt: "x"`` on a record whose payload is replayed: the service fails as
+    tampered, the core lives on (and after a restart), other services succeed."""
+    core = start_core()
+    r = redis_server.client()
+    keys = Keys(prefix)
+    template = hold_template(logdir, 0.1)
+    sid = template.service_id
+    r.hset(keys.service(sid), mapping={"state": '"queued"', "attempt": "x", "seq": "1"})
+    r.hset(keys.cancels, "nobody", "1")
+    r.xadd(keys.submit, {"payload": soaf.dumps(template, SECRET), "id": sid})
+    record = client.wait(sid, timeout=30)
+    assert record.state == "failed" and record.error == "record tampered: attempt is not a number"
+    assert core.alive()
+    core.stop()
+    core = start_core()
+    assert client.wait(client.submit(hold_template(logdir, 0.1)), timeout=30).ok
+    assert core.alive()
+
+
+FIELDS = ["attempt", "seq", "state", "entry", "lost_count", "service_id", "journal", "node"]
+JUNK = st.one_of(st.sampled_from(["x", "-1", "1.5", "null", "{}", "[]", '"x"', "1e400", ""]),
+                 st.binary(max_size=8), st.integers(-3, 10 ** 20).map(str))
+
+
+@settings(max_examples=12, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_mutation_fuzz_never_stops_a_core(start_core, redis_server, prefix, client, logdir,
+                                          data):
+    """Fields of the keys a core reads are corrupted (type and value) while services run:
+    the core never exits, its heartbeat keeps beating, and untouched services succeed."""
+    global _core
+    r = redis_server.client()
+    keys = Keys(prefix)
+    if _core.get(prefix) is None or not _core[prefix].alive():
+        assert not _core.get(prefix), "the core exited"
+        _core[prefix] = start_core()
+    core = _core[prefix]
+    victims = [client.submit(hold_template(logdir, 0.5)) for _ in range(2)]
+    healthy = [client.submit(hold_template(logdir, 0.3)) for _ in range(2)]
+    for sid in victims:
+        for name in data.draw(st.lists(st.sampled_from(FIELDS), min_size=1, max_size=3)):
+            r.hset(keys.service(sid), name, data.draw(JUNK))
+    kind = data.draw(st.sampled_from(["none", "cancels", "control", "node", "events"]))
+    if kind == "cancels":
+        r.delete(keys.cancels)
+        r.set(keys.cancels, data.draw(JUNK))
+    elif kind == "control":
+        r.xadd(keys.control, {"type": data.draw(JUNK), "id": data.draw(JUNK),
+                              "node": data.draw(st.sampled_from([b"", b"core-a"]))})
+    elif kind == "node":
+        r.set(keys.node("core-z"), data.draw(JUNK))
+        r.sadd(keys.nodes, "core-z")
+    elif kind == "events":
+        r.delete(keys.events(victims[0]))
+        r.set(keys.events(victims[0]), "junk")
+    for sid in healthy:
+        assert client.wait(sid, timeout=30).ok
+    for sid in victims:
+        wait_until(lambda sid=sid: client.status(sid).final, 30, message=f"{sid} to end")
+    r.delete(keys.cancels)
+    beat = r.pttl(keys.node("core-a"))
+    assert beat > 0, "the heartbeat stopped"
+    assert core.alive(), core.log()[-3000:]
+
+
+_core: dict[str, object] = {}
