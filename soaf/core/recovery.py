@@ -103,6 +103,8 @@ class Recovery:
         self.node = settings.node
         self.taken_over = 0
         self._errors = RateLimitedLog(log)
+        #: When this core first found each node's heartbeat missing (monotonic).
+        self._missing_since: dict[str, float] = {}
 
     # -- restart ----------------------------------------------------------------------------
 
@@ -260,7 +262,7 @@ class Recovery:
         moved = 0
         for info in self.client.xinfo_consumers(self.keys.submit, GROUP):
             name = text(info["name"])
-            if name == self.node or free <= 0:
+            if name == self.node or free <= 0 or not self._missing_long(name):
                 continue
             entries = take_over(self.client, self.keys.node(name), self.keys.submit, name,
                                 self.node, free)
@@ -273,6 +275,16 @@ class Recovery:
             free -= len(entries)
         self.taken_over += moved
         return moved
+
+    def _missing_long(self, name: str) -> bool:
+        """True once ``name``'s heartbeat has been missing for a whole TTL, seen by this
+        core: a key deleted once (by anyone who can write to Redis) is renewed by its live
+        core at its next beat, and is no reason to take its work."""
+        if self.client.exists(self.keys.node(name)):
+            self._missing_since.pop(name, None)
+            return False
+        since = self._missing_since.setdefault(name, time.monotonic())
+        return time.monotonic() - since >= self.settings.heartbeat_ttl
 
     def loop(self) -> None:
         """The takeover thread: look for dead nodes every heartbeat interval."""

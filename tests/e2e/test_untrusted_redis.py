@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import soaf
 from soaf import ServiceParamTemplate
 from soaf.process.identity import ProcIdentity
 from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.state import FINAL_VALUES
 from tests.conftest import SECRET, wait_until
 
 
@@ -161,3 +163,24 @@ def test_mutation_fuzz_never_stops_a_core(start_core, redis_server, prefix, clie
 
 
 _core: dict[str, object] = {}
+
+
+def test_deleted_heartbeat_of_a_live_core_causes_no_takeover(start_core, redis_server, prefix,
+                                                              client, logdir):
+    """core-a's heartbeat key is deleted while it runs a service: core-b does not take the
+    service over, core-a renews its key, and the service gets exactly one final state."""
+    a = start_core(SOAF_NODE="core-a")
+    r = redis_server.client()
+    sid = client.submit(hold_template(logdir, 10))
+    wait_until(lambda: client.status(sid).state == "running", 30, message="running")
+    start_core(SOAF_NODE="core-b")
+    time.sleep(3.5)  # core-b has been connected for a whole TTL: it may take over now
+    lapse = time.monotonic() + 1.5  # shorter than the TTL (3 s)
+    while time.monotonic() < lapse:
+        r.delete(Keys(prefix).node("core-a"))
+        time.sleep(0.02)
+    record = client.wait(sid, timeout=60)
+    assert record.state == "succeeded" and record.attempt == 1 and record.node == "core-a"
+    finals = [e for e in client.events(sid, follow=False) if e.get("state") in FINAL_VALUES]
+    assert len(finals) == 1, finals
+    assert a.alive() and r.exists(Keys(prefix).node("core-a"))
