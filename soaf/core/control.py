@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import redis
 
+from soaf.core.ratelog import RateLimitedLog
 from soaf.protocol.keys import Keys
 from soaf.protocol.replies import entries, stream_entries
 
@@ -37,6 +38,7 @@ class Control:
         self.reload = reload
         self.stopping = stopping
         self.last = "0-0"
+        self._errors = RateLimitedLog(log)
 
     def start_from(self, client: redis.Redis) -> None:
         """Read only messages newer than the newest one in the stream now."""
@@ -51,9 +53,16 @@ class Control:
             except redis.RedisError:
                 self.stopping.wait(1.0)
                 continue
+            except Exception:  # e.g. the control stream is not a stream
+                self._errors.exception("read", "cannot read the control stream")
+                self.stopping.wait(1.0)
+                continue
             for entry_id, fields in stream_entries(resp):
                 self.last = entry_id
-                self.handle(fields)
+                try:
+                    self.handle(fields)
+                except Exception:
+                    self._errors.exception("handle", "control message %s failed", entry_id)
 
     def handle(self, fields: dict[bytes, bytes]) -> None:
         kind = fields.get(b"type", b"").decode(errors="replace")

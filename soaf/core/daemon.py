@@ -27,6 +27,7 @@ from soaf.core.heartbeat import Heartbeat, Identity, claim_node
 from soaf.core.intake import Gate, own_pending
 from soaf.core.launcher import Launcher, RunTable
 from soaf.core.logkeeper import LogKeeper
+from soaf.core.ratelog import RateLimitedLog
 from soaf.core.recovery import Recovery
 from soaf.core.writer import StateWriter
 from soaf.data import retention
@@ -72,6 +73,7 @@ class Core:
         self._check_own_pending = False
         self._plugin_retry_at = 0.0
         self._plugin_backoff = PLUGIN_RETRY
+        self._errors = RateLimitedLog(log)
         self.started_at = time.time()
         self.identity = Identity()
 
@@ -272,8 +274,10 @@ class Core:
                 backoff = min(backoff * 2, 5.0)
                 continue
             except redis.ResponseError as e:
-                if "NOGROUP" not in str(e):
-                    raise
+                if "NOGROUP" not in str(e):  # e.g. the submit stream is not a stream
+                    self._errors.exception("read", "cannot read submissions")
+                    self._stopping.wait(1.0)
+                    continue
                 # Redis came back without its data (no persistence): start the group again.
                 log.error("the consumer group is gone (Redis restarted without its data?); "
                           "creating it again")
@@ -288,6 +292,9 @@ class Core:
                 log.warning("lost Redis while accepting %d entries (%s); they stay pending",
                             len(entries), e)
                 self._check_own_pending = True
+            except Exception:  # nothing an entry or a record holds may stop the intake
+                self._errors.exception("accept", "accepting %d entries failed; they stay "
+                                       "pending until this core restarts", len(entries))
 
     def _await_plugins(self) -> None:
         """No plugin version has loaded: ask the reloader to try again once the backoff

@@ -36,6 +36,7 @@ from typing import Any
 import redis
 
 from soaf.config import Settings, host_name
+from soaf.core.ratelog import RateLimitedLog
 from soaf.errors import NodeInUse
 from soaf.process.identity import ProcIdentity, boot_id
 from soaf.protocol.keys import Keys
@@ -83,6 +84,14 @@ def holder_alive(info: dict[str, Any]) -> bool | None:
     except (KeyError, TypeError, ValueError):
         return None
     return holder.alive()
+
+
+def attempt_of(raw: Any) -> int | None:
+    """A record's ``attempt`` as read from Redis; None when it is absent or not a number
+    (a tampered record: the record script ends that service, see soaf.protocol.scripts)."""
+    if isinstance(raw, bytes) and raw.isdigit() and len(raw) <= 15:
+        return int(raw)
+    return None
 
 
 def describe(info: dict[str, Any]) -> str:
@@ -158,6 +167,7 @@ class Heartbeat:
         self.replaced = False
         #: Monotonic time at which the last successful beat was sent (see still_current).
         self.last_ok: float | None = None
+        self._errors = RateLimitedLog(log)
 
     def loop(self) -> None:
         """Beat every heartbeat interval until the core stops and its runs have ended."""
@@ -176,6 +186,8 @@ class Heartbeat:
                         self.revive()
                     except Exception:
                         log.exception("cannot restart the embedded Redis")
+            except Exception:  # whatever Redis holds, the heartbeat must go on
+                self._errors.exception("beat", "heartbeat: a beat failed")
             self.stopping.wait(self.settings.heartbeat_interval)
 
     def beat(self) -> None:
@@ -193,7 +205,12 @@ class Heartbeat:
             pipe.hmget(keys.cancels, ids)
         for run in runs:
             pipe.hget(keys.service(run.service_id), "attempt")
-        results = pipe.execute()
+        results = pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
+                raise result
+        if isinstance(results[0], Exception) and not self.replaced:
+            raise results[0]
         self.after_beat()
         if not self.replaced and results[0] == 0:
             self._taken()
@@ -201,9 +218,13 @@ class Heartbeat:
             return
         attempts = results[len(results) - len(runs):]
         cancels = results[len(results) - len(runs) - 1]
+        if not isinstance(cancels, list):  # the cancels hash is not a hash
+            self._errors.warning("cancels", "the cancels hash cannot be read: %s", cancels)
+            cancels = [None] * len(runs)
         for run, cancel, attempt in zip(runs, cancels, attempts):
-            if attempt is not None and int(attempt) > run.attempt:
-                run.supersede(int(attempt))
+            number = attempt_of(attempt)
+            if number is not None and number > run.attempt:
+                run.supersede(number)
             elif cancel is not None:
                 self.cancel(run.service_id)
 
@@ -219,11 +240,11 @@ class Heartbeat:
         if last is not None and time.monotonic() - last < self.settings.heartbeat_ttl / 2:
             return not run.superseded
         try:
-            attempt = self.client.hget(self.keys.service(run.service_id), "attempt")
+            number = attempt_of(self.client.hget(self.keys.service(run.service_id), "attempt"))
         except redis.RedisError:
             return True
-        if attempt is not None and int(attempt) > run.attempt:
-            run.supersede(int(attempt))
+        if number is not None and number > run.attempt:
+            run.supersede(number)
             return False
         return True
 

@@ -39,9 +39,16 @@ import redis
 from soaf.config import Settings
 from soaf.core.intake import Gate, own_pending
 from soaf.core.launcher import Launcher, RunTable
+from soaf.core.ratelog import RateLimitedLog
 from soaf.plugin.loader import Registry
 from soaf.process import shim
-from soaf.process.identity import ProcIdentity, find_by_marker, started_ago, stop_group
+from soaf.process.identity import (
+    ProcIdentity,
+    find_by_marker,
+    started_ago,
+    stop_group,
+    verified,
+)
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.replies import Entry, Pending, hash_of, pending, text
 from soaf.protocol.scripts import RECLAIM, TAKEOVER_LUA
@@ -96,6 +103,9 @@ class Recovery:
         self.stopping = stopping
         self.node = settings.node
         self.taken_over = 0
+        self._errors = RateLimitedLog(log)
+        #: When this core first found each node's heartbeat missing (monotonic).
+        self._missing_since: dict[str, float] = {}
 
     # -- restart ----------------------------------------------------------------------------
 
@@ -163,8 +173,12 @@ class Recovery:
                         steps=["prepared"], work_dir=record.get("work_dir"),
                         exit_file=str(exit_path(root, previous, sid, record.attempt)))
         if previous == self.node:
-            # This node's own attempt, after a restart.
-            shared = Journal.from_dict(record.get("journal"))
+            # This node's own attempt, after a restart. The copy in Redis tells the steps
+            # and how the program ended, never which process it is.
+            shared = Journal.from_record(record.get("journal"),
+                                         exit_file=exit_path(root, previous, sid, record.attempt))
+            if shared is not None:
+                shared.service_id = sid
             journal = _current(record.attempt, local, shared) or guess
             candidates = [local, shared, journal]
             mine = True
@@ -209,8 +223,9 @@ class Recovery:
         keeps that journal on this disk); False if that cannot be done."""
         kwargs: dict[str, Any] = {}
         if journal.final is None:
-            if journal.work_dir is None or not Path(journal.work_dir).is_dir():
-                return False  # its callbacks would have nothing to look at
+            if journal.work_dir is None or not _inside(self.settings.work_root,
+                                                       journal.work_dir):
+                return False  # its callbacks would have nothing (of ours) to look at
             identity = _identity(journal)
             if identity is not None and identity.alive():
                 kwargs["identity"] = identity
@@ -258,7 +273,7 @@ class Recovery:
         moved = 0
         for info in self.client.xinfo_consumers(self.keys.submit, GROUP):
             name = text(info["name"])
-            if name == self.node or free <= 0:
+            if name == self.node or free <= 0 or not self._missing_long(name):
                 continue
             entries = take_over(self.client, self.keys.node(name), self.keys.submit, name,
                                 self.node, free)
@@ -272,6 +287,16 @@ class Recovery:
         self.taken_over += moved
         return moved
 
+    def _missing_long(self, name: str) -> bool:
+        """True once ``name``'s heartbeat has been missing for a whole TTL, seen by this
+        core: a key deleted once (by anyone who can write to Redis) is renewed by its live
+        core at its next beat, and is no reason to take its work."""
+        if self.client.exists(self.keys.node(name)):
+            self._missing_since.pop(name, None)
+            return False
+        since = self._missing_since.setdefault(name, time.monotonic())
+        return time.monotonic() - since >= self.settings.heartbeat_ttl
+
     def loop(self) -> None:
         """The takeover thread: look for dead nodes every heartbeat interval."""
         while not self.stopping.is_set():
@@ -280,7 +305,7 @@ class Recovery:
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.debug("takeover check failed: %s", e)
             except Exception:
-                log.exception("takeover check failed")
+                self._errors.exception("takeover", "takeover check failed")
             self.stopping.wait(self.settings.heartbeat_interval)
 
 
@@ -290,13 +315,24 @@ def _current(attempt: int, *journals: Journal | None) -> Journal | None:
     return max(found, key=lambda j: (j.final is not None, len(j.steps))) if found else None
 
 
+def _inside(root: Path, work_dir: str) -> bool:
+    """True if ``work_dir`` is a directory inside the work root (after resolving links)."""
+    try:
+        path = Path(work_dir).resolve()
+        return path.is_dir() and Path(root).resolve() in path.parents
+    except (OSError, ValueError):
+        return False
+
+
 def _identity(journal: Journal) -> ProcIdentity | None:
     """The journal's program, or (spawned but not yet journaled) the live shim whose
-    command line names this attempt's exit file, a path no other process has."""
+    command line names this attempt's exit file, a path no other process has. Either
+    way verified here (soaf.process.identity.verified): its group is read from /proc."""
     if journal.process:
-        return journal.identity
+        identity = journal.identity
+        return verified(identity) if identity is not None else None
     if journal.exit_file and "prepared" in journal.steps:
-        found = find_by_marker(journal.exit_file)
+        found = [v for p in find_by_marker(journal.exit_file) if (v := verified(p)) is not None]
         if found:
             journal.shimmed = True
             ago = started_ago(found[0])

@@ -169,10 +169,13 @@ class StateWriter:
         # Finish an entry only where its final state went in: changes fenced out by a newer
         # attempt (-1) come from a core that lost the service, whose entry is now pending
         # for the core that took it over; acknowledging it would hide it from recovery.
+        # A record that is final already (-3: another core ended it, or it was tampered
+        # with and the script ended it) takes no change, but its entry is done.
         recorded = results[len(results) - len(calls):]  # after the other items' results
-        written = [(changes, r != -1) for changes, r in zip(calls, recorded)
+        written = [(changes, r not in (-1, -3)) for changes, r in zip(calls, recorded)
                    if not isinstance(r, Exception)]
-        finals = [c for changes, ok in written if ok for c in changes if c.ack]
+        done = [r != -1 for r in recorded if not isinstance(r, Exception)]
+        finals = [c for (changes, _), ack in zip(written, done) if ack for c in changes if c.ack]
         if finals:
             pipe = self._redis.pipeline(transaction=False)
             for change in finals:
@@ -187,7 +190,12 @@ class StateWriter:
                         change.on_written(ok)
                     except Exception:
                         log.exception("on_written callback of %s failed", change.service_id)
-        stale = sum(1 for changes, ok in written if not ok for c in changes if c.ack)
+        ended = sum(1 for r in recorded if r == -3)
+        if ended:
+            log.warning("%d state changes refused: their services' records are final already",
+                        ended)
+        stale = sum(1 for (changes, ok), ack in zip(written, done) if not ack
+                    for c in changes if c.ack)
         if stale:
             log.warning("%d final states were fenced out: a newer attempt owns those services",
                         stale)

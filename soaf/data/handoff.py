@@ -10,13 +10,18 @@ fails in ``preparing`` saying which.
 
 The producer's record must say ``succeeded``; its ``host``, ``work_dir``, ``outputs``
 and ``output_target`` fields (written by the core that ran it) are what is consulted.
+Records travel through Redis, which is not trusted for local effects: whatever they name,
+a reference resolves to a local path only inside this core's work root (after resolving
+links); remote URLs are passed on as they are.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from soaf.config import host_name
 from soaf.data.workdir import confine
@@ -47,7 +52,7 @@ def resolve_ref(ref: str, *, lookup: Lookup, work_root: Path,
         return local
     url = _uploaded(record, name)
     if url is not None:
-        return url
+        return _checked(ref, url, work_root=work_root)
     where = record.get("host") or "an unknown host"
     raise FetchError(
         ref,
@@ -70,6 +75,24 @@ def _local(record: dict[str, Any], name: str, *, work_root: Path, host: str) -> 
     except (OSError, ValidationError):
         return None
     return path if path.exists() else None
+
+
+def _checked(ref: str, url: str, *, work_root: Path) -> Path | str:
+    """A remote URL as it is; a local path (or ``file:``) only inside the work root.
+
+    A record is written through Redis, which others can write to: a path in it is no
+    proof that a core put a file there, so it may not lead anywhere outside the files
+    this core looks after (``/etc/shadow``, a user's home)."""
+    parsed = urlsplit(url)
+    if parsed.scheme and parsed.scheme != "file" and len(parsed.scheme) > 1:
+        return url  # s3://, https:// ...: fetched like any remote input
+    local = parsed.path if parsed.scheme == "file" else url
+    root = Path(os.path.realpath(work_root))
+    real = Path(os.path.realpath(local))
+    if root != real and root not in real.parents:
+        raise FetchError(ref, f"the producer's record points to the local path {local}, "
+                              f"outside the work root {root}: refused")
+    return real
 
 
 def _uploaded(record: dict[str, Any], name: str) -> str | None:

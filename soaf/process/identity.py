@@ -144,19 +144,40 @@ def wait_exit(identity: ProcIdentity, timeout: float) -> bool:
         os.close(fd)
 
 
+def verified(identity: ProcIdentity) -> ProcIdentity | None:
+    """``identity`` as this machine sees it now, or None when it names nothing soaf may
+    signal: no such process, another one (start time), not the leader of its own group
+    (every program soaf spawns leads its own session), or this core's own group.
+
+    The group id is read from ``/proc``, never taken from ``identity``: an identity may
+    come from a place others can write to, and a group named there is no proof."""
+    if not identity.local or identity.pid <= 1 or identity.pid == os.getpid():
+        return None
+    stat = read_stat(identity.pid)
+    if stat is None or stat.start_time != identity.start_time:
+        return None
+    if stat.pgid != identity.pid or stat.pgid == os.getpgrp():
+        return None
+    return ProcIdentity(pid=identity.pid, start_time=stat.start_time, pgid=stat.pgid,
+                        host=identity.host, boot_id=identity.boot_id)
+
+
 def signaller(identity: ProcIdentity) -> Callable[[int], bool]:
     """A ``signal_group`` for GroupStop that signals the group of ``identity`` only while
-    its leader is verifiably that process (pid *and* start time)."""
+    its leader is verifiably that process (pid *and* start time, group read from /proc)."""
     def signal_group(sig: int) -> bool:
-        return identity.same() and killpg(identity.pgid, sig)
+        checked = verified(identity)
+        return checked is not None and killpg(checked.pgid, sig)
     return signal_group
 
 
 def stop_group(identity: ProcIdentity, grace: float) -> bool:
     """Stop the verified process's group (soaf.process.stop) and wait for its end; False
     if it was not (or no longer) that process, so nothing was signalled."""
-    if not identity.alive():
+    checked = verified(identity)
+    if checked is None or not checked.alive():
         return False
+    identity = checked
     signal_group = signaller(identity)
     stop = GroupStop(signal_group, describe=lambda: f"pid {identity.pid}")
     stop.begin(grace)

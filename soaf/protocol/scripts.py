@@ -14,6 +14,53 @@ from typing import Any
 
 import redis
 
+# Prepended to every script that reads a service's record (KEYS[1]; KEYS[2] its events).
+# Redis is not trusted: a record edited by someone without the secret must never make a
+# script raise (a core would take the error for its own). Keys of the wrong type are
+# dropped (the record, its events, the services index, the cancels hash); a record whose
+# numbers are not numbers or whose texts are not texts is "tampered" (soaf_tampered
+# returns why), and soaf_fail_tampered ends it as failed, so a tampered record costs that
+# one service and nothing else.
+_GUARD = """
+local function soaf_drop_wrong_type(key, want)
+  if not key then return end
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= want then redis.call('DEL', key) end
+end
+local function soaf_tampered(key)
+  for _, name in ipairs({'attempt', 'seq', 'lost_count'}) do
+    local v = redis.call('HGET', key, name)
+    if v and not (string.match(v, '^%d+$') and #v <= 15) then
+      return name .. ' is not a number'
+    end
+  end
+  for _, name in ipairs({'state', 'entry', 'service_id'}) do
+    local v = redis.call('HGET', key, name)
+    if v then
+      local ok, d = pcall(cjson.decode, v)
+      if not ok or type(d) ~= 'string' then return name .. ' is not a string' end
+    end
+  end
+  return nil
+end
+local function soaf_fail_tampered(why, id, now, maxlen, notify, attempt)
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '') or 0
+  if not (seq >= 0 and seq < 1e15) then seq = 0 end
+  seq = math.floor(seq) + 1
+  local err = 'record tampered: ' .. why
+  local ev = {seq=seq, attempt=attempt, ts=tonumber(now), state='failed', error=err,
+              failure='tampered'}
+  local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'data', cjson.encode(ev))
+  redis.call('HDEL', KEYS[1], 'lost_count', 'entry')
+  redis.call('HSET', KEYS[1], 'service_id', cjson.encode(id), 'state', '"failed"',
+    'attempt', attempt, 'seq', seq, 'error', cjson.encode(err), 'failure', '"tampered"',
+    'failed_at', now, 'finished_at', now, 'event_id', cjson.encode(evid))
+  redis.call('PUBLISH', notify, cjson.encode({id=id, seq=seq, state='failed'}))
+end
+soaf_drop_wrong_type(KEYS[1], 'hash')
+soaf_drop_wrong_type(KEYS[2], 'stream')
+"""
+
 # KEYS: record, events, services zset, submit stream | ARGV: id, service, now, payload, notify
 SUBMIT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -35,6 +82,13 @@ return {1, entry}
 # Returns {verdict, detail, attempt, seq, attempts json or ''};
 # verdict: run | duplicate | final | cancelled
 CLAIM_LUA = """
+soaf_drop_wrong_type(KEYS[3], 'zset')
+soaf_drop_wrong_type(KEYS[4], 'hash')
+local why = soaf_tampered(KEYS[1])
+if why then
+  soaf_fail_tampered(why, ARGV[1], ARGV[3], ARGV[7], ARGV[6], 0)
+  return {'final', 'failed', 0, 0, ''}
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then state = cjson.decode(state) end
 local entry = redis.call('HGET', KEYS[1], 'entry')
@@ -76,6 +130,13 @@ return {newstate == 'cancelled' and 'cancelled' or 'run', newstate, attempt, seq
 # the control stream; the core running it stops it, and a core that takes it later
 # finds the request there).
 CANCEL_LUA = """
+soaf_drop_wrong_type(KEYS[3], 'hash')
+local why = soaf_tampered(KEYS[1])
+if why then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', ''} end
+  soaf_fail_tampered(why, ARGV[1], ARGV[2], ARGV[4], ARGV[3], 0)
+  return {'final', 'failed'}
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'unknown', ''} end
 state = cjson.decode(state)
@@ -102,14 +163,34 @@ return {'requested', state}
 # KEYS: record, events, services zset
 # ARGV: id, attempt, notify, maxlen, now, then per change: seq, event json, state ('' if
 # none), n, then n field/value pairs. Changes are applied in order; each one only if it is
-# newer than the record (attempt first, then seq). Returns the number applied, or -1 when
+# newer than the record (attempt first, then seq). Returns the number applied, -1 when
 # the attempt is stale (a newer attempt took the service over: the caller must not
-# acknowledge its entry).
+# acknowledge its entry), or -3 when the record is final already (nothing more may change
+# it: an attempt has one final state; its entry is done). A tampered record is ended as
+# failed (-3).
 RECORD_LUA = """
+soaf_drop_wrong_type(KEYS[3], 'zset')
+local attempt = tonumber(ARGV[2])
+local why = soaf_tampered(KEYS[1])
+if why then
+  soaf_fail_tampered(why, ARGV[1], ARGV[5], ARGV[4], ARGV[3], attempt)
+  return -3
+end
 local cur_attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
 local cur_seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local attempt = tonumber(ARGV[2])
 if attempt < cur_attempt then return -1 end
+local cur_state = redis.call('HGET', KEYS[1], 'state')
+if cur_state then
+  cur_state = cjson.decode(cur_state)
+  if ({succeeded=1, failed=1, cancelled=1, timed_out=1, rejected=1})[cur_state] then
+    local j = 6
+    while j <= #ARGV do
+      if attempt > cur_attempt or tonumber(ARGV[j]) > cur_seq then return -3 end
+      j = j + 4 + 2 * tonumber(ARGV[j + 3])
+    end
+    return 0
+  end
+end
 local i = 6
 local applied = 0
 local evid = nil
@@ -193,7 +274,16 @@ if type(pstate) == 'string' and not pfinals[pstate] and pstate ~= 'queued'
   end
 end
 """
-RECLAIM_LUA = _LOST_PROLOGUE + CLAIM_LUA
+# The tamper check runs before the prologue reads the record (CLAIM_LUA repeats it).
+_CLAIM_GUARD = """
+soaf_drop_wrong_type(KEYS[4], 'hash')
+local why0 = soaf_tampered(KEYS[1])
+if why0 then
+  soaf_fail_tampered(why0, ARGV[1], ARGV[3], ARGV[7], ARGV[6], 0)
+  return {'final', 'failed', 0, 0, ''}
+end
+"""
+RECLAIM_LUA = _GUARD + _CLAIM_GUARD + _LOST_PROLOGUE + CLAIM_LUA
 
 # KEYS: heartbeat of the dead node, submit stream | ARGV: group, dead consumer, taker, count
 # The heartbeat check and the claim are one atomic step: two takers never both get an entry,
@@ -213,6 +303,8 @@ return redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[3], 0, unpack(ids))
 
 # KEYS: heartbeat | ARGV: value, token, ttl ms. 1: written; 0: the key holds another token.
 REFRESH_LUA = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'none' and t ~= 'string' then redis.call('DEL', KEYS[1]) end
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, v = pcall(cjson.decode, cur)
@@ -278,9 +370,9 @@ class Script:
 
 
 SUBMIT = Script(SUBMIT_LUA)
-CLAIM = Script(CLAIM_LUA)
-RECORD = Script(RECORD_LUA)
-CANCEL = Script(CANCEL_LUA)
+CLAIM = Script(_GUARD + CLAIM_LUA)
+RECORD = Script(_GUARD + RECORD_LUA)
+CANCEL = Script(_GUARD + CANCEL_LUA)
 RECLAIM = Script(RECLAIM_LUA)
 
 

@@ -134,7 +134,7 @@ class ServiceRecord:
         raw: dict[str, Any] = {}
         custom: dict[str, Any] = {}
         for k, v in data.items():
-            key = k.decode()
+            key = k.decode(errors="replace")
             try:
                 value = json.loads(v)
             except ValueError:
@@ -143,12 +143,14 @@ class ServiceRecord:
                 custom[key[len(FIELD_PREFIX):]] = value
             else:
                 raw[key] = value
+        state = raw.get("state")
+        service = raw.get("service")
         return cls(
             service_id=service_id,
-            state=raw.get("state") or "unknown",
-            service=raw.get("service"),
-            attempt=int(raw.get("attempt") or 0),
-            seq=int(raw.get("seq") or 0),
+            state=state if isinstance(state, str) and state else "unknown",
+            service=service if isinstance(service, str) else None,
+            attempt=as_count(raw.get("attempt")),
+            seq=as_count(raw.get("seq")),
             node=raw.get("node"),
             exit_code=raw.get("exit_code"),
             progress=raw.get("progress"),
@@ -162,6 +164,18 @@ class ServiceRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.raw, "service_id": self.service_id, "fields": self.fields}
+
+
+def as_count(value: Any) -> int:
+    """A record's attempt or seq as a number; 0 for anything else (Redis is not trusted:
+    the scripts that write the record end a service whose numbers were tampered with)."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, (str, bytes)) and value.isdigit() and len(value) <= 15:
+        return int(value)
+    return 0
 
 
 def decode_event(data: dict[bytes, bytes]) -> dict[str, Any]:

@@ -96,6 +96,31 @@ class Journal:
         except TypeError:
             return None
 
+    @classmethod
+    def from_record(cls, data: Any, *, exit_file: Path) -> Journal | None:
+        """The journal as a record in Redis holds it, with only what may be believed of
+        it: the steps and how the program ended. Who the program is (``process``) is never
+        taken from Redis, which others can write to; it is found again through this
+        attempt's own ``exit_file``, a path computed here (see ``exit_path``)."""
+        if not isinstance(data, dict):
+            return None
+        steps = data.get("steps")
+        running_at = data.get("running_at")
+        try:
+            journal = cls(service_id=str(data["service_id"]) if "service_id" in data else "",
+                          attempt=int(data["attempt"]), node=str(data.get("node", "")),
+                          steps=[s for s in steps if s in STEPS] if isinstance(steps, list)
+                          else [],
+                          exit_file=str(exit_file), shimmed=data.get("shimmed") is True,
+                          running_at=float(running_at) if isinstance(running_at, (int, float))
+                          else None)
+        except (KeyError, TypeError, ValueError):
+            return None
+        exit_ = data.get("exit")
+        if isinstance(exit_, dict) and isinstance(exit_.get("returncode"), (int, type(None))):
+            journal.exit = {"returncode": exit_.get("returncode")}
+        return journal
+
     def shared(self) -> dict[str, Any]:
         """The part written to Redis: the steps and what identifies the program and its
         end (the work dir and the final values are in the record already)."""
