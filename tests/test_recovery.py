@@ -119,7 +119,7 @@ def test_lost_attempts_rerun_until_more_than_max_lost_are_lost(r, prefix):
 def test_a_tampered_record_is_reclaimed_without_a_script_error(r, prefix):
     keys = Keys(prefix)
     _record(r, keys, "bad", "1-1", "running", 1)
-    r.hset(keys.service("bad"), mapping={"attempts": "not json", "lost_count": "x",
+    r.hset(keys.service("bad"), mapping={"attempts": "not json", "lost_count": "1",
                                          "pid": "{"})
     assert _reclaim(r, keys, "bad", "1-1", 3)[:3] == [b"run", b"building", 2]
 
