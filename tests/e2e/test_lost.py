@@ -151,14 +151,16 @@ def test_a_new_attempt_starts_with_a_clean_record(start_core, client, logdir):
 def test_an_adopted_program_is_cancelled_and_its_outputs_collected_by_the_survivor(
         start_core, client, logdir, tmp_path):
     a = start_core(SOAF_NODE="core-a")
-    done = hold(client, logdir, 5, output_files=["tick1.txt"])
+    release = tmp_path / "release"
+    done = hold(client, logdir, 0, until=str(release), output_files=["tick1.txt"])
     endless = hold(client, logdir, 0, until=str(tmp_path / "never"))
     wait_until(lambda: len(running_on(client, [done, endless], "core-a")) == 2, 30,
                message="both running on core-a")
     start_core(SOAF_NODE="core-b")
     a.kill()
-    wait_until(lambda: client.status(endless).get("recovered_as") == "adopt", 30,
-               message="core-b adopts the endless program")
+    wait_until(lambda: all(client.status(s).get("recovered_as") == "adopt"
+                           for s in (done, endless)), 30, message="core-b adopts both programs")
+    release.write_text("go")
     client.cancel(endless)
     cancelled = client.wait(endless, timeout=30)
     assert cancelled.state == "cancelled" and cancelled.attempt == 1
