@@ -3,6 +3,10 @@ they fit, the rest wait queued (and say for what), one that can never fit is ref
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 from soaf import ServiceParamTemplate
 from tests.conftest import wait_until
 
@@ -56,3 +60,17 @@ def test_a_service_larger_than_any_core_is_refused_with_the_reason(start_core, c
     small = client.wait(client.submit(ServiceParamTemplate("crunch", cpus=0.5,
                                                            args={"seconds": 0})), timeout=30)
     assert small.state == "succeeded", small
+
+
+def test_nodes_shows_used_and_free_capacity(start_core, core_env, client):
+    start_core(args=["--cpus", "4", "--memory-mb", "2000"])
+    sid = client.submit(ServiceParamTemplate("crunch", memory_mb=500, args={"seconds": 30}))
+    wait_until(lambda: client.status(sid).state == "running", timeout=20)
+    wait_until(lambda: client.nodes()[0]["cpus_used"] == 2, timeout=10)
+    out = subprocess.run([str(Path(sys.executable).parent / "soaf"), "nodes"], env=core_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "CPUS" in out.stdout and "MEMORY" in out.stdout, out.stdout
+    assert "2/4 (2 free)" in out.stdout and "500/2000 MiB (1500 free)" in out.stdout, out.stdout
+    client.cancel(sid)
+    assert client.wait(sid, timeout=30).state == "cancelled"
