@@ -193,7 +193,7 @@ def core_secrets(settings: Settings, shown_url: str, *, embedded: bool) -> list[
     return keys
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_float(name: str, default: Any) -> Any:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -290,6 +290,10 @@ class Settings:
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     prefix: str = DEFAULT_PREFIX
     max_services: int = DEFAULT_MAX_SERVICES
+    #: CPUs and memory (MiB) the services that declare needs share; None: this machine's
+    #: CPU count and ~90% of its RAM (soaf.core.admission).
+    cpus: float | None = None
+    memory_mb: float | None = None
     max_payload: int = DEFAULT_MAX_PAYLOAD
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
@@ -322,6 +326,8 @@ class Settings:
             "state_dir": state_dir,
             "prefix": os.environ.get("SOAF_PREFIX", DEFAULT_PREFIX),
             "max_services": _env_int("SOAF_MAX_SERVICES", DEFAULT_MAX_SERVICES),
+            "cpus": _env_float("SOAF_CPUS", None),
+            "memory_mb": _env_float("SOAF_MEMORY_MB", None),
             "max_payload": _env_int("SOAF_MAX_PAYLOAD", DEFAULT_MAX_PAYLOAD),
             "heartbeat_interval": _env_float("SOAF_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL),
             "heartbeat_ttl": _env_float("SOAF_HEARTBEAT_TTL", DEFAULT_HEARTBEAT_TTL),
@@ -360,6 +366,9 @@ class Settings:
     def validate(self) -> None:
         if self.max_services < 1:
             raise ConfigError(f"max services must be at least 1, got {self.max_services}")
+        for name in ("cpus", "memory_mb"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}")
         if self.max_payload < 1024:
             raise ConfigError(f"max payload must be at least 1024 bytes, got {self.max_payload}")
         if not self.node or any(c in self.node for c in " :{}"):

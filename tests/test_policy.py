@@ -51,3 +51,17 @@ def test_lost_attempts_have_their_own_budget():
         max_lost = 1
 
     assert policy_for(ServiceParamTemplate("x"), Fragile).max_lost == 1
+
+
+def test_needs_come_from_the_template_over_the_service():
+    from soaf.run.policy import Needs, needs_for
+
+    class Heavy:
+        cpus = 2
+        memory_mb = None
+
+    assert needs_for(ServiceParamTemplate("x"), None) is None
+    assert needs_for(ServiceParamTemplate("x"), Heavy) == Needs(cpus=2.0)
+    assert needs_for(ServiceParamTemplate("x", cpus=0.5, memory_mb=300), Heavy) == \
+        Needs(cpus=0.5, memory_mb=300.0)
+    assert policy_for(ServiceParamTemplate("x"), Heavy).needs == Needs(cpus=2.0)

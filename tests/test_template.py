@@ -265,3 +265,10 @@ def test_fuzz_validate_raises_only_validation_error(fields, deleted) -> None:
         t.validate()
     except ValidationError as e:
         assert e.field in FIELDS and str(e).startswith(e.field + ": ")
+
+
+@pytest.mark.parametrize("name", ["cpus", "memory_mb"])
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), "2", True])
+def test_declared_needs_are_finite_and_positive(name, value):
+    with pytest.raises(ValidationError, match=name):
+        ServiceParamTemplate("x", **{name: value}).validate()

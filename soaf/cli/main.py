@@ -98,6 +98,13 @@ def _policy(flags: dict[str, Any]) -> Any:
                    "Default: .soaf")
 @click.option("--max-services", type=click.IntRange(min=1), envvar="SOAF_MAX_SERVICES",
               help="Services run at once; beyond it no new work is read. Env SOAF_MAX_SERVICES.")
+@click.option("--cpus", type=click.FloatRange(min=0, min_open=True), envvar="SOAF_CPUS",
+              help="CPUs shared by the services that declare ``cpus``; one that does not "
+                   "fit waits. Env SOAF_CPUS. Default: this machine's CPU count.")
+@click.option("--memory-mb", type=click.FloatRange(min=0, min_open=True),
+              envvar="SOAF_MEMORY_MB", metavar="MIB",
+              help="Memory (MiB) shared by the services that declare ``memory_mb``. "
+                   "Env SOAF_MEMORY_MB. Default: about 90% of this machine's RAM.")
 @click.option("--prefix", envvar="SOAF_PREFIX", help="Redis key prefix. Env SOAF_PREFIX.")
 @click.option("--secret-file", type=click.Path(path_type=Path, dir_okay=False),
               envvar="SOAF_SECRET_FILE",
@@ -119,8 +126,9 @@ def _policy(flags: dict[str, Any]) -> Any:
 @click.option("--gc-interval", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Seconds between sweeps of the work root (0: none). Env SOAF_GC_INTERVAL.")
 def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, node: str | None,
-         state_dir: Path | None, max_services: int | None, prefix: str | None,
-         secret_file: Path | None, max_payload: int | None, insecure: bool | None,
+         state_dir: Path | None, max_services: int | None, cpus: float | None,
+         memory_mb: float | None, prefix: str | None, secret_file: Path | None,
+         max_payload: int | None, insecure: bool | None,
          drain: bool, verbose: int, quiet: bool, **data_flags: Any) -> None:
     """Run a core until SIGTERM/SIGINT (a second one forces the stop).
 
@@ -135,7 +143,8 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
     try:
         settings = Settings.load(
             redis_url=redis_url, work_root=work_root, plugins=plugins, node=node,
-            state_dir=state_dir, max_services=max_services, prefix=prefix, insecure=insecure,
+            state_dir=state_dir, max_services=max_services, cpus=cpus, memory_mb=memory_mb,
+            prefix=prefix, insecure=insecure,
             secret_file=secret_file, max_payload=max_payload,
             retention=_policy(data_flags), gc_interval=data_flags.pop("gc_interval", None),
         )

@@ -188,12 +188,23 @@ def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
     return table
 
 
+def capacity(used: Any, total: Any, unit: str = "") -> str:
+    """``used/total (free)`` of a core's CPUs or memory; ``-`` when it does not say."""
+    if not isinstance(total, (int, float)) or not isinstance(used, (int, float)):
+        return "-"
+    return f"{used:g}/{total:g}{unit} ({max(0.0, total - used):g} free)"
+
+
 def nodes_table(nodes: list[dict[str, Any]]) -> Table:
-    table = _table("NODE", "HOST", "PID", "LOAD", "PLUGINS", "UP", "HEARTBEAT", "REDIS")
+    table = _table("NODE", "HOST", "PID", "LOAD", "CPUS", "MEMORY", "PLUGINS", "UP",
+                   "HEARTBEAT", "REDIS")
     now = time.time()
     for n in nodes:
         table.add_row(str(n.get("node")), str(n.get("host", "-")), str(n.get("pid", "-")),
-                      f"{n.get('running', 0)}/{n.get('max_services', '?')}",
+                      f"{n.get('running', 0)}/{n.get('max_services', '?')}"
+                      + (f" +{n['waiting']} waiting" if n.get("waiting") else ""),
+                      capacity(n.get("cpus_used"), n.get("cpus")),
+                      capacity(n.get("memory_mb_used"), n.get("memory_mb"), " MiB"),
                       str(n.get("plugin_version") or "-"), age(n.get("started_at"), now),
                       f"{age(n.get('ts'), now)} ago",
                       "ok" if n.get("redis_connected", True) else Text("lost", style="red"))

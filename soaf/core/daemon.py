@@ -21,10 +21,11 @@ from typing import Any
 import redis
 
 from soaf.config import Settings, core_secrets
+from soaf.core.admission import Admission
 from soaf.core.control import Control
 from soaf.core.enforcer import LimitEnforcer
 from soaf.core.heartbeat import Heartbeat, Identity, claim_node
-from soaf.core.intake import Gate, own_pending
+from soaf.core.intake import Gate, Refusal, own_pending
 from soaf.core.launcher import Launcher, RunTable
 from soaf.core.logkeeper import LogKeeper
 from soaf.core.ratelog import RateLimitedLog
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Milliseconds one XREADGROUP may block; bounds how fast the loop notices a stop.
 READ_BLOCK_MS = 500
+#: The same while services wait for CPUs or memory: how soon a freed share is used.
+WAITING_BLOCK_MS = 50
 #: Seconds before the first retry of a plugin load that failed at start; doubled per
 #: failure up to PLUGIN_RETRY_MAX. Until one succeeds the core takes no work.
 PLUGIN_RETRY = 1.0
@@ -61,6 +64,8 @@ class Core:
         self.keys = Keys(settings.prefix)
         self.consumer = settings.node
         self.runs = RunTable()
+        self.admission = Admission(cpus=settings.cpus, memory_mb=settings.memory_mb,
+                                   node=settings.node)
         self.versions: PluginVersions | None = None
         self.loader = PluginLoader(settings.plugins, numbers=self._next_plugin_number)
         self.reloader: Reloader | None = None
@@ -171,7 +176,8 @@ class Core:
         engines = Engines(settings=s, writer=self.writer, reaper=self.reaper,
                           keeper=self.keeper, enforcer=self.enforcer, lookup=self._lookup,
                           still_current=self.heartbeat.still_current, cgroups=self.cgroups)
-        self.launcher = Launcher(client, keys, s, engines, self.runs)
+        self.launcher = Launcher(client, keys, s, engines, self.runs, admission=self.admission,
+                                 refuse=self._refuse)
         self.gate = Gate(client, keys, secrets=self.secrets, max_payload=s.max_payload,
                          work_root=s.work_root, node=s.node, put=self.writer.put,
                          registry=lambda: self.loader.current)
@@ -184,6 +190,11 @@ class Core:
         assert reloader is not None
         self.control = Control(self.blocking, keys, s.node, cancel=self.runs.cancel,
                                reload=reloader.request, stopping=self._stopping)
+
+    def _refuse(self, entry_id: str, template: Any, reason: str) -> None:
+        """End an entry this core can never run, where its submitter sees why."""
+        self.gate.refuse(entry_id, {}, Refusal(reason, template.service_id, template.service,
+                                               trusted=True))
 
     def _publish_versions(self) -> None:
         if self.versions is not None:
@@ -260,13 +271,17 @@ class Core:
             if not self.writer.connected:
                 self._stopping.wait(0.2)  # take no new work while Redis is away
                 continue
-            free = self.settings.max_services - self.running()
+            if self.admission.waiting:
+                self._admit_waiting()
+            # Entries waiting for CPUs or memory take a slot each.
+            free = self.settings.max_services - self.running() - self.admission.waiting
             if free <= 0:
                 self.runs.slot_freed.wait(0.5)
                 self.runs.slot_freed.clear()
                 continue
             try:
-                entries, previous = self._read(free)
+                entries, previous = self._read(free, block=WAITING_BLOCK_MS
+                                               if self.admission.waiting else READ_BLOCK_MS)
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 log.warning("cannot read submissions (%s); retrying in %.1f s", e, backoff)
                 self._check_own_pending = True
@@ -322,7 +337,16 @@ class Core:
             self.recovery.recover_all(accepted, registry, previous,
                                       "claimed while the connection to Redis broke")
 
-    def _read(self, count: int) -> tuple[list[Entry], str | None]:
+    def _admit_waiting(self) -> None:
+        try:
+            self.launcher.admit_waiting(self.loader.current)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            log.warning("lost Redis while starting waiting services (%s)", e)
+            self._check_own_pending = True
+        except Exception:
+            self._errors.exception("admit", "starting waiting services failed")
+
+    def _read(self, count: int, *, block: int = READ_BLOCK_MS) -> tuple[list[Entry], str | None]:
         """Entries to accept, and the node that had them before (None: new ones)."""
         if self._check_own_pending:
             found = self._own_pending()
@@ -332,7 +356,7 @@ class Core:
                          len(found))
                 return found, self.consumer
         resp = self.blocking.xreadgroup(
-            GROUP, self.consumer, {self.keys.submit: ">"}, count=count, block=READ_BLOCK_MS
+            GROUP, self.consumer, {self.keys.submit: ">"}, count=count, block=block
         )
         return stream_entries(resp), None
 
@@ -340,7 +364,7 @@ class Core:
         """Entries delivered to this consumer whose delivery or claim a lost connection cut
         short. Runs that ended but whose final state (and ack) the writer still holds are
         not among them: they must not run again."""
-        mine = self.runs.entries()
+        mine = self.runs.entries() | self.admission.waiting_entries()
         return [(entry_id, fields or {}) for entry_id, fields
                 in own_pending(self.blocking, self.keys.submit, self.consumer)
                 if entry_id not in mine]
@@ -358,7 +382,7 @@ class Core:
         return {
             "node": self.settings.node, **self.identity.fields(),
             "started_at": self.started_at, "ts": time.time(), "running": self.running(),
-            "max_services": self.settings.max_services,
+            "max_services": self.settings.max_services, **self.admission.usage(),
             "plugin_version": registry.version if registry else None,
             "redis_connected": writer.connected if writer is not None else True,
         }

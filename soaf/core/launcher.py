@@ -4,7 +4,8 @@ The intake loop (soaf.core.daemon) and recovery (soaf.core.recovery) both start 
 so a run is built in exactly one place (``Launcher.start``) from one set of ``Engines``.
 ``RunTable`` is the core's list of running services: the heartbeat reports it, the
 control listener cancels through it, and the intake loop reads only while it has free
-slots.
+slots. Entries whose services declare CPUs or memory pass the core's admission
+(soaf.core.admission) first: they start, wait in the core, or are refused.
 """
 
 from __future__ import annotations
@@ -14,17 +15,21 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from soaf.config import Settings
+from soaf.core.admission import Admission, Waiting
 from soaf.plugin.loader import Registry
 from soaf.protocol.keys import GROUP, Keys
-from soaf.protocol.scripts import CLAIM, is_noscript
+from soaf.protocol.replies import entries, text
+from soaf.protocol.scripts import CLAIM, NOTE, is_noscript
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES
 from soaf.protocol.template import ServiceParamTemplate
+from soaf.run.policy import Needs, needs_for
 from soaf.run.ports import Engines
 from soaf.run.service_run import Claim, ServiceRun
 
@@ -97,17 +102,28 @@ class Launcher:
     """Claims entries for new attempts (the CLAIM script) and starts their runs."""
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, engines: Engines,
-                 runs: RunTable) -> None:
+                 runs: RunTable, *, admission: Admission,
+                 refuse: Callable[[str, ServiceParamTemplate, str], None]) -> None:
         self.client = client
         self.keys = keys
         self.settings = settings
         self.runs = runs
-        self.engines = dataclasses.replace(engines, on_done=runs.done)
+        self.admission = admission
+        #: Ends an entry the core can never run: (entry id, template, reason).
+        self.refuse = refuse
+        self.engines = dataclasses.replace(engines, on_done=self._done)
+
+    def _done(self, run: ServiceRun) -> None:
+        if run.policy.needs is not None:
+            self.admission.release(run.claim.entry_id)
+        self.runs.done(run)
 
     def start(self, run_type: type[ServiceRun], template: ServiceParamTemplate, claim: Claim,
               registry: Registry, **extra: Any) -> ServiceRun:
         """Build a run (a ServiceRun, or a subclass given ``extra``) and start it."""
         run = run_type(template, claim, registry=registry, engines=self.engines, **extra)
+        if run.policy.needs is not None:
+            self.admission.hold(claim.entry_id, run.policy.needs)
         self.runs.add(run)
         run.start()
         return run
@@ -124,6 +140,103 @@ class Launcher:
 
     def claim_and_start(self, accepted: list[tuple[str, ServiceParamTemplate]],
                         registry: Registry) -> None:
+        """Start the entries whose services need nothing or fit now; keep those that fit
+        later waiting; refuse (or leave for larger cores) those that never fit here."""
+        ready: list[tuple[str, ServiceParamTemplate]] = []
+        notes: list[tuple[str, str]] = []
+        for entry_id, template in accepted:
+            try:
+                needs = needs_for(template, registry.programs.get(template.service))
+            except (TypeError, ValueError) as e:
+                self.refuse(entry_id, template, f"service {template.service!r} declares "
+                                                f"cpus or memory_mb that are not numbers ({e})")
+                continue
+            if needs is None or self.admission.try_hold(entry_id, needs):
+                ready.append((entry_id, template))
+                continue
+            why = self.admission.never_fits(needs)
+            if why is not None:
+                self._too_big(entry_id, template, needs, why)
+                continue
+            note = self.admission.wait(Waiting(entry_id, template, registry, needs))
+            log.info("service %s waits for %s", template.service_id, note)
+            notes.append((template.service_id, note))
+        if notes:
+            pipe = self.client.pipeline(transaction=False)
+            for sid, note in notes:
+                NOTE.call(pipe, [self.keys.service(sid)], ["waiting_for", note])
+            if any(is_noscript(r) for r in pipe.execute(raise_on_error=False)):
+                for sid, note in notes:
+                    NOTE.run(self.client, [self.keys.service(sid)], ["waiting_for", note])
+        if ready:
+            self._claim_and_start(ready, registry)
+
+    def admit_waiting(self, registry: Registry | None) -> None:
+        """Start the waiting entries that fit now (under ``registry``, the current plugin
+        generation, when it still has their service)."""
+        ready = self.admission.take_ready()
+        if not ready:
+            return
+        done = 0
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for waiting in ready:
+                pipe.hdel(self.keys.service(waiting.template.service_id), "waiting_for")
+            pipe.execute()
+            for waiting in ready:
+                use = registry if registry is not None and waiting.template.service in \
+                    registry.programs else waiting.registry
+                self._claim_and_start([(waiting.entry_id, waiting.template)], use)
+                done += 1
+        except BaseException:
+            for waiting in ready[done:]:  # pending again: the intake re-reads them
+                self.admission.release(waiting.entry_id)
+            raise
+
+    def _too_big(self, entry_id: str, template: ServiceParamTemplate, needs: Needs,
+                 why: str) -> None:
+        """An entry that needs more than this core's whole capacity: put back for a live
+        core that offers enough, or refused with the largest offer in the fleet."""
+        larger, largest = self._fleet_offers(needs)
+        if larger:
+            fields = entries(self.client.xrange(self.keys.submit, entry_id, entry_id))
+            if fields and fields[0][1]:
+                log.info("service %s %s; left for %s", template.service_id, why,
+                         ", ".join(larger))
+                tx = self.client.pipeline(transaction=True)
+                tx.xadd(self.keys.submit, fields[0][1])  # type: ignore[arg-type]
+                tx.xack(self.keys.submit, GROUP, entry_id)
+                tx.xdel(self.keys.submit, entry_id)
+                tx.execute()
+                return
+        if largest is not None:
+            what = f"{needs.cpus:g} CPUs" if needs.cpus > largest[0] else \
+                f"{needs.memory_mb:g} MiB"
+            offer = largest[0] if needs.cpus > largest[0] else largest[1]
+            why = f"needs {what}; the largest core offers {offer:g}"
+        self.refuse(entry_id, template, why)
+
+    def _fleet_offers(self, needs: Needs) -> tuple[list[str], tuple[float, float] | None]:
+        """Live cores (other than this one) whose capacity fits ``needs``, and the
+        largest CPUs and memory any live core offers (None: none says)."""
+        names = [text(n) for n in self.client.smembers(self.keys.nodes)]
+        larger: list[str] = []
+        cpus = memory = 0.0
+        values = self.client.mget([self.keys.node(n) for n in names]) if names else []
+        for name, value in zip(names, values):
+            try:
+                info = json.loads(value or b"")
+                offer = (float(info["cpus"]), float(info["memory_mb"]))
+            except (TypeError, ValueError, KeyError):
+                continue  # expired, or a core that does not report its capacity
+            cpus, memory = max(cpus, offer[0]), max(memory, offer[1])
+            if (name != self.settings.node and needs.cpus <= offer[0]
+                    and needs.memory_mb <= offer[1]):
+                larger.append(name)
+        return larger, (cpus, memory) if cpus or memory else None
+
+    def _claim_and_start(self, accepted: list[tuple[str, ServiceParamTemplate]],
+                         registry: Registry) -> None:
         """Claim the entries' services for a new attempt (one round trip) and start them;
         entries whose service is final or claimed under another entry are finished."""
         calls = [self.claim_args(entry_id, template, registry) for entry_id, template in accepted]
@@ -133,6 +246,7 @@ class Launcher:
         for (entry_id, template), reply in zip(accepted, results):
             verdict, detail = reply[0], reply[1]
             if verdict != b"run":
+                self.admission.release(entry_id)
                 log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id,
                          verdict.decode(), detail.decode())
                 unclaimed.append(entry_id)

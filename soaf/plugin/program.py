@@ -46,6 +46,11 @@ class ServiceProgramTemplate:
             draining) before the service fails with failure ``lost`` (a template's
             ``max_lost`` wins). Lost attempts are re-run outside ``retries``.
         retry_on: failure kinds that are retried (see ``soaf.run.outcome.FAILURES``); None: all.
+        cpus: CPUs a run needs (a template's ``cpus`` wins); a core starts it only while
+            they are free on it (see README, Supervision). None: it counts only against
+            the core's service slots.
+        memory_mb: memory (MiB) a run needs (a template's ``memory_mb`` wins), counted
+            against the core's capacity like ``cpus``. Not a limit (``max_memory_mb`` is).
         work_dir_policy: ``"fresh"``: a retry runs in a new, empty work dir (the failed
             attempt's dir is kept beside it as ``<dir>.attempt<N>``); ``"reuse"``: a retry
             runs in the same dir, over what the failed attempt left. A template's shared
@@ -63,6 +68,8 @@ class ServiceProgramTemplate:
     retry_backoff_max: ClassVar[float] = 300.0
     retry_on: ClassVar[frozenset[str] | None] = None
     work_dir_policy: ClassVar[str] = "fresh"
+    cpus: ClassVar[float | None] = None
+    memory_mb: ClassVar[float | None] = None
 
     def __init__(
         self, template: ServiceParamTemplate, work_dir: Path, *, plugin_root: Path,

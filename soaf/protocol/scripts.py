@@ -346,6 +346,15 @@ end
 return n
 """
 
+# NOTE: a note (JSON string) on a service still waiting to start (``waiting_for``), set
+# only while its record is ``queued``. KEYS: record. ARGV: field, value. Returns 1 if set.
+NOTE_LUA = """
+local ok, state = pcall(redis.call, 'HGET', KEYS[1], 'state')
+if not ok or state ~= '"queued"' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(ARGV[2]))
+return 1
+"""
+
 
 class Script:
     """A Lua script called by its SHA1 (EVALSHA), so its text crosses the wire once."""
@@ -374,6 +383,7 @@ CLAIM = Script(_GUARD + CLAIM_LUA)
 RECORD = Script(_GUARD + RECORD_LUA)
 CANCEL = Script(_GUARD + CANCEL_LUA)
 RECLAIM = Script(RECLAIM_LUA)
+NOTE = Script(NOTE_LUA)
 
 
 def is_noscript(result: Any) -> bool:

@@ -34,6 +34,7 @@ RESERVED_INPUT_NAMES = frozenset({"stdout.log", "stderr.log"})
 MAX_SECONDS = 366 * 86400.0
 MAX_MEMORY_MB = 1 << 30  # 1 PiB
 MAX_RETRIES = 100
+MAX_CPUS = 1 << 20
 MIN_WATCH_INTERVAL = 0.05
 MIN_RETRY_BACKOFF = 0.1
 #: Output targets that live in the core's own process: nobody else could read them.
@@ -118,6 +119,11 @@ class ServiceParamTemplate:
         max_lost: attempts that may be lost (their core died, or stopped without
             draining) before the service ends ``failed`` (failure ``lost``); lost attempts
             never count against ``retries``. None uses the service's default (3).
+        cpus: CPUs the service needs while it runs (e.g. ``2`` or ``0.5``); a core starts
+            it only while that many of its ``--cpus`` are free. None uses the service's
+            default (none: it counts only against the core's service slots).
+        memory_mb: memory (MiB) the service needs while it runs, counted against the
+            core's ``--memory-mb`` like ``cpus``. None uses the service's default (none).
     """
 
     service: str = ""
@@ -138,6 +144,8 @@ class ServiceParamTemplate:
     retry_backoff: float | None = None
     max_memory_mb: float | None = None
     max_lost: int | None = None
+    cpus: float | None = None
+    memory_mb: float | None = None
 
     def validate(self) -> None:
         """Raise ValidationError naming the first field that cannot be accepted.
@@ -344,6 +352,18 @@ def _check_max_memory_mb(t: ServiceParamTemplate, value: Any) -> None:
                                                f"{_show(value)} (at most {MAX_MEMORY_MB})")
 
 
+def _check_cpus(t: ServiceParamTemplate, value: Any) -> None:
+    if value is not None and not (_positive_number(value) and value <= MAX_CPUS):
+        raise ValidationError("cpus", f"must be a positive number of CPUs or None, got "
+                                      f"{_show(value)} (at most {MAX_CPUS})")
+
+
+def _check_memory_mb(t: ServiceParamTemplate, value: Any) -> None:
+    if value is not None and not (_positive_number(value) and value <= MAX_MEMORY_MB):
+        raise ValidationError("memory_mb", f"must be a positive number of MiB or None, got "
+                                           f"{_show(value)} (at most {MAX_MEMORY_MB})")
+
+
 #: The most lost attempts a template may allow (a crash loop must end).
 MAX_LOST = 100
 
@@ -357,6 +377,7 @@ _CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
     ("watch_interval", _check_watch_interval), ("timeout", _check_timeout),
     ("retries", _check_retries), ("retry_backoff", _check_retry_backoff),
     ("max_memory_mb", _check_max_memory_mb), ("max_lost", _check_max_lost),
+    ("cpus", _check_cpus), ("memory_mb", _check_memory_mb),
 ]
 
 

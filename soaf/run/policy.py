@@ -22,6 +22,20 @@ RETRYABLE = frozenset({State.FAILED.value, State.TIMED_OUT.value})
 
 
 @dataclass(frozen=True)
+class Needs:
+    """CPUs and memory (MiB) a run holds on its core while it runs."""
+
+    cpus: float = 0.0
+    memory_mb: float = 0.0
+
+    def describe(self) -> str:
+        parts = [f"{self.cpus:g} CPU{'' if self.cpus == 1 else 's'}"] if self.cpus else []
+        if self.memory_mb:
+            parts.append(f"{self.memory_mb:g} MiB")
+        return " and ".join(parts)
+
+
+@dataclass(frozen=True)
 class Policy:
     """Limits and retry rules of one run."""
 
@@ -34,6 +48,8 @@ class Policy:
     #: Attempts that may be lost (core died or stopped without draining); they never
     #: count against ``retries``.
     max_lost: int = DEFAULT_MAX_LOST
+    #: What a run needs of its core while it runs (None: nothing counted but a slot).
+    needs: Needs | None = None
 
     @property
     def max_attempts(self) -> int:
@@ -60,6 +76,16 @@ def _pick(template: ServiceParamTemplate, program: Any, name: str, default: Any)
     return default if value is None else value
 
 
+def needs_for(template: ServiceParamTemplate, program: Any) -> Needs | None:
+    """What ``template`` run by ``program`` needs of its core; None when neither declares
+    CPUs or memory (the common case, checked with four attribute reads)."""
+    cpus = _pick(template, program, "cpus", None)
+    memory = _pick(template, program, "memory_mb", None)
+    if cpus is None and memory is None:
+        return None
+    return Needs(cpus=float(cpus or 0.0), memory_mb=float(memory or 0.0))
+
+
 def policy_for(template: ServiceParamTemplate, program: Any) -> Policy:
     """The policy of ``template`` run by the service class ``program`` (None: no service
     class known, only the template's own values count)."""
@@ -74,4 +100,5 @@ def policy_for(template: ServiceParamTemplate, program: Any) -> Policy:
         retry_backoff_max=float(getattr(program, "retry_backoff_max", 300.0) or 300.0),
         retry_on=frozenset(retry_on) if retry_on is not None else None,
         max_lost=max(0, int(_pick(template, program, "max_lost", DEFAULT_MAX_LOST))),
+        needs=needs_for(template, program),
     )

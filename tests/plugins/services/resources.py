@@ -17,3 +17,13 @@ class Alloc(ServiceProgramTemplate):
         argv = [str(a) for a in self.template.args.get("argv", [])]
         return [sys.executable, str(PROGRAMS / "alloc.py"), *argv]
 
+
+
+class Crunch(ServiceProgramTemplate):
+    """Holds 2 CPUs of its core while it sleeps args['seconds'] (default 1)."""
+
+    name = "crunch"
+    cpus = 2
+
+    def command(self):
+        return ["sleep", str(self.template.args.get("seconds", 1))]

@@ -1,0 +1,76 @@
+"""Admission by resources on a real core: services that declare CPUs start only while
+they fit, the rest wait queued (and say for what), one that can never fit is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from soaf import ServiceParamTemplate
+from tests.conftest import wait_until
+
+ACTIVE = ("building", "preparing", "running")
+
+
+def _most_at_once(records) -> int:
+    """The most runs whose [running_at, finished_at] overlap."""
+    points = sorted([(r.get("running_at"), 1) for r in records]
+                    + [(r.get("finished_at"), -1) for r in records])
+    now = most = 0
+    for _, step in points:  # an end sorts before a start at the same instant
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_services_run_only_while_their_cpus_fit(start_core, client):
+    start_core(args=["--cpus", "4"])
+    sids = [client.submit(ServiceParamTemplate("crunch", args={"seconds": 1}))
+            for _ in range(6)]
+    seen_active: list[int] = []
+    notes: set[str] = set()
+
+    def all_final() -> bool:
+        records = [client.status(s) for s in sids]
+        seen_active.append(sum(r.state in ACTIVE for r in records))
+        notes.update(r.get("waiting_for") for r in records
+                     if r.state == "queued" and r.get("waiting_for"))
+        return all(r.final for r in records)
+
+    wait_until(all_final, timeout=60, interval=0.05)
+    records = [client.status(s) for s in sids]
+    assert all(r.state == "succeeded" for r in records), records
+    assert max(seen_active) == 2, seen_active
+    assert _most_at_once(records) == 2
+    assert "2 CPUs (0 free on core-a)" in notes, notes
+    assert all(r.get("waiting_for") is None for r in records)
+    assert client.nodes()[0]["cpus"] == 4
+    wait_until(lambda: client.nodes()[0]["cpus_used"] == 0, timeout=10)  # next heartbeat
+
+
+def test_a_service_larger_than_any_core_is_refused_with_the_reason(start_core, client):
+    start_core(args=["--cpus", "4", "--memory-mb", "1000"])
+    wait_until(lambda: client.nodes(), timeout=10)
+    big = client.wait(client.submit(ServiceParamTemplate("crunch", cpus=8)), timeout=30)
+    assert big.state == "rejected", big
+    assert big.error == "needs 8 CPUs; the largest core offers 4"
+    fat = client.wait(client.submit(ServiceParamTemplate("crunch", memory_mb=4000)), timeout=30)
+    assert fat.error == "needs 4000 MiB; the largest core offers 1000"
+    small = client.wait(client.submit(ServiceParamTemplate("crunch", cpus=0.5,
+                                                           args={"seconds": 0})), timeout=30)
+    assert small.state == "succeeded", small
+
+
+def test_nodes_shows_used_and_free_capacity(start_core, core_env, client):
+    start_core(args=["--cpus", "4", "--memory-mb", "2000"])
+    sid = client.submit(ServiceParamTemplate("crunch", memory_mb=500, args={"seconds": 30}))
+    wait_until(lambda: client.status(sid).state == "running", timeout=20)
+    wait_until(lambda: client.nodes()[0]["cpus_used"] == 2, timeout=10)
+    out = subprocess.run([str(Path(sys.executable).parent / "soaf"), "nodes"], env=core_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "CPUS" in out.stdout and "MEMORY" in out.stdout, out.stdout
+    assert "2/4 (2 free)" in out.stdout and "500/2000 MiB (1500 free)" in out.stdout, out.stdout
+    client.cancel(sid)
+    assert client.wait(sid, timeout=30).state == "cancelled"
