@@ -301,7 +301,8 @@ for i, p in ipairs(pending) do ids[i] = p[1] end
 return redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[3], 0, unpack(ids))
 """
 
-# KEYS: heartbeat | ARGV: value, token, ttl ms. 1: written; 0: the key holds another token.
+# KEYS: heartbeat | ARGV: value, token, ttl ms. 1: renewed; 2: written, the key was missing;
+# 0: the key holds another token (nothing written).
 REFRESH_LUA = """
 local t = redis.call('TYPE', KEYS[1])['ok']
 if t ~= 'none' and t ~= 'string' then redis.call('DEL', KEYS[1]) end
@@ -311,7 +312,8 @@ if cur then
   if ok and type(v) == 'table' and v['token'] and v['token'] ~= ARGV[2] then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-return 1
+if cur then return 1 end
+return 2
 """
 
 # KEYS: heartbeat | ARGV: value, expected current value ('' for none), ttl ms

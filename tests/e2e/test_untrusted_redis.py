@@ -184,3 +184,29 @@ def test_deleted_heartbeat_of_a_live_core_causes_no_takeover(start_core, redis_s
     finals = [e for e in client.events(sid, follow=False) if e.get("state") in FINAL_VALUES]
     assert len(finals) == 1, finals
     assert a.alive() and r.exists(Keys(prefix).node("core-a"))
+
+
+def test_forged_heartbeat_token_stops_no_core(start_core, redis_server, prefix, client, logdir):
+    """A heartbeat value with another token, naming a dead process on this host or a core
+    on another host whose value stays still: the core writes its own heartbeat back and
+    goes on running its services."""
+    r = redis_server.client()
+    key = Keys(prefix).node("core-a")
+    core = start_core()
+    me = json.loads(r.get(key))
+    sid = client.submit(hold_template(logdir, 4))
+    wait_until(lambda: client.status(sid).state == "running", 30, message="running")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    r.set(key, json.dumps({**me, "pid": gone.pid, "token": "forged"}), px=60_000)
+    wait_until(lambda: json.loads(r.get(key))["token"] == me["token"], 10,
+               message="the core to write its heartbeat back")
+    assert "stale or forged" in core.log()
+    r.set(key, json.dumps({**me, "host": "elsewhere", "token": "forged"}), px=60_000)
+    wait_until(lambda: json.loads(r.get(key))["token"] == me["token"], 15,
+               message="the core to write its heartbeat back after a still TTL")
+    r.delete(key)
+    wait_until(lambda: r.get(key) is not None, 10, message="the key written again")
+    assert "was missing; written again" in core.log()
+    assert client.wait(sid, timeout=60).state == "succeeded"
+    assert core.alive() and "has taken node name" not in core.log()
