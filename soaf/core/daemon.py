@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from soaf.config import Settings, core_secrets
+from soaf.core.cancels import Verifier
 from soaf.core.control import Control
 from soaf.core.enforcer import LimitEnforcer
 from soaf.core.heartbeat import Heartbeat, Identity, claim_node
@@ -163,15 +164,17 @@ class Core:
     def _wire(self) -> None:
         """Build the engines, each with the collaborators it uses and nothing more."""
         s, client, keys = self.settings, self.redis, self.keys
+        self.verifier = Verifier(self.secrets)
         self.heartbeat = Heartbeat(
             client, keys, s, self.identity, info=self.node_info, runs=self.runs.current,
             cancel=self.runs.cancel, on_replaced=self.request_stop,
             after_beat=self._publish_versions, stopping=self._stopping,
-            revive=self.embedded.revive if self.embedded is not None else None)
+            revive=self.embedded.revive if self.embedded is not None else None,
+            verifier=self.verifier)
         engines = Engines(settings=s, writer=self.writer, reaper=self.reaper,
                           keeper=self.keeper, enforcer=self.enforcer, lookup=self._lookup,
                           still_current=self.heartbeat.still_current, cgroups=self.cgroups)
-        self.launcher = Launcher(client, keys, s, engines, self.runs)
+        self.launcher = Launcher(client, keys, s, engines, self.runs, verifier=self.verifier)
         self.gate = Gate(client, keys, secrets=self.secrets, max_payload=s.max_payload,
                          work_root=s.work_root, node=s.node, put=self.writer.put,
                          registry=lambda: self.loader.current)
@@ -183,7 +186,8 @@ class Core:
         reloader = self.reloader
         assert reloader is not None
         self.control = Control(self.blocking, keys, s.node, cancel=self.runs.cancel,
-                               reload=reloader.request, stopping=self._stopping)
+                               reload=reloader.request, stopping=self._stopping,
+                               verifier=self.verifier)
 
     def _publish_versions(self) -> None:
         if self.versions is not None:

@@ -17,10 +17,10 @@ At start a core claims its node name:
 * a heartbeat from another machine (or boot), which cannot be checked: the core waits
   for it to expire, and refuses if it is refreshed meanwhile.
 
-The heartbeat thread also brings each running service's cancel flag and current attempt
-back from Redis: a run whose service has a newer attempt was taken over by another core
-(this one missed its heartbeats, e.g. cut off from Redis or frozen) and is stopped without
-writing anything more.
+The heartbeat thread also brings each running service's cancel request (believed only if
+signed, see soaf.core.cancels) and current attempt back from Redis: a run whose service
+has a newer attempt was taken over by another core (this one missed its heartbeats, e.g.
+cut off from Redis or frozen) and is stopped without writing anything more.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any
 import redis
 
 from soaf.config import Settings, host_name
+from soaf.core.cancels import Verifier
 from soaf.core.ratelog import RateLimitedLog
 from soaf.errors import NodeInUse
 from soaf.process.identity import ProcIdentity, boot_id
@@ -150,7 +151,8 @@ class Heartbeat:
                  cancel: Callable[[str], bool], on_replaced: Callable[[], None],
                  after_beat: Callable[[], None], stopping: threading.Event,
                  revive: Callable[[], Any] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 verifier: Verifier | None = None) -> None:
         self.client = client
         self.keys = keys
         self.settings = settings
@@ -171,6 +173,7 @@ class Heartbeat:
         self.last_ok: float | None = None
         self._errors = RateLimitedLog(log)
         self.clock = clock
+        self.verifier = verifier or Verifier(())
         #: Another host's heartbeat value found in this node's key, and since when.
         self._watched: tuple[bytes, float] | None = None
 
@@ -230,7 +233,8 @@ class Heartbeat:
             number = attempt_of(attempt)
             if number is not None and number > run.attempt:
                 run.supersede(number)
-            elif cancel is not None:
+            elif cancel is not None and self.verifier.ok(cancel, "cancel", run.service_id,
+                                                         where="the cancels hash"):
                 self.cancel(run.service_id)
 
     def still_current(self, run: ServiceRun) -> bool:

@@ -17,6 +17,7 @@ import soaf
 from soaf import ServiceParamTemplate
 from soaf.process.identity import ProcIdentity
 from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.signed import sign_control
 from soaf.protocol.state import FINAL_VALUES
 from tests.conftest import SECRET, wait_until
 
@@ -210,3 +211,42 @@ def test_forged_heartbeat_token_stops_no_core(start_core, redis_server, prefix, 
     assert "was missing; written again" in core.log()
     assert client.wait(sid, timeout=60).state == "succeeded"
     assert core.alive() and "has taken node name" not in core.log()
+
+
+def test_forged_cancels_cancel_nothing(start_core, redis_server, prefix, client, logdir):
+    """Cancels written straight into Redis (unsigned, signed with another key, or a real
+    signature moved to another service) stop no running service and no queued one; a
+    real ``Client.cancel`` still cancels both."""
+    r = redis_server.client()
+    keys = Keys(prefix)
+    other = sign_control("cancel", "another-service", SECRET)
+    forgeries = ["", "1712345678.5", sign_control("cancel", "x", "not-the-secret"), other]
+    # Queued while no core runs: forged entries in the cancels hash, one signed for real.
+    queued = [client.submit(hold_template(logdir, 0.2)) for _ in forgeries]
+    real = client.submit(hold_template(logdir, 0.2))
+    for sid, forged in zip(queued, forgeries):
+        r.hset(keys.cancels, sid, forged.replace("x", sid) if "not-the" in forged else forged)
+    r.hset(keys.cancels, real, sign_control("cancel", real, SECRET))
+    core = start_core()
+    assert [client.wait(s, timeout=60).state for s in queued] == ["succeeded"] * len(queued)
+    assert client.wait(real, timeout=60).state == "cancelled"
+    # Running: forged control messages and hash entries.
+    sid = client.submit(hold_template(logdir, 6))
+    wait_until(lambda: client.status(sid).state == "running", 30, message="running")
+    for forged in forgeries:
+        r.hset(keys.cancels, sid, forged)
+        r.xadd(keys.control, {"type": "cancel", "id": sid, "sig": forged})
+    r.xadd(keys.control, {"type": "reload", "sig": sign_control("reload", "", "wrong")})
+    r.xadd(keys.control, {"type": "self-destruct"})
+    record = client.wait(sid, timeout=60)
+    assert record.state == "succeeded", record
+    log = core.log()
+    assert f"ignored a cancel for '{sid}' in the control stream" in log
+    assert "ignored a reload for '' in the control stream: bad signature" in log
+    assert "unknown type 'self-destruct'" in log
+    # A real cancel, of a running service.
+    sid = client.submit(hold_template(logdir, 30))
+    wait_until(lambda: client.status(sid).state == "running", 30, message="running")
+    client.cancel(sid)
+    assert client.wait(sid, timeout=60).state == "cancelled"
+    assert core.alive()
