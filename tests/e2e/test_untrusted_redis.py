@@ -250,3 +250,22 @@ def test_forged_cancels_cancel_nothing(start_core, redis_server, prefix, client,
     client.cancel(sid)
     assert client.wait(sid, timeout=60).state == "cancelled"
     assert core.alive()
+
+
+def test_unverified_rejections_live_an_hour(start_core, redis_server, prefix, client):
+    """A record made `rejected` for an entry whose signature was never checked (its id read
+    in clear) lives an hour, not the record TTL; a finished service's record keeps its
+    TTL when garbage is sent under its id."""
+    r = redis_server.client()
+    keys = Keys(prefix)
+    start_core()
+    done = client.submit(ServiceParamTemplate("true"))
+    assert client.wait(done, timeout=30).state == "succeeded"
+    r.xadd(keys.submit, {"payload": b"garbage", "id": "forged-id"})
+    r.xadd(keys.submit, {"payload": b"garbage", "id": done})
+    wait_until(lambda: r.hget(keys.service("forged-id"), "state") == b'"rejected"', 30,
+               message="rejected")
+    wait_until(lambda: 0 < r.ttl(keys.service("forged-id")) <= 3600, 10, message="short TTL")
+    wait_until(lambda: r.xlen(keys.submit) == 0, 10, message="entries done")
+    assert r.ttl(keys.service(done)) > 24 * 3600
+    assert client.status(done).state == "succeeded"
