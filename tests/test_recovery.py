@@ -88,7 +88,7 @@ def _record(r, keys: Keys, sid: str, entry: str, state: str, attempt: int) -> No
 def _reclaim(r, keys: Keys, sid: str, entry: str, max_lost: int) -> list:
     return r.eval(RECLAIM_LUA, 4, keys.service(sid), keys.events(sid), keys.services,
                   keys.cancels, sid, "hold", time.time(), "heir", entry, keys.notify,
-                  EVENTS_MAXLEN, '"1-x"', ",".join(FINAL_VALUES), max_lost,
+                  EVENTS_MAXLEN, '"1-x"', ",".join(FINAL_VALUES), "", max_lost,
                   "its core (dead) died", "dead")
 
 

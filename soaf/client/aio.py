@@ -275,7 +275,7 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
     async def cancel(self, service_id: str) -> str:
         """Cancel a service; what happened in plain words (see Client.cancel): a queued
         one is ``cancelled`` at once, for one a core holds a durable request is made."""
-        keys, args = calls.cancel_call(self.keys, service_id)
+        keys, args = calls.cancel_call(self._target, service_id, self._secret)
         return calls.cancelled(service_id, await self._script(CANCEL, keys, args))
 
     async def plugins(self) -> dict[str, Any]:
@@ -292,5 +292,5 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
 
     async def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""
-        stream, fields, maxlen = calls.reload_call(self.keys, node)
+        stream, fields, maxlen = calls.reload_call(self._target, node, self._secret)
         await self._call(self.redis.xadd, stream, fields, maxlen=maxlen, approximate=True)

@@ -34,6 +34,7 @@ from soaf.errors import (
 from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps
 from soaf.protocol.connection import redact
 from soaf.protocol.keys import DEFAULT_PREFIX, Keys
+from soaf.protocol.signed import sign_control
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_event
 from soaf.protocol.template import ServiceParamTemplate, validate_template
 
@@ -235,11 +236,13 @@ def nodes_from(values: list[bytes | None]) -> list[dict[str, Any]]:
 
 # -- steering --------------------------------------------------------------------------------
 
-def cancel_call(keys: Keys, service_id: str) -> Reply:
-    """KEYS and ARGV of the CANCEL script (see soaf/protocol/scripts.py)."""
+def cancel_call(target: Target, service_id: str, secret: str | None) -> Reply:
+    """KEYS and ARGV of the CANCEL script (see soaf/protocol/scripts.py), signed."""
+    keys, now = target.keys, time.time()
+    sig = sign_control("cancel", service_id, signing_secret(secret, target.state_dir), now=now)
     return ([keys.service(service_id), keys.events(service_id), keys.cancels, keys.control],
-            [service_id, time.time(), keys.notify, EVENTS_MAXLEN, ",".join(FINAL_VALUES),
-             CONTROL_MAXLEN])
+            [service_id, now, keys.notify, EVENTS_MAXLEN, ",".join(FINAL_VALUES),
+             CONTROL_MAXLEN, sig])
 
 
 def cancelled(service_id: str, reply: Any) -> str:
@@ -254,6 +257,9 @@ def cancelled(service_id: str, reply: Any) -> str:
     return f"cancel requested; it was {state} and will end cancelled"
 
 
-def reload_call(keys: Keys, node: str | None) -> tuple[str, dict[str, str], int]:
+def reload_call(target: Target, node: str | None, secret: str | None
+                ) -> tuple[str, dict[str, str], int]:
     """XADD arguments (stream, fields, maxlen) asking cores (all, or ``node``) to reload."""
-    return keys.control, {"type": "reload", **({"node": node} if node else {})}, CONTROL_MAXLEN
+    sig = sign_control("reload", node or "", signing_secret(secret, target.state_dir))
+    fields = {"type": "reload", **({"node": node} if node else {}), "sig": sig}
+    return target.keys.control, fields, CONTROL_MAXLEN

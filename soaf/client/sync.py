@@ -321,7 +321,7 @@ class Client(ClientBase["redis.Redis"]):
         core that takes it over later finds it. A finished service is left as it is
         (the answer says so); an unknown id raises UnknownService.
         """
-        keys, args = calls.cancel_call(self.keys, service_id)
+        keys, args = calls.cancel_call(self._target, service_id, self._secret)
         return calls.cancelled(service_id, self._call(CANCEL.run, self.redis, keys, args))
 
     def plugins(self) -> dict[str, Any]:
@@ -337,5 +337,5 @@ class Client(ClientBase["redis.Redis"]):
 
     def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""
-        stream, fields, maxlen = calls.reload_call(self.keys, node)
+        stream, fields, maxlen = calls.reload_call(self._target, node, self._secret)
         self._call(self.redis.xadd, stream, fields, maxlen=maxlen, approximate=True)

@@ -3,18 +3,21 @@
 ``cancel`` (a service by id) and ``reload`` (the plugins), each for every core or for the
 one named in ``node``. Messages are read from the newest one that existed when the core
 started (``Control.start_from``), so none sent after that is missed, however late the
-thread first reads. Unknown types are logged and skipped: an older core ignores what a
-newer client sends.
+thread first reads. A message is acted on only if its ``sig`` verifies (see
+soaf.protocol.signed); unsigned and forged messages, and unknown types (an older core
+ignores what a newer client sends), are skipped with a log line at most once a minute.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import redis
 
+from soaf.core.cancels import Verifier
 from soaf.core.ratelog import RateLimitedLog
 from soaf.protocol.keys import Keys
 from soaf.protocol.replies import entries, stream_entries
@@ -30,7 +33,8 @@ class Control:
 
     def __init__(self, blocking: redis.Redis, keys: Keys, node: str, *,
                  cancel: Callable[[str], object], reload: Callable[[], object],
-                 stopping: threading.Event) -> None:
+                 stopping: threading.Event, verifier: Verifier,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.blocking = blocking
         self.keys = keys
         self.node = node
@@ -38,7 +42,8 @@ class Control:
         self.reload = reload
         self.stopping = stopping
         self.last = "0-0"
-        self._errors = RateLimitedLog(log)
+        self.verifier = verifier
+        self._errors = RateLimitedLog(log, clock=clock)
 
     def start_from(self, client: redis.Redis) -> None:
         """Read only messages newer than the newest one in the stream now."""
@@ -69,9 +74,14 @@ class Control:
         target = fields.get(b"node", b"").decode(errors="replace")
         if target and target != self.node:
             return
+        sig = fields.get(b"sig")
         if kind == "cancel":
-            self.cancel(fields.get(b"id", b"").decode(errors="replace"))
+            sid = fields.get(b"id", b"").decode(errors="replace")
+            if self.verifier.ok(sig, "cancel", sid, where="the control stream"):
+                self.cancel(sid)
         elif kind == "reload":
-            self.reload()
+            if self.verifier.ok(sig, "reload", target, where="the control stream"):
+                self.reload()
         else:
-            log.warning("unknown control message %r", kind)
+            self._errors.warning("unknown", "ignored a control message of unknown type %r "
+                                 "(logged at most once a minute)", kind[:80])

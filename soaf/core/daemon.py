@@ -22,6 +22,7 @@ import redis
 
 from soaf.config import Settings, core_secrets
 from soaf.core.admission import Admission
+from soaf.core.cancels import Verifier
 from soaf.core.control import Control
 from soaf.core.enforcer import LimitEnforcer
 from soaf.core.heartbeat import Heartbeat, Identity, claim_node
@@ -119,7 +120,7 @@ class Core:
         self.keeper.start()
         self.enforcer = LimitEnforcer()
         self.enforcer.start()
-        self.cgroups = self._cgroups()
+        self.cgroups = cgroup.setup()
         self._wire()
         self.control.start_from(self.redis)
         self._spawn(self.heartbeat.loop, "soaf-heartbeat")
@@ -152,32 +153,21 @@ class Core:
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise RedisUnavailable(f"cannot reach Redis at {redact(self.url)}: {e}") from e
 
-    @staticmethod
-    def _cgroups() -> cgroup.Cgroups | None:
-        """The delegated cgroup v2 for per-program memory limits, or None (polled)."""
-        found, how = cgroup.detect()
-        if found is not None:
-            try:
-                found.prepare()
-            except OSError as e:
-                how = f"cgroup v2 at {found.root} refused its setup ({e}); polled"
-                found = None
-        log.info("memory limits: %s", how)
-        return found
-
     def _wire(self) -> None:
         """Build the engines, each with the collaborators it uses and nothing more."""
         s, client, keys = self.settings, self.redis, self.keys
+        self.verifier = Verifier(self.secrets)
         self.heartbeat = Heartbeat(
             client, keys, s, self.identity, info=self.node_info, runs=self.runs.current,
             cancel=self.runs.cancel, on_replaced=self.request_stop,
             after_beat=self._publish_versions, stopping=self._stopping,
-            revive=self.embedded.revive if self.embedded is not None else None)
+            revive=self.embedded.revive if self.embedded is not None else None,
+            verifier=self.verifier)
         engines = Engines(settings=s, writer=self.writer, reaper=self.reaper,
                           keeper=self.keeper, enforcer=self.enforcer, lookup=self._lookup,
                           still_current=self.heartbeat.still_current, cgroups=self.cgroups)
         self.launcher = Launcher(client, keys, s, engines, self.runs, admission=self.admission,
-                                 refuse=self._refuse)
+                                 refuse=self._refuse, verifier=self.verifier)
         self.gate = Gate(client, keys, secrets=self.secrets, max_payload=s.max_payload,
                          work_root=s.work_root, node=s.node, put=self.writer.put,
                          registry=lambda: self.loader.current)
@@ -189,7 +179,8 @@ class Core:
         reloader = self.reloader
         assert reloader is not None
         self.control = Control(self.blocking, keys, s.node, cancel=self.runs.cancel,
-                               reload=reloader.request, stopping=self._stopping)
+                               reload=reloader.request, stopping=self._stopping,
+                               verifier=self.verifier)
 
     def _refuse(self, entry_id: str, template: Any, reason: str) -> None:
         """End an entry this core can never run, where its submitter sees why."""

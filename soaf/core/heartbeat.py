@@ -4,8 +4,9 @@ cores from running under one node name.
 A core's heartbeat is a key with a TTL holding who it is: host, pid, the pid's start
 time, the boot id and a random token. Only the core whose token is in the key refreshes
 it (a Lua compare-and-set), so a second core under the same name can never keep the
-first one's heartbeat alive, and a core that finds its key taken knows it has been
-replaced.
+first one's heartbeat alive. A core that finds its key missing writes it again (and
+warns); one that finds another token there stops only if that token's core is alive
+(see ``Heartbeat._other_token``), so a forged token written into Redis stops no core.
 
 At start a core claims its node name:
 
@@ -16,10 +17,10 @@ At start a core claims its node name:
 * a heartbeat from another machine (or boot), which cannot be checked: the core waits
   for it to expire, and refuses if it is refreshed meanwhile.
 
-The heartbeat thread also brings each running service's cancel flag and current attempt
-back from Redis: a run whose service has a newer attempt was taken over by another core
-(this one missed its heartbeats, e.g. cut off from Redis or frozen) and is stopped without
-writing anything more.
+The heartbeat thread also brings each running service's cancel request (believed only if
+signed, see soaf.core.cancels) and current attempt back from Redis: a run whose service
+has a newer attempt was taken over by another core (this one missed its heartbeats, e.g.
+cut off from Redis or frozen) and is stopped without writing anything more.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import redis
 
 from soaf.config import Settings, host_name
+from soaf.core.cancels import Verifier
 from soaf.core.ratelog import RateLimitedLog
 from soaf.errors import NodeInUse
 from soaf.process.identity import ProcIdentity, boot_id
@@ -148,7 +150,9 @@ class Heartbeat:
                  *, info: Callable[[], dict[str, Any]], runs: Callable[[], list[ServiceRun]],
                  cancel: Callable[[str], bool], on_replaced: Callable[[], None],
                  after_beat: Callable[[], None], stopping: threading.Event,
-                 revive: Callable[[], Any] | None = None) -> None:
+                 revive: Callable[[], Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 verifier: Verifier | None = None) -> None:
         self.client = client
         self.keys = keys
         self.settings = settings
@@ -168,6 +172,10 @@ class Heartbeat:
         #: Monotonic time at which the last successful beat was sent (see still_current).
         self.last_ok: float | None = None
         self._errors = RateLimitedLog(log)
+        self.clock = clock
+        self.verifier = verifier or Verifier(())
+        #: Another host's heartbeat value found in this node's key, and since when.
+        self._watched: tuple[bytes, float] | None = None
 
     def loop(self) -> None:
         """Beat every heartbeat interval until the core stops and its runs have ended."""
@@ -212,8 +220,8 @@ class Heartbeat:
         if isinstance(results[0], Exception) and not self.replaced:
             raise results[0]
         self.after_beat()
-        if not self.replaced and results[0] == 0:
-            self._taken()
+        if not self.replaced:
+            self._check_own_key(results[0])
         if not runs:
             return
         attempts = results[len(results) - len(runs):]
@@ -225,7 +233,8 @@ class Heartbeat:
             number = attempt_of(attempt)
             if number is not None and number > run.attempt:
                 run.supersede(number)
-            elif cancel is not None:
+            elif cancel is not None and self.verifier.ok(cancel, "cancel", run.service_id,
+                                                         where="the cancels hash"):
                 self.cancel(run.service_id)
 
     def still_current(self, run: ServiceRun) -> bool:
@@ -248,12 +257,64 @@ class Heartbeat:
             return False
         return True
 
-    def _taken(self) -> None:
-        """Another core holds this node's heartbeat: it started under the same name after
-        this core's heartbeat had expired. Take no more work and stop."""
+    def _check_own_key(self, refreshed: Any) -> None:
+        """Act on what the refresh found in this core's heartbeat key.
+
+        Missing (expired while this core was frozen or cut off, or deleted): it has been
+        written again; say so. Another token: stop only if that token's core is really
+        alive (see ``_other_token``), otherwise write this core's heartbeat back.
+        """
+        if refreshed == 2:
+            self._watched = None
+            self._errors.warning("missing", "the heartbeat key of node %s was missing; "
+                                 "written again", self.settings.node)
+        elif refreshed == 0:
+            self._other_token()
+        else:
+            self._watched = None
+
+    def _other_token(self) -> None:
+        """The key holds another token. It is a real core under this node name when this
+        machine sees its process alive (pid and start time), or, for a core this machine
+        cannot look at, when its value keeps changing (its beats keep coming) within a TTL.
+        A token of a dead process, or a value that stays still for a whole TTL, is a stale
+        or forged heartbeat: this core writes its own back and goes on."""
+        key = self.keys.node(self.settings.node)
+        got = self.client.get(key)
+        raw = got.encode() if isinstance(got, str) else got
+        if raw is None:
+            return  # gone since: the next beat writes it
+        info = _parse(raw) or {}
+        alive = holder_alive(info)
+        now = self.clock()
+        if alive is None:
+            if self._watched is None or self._watched[0] != raw:
+                if self._watched is not None:
+                    alive = True  # its value changed: its beats keep coming
+                else:
+                    self._watched = (raw, now)
+                    log.warning("the heartbeat of node %s holds another token (%s); watching "
+                                "it for %.0f s", self.settings.node, describe(info),
+                                self.settings.heartbeat_ttl)
+                    return
+            elif now - self._watched[1] <= self.settings.heartbeat_ttl:
+                return
+        if alive:
+            self._taken(info)
+            return
+        self._watched = None
+        self._errors.warning("forged", "the heartbeat of node %s held a token of a core that "
+                             "is not alive (%s): stale or forged; written back",
+                             self.settings.node, describe(info))
+        self.client.eval(CAS_LUA, 1, key, json.dumps(self.info()), raw,
+                         int(self.settings.heartbeat_ttl * 1000))
+
+    def _taken(self, info: dict[str, Any]) -> None:
+        """Another live core holds this node's heartbeat: it started under the same name
+        after this core's heartbeat had expired. Take no more work and stop."""
         self.replaced = True
-        log.error("another core has taken node name %s over (this core's heartbeat had "
-                  "expired); stopping", self.settings.node)
+        log.error("another core (%s) has taken node name %s over (this core's heartbeat had "
+                  "expired); stopping", describe(info), self.settings.node)
         self.on_replaced()
 
     def release(self) -> None:

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
+#: Seconds the record of an entry refused before its signature was checked lives: its
+#: id was read in clear, so anyone could have chosen it.
+UNTRUSTED_TTL = 3600.0
+
+
 @dataclass
 class Refusal(Exception):
     """Why an entry is refused; ``service_id`` is set when the submitter can be told."""
@@ -175,7 +180,8 @@ class Gate:
                 values["service"] = refusal.service
             # Attempt 0, seq 2: applies only over a fresh 'queued' record (or none), so a
             # refusal never overwrites a service that is already running elsewhere.
-            self.put(Change(refusal.service_id, 0, 2, values, ack=entry_id))
+            self.put(Change(refusal.service_id, 0, 2, values, ack=entry_id,
+                            ttl=None if refusal.trusted else UNTRUSTED_TTL))
             if refusal.trusted:
                 return
         payload = fields.get(PAYLOAD_FIELD.encode(), b"")

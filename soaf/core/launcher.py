@@ -23,6 +23,7 @@ import redis
 
 from soaf.config import Settings
 from soaf.core.admission import Admission, Waiting
+from soaf.core.cancels import Verifier
 from soaf.plugin.loader import Registry
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.replies import entries, text
@@ -103,8 +104,10 @@ class Launcher:
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, engines: Engines,
                  runs: RunTable, *, admission: Admission,
-                 refuse: Callable[[str, ServiceParamTemplate, str], None]) -> None:
+                 refuse: Callable[[str, ServiceParamTemplate, str], None],
+                 verifier: Verifier | None = None) -> None:
         self.client = client
+        self.verifier = verifier or Verifier(())
         self.keys = keys
         self.settings = settings
         self.runs = runs
@@ -128,15 +131,18 @@ class Launcher:
         run.start()
         return run
 
-    def claim_args(self, entry_id: str, template: ServiceParamTemplate, registry: Registry
-                   ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of the CLAIM script for one entry (RECLAIM adds to its ARGV)."""
+    def claim_args(self, entry_id: str, template: ServiceParamTemplate, registry: Registry,
+                   cancel: str | None = None) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the CLAIM script for one entry (RECLAIM adds to its ARGV);
+        ``cancel``: the verified cancels-hash entry (read now when not given)."""
         sid = template.service_id
+        if cancel is None:
+            cancel = self.verifier.cancel_entries(self.client, self.keys, [sid])[0]
         return ([self.keys.service(sid), self.keys.events(sid), self.keys.services,
                  self.keys.cancels],
                 [sid, template.service, time.time(), self.settings.node, entry_id,
                  self.keys.notify, EVENTS_MAXLEN, json.dumps(registry.version),
-                 ",".join(FINAL_VALUES)])
+                 ",".join(FINAL_VALUES), cancel])
 
     def claim_and_start(self, accepted: list[tuple[str, ServiceParamTemplate]],
                         registry: Registry) -> None:
@@ -239,7 +245,10 @@ class Launcher:
                          registry: Registry) -> None:
         """Claim the entries' services for a new attempt (one round trip) and start them;
         entries whose service is final or claimed under another entry are finished."""
-        calls = [self.claim_args(entry_id, template, registry) for entry_id, template in accepted]
+        cancels = self.verifier.cancel_entries(self.client, self.keys,
+                                               [template.service_id for _, template in accepted])
+        calls = [self.claim_args(entry_id, template, registry, cancel)
+                 for (entry_id, template), cancel in zip(accepted, cancels)]
         results = self._claim(calls)
         unclaimed: list[str] = []
         ended: list[str] = []  # final without running (e.g. cancelled while queued)

@@ -125,14 +125,19 @@ class StateWriter:
                 self.written += len(batch)
                 self._cond.notify_all()
 
-    def _finish(self, pipe: Any, change: Change) -> None:
+    def _finish(self, pipe: Any, change: Change, *, applied: bool) -> None:
         """With a final state: the entry is done (ack and delete it, so the stream does
-        not grow), the cancel request is spent, and the record starts to age."""
+        not grow), the cancel request is spent, and the record starts to age. A change's
+        own (shorter) ``ttl`` applies only if it made the record final: a refusal that
+        met a record final already must not shorten that record's life."""
         pipe.xack(self._keys.submit, GROUP, change.ack)
         pipe.xdel(self._keys.submit, change.ack)
         pipe.hdel(self._keys.cancels, change.service_id)
-        if self._record_ttl > 0:
-            ttl = int(self._record_ttl)
+        ttl = self._record_ttl
+        if applied and change.ttl is not None:
+            ttl = min(ttl, change.ttl) if ttl > 0 else change.ttl
+        if ttl > 0:
+            ttl = max(1, int(ttl))
             pipe.expire(self._keys.service(change.service_id), ttl)
             pipe.expire(self._keys.events(change.service_id), ttl)
             pipe.expire(self._keys.log(change.service_id), ttl)
@@ -175,11 +180,12 @@ class StateWriter:
         written = [(changes, r not in (-1, -3)) for changes, r in zip(calls, recorded)
                    if not isinstance(r, Exception)]
         done = [r != -1 for r in recorded if not isinstance(r, Exception)]
-        finals = [c for (changes, _), ack in zip(written, done) if ack for c in changes if c.ack]
+        finals = [(c, applied) for (changes, applied), ack in zip(written, done) if ack
+                  for c in changes if c.ack]
         if finals:
             pipe = self._redis.pipeline(transaction=False)
-            for change in finals:
-                self._finish(pipe, change)
+            for change, applied in finals:
+                self._finish(pipe, change, applied=applied)
             for result in pipe.execute(raise_on_error=False):
                 if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
                     raise result

@@ -104,3 +104,17 @@ def detect(*, fs: Path = CGROUP_FS,
         return None, f"cgroup v2, but {root} is not writable (not delegated); memory limits are polled"
     return Cgroups(root), (f"cgroup v2 delegated at {root}: each program with a memory limit "
                            "gets a cgroup with memory.max")
+
+
+def setup() -> Cgroups | None:
+    """The delegated cgroup v2 for per-program memory limits, prepared, or None (limits
+    are polled then); logs which mode is in use."""
+    found, how = detect()
+    if found is not None:
+        try:
+            found.prepare()
+        except OSError as e:
+            how = f"cgroup v2 at {found.root} refused its setup ({e}); polled"
+            found = None
+    log.info("memory limits: %s", how)
+    return found

@@ -78,9 +78,13 @@ return {1, entry}
 """
 
 # KEYS: record, events, services zset, cancels hash
-# ARGV: id, service, now, node, entry, notify, maxlen, plugin_version, final states (csv)
+# ARGV: id, service, now, node, entry, notify, maxlen, plugin_version, final states (csv),
+# the service's cancels-hash entry as read and verified by the core ('' for none)
 # Returns {verdict, detail, attempt, seq, attempts json or ''};
 # verdict: run | duplicate | final | cancelled
+# Lua cannot check an HMAC, so the core reads the cancels hash, checks the signature and
+# passes what it verified: the service starts cancelled only if the hash still holds that
+# very value. A cancel written after the read is applied by the heartbeat instead.
 CLAIM_LUA = """
 soaf_drop_wrong_type(KEYS[3], 'zset')
 soaf_drop_wrong_type(KEYS[4], 'hash')
@@ -102,7 +106,9 @@ end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
 local newstate = 'building'
-if redis.call('HEXISTS', KEYS[4], ARGV[1]) == 1 then newstate = 'cancelled' end
+if ARGV[10] ~= '' and redis.call('HGET', KEYS[4], ARGV[1]) == ARGV[10] then
+  newstate = 'cancelled'
+end
 local ev = {seq=seq, attempt=attempt, ts=tonumber(ARGV[3]), state=newstate, node=ARGV[4]}
 if newstate == 'cancelled' then ev['error'] = 'cancelled before it started' end
 local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
@@ -124,7 +130,8 @@ return {newstate == 'cancelled' and 'cancelled' or 'run', newstate, attempt, seq
 """
 
 # KEYS: record, events, cancels hash, control stream
-# ARGV: id, now, notify, maxlen, final states (csv), control maxlen
+# ARGV: id, now, notify, maxlen, final states (csv), control maxlen, signed cancel
+# (soaf.protocol.signed: stored in the cancels hash and sent as the message's ``sig``)
 # Returns {verdict, state}; verdict: unknown | final | cancelled (a queued service, now
 # cancelled: no core holds it) | requested (recorded in the cancels hash and announced on
 # the control stream; the core running it stops it, and a core that takes it later
@@ -155,8 +162,9 @@ if state == 'queued' then
   redis.call('PUBLISH', ARGV[3], cjson.encode({id=ARGV[1], seq=seq, state='cancelled'}))
   return {'cancelled', state}
 end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'type', 'cancel', 'id', ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[7])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'type', 'cancel', 'id', ARGV[1],
+  'sig', ARGV[7])
 return {'requested', state}
 """
 
@@ -217,7 +225,7 @@ end
 return applied
 """
 
-# Prepended to CLAIM_LUA. Extra ARGV: 10 lost attempts allowed, 11 reason, 12 node that
+# Prepended to CLAIM_LUA. Extra ARGV: 11 lost attempts allowed, 12 reason, 13 node that
 # lost it. When the entry's service is mid-run (not queued, not final) under this very
 # entry, its attempt was lost: record that, move the lost attempt into the ``attempts``
 # list, and end the service as failed once more attempts were lost than allowed. Lost
@@ -242,27 +250,27 @@ if type(pstate) == 'string' and not pfinals[pstate] and pstate ~= 'queued'
   local lost = (tonumber(redis.call('HGET', KEYS[1], 'lost_count') or '0') or 0) + 1
   local attempts = jget('attempts')
   if type(attempts) ~= 'table' then attempts = {} end
-  local gone = {attempt=pattempt, state='lost', error=ARGV[11], node=ARGV[12],
+  local gone = {attempt=pattempt, state='lost', error=ARGV[12], node=ARGV[13],
                 lost_in=pstate, ended_at=now}
   for _, name in ipairs({'work_dir', 'pid', 'exit_code', 'signal', 'running_at'}) do
     local v = jget(name)
     if v ~= nil then gone[name] = v end
   end
   table.insert(attempts, gone)
-  local ev = {seq=pseq, attempt=pattempt, ts=now, state='lost', node=ARGV[12],
-              error=ARGV[11], lost_in=pstate, lost_count=lost}
+  local ev = {seq=pseq, attempt=pattempt, ts=now, state='lost', node=ARGV[13],
+              error=ARGV[12], lost_in=pstate, lost_count=lost}
   local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
   redis.call('HSET', KEYS[1], 'state', '"lost"', 'seq', pseq, 'lost_at', ARGV[3],
-    'lost_reason', cjson.encode(ARGV[11]), 'event_id', cjson.encode(evid),
+    'lost_reason', cjson.encode(ARGV[12]), 'event_id', cjson.encode(evid),
     'attempts', cjson.encode(attempts), 'lost_count', lost)
   redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=pseq, state='lost'}))
-  if lost > (tonumber(ARGV[10]) or 0) then
+  if lost > (tonumber(ARGV[11]) or 0) then
     local fseq = pseq + 1
     local err = 'lost ' .. lost .. ' times: the cores running it kept dying or stopping ' ..
-      'without draining (last: ' .. ARGV[11] .. '; max_lost ' .. ARGV[10] ..
-      '); see the logs of core ' .. ARGV[12] .. ' around that time'
+      'without draining (last: ' .. ARGV[12] .. '; max_lost ' .. ARGV[11] ..
+      '); see the logs of core ' .. ARGV[13] .. ' around that time'
     local fev = {seq=fseq, attempt=pattempt, ts=now, state='failed',
-                 node=ARGV[12], error=err, failure='lost'}
+                 node=ARGV[13], error=err, failure='lost'}
     local fevid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data',
       cjson.encode(fev))
     redis.call('HSET', KEYS[1], 'state', '"failed"', 'seq', fseq, 'failed_at', ARGV[3],
@@ -301,7 +309,8 @@ for i, p in ipairs(pending) do ids[i] = p[1] end
 return redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[3], 0, unpack(ids))
 """
 
-# KEYS: heartbeat | ARGV: value, token, ttl ms. 1: written; 0: the key holds another token.
+# KEYS: heartbeat | ARGV: value, token, ttl ms. 1: renewed; 2: written, the key was missing;
+# 0: the key holds another token (nothing written).
 REFRESH_LUA = """
 local t = redis.call('TYPE', KEYS[1])['ok']
 if t ~= 'none' and t ~= 'string' then redis.call('DEL', KEYS[1]) end
@@ -311,7 +320,8 @@ if cur then
   if ok and type(v) == 'table' and v['token'] and v['token'] ~= ARGV[2] then return 0 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-return 1
+if cur then return 1 end
+return 2
 """
 
 # KEYS: heartbeat | ARGV: value, expected current value ('' for none), ttl ms

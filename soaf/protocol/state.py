@@ -62,6 +62,10 @@ class Change:
     values: dict[str, Any]
     ts: float = field(default_factory=time.time)
     ack: str | None = None  # stream entry to acknowledge once this change is written
+    #: Seconds a record made final by this change lives (at most the record TTL); None:
+    #: the record TTL. Refusals of entries whose signature was never checked use
+    #: ``UNTRUSTED_TTL``: anyone can write those ids.
+    ttl: float | None = None
     #: Called from the writer thread once the change is in Redis, with True if it was
     #: applied (or had been, by an earlier try) and False if a newer attempt fenced it out.
     on_written: Callable[[bool], None] | None = field(default=None, repr=False)

@@ -5,6 +5,7 @@ service may run twice at once, after_watch_callback runs once per service."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -462,3 +463,22 @@ def test_readopted_program_still_has_its_timeout(start_core, client, logdir, tmp
     assert starts(logdir, sid) == 1
     assert len(afters(logdir, sid)) == 1
     no_overlap(logdir)
+
+
+def test_frozen_core_stops_when_a_live_core_took_its_name(start_core, redis_server, prefix,
+                                                          client, logdir):
+    """A core frozen past its TTL loses its node name to a new core on this host; when it
+    wakes up and finds that core alive, it stops instead of fighting over the name."""
+    r = redis_server.client()
+    key = Keys(prefix).node("core-a")
+    a = start_core()
+    a.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: r.get(key) is None, 15, message="the heartbeat to expire")
+        b = start_core()
+    finally:
+        a.signal(signal.SIGCONT)
+    wait_until(lambda: not a.alive(), 30, message="the frozen core to stop")
+    assert "has taken node name core-a over" in a.log()
+    assert b.alive() and json.loads(r.get(key))["pid"] == b.proc.pid
+    assert client.wait(hold(client, logdir, 0.2), timeout=30).node == "core-a"

@@ -17,6 +17,7 @@ import soaf
 from soaf import ServiceParamTemplate
 from soaf.process.identity import ProcIdentity
 from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.signed import sign_control
 from soaf.protocol.state import FINAL_VALUES
 from tests.conftest import SECRET, wait_until
 
@@ -184,3 +185,87 @@ def test_deleted_heartbeat_of_a_live_core_causes_no_takeover(start_core, redis_s
     finals = [e for e in client.events(sid, follow=False) if e.get("state") in FINAL_VALUES]
     assert len(finals) == 1, finals
     assert a.alive() and r.exists(Keys(prefix).node("core-a"))
+
+
+def test_forged_heartbeat_token_stops_no_core(start_core, redis_server, prefix, client, logdir):
+    """A heartbeat value with another token, naming a dead process on this host or a core
+    on another host whose value stays still: the core writes its own heartbeat back and
+    goes on running its services."""
+    r = redis_server.client()
+    key = Keys(prefix).node("core-a")
+    core = start_core()
+    me = json.loads(r.get(key))
+    sid = client.submit(hold_template(logdir, 4))
+    wait_until(lambda: client.status(sid).state == "running", 30, message="running")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    r.set(key, json.dumps({**me, "pid": gone.pid, "token": "forged"}), px=60_000)
+    wait_until(lambda: json.loads(r.get(key))["token"] == me["token"], 10,
+               message="the core to write its heartbeat back")
+    assert "stale or forged" in core.log()
+    r.set(key, json.dumps({**me, "host": "elsewhere", "token": "forged"}), px=60_000)
+    wait_until(lambda: json.loads(r.get(key))["token"] == me["token"], 15,
+               message="the core to write its heartbeat back after a still TTL")
+    r.delete(key)
+    wait_until(lambda: r.get(key) is not None, 10, message="the key written again")
+    assert "was missing; written again" in core.log()
+    assert client.wait(sid, timeout=60).state == "succeeded"
+    assert core.alive() and "has taken node name" not in core.log()
+
+
+def test_forged_cancels_cancel_nothing(start_core, redis_server, prefix, client, logdir):
+    """Cancels written straight into Redis (unsigned, signed with another key, or a real
+    signature moved to another service) stop no running service and no queued one; a
+    real ``Client.cancel`` still cancels both."""
+    r = redis_server.client()
+    keys = Keys(prefix)
+    other = sign_control("cancel", "another-service", SECRET)
+    forgeries = ["", "1712345678.5", sign_control("cancel", "x", "not-the-secret"), other]
+    # Queued while no core runs: forged entries in the cancels hash, one signed for real.
+    queued = [client.submit(hold_template(logdir, 0.2)) for _ in forgeries]
+    real = client.submit(hold_template(logdir, 0.2))
+    for sid, forged in zip(queued, forgeries):
+        r.hset(keys.cancels, sid, forged.replace("x", sid) if "not-the" in forged else forged)
+    r.hset(keys.cancels, real, sign_control("cancel", real, SECRET))
+    core = start_core()
+    assert [client.wait(s, timeout=60).state for s in queued] == ["succeeded"] * len(queued)
+    assert client.wait(real, timeout=60).state == "cancelled"
+    # Running: forged control messages and hash entries.
+    sid = client.submit(hold_template(logdir, 6))
+    wait_until(lambda: client.status(sid).state == "running", 30, message="running")
+    for forged in forgeries:
+        r.hset(keys.cancels, sid, forged)
+        r.xadd(keys.control, {"type": "cancel", "id": sid, "sig": forged})
+    r.xadd(keys.control, {"type": "reload", "sig": sign_control("reload", "", "wrong")})
+    r.xadd(keys.control, {"type": "self-destruct"})
+    record = client.wait(sid, timeout=60)
+    assert record.state == "succeeded", record
+    log = core.log()
+    assert f"ignored a cancel for '{sid}' in the control stream" in log
+    assert "ignored a reload for '' in the control stream: bad signature" in log
+    assert "unknown type 'self-destruct'" in log
+    # A real cancel, of a running service.
+    sid = client.submit(hold_template(logdir, 30))
+    wait_until(lambda: client.status(sid).state == "running", 30, message="running")
+    client.cancel(sid)
+    assert client.wait(sid, timeout=60).state == "cancelled"
+    assert core.alive()
+
+
+def test_unverified_rejections_live_an_hour(start_core, redis_server, prefix, client):
+    """A record made `rejected` for an entry whose signature was never checked (its id read
+    in clear) lives an hour, not the record TTL; a finished service's record keeps its
+    TTL when garbage is sent under its id."""
+    r = redis_server.client()
+    keys = Keys(prefix)
+    start_core()
+    done = client.submit(ServiceParamTemplate("true"))
+    assert client.wait(done, timeout=30).state == "succeeded"
+    r.xadd(keys.submit, {"payload": b"garbage", "id": "forged-id"})
+    r.xadd(keys.submit, {"payload": b"garbage", "id": done})
+    wait_until(lambda: r.hget(keys.service("forged-id"), "state") == b'"rejected"', 30,
+               message="rejected")
+    wait_until(lambda: 0 < r.ttl(keys.service("forged-id")) <= 3600, 10, message="short TTL")
+    wait_until(lambda: r.xlen(keys.submit) == 0, 10, message="entries done")
+    assert r.ttl(keys.service(done)) > 24 * 3600
+    assert client.status(done).state == "succeeded"
