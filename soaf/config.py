@@ -309,6 +309,8 @@ class Settings:
     callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT
     insecure: bool = False
     record_ttl: float = DEFAULT_RECORD_TTL
+    #: Seconds a signed payload whose record is gone may run (replays); None: record_ttl.
+    max_payload_age: float | None = None
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
     gc_interval: float = DEFAULT_GC_INTERVAL
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
@@ -343,6 +345,7 @@ class Settings:
             "callback_timeout": _env_float("SOAF_CALLBACK_TIMEOUT", DEFAULT_CALLBACK_TIMEOUT),
             "insecure": os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"),
             "record_ttl": _env_float("SOAF_RECORD_TTL", DEFAULT_RECORD_TTL),
+            "max_payload_age": _env_float("SOAF_MAX_PAYLOAD_AGE", None),
             "fetch_timeout": _env_float("SOAF_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT),
             "gc_interval": _env_float("SOAF_GC_INTERVAL", DEFAULT_GC_INTERVAL),
         }
@@ -379,22 +382,19 @@ class Settings:
             raise ConfigError(f"log max bytes must be at least 16384, got {self.log_max_bytes}")
         if self.log_lines < 1:
             raise ConfigError(f"log lines must be at least 1, got {self.log_lines}")
-        for name in ("log_interval", "callback_timeout", "kill_grace"):
+        for name in ("log_interval", "callback_timeout", "kill_grace", "fetch_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be positive, "
                                   f"got {getattr(self, name)}")
         if self.heartbeat_ttl <= self.heartbeat_interval * 2:
             raise ConfigError("heartbeat TTL must be more than twice the heartbeat interval")
-        if not self.fetch_timeout > 0:
-            raise ConfigError(f"fetch timeout must be a positive number, got {self.fetch_timeout}")
-        if not self.gc_interval >= 0:
-            raise ConfigError(f"gc interval must be >= 0 seconds, got {self.gc_interval}")
+        for name, value in (("gc interval", self.gc_interval), ("max payload age", self.max_payload_age)):
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{name} must be >= 0 seconds, got {value}")
         self.retention.validate()
         if self.reload_poll < 0 or self.reload_debounce < 0:
             raise ConfigError("reload poll and debounce must not be negative")
         if self.reload_timeout <= 0:
             raise ConfigError(f"reload timeout must be positive, got {self.reload_timeout}")
-        for name in ("plugins",):
-            path = getattr(self, name)
-            if not Path(path).is_dir():
-                raise ConfigError(f"plugin directory {path} does not exist")
+        if not Path(self.plugins).is_dir():
+            raise ConfigError(f"plugin directory {self.plugins} does not exist")

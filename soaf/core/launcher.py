@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,18 @@ from soaf.run.ports import Engines
 from soaf.run.service_run import Claim, ServiceRun
 
 log = logging.getLogger(__name__)
+
+
+def signed_time(template: ServiceParamTemplate) -> float | None:
+    """The time the payload was signed (``signed_at`` from the instance dict, so no
+    property runs), or None when it has none or it is not a finite number."""
+    try:
+        value = vars(template).get("signed_at")
+    except TypeError:  # no instance dict
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 class RunTable:
@@ -249,10 +262,17 @@ class Launcher:
                                                [template.service_id for _, template in accepted])
         calls = [self.claim_args(entry_id, template, registry, cancel)
                  for (entry_id, template), cancel in zip(accepted, cancels)]
+        now = time.time()
+        for (_, template), (_, args) in zip(accepted, calls):
+            args.append("1" if self._too_old(template, now) else "0")
         results = self._claim(calls)
         unclaimed: list[str] = []
         ended: list[str] = []  # final without running (e.g. cancelled while queued)
         for (entry_id, template), reply in zip(accepted, results):
+            if reply[0] == b"expired":
+                self.admission.release(entry_id)
+                self.refuse(entry_id, template, self._expired_reason(template, now))
+                continue
             verdict, detail = reply[0], reply[1]
             if verdict != b"run":
                 self.admission.release(entry_id)
@@ -265,6 +285,21 @@ class Launcher:
             self.start(ServiceRun, template, Claim.from_reply(entry_id, reply), registry)
         if unclaimed:
             self.finish_entries(unclaimed, ended=ended)
+
+    def _max_age(self) -> float:
+        age = self.settings.max_payload_age
+        return self.settings.record_ttl if age is None else age
+
+    def _too_old(self, template: ServiceParamTemplate, now: float) -> bool:
+        """Signed longer than the max payload age ago (0: no limit). Payloads of older
+        clients carry no time and are never too old."""
+        signed_at = signed_time(template)
+        return self._max_age() > 0 and signed_at is not None and now - signed_at > self._max_age()
+
+    def _expired_reason(self, template: ServiceParamTemplate, now: float) -> str:
+        age = now - (signed_time(template) or now)
+        return (f"payload signed {age:.0f} s ago (max payload age {self._max_age():g} s) and "
+                f"no record of {template.service_id} exists: refused as a replay; submit it again")
 
     def _claim(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run the CLAIM script for each call in one round trip; a claim that met an empty

@@ -7,19 +7,24 @@ before dill sees a single byte. The envelope is::
 
 ``key_id`` is the first 8 hex digits of sha256(secret): it names the key without
 revealing it, so several secrets can be accepted at once while a key is rotated.
+A template is signed with the time it is signed (``signed_at``, inside the pickle), so a
+core can tell a replay of an old payload from work that waits for it.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import hmac
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import dill
 
 from soaf.errors import DecodeError, SignatureError, UnsafePayload
+from soaf.protocol.template import ServiceParamTemplate
 from soaf.protocol.unpickler import restricted_loads
 
 MAGIC = b"soaf1:"
@@ -80,7 +85,15 @@ def verify(
 def dumps(obj: Any, secret: str | bytes) -> bytes:
     """Pickle ``obj`` with dill (classes from ``__main__`` by value) and sign it.
 
-    ``soaf.dumps`` (soaf.client.payload) is this with the secret a client would find."""
+    ``soaf.dumps`` (soaf.client.payload) is this with the secret a client would find.
+    A template is signed as a copy stamped with the time (``signed_at``); ``obj`` is
+    left as it was."""
+    if isinstance(obj, ServiceParamTemplate):
+        obj = copy.copy(obj)
+        try:
+            obj.signed_at = time.time()
+        except (AttributeError, TypeError):  # a subclass that forbids it: no age
+            pass
     try:
         body = dill.dumps(obj, protocol=4, recurse=True)
     except Exception as e:  # dill raises many kinds for unpicklable objects

@@ -1,10 +1,10 @@
 """Every Lua script soaf runs in Redis, and how they are called.
 
-Each change that must be atomic is one script: submitting, claiming an entry for an
-attempt, writing a batch of record changes, cancelling, reclaiming a lost attempt,
-taking over a dead node's entries, the heartbeat's compare-and-set, and the plugin
-version counter. Keeping them together shows, in one file, every multi-key change soaf
-makes; the comment above each one states its KEYS and ARGV.
+Each change that must be atomic is one script: submitting, claiming an entry for an attempt,
+writing a batch of record changes, cancelling, reclaiming a lost attempt, taking over a dead
+node's entries, the heartbeat's compare-and-set, and the plugin version counter. Keeping them
+together shows, in one file, every multi-key change soaf makes; the comment above each one
+states its KEYS and ARGV.
 """
 
 from __future__ import annotations
@@ -80,11 +80,12 @@ return {1, entry}
 # KEYS: record, events, services zset, cancels hash
 # ARGV: id, service, now, node, entry, notify, maxlen, plugin_version, final states (csv),
 # the service's cancels-hash entry as read and verified by the core ('' for none)
-# Returns {verdict, detail, attempt, seq, attempts json or ''};
-# verdict: run | duplicate | final | cancelled
+# Returns {verdict (run|duplicate|final|cancelled|expired), detail, attempt, seq, attempts json|''}
 # Lua cannot check an HMAC, so the core reads the cancels hash, checks the signature and
 # passes what it verified: the service starts cancelled only if the hash still holds that
 # very value. A cancel written after the read is applied by the heartbeat instead.
+# CLAIM only, ARGV 11: '1' for a payload older than the max age; with no record, a replay.
+_FRESH = "if ARGV[11] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then return {'expired'} end\n"
 CLAIM_LUA = """
 soaf_drop_wrong_type(KEYS[3], 'zset')
 soaf_drop_wrong_type(KEYS[4], 'hash')
@@ -334,7 +335,6 @@ end
 return 0
 """
 
-
 # KEYS: heartbeat | ARGV: token. Deletes the key only if it is this core's.
 RELEASE_LUA = """
 local cur = redis.call('GET', KEYS[1])
@@ -389,7 +389,7 @@ class Script:
 
 
 SUBMIT = Script(SUBMIT_LUA)
-CLAIM = Script(_GUARD + CLAIM_LUA)
+CLAIM = Script(_GUARD + _FRESH + CLAIM_LUA)
 RECORD = Script(_GUARD + RECORD_LUA)
 CANCEL = Script(_GUARD + CANCEL_LUA)
 RECLAIM = Script(RECLAIM_LUA)

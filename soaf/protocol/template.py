@@ -124,6 +124,8 @@ class ServiceParamTemplate:
             default (none: it counts only against the core's service slots).
         memory_mb: memory (MiB) the service needs while it runs, counted against the
             core's ``--memory-mb`` like ``cpus``. None uses the service's default (none).
+        signed_at: set by ``dumps`` when it signs the template (Unix time): a core refuses
+            a payload older than ``SOAF_MAX_PAYLOAD_AGE`` whose record is gone (a replay).
     """
 
     service: str = ""
@@ -146,6 +148,7 @@ class ServiceParamTemplate:
     max_lost: int | None = None
     cpus: float | None = None
     memory_mb: float | None = None
+    signed_at: float | None = None
 
     def validate(self) -> None:
         """Raise ValidationError naming the first field that cannot be accepted.
