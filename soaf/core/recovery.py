@@ -52,7 +52,7 @@ from soaf.process.identity import (
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.replies import Entry, Pending, hash_of, pending, text
 from soaf.protocol.scripts import RECLAIM, TAKEOVER_LUA
-from soaf.protocol.state import ServiceRecord
+from soaf.protocol.state import ServiceRecord, State
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run.journal import Journal, exit_path, journal_path, load, local_journals, remove_files
 from soaf.run.policy import policy_for
@@ -222,6 +222,17 @@ class Recovery:
         """Start a run that finishes ``journal``'s attempt here (``path``: where its node
         keeps that journal on this disk); False if that cannot be done."""
         kwargs: dict[str, Any] = {}
+        on_disk = load(path)  # the plugin call under way is only ever believed from disk
+        if on_disk is not None and on_disk.attempt == journal.attempt:
+            journal.in_call, journal.died_in = on_disk.in_call, list(on_disk.died_in)
+        if journal.final is None and journal.in_call is not None:
+            # The core died inside this plugin call: twice in a row, and it is not called
+            # a third time (a callback that kills the core would kill every restart).
+            journal.died_in = [*journal.died_in[-1:], journal.in_call]
+            journal.in_call = None
+            if journal.died_in == [journal.died_in[0]] * 2:
+                self._stop_leftover(journal, why="its core died twice in a plugin call")
+                journal.final = died_twice(journal, record, self.node)
         if journal.final is None:
             if journal.work_dir is None or not _inside(self.settings.work_root,
                                                        journal.work_dir):
@@ -307,6 +318,19 @@ class Recovery:
             except Exception:
                 self._errors.exception("takeover", "takeover check failed")
             self.stopping.wait(self.settings.heartbeat_interval)
+
+
+def died_twice(journal: Journal, record: ServiceRecord, node: str) -> dict[str, Any]:
+    """The final values of an attempt whose cores died twice in a row in one plugin call."""
+    error = f"the core died twice in {journal.died_in[-1]}"
+    log.error("service %s attempt %d: %s; it is not called again", journal.service_id,
+              journal.attempt, error)
+    earlier = record.get("attempts")
+    earlier = [a for a in earlier if isinstance(a, dict)] if isinstance(earlier, list) else []
+    values = {"state": State.FAILED.value, "failure": "plugin", "error": error,
+              "failed_in": journal.died_in[-1]}
+    return {**values, "attempts": [*earlier, {**values, "attempt": journal.attempt,
+                                              "node": node, "ended_at": time.time()}]}
 
 
 def _current(attempt: int, *journals: Journal | None) -> Journal | None:

@@ -111,7 +111,8 @@ class Attempt:
     def call(self, name: str, fn: Any, *args: Any) -> Any:
         """Run plugin code in this thread, letting the limit enforcer know it is under way."""
         self.step = name
-        return self.host.guard.call(name, self, fn, *args)
+        with self.host.journaled(name):  # a core that dies in it leaves this on disk
+            return self.host.guard.call(name, self, fn, *args)
 
     def summary(self, outcome: Outcome) -> dict[str, Any]:
         """This attempt's entry in the record's ``attempts`` list."""

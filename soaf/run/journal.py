@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 #: Directory under the work root that holds every node's run journals and exit files.
 RUNS_DIR = ".soaf-runs"
 STEPS = ("built", "prepared", "running", "exited", "collected")
+#: Plugin calls noted on disk while under way (rare; file_change_callback is not).
+JOURNALED_CALLS = ("before_watch_callback", "after_watch_callback")
 
 
 def runs_dir(work_root: Path, node: str) -> Path:
@@ -68,6 +70,10 @@ class Journal:
     exit: dict[str, Any] | None = None  # returncode (None: unknown), wall_time ...
     final: dict[str, Any] | None = None  # the final values, once collected
     core: dict[str, Any] | None = None  # ProcIdentity of the core process that ran it
+    #: The journaled plugin call under way (JOURNALED_CALLS), and the calls the cores that
+    #: ran this attempt died in, in a row: a core that recovers it acts on them.
+    in_call: str | None = None
+    died_in: list[str] = field(default_factory=list)
 
     @property
     def step(self) -> str | None:
@@ -238,6 +244,17 @@ class RunJournal:
         except OSError as e:
             log.warning("service %s: cannot save its journal (%s)", self.data.service_id, e)
             return {"journal": self.data.shared()}
+
+    def calling(self, name: str | None) -> None:
+        """Note on disk that plugin call ``name`` is under way (None: it returned, and the
+        deaths in a row start again). A core that dies inside it leaves this behind."""
+        self.data.in_call = name
+        if name is None:
+            self.data.died_in = []
+        try:
+            self.save()
+        except OSError as e:
+            log.warning("service %s: cannot save its journal (%s)", self.data.service_id, e)
 
     def finish(self, final: dict[str, Any]) -> dict[str, Any]:
         """The journal values that go with the final state (``collected`` if the

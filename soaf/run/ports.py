@@ -10,6 +10,7 @@ protocols structurally).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,6 +115,8 @@ class AttemptHost(Protocol):
     def new_journal(self, number: int, work_dir: Path | None) -> RunJournal: ...
 
     def journal_step(self, step: str, *, save: bool = False, **info: Any) -> dict[str, Any]: ...
+
+    def journaled(self, name: str) -> AbstractContextManager[None]: ...
 
     def mark_collected(self) -> None: ...
 

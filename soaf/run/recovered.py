@@ -13,6 +13,10 @@ the same attempt, when the journal (soaf.run.journal) says how far it got:
   journal or the exit file, and ``after_watch_callback`` runs once;
 * the journal says ``collected``: the callback has run already, only the final state
   was lost; it is written without calling anything.
+* the journal says the core died inside ``before_watch_callback`` or
+  ``after_watch_callback`` (``in_call``, on disk only) for the second time in a row: the
+  call is not made again; soaf.core.recovery ends the attempt ``failed`` (failure
+  ``plugin``, "the core died twice in after_watch_callback"), over any ``max_lost``.
 
 Lost for an adopted program: its CPU time and peak memory (only its parent could read
 them) and, where the shim was killed with it, its exit status (the run then fails with

@@ -25,11 +25,13 @@ takes its work dir; the run rewrites the last one with the final state and outpu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ from soaf.protocol.state import Change, State
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run.attempt import Attempt
 from soaf.run.control import CallGuard, Halt, Orphaned
-from soaf.run.journal import RunJournal
+from soaf.run.journal import JOURNALED_CALLS, RunJournal
 from soaf.run.outcome import INTERRUPTED, Outcome
 from soaf.run.policy import RETRYABLE, policy_for
 from soaf.run.ports import Engines, PluginClasses
@@ -224,6 +226,20 @@ class ServiceRun:
         if self.journal is None:
             return {}
         return self.journal.try_step(step, **info) if save else self.journal.step(step, **info)
+
+    @contextlib.contextmanager
+    def journaled(self, name: str) -> Iterator[None]:
+        """Note on disk that plugin call ``name`` is under way, if it is one of the
+        (rare) JOURNALED_CALLS; nothing for the others."""
+        journal = self.journal if name in JOURNALED_CALLS else None
+        if journal is None:
+            yield
+            return
+        journal.calling(name)
+        try:
+            yield
+        finally:
+            journal.calling(None)
 
     def mark_collected(self) -> None:
         """after_watch_callback has run: a core that recovers the run never calls it again."""

@@ -482,3 +482,23 @@ def test_frozen_core_stops_when_a_live_core_took_its_name(start_core, redis_serv
     assert "has taken node name core-a over" in a.log()
     assert b.alive() and json.loads(r.get(key))["pid"] == b.proc.pid
     assert client.wait(hold(client, logdir, 0.2), timeout=30).node == "core-a"
+
+
+def test_core_that_dies_twice_in_a_callback_does_not_call_it_again(start_core, client, logdir):
+    """after_watch_callback calls os._exit: the first restart calls it again and dies too;
+    the second ends the service failed (plugin) without calling it, and stays up."""
+    core = start_core()
+    sid = client.submit(ServiceParamTemplate(
+        "exit_after", args={"seconds": 0.2, "logdir": str(logdir), "code": 0, "until": ""},
+        watch_interval=0.2))
+    wait_until(lambda: not core.alive(), timeout=60, message="the core dies in the callback")
+    again = start_core(wait_ready=False)
+    wait_until(lambda: not again.alive(), timeout=60, message="the restart dies in it too")
+    last = start_core()
+    record = client.wait(sid, timeout=60)
+    assert (record.state, record.get("failure")) == ("failed", "plugin"), record
+    assert record.error == "the core died twice in after_watch_callback"
+    calls = (logdir / "callbacks.log").read_text().split()
+    assert calls.count("after") == 2
+    time.sleep(1)
+    assert last.alive()

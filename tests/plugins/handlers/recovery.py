@@ -26,3 +26,13 @@ class HoldHandler(WatcherHandler):
     def after_watch_callback(self, service, files):
         _log(service, "after")
         service.set(final_ticks=len([f for f in files if f.startswith("tick")]))
+
+
+class ExitAfterHandler(WatcherHandler):
+    """Kills the whole core, with no log line, in after_watch_callback."""
+
+    service = "exit_after"
+
+    def after_watch_callback(self, service, files):
+        _log(service, "after")
+        os._exit(1)

@@ -15,3 +15,9 @@ class Hold(ServiceProgramTemplate):
         a = self.template.args
         return [sys.executable, "hold.py", str(a.get("seconds", 2)), a["logdir"],
                 self.template.service_id, str(a.get("code", 0)), a.get("until", "")]
+
+
+class ExitAfter(Hold):
+    """hold.py, whose handler kills the core in after_watch_callback."""
+
+    name = "exit_after"
