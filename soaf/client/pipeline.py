@@ -22,9 +22,9 @@ Where outputs live, as ``Step.output(name)`` reports them:
    ``python -m http.server 8000 -d <work root>`` on each core's machine). The next
    step's default ``prepare_input_file`` downloads it. Use this when cores run on
    several machines without a shared file system.
-3. Otherwise the absolute path in the step's work dir on its core. The next step's
-   default ``prepare_input_file`` copies it, which works when every core runs on one
-   machine or sees the work root at the same path (a shared file system).
+3. Otherwise the path in the step's work dir. A step ``after`` it gets it as a ``soaf://``
+   reference, reflinked or hard-linked (read-only), not copied: for cores on one machine
+   or a work root shared at the same path.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from soaf.client.references import refer
 from soaf.client.sync import Client
 from soaf.errors import PipelineError, RedisUnavailable, SoafError, StepFailed, WaitTimeout
 from soaf.protocol.state import ServiceRecord
@@ -193,6 +194,8 @@ class Step:
                     f"the template function of step {self.name!r} returned "
                     f"{type(template).__name__}, not a ServiceParamTemplate")
             self.template = template
+        refer(self.template, [(d.service_id or "", str(d.record.get("work_dir") or ""))
+                              for d in self.after if d.record])
         self.template.validate()
         return self.template
 

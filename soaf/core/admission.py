@@ -10,6 +10,9 @@ and takes a service slot. Waiting entries start in arrival order as runs end: a 
 service holds back later ones that declare needs (so a big one is never starved by a
 stream of small ones), never those that declare none. Runs a core already owns (resumed
 or re-run by recovery) always hold what they need, even past the capacity.
+
+Entries of a service at its fleet-wide ``max_concurrent`` are *parked* here the same way
+(read, not claimed, a service slot each); the launcher tries their slots again.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class Admission:
         self._used_cpus = 0.0
         self._used_memory = 0.0
         self._waiting: dict[str, Waiting] = {}  # by entry id, in arrival order
+        self._parked: dict[str, Waiting] = {}  # waiting for a fleet slot, by entry id
 
     # -- holding --------------------------------------------------------------------------
 
@@ -131,11 +135,24 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._parked)
 
     def waiting_entries(self) -> set[str]:
         with self._lock:
-            return set(self._waiting)
+            return set(self._waiting) | set(self._parked)
+
+    def park(self, waiting: Waiting) -> None:
+        """Keep ``waiting`` until its service has a free fleet slot (``max_concurrent``)."""
+        with self._lock:
+            self._parked[waiting.entry_id] = waiting
+
+    def parked(self) -> list[Waiting]:
+        with self._lock:
+            return list(self._parked.values())
+
+    def unpark(self, entry_id: str) -> None:
+        with self._lock:
+            self._parked.pop(entry_id, None)
 
     def take_ready(self) -> list[Waiting]:
         """The waiting entries that fit now, in arrival order up to the first that does
@@ -157,4 +174,4 @@ class Admission:
         with self._lock:
             return {"cpus": self.cpus, "cpus_used": round(self._used_cpus, 6),
                     "memory_mb": self.memory_mb, "memory_mb_used": round(self._used_memory, 3),
-                    "waiting": len(self._waiting)}
+                    "waiting": len(self._waiting) + len(self._parked)}

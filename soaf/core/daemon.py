@@ -262,6 +262,7 @@ class Core:
             if not self.writer.connected:
                 self._stopping.wait(0.2)  # take no new work while Redis is away
                 continue
+            self.launcher.renew_slots()  # nothing to do unless runs hold fleet slots
             if self.admission.waiting:
                 self._admit_waiting()
             # Entries waiting for CPUs or memory take a slot each.

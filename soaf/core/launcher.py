@@ -5,7 +5,9 @@ so a run is built in exactly one place (``Launcher.start``) from one set of ``En
 ``RunTable`` is the core's list of running services: the heartbeat reports it, the
 control listener cancels through it, and the intake loop reads only while it has free
 slots. Entries whose services declare CPUs or memory pass the core's admission
-(soaf.core.admission) first: they start, wait in the core, or are refused.
+(soaf.core.admission) first: they start, wait in the core, or are refused. Entries of a
+service with ``max_concurrent`` first take a fleet-wide slot (soaf.protocol.slots) or
+park in the core until one frees; a service without it costs no Redis call here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from soaf.plugin.loader import Registry
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.replies import entries, text
 from soaf.protocol.scripts import CLAIM, NOTE, is_noscript
+from soaf.protocol.slots import TAKE_SLOT
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run.policy import Needs, needs_for
@@ -36,6 +39,9 @@ from soaf.run.ports import Engines
 from soaf.run.service_run import Claim, ServiceRun
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two tries of the entries parked for a fleet slot.
+SLOT_RETRY = 0.25
 
 
 def signed_time(template: ServiceParamTemplate) -> float | None:
@@ -128,16 +134,86 @@ class Launcher:
         #: Ends an entry the core can never run: (entry id, template, reason).
         self.refuse = refuse
         self.engines = dataclasses.replace(engines, on_done=self._done)
+        self._slot_lock = threading.Lock()
+        self._slots: dict[str, str] = {}  # service id -> slots key, for slots taken here
+        self._slot_try_at = self._renew_at = 0.0
 
     def _done(self, run: ServiceRun) -> None:
         if run.policy.needs is not None:
             self.admission.release(run.claim.entry_id)
+        self.release_slot(run.service_id)
         self.runs.done(run)
+
+    # -- fleet slots (max_concurrent) ------------------------------------------------------
+
+    @staticmethod
+    def _cap(template: ServiceParamTemplate, registry: Registry) -> int | None:
+        cap = getattr(registry.programs.get(template.service), "max_concurrent", None)
+        return int(cap) if cap is not None else None
+
+    def _take_slot(self, template: ServiceParamTemplate, cap: int, *, force: bool = False) -> bool:
+        """Take (or keep) a slot of ``template``'s service; False when all are taken.
+        Only a slot this call took (or forced) is this core's to give back."""
+        key, sid, now = self.keys.slots(template.service), template.service_id, time.time()
+        got, _count, added = TAKE_SLOT.run(
+            self.client, [key], [sid, cap, now, now + self.settings.heartbeat_ttl, int(force)])
+        if got and (added or force):
+            with self._slot_lock:
+                self._slots[sid] = key
+        return bool(got)
+
+    def release_slot(self, service_id: str) -> None:
+        """Give back the slot this core took for ``service_id`` (if any)."""
+        with self._slot_lock:
+            key = self._slots.pop(service_id, None)
+        if key is None:
+            return
+        try:
+            self.client.zrem(key, service_id)
+        except redis.RedisError as e:  # its lease runs out after the heartbeat TTL
+            log.warning("cannot give back the slot of %s (%s)", service_id, e)
+
+    def renew_slots(self) -> None:
+        """Extend the leases of the slots this core holds (every heartbeat interval)."""
+        now = time.monotonic()
+        if now < self._renew_at:
+            return
+        self._renew_at = now + self.settings.heartbeat_interval
+        with self._slot_lock:
+            held = dict(self._slots)
+        if held:
+            until = time.time() + self.settings.heartbeat_ttl
+            pipe = self.client.pipeline(transaction=False)
+            for sid, key in held.items():
+                pipe.zadd(key, {sid: until}, xx=True)
+            try:
+                pipe.execute()
+            except redis.RedisError as e:
+                log.warning("cannot renew the leases of %d slots (%s)", len(held), e)
+
+    def _admit_parked(self, registry: Registry | None) -> None:
+        """Start the parked entries whose service has a free slot now."""
+        now = time.monotonic()
+        if now < self._slot_try_at:
+            return
+        self._slot_try_at = now + SLOT_RETRY
+        for waiting in self.admission.parked():
+            use = registry if registry is not None and waiting.template.service in \
+                registry.programs else waiting.registry
+            cap = self._cap(waiting.template, use)
+            if cap is not None and not self._take_slot(waiting.template, cap):
+                continue
+            self.admission.unpark(waiting.entry_id)
+            self.client.hdel(self.keys.service(waiting.template.service_id), "waiting_for")
+            self.claim_and_start([(waiting.entry_id, waiting.template)], use)
 
     def start(self, run_type: type[ServiceRun], template: ServiceParamTemplate, claim: Claim,
               registry: Registry, **extra: Any) -> ServiceRun:
         """Build a run (a ServiceRun, or a subclass given ``extra``) and start it."""
         run = run_type(template, claim, registry=registry, engines=self.engines, **extra)
+        cap = self._cap(template, registry)
+        if cap is not None and template.service_id not in self._slots:
+            self._take_slot(template, cap, force=True)  # a run it owns: held past the cap
         if run.policy.needs is not None:
             self.admission.hold(claim.entry_id, run.policy.needs)
         self.runs.add(run)
@@ -170,9 +246,18 @@ class Launcher:
                 self.refuse(entry_id, template, f"service {template.service!r} declares "
                                                 f"cpus or memory_mb that are not numbers ({e})")
                 continue
+            cap = self._cap(template, registry)
+            if cap is not None and not self._take_slot(template, cap):
+                note = (f"a slot of {template.service!r} (max_concurrent {cap}, all taken "
+                        "across the fleet)")
+                self.admission.park(Waiting(entry_id, template, registry, Needs()))
+                log.info("service %s waits for %s", template.service_id, note)
+                notes.append((template.service_id, note))
+                continue
             if needs is None or self.admission.try_hold(entry_id, needs):
                 ready.append((entry_id, template))
                 continue
+            self.release_slot(template.service_id)  # not while it waits for CPUs or memory
             why = self.admission.never_fits(needs)
             if why is not None:
                 self._too_big(entry_id, template, needs, why)
@@ -193,6 +278,7 @@ class Launcher:
     def admit_waiting(self, registry: Registry | None) -> None:
         """Start the waiting entries that fit now (under ``registry``, the current plugin
         generation, when it still has their service)."""
+        self._admit_parked(registry)
         ready = self.admission.take_ready()
         if not ready:
             return
@@ -276,6 +362,7 @@ class Launcher:
             verdict, detail = reply[0], reply[1]
             if verdict != b"run":
                 self.admission.release(entry_id)
+                self.release_slot(template.service_id)
                 log.info("entry %s for %s not run: %s (%s)", entry_id, template.service_id,
                          verdict.decode(), detail.decode())
                 unclaimed.append(entry_id)

@@ -2,9 +2,10 @@
 
 A pipeline passes one service's output to the next by reference (``soaf.output_ref``)
 instead of by path, because only the core that runs the next step knows where it runs.
-On the producer's host, and inside this core's work root, the reference resolves to the
-file in the producer's work dir, which staging hard-links (or symlinks) in: large files
-are never copied twice. Anywhere else it resolves to the copy the producer uploaded to
+On the producer's host (or where the work root is shared at the same path), and inside
+this core's work root, the reference resolves to the file in the producer's work dir,
+which staging reflinks or hard-links in (``soaf.data.cloning``): large files are never
+copied twice. Anywhere else it resolves to the copy the producer uploaded to
 its ``output_target`` (so multi-host pipelines set one); failing both, the consumer
 fails in ``preparing`` saying which.
 
@@ -47,7 +48,7 @@ def resolve_ref(ref: str, *, lookup: Lookup, work_root: Path,
     state = record.get("state")
     if state != State.SUCCEEDED.value:
         raise FetchError(ref, f"service {service_id} is {state}, not succeeded")
-    local = _local(record, name, work_root=work_root, host=host)
+    local = _local(record, name, work_root=work_root)
     if local is not None:
         return local
     url = _uploaded(record, name)
@@ -61,9 +62,12 @@ def resolve_ref(ref: str, *, lookup: Lookup, work_root: Path,
     )
 
 
-def _local(record: dict[str, Any], name: str, *, work_root: Path, host: str) -> Path | None:
+def _local(record: dict[str, Any], name: str, *, work_root: Path) -> Path | None:
+    """The output in the producer's work dir, when this core sees it: on the producer's
+    host, or on another one that mounts the same work root at the same path (a shared
+    file system; the file is there). Either way only inside this core's work root."""
     work_dir = record.get("work_dir")
-    if record.get("host") != host or not isinstance(work_dir, str):
+    if not isinstance(work_dir, str):
         return None
     root = work_root.resolve()
     producer = Path(work_dir)

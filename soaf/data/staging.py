@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from soaf.config import DEFAULT_FETCH_TIMEOUT, host_name
+from soaf.data.cloning import clone
 from soaf.data.transfer import CHUNK, Stop, check_stop, copy_file
 from soaf.data.workdir import confine
 from soaf.errors import FetchError, TransferStopped, ValidationError
@@ -60,7 +61,7 @@ class Staged:
     source: str
     size: int
     files: int
-    mode: str  # copy | link | symlink | download
+    mode: str  # copy | link | reflink | symlink | download
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
@@ -196,10 +197,6 @@ def _hard_link_tree(source: Path, tmp: Path, *, fallback: Callable[[str, str], A
     return linked[0]
 
 
-def _no_copy(src: str, dst: str) -> None:
-    raise OSError(errno.EXDEV, "cannot hard-link across file systems")
-
-
 def stage_local(source: Path, tmp: Path, mode: str, *, stop: Stop | None = None) -> str:
     """Put ``source`` at ``tmp`` by ``mode``; returns the mode actually used."""
     if mode == "symlink":
@@ -219,19 +216,16 @@ def stage_local(source: Path, tmp: Path, mode: str, *, stop: Stop | None = None)
     return "copy"
 
 
-def link_reference(source: Path, tmp: Path) -> str:
-    """Hand another service's output over without copying: hard links (they survive the
-    producer's work dir being recycled), a symlink when the file systems differ."""
-    try:
-        _hard_link_tree(source, tmp, fallback=_no_copy)
-        return "link"
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES):
-            raise
-        if tmp.exists() or tmp.is_symlink():
-            remove(tmp)
-        os.symlink(source.resolve(), tmp, target_is_directory=source.is_dir())
-        return "symlink"
+def link_reference(source: Path, tmp: Path, *, stop: Stop | None = None) -> str:
+    """Hand another service's output over without copying where the file systems allow:
+    a reflink, else a read-only hard link (both survive the producer's work dir being
+    recycled), else a copy (see ``soaf.data.cloning``)."""
+
+    def copy(src: str, dst: str) -> None:
+        copy_file(src, dst, stop=stop)
+        shutil.copystat(src, dst)
+
+    return clone(source, tmp, copy=copy)
 
 
 # -- remote sources ---------------------------------------------------------------------
@@ -321,7 +315,7 @@ def stage(source: str, work_dir: Path, name: str, *, mode: str = "copy",
                 raise FetchError(shown, "references to outputs are resolved by a core only")
             resolved = context.resolve(source)
             if isinstance(resolved, Path):
-                used = link_reference(resolved, tmp)
+                used = link_reference(resolved, tmp, stop=context.stop)
                 origin = str(resolved)
             else:
                 origin = resolved

@@ -51,6 +51,8 @@ class ServiceProgramTemplate:
             the core's service slots.
         memory_mb: memory (MiB) a run needs (a template's ``memory_mb`` wins), counted
             against the core's capacity like ``cpus``. Not a limit (``max_memory_mb`` is).
+        max_concurrent: how many runs of this service may go at once across all cores
+            (None: no cap); one over it waits, ``queued`` with a ``waiting_for`` note.
         work_dir_policy: ``"fresh"``: a retry runs in a new, empty work dir (the failed
             attempt's dir is kept beside it as ``<dir>.attempt<N>``); ``"reuse"``: a retry
             runs in the same dir, over what the failed attempt left. A template's shared
@@ -70,6 +72,7 @@ class ServiceProgramTemplate:
     work_dir_policy: ClassVar[str] = "fresh"
     cpus: ClassVar[float | None] = None
     memory_mb: ClassVar[float | None] = None
+    max_concurrent: ClassVar[int | None] = None
 
     def __init__(
         self, template: ServiceParamTemplate, work_dir: Path, *, plugin_root: Path,

@@ -93,3 +93,7 @@ class Keys:
 
     def node_pattern(self) -> str:
         return f"{self.prefix}:node:*"
+
+    def slots(self, service: str) -> str:
+        """Sorted set of the ids running a ``max_concurrent`` service, scored by lease end."""
+        return f"{self.prefix}:slots:{service}"

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import redis
+
 from soaf import ServiceParamTemplate
 from tests.conftest import wait_until
 
@@ -74,3 +76,29 @@ def test_nodes_shows_used_and_free_capacity(start_core, core_env, client):
     assert "2/4 (2 free)" in out.stdout and "500/2000 MiB (1500 free)" in out.stdout, out.stdout
     client.cancel(sid)
     assert client.wait(sid, timeout=30).state == "cancelled"
+
+
+def test_max_concurrent_caps_runs_across_two_cores(start_core, client, redis_server, prefix):
+    start_core(SOAF_NODE="core-a")
+    start_core(SOAF_NODE="core-b")
+    sids = [client.submit(ServiceParamTemplate("throttled", args={"seconds": 1}))
+            for _ in range(6)]
+    seen_active: list[int] = []
+    notes: set[str] = set()
+
+    def all_final() -> bool:
+        records = [client.status(s) for s in sids]
+        seen_active.append(sum(r.state in ACTIVE for r in records))
+        notes.update(r.get("waiting_for") for r in records
+                     if r.state == "queued" and r.get("waiting_for"))
+        return all(r.final for r in records)
+
+    wait_until(all_final, timeout=90, interval=0.05)
+    records = [client.status(s) for s in sids]
+    assert all(r.state == "succeeded" for r in records), records
+    assert max(seen_active) == 2, seen_active
+    assert _most_at_once(records) == 2
+    assert any("max_concurrent 2" in n for n in notes), notes
+    assert all(r.get("waiting_for") is None for r in records)
+    with redis.Redis.from_url(redis_server.url) as r:  # every slot was given back
+        assert r.zcard(f"{prefix}:slots:throttled") == 0

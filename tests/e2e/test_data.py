@@ -199,3 +199,24 @@ def test_missing_outputs_is_retried_and_cleared_by_the_next_attempt(start_core, 
     report = retention.sweep(root, RetentionPolicy(keep_failed_hours=0, on_success="keep"))
     assert {r["dir"] for r in report.removed} == {aside.name}
     assert not aside.exists() and Path(record.get("work_dir")).is_dir()
+
+
+def test_pipeline_hands_outputs_on_as_read_only_links(start_core, client):
+    start_core()
+    with soaf.Pipeline(client) as p:
+        a = p.run(shell("head -c 300000 /dev/urandom > big.bin", output_files=["big.bin"]))
+        b = p.run(lambda a: shell("wc -c < big.bin > n.txt; sha256sum big.bin > sum.txt",
+                                  input_files=[a.output("big.bin")],
+                                  output_files=["n.txt", "sum.txt"]), after=[a])
+        producer, consumer = a.wait(60), b.wait(60)
+    made = Path(producer.get("work_dir")) / "big.bin"
+    used = Path(consumer.get("work_dir")) / "big.bin"
+    assert consumer.inputs[0]["mode"] in ("reflink", "link")
+    assert consumer.inputs[0]["source"] == soaf.output_ref(a.service_id, "big.bin")
+    assert consumer.inputs[0]["resolved"] == str(made)
+    if consumer.inputs[0]["mode"] == "link":
+        assert os.stat(made).st_ino == os.stat(used).st_ino  # one file, two names
+        assert os.stat(used).st_mode & 0o222 == 0  # and nobody's to write
+    assert (Path(consumer.get("work_dir")) / "n.txt").read_text().strip() == "300000"
+    digest = hashlib.sha256(made.read_bytes()).hexdigest()
+    assert (Path(consumer.get("work_dir")) / "sum.txt").read_text().split()[0] == digest

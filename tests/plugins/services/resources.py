@@ -27,3 +27,13 @@ class Crunch(ServiceProgramTemplate):
 
     def command(self):
         return ["sleep", str(self.template.args.get("seconds", 1))]
+
+
+class Throttled(ServiceProgramTemplate):
+    """At most 2 run at once across the fleet; each sleeps args['seconds'] (default 1)."""
+
+    name = "throttled"
+    max_concurrent = 2
+
+    def command(self):
+        return ["sleep", str(self.template.args.get("seconds", 1))]
