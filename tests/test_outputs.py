@@ -207,6 +207,10 @@ def test_reference_elsewhere_uses_the_uploaded_copy(tmp_path):
     record = producer(root, host="elsewhere", output_target="ftp://h/res",
                       outputs=[{"name": "big.bin", "url": "ftp://h/res/big.bin"},
                                {"name": "d/one.txt", "url": "ftp://h/res/d/one.txt"}])
+    # A work root shared at the same path would show the file here: use it then.
+    assert resolve_ref("soaf://prod/big.bin", lookup={"prod": record}.get,
+                       work_root=root) == (root / "prod" / "big.bin").resolve()
+    (root / "prod" / "big.bin").unlink()  # not shared: the producer's dir is not here
     lookup = {"prod": record}.get
     assert resolve_ref("soaf://prod/big.bin", lookup=lookup, work_root=root) == \
         "ftp://h/res/big.bin"
@@ -220,9 +224,10 @@ def test_reference_that_cannot_be_resolved(tmp_path):
     from soaf import FetchError
 
     root = tmp_path / "root"
+    far = producer(root, host="far")
+    (root / "prod" / "big.bin").unlink()  # another host, its work dir not shared here
     with pytest.raises(FetchError, match="not uploaded: give the producing template an output_target"):
-        resolve_ref("soaf://prod/big.bin", lookup={"prod": producer(root, host="far")}.get,
-                    work_root=root)
+        resolve_ref("soaf://prod/big.bin", lookup={"prod": far}.get, work_root=root)
     with pytest.raises(FetchError, match="is running, not succeeded"):
         resolve_ref("soaf://prod/big.bin", lookup={"prod": producer(root, state="running")}.get,
                     work_root=root)

@@ -237,7 +237,7 @@ def nodes_from(values: list[bytes | None]) -> list[dict[str, Any]]:
 # -- steering --------------------------------------------------------------------------------
 
 def cancel_call(target: Target, service_id: str, secret: str | None) -> Reply:
-    """KEYS and ARGV of the CANCEL script (see soaf/protocol/scripts.py), signed."""
+    """KEYS and ARGV of the CANCEL script (see soaf/protocol/scripts/records.py), signed."""
     keys, now = target.keys, time.time()
     sig = sign_control("cancel", service_id, signing_secret(secret, target.state_dir), now=now)
     return ([keys.service(service_id), keys.events(service_id), keys.cancels, keys.control],

@@ -27,10 +27,11 @@ from soaf.core.control import Control
 from soaf.core.enforcer import LimitEnforcer
 from soaf.core.heartbeat import Heartbeat, Identity, claim_node
 from soaf.core.intake import Gate, Refusal, own_pending
-from soaf.core.launcher import Launcher, RunTable
+from soaf.core.launcher import Launcher
 from soaf.core.logkeeper import LogKeeper
 from soaf.core.ratelog import RateLimitedLog
 from soaf.core.recovery import Recovery
+from soaf.core.runtable import RunTable
 from soaf.core.writer import StateWriter
 from soaf.data import retention
 from soaf.errors import ConfigError, PluginError, RedisUnavailable

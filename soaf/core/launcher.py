@@ -6,7 +6,7 @@ so a run is built in exactly one place (``Launcher.start``) from one set of ``En
 control listener cancels through it, and the intake loop reads only while it has free
 slots. Entries whose services declare CPUs or memory pass the core's admission
 (soaf.core.admission) first: they start, wait in the core, or are refused. Entries of a
-service with ``max_concurrent`` first take a fleet-wide slot (soaf.protocol.slots) or
+service with ``max_concurrent`` first take a fleet-wide slot (soaf.protocol.scripts.slots) or
 park in the core until one frees; a service without it costs no Redis call here.
 """
 
@@ -19,7 +19,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -27,11 +26,11 @@ import redis
 from soaf.config import Settings
 from soaf.core.admission import Admission, Waiting
 from soaf.core.cancels import Verifier
+from soaf.core.runtable import RunTable
 from soaf.plugin.loader import Registry
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.replies import entries, text
-from soaf.protocol.scripts import CLAIM, NOTE, is_noscript
-from soaf.protocol.slots import TAKE_SLOT
+from soaf.protocol.scripts import CLAIM, NOTE, TAKE_SLOT, is_noscript
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run.policy import Needs, needs_for
@@ -54,68 +53,6 @@ def signed_time(template: ServiceParamTemplate) -> float | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-class RunTable:
-    """The services this core runs now, and those whose final state is not in Redis yet."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._runs: dict[str, ServiceRun] = {}
-        #: Runs that have ended but whose final state is not in Redis yet, by entry id.
-        self._finishing: dict[str, ServiceRun] = {}
-        #: Set whenever a run ends (a slot is free).
-        self.slot_freed = threading.Event()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._runs)
-
-    def current(self) -> list[ServiceRun]:
-        with self._lock:
-            return list(self._runs.values())
-
-    def get(self, service_id: str) -> ServiceRun | None:
-        with self._lock:
-            return self._runs.get(service_id)
-
-    def add(self, run: ServiceRun) -> None:
-        with self._lock:
-            self._runs[run.service_id] = run
-
-    def done(self, run: ServiceRun) -> None:
-        """A run is over (its thread is about to end)."""
-        with self._lock:
-            self._runs.pop(run.service_id, None)
-            self._prune()
-            if run.final_queued and not run.final_written.is_set():
-                self._finishing[run.claim.entry_id] = run
-        self.slot_freed.set()
-
-    def entries(self) -> set[str]:
-        """Stream entries this core holds: running, or ended with the final not yet written
-        (those must not run again)."""
-        with self._lock:
-            self._prune()
-            return {run.claim.entry_id for run in self._runs.values()} | set(self._finishing)
-
-    def _prune(self) -> None:
-        self._finishing = {e: r for e, r in self._finishing.items()
-                           if not r.final_written.is_set()}
-
-    def work_dirs(self) -> set[Path]:
-        with self._lock:
-            return {run.work_dir for run in self._runs.values() if run.work_dir is not None}
-
-    def cancel(self, service_id: str) -> bool:
-        """Cancel a service running here; False if it does not run here."""
-        run = self.get(service_id)
-        if run is None:
-            return False
-        if not run.cancel_requested:
-            log.info("cancelling service %s", service_id)
-        run.cancel()
-        return True
 
 
 class Launcher:

@@ -38,8 +38,9 @@ import redis
 
 from soaf.config import Settings
 from soaf.core.intake import Gate, own_pending
-from soaf.core.launcher import Launcher, RunTable
+from soaf.core.launcher import Launcher
 from soaf.core.ratelog import RateLimitedLog
+from soaf.core.runtable import RunTable
 from soaf.plugin.loader import Registry
 from soaf.process import shim
 from soaf.process.identity import (

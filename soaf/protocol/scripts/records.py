@@ -1,18 +1,12 @@
-"""Every Lua script soaf runs in Redis, and how they are called.
+"""The Lua scripts that change a service's record: submit, claim, record, cancel, reclaim, note.
 
-Each change that must be atomic is one script: submitting, claiming an entry for an attempt,
-writing a batch of record changes, cancelling, reclaiming a lost attempt, taking over a dead
-node's entries, the heartbeat's compare-and-set, and the plugin version counter. Keeping them
-together shows, in one file, every multi-key change soaf makes; the comment above each one
-states its KEYS and ARGV.
+Each change that must be atomic is one script; the comment above each one states its KEYS
+and ARGV. Every script that reads a record first runs ``_GUARD``: Redis is not trusted.
 """
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
-
-import redis
+from soaf.protocol.scripts.script import Script
 
 # Prepended to every script that reads a service's record (KEYS[1]; KEYS[2] its events).
 # Redis is not trusted: a record edited by someone without the secret must never make a
@@ -294,68 +288,6 @@ end
 """
 RECLAIM_LUA = _GUARD + _CLAIM_GUARD + _LOST_PROLOGUE + CLAIM_LUA
 
-# KEYS: heartbeat of the dead node, submit stream | ARGV: group, dead consumer, taker, count
-# The heartbeat check and the claim are one atomic step: two takers never both get an entry,
-# and a node whose heartbeat is back is left alone. A dead consumer with nothing pending is
-# deleted (atomically, so no entry delivered to it meanwhile can be dropped).
-TAKEOVER_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {} end
-local pending = redis.call('XPENDING', KEYS[2], ARGV[1], '-', '+', ARGV[4], ARGV[2])
-if #pending == 0 then
-  redis.call('XGROUP', 'DELCONSUMER', KEYS[2], ARGV[1], ARGV[2])
-  return {}
-end
-local ids = {}
-for i, p in ipairs(pending) do ids[i] = p[1] end
-return redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[3], 0, unpack(ids))
-"""
-
-# KEYS: heartbeat | ARGV: value, token, ttl ms. 1: renewed; 2: written, the key was missing;
-# 0: the key holds another token (nothing written).
-REFRESH_LUA = """
-local t = redis.call('TYPE', KEYS[1])['ok']
-if t ~= 'none' and t ~= 'string' then redis.call('DEL', KEYS[1]) end
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, v = pcall(cjson.decode, cur)
-  if ok and type(v) == 'table' and v['token'] and v['token'] ~= ARGV[2] then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-if cur then return 1 end
-return 2
-"""
-
-# KEYS: heartbeat | ARGV: value, expected current value ('' for none), ttl ms
-CAS_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if (not cur and ARGV[2] == '') or cur == ARGV[2] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-  return 1
-end
-return 0
-"""
-
-# KEYS: heartbeat | ARGV: token. Deletes the key only if it is this core's.
-RELEASE_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if not cur then return 0 end
-local ok, v = pcall(cjson.decode, cur)
-if ok and type(v) == 'table' and v['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-# KEYS: the node's counter | ARGV: the last number this process used
-# Returns the next number: one more than both the counter and the process's own.
-NEXT_NUMBER_LUA = """
-local n = redis.call('INCR', KEYS[1])
-local floor = tonumber(ARGV[1]) + 1
-if n < floor then
-  redis.call('SET', KEYS[1], floor)
-  n = floor
-end
-return n
-"""
-
 # NOTE: a note (JSON string) on a service still waiting to start (``waiting_for``), set
 # only while its record is ``queued``. KEYS: record. ARGV: field, value. Returns 1 if set.
 NOTE_LUA = """
@@ -366,35 +298,9 @@ return 1
 """
 
 
-class Script:
-    """A Lua script called by its SHA1 (EVALSHA), so its text crosses the wire once."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()
-
-    def call(self, target: Any, keys: list[str], args: list[Any]) -> Any:
-        """Queue (on a pipeline) or run (on a client) the script."""
-        return target.evalsha(self.sha, len(keys), *keys, *args)
-
-    def run(self, client: redis.Redis, keys: list[str], args: list[Any]) -> Any:
-        """Run on a client; load the script first if Redis does not know it."""
-        try:
-            return self.call(client, keys, args)
-        except redis.exceptions.NoScriptError:
-            return client.eval(self.text, len(keys), *keys, *args)
-
-    def load(self, client: redis.Redis) -> None:
-        client.script_load(self.text)
-
-
 SUBMIT = Script(SUBMIT_LUA)
 CLAIM = Script(_GUARD + _FRESH + CLAIM_LUA)
 RECORD = Script(_GUARD + RECORD_LUA)
 CANCEL = Script(_GUARD + CANCEL_LUA)
 RECLAIM = Script(RECLAIM_LUA)
 NOTE = Script(NOTE_LUA)
-
-
-def is_noscript(result: Any) -> bool:
-    return isinstance(result, redis.exceptions.NoScriptError)

@@ -13,13 +13,11 @@ adopts such an attempt takes its slot again, past the cap if need be (``force``)
 admission does for runs a core already owns. Leases compare clocks of several hosts:
 keep them in sync (NTP), as the heartbeats already require.
 
-These scripts live beside ``soaf.protocol.scripts`` (which is full) and use its
-``Script`` wrapper.
 """
 
 from __future__ import annotations
 
-from soaf.protocol.scripts import Script
+from soaf.protocol.scripts.script import Script
 
 # KEYS[1] the service name's slots (zset). ARGV: service id, cap, now, lease end, force (1/0).
 # Returns {1, count, added} when the id holds a slot (added: 1 if taken by this call, 0 if

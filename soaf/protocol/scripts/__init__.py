@@ -1,0 +1,41 @@
+"""Every Lua script soaf runs in Redis, in this one package, and how they are called.
+
+Each change that must be atomic is one script: submitting, claiming an entry for an
+attempt, writing a batch of record changes, cancelling, reclaiming a lost attempt, taking
+over a dead node's entries, the heartbeat's compare-and-set, the plugin version counter and
+the fleet-wide concurrency slots. Together they show every multi-key change soaf makes.
+
+* ``records``: what changes a service's record;
+* ``nodes``: heartbeats, takeover, plugin version numbers;
+* ``slots``: ``max_concurrent`` across the fleet;
+* ``script``: ``Script`` (EVALSHA, the text sent only when Redis lacks it).
+"""
+
+from soaf.protocol.scripts.nodes import (
+    CAS_LUA,
+    NEXT_NUMBER_LUA,
+    REFRESH_LUA,
+    RELEASE_LUA,
+    TAKEOVER_LUA,
+)
+from soaf.protocol.scripts.records import (
+    CANCEL,
+    CANCEL_LUA,
+    CLAIM,
+    CLAIM_LUA,
+    NOTE,
+    RECLAIM,
+    RECLAIM_LUA,
+    RECORD,
+    RECORD_LUA,
+    SUBMIT,
+    SUBMIT_LUA,
+)
+from soaf.protocol.scripts.script import Script, is_noscript
+from soaf.protocol.scripts.slots import TAKE_SLOT, TAKE_SLOT_LUA
+
+__all__ = [
+    "CANCEL", "CANCEL_LUA", "CAS_LUA", "CLAIM", "CLAIM_LUA", "NEXT_NUMBER_LUA", "NOTE",
+    "RECLAIM", "RECLAIM_LUA", "RECORD", "RECORD_LUA", "REFRESH_LUA", "RELEASE_LUA", "SUBMIT",
+    "SUBMIT_LUA", "TAKEOVER_LUA", "TAKE_SLOT", "TAKE_SLOT_LUA", "Script", "is_noscript",
+]

@@ -1,0 +1,66 @@
+"""The Lua scripts about cores: the heartbeat's compare-and-set, takeover of a dead node's
+entries, and the per-node plugin version counter."""
+
+from __future__ import annotations
+
+# KEYS: heartbeat of the dead node, submit stream | ARGV: group, dead consumer, taker, count
+# The heartbeat check and the claim are one atomic step: two takers never both get an entry,
+# and a node whose heartbeat is back is left alone. A dead consumer with nothing pending is
+# deleted (atomically, so no entry delivered to it meanwhile can be dropped).
+TAKEOVER_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {} end
+local pending = redis.call('XPENDING', KEYS[2], ARGV[1], '-', '+', ARGV[4], ARGV[2])
+if #pending == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', KEYS[2], ARGV[1], ARGV[2])
+  return {}
+end
+local ids = {}
+for i, p in ipairs(pending) do ids[i] = p[1] end
+return redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[3], 0, unpack(ids))
+"""
+
+# KEYS: heartbeat | ARGV: value, token, ttl ms. 1: renewed; 2: written, the key was missing;
+# 0: the key holds another token (nothing written).
+REFRESH_LUA = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= 'none' and t ~= 'string' then redis.call('DEL', KEYS[1]) end
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, v = pcall(cjson.decode, cur)
+  if ok and type(v) == 'table' and v['token'] and v['token'] ~= ARGV[2] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+if cur then return 1 end
+return 2
+"""
+
+# KEYS: heartbeat | ARGV: value, expected current value ('' for none), ttl ms
+CAS_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if (not cur and ARGV[2] == '') or cur == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS: heartbeat | ARGV: token. Deletes the key only if it is this core's.
+RELEASE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local ok, v = pcall(cjson.decode, cur)
+if ok and type(v) == 'table' and v['token'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: the node's counter | ARGV: the last number this process used
+# Returns the next number: one more than both the counter and the process's own.
+NEXT_NUMBER_LUA = """
+local n = redis.call('INCR', KEYS[1])
+local floor = tonumber(ARGV[1]) + 1
+if n < floor then
+  redis.call('SET', KEYS[1], floor)
+  n = floor
+end
+return n
+"""
