@@ -3,6 +3,8 @@ they fit, the rest wait queued (and say for what), one that can never fit is ref
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +104,29 @@ def test_max_concurrent_caps_runs_across_two_cores(start_core, client, redis_ser
     assert all(r.get("waiting_for") is None for r in records)
     with redis.Redis.from_url(redis_server.url) as r:  # every slot was given back
         assert r.zcard(f"{prefix}:slots:throttled") == 0
+
+
+def test_the_slots_of_a_killed_core_come_free(start_core, client, redis_server, prefix):
+    """A core killed with -9 (its programs with it) gives nothing back; its leases run out
+    after the heartbeat TTL and the next service of that name starts on the survivor."""
+    a = start_core(SOAF_NODE="core-a")
+    held = [client.submit(ServiceParamTemplate("throttled", args={"seconds": 60}, max_lost=0))
+            for _ in range(2)]
+    wait_until(lambda: all(client.status(s).state == "running" for s in held), 30,
+               message="both slots taken on core-a")
+    groups = [os.getpgid(client.status(s).get("shim_pid") or client.status(s).get("pid"))
+              for s in held]
+    a.kill()
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    start_core(SOAF_NODE="core-b")
+    late = client.submit(ServiceParamTemplate("throttled", args={"seconds": 0.5}))
+    assert client.wait(late, timeout=60).state == "succeeded"
+    lost = [client.wait(s, timeout=60) for s in held]
+    assert [(r.state, r.get("failure")) for r in lost] == [("failed", "lost")] * 2
+    with redis.Redis.from_url(redis_server.url) as r:
+        wait_until(lambda: r.zcard(f"{prefix}:slots:throttled") == 0, 10,
+                   message="no slot left held")
