@@ -278,7 +278,7 @@ def test_redis_outage_keeps_events_in_order(start_core, own_redis, prefix, logdi
 
 
 def test_callback_done_but_final_unwritten_is_not_run_again_by_a_survivor(
-        start_core, own_redis, prefix, logdir):
+        start_core, own_redis, prefix, logdir, work_root):
     """Redis is away when the program ends: the core runs after_watch_callback, keeps the
     final state in memory, and is killed. The survivor that takes the service over finds
     the dead core's journal (same machine) and writes that final state: no second call."""
@@ -294,6 +294,9 @@ def test_callback_done_but_final_unwritten_is_not_run_again_by_a_survivor(
     own_redis.stop()
     try:
         wait_until(lambda: afters(logdir, sid), 30, message="the callback during the outage")
+        journal = work_root / ".soaf-runs" / "core-a" / f"{sid}.1.json"
+        wait_until(lambda: journal.exists() and '"collected"' in journal.read_text(), 30,
+                   message="the callback's return in the journal")
         a.kill()
     finally:
         own_redis.start()

@@ -84,7 +84,7 @@ def test_edited_producer_record_never_stages_a_local_file(start_core, redis_serv
     r = redis_server.client()
     for url in (str(private), f"file://{private}"):
         r.hset(Keys(prefix).service(producer), mapping={
-            "host": '"elsewhere"',
+            "host": '"elsewhere"', "work_dir": json.dumps(str(tmp_path / "not-here")),
             "outputs": json.dumps([{"name": "data.txt", "size": 3, "url": url}])})
         consumer = client.submit(ServiceParamTemplate(
             "shell", args={"script": "cat data.txt"},
