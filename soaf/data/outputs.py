@@ -30,7 +30,7 @@ from soaf.data.staging import (
     scheme,
     temp_name,
 )
-from soaf.data.transfer import CHUNK, Stop, check_stop, copy_file
+from soaf.data.transfer import Stop, check_stop, chunks, copy_file
 from soaf.errors import MissingOutputError, TransferStopped, UploadError
 from soaf.protocol.template import ServiceParamTemplate, is_url
 
@@ -66,11 +66,7 @@ def sha256_of(path: Path, *, stop: Stop | None = None) -> tuple[int, str]:
         if not stat.S_ISREG(st.st_mode):
             raise OSError(f"{path} is {kind_of(st.st_mode)}, not a regular file")
         digest = hashlib.sha256()
-        while True:
-            check_stop(stop)
-            chunk = f.read(CHUNK)
-            if not chunk:
-                break
+        for chunk in chunks(f, stop):
             digest.update(chunk)
     return st.st_size, digest.hexdigest()
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from soaf.config import DEFAULT_FETCH_TIMEOUT, host_name
 from soaf.data.cloning import clone
-from soaf.data.transfer import CHUNK, Stop, check_stop, copy_file
+from soaf.data.transfer import CHUNK, Stop, check_stop, chunks, copy_file
 from soaf.data.workdir import confine
 from soaf.errors import FetchError, TransferStopped, ValidationError
 from soaf.protocol.template import REF_SCHEME, ServiceParamTemplate, check_relative, is_url
@@ -272,11 +272,7 @@ def _get_file(fs: Any, remote: str, local: Path, stop: Stop | None) -> None:
     expected = fs.info(remote).get("size")  # FileNotFoundError when there is nothing
     check_stop(stop)
     with fs.open(remote, "rb") as src, open(local, "wb") as out:
-        while True:
-            check_stop(stop)
-            chunk = src.read(CHUNK)
-            if not chunk:
-                break
+        for chunk in chunks(src, stop):
             out.write(chunk)
     got = local.stat().st_size
     if isinstance(expected, int) and got != expected:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from soaf.errors import TransferStopped
 
@@ -37,9 +38,15 @@ def copy_file(source: Path | str, target: Path | str, *, stop: Stop | None = Non
         if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, f"{source} is not a regular file")
         with open(target, "wb") as out:
-            while True:
-                check_stop(stop)
-                chunk = src.read(CHUNK)
-                if not chunk:
-                    break
+            for chunk in chunks(src, stop):
                 out.write(chunk)
+
+
+def chunks(src: BinaryIO, stop: Stop | None = None) -> Iterator[bytes]:
+    """``src`` read by chunks, checking ``stop`` before each one."""
+    while True:
+        check_stop(stop)
+        chunk = src.read(CHUNK)
+        if not chunk:
+            return
+        yield chunk
