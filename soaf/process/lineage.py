@@ -24,6 +24,7 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from soaf.process.identity import read_stat
@@ -53,6 +54,22 @@ def _leaders(pid: int) -> tuple[int, int]:
         return int(rest[2]), int(rest[3])
     except (OSError, ValueError, IndexError):
         return 0, 0
+
+
+def direct_children(pid: int) -> set[int]:
+    """The children of ``pid``, from its threads' ``children`` files."""
+    found: set[int] = set()
+    try:
+        tasks = os.listdir(_PROC / str(pid) / "task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found.update(int(c) for c in (_PROC / str(pid) / "task" / task / "children")
+                         .read_bytes().split())
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def _parents() -> dict[int, int]:
@@ -249,3 +266,59 @@ class RunLineage:
                 continue  # not ours (yet): its parent reaps it, or it comes to us
             if got:
                 del self.seen[pid]
+
+
+class LineageSweeper:
+    """Ends what finished runs left behind, for all runs of a core, in one thread.
+
+    An escapee is reparented to the core (a child subreaper) once its parent dies, so
+    after a run's program has ended, its leftovers are among the core's direct children
+    that are not running programs (``known``), carrying the run's token. One look at
+    the core's children every ``interval`` serves every run that ended meanwhile; only a
+    run with such a child, or with processes seen while it ran, gets the full
+    ``RunLineage.end``. Leftovers are thus killed within about ``interval`` of the end,
+    and a run that left nothing costs the core nothing per run.
+    """
+
+    def __init__(self, known: Callable[[], set[int]], *, interval: float = 0.25) -> None:
+        self.known = known
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._ended: list[RunLineage] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="soaf-lineage", daemon=True)
+        self._thread.start()
+
+    def add(self, lineage: RunLineage) -> None:
+        """``lineage``'s program has ended: end what it left, soon."""
+        with self._lock:
+            self._ended.append(lineage)
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=END_WAIT + 1)
+        self.sweep()  # what ended last is not left behind
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait()
+            self._wake.clear()
+            time.sleep(self.interval)  # gather the runs that end meanwhile
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("ending what finished runs left behind failed")
+
+    def sweep(self) -> int:
+        """One pass over the runs that ended; how many processes were killed."""
+        with self._lock:
+            ended, self._ended = self._ended, []
+        if not ended:
+            return 0
+        carriers = {token for pid in direct_children(os.getpid()) - self.known()
+                    if (token := _token_of(pid)) is not None}
+        return sum(lineage.end() for lineage in ended
+                   if lineage.seen or lineage.token.encode() in carriers)

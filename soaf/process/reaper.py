@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from soaf.process.lineage import LineageSweeper
+
 log = logging.getLogger(__name__)
 
 #: Seconds between two sweeps for orphaned, exited members of running programs' groups.
@@ -75,6 +77,8 @@ class Reaper:
         self.orphans_reaped = 0
         self._thread = threading.Thread(target=self._run, name="soaf-reaper", daemon=True)
         self._thread.start()
+        #: Ends what finished programs left outside their groups (soaf.process.lineage).
+        self.lineages = LineageSweeper(self.children)
 
     def watch(self, pid: int, callback: ExitCallback) -> None:
         """Call ``callback(pid, status, rusage)`` from the reaper thread when ``pid`` exits.
@@ -88,7 +92,20 @@ class Reaper:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
 
+    def children(self) -> set[int]:
+        """The pids this reaper was told about and has not reaped yet (running programs'
+        leaders, or ones about to be watched)."""
+        with self._lock:
+            pending = {pid for pid, _ in self._pending}
+        for _ in range(3):  # the reaper thread may change the set while it is copied
+            try:
+                return set(self._live) | pending
+            except RuntimeError:
+                continue
+        return pending | set(list(self._live))
+
     def close(self) -> None:
+        self.lineages.close()
         self._stopping = True
         self._wake()
         self._thread.join(timeout=2)

@@ -276,10 +276,10 @@ class Attempt:
         return True
 
     def _ended(self) -> Outcome:
-        """The program has ended: end what it left running outside its group (daemons),
-        finish its logs and classify how (either thread)."""
+        """The program has ended: have what it left running outside its group (daemons)
+        ended, finish its logs and classify how (either thread)."""
         if not self.adopted:
-            self.lineage.end()
+            self.host.engines.reaper.lineages.add(self.lineage)
         with self._logs_lock:
             logs, self._logs = self._logs, None
         stats: dict[str, Any] = {}
