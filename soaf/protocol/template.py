@@ -329,15 +329,13 @@ def _check_timeout(t: ServiceParamTemplate, value: Any) -> None:
 
 
 def _check_retries(t: ServiceParamTemplate, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                              or not 0 <= value <= MAX_RETRIES):
+    if value is not None and not _whole_in(value, 0, MAX_RETRIES):
         raise ValidationError("retries", f"must be a whole number >= 0 (at most {MAX_RETRIES}) "
                                          f"or None, got {_show(value)}")
 
 
 def _check_max_lost(t: ServiceParamTemplate, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                              or not 0 <= value <= MAX_LOST):
+    if value is not None and not _whole_in(value, 0, MAX_LOST):
         raise ValidationError("max_lost", f"must be a whole number from 0 to {MAX_LOST} or "
                                           f"None, got {_show(value)}")
 
@@ -391,6 +389,10 @@ def _positive_number(value: Any) -> bool:
         and math.isfinite(value)
         and value > 0
     )
+
+
+def _whole_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def _number_in(value: Any, low: float, high: float) -> bool:

@@ -3,8 +3,6 @@ they fit, the rest wait queued (and say for what), one that can never fit is ref
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +10,26 @@ from pathlib import Path
 import redis
 
 from soaf import ServiceParamTemplate
-from tests.conftest import wait_until
+from tests.conftest import crash, wait_until
 
 ACTIVE = ("building", "preparing", "running")
+
+
+def _watch(client, sids: list[str], *, timeout: float):
+    """Poll the services until all are final: their records, how many were active at
+    each look, and the ``waiting_for`` notes seen on queued ones."""
+    seen_active: list[int] = []
+    notes: set[str] = set()
+
+    def all_final() -> bool:
+        records = [client.status(s) for s in sids]
+        seen_active.append(sum(r.state in ACTIVE for r in records))
+        notes.update(r.get("waiting_for") for r in records
+                     if r.state == "queued" and r.get("waiting_for"))
+        return all(r.final for r in records)
+
+    wait_until(all_final, timeout=timeout, interval=0.05)
+    return [client.status(s) for s in sids], seen_active, notes
 
 
 def _most_at_once(records) -> int:
@@ -32,18 +47,7 @@ def test_services_run_only_while_their_cpus_fit(start_core, client):
     start_core(args=["--cpus", "4"])
     sids = [client.submit(ServiceParamTemplate("crunch", args={"seconds": 1}))
             for _ in range(6)]
-    seen_active: list[int] = []
-    notes: set[str] = set()
-
-    def all_final() -> bool:
-        records = [client.status(s) for s in sids]
-        seen_active.append(sum(r.state in ACTIVE for r in records))
-        notes.update(r.get("waiting_for") for r in records
-                     if r.state == "queued" and r.get("waiting_for"))
-        return all(r.final for r in records)
-
-    wait_until(all_final, timeout=60, interval=0.05)
-    records = [client.status(s) for s in sids]
+    records, seen_active, notes = _watch(client, sids, timeout=60)
     assert all(r.state == "succeeded" for r in records), records
     assert max(seen_active) == 2, seen_active
     assert _most_at_once(records) == 2
@@ -85,18 +89,7 @@ def test_max_concurrent_caps_runs_across_two_cores(start_core, client, redis_ser
     start_core(SOAF_NODE="core-b")
     sids = [client.submit(ServiceParamTemplate("throttled", args={"seconds": 1}))
             for _ in range(6)]
-    seen_active: list[int] = []
-    notes: set[str] = set()
-
-    def all_final() -> bool:
-        records = [client.status(s) for s in sids]
-        seen_active.append(sum(r.state in ACTIVE for r in records))
-        notes.update(r.get("waiting_for") for r in records
-                     if r.state == "queued" and r.get("waiting_for"))
-        return all(r.final for r in records)
-
-    wait_until(all_final, timeout=90, interval=0.05)
-    records = [client.status(s) for s in sids]
+    records, seen_active, notes = _watch(client, sids, timeout=90)
     assert all(r.state == "succeeded" for r in records), records
     assert max(seen_active) == 2, seen_active
     assert _most_at_once(records) == 2
@@ -114,14 +107,7 @@ def test_the_slots_of_a_killed_core_come_free(start_core, client, redis_server, 
             for _ in range(2)]
     wait_until(lambda: all(client.status(s).state == "running" for s in held), 30,
                message="both slots taken on core-a")
-    groups = [os.getpgid(client.status(s).get("shim_pid") or client.status(s).get("pid"))
-              for s in held]
-    a.kill()
-    for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    crash(a, client, held)
     start_core(SOAF_NODE="core-b")
     late = client.submit(ServiceParamTemplate("throttled", args={"seconds": 0.5}))
     assert client.wait(late, timeout=60).state == "succeeded"

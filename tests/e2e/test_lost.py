@@ -7,10 +7,9 @@ verify the dead core's processes, exactly as if it ran elsewhere.
 
 from __future__ import annotations
 
-import os
 import signal
 
-from tests.conftest import wait_until
+from tests.conftest import crash, wait_until
 from tests.e2e.test_recovery import (  # noqa: F401  (logdir is a fixture)
     afters,
     history,
@@ -20,26 +19,6 @@ from tests.e2e.test_recovery import (  # noqa: F401  (logdir is a fixture)
     running_on,
     starts,
 )
-
-
-def crash(core, client, ids: list[str]) -> None:
-    """kill -9 a core and the process groups of its programs: what a machine crash does
-    (no program is left to adopt, no exit status is written)."""
-    groups = []
-    for sid in ids:
-        record = client.status(sid)
-        pid = record.get("shim_pid") or record.get("pid")
-        if pid:
-            try:
-                groups.append(os.getpgid(pid))
-            except ProcessLookupError:
-                pass
-    core.kill()
-    for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def four_each(client, ids: list[str]) -> tuple[list[str], list[str]]:
