@@ -2,10 +2,11 @@
 
 The intake loop (soaf.core.daemon) and recovery (soaf.core.recovery) both start work here,
 so a run is built in exactly one place (``Launcher.start``) from one set of ``Engines``.
-Each started run joins the core's ``RunTable`` (soaf.core.runtable). Entries whose services declare CPUs or memory pass the core's admission
-(soaf.core.admission) first: they start, wait in the core, or are refused. Entries of a
-service with ``max_concurrent`` first take a fleet-wide slot (soaf.protocol.scripts.slots) or
-park in the core until one frees; a service without it costs no Redis call here.
+Each started run joins the core's ``RunTable`` (soaf.core.runtable). Entries whose
+services declare CPUs or memory pass the core's admission (soaf.core.admission) first:
+they start, wait in the core, or are refused. Entries of a service with
+``max_concurrent`` first take a fleet-wide slot (soaf.protocol.scripts.slots) or park in
+the core until one frees; a service without it costs no Redis call here.
 """
 
 from __future__ import annotations
