@@ -284,3 +284,13 @@ def test_journal_on_disk_and_removal(tmp_path):
     assert load(new.path).final == {"state": "succeeded"}
     new.remove()
     assert not new.path.exists()
+
+
+def test_a_cancels_key_of_the_wrong_type_reads_as_no_cancel(r, prefix):
+    """A tampered cancels key must not make the claim of a healthy service raise (its
+    entry would stay pending): it reads as no cancel, and CLAIM then drops the key."""
+    from soaf.core.cancels import Verifier
+
+    keys = Keys(prefix)
+    r.set(keys.cancels, "junk")
+    assert Verifier(["a-secret-of-twenty-chars"]).cancel_entries(r, keys, ["a", "b"]) == ["", ""]

@@ -44,7 +44,10 @@ class Verifier:
         """For each id, its cancels-hash entry if it is a valid signed cancel, else ''."""
         if not ids:
             return []
-        values = client.hmget(keys.cancels, ids)
+        try:
+            values = client.hmget(keys.cancels, ids)
+        except redis.ResponseError:  # not a hash (tampered): no cancel; CLAIM drops the key
+            return [""] * len(ids)
         if not isinstance(values, list):
             return [""] * len(ids)
         return [v.decode() if isinstance(v, bytes) and self.ok(v, "cancel", sid,
