@@ -55,10 +55,11 @@ def test_secret_file_flag(tmp_path: Path) -> None:
 
 
 def test_core_secrets_decides_and_names_keys_by_id(monkeypatch, tmp_path: Path, caplog) -> None:
-    from soaf.config import INSECURE_SECRET, core_secrets
+    from soaf.config import INSECURE_SECRET
+    from soaf.core.secrets import core_secrets
     from soaf.protocol.codec import key_id
 
-    caplog.set_level("INFO", logger="soaf.config")
+    caplog.set_level("INFO", logger="soaf.core.secrets")
     with pytest.raises(ConfigError, match="no secret configured for a shared Redis"):
         core_secrets(Settings.load(), "redis://h", embedded=False)
     made = core_secrets(Settings.load(), "unix:///s", embedded=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from soaf.config import Settings, core_secrets
+from soaf.config import Settings
 from soaf.core.admission import Admission
 from soaf.core.cancels import Verifier
 from soaf.core.control import Control
@@ -32,6 +32,7 @@ from soaf.core.logkeeper import LogKeeper
 from soaf.core.ratelog import RateLimitedLog
 from soaf.core.recovery import Recovery
 from soaf.core.runtable import RunTable
+from soaf.core.secrets import core_secrets
 from soaf.core.writer import StateWriter
 from soaf.data import retention
 from soaf.errors import ConfigError, PluginError, RedisUnavailable
@@ -171,7 +172,7 @@ class Core:
                                  refuse=self._refuse, verifier=self.verifier)
         self.gate = Gate(client, keys, secrets=self.secrets, max_payload=s.max_payload,
                          work_root=s.work_root, node=s.node, put=self.writer.put,
-                         registry=lambda: self.loader.current)
+                         registry=lambda: self.loader.current, max_submit_delay=s.max_submit_delay)
         self.recovery = Recovery(
             client, keys, s, launcher=self.launcher, gate=self.gate, runs=self.runs,
             connected_since=lambda: self.heartbeat.connected_since,

@@ -8,6 +8,7 @@ submitter can be told (a readable service id) or the entry goes to the dead lett
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -21,8 +22,9 @@ from soaf.data.workdir import work_dir_for
 from soaf.errors import DecodeError, SoafError, ValidationError
 from soaf.plugin.loader import Registry
 from soaf.protocol.codec import describe_exception, loads
-from soaf.protocol.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, Keys
+from soaf.protocol.keys import GROUP, ID_FIELD, PAYLOAD_FIELD, REQUEUE_FIELD, Keys
 from soaf.protocol.replies import Entry, Pending, pending, stream_batch
+from soaf.protocol.signed import signed_at
 from soaf.protocol.state import Change, State
 from soaf.protocol.template import ServiceParamTemplate, validate_template
 
@@ -116,6 +118,45 @@ def decode_entry(
     return template
 
 
+def signed_time(template: ServiceParamTemplate) -> float | None:
+    """The time the payload was signed (``signed_at`` from the instance dict, so no
+    property runs), or None when it has none or it is not a finite number."""
+    try:
+        value = vars(template).get("signed_at")
+    except TypeError:  # no instance dict
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def added_at(entry_id: str) -> float | None:
+    """When Redis added a stream entry (the milliseconds of its id), in Unix seconds."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms) / 1000 if ms.isdigit() and seq.isdigit() else None
+
+
+def added_late(entry_id: str, fields: dict[bytes, bytes], template: ServiceParamTemplate, *,
+               secrets: Sequence[str], max_delay: float) -> str | None:
+    """Why an entry was added too long after its payload was signed, else None.
+
+    Client.submit (and a plain XADD right after ``soaf.dumps``) adds the entry within
+    moments of signing, and Redis, not the writer, stamps the entry id with the time, so
+    a captured payload pushed again later is found here whatever its record says. An
+    entry a core put back (``requeue``, signed by the core) counts from that time."""
+    added = added_at(entry_id)
+    if max_delay <= 0 or added is None:
+        return None
+    requeued = signed_at(fields.get(REQUEUE_FIELD.encode()), "requeue", template.service_id,
+                         secrets)
+    since = requeued if requeued is not None else signed_time(template)
+    if since is None or added - since <= max_delay:
+        return None  # an older client's payload has no time: the claim judges it
+    return (f"entry added {added - since:.0f} s after its payload was signed (max submit delay "
+            f"{max_delay:g} s): refused as a replay of a captured payload; submit it again "
+            "(if the submitting host's clock is that far behind Redis's, fix the clock or "
+            "raise SOAF_MAX_SUBMIT_DELAY)")
+
 
 #: Dead letters kept (approximate).
 DEADLETTER_MAXLEN = 10_000
@@ -143,7 +184,7 @@ class Gate:
 
     def __init__(self, client: redis.Redis, keys: Keys, *, secrets: Sequence[str],
                  max_payload: int, work_root: Path, node: str, put: Callable[[Change], None],
-                 registry: Callable[[], Registry | None]) -> None:
+                 registry: Callable[[], Registry | None], max_submit_delay: float = 0) -> None:
         self.client = client
         self.keys = keys
         self.secrets = secrets
@@ -152,6 +193,7 @@ class Gate:
         self.node = node
         self.put = put
         self.registry = registry
+        self.max_submit_delay = max_submit_delay
 
     def decode(self, entries: list[Entry]) -> tuple[list[tuple[str, ServiceParamTemplate]],
                                                       Registry | None]:
@@ -162,6 +204,11 @@ class Gate:
             try:
                 template = decode_entry(fields, secrets=self.secrets, max_payload=self.max_payload,
                                         registry=registry, work_root=self.work_root)
+                late = added_late(entry_id, fields, template, secrets=self.secrets,
+                                  max_delay=self.max_submit_delay)
+                if late is not None:
+                    raise Refusal(late, template.service_id, _readable_field(template, "service"),
+                                  trusted=True)
             except Refusal as refusal:
                 self.refuse(entry_id, fields, refusal)
                 continue

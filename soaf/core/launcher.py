@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -25,11 +24,13 @@ import redis
 from soaf.config import Settings
 from soaf.core.admission import Admission, Waiting
 from soaf.core.cancels import Verifier
+from soaf.core.intake import signed_time
 from soaf.core.runtable import RunTable
 from soaf.plugin.loader import Registry
-from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.keys import GROUP, REQUEUE_FIELD, Keys
 from soaf.protocol.replies import entries, text
 from soaf.protocol.scripts import CLAIM, NOTE, TAKE_SLOT, is_noscript
+from soaf.protocol.signed import sign_control
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run.policy import Needs, needs_for
@@ -40,18 +41,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two tries of the entries parked for a fleet slot.
 SLOT_RETRY = 0.25
-
-
-def signed_time(template: ServiceParamTemplate) -> float | None:
-    """The time the payload was signed (``signed_at`` from the instance dict, so no
-    property runs), or None when it has none or it is not a finite number."""
-    try:
-        value = vars(template).get("signed_at")
-    except TypeError:  # no instance dict
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 class Launcher:
@@ -244,8 +233,12 @@ class Launcher:
             if fields and fields[0][1]:
                 log.info("service %s %s; left for %s", template.service_id, why,
                          ", ".join(larger))
+                again = dict(fields[0][1])
+                if self.verifier.secrets:  # judged from now, not from its signing time
+                    again[REQUEUE_FIELD.encode()] = sign_control(
+                        "requeue", template.service_id, self.verifier.secrets[0]).encode()
                 tx = self.client.pipeline(transaction=True)
-                tx.xadd(self.keys.submit, fields[0][1])  # type: ignore[arg-type]
+                tx.xadd(self.keys.submit, again)  # type: ignore[arg-type]
                 tx.xack(self.keys.submit, GROUP, entry_id)
                 tx.xdel(self.keys.submit, entry_id)
                 tx.execute()
@@ -314,14 +307,15 @@ class Launcher:
         return self.settings.record_ttl if age is None else age
 
     def _too_old(self, template: ServiceParamTemplate, now: float) -> bool:
-        """Signed longer than the max payload age ago (0: no limit). Payloads of older
-        clients carry no time and are never too old."""
+        """Signed longer than the max payload age ago (0: no limit), or with no time at
+        all (a payload of an older client: honest ones wait with their record)."""
         signed_at = signed_time(template)
-        return self._max_age() > 0 and signed_at is not None and now - signed_at > self._max_age()
+        return self._max_age() > 0 and (signed_at is None or now - signed_at > self._max_age())
 
     def _expired_reason(self, template: ServiceParamTemplate, now: float) -> str:
-        age = now - (signed_time(template) or now)
-        return (f"payload signed {age:.0f} s ago (max payload age {self._max_age():g} s) and "
+        signed_at = signed_time(template)
+        when = "with no signing time" if signed_at is None else f"{now - signed_at:.0f} s ago"
+        return (f"payload signed {when} (max payload age {self._max_age():g} s) and "
                 f"no record of {template.service_id} exists: refused as a replay; submit it again")
 
     def _claim(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:

@@ -18,6 +18,10 @@ PAYLOAD_FIELD = "payload"
 #: An optional stream entry field naming the service id in clear, so that a payload
 #: that cannot be trusted can still be reported on the submitter's record.
 ID_FIELD = "id"
+#: The submit-stream field of an entry a core put back into the stream: a signed
+#: ``requeue`` of the service id (soaf.protocol.signed), so the entry is judged by the
+#: time of the requeue and not by the time its payload was signed.
+REQUEUE_FIELD = "requeue"
 
 
 @dataclass(frozen=True)
