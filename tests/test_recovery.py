@@ -22,7 +22,7 @@ from soaf.process.identity import ProcIdentity, find_by_marker, stop_group
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.scripts import RECLAIM_LUA
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, decode_event
-from soaf.run.journal import RunJournal, load, local_journals
+from soaf.run.journal import MAX_JOURNAL_BYTES, RunJournal, load, local_journals
 
 
 @pytest.fixture
@@ -294,3 +294,21 @@ def test_a_cancels_key_of_the_wrong_type_reads_as_no_cancel(r, prefix):
     keys = Keys(prefix)
     r.set(keys.cancels, "junk")
     assert Verifier(["a-secret-of-twenty-chars"]).cancel_entries(r, keys, ["a", "b"]) == ["", ""]
+
+
+def test_a_journal_noted_by_every_callback_stays_small_and_readable(tmp_path):
+    """Each callback call appends two lines; past MAX_JOURNAL_BYTES the file is replaced
+    by its last line, and a core that loads it still finds the call under way and the
+    deaths in a row."""
+    journal = RunJournal(tmp_path, "n", "svc", 1, tmp_path)
+    journal.data.died_in = ["file_change_callback"]
+    for _ in range(2000):
+        journal.calling("before_watch_callback")
+        journal.calling("before_watch_callback", returned=True)
+    journal.calling("file_change_callback")
+    assert journal.path.stat().st_size <= MAX_JOURNAL_BYTES + 4096
+    found = load(journal.path)
+    assert found is not None and found.in_call == "file_change_callback"
+    assert found.died_in == ["file_change_callback"]  # another call's return keeps the row
+    journal.calling("file_change_callback", returned=True)
+    assert load(journal.path).died_in == []

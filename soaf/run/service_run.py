@@ -239,7 +239,7 @@ class ServiceRun:
         try:
             yield
         finally:
-            journal.calling(None)
+            journal.calling(name, returned=True)
 
     def mark_collected(self) -> None:
         """after_watch_callback has run: a core that recovers the run never calls it again."""

@@ -505,3 +505,36 @@ def test_core_that_dies_twice_in_a_callback_does_not_call_it_again(start_core, c
     assert calls.count("after") == 2
     time.sleep(1)
     assert last.alive()
+
+
+def test_core_that_dies_twice_in_file_change_callback_does_not_call_it_again(
+        start_core, client, logdir):
+    """file_change_callback calls os._exit while the program runs: the restart re-adopts
+    the program, calls it again and dies too; the next one stops the program and ends the
+    service failed (plugin), saying how, and stays up."""
+    core = start_core()
+    sid = client.submit(ServiceParamTemplate(
+        "exit_change", args={"seconds": 120, "logdir": str(logdir), "code": 0, "until": ""},
+        watch_interval=0.2))
+    wait_until(lambda: not core.alive(), timeout=60, message="the core dies in the callback")
+    again = start_core(wait_ready=False)
+    wait_until(lambda: not again.alive(), timeout=60, message="the restart dies in it too")
+    last = start_core()
+    record = client.wait(sid, timeout=60)
+    assert (record.state, record.get("failure")) == ("failed", "plugin"), record
+    assert record.error == "the core died twice in file_change_callback"
+    assert record.get("recovered_as") == "ended"
+    assert (logdir / "callbacks.log").read_text().split().count("change") == 2
+    pid = record.get("pid")
+    wait_until(lambda: not _alive(pid), timeout=30, message="its program is stopped")
+    time.sleep(1)
+    assert last.alive()
+
+
+def _alive(pid: int | None) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError, TypeError):
+        return False
