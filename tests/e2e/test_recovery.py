@@ -487,12 +487,18 @@ def test_frozen_core_stops_when_a_live_core_took_its_name(start_core, redis_serv
     assert client.wait(hold(client, logdir, 0.2), timeout=30).node == "core-a"
 
 
-def test_core_that_dies_twice_in_a_callback_does_not_call_it_again(start_core, client, logdir):
-    """after_watch_callback calls os._exit: the first restart calls it again and dies too;
-    the second ends the service failed (plugin) without calling it, and stays up."""
+@pytest.mark.parametrize(("service", "seconds", "call", "logged"), [
+    ("exit_after", 0.2, "after_watch_callback", "after"),
+    ("exit_change", 120, "file_change_callback", "change"),
+])
+def test_core_that_dies_twice_in_a_callback_does_not_call_it_again(
+        start_core, client, logdir, service, seconds, call, logged):
+    """The callback calls os._exit (file_change_callback while the program runs): the
+    restart (re-adopting the program) calls it again and dies too; the next one stops the
+    program and ends the service failed (plugin), saying how, and stays up."""
     core = start_core()
     sid = client.submit(ServiceParamTemplate(
-        "exit_after", args={"seconds": 0.2, "logdir": str(logdir), "code": 0, "until": ""},
+        service, args={"seconds": seconds, "logdir": str(logdir), "code": 0, "until": ""},
         watch_interval=0.2))
     wait_until(lambda: not core.alive(), timeout=60, message="the core dies in the callback")
     again = start_core(wait_ready=False)
@@ -500,31 +506,9 @@ def test_core_that_dies_twice_in_a_callback_does_not_call_it_again(start_core, c
     last = start_core()
     record = client.wait(sid, timeout=60)
     assert (record.state, record.get("failure")) == ("failed", "plugin"), record
-    assert record.error == "the core died twice in after_watch_callback"
-    calls = (logdir / "callbacks.log").read_text().split()
-    assert calls.count("after") == 2
-    time.sleep(1)
-    assert last.alive()
-
-
-def test_core_that_dies_twice_in_file_change_callback_does_not_call_it_again(
-        start_core, client, logdir):
-    """file_change_callback calls os._exit while the program runs: the restart re-adopts
-    the program, calls it again and dies too; the next one stops the program and ends the
-    service failed (plugin), saying how, and stays up."""
-    core = start_core()
-    sid = client.submit(ServiceParamTemplate(
-        "exit_change", args={"seconds": 120, "logdir": str(logdir), "code": 0, "until": ""},
-        watch_interval=0.2))
-    wait_until(lambda: not core.alive(), timeout=60, message="the core dies in the callback")
-    again = start_core(wait_ready=False)
-    wait_until(lambda: not again.alive(), timeout=60, message="the restart dies in it too")
-    last = start_core()
-    record = client.wait(sid, timeout=60)
-    assert (record.state, record.get("failure")) == ("failed", "plugin"), record
-    assert record.error == "the core died twice in file_change_callback"
+    assert record.error == f"the core died twice in {call}"
     assert record.get("recovered_as") == "ended"
-    assert (logdir / "callbacks.log").read_text().split().count("change") == 2
+    assert (logdir / "callbacks.log").read_text().split().count(logged) == 2
     pid = record.get("pid")
     wait_until(lambda: not _alive(pid), timeout=30, message="its program is stopped")
     time.sleep(1)
