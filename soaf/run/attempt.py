@@ -153,6 +153,7 @@ class Attempt:
         if outcome is None:
             argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv
             self.argv = list(argv) if isinstance(argv, list) else None
+            journal.data.run_token = self.lineage.token
             journal.step("prepared")
             # Every process of the run carries its token, to be found and ended with it.
             env = {**env, RUN_VAR: self.lineage.token}
@@ -278,7 +279,7 @@ class Attempt:
     def _ended(self) -> Outcome:
         """The program has ended: have what it left running outside its group (daemons)
         ended, finish its logs and classify how (either thread)."""
-        if not self.adopted:
+        if not self.adopted or self.lineage.anywhere:
             self.host.engines.reaper.lineages.add(self.lineage)
         with self._logs_lock:
             logs, self._logs = self._logs, None

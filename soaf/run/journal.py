@@ -78,6 +78,9 @@ class Journal:
     #: ran this attempt died in, in a row: a core that recovers it acts on them.
     in_call: str | None = None
     died_in: list[str] = field(default_factory=list)
+    #: The token in the environment of the run's processes (soaf.process.lineage), on
+    #: disk only: a restarted core ends what the program left, even if not its children.
+    run_token: str | None = None
 
     @property
     def step(self) -> str | None:

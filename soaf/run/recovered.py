@@ -33,6 +33,7 @@ from typing import Any
 
 from soaf.process.adopted import AdoptedProcess
 from soaf.process.identity import ProcIdentity
+from soaf.process.lineage import RunLineage
 from soaf.process.spawn import Exit
 from soaf.protocol.state import ServiceRecord, State
 from soaf.run.attempt import STDERR, STDOUT, Attempt
@@ -126,6 +127,8 @@ class RecoveredAttempt(Attempt):
     def __init__(self, run: RecoveredRun, number: int) -> None:
         super().__init__(run, number)
         self.run_ = run
+        if run.previous.run_token:  # what its program left is no child of this core
+            self.lineage = RunLineage(run.previous.run_token, anywhere=True)
 
     def run(self) -> Outcome:
         run, prev = self.run_, self.run_.previous
