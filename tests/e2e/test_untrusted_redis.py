@@ -121,6 +121,7 @@ JUNK = st.one_of(st.sampled_from(["x", "-1", "1.5", "null", "{}", "[]", '"x"', "
                  st.binary(max_size=8), st.integers(-3, 10 ** 20).map(str))
 
 
+@pytest.mark.timeout(600)  # 10 examples, each with services that must finish
 @settings(max_examples=10, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
