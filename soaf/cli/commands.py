@@ -26,7 +26,7 @@ from soaf.cli.render import (
     records_table,
     show,
 )
-from soaf.cli.templatefile import from_options, load_templates
+from soaf.cli.templatefile import check_local_inputs, from_options, load_templates
 from soaf.client.follow import unique
 from soaf.client.sync import Client
 from soaf.errors import UnknownService
@@ -79,11 +79,15 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 @click.option("--work-path", help="A work dir under the work root, shared by templates naming it.")
 @click.option("-w", "--wait", "then_wait", is_flag=True,
               help="Then wait for the service(s) like `soaf wait` (exit 1 if one fails).")
+@click.option("--no-check", is_flag=True,
+              help="Submit even if a local input path does not exist here (it exists only "
+                   "on the core's machine).")
 @with_client
 def submit(client: Client, file: Path | None, service: str | None, args: tuple[str, ...],
            inputs: tuple[str, ...], outputs: tuple[str, ...], env: tuple[str, ...],
            service_id: str | None, timeout: float | None, retries: int | None,
-           watch_interval: float | None, work_path: str | None, then_wait: bool) -> None:
+           watch_interval: float | None, work_path: str | None, then_wait: bool,
+           no_check: bool) -> None:
     """Submit a service and print its id.
 
     Either from FILE - a Python file that defines `template` (or `templates`, a list;
@@ -106,6 +110,8 @@ def submit(client: Client, file: Path | None, service: str | None, args: tuple[s
             service=service or "", args=args, inputs=inputs, outputs=outputs, env=env,
             service_id=service_id, timeout=timeout, retries=retries,
             watch_interval=watch_interval, work_path=work_path)]
+    if not no_check:
+        check_local_inputs(templates)
     ids = [client.submit(t) for t in templates]
     for sid in ids:
         click.echo(sid)
@@ -149,8 +155,8 @@ def ls(client: Client, state: str | None, service: str | None, node: str | None,
 def status(client: Client, service_id: str, as_json: bool) -> None:
     """Show the record of one service.
 
-    Custom fields set by its handler are marked with *; -v adds the traceback of a
-    plugin error.
+    Custom fields set by its handler are marked with *; warnings list callback errors
+    (how many, the last one); -v adds the traceback of a plugin or callback error.
     """
     record = client.status(service_id)
     if as_json:
@@ -198,7 +204,10 @@ def wait(client: Client, ids: tuple[str, ...], all_: bool, follow: bool, timeout
         counts: dict[str, int] = {}
         for r in finals:
             counts[r.state] = counts.get(r.state, 0) + 1
-        console(stderr=True).print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        warned = sum(1 for r in finals if r.final and r.callback_errors)
+        console(stderr=True).print(", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                                   + (f" ({warned} with callback errors: soaf status ID -v)"
+                                      if warned else ""))
     raise SystemExit(1 if bad else 0)
 
 

@@ -89,6 +89,8 @@ def records_table(records: list[ServiceRecord]) -> Table:
     now = time.time()
     for r in records:
         info = r.error if r.error and not r.ok else (r.message or "")
+        if r.callback_errors and not (r.error and not r.ok):
+            info = f"warning: {r.warnings[0]}"
         table.add_row(r.service_id, r.service or "-", state_text(r.state), percent(r.progress),
                       r.node or "-", age(r.get("submitted_at"), now), info)
     return table
@@ -129,21 +131,6 @@ def _attempts(attempts: Any) -> str | None:
     return "\n".join(lines) or None
 
 
-def _warnings(r: ServiceRecord) -> str | None:
-    lines = []
-    if r.get("callback_error"):
-        n = r.get("callback_errors") or 1
-        lines.append(f"callback error ({n}x): {r.get('callback_error')}")
-    for stream in ("stdout", "stderr"):
-        if r.get(f"{stream}_dropped_bytes"):
-            lines.append(f"{stream}: {size(r.get(f'{stream}_dropped_bytes'))} dropped (log cap)")
-    if r.get("missing_outputs"):
-        lines.append(f"missing outputs: {', '.join(map(str, r.get('missing_outputs')))}")
-    if r.get("exit_status_known") is False:
-        lines.append("the program ended while no core watched it; exit status unknown")
-    return "\n".join(lines) or None
-
-
 def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
     """One record as ``field value`` lines: what ran (command, pid, files), what it cost,
     how it ended (attempts, warnings), then the handler's custom fields."""
@@ -177,11 +164,14 @@ def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
         rows.append(("cpu time", f"{r.get('cpu_time'):.3f} s"))
     if isinstance(peak, (int, float)):
         rows.append(("peak memory", size(peak * 1024)))
-    rows += [("attempts", _attempts(r.get("attempts"))), ("warnings", _warnings(r))]
+    rows += [("attempts", _attempts(r.get("attempts"))),
+             ("warnings", "\n".join(r.warnings) or None)]
     for key, value in sorted(r.fields.items()):
         rows.append((f"{key} *", value if isinstance(value, str) else json.dumps(value)))
     if verbose and r.traceback:
         rows.append(("traceback", r.traceback.rstrip()))
+    if verbose and r.get("callback_traceback"):
+        rows.append(("callback traceback", str(r.get("callback_traceback")).rstrip()))
     for name, value in rows:
         if value is not None and value != "":
             table.add_row(name, value if isinstance(value, Text) else str(value))
@@ -197,9 +187,10 @@ def capacity(used: Any, total: Any, unit: str = "") -> str:
 
 def nodes_table(nodes: list[dict[str, Any]]) -> Table:
     table = _table("NODE", "HOST", "PID", "LOAD", "CPUS", "MEMORY", "PLUGINS", "UP",
-                   "HEARTBEAT", "REDIS")
+                   "HEARTBEAT", "REDIS", "STATE")
     now = time.time()
     for n in nodes:
+        state = Text("draining", style="yellow") if n.get("draining") else Text("accepting")
         table.add_row(str(n.get("node")), str(n.get("host", "-")), str(n.get("pid", "-")),
                       f"{n.get('running', 0)}/{n.get('max_services', '?')}"
                       + (f" +{n['waiting']} waiting" if n.get("waiting") else ""),
@@ -207,7 +198,8 @@ def nodes_table(nodes: list[dict[str, Any]]) -> Table:
                       capacity(n.get("memory_mb_used"), n.get("memory_mb"), " MiB"),
                       str(n.get("plugin_version") or "-"), age(n.get("started_at"), now),
                       f"{age(n.get('ts'), now)} ago",
-                      "ok" if n.get("redis_connected", True) else Text("lost", style="red"))
+                      "ok" if n.get("redis_connected", True) else Text("lost", style="red"),
+                      state)
     return table
 
 
@@ -229,6 +221,7 @@ def plugins_table(plugins: dict[str, Any], alive: set[str]) -> Table:
 class WaitDisplay(Protocol):
     def add(self, record: ServiceRecord) -> None: ...
     def event(self, service_id: str, event: dict[str, Any]) -> None: ...
+    def warn(self, record: ServiceRecord) -> None: ...
     def close(self) -> None: ...
 
 
@@ -256,6 +249,13 @@ class LiveDisplay:
             state=state_text(record.state).markup, info=record.message or "")
         if record.final:
             self._final(record.service_id, record.state, record.error)
+            self.warn(record)
+
+    def warn(self, record: ServiceRecord) -> None:
+        """A final service's callback errors, beside its bar."""
+        task = self.tasks.get(record.service_id)
+        if task is not None and record.callback_errors:
+            self.progress.update(task, info=f"warning: {record.warnings[0]}")
 
     def event(self, service_id: str, event: dict[str, Any]) -> None:
         task = self.tasks.get(service_id)
@@ -313,6 +313,12 @@ class PlainDisplay:
         else:
             text = record.state
         self._line(record.service_id, text)
+        if record.final:
+            self.warn(record)
+
+    def warn(self, record: ServiceRecord) -> None:
+        if record.callback_errors:
+            self._line(record.service_id, f"warning: {record.warnings[0]}")
 
     def event(self, service_id: str, event: dict[str, Any]) -> None:
         value = event.get("progress")

@@ -378,6 +378,7 @@ class Core:
             "max_services": self.settings.max_services, **self.admission.usage(),
             "plugin_version": registry.version if registry else None,
             "redis_connected": writer.connected if writer is not None else True,
+            "draining": self.stopping,  # stopped taking work; finishing what it runs
         }
 
     def _next_plugin_number(self, last: int) -> int:
