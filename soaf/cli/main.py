@@ -17,6 +17,7 @@ import click
 
 from soaf.cli.commands import COMMANDS
 from soaf.cli.coreflags import take_tuning, tuning_options
+from soaf.cli.info import info
 from soaf.cli.logconfig import setup_logging
 from soaf.errors import SoafError
 
@@ -248,7 +249,7 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-for _command in COMMANDS:
+for _command in [*COMMANDS, info]:
     cli.add_command(_command)
 
 

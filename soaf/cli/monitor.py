@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from soaf.cli.render import LiveDisplay, PlainDisplay, WaitDisplay, console
+from soaf.cli.render import LiveDisplay, PlainDisplay, WaitDisplay, bars_fit, console
 from soaf.client.follow import is_final
 from soaf.client.sync import Client
 from soaf.errors import WaitTimeout
@@ -35,7 +35,7 @@ def watch(client: Client, records: list[ServiceRecord], *, discover: bool,
     display: WaitDisplay
     if as_json:
         display = _Quiet()
-    elif out.is_terminal:
+    elif bars_fit(out):
         display = LiveDisplay(out)
     else:
         display = PlainDisplay(out)

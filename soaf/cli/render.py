@@ -2,12 +2,14 @@
 
 Everything goes through rich, which colours only when the output is a terminal (and
 never with NO_COLOR set). On a terminal ``wait`` draws a progress bar per service; in
-a pipe or a file it prints one plain line per change instead.
+a pipe, a file or a terminal too narrow for the bars (or of unknown size) it prints one
+plain line per change instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -17,7 +19,7 @@ from typing import Any, Protocol
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from soaf.protocol.state import FINAL_VALUES, ServiceRecord
@@ -229,14 +231,40 @@ def _label(record: ServiceRecord) -> str:
     return f"{record.service or '?'} {record.service_id[:12]}"
 
 
+#: Columns a progress bar line needs without its message: label (service and id), bar,
+#: percentage, state, elapsed time and the gaps. The message gets what is left.
+BAR_LINE = 67
+#: Narrower terminals (or ones whose size is unknown, e.g. under ``script``) get plain lines.
+MIN_BAR_WIDTH = BAR_LINE + 5
+
+
+def bars_fit(out: Console) -> bool:
+    """Whether ``out`` is a terminal wide enough for ``LiveDisplay``. A terminal that
+    reports no size (0 columns) counts as too narrow, unless COLUMNS says otherwise:
+    rich would guess 80 and squeeze the bars."""
+    if not out.is_terminal:
+        return False
+    if not os.environ.get("COLUMNS"):
+        try:
+            if os.get_terminal_size(out.file.fileno()).columns <= 0:
+                return False
+        except (AttributeError, ValueError, OSError):
+            return False
+    return out.width >= MIN_BAR_WIDTH
+
+
 class LiveDisplay:
-    """Progress bars on a terminal: one per service, its state and message beside it."""
+    """Progress bars on a terminal: one per service, its state and message beside it.
+    The bar keeps its width; a long message is cut to what the line has left."""
 
     def __init__(self, out: Console) -> None:
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-            TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}", markup=False),
+            TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=20), TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[state]}", table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}", markup=False, table_column=Column(
+                no_wrap=True, overflow="ellipsis", max_width=max(10, out.width - BAR_LINE - 1))),
             console=out, transient=False, refresh_per_second=8,
         )
         self.tasks: dict[str, TaskID] = {}
@@ -300,7 +328,9 @@ class PlainDisplay:
         self.states: dict[str, str] = {}
 
     def _line(self, service_id: str, text: str) -> None:
-        self.out.print(f"{service_id} {self.labels.get(service_id, '?')} {text}", markup=False)
+        # soft_wrap: a narrow terminal wraps the line itself; rich would break it in two
+        self.out.print(f"{service_id} {self.labels.get(service_id, '?')} {text}", markup=False,
+                       soft_wrap=True)
 
     def add(self, record: ServiceRecord) -> None:
         self.labels[record.service_id] = record.service or "?"

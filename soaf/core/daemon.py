@@ -140,6 +140,7 @@ class Core:
             from soaf.core.embedded import EmbeddedRedis
 
             self.embedded = EmbeddedRedis(s.state_dir)
+            self.embedded.hold(alone=False)  # waits while `soaf ls` ... has the data open
             self.url = self.embedded.start()
             log.info("embedded Redis at %s (state in %s)", redact(self.url), s.state_dir.resolve())
         else:

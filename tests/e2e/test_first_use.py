@@ -3,18 +3,25 @@ callback errors that show, progress that reaches 100%, messages that say what to
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
 import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from soaf import ServiceParamTemplate
 from tests.conftest import ROOT, wait_until
-from tests.e2e.test_cli import gate, soaf, submit
+from tests.e2e.test_cli import SOAF, gate, soaf, submit
 
 #: A CSV chunker of a new user's own: the program writes chunk files and ends at once
 #: (before any periodic check), the handler counts them and may break on purpose.
@@ -222,3 +229,59 @@ def test_nodes_shows_a_draining_core(start_core, core_env, client):
     (work_dir / "go1").touch()
     assert client.wait(sid, timeout=60).ok
     assert core.proc.wait(30) == 0
+
+
+def _wait_in_terminal(env: dict[str, str], sid: str, rows: int, cols: int, work: Path) -> str:
+    """``soaf wait ID`` on a pseudo-terminal of ``rows`` x ``cols`` (0 x 0: size unknown, as
+    under ``script``); lets the gate service through and returns what the terminal got."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    env = {k: v for k, v in env.items() if k not in ("NO_COLOR", "COLUMNS", "LINES", "TERM")}
+    env["TERM"] = "xterm-256color"
+    proc = subprocess.Popen([str(SOAF), "wait", sid], env=env, stdin=slave, stdout=slave,
+                            stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+    (work / "go1").touch()
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        assert ready, f"soaf wait is silent: {seen!r}"
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the other side closed: it ended
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if b"running" in seen and not (work / "go2").exists():
+            (work / "go2").touch()
+    assert proc.wait(30) == 0
+    os.close(master)
+    return seen.decode(errors="replace").replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("rows, cols", [(0, 0), (24, 40)])
+def test_wait_prints_lines_on_a_narrow_or_unknown_terminal(start_core, core_env, client, rows,
+                                                           cols):
+    start_core()
+    sid, work = gate(core_env, client, 2)
+    text = _wait_in_terminal(core_env, sid, rows, cols, work)
+    assert "━" not in text and "\x1b[?25l" not in text  # no bar, no cursor games
+    assert f"{sid} gate running" in text
+    assert f"{sid} gate progress 100%" in text and f"{sid} gate succeeded" in text
+    assert "1 succeeded" in text
+
+
+def test_wait_bar_keeps_its_width_beside_a_long_message(start_core, core_env, client,
+                                                        plugin_dir):
+    handler = plugin_dir / "handlers" / "gate.py"
+    handler.write_text(handler.read_text() + textwrap.dedent('''
+        def _long_message(self, service):
+            service.message = "merging " + "very-long-part-name " * 20
+        GateHandler.before_watch_callback = _long_message
+        '''))
+    start_core()
+    sid, work = gate(core_env, client, 2)
+    text = _wait_in_terminal(core_env, sid, 30, 80, work)
+    assert "━" * 20 in text  # the whole bar, on an 80-column terminal
+    assert "merging ver…" in text and "very-long-part-name " * 2 not in text  # cut to fit
