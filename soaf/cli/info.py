@@ -42,7 +42,8 @@ def describe(client: Client, state: Path, *, opened: bool) -> dict[str, Any]:
     from_env = bool(os.environ.get("SOAF_REDIS_URL", "").strip())
     url_file = (state / URL_FILE).resolve()
     if opened:
-        cores = "none running: this command opened the embedded data itself"
+        cores = ("none running: this command opened the embedded data itself (the URL "
+                 "file exists while a core runs)")
     else:
         cores = ", ".join(str(n.get("node")) for n in client.nodes()) or "none alive"
     return {
