@@ -202,15 +202,15 @@ def wait(client: Client, ids: tuple[str, ...], all_: bool, follow: bool, timeout
     if follow and not all_:
         raise click.UsageError("--follow goes with --all")
     records = [client.status(sid) for sid in unique(ids)]
-    if click.get_current_context().meta.get(offline.OFFLINE):
-        running = [r.service_id for r in records if not r.final]
-        if running or all_:
-            raise offline.running_needed(f"{', '.join(running) or '--all'} waits for "
-                                         "services that are not final")
     if all_:
         known = {r.service_id for r in records}
         records += [r for r in reversed(client.list(limit=1000))
                     if not r.final and r.service_id not in known]
+    if click.get_current_context().meta.get(offline.OFFLINE):
+        running = [r.service_id for r in records if not r.final]
+        if running or follow:
+            raise offline.running_needed(f"{', '.join(running) or '--follow'} waits for "
+                                         "services that are not final")
     finals = watch(client, records, discover=all_, timeout=timeout, as_json=as_json,
                    follow=follow)
     bad = [r for r in finals if r.final and not r.ok]

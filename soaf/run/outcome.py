@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soaf.plugin.service import Service
 from soaf.process.spawn import Exit
 from soaf.protocol.state import State
 
@@ -84,7 +85,7 @@ def with_stderr(outcome: Outcome, stderr: Path | None, service_id: str) -> Outco
     return outcome
 
 
-def settle(outcome: Outcome, service: Any, handler: Any, *, progress_sets: int) -> Outcome:
+def settle(outcome: Outcome, service: Service, handler: Any, *, progress_sets: int) -> Outcome:
     """The outcome once ``after_watch_callback`` has run: a success fails if callbacks
     raised and the handler sets ``fail_on_callback_error``; else a success whose handler
     did not set progress in ``after_watch_callback`` (``service.progress_sets`` is still

@@ -148,3 +148,14 @@ def test_info_says_where_redis_and_the_key_are(start_core, embedded_env):
     assert stopped.returncode == 0, stopped.stderr
     assert re.search(r"^cores +none running: this command opened the embedded data itself "
                      r"\(the URL file exists while a core runs\)$", stopped.stdout, re.M), stopped.stdout
+
+
+def test_wait_all_with_no_core_has_nothing_to_wait_for(start_core, embedded_env):
+    core = start_core(**embedded_env)
+    assert soaf(embedded_env, "wait", submit(embedded_env, "-s", "true")).returncode == 0
+    assert core.stop() == 0
+    out = soaf(embedded_env, "wait", "--all")
+    assert out.returncode == 0 and out.stderr == "nothing to wait for\n"
+    out = soaf(embedded_env, "wait", "--all", "--follow")
+    assert out.returncode == 1 and "Error: --follow waits for services that are not final, " \
+                                   "but no core is running" in out.stderr
