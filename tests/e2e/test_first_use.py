@@ -285,3 +285,18 @@ def test_wait_bar_keeps_its_width_beside_a_long_message(start_core, core_env, cl
     text = _wait_in_terminal(core_env, sid, 30, 80, work)
     assert "━" * 20 in text  # the whole bar, on an 80-column terminal
     assert "merging ver…" in text and "very-long-part-name " * 2 not in text  # cut to fit
+
+
+def test_wait_bar_shows_callback_errors(start_core, core_env, client, plugin_dir):
+    handler = plugin_dir / "handlers" / "gate.py"
+    handler.write_text(handler.read_text() + textwrap.dedent('''
+        def _broken(self, service):
+            raise KeyError("column")
+        GateHandler.before_watch_callback = _broken
+        '''))
+    start_core()
+    sid, work = gate(core_env, client, 2)
+    text = _wait_in_terminal(core_env, sid, 30, 160, work)
+    assert "━" * 20 in text  # a live bar, and beside it:
+    assert "warning: 1 callback error, the last: before_watch_callback raised KeyError" in text
+    assert "1 succeeded (1 with callback errors: soaf status ID -v)" in text
