@@ -16,6 +16,8 @@ from typing import Any
 import click
 
 from soaf.cli.commands import COMMANDS
+from soaf.cli.coreflags import take_tuning, tuning_options
+from soaf.cli.info import info
 from soaf.cli.logconfig import setup_logging
 from soaf.errors import SoafError
 
@@ -116,7 +118,7 @@ def _policy(flags: dict[str, Any]) -> Any:
                    "Env SOAF_MAX_PAYLOAD. Default: 1048576.")
 @click.option("--insecure", is_flag=True, default=None,
               help="Accept a shared Redis without a secret (signs with a well-known key: "
-                   "anyone who can write to Redis can run code here).")
+                   "anyone who can write to Redis can run code here). Env SOAF_INSECURE=1.")
 @click.option("--drain/--no-drain", default=True, show_default=True,
               help="On SIGTERM/SIGINT wait for running services (drain) or stop their "
                    "programs and leave them queued for recovery. A second signal forces.")
@@ -125,6 +127,7 @@ def _policy(flags: dict[str, Any]) -> Any:
 @retention_options
 @click.option("--gc-interval", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Seconds between sweeps of the work root (0: none). Env SOAF_GC_INTERVAL.")
+@tuning_options
 def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, node: str | None,
          state_dir: Path | None, max_services: int | None, cpus: float | None,
          memory_mb: float | None, prefix: str | None, secret_file: Path | None,
@@ -140,8 +143,9 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
     from soaf.core.daemon import Core
 
     setup_logging(verbose, quiet)
+    tuning = take_tuning(data_flags)
     try:
-        settings = Settings.load(
+        settings = Settings.load(**tuning,
             redis_url=redis_url, work_root=work_root, plugins=plugins, node=node,
             state_dir=state_dir, max_services=max_services, cpus=cpus, memory_mb=memory_mb,
             prefix=prefix, insecure=insecure,
@@ -245,7 +249,7 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-for _command in COMMANDS:
+for _command in [*COMMANDS, info]:
     cli.add_command(_command)
 
 

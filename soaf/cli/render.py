@@ -2,12 +2,14 @@
 
 Everything goes through rich, which colours only when the output is a terminal (and
 never with NO_COLOR set). On a terminal ``wait`` draws a progress bar per service; in
-a pipe or a file it prints one plain line per change instead.
+a pipe, a file or a terminal too narrow for the bars (or of unknown size) it prints one
+plain line per change instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -17,7 +19,7 @@ from typing import Any, Protocol
 from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from soaf.protocol.state import FINAL_VALUES, ServiceRecord
@@ -89,6 +91,8 @@ def records_table(records: list[ServiceRecord]) -> Table:
     now = time.time()
     for r in records:
         info = r.error if r.error and not r.ok else (r.message or "")
+        if r.callback_errors and not (r.error and not r.ok):
+            info = f"warning: {r.warnings[0]}"
         table.add_row(r.service_id, r.service or "-", state_text(r.state), percent(r.progress),
                       r.node or "-", age(r.get("submitted_at"), now), info)
     return table
@@ -129,21 +133,6 @@ def _attempts(attempts: Any) -> str | None:
     return "\n".join(lines) or None
 
 
-def _warnings(r: ServiceRecord) -> str | None:
-    lines = []
-    if r.get("callback_error"):
-        n = r.get("callback_errors") or 1
-        lines.append(f"callback error ({n}x): {r.get('callback_error')}")
-    for stream in ("stdout", "stderr"):
-        if r.get(f"{stream}_dropped_bytes"):
-            lines.append(f"{stream}: {size(r.get(f'{stream}_dropped_bytes'))} dropped (log cap)")
-    if r.get("missing_outputs"):
-        lines.append(f"missing outputs: {', '.join(map(str, r.get('missing_outputs')))}")
-    if r.get("exit_status_known") is False:
-        lines.append("the program ended while no core watched it; exit status unknown")
-    return "\n".join(lines) or None
-
-
 def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
     """One record as ``field value`` lines: what ran (command, pid, files), what it cost,
     how it ended (attempts, warnings), then the handler's custom fields."""
@@ -177,11 +166,14 @@ def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
         rows.append(("cpu time", f"{r.get('cpu_time'):.3f} s"))
     if isinstance(peak, (int, float)):
         rows.append(("peak memory", size(peak * 1024)))
-    rows += [("attempts", _attempts(r.get("attempts"))), ("warnings", _warnings(r))]
+    rows += [("attempts", _attempts(r.get("attempts"))),
+             ("warnings", "\n".join(r.warnings) or None)]
     for key, value in sorted(r.fields.items()):
         rows.append((f"{key} *", value if isinstance(value, str) else json.dumps(value)))
     if verbose and r.traceback:
         rows.append(("traceback", r.traceback.rstrip()))
+    if verbose and r.get("callback_traceback"):
+        rows.append(("callback traceback", str(r.get("callback_traceback")).rstrip()))
     for name, value in rows:
         if value is not None and value != "":
             table.add_row(name, value if isinstance(value, Text) else str(value))
@@ -197,9 +189,10 @@ def capacity(used: Any, total: Any, unit: str = "") -> str:
 
 def nodes_table(nodes: list[dict[str, Any]]) -> Table:
     table = _table("NODE", "HOST", "PID", "LOAD", "CPUS", "MEMORY", "PLUGINS", "UP",
-                   "HEARTBEAT", "REDIS")
+                   "HEARTBEAT", "REDIS", "STATE")
     now = time.time()
     for n in nodes:
+        state = Text("draining", style="yellow") if n.get("draining") else Text("accepting")
         table.add_row(str(n.get("node")), str(n.get("host", "-")), str(n.get("pid", "-")),
                       f"{n.get('running', 0)}/{n.get('max_services', '?')}"
                       + (f" +{n['waiting']} waiting" if n.get("waiting") else ""),
@@ -207,7 +200,8 @@ def nodes_table(nodes: list[dict[str, Any]]) -> Table:
                       capacity(n.get("memory_mb_used"), n.get("memory_mb"), " MiB"),
                       str(n.get("plugin_version") or "-"), age(n.get("started_at"), now),
                       f"{age(n.get('ts'), now)} ago",
-                      "ok" if n.get("redis_connected", True) else Text("lost", style="red"))
+                      "ok" if n.get("redis_connected", True) else Text("lost", style="red"),
+                      state)
     return table
 
 
@@ -229,6 +223,7 @@ def plugins_table(plugins: dict[str, Any], alive: set[str]) -> Table:
 class WaitDisplay(Protocol):
     def add(self, record: ServiceRecord) -> None: ...
     def event(self, service_id: str, event: dict[str, Any]) -> None: ...
+    def warn(self, record: ServiceRecord) -> None: ...
     def close(self) -> None: ...
 
 
@@ -236,14 +231,40 @@ def _label(record: ServiceRecord) -> str:
     return f"{record.service or '?'} {record.service_id[:12]}"
 
 
+#: Columns a progress bar line needs without its message: label (service and id), bar,
+#: percentage, state, elapsed time and the gaps. The message gets what is left.
+BAR_LINE = 67
+#: Narrower terminals (or ones whose size is unknown, e.g. under ``script``) get plain lines.
+MIN_BAR_WIDTH = BAR_LINE + 5
+
+
+def bars_fit(out: Console) -> bool:
+    """Whether ``out`` is a terminal wide enough for ``LiveDisplay``. A terminal that
+    reports no size (0 columns) counts as too narrow, unless COLUMNS says otherwise:
+    rich would guess 80 and squeeze the bars."""
+    if not out.is_terminal:
+        return False
+    if not os.environ.get("COLUMNS"):
+        try:
+            if os.get_terminal_size(out.file.fileno()).columns <= 0:
+                return False
+        except (AttributeError, ValueError, OSError):
+            return False
+    return out.width >= MIN_BAR_WIDTH
+
+
 class LiveDisplay:
-    """Progress bars on a terminal: one per service, its state and message beside it."""
+    """Progress bars on a terminal: one per service, its state and message beside it.
+    The bar keeps its width; a long message is cut to what the line has left."""
 
     def __init__(self, out: Console) -> None:
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-            TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}", markup=False),
+            TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=20), TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[state]}", table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}", markup=False, table_column=Column(
+                no_wrap=True, overflow="ellipsis", max_width=max(10, out.width - BAR_LINE - 1))),
             console=out, transient=False, refresh_per_second=8,
         )
         self.tasks: dict[str, TaskID] = {}
@@ -256,6 +277,13 @@ class LiveDisplay:
             state=state_text(record.state).markup, info=record.message or "")
         if record.final:
             self._final(record.service_id, record.state, record.error)
+            self.warn(record)
+
+    def warn(self, record: ServiceRecord) -> None:
+        """A final service's callback errors, beside its bar."""
+        task = self.tasks.get(record.service_id)
+        if task is not None and record.callback_errors:
+            self.progress.update(task, info=f"warning: {record.warnings[0]}")
 
     def event(self, service_id: str, event: dict[str, Any]) -> None:
         task = self.tasks.get(service_id)
@@ -300,7 +328,9 @@ class PlainDisplay:
         self.states: dict[str, str] = {}
 
     def _line(self, service_id: str, text: str) -> None:
-        self.out.print(f"{service_id} {self.labels.get(service_id, '?')} {text}", markup=False)
+        # soft_wrap: a narrow terminal wraps the line itself; rich would break it in two
+        self.out.print(f"{service_id} {self.labels.get(service_id, '?')} {text}", markup=False,
+                       soft_wrap=True)
 
     def add(self, record: ServiceRecord) -> None:
         self.labels[record.service_id] = record.service or "?"
@@ -313,6 +343,12 @@ class PlainDisplay:
         else:
             text = record.state
         self._line(record.service_id, text)
+        if record.final:
+            self.warn(record)
+
+    def warn(self, record: ServiceRecord) -> None:
+        if record.callback_errors:
+            self._line(record.service_id, f"warning: {record.warnings[0]}")
 
     def event(self, service_id: str, event: dict[str, Any]) -> None:
         value = event.get("progress")

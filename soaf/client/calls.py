@@ -71,6 +71,11 @@ def target(url: str | None, *, prefix: str | None, state_dir: str | Path | None,
     secret is looked up only when a template is signed (see ``submit_call``)."""
     state = Path(state_dir) if state_dir is not None else state_dir_from_env()
     found = url or find_redis_url(state)
+    if not found and (state / "redis").is_dir():  # an embedded core's data, no core
+        raise ConfigError(
+            f"no core is running on the embedded Redis in {state} (its data is in "
+            f"{state / 'redis'}): start one (python start_core.py); the soaf read commands "
+            "(soaf ls, soaf status ID, soaf logs ID) open its history without a core")
     if not found:
         raise ConfigError(
             "no Redis to talk to: set SOAF_REDIS_URL (or pass --redis / url=), or run "

@@ -141,6 +141,7 @@ class Core:
             from soaf.core.embedded import EmbeddedRedis
 
             self.embedded = EmbeddedRedis(s.state_dir)
+            self.embedded.hold(alone=False)  # waits while `soaf ls` ... has the data open
             self.url = self.embedded.start()
             log.info("embedded Redis at %s (state in %s)", redact(self.url), s.state_dir.resolve())
         else:
@@ -379,6 +380,7 @@ class Core:
             "max_services": self.settings.max_services, **self.admission.usage(),
             "plugin_version": registry.version if registry else None,
             "redis_connected": writer.connected if writer is not None else True,
+            "draining": self.stopping,  # stopped taking work; finishing what it runs
         }
 
     def _next_plugin_number(self, last: int) -> int:

@@ -48,6 +48,11 @@ class Service:
         self.outputs: list[dict[str, Any]] = []
         self.stop_requested = threading.Event()
         self.callback_errors = 0
+        #: The last callback error's text (``"file_change_callback raised KeyError: 'x'"``).
+        self.last_callback_error: str | None = None
+        #: How often ``progress`` was set; the attempt compares it around
+        #: ``after_watch_callback`` to know whether the handler had the last word.
+        self.progress_sets = 0
         #: True when a restarted core re-adopted the running program: the handler is a new
         #: instance, ``before_watch_callback`` runs again, and ``fields``, ``progress`` and
         #: ``message`` hold what the previous core had written.
@@ -76,6 +81,7 @@ class Service:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ValidationError("progress", f"must be a number between 0 and 1, got {value!r}")
         value = min(1.0, max(0.0, float(value)))
+        self.progress_sets += 1
         if value != self._progress:
             self._progress = value
             self._emit({"progress": value})
@@ -129,6 +135,7 @@ class Service:
     def record_callback_error(self, text: str, tb: str) -> None:
         """Record a callback's exception on the record; the service carries on."""
         self.callback_errors += 1
+        self.last_callback_error = text
         self._emit({"callback_error": text, "callback_traceback": tb,
                     "callback_errors": self.callback_errors})
 

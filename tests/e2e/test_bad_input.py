@@ -149,7 +149,7 @@ CASES: list[tuple[str, Callable[[Bench, str], dict[str, Any]], str, str]] = [
      "payload signature does not match (forged or corrupted)"),
     ("signed by a retired key", lambda b, sid: {
         "payload": signed(template(service_id=sid), RETIRED), "id": sid}, "both",
-     f"payload signed with unknown key id {key_id(RETIRED)}"),
+     f"payload signed with key id {key_id(RETIRED)}, which this core does not know"),
     ("oversized payload", lambda b, sid: {
         "payload": signed(template(service_id=sid, args={"blob": "x" * MAX_PAYLOAD})), "id": sid},
      "both", f"exceeds the limit of {MAX_PAYLOAD}"),
