@@ -63,6 +63,10 @@ _OPTIONS = [
     click.option("--max-payload-age", type=click.FloatRange(min=0), metavar="SECONDS",
                  help="Seconds a signed payload whose record is gone may still run (replays). "
                       "Env SOAF_MAX_PAYLOAD_AGE. Default: the record TTL."),
+    click.option("--max-submit-delay", type=click.FloatRange(min=0), metavar="SECONDS",
+                 help="Seconds an entry may reach its queue after its payload was signed; "
+                      "later, it is refused as a replay (0: no limit). Env "
+                      f"SOAF_MAX_SUBMIT_DELAY. Default: {config.DEFAULT_MAX_SUBMIT_DELAY:g}."),
     click.option("--fetch-timeout", type=_SECONDS, metavar="SECONDS",
                  help="Seconds one network operation of staging or uploading may take. "
                       f"Env SOAF_FETCH_TIMEOUT. Default: {config.DEFAULT_FETCH_TIMEOUT:g}."),
@@ -78,7 +82,7 @@ _OPTIONS = [
 SETTINGS_FLAGS = ("kill_grace", "callback_timeout", "file_poll", "log_max_bytes", "log_interval",
                   "log_lines", "reload_poll", "reload_debounce", "reload_timeout", "reload_watch",
                   "heartbeat_interval", "heartbeat_ttl", "record_ttl", "max_payload_age",
-                  "fetch_timeout")
+                  "max_submit_delay", "fetch_timeout")
 #: Flags that set a variable read where it is used.
 ENV_FLAGS = {"redis_server": "SOAF_REDIS_SERVER", "host_id": "SOAF_HOST_ID"}
 

@@ -153,8 +153,7 @@ class Attempt:
         if outcome is None:
             argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv
             self.argv = list(argv) if isinstance(argv, list) else None
-            journal.data.run_token = self.lineage.token
-            journal.step("prepared")
+            journal.step("prepared", run_token=self.lineage.token)
             # Every process of the run carries its token, to be found and ended with it.
             env = {**env, RUN_VAR: self.lineage.token}
             # The shim records the exit status in a file, for a core that restarts meanwhile.
