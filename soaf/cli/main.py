@@ -17,6 +17,7 @@ import click
 
 from soaf.cli.commands import COMMANDS
 from soaf.cli.logconfig import setup_logging
+from soaf.cli.pipelines import pipelines
 from soaf.errors import SoafError
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-for _command in COMMANDS:
+for _command in [*COMMANDS, pipelines]:
     cli.add_command(_command)
 
 

@@ -97,3 +97,13 @@ class Keys:
     def slots(self, service: str) -> str:
         """Sorted set of the ids running a ``max_concurrent`` service, scored by lease end."""
         return f"{self.prefix}:slots:{service}"
+
+    def pipeline(self, name: str) -> str:
+        """Hash: the steps of the named pipeline ``name``; step name -> JSON entry with the
+        service id it got, its template's digest, service and order (docs/pipelines.md)."""
+        return f"{self.prefix}:pipeline:{name}"
+
+    @property
+    def pipelines(self) -> str:
+        """Sorted set: the names of named pipelines, scored by when a step was last recorded."""
+        return f"{self.prefix}:pipelines"
