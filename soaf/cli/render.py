@@ -16,7 +16,15 @@ from typing import Any, Protocol
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -46,11 +54,26 @@ def age(ts: Any, now: float | None = None) -> str:
     """``3s``, ``5m``, ``2h``, ``4d``: how long ago ``ts`` (epoch seconds) was."""
     if not isinstance(ts, (int, float)):
         return "-"
-    seconds = max(0.0, (now or time.time()) - ts)
+    return duration((now or time.time()) - ts)
+
+
+def duration(seconds: float) -> str:
+    """``3s``, ``5m``, ``2h``, ``4d``: a span of time in its largest whole unit."""
+    seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
+
+
+def eta_text(record: ServiceRecord, now: float | None = None) -> str:
+    """The time left until the record's ETA (``1m``), ``overdue`` once it passed, ``-``
+    when there is none (final, or no rate known yet)."""
+    eta = record.eta
+    if eta is None:
+        return "-"
+    left = eta - (now or time.time())
+    return duration(left) if left >= 0 else "overdue"
 
 
 def when(ts: Any) -> str:
@@ -85,12 +108,12 @@ def _table(*columns: str) -> Table:
 
 
 def records_table(records: list[ServiceRecord]) -> Table:
-    table = _table("ID", "SERVICE", "STATE", "PROGRESS", "NODE", "AGE", "INFO")
+    table = _table("ID", "SERVICE", "STATE", "PROGRESS", "ETA", "NODE", "AGE", "INFO")
     now = time.time()
     for r in records:
         info = r.error if r.error and not r.ok else (r.message or "")
         table.add_row(r.service_id, r.service or "-", state_text(r.state), percent(r.progress),
-                      r.node or "-", age(r.get("submitted_at"), now), info)
+                      eta_text(r, now), r.node or "-", age(r.get("submitted_at"), now), info)
     return table
 
 
@@ -236,13 +259,24 @@ def _label(record: ServiceRecord) -> str:
     return f"{record.service or '?'} {record.service_id[:12]}"
 
 
+class EtaColumn(ProgressColumn):
+    """The time left until a task's ETA (the ``eta`` field, Unix time), redrawn live."""
+
+    def render(self, task: Task) -> Text:
+        eta = task.fields.get("eta")
+        if not isinstance(eta, (int, float)) or task.finished or task.stop_time is not None:
+            return Text("")
+        left = eta - time.time()
+        return Text(f"ETA {duration(left)}" if left >= 0 else "overdue", style="dim")
+
+
 class LiveDisplay:
-    """Progress bars on a terminal: one per service, its state and message beside it."""
+    """Progress bars on a terminal: one per service, its state, ETA and message beside it."""
 
     def __init__(self, out: Console) -> None:
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-            TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
+            TextColumn("{task.fields[state]}"), TimeElapsedColumn(), EtaColumn(),
             TextColumn("{task.fields[info]}", markup=False),
             console=out, transient=False, refresh_per_second=8,
         )
@@ -253,7 +287,7 @@ class LiveDisplay:
         self.tasks[record.service_id] = self.progress.add_task(
             # rich annotates add_task's completed as int; its Task.completed is a float.
             _label(record), total=1.0, completed=record.progress or 0.0,  # type: ignore[arg-type]
-            state=state_text(record.state).markup, info=record.message or "")
+            state=state_text(record.state).markup, info=record.message or "", eta=record.eta)
         if record.final:
             self._final(record.service_id, record.state, record.error)
 
@@ -264,6 +298,7 @@ class LiveDisplay:
         changes: dict[str, Any] = {}
         if isinstance(event.get("progress"), (int, float)):
             changes["completed"] = event["progress"]
+            changes["eta"] = event.get("eta")
         if event.get("message"):
             changes["info"] = str(event["message"])
         if "state" in event:
@@ -320,7 +355,10 @@ class PlainDisplay:
             last = self.shown.get(service_id, 0.0)
             if value - last >= self.STEP or (value >= 1.0 > last):
                 self.shown[service_id] = value
-                self._line(service_id, f"progress {percent(value)}")
+                eta = event.get("eta")
+                left = (f" (ETA {duration(eta - time.time())})"
+                        if isinstance(eta, (int, float)) and value < 1.0 else "")
+                self._line(service_id, f"progress {percent(value)}{left}")
         state = event.get("state")
         if state and state != self.states.get(service_id):
             self.states[service_id] = state

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 #: Fields that describe one attempt; cleared when the next attempt starts.
 ATTEMPT_FIELDS = (
     "pid", "shim_pid", "command", "exit_code", "signal", "stopped_with", "wall_time", "cpu_time",
-    "max_rss_kb", "exited_at", "error", "failure", "failed_in", "traceback", "progress",
+    "max_rss_kb", "exited_at", "error", "failure", "failed_in", "traceback", "progress", "eta",
     "message", "callback_error", "callback_traceback", "callback_errors", "running_at",
     "preparing_at", "stdout_bytes", "stderr_bytes", "stdout_dropped_bytes",
     "stderr_dropped_bytes", "missing_outputs", "inputs", "outputs", "output_target",
