@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from soaf.cli.cache import cache
 from soaf.cli.commands import COMMANDS
 from soaf.cli.logconfig import setup_logging
 from soaf.cli.pipelines import pipelines
@@ -246,7 +247,7 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-for _command in [*COMMANDS, pipelines]:
+for _command in [*COMMANDS, pipelines, cache]:
     cli.add_command(_command)
 
 

@@ -188,7 +188,7 @@ def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
         ("pid", pid), ("exit code", r.exit_code), ("signal", r.get("signal")),
         ("stopped with", r.get("stopped_with")), ("work dir", r.get("work_dir")),
         ("inputs", _files(r.inputs, outputs=False)), ("outputs", _files(r.outputs, outputs=True)),
-        ("output target", r.get("output_target")),
+        ("output target", r.get("output_target")), ("cached from", r.get("cached_from")),
     ]
     for name in ("submitted", "building", "preparing", "running", "finished"):
         ts = r.get(f"{name}_at")

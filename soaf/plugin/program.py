@@ -54,6 +54,8 @@ class ServiceProgramTemplate:
             against the core's capacity like ``cpus``. Not a limit (``max_memory_mb`` is).
         max_concurrent: how many runs of this service may go at once across all cores
             (None: no cap); one over it waits, ``queued`` with a ``waiting_for`` note.
+        cacheable: True: every template of this service is answered from the result
+            cache when an earlier run matches (as a template's ``cache=True`` asks).
         progress: a probe (``soaf.probes.files``, ``.log``, ``.file``) that the core
             measures to set the progress, handler or not (see soaf/plugin/probes.py).
         work_dir_policy: ``"fresh"``: a retry runs in a new, empty work dir (the failed
@@ -77,6 +79,7 @@ class ServiceProgramTemplate:
     memory_mb: ClassVar[float | None] = None
     max_concurrent: ClassVar[int | None] = None
     progress: ClassVar[Probe | None] = None
+    cacheable: ClassVar[bool] = False
 
     def __init__(
         self, template: ServiceParamTemplate, work_dir: Path, *, plugin_root: Path,

@@ -107,3 +107,13 @@ class Keys:
     def pipelines(self) -> str:
         """Sorted set: the names of named pipelines, scored by when a step was last recorded."""
         return f"{self.prefix}:pipelines"
+
+    def cache(self, service: str) -> str:
+        """Hash: the result cache of one service; cache key -> JSON ``{id, at, sig}``, the
+        succeeded run whose results answer templates with that key (docs/cache.md)."""
+        return f"{self.prefix}:cache:{service}"
+
+    @property
+    def caches(self) -> str:
+        """Set: the names of the services that have a result cache hash."""
+        return f"{self.prefix}:caches"
