@@ -82,15 +82,19 @@ class _Files(Probe):
                               "function of the template)")
         _check_name("pattern", pattern)
         super().__init__(total)
-        self.parts = pattern.split("/")
+        self.pattern = pattern
+        # One expression per path component, so `*` never crosses a `/`.
+        self.parts = [re.compile(fnmatch.translate(part)).match for part in pattern.split("/")]
 
     def measure(self, work_dir: Path, template: ServiceParamTemplate, files: list[str]
                 ) -> float | None:
-        done = sum(1 for f in files if _matches(f.split("/"), self.parts))
+        depth = len(self.parts)
+        done = sum(1 for f in files if f.count("/") + 1 == depth and all(
+            match(part) for match, part in zip(self.parts, f.split("/"))))
         return self._over_total(done, template)
 
     def __repr__(self) -> str:
-        return f"probes.files({'/'.join(self.parts)!r})"
+        return f"probes.files({self.pattern!r})"
 
 
 class _Log(Probe):
@@ -217,11 +221,6 @@ def _check_name(what: str, name: str) -> None:
         check_relative(what, name)
     except ValidationError as e:
         raise PluginError(f"probe {what}: {e}") from e
-
-
-def _matches(parts: list[str], pattern: list[str]) -> bool:
-    return len(parts) == len(pattern) and all(
-        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern))
 
 
 def _read_tail(work_dir: Path, name: str) -> str:
