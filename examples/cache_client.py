@@ -12,7 +12,9 @@ Run it next to a running core (``.venv/bin/python start_core.py``):
     .venv/bin/python examples/cache_client.py
     .venv/bin/soaf cache ls                 # the entries; `soaf cache clear` forgets them
 
-or in one command: ``python3 .ci/dev.py demo examples/cache_client.py``.
+or in one command: ``python3 .ci/dev.py demo examples/cache_client.py``. Run it again
+and both are answered from the cache (it lives in Redis, beyond this script);
+``soaf cache clear wordcount`` starts over.
 """
 
 from __future__ import annotations

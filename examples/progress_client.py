@@ -35,7 +35,8 @@ def main() -> int:
         for event in client.events(sid, timeout=600):
             if "progress" in event:
                 eta = event.get("eta")
-                left = f", about {max(0.0, eta - time.time()):.1f} s left" if eta else ""
+                left = (f", about {max(0.0, eta - time.time()):.1f} s left"
+                        if eta and event["progress"] < 1 else "")
                 print(f"  progress {event['progress']:.0%}{left}", flush=True)
             if "state" in event:
                 print(f"  state {event['state']}", flush=True)

@@ -10,7 +10,9 @@ it cancels the running steps, as for any pipeline.
     .venv/bin/soaf pipelines                                      # each step's state
 
 Next to a running core (``.venv/bin/python start_core.py``), or in one command:
-``python3 .ci/dev.py demo examples/resumable.py``.
+``python3 .ci/dev.py demo examples/resumable.py``. Once a run has finished, running it
+again under the same name attaches to every step and runs nothing; a new ``--name``
+starts afresh.
 """
 
 from __future__ import annotations
