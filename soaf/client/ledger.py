@@ -47,6 +47,9 @@ RERUN_STATES = frozenset({State.FAILED.value, State.CANCELLED.value, State.TIMED
 RUN_FIELD, CANCELLED_FIELD = "-run", "-cancelled"
 #: Tries of the compare-and-set before giving up on a step another run keeps changing.
 CLAIM_TRIES = 5
+#: Seconds a pipeline's record is kept after its last step was recorded (30 days: past the
+#: default life of the service records it points to, SOAF_RECORD_TTL).
+PIPELINE_TTL = 30 * 86400
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -67,7 +70,10 @@ class Ledger:
         self.key = client.keys.pipeline(name)
         self.run = uuid.uuid4().hex
         self.order: dict[str, int] = {}  # step name -> its place in the pipeline, from 1
-        client._call(client.redis.hset, self.key, RUN_FIELD, self.run)
+        pipe = client.redis.pipeline(transaction=True)
+        pipe.hset(self.key, RUN_FIELD, self.run)
+        pipe.expire(self.key, PIPELINE_TTL)
+        client._call(pipe.execute)
 
     def step_name(self, name: str | None) -> str:
         """The name of the pipeline's next step: ``name``, or ``step-<n>`` by its order;
@@ -111,7 +117,7 @@ class Ledger:
                               "service": template.service, "n": order, "at": time.time()})
             done = self.client._call(
                 RECORD_STEP.run, self.client.redis, [self.key, self.client.keys.pipelines],
-                [step, raw or b"", new, self.name, time.time(), self.run])
+                [step, raw or b"", new, self.name, time.time(), self.run, PIPELINE_TTL])
             if done == -1:
                 raise PipelineError(f"pipeline {self.name!r} was cancelled (soaf pipelines "
                                     f"cancel); step {step!r} is not submitted")
@@ -142,8 +148,14 @@ def _entry(raw: bytes | None) -> dict[str, Any] | None:
 def list_pipelines(client: Client, *, limit: int = 50) -> list[dict[str, Any]]:
     """The named pipelines, most recently active first, each as ``describe`` gives it."""
     names = client._call(client.redis.zrevrange, client.keys.pipelines, 0, limit - 1)
-    found = (describe(client, raw.decode()) for raw in names)
-    return [p for p in found if p is not None]
+    found = []
+    for raw in names:
+        one = describe(client, raw.decode())
+        if one is None:  # its record expired (PIPELINE_TTL): forget the name too
+            client._call(client.redis.zrem, client.keys.pipelines, raw)
+        else:
+            found.append(one)
+    return found
 
 
 def describe(client: Client, name: str) -> dict[str, Any] | None:

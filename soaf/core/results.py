@@ -48,10 +48,13 @@ class ResultCache:
                                     where="the result cache"):
                 return None
             data = hash_of(self.client.hgetall(self.keys.service(sid)))
+            if not data:  # the run's record expired (SOAF_RECORD_TTL): the entry is spent
+                self.client.hdel(self.keys.cache(service), key)
+                return None
         except (redis.RedisError, ValueError) as e:
             log.warning("cannot read the result cache of %s (the service runs): %s", service, e)
             return None
-        return ServiceRecord.from_hash(sid, data) if data else None
+        return ServiceRecord.from_hash(sid, data)
 
     def remember(self, service: str, key: str, service_id: str) -> None:
         """Make ``service_id`` (succeeded) the answer for ``key``."""

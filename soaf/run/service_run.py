@@ -306,10 +306,11 @@ class ServiceRun:
             self._mark_finished(final["state"])
             if self.journal is not None:
                 final.update(self.journal.finish(final))
+            if self.cache_key is not None and "cached_from" not in final:
+                # Before the final state: whoever sees it succeeded finds its entry.
+                cached.keep(self.engines.results, self.template, self.cache_key, final["state"])
             self.emit(final, final=True)
             log.info("service %s %s", self.service_id, final["state"])
-            if self.cache_key is not None and "cached_from" not in final:
-                cached.keep(self.engines.results, self.template, self.cache_key, final["state"])
         if self.engines.enforcer is not None:
             self.engines.enforcer.remove(self)
         try:

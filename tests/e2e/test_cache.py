@@ -90,6 +90,9 @@ def test_gone_outputs_make_it_run_and_an_output_target_keeps_them(start_core, cl
     assert hit.outputs[0]["url"] == uploaded.outputs[0]["url"]
     assert Path(hit.outputs[0]["url"]).read_text().startswith("5891b5b522d5df086d0ff0b110fbd9d2")
     shutil.rmtree(tmp_path / "results" / uploaded.service_id)  # the target's copy is gone too
+    third = client.wait(client.submit(checksum(data, output_target=str(target))), timeout=60)
+    assert ran(third)
+    client.redis.delete(client.keys.service(third.service_id))  # its record expired
     assert ran(client.wait(client.submit(checksum(data, output_target=str(target))), timeout=60))
 
 

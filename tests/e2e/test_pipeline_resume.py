@@ -58,6 +58,7 @@ def test_a_killed_client_run_again_runs_no_step_twice(example_core, core_env, cl
     assert all(r.ok and len(r.get("attempts") or [1]) == 1 for r in records)
     assert "top words: [[" in out
 
+    assert 0 < client.redis.ttl(client.keys.pipeline("nightly-42")) <= 30 * 86400
     listed = soaf(core_env, "pipelines")
     assert listed.returncode == 0, listed.stderr
     assert re.search(r"^nightly-42 +tokenize +tokenize +succeeded", listed.stdout, re.M)
@@ -136,6 +137,9 @@ def test_soaf_pipelines_cancel_stops_running_steps_and_the_script(start_core, cl
         p.run(sleeper(1))  # this run of the script submits no more
     assert re.search(r"^p4 \(cancelled\) +step-1 +sleep +cancelled",
                      soaf(core_env, "pipelines").stdout, re.M)
+    client.redis.zadd(client.keys.pipelines, {"expired": 1.0})  # its hash is gone
+    assert "expired" not in soaf(core_env, "pipelines").stdout
+    assert client.redis.zscore(client.keys.pipelines, "expired") is None
     missing = soaf(core_env, "pipelines", "cancel", "nosuch")
     assert missing.returncode == 1 and "no pipeline named 'nosuch'" in missing.stderr
     # A new run of the script starts afresh: the cancelled step is submitted again.
