@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,16 @@ def test_eta_text():
     assert eta_text(running, now=1095.0) == "overdue"
     assert eta_text(ServiceRecord("x", "succeeded", raw={"eta": 1090.0}), now=1000.0) == "-"
     assert eta_text(ServiceRecord("x", "running"), now=1000.0) == "-"
+
+
+def test_a_handler_setting_progress_gets_an_eta_too(tmp_path):
+    from soaf.plugin.service import Service
+
+    emitted: list[dict] = []
+    service = Service(T, tmp_path, attempt=1, node="n", plugin_version="1", emit=emitted.append)
+    service.progress = 0.2
+    time.sleep(0.01)  # two samples apart in time make a rate
+    before = time.time()
+    service.progress = 0.4
+    assert emitted[0] == {"progress": 0.2, "eta": None}
+    assert emitted[1]["progress"] == 0.4 and emitted[1]["eta"] > before
