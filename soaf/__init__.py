@@ -4,7 +4,8 @@ Users build a ``ServiceParamTemplate`` and submit it with a ``Client``; develope
 write a ``ServiceProgramTemplate`` and a ``WatcherHandler`` per service in the
 ``services/`` and ``handlers/`` packages; a core (``python start_core.py``) runs them.
 ``Pipeline`` chains services on the client; ``AsyncClient`` is the asyncio flavour.
-``confine`` keeps a path a plugin writes inside its work dir.
+``confine`` keeps a path a plugin writes inside its work dir; ``probes`` declare how a
+service's progress shows, for the core to measure.
 """
 
 from soaf.client.aio import AsyncClient
@@ -35,6 +36,7 @@ from soaf.errors import (
     ValidationError,
     WaitTimeout,
 )
+from soaf.plugin import probes
 from soaf.plugin.handler import STOP, WatcherHandler
 from soaf.plugin.program import ServiceProgramTemplate
 from soaf.plugin.service import Service
@@ -82,4 +84,5 @@ __all__ = [
     "dumps",
     "loads",
     "output_ref",
+    "probes",
 ]

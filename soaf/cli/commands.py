@@ -149,7 +149,7 @@ def ls(client: Client, state: str | None, service: str | None, node: str | None,
        as_json: bool) -> None:
     """List services, newest first.
 
-    Columns: id, service, state, progress, node, age (since submitted), and the
+    Columns: id, service, state, progress, ETA (time left), node, age (since submitted), and the
     error or message.
     """
     records = client.list(state=state, service=service, node=node, limit=limit)

@@ -15,10 +15,12 @@ from typing import Any
 
 import click
 
+from soaf.cli.cache import cache
 from soaf.cli.commands import COMMANDS
 from soaf.cli.coreflags import take_tuning, tuning_options
 from soaf.cli.info import info
 from soaf.cli.logconfig import setup_logging
+from soaf.cli.pipelines import pipelines
 from soaf.errors import SoafError
 
 log = logging.getLogger(__name__)
@@ -249,7 +251,7 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-for _command in [*COMMANDS, info]:
+for _command in [*COMMANDS, info, pipelines, cache]:
     cli.add_command(_command)
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from soaf.cli.render import LiveDisplay, PlainDisplay, WaitDisplay, bars_fit, console
+from soaf.cli.live import LiveDisplay, PlainDisplay, WaitDisplay, bars_fit
+from soaf.cli.render import console
 from soaf.client.follow import is_final
 from soaf.client.sync import Client
 from soaf.errors import WaitTimeout

@@ -1,28 +1,25 @@
-"""How the ``soaf`` command shows things: tables, records, and the live display of ``wait``.
+"""How the ``soaf`` command shows things: tables and records (the live display of
+``wait`` is in soaf.cli.live).
 
 Everything goes through rich, which colours only when the output is a terminal (and
-never with NO_COLOR set). On a terminal ``wait`` draws a progress bar per service; in
-a pipe, a file or a terminal too narrow for the bars (or of unknown size) it prints one
-plain line per change instead.
+never with NO_COLOR set).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import time
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Column, Table
+from rich.table import Table
 from rich.text import Text
 
-from soaf.protocol.state import FINAL_VALUES, ServiceRecord
+from soaf.protocol.state import ServiceRecord
 
 STATE_STYLES = {
     "queued": "dim", "building": "cyan", "preparing": "cyan", "running": "blue",
@@ -48,11 +45,26 @@ def age(ts: Any, now: float | None = None) -> str:
     """``3s``, ``5m``, ``2h``, ``4d``: how long ago ``ts`` (epoch seconds) was."""
     if not isinstance(ts, (int, float)):
         return "-"
-    seconds = max(0.0, (now or time.time()) - ts)
+    return duration((now or time.time()) - ts)
+
+
+def duration(seconds: float) -> str:
+    """``3s``, ``5m``, ``2h``, ``4d``: a span of time in its largest whole unit."""
+    seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
+
+
+def eta_text(record: ServiceRecord, now: float | None = None) -> str:
+    """The time left until the record's ETA (``1m``), ``overdue`` once it passed, ``-``
+    when there is none (final, or no rate known yet)."""
+    eta = record.eta
+    if eta is None:
+        return "-"
+    left = eta - (now or time.time())
+    return duration(left) if left >= 0 else "overdue"
 
 
 def when(ts: Any) -> str:
@@ -87,14 +99,14 @@ def _table(*columns: str) -> Table:
 
 
 def records_table(records: list[ServiceRecord]) -> Table:
-    table = _table("ID", "SERVICE", "STATE", "PROGRESS", "NODE", "AGE", "INFO")
+    table = _table("ID", "SERVICE", "STATE", "PROGRESS", "ETA", "NODE", "AGE", "INFO")
     now = time.time()
     for r in records:
         info = r.error if r.error and not r.ok else (r.message or "")
         if r.callback_errors and not (r.error and not r.ok):
             info = f"warning: {r.warnings[0]}"
         table.add_row(r.service_id, r.service or "-", state_text(r.state), percent(r.progress),
-                      r.node or "-", age(r.get("submitted_at"), now), info)
+                      eta_text(r, now), r.node or "-", age(r.get("submitted_at"), now), info)
     return table
 
 
@@ -154,7 +166,7 @@ def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
         ("pid", pid), ("exit code", r.exit_code), ("signal", r.get("signal")),
         ("stopped with", r.get("stopped_with")), ("work dir", r.get("work_dir")),
         ("inputs", _files(r.inputs, outputs=False)), ("outputs", _files(r.outputs, outputs=True)),
-        ("output target", r.get("output_target")),
+        ("output target", r.get("output_target")), ("cached from", r.get("cached_from")),
     ]
     for name in ("submitted", "building", "preparing", "running", "finished"):
         ts = r.get(f"{name}_at")
@@ -219,150 +231,3 @@ def plugins_table(plugins: dict[str, Any], alive: set[str]) -> Table:
 
 
 # -- soaf wait --------------------------------------------------------------------------------
-
-class WaitDisplay(Protocol):
-    def add(self, record: ServiceRecord) -> None: ...
-    def event(self, service_id: str, event: dict[str, Any]) -> None: ...
-    def warn(self, record: ServiceRecord) -> None: ...
-    def close(self) -> None: ...
-
-
-def _label(record: ServiceRecord) -> str:
-    return f"{record.service or '?'} {record.service_id[:12]}"
-
-
-#: Columns a progress bar line needs without its message: label (service and id), bar,
-#: percentage, state, elapsed time and the gaps. The message gets what is left.
-BAR_LINE = 67
-#: Narrower terminals (or ones whose size is unknown, e.g. under ``script``) get plain lines.
-MIN_BAR_WIDTH = BAR_LINE + 5
-
-
-def bars_fit(out: Console) -> bool:
-    """Whether ``out`` is a terminal wide enough for ``LiveDisplay``. A terminal that
-    reports no size (0 columns) counts as too narrow, unless COLUMNS says otherwise:
-    rich would guess 80 and squeeze the bars."""
-    if not out.is_terminal:
-        return False
-    if not os.environ.get("COLUMNS"):
-        try:
-            if os.get_terminal_size(out.file.fileno()).columns <= 0:
-                return False
-        except (AttributeError, ValueError, OSError):
-            return False
-    return out.width >= MIN_BAR_WIDTH
-
-
-class LiveDisplay:
-    """Progress bars on a terminal: one per service, its state and message beside it.
-    The bar keeps its width; a long message is cut to what the line has left."""
-
-    def __init__(self, out: Console) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}", table_column=Column(no_wrap=True)),
-            BarColumn(bar_width=20), TextColumn("{task.percentage:>3.0f}%"),
-            TextColumn("{task.fields[state]}", table_column=Column(no_wrap=True)),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}", markup=False, table_column=Column(
-                no_wrap=True, overflow="ellipsis", max_width=max(10, out.width - BAR_LINE - 1))),
-            console=out, transient=False, refresh_per_second=8,
-        )
-        self.tasks: dict[str, TaskID] = {}
-        self.progress.start()
-
-    def add(self, record: ServiceRecord) -> None:
-        self.tasks[record.service_id] = self.progress.add_task(
-            # rich annotates add_task's completed as int; its Task.completed is a float.
-            _label(record), total=1.0, completed=record.progress or 0.0,  # type: ignore[arg-type]
-            state=state_text(record.state).markup, info=record.message or "")
-        if record.final:
-            self._final(record.service_id, record.state, record.error)
-            self.warn(record)
-
-    def warn(self, record: ServiceRecord) -> None:
-        """A final service's callback errors, beside its bar."""
-        task = self.tasks.get(record.service_id)
-        if task is not None and record.callback_errors:
-            self.progress.update(task, info=f"warning: {record.warnings[0]}")
-
-    def event(self, service_id: str, event: dict[str, Any]) -> None:
-        task = self.tasks.get(service_id)
-        if task is None:
-            return
-        changes: dict[str, Any] = {}
-        if isinstance(event.get("progress"), (int, float)):
-            changes["completed"] = event["progress"]
-        if event.get("message"):
-            changes["info"] = str(event["message"])
-        if "state" in event:
-            changes["state"] = state_text(event["state"]).markup
-        if changes:
-            self.progress.update(task, **changes)
-        if event.get("state") in FINAL_VALUES:
-            self._final(service_id, event["state"], event.get("error"))
-
-    def _final(self, service_id: str, state: str, error: Any) -> None:
-        task = self.tasks[service_id]
-        changes: dict[str, Any] = {"state": state_text(state).markup}
-        if state == "succeeded":
-            changes["completed"] = 1.0
-        elif error:
-            changes["info"] = str(error)
-        self.progress.update(task, **changes)
-        self.progress.stop_task(task)
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
-class PlainDisplay:
-    """One line per change, for pipes and files: ``<id> <service> <what>``."""
-
-    #: Progress is reported again once it moved this much (or reached 100%).
-    STEP = 0.1
-
-    def __init__(self, out: Console) -> None:
-        self.out = out
-        self.labels: dict[str, str] = {}
-        self.shown: dict[str, float] = {}
-        self.states: dict[str, str] = {}
-
-    def _line(self, service_id: str, text: str) -> None:
-        # soft_wrap: a narrow terminal wraps the line itself; rich would break it in two
-        self.out.print(f"{service_id} {self.labels.get(service_id, '?')} {text}", markup=False,
-                       soft_wrap=True)
-
-    def add(self, record: ServiceRecord) -> None:
-        self.labels[record.service_id] = record.service or "?"
-        self.shown[record.service_id] = record.progress or 0.0
-        self.states[record.service_id] = record.state
-        if record.final:
-            text = f"{record.state}: {record.error}" if record.error else record.state
-        elif record.progress is not None:
-            text = f"{record.state} {percent(record.progress)}"
-        else:
-            text = record.state
-        self._line(record.service_id, text)
-        if record.final:
-            self.warn(record)
-
-    def warn(self, record: ServiceRecord) -> None:
-        if record.callback_errors:
-            self._line(record.service_id, f"warning: {record.warnings[0]}")
-
-    def event(self, service_id: str, event: dict[str, Any]) -> None:
-        value = event.get("progress")
-        if isinstance(value, (int, float)):
-            last = self.shown.get(service_id, 0.0)
-            if value - last >= self.STEP or (value >= 1.0 > last):
-                self.shown[service_id] = value
-                self._line(service_id, f"progress {percent(value)}")
-        state = event.get("state")
-        if state and state != self.states.get(service_id):
-            self.states[service_id] = state
-            error = event.get("error")
-            self._line(service_id, f"{state}: {error}" if error and state in FINAL_VALUES else state)
-
-    def close(self) -> None:
-        pass
-

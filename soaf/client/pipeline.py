@@ -12,19 +12,9 @@ and one ``cancel()`` for everything still running::
             "count", input_files={"words.txt": a.output("words.txt")}), after=[a])
         print(b.wait().fields)
 
-Where outputs live, as ``Step.output(name)`` reports them:
-
-1. What the service's handler recorded as the custom field ``outputs`` (a mapping
-   name -> path or URL), e.g. after uploading the files in ``after_watch_callback``.
-   This is the way across machines when the results go to shared storage.
-2. With ``Pipeline(client, url_base="http://{node}:8000")``: a URL under that base,
-   ``{node}`` being the node that ran the step, for work roots served over HTTP (e.g.
-   ``python -m http.server 8000 -d <work root>`` on each core's machine). The next
-   step's default ``prepare_input_file`` downloads it. Use this when cores run on
-   several machines without a shared file system.
-3. Otherwise the path in the step's work dir. A step ``after`` it gets it as a ``soaf://``
-   reference, reflinked or hard-linked (read-only), not copied: for cores on one machine
-   or a work root shared at the same path.
+Where outputs live (a handler's ``outputs`` field, a URL under ``url_base``, a path in
+the step's work dir) is told in docs/pipelines.md. A pipeline with a ``name`` records its
+steps in Redis so that a later run of its script re-attaches to them (client/ledger.py).
 """
 
 from __future__ import annotations
@@ -39,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from soaf.client.ledger import Ledger
 from soaf.client.references import refer
 from soaf.client.sync import Client
 from soaf.errors import PipelineError, RedisUnavailable, SoafError, StepFailed, WaitTimeout
@@ -71,6 +62,7 @@ class Step:
             self._factory = template
         self._name = name
         self.service_id: str | None = None
+        self.attached = False  # the service was submitted by an earlier run of the pipeline
         self.record: ServiceRecord | None = None
         self.error: str | None = None  # why a step that never finished running ended
         self.cause: Step | None = None
@@ -245,9 +237,12 @@ class Pipeline:
     Leaving it through an exception (Ctrl-C included) cancels the running steps.
     """
 
-    def __init__(self, client: Client, *, url_base: str | None = None) -> None:
+    def __init__(self, client: Client, *, url_base: str | None = None,
+                 name: str | None = None) -> None:
         self.client = client
         self.url_base = url_base
+        self.name = name
+        self._ledger = Ledger(client, name) if name is not None else None
         self.steps: list[Step] = []
         self.cancelled = False
         self._cond = threading.Condition()
@@ -274,12 +269,15 @@ class Pipeline:
         ``template`` is a template, or a function that builds one from the finished
         steps in ``after`` (``lambda a, b: ...``), called once they all succeeded.
         A step without ``after`` is validated and submitted right here, so a bad
-        template raises at this call; a step whose ``after`` fails is skipped.
+        template raises at this call; a step whose ``after`` fails is skipped. In a named
+        pipeline, an unnamed step is named by its order (``step-3``), and names are unique.
         """
         after = tuple(after)
         for dep in after:
             if not isinstance(dep, Step) or dep.pipeline is not self:
                 raise PipelineError(f"after= takes steps of this pipeline, got {dep!r}")
+        if self._ledger is not None:
+            name = self._ledger.step_name(name)
         step = Step(self, template, after, name)
         if self.cancelled:
             raise PipelineError("the pipeline was cancelled; it runs no new steps")
@@ -377,12 +375,14 @@ class Pipeline:
             if self.cancelled:
                 step._settle(state=SKIPPED, error="the pipeline was cancelled")
                 return False
-        sid = self.client.submit(step.template)
+        if self._ledger is not None:  # it may attach to what an earlier run submitted
+            step.attached = self._ledger.submit(step.name, step.template)
+        sid = step.template.service_id if self._ledger else self.client.submit(step.template)
         with self._cond:
             step.service_id = sid
             step._state = SUBMITTED
             cancel_now = self.cancelled
-        log.info("%s submitted", step.label)
+        log.info("%s %s", step.label, "attached" if step.attached else "submitted")
         if cancel_now:
             self.client.cancel(sid)
         return True

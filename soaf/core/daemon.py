@@ -31,6 +31,7 @@ from soaf.core.launcher import Launcher
 from soaf.core.logkeeper import LogKeeper
 from soaf.core.ratelog import RateLimitedLog
 from soaf.core.recovery import Recovery
+from soaf.core.results import ResultCache
 from soaf.core.runtable import RunTable
 from soaf.core.secrets import core_secrets
 from soaf.core.writer import StateWriter
@@ -168,7 +169,8 @@ class Core:
             verifier=self.verifier)
         engines = Engines(settings=s, writer=self.writer, reaper=self.reaper,
                           keeper=self.keeper, enforcer=self.enforcer, lookup=self._lookup,
-                          still_current=self.heartbeat.still_current, cgroups=self.cgroups)
+                          still_current=self.heartbeat.still_current, cgroups=self.cgroups,
+                          results=ResultCache(client, keys, self.secrets, self.verifier))
         self.launcher = Launcher(client, keys, s, engines, self.runs, admission=self.admission,
                                  refuse=self._refuse, verifier=self.verifier)
         self.gate = Gate(client, keys, secrets=self.secrets, max_payload=s.max_payload,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from soaf.errors import ValidationError
+from soaf.plugin.eta import EtaEstimate
 from soaf.protocol.template import ServiceParamTemplate
 
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
@@ -42,6 +43,7 @@ class Service:
         self.plugin_version = plugin_version
         self._emit = emit
         self._progress: float | None = None
+        self._eta = EtaEstimate()
         self._message: str | None = None
         self.fields: dict[str, Any] = {}
         self.inputs: list[dict[str, Any]] = []
@@ -84,7 +86,8 @@ class Service:
         self.progress_sets += 1
         if value != self._progress:
             self._progress = value
-            self._emit({"progress": value})
+            # Every progress has its ETA (Unix time, None until a rate is known).
+            self._emit({"progress": value, "eta": self._eta.update(value)})
 
     @property
     def message(self) -> str | None:

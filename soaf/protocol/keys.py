@@ -101,3 +101,23 @@ class Keys:
     def slots(self, service: str) -> str:
         """Sorted set of the ids running a ``max_concurrent`` service, scored by lease end."""
         return f"{self.prefix}:slots:{service}"
+
+    def pipeline(self, name: str) -> str:
+        """Hash: the steps of the named pipeline ``name``; step name -> JSON entry with the
+        service id it got, its template's digest, service and order (docs/pipelines.md)."""
+        return f"{self.prefix}:pipeline:{name}"
+
+    @property
+    def pipelines(self) -> str:
+        """Sorted set: the names of named pipelines, scored by when a step was last recorded."""
+        return f"{self.prefix}:pipelines"
+
+    def cache(self, service: str) -> str:
+        """Hash: the result cache of one service; cache key -> JSON ``{id, at, sig}``, the
+        succeeded run whose results answer templates with that key (docs/cache.md)."""
+        return f"{self.prefix}:cache:{service}"
+
+    @property
+    def caches(self) -> str:
+        """Set: the names of the services that have a result cache hash."""
+        return f"{self.prefix}:caches"

@@ -155,6 +155,15 @@ class ServiceRecord:
             out.append("the program ended while no core watched it; exit status unknown")
         return out
 
+    @property
+    def eta(self) -> float | None:
+        """When the service is expected to be done (Unix time), from the recent rate of
+        its progress; None when not known or when it is final."""
+        value = self.raw.get("eta")
+        if self.final or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value)
+
     def get(self, name: str, default: Any = None) -> Any:
         """Any stored field, e.g. ``record.get('running_at')``."""
         return self.raw.get(name, default)
