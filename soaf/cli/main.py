@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from soaf.cli.commands import COMMANDS
+from soaf.cli.dashboard import dashboard
 from soaf.cli.logconfig import setup_logging
 from soaf.errors import SoafError
 
@@ -251,7 +252,7 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-for _command in COMMANDS:
+for _command in [*COMMANDS, dashboard]:
     cli.add_command(_command)
 
 
