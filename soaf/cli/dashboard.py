@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from soaf.cli.commands import connection_options
 from soaf.cli.logconfig import configure_logging
 from soaf.errors import SoafError
 
@@ -15,13 +16,7 @@ from soaf.errors import SoafError
               help="Address to listen on. Env SOAF_DASHBOARD_HOST.")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8765, show_default=True,
               envvar="SOAF_DASHBOARD_PORT", help="Port to listen on. Env SOAF_DASHBOARD_PORT.")
-@click.option("--redis", "redis_url", metavar="URL", envvar="SOAF_REDIS_URL",
-              help="Redis the cores use. Env SOAF_REDIS_URL. Default: the embedded core's, "
-                   "found in the state dir.")
-@click.option("--prefix", envvar="SOAF_PREFIX", help="Redis key prefix. Env SOAF_PREFIX.")
-@click.option("--state-dir", type=click.Path(path_type=Path), envvar="SOAF_STATE_DIR",
-              help="Where an embedded core keeps its Redis URL and secret. Default: .soaf")
-@click.option("-v", "--verbose", count=True, help="Log what soaf does (-vv: more).")
+@connection_options
 def dashboard(host: str, port: int, redis_url: str | None, prefix: str | None,
               state_dir: Path | None, verbose: int) -> None:
     """Serve the web dashboard and the HTTP API (/api) until Ctrl-C.
