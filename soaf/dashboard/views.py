@@ -26,7 +26,7 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.ChainableUndefined)
     env.filters.update(ago=ago, when=when, duration=duration, percent=percent, eta=eta,
-                       tojson_text=tojson_text, size=size)
+                       tojson_text=tojson_text, size=size, event_text=event_text)
     env.globals["FINAL"] = FINAL_VALUES
     return env
 
@@ -79,6 +79,27 @@ def eta(row: dict[str, Any], now: float | None = None) -> str:
         return ""
     elapsed = (now or time.time()) - since
     return f"~{duration(elapsed * (1 - p) / p)} left"
+
+
+#: Event keys the timeline leaves out: shown otherwise (state, time) or internal.
+EVENT_HIDDEN = frozenset({"seq", "ts", "attempt", "state", "event_id", "journal"})
+
+
+def event_text(event: dict[str, Any]) -> str:
+    """What an event changed, in one line: ``progress=40% message=...`` (custom fields by
+    their own names; the ``*_at`` times, equal to the event's own, left out).
+    static/live.js formats live events the same way."""
+    parts = []
+    for key, value in sorted(event.items()):
+        if key in EVENT_HIDDEN or key.endswith("_at"):
+            continue
+        name = key.removeprefix("f:")
+        if key == "progress" and isinstance(value, (int, float)):
+            text = f"{percent(value)}%"
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+        parts.append(f"{name}={text}")
+    return " ".join(parts)
 
 
 def tojson_text(value: Any) -> str:

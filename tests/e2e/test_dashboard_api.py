@@ -132,3 +132,16 @@ def test_page_actions_need_a_session_and_its_csrf_token(start_core, api, client)
     assert client.status(sid).state == "cancelled"
     api.cookies.clear()
     assert 'id="cancel"' not in api.get(f"/services/{sid}").text
+
+
+def test_the_plugins_page_shows_the_last_load_error_with_file_and_line(
+        start_core, api, client, plugin_dir):
+    start_core()
+    (plugin_dir / "handlers" / "broken_now.py").write_text("x = 1\nclass Broken(:\n    pass\n")
+    client.reload()
+    wait_until(lambda: client.plugins()["core-a"]["error"], 20)
+    html = api.get("/plugins").text
+    assert re.search(r"<code class=\"where\">[^<]*handlers/broken_now\.py:2</code>", html)
+    assert api.get("/api/plugins").json()["core-a"]["error_line"] == 2
+    fleet = api.get("/").text
+    assert "core-a" in fleet and "1 core alive" in fleet

@@ -27,6 +27,21 @@
     return "~" + duration(elapsed * (1 - progress) / progress) + " left";
   }
 
+  // What an event changed, in one line (as soaf/dashboard/views.py event_text).
+  const HIDDEN = ["seq", "ts", "attempt", "state", "event_id", "journal"];
+  function eventText(e) {
+    return Object.keys(e).sort().filter(function (k) {
+      return HIDDEN.indexOf(k) < 0 && !k.endsWith("_at");
+    }).map(function (k) {
+      const v = e[k];
+      let text = typeof v === "string" ? v : JSON.stringify(v);
+      if (k === "progress" && typeof v === "number") {
+        text = Math.floor(Math.max(0, Math.min(1, v)) * 100) + "%";
+      }
+      return k.replace(/^f:/, "") + "=" + text;
+    }).join(" ");
+  }
+
   function field(root, name) {
     return root.querySelector('[data-field="' + name + '"]');
   }
@@ -42,7 +57,7 @@
       stateEl.className = "state s-" + state;
     }
     if (typeof values.progress === "number") {
-      const pct = Math.round(Math.max(0, Math.min(1, values.progress)) * 100);
+      const pct = Math.floor(Math.max(0, Math.min(1, values.progress)) * 100);
       const bar = field(root, "progress");
       if (bar) bar.value = pct;
       const text = field(root, "pct");
@@ -112,13 +127,14 @@
     if (root.dataset.final === "yes") { setStatus("final", false); return; }
     listen("/api/services/" + id + "/events", {
       event: function (e) {
-        if (!(e.seq > lastSeq)) return;
+        apply(root, e);  // every event, in order: the page may have been read mid-change
+        if (!(e.seq > lastSeq)) return;  // already in the timeline
         lastSeq = e.seq;
-        apply(root, e);
         const li = document.createElement("li");
         const time = document.createElement("time");
         time.textContent = new Date(e.ts * 1000).toISOString().replace("T", " ").replace("Z", " UTC");
         li.appendChild(time);
+        li.appendChild(document.createTextNode(" "));
         if (e.state) {
           const badge = document.createElement("span");
           badge.className = "state s-" + e.state;
@@ -128,11 +144,7 @@
         }
         const rest = document.createElement("span");
         rest.className = "ev";
-        rest.textContent = Object.keys(e).sort().filter(function (k) {
-          return ["seq", "ts", "attempt", "state", "event_id"].indexOf(k) < 0;
-        }).map(function (k) {
-          return k + "=" + (typeof e[k] === "string" ? e[k] : JSON.stringify(e[k]));
-        }).join(" ");
+        rest.textContent = eventText(e);
         li.appendChild(rest);
         timeline.appendChild(li);
         timeline.scrollTop = timeline.scrollHeight;
