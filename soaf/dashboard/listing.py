@@ -115,7 +115,8 @@ async def page(r: redis.asyncio.Redis, keys: Keys, filters: Filters, *,
         found: Any = await r.zrevrange(
             keys.services, start, start + chunk - 1, withscores=True)
         if not found:
-            return result  # the end: no next page
+            result.next = None  # the end: no next page
+            return result
         ids = [raw.decode() for raw, _ in found]
         for (_, score), row in zip(found, await rows_of(r, keys, ids)):
             sid = row["service_id"]
@@ -128,6 +129,7 @@ async def page(r: redis.asyncio.Redis, keys: Keys, filters: Filters, *,
                 break
         else:
             if len(found) < chunk:
+                result.next = None  # the end
                 return result
             result.next = make_cursor(found[-1][1], ids[-1])
     if result.next is not None and start >= result.total:
