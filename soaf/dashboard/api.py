@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
@@ -87,16 +87,13 @@ def router(dash: Dash) -> APIRouter:
             yield ServerSentEvent(data=asdict(line), event="line")
         yield ServerSentEvent(data={"final": True}, event="end")
 
-    @api.get("/live", response_class=EventSourceResponse,
+    @api.get("/live", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}},
              summary="Live updates for every service and core (SSE: 'services', 'nodes')")
-    async def live() -> AsyncIterable[ServerSentEvent]:
-        queue = dash.hub.subscribe()
-        try:
-            while True:
-                event, data = await queue.get()
-                yield ServerSentEvent(raw_data=data, event=event)
-        finally:
-            dash.hub.unsubscribe(queue)
+    async def live() -> StreamingResponse:
+        # Encoded once by the hub for every page, so not a ServerSentEvent per page.
+        return StreamingResponse(dash.hub.stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @api.get("/nodes", summary="The cores alive now, with their load")
     async def nodes() -> list[dict[str, Any]]:

@@ -22,6 +22,8 @@ from soaf.protocol.keys import Keys
 #: The record fields a row of the services list shows (and live updates carry).
 ROW_FIELDS = ("service", "state", "node", "progress", "message", "attempt", "submitted_at",
               "running_at", "finished_at", "error", "waiting_for")
+#: What a filter looks at in every record it passes.
+FILTER_FIELDS = ("state", "service", "node")
 #: Rows per page unless asked otherwise, and the most a page may have.
 PAGE_SIZE = 50
 MAX_PAGE = 500
@@ -58,10 +60,11 @@ class Filters:
                 and (not self.node or row.get("node") == self.node))
 
 
-def row_from(service_id: str, values: list[bytes | None]) -> dict[str, Any]:
-    """A row from an HMGET of ROW_FIELDS (every record value is JSON)."""
+def row_from(service_id: str, values: list[bytes | None],
+             fields: tuple[str, ...] = ROW_FIELDS) -> dict[str, Any]:
+    """A row from an HMGET of ``fields`` (every record value is JSON)."""
     row: dict[str, Any] = {"service_id": service_id}
-    for name, raw in zip(ROW_FIELDS, values):
+    for name, raw in zip(fields, values):
         try:
             row[name] = json.loads(raw) if raw is not None else None
         except ValueError:
@@ -84,12 +87,15 @@ def make_cursor(score: float, service_id: str) -> str:
     return f"{score!r}:{service_id}"
 
 
-async def rows_of(r: redis.asyncio.Redis, keys: Keys, ids: list[str]) -> list[dict[str, Any]]:
+async def rows_of(r: redis.asyncio.Redis, keys: Keys, ids: list[str],
+                  fields: tuple[str, ...] = ROW_FIELDS) -> list[dict[str, Any]]:
     """The rows of ``ids`` (None values for an id whose record expired)."""
+    if not ids:
+        return []
     pipe = r.pipeline(transaction=False)
     for sid in ids:
-        pipe.hmget(keys.service(sid), list(ROW_FIELDS))
-    return [row_from(sid, values) for sid, values in zip(ids, await pipe.execute())]
+        pipe.hmget(keys.service(sid), list(fields))
+    return [row_from(sid, values, fields) for sid, values in zip(ids, await pipe.execute())]
 
 
 async def _start(r: redis.asyncio.Redis, keys: Keys, cursor: tuple[float, str] | None) -> int:
@@ -106,32 +112,34 @@ async def _start(r: redis.asyncio.Redis, keys: Keys, cursor: tuple[float, str] |
 
 async def page(r: redis.asyncio.Redis, keys: Keys, filters: Filters, *,
                cursor: str | None = None, size: int = PAGE_SIZE) -> Page:
-    """One page of rows, newest first, from after ``cursor``."""
+    """One page of rows, newest first, from after ``cursor``. While filtering, only the
+    fields filtered on are read for every record looked at; whole rows for the matches."""
     size = max(1, min(size, MAX_PAGE))
     result = Page(total=int(await r.zcard(keys.services)))
     start = await _start(r, keys, parse_cursor(cursor))
     chunk = CHUNK if filters.active else size
     while len(result.rows) < size and result.scanned < SCAN_BUDGET:
-        found: Any = await r.zrevrange(
-            keys.services, start, start + chunk - 1, withscores=True)
-        if not found:
-            result.next = None  # the end: no next page
-            return result
+        found: Any = await r.zrevrange(keys.services, start, start + chunk - 1, withscores=True)
         ids = [raw.decode() for raw, _ in found]
-        for (_, score), row in zip(found, await rows_of(r, keys, ids)):
-            sid = row["service_id"]
+        probe = await rows_of(r, keys, ids, FILTER_FIELDS if filters.active else ROW_FIELDS)
+        kept: list[dict[str, Any]] = []
+        result.next = None  # unless this chunk shows there is more
+        for (_, score), row in zip(found, probe):
             result.scanned += 1
             start += 1
             if row["state"] is not None and filters.match(row):
-                result.rows.append(row)
-            if len(result.rows) >= size or result.scanned >= SCAN_BUDGET:
-                result.next = make_cursor(score, sid)
+                kept.append(row)
+            if len(result.rows) + len(kept) >= size or result.scanned >= SCAN_BUDGET:
+                result.next = make_cursor(score, row["service_id"])
                 break
         else:
-            if len(found) < chunk:
-                result.next = None  # the end
-                return result
-            result.next = make_cursor(found[-1][1], ids[-1])
+            if len(found) == chunk:
+                result.next = make_cursor(found[-1][1], ids[-1])
+        if filters.active and kept:
+            kept = await rows_of(r, keys, [row["service_id"] for row in kept])
+        result.rows += kept
+        if len(found) < chunk:
+            break  # the end of the index
     if result.next is not None and start >= result.total:
         result.next = None
     return result

@@ -2,8 +2,9 @@
 
 Cores publish a short note on ``soaf:notify`` for every event (docs/protocol.md). The hub
 alone subscribes; it gathers the ids noted during ``interval`` seconds, reads their rows
-once (one pipeline) and hands the same encoded update to every open page's queue, so a
-hundred browsers cost one Redis read per interval, not a hundred. Every ``nodes_every``
+once (one pipeline) and hands the same update, encoded once as a server-sent event, to
+every open page's queue, so a hundred browsers cost one Redis read and one encoding per
+interval, not a hundred. Every ``nodes_every``
 seconds it also reads the cores' heartbeats for the fleet page. A page whose queue is
 full (a stalled browser) loses its oldest updates, never blocks the others; pub/sub is
 at-most-once anyway, and a reload shows the truth.
@@ -16,6 +17,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
@@ -34,8 +36,11 @@ NODES_EVERY = 2.0
 #: Updates kept for one page before its oldest are dropped.
 QUEUE_SIZE = 64
 
-#: One update: (SSE event name, JSON text).
-Update = tuple[str, str]
+#: Seconds of silence after which a stream gets a comment line, so proxies and
+#: browsers keep it open.
+PING = 15.0
+#: One update: an encoded server-sent event, built once for all pages.
+Update = bytes
 
 
 class Hub:
@@ -58,12 +63,24 @@ class Hub:
     def unsubscribe(self, queue: asyncio.Queue[Update]) -> None:
         self._queues.discard(queue)
 
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The updates for one page, as server-sent events, until it goes away."""
+        queue = self.subscribe()
+        try:
+            while True:
+                try:
+                    yield await asyncio.wait_for(queue.get(), PING)
+                except asyncio.TimeoutError:
+                    yield b": ping\n\n"
+        finally:
+            self.unsubscribe(queue)
+
     @property
     def listeners(self) -> int:
         return len(self._queues)
 
     def publish(self, event: str, data: Any) -> None:
-        update = (event, json.dumps(data, default=str))
+        update = f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
         for queue in list(self._queues):
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):

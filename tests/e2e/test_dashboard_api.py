@@ -145,3 +145,26 @@ def test_the_plugins_page_shows_the_last_load_error_with_file_and_line(
     assert api.get("/api/plugins").json()["core-a"]["error_line"] == 2
     fleet = api.get("/").text
     assert "core-a" in fleet and "1 core alive" in fleet
+
+
+def test_live_updates_reach_every_open_stream(start_core, api, client):
+    start_core()
+    seen: list[set[str]] = [set(), set()]
+    streams = [api.stream("GET", "/api/live") for _ in seen]
+    responses = [s.__enter__() for s in streams]
+    try:
+        sid = client.submit(ServiceParamTemplate("steps", args={"n": 3, "delay": 0.1}))
+        for found, response in zip(seen, responses):
+            event = ""
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and event == "services":
+                    rows = json.loads(line.split(":", 1)[1])
+                    found.update(r["state"] for r in rows if r["service_id"] == sid)
+                    if "succeeded" in found:
+                        break
+        assert all("succeeded" in found for found in seen), seen
+    finally:
+        for s in streams:
+            s.__exit__(None, None, None)
