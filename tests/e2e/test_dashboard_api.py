@@ -168,3 +168,21 @@ def test_live_updates_reach_every_open_stream(start_core, api, client):
     finally:
         for s in streams:
             s.__exit__(None, None, None)
+
+
+def test_without_a_configured_token_one_is_made_printed_and_required(core_env, tmp_path):
+    from tests.e2e.dashboard import DashboardProcess
+
+    env = {k: v for k, v in core_env.items() if k != "SOAF_DASHBOARD_TOKEN"}
+    process = DashboardProcess(env, tmp_path / "dashboard.log")
+    try:
+        found = re.search(r"this run's token: (\S+)", process.log())
+        assert found, process.log()
+        with httpx.Client(base_url=process.url, timeout=20) as http:
+            refused = http.post("/api/submit", json={"service": "steps"}, headers=bearer())
+            assert refused.status_code == 401  # the test token is not this run's
+            made = http.post("/api/submit", json={"service": "steps"},
+                             headers=bearer(found.group(1)))
+            assert made.status_code == 201
+    finally:
+        process.stop()
