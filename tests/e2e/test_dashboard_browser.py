@@ -91,6 +91,8 @@ def test_watch_a_service_follow_its_log_and_cancel_it_with_the_token(
         "([sel, v]) => Number(document.querySelector(sel).value) > v",
         arg=[f"{row} progress", first], timeout=WAIT_MS)
     expect(page.locator(f"{row} [data-field=eta]")).to_contain_text("left")
+    client.submit(ServiceParamTemplate("sleep", args={"seconds": 0.1}))
+    expect(page.locator("#fresh")).to_contain_text("1 new service")
     shot(page, "services")
 
     # 2. The service's page: log lines arrive while it runs.

@@ -92,9 +92,21 @@
   function servicesPage() {
     const rows = {};
     document.querySelectorAll("tr[data-id]").forEach(function (tr) { rows[tr.dataset.id] = tr; });
+    const fresh = new Set();
+    const banner = document.getElementById("fresh");
     listen("/api/live", {
       services: function (updates) {
-        updates.forEach(function (u) { if (rows[u.service_id]) apply(rows[u.service_id], u); });
+        updates.forEach(function (u) {
+          if (rows[u.service_id]) apply(rows[u.service_id], u);
+          else if (banner && u.submitted_at > parseFloat(banner.dataset.readAt)) {
+            fresh.add(u.service_id);
+          }
+        });
+        if (banner && fresh.size) {
+          banner.hidden = false;
+          banner.querySelector("a").textContent = fresh.size + " new service" +
+            (fresh.size === 1 ? "" : "s") + " since this page was read: show them";
+        }
       },
       nodes: function () {},
     });
