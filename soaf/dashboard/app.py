@@ -30,6 +30,7 @@ from soaf.errors import (
     DecodeError,
     DuplicateService,
     RedisUnavailable,
+    SignatureError,
     SoafError,
     UnknownService,
     ValidationError,
@@ -52,6 +53,8 @@ def status_of(error: SoafError) -> int:
         return 404
     if isinstance(error, ValidationError):
         return 422
+    if isinstance(error, SignatureError) and str(error).startswith("no secret"):
+        return 503  # the dashboard has no key to sign with: its configuration
     if isinstance(error, (DuplicateService, ClientError, DecodeError)):
         return 409
     if isinstance(error, RedisUnavailable):

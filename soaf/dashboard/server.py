@@ -6,6 +6,7 @@ and handed to the caller to print (whoever sees the dashboard's output may act).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,10 @@ import uvicorn
 
 from soaf.client.aio import AsyncClient
 from soaf.dashboard.app import create_app
+from soaf.config import find_secrets
 from soaf.dashboard.auth import new_token
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -36,5 +40,8 @@ def serve(*, host: str, port: int, token: str, url: str | None = None,
           prefix: str | None = None, state_dir: Path | None = None) -> None:
     """Run the dashboard until SIGINT/SIGTERM. ConfigError when no Redis is found."""
     client = AsyncClient(url, prefix=prefix, state_dir=state_dir)
+    if not find_secrets(state_dir):
+        log.warning("no key to sign with (SOAF_SECRET, SOAF_SECRET_FILE or an embedded core's "
+                    "state dir): submit, cancel, resubmit and reload will answer 503")
     uvicorn.run(create_app(client, token=token), host=host, port=port, log_level="info",
                 access_log=False, timeout_graceful_shutdown=2)

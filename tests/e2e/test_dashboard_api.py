@@ -186,3 +186,19 @@ def test_without_a_configured_token_one_is_made_printed_and_required(core_env, t
             assert made.status_code == 201
     finally:
         process.stop()
+
+
+def test_a_dashboard_without_the_cores_key_reads_but_cannot_sign(core_env, tmp_path):
+    from tests.e2e.dashboard import DashboardProcess
+
+    env = {k: v for k, v in core_env.items() if k != "SOAF_SECRET"}
+    env.update(SOAF_DASHBOARD_TOKEN=TOKEN, SOAF_STATE_DIR=str(tmp_path / "empty"))
+    process = DashboardProcess(env, tmp_path / "dashboard.log")
+    try:
+        assert "no key to sign with" in process.log()
+        with httpx.Client(base_url=process.url, timeout=20) as http:
+            assert http.get("/api/services").status_code == 200
+            reply = http.post("/api/submit", json={"service": "steps"}, headers=bearer())
+            assert reply.status_code == 503 and "SOAF_SECRET" in reply.json()["detail"]
+    finally:
+        process.stop()

@@ -70,7 +70,7 @@ def test_watch_a_service_follow_its_log_and_cancel_it_with_the_token(
         start_core, dashboard, client, page):
     start_core()
     sid = client.submit(ServiceParamTemplate(
-        "show", args={"n": 60, "delay": 0.25, "message": "crunching numbers", "label": "demo"},
+        "show", args={"n": 120, "delay": 0.25, "message": "crunching numbers", "label": "demo"},
         watch_interval=0.1))
     done = client.submit(ServiceParamTemplate(
         "show", args={"n": 2, "delay": 0.01, "message": "a finished one"},
