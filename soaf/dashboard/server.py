@@ -14,8 +14,8 @@ from pathlib import Path
 import uvicorn
 
 from soaf.client.aio import AsyncClient
-from soaf.dashboard.app import create_app
 from soaf.config import find_secrets
+from soaf.dashboard.app import create_app
 from soaf.dashboard.auth import new_token
 
 log = logging.getLogger(__name__)
