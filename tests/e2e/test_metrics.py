@@ -91,3 +91,20 @@ def test_a_taken_port_stops_the_core_with_a_clear_error(start_core, metrics_core
     wait_until(lambda: other.proc.poll() is not None, 20)
     assert other.proc.returncode != 0
     assert f"cannot serve metrics on 127.0.0.1:{port}" in other.log()
+
+
+def test_a_redis_outage_shows_as_backlog_then_a_reconnect(start_core, own_redis, prefix):
+    from soaf import Client
+    from tests.conftest import SECRET
+
+    core = start_core(args=["--metrics-port", "0"], SOAF_REDIS_URL=own_redis.url)
+    url = re.search(r"metrics on (http://[\d.]+:\d+/metrics)", core.log()).group(1)
+    with Client(own_redis.url, secret=SECRET, prefix=prefix) as client:
+        sid = client.submit(ServiceParamTemplate("sleep", args={"seconds": 2}))
+        wait_until(lambda: client.status(sid).state == "running", 20)
+    own_redis.kill()  # the service ends while Redis is away: its changes wait in the writer
+    wait_until(lambda: value(scrape(url), "soaf_writer_backlog") > 0, 20)
+    assert not any(name == "soaf_queue_entries" for name, _ in scrape(url))  # Redis unread
+    own_redis.start()
+    wait_until(lambda: value(scrape(url), "soaf_redis_reconnects_total") == 1, 30)
+    wait_until(lambda: value(scrape(url), "soaf_writer_backlog") == 0, 30)
