@@ -111,12 +111,14 @@ class CoreMetrics:
                 self._running_since[key] = change.ts
             if change.attempt == 1 and info is not None and info.submitted_at is not None:
                 self.queue_wait.labels(service).observe(max(0.0, change.ts - info.submitted_at))
-        elif state in FINAL_VALUES:
-            self.finished.labels(service, state).inc()
+        elif state in FINAL_VALUES or state == "queued":  # final, or put back by a stop
             with self._lock:
                 since = self._running_since.pop(key, None)
                 for stale in [k for k in self._running_since if k[0] == change.service_id]:
                     del self._running_since[stale]  # earlier attempts of this service
+            if state == "queued":
+                return
+            self.finished.labels(service, state).inc()
             if since is not None:
                 self.run_time.labels(service).observe(max(0.0, change.ts - since))
 
