@@ -1,11 +1,11 @@
 """Hub: live updates for every open page through one subscription per dashboard process.
 
 Cores publish a short note on ``soaf:notify`` for every event (docs/protocol.md). The hub
-alone subscribes; it gathers the ids noted during ``interval`` seconds, reads their rows
-once (one pipeline) and hands the same update, encoded once as a server-sent event, to
-every open page's queue, so a hundred browsers cost one Redis read and one encoding per
-interval, not a hundred. Every ``nodes_every``
-seconds it also reads the cores' heartbeats for the fleet page. A page whose queue is
+alone subscribes (a thread, ``NoteListener``); every ``interval`` seconds it reads the
+rows of the ids noted meanwhile (one pipeline) and hands the same update, encoded once
+as a server-sent event, to every open page's queue, so a hundred browsers cost one Redis
+read and one encoding per interval, not a hundred. Every ``nodes_every`` seconds it also
+reads the cores' heartbeats for the fleet page. A page whose queue is
 full (a stalled browser) loses its oldest updates, never blocks the others; pub/sub is
 at-most-once anyway, and a reload shows the truth.
 """
@@ -16,16 +16,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import redis
-import redis.asyncio
 
 from soaf.client.aio import AsyncClient
 from soaf.dashboard.listing import rows_of
-from soaf.protocol.connection import connect_async
+from soaf.errors import SoafError
+from soaf.protocol.connection import connect
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 INTERVAL = 0.25
 #: Seconds between two reads of the cores' heartbeats.
 NODES_EVERY = 2.0
+#: Seconds the note listener waits for a message before it checks for a stop.
+LISTEN_WAIT = 0.5
 #: Updates kept for one page before its oldest are dropped.
 QUEUE_SIZE = 64
 
@@ -89,38 +92,72 @@ class Hub:
         self.sent += 1
 
     async def run(self) -> None:
-        """Follow the notify channel until cancelled, riding out Redis outages."""
-        while True:
+        """Send updates every ``interval`` until cancelled, riding out Redis outages."""
+        c = self.client
+        notes = NoteListener(c.url, c.keys.notify)
+        notes.start()
+        nodes_due = 0.0
+        try:
+            while True:
+                await asyncio.sleep(self.interval)
+                ids = notes.take()
+                try:
+                    if ids and self._queues:
+                        self.publish("services", await rows_of(c.redis, c.keys, sorted(ids)))
+                    if self._queues and time.monotonic() >= nodes_due:
+                        nodes_due = time.monotonic() + self.nodes_every
+                        self.publish("nodes", await c.nodes())
+                except (redis.RedisError, OSError, SoafError) as e:
+                    log.warning("live updates paused: %s; retrying in 1 s", e)
+                    await asyncio.sleep(1.0)
+        finally:
+            notes.stop()
+
+
+class NoteListener:
+    """The service ids noted on the notify channel, gathered by a thread of its own.
+
+    A blocking redis-py read costs a fraction of what an asyncio one does per message,
+    and a busy fleet publishes hundreds of notes a second; the event loop only takes
+    the ids gathered so far, once per interval."""
+
+    def __init__(self, url: str, channel: str) -> None:
+        self.url = url
+        self.channel = channel
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soaf-dashboard-notes",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def take(self) -> set[str]:
+        """The ids noted since the last call."""
+        with self._lock:
+            ids, self._ids = self._ids, set()
+        return ids
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            conn = connect(self.url, blocking=True, name="soaf-dashboard-notes")
             try:
-                await self._follow()
-            except asyncio.CancelledError:
-                raise
+                pubsub = conn.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub.subscribe(self.channel)
+                while not self._stopping.is_set():
+                    message = pubsub.get_message(timeout=LISTEN_WAIT)
+                    if message is not None:
+                        with self._lock:
+                            self._ids.update(_noted(message.get("data")))
             except (redis.RedisError, OSError) as e:
                 log.warning("live updates paused: %s; retrying in 1 s", e)
-                await asyncio.sleep(1.0)
-
-    async def _follow(self) -> None:
-        c = self.client
-        conn = connect_async(c.url, blocking=True, name="soaf-dashboard-live")
-        pubsub = conn.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(c.keys.notify)
-            nodes_due = 0.0
-            while True:
-                ids: set[str] = set()
-                deadline = time.monotonic() + self.interval
-                while (left := deadline - time.monotonic()) > 0:
-                    message = await pubsub.get_message(timeout=left)
-                    if message is not None:
-                        ids.update(_noted(message.get("data")))
-                if ids and self._queues:
-                    self.publish("services", await rows_of(c.redis, c.keys, sorted(ids)))
-                if self._queues and time.monotonic() >= nodes_due:
-                    nodes_due = time.monotonic() + self.nodes_every
-                    self.publish("nodes", await c.nodes())
-        finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await conn.aclose()
+                self._stopping.wait(1.0)
+            finally:
+                conn.close()
 
 
 def _noted(data: Any) -> list[str]:
