@@ -55,8 +55,6 @@ class Hub:
         self.interval = interval
         self.nodes_every = nodes_every
         self._queues: set[asyncio.Queue[Update]] = set()
-        #: Updates sent, for tests and the bench.
-        self.sent = 0
 
     def subscribe(self) -> asyncio.Queue[Update]:
         queue: asyncio.Queue[Update] = asyncio.Queue(QUEUE_SIZE)
@@ -78,10 +76,6 @@ class Hub:
         finally:
             self.unsubscribe(queue)
 
-    @property
-    def listeners(self) -> int:
-        return len(self._queues)
-
     def publish(self, event: str, data: Any) -> None:
         update = f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
         for queue in list(self._queues):
@@ -89,7 +83,6 @@ class Hub:
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
             queue.put_nowait(update)
-        self.sent += 1
 
     async def run(self) -> None:
         """Send updates every ``interval`` until cancelled, riding out Redis outages."""

@@ -107,6 +107,7 @@ def router(dash: Dash) -> APIRouter:
     @pages.post("/services/{service_id}/resubmit")
     async def resubmit(request: Request, service_id: str) -> RedirectResponse:
         await form(request)
+        await client.status(service_id)  # an unknown id is a 404, not a missing payload
         new = await client.resubmit(service_id)
         return back(f"/services/{quote(new)}", f"resubmitted {service_id} as {new}")
 
