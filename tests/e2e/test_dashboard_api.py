@@ -202,3 +202,16 @@ def test_a_dashboard_without_the_cores_key_reads_but_cannot_sign(core_env, tmp_p
             assert reply.status_code == 503 and "SOAF_SECRET" in reply.json()["detail"]
     finally:
         process.stop()
+
+
+def test_reload_through_the_api_and_the_plugins_page(start_core, api, client):
+    start_core()
+    wait_until(lambda: "core-a" in client.plugins(), 20)
+    number = client.plugins()["core-a"]["number"]
+    assert api.post("/api/reload", headers=bearer()).status_code == 200
+    wait_until(lambda: client.plugins()["core-a"]["number"] == number + 1, 20)
+    api.post("/login", data={"token": TOKEN})
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', api.get("/plugins").text).group(1)
+    assert api.post("/plugins/reload", data={"csrf": "forged"}).status_code == 403
+    assert api.post("/plugins/reload", data={"csrf": csrf}).status_code == 303
+    wait_until(lambda: client.plugins()["core-a"]["number"] == number + 2, 20)
