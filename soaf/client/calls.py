@@ -239,9 +239,20 @@ class ListQuery:
                 and (self.node is None or record.node == self.node))
 
 
+def _object(raw: bytes | None) -> dict[str, Any] | None:
+    """A JSON object from Redis; None for anything else (Redis is not trusted)."""
+    try:
+        value = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def plugins_from(data: dict[bytes, bytes]) -> dict[str, Any]:
-    """``plugins()``: the plugins hash, by node name."""
-    return {k.decode(): json.loads(v) for k, v in data.items()}
+    """``plugins()``: the plugins hash, by node name (entries that are not JSON objects
+    are left out)."""
+    found = {k.decode(errors="replace"): _object(v) for k, v in data.items()}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def node_names(members: Iterable[bytes]) -> list[str]:
@@ -250,8 +261,9 @@ def node_names(members: Iterable[bytes]) -> list[str]:
 
 
 def nodes_from(values: list[bytes | None]) -> list[dict[str, Any]]:
-    """``nodes()``: the heartbeats still alive (an expired one reads as None)."""
-    return [json.loads(v) for v in values if v is not None]
+    """``nodes()``: the heartbeats still alive (an expired one reads as None; one that is
+    not a JSON object is left out)."""
+    return [node for node in map(_object, values) if node is not None]
 
 
 # -- steering --------------------------------------------------------------------------------

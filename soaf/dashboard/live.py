@@ -103,6 +103,9 @@ class Hub:
                 except (redis.RedisError, OSError, SoafError) as e:
                     log.warning("live updates paused: %s; retrying in 1 s", e)
                     await asyncio.sleep(1.0)
+                except Exception:  # whatever Redis holds, the updates go on
+                    log.exception("live updates: a round failed")
+                    await asyncio.sleep(1.0)
         finally:
             notes.stop()
 

@@ -26,7 +26,8 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.ChainableUndefined)
     env.filters.update(ago=ago, when=when, duration=duration, percent=percent, eta=eta,
-                       tojson_text=tojson_text, size=size, event_text=event_text)
+                       tojson_text=tojson_text, size=size, event_text=event_text,
+                       records=records, load=load)
     env.globals["FINAL"] = FINAL_VALUES
     return env
 
@@ -35,6 +36,20 @@ def lenient(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` where a missing key reads as None: records, heartbeats and events carry
     only the fields that apply, and a template tests ``is not none``."""
     return collections.defaultdict(lambda: None, values)
+
+
+def records(value: Any) -> list[dict[str, Any]]:
+    """The objects of a list field (attempts, inputs, outputs); nothing for anything else,
+    so a record someone edited by hand still renders."""
+    return [lenient(v) for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def load(node: dict[str, Any]) -> int:
+    """A core's running services as a percentage of its slots (0 for nonsense)."""
+    running, slots = node.get("running"), node.get("max_services")
+    if not isinstance(running, (int, float)) or not isinstance(slots, (int, float)) or slots <= 0:
+        return 0
+    return percent(running / slots)
 
 
 def ago(ts: Any, now: float | None = None) -> str:

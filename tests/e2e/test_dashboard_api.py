@@ -215,3 +215,25 @@ def test_reload_through_the_api_and_the_plugins_page(start_core, api, client):
     assert api.post("/plugins/reload", data={"csrf": "forged"}).status_code == 403
     assert api.post("/plugins/reload", data={"csrf": csrf}).status_code == 303
     wait_until(lambda: client.plugins()["core-a"]["number"] == number + 2, 20)
+
+
+def test_records_and_heartbeats_edited_by_hand_still_render(api, client):
+    r, keys = client.redis, client.keys
+    r.hset(keys.service("odd"), mapping={
+        "state": '"<b>odd</b>"', "progress": '"lots"', "attempts": '"x"', "outputs": "5",
+        "inputs": '[1, "a", {"name": "<i>n</i>"}]', "command": "7", "submitted_at": '"soon"',
+        "running_at": "[]", "f:weird": "{not json"})
+    r.zadd(keys.services, {"odd": 1})
+    r.set(keys.node("bad"), "not json")
+    r.set(keys.node("list"), "[1, 2]")
+    r.set(keys.node("odd"), json.dumps({"node": "odd", "running": "many", "max_services": 0,
+                                        "labels": 5, "memory_mb": "x"}))
+    r.sadd(keys.nodes, "bad", "list", "odd")
+    r.hset(keys.plugins, mapping={"bad": "{", "odd": json.dumps({"version": "<v>"})})
+    for path in ("/", "/services", "/services?state=running", "/services/odd", "/plugins"):
+        page = api.get(path)
+        assert page.status_code == 200, (path, page.text[-2000:])
+        assert "<b>odd</b>" not in page.text and "<i>n</i>" not in page.text
+    assert [n["node"] for n in api.get("/api/nodes").json()] == ["odd"]
+    assert list(api.get("/api/plugins").json()) == ["odd"]
+    assert api.get("/api/services/odd").json()["fields"]["weird"] == "{not json"
