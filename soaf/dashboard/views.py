@@ -25,7 +25,7 @@ def environment() -> jinja2.Environment:
     """The templates, with autoescape on for all of them (not only ``.html``)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.ChainableUndefined)
-    env.filters.update(ago=ago, when=when, duration=duration, percent=percent, eta=eta,
+    env.filters.update(ago=ago, since=since, when=when, duration=duration, percent=percent, eta=eta,
                        tojson_text=tojson_text, size=size, event_text=event_text,
                        records=records, load=load)
     env.globals["FINAL"] = FINAL_VALUES
@@ -54,9 +54,12 @@ def load(node: dict[str, Any]) -> int:
 
 def ago(ts: Any, now: float | None = None) -> str:
     """``"12 s ago"`` for a Unix time; ``""`` for none."""
-    if not isinstance(ts, (int, float)):
-        return ""
-    return duration((now or time.time()) - ts) + " ago"
+    return since(ts, now) + " ago" if isinstance(ts, (int, float)) else ""
+
+
+def since(ts: Any, now: float | None = None) -> str:
+    """How long since a Unix time: ``"3 min 4 s"``; ``""`` for none."""
+    return duration((now or time.time()) - ts) if isinstance(ts, (int, float)) else ""
 
 
 def when(ts: Any) -> str:
