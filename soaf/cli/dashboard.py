@@ -35,8 +35,8 @@ def dashboard(host: str, port: int, redis_url: str | None, prefix: str | None,
     token = server.token_from_env()
     if token.generated:
         click.echo(f"SOAF_DASHBOARD_TOKEN was unset; this run's token: {token.value}", err=True)
-    click.echo(f"dashboard on http://{host}:{port}/ (API: /api, OpenAPI: /api/openapi.json)",
-               err=True)
+    where = f"http://{host}:{port}/" if port else f"{host}, on a free port (named below)"
+    click.echo(f"dashboard on {where} (API: /api, OpenAPI: /api/openapi.json)", err=True)
     try:
         server.serve(host=host, port=port, token=token.value, url=redis_url, prefix=prefix,
                      state_dir=state_dir)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,26 +17,25 @@ from tests.conftest import wait_until
 TOKEN = "dashboard-test-token-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class DashboardProcess:
+    """``soaf dashboard --port 0``: uvicorn logs the port it was given."""
+
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = ""
         self.log_path = log_path
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "soaf.cli", "dashboard", "--port", str(self.port)],
+                [sys.executable, "-m", "soaf.cli", "dashboard", "--port", "0"],
                 env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_until(self.ready, 30, message=f"the dashboard to answer:\n{self.log()}")
 
     def ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"the dashboard exited with {self.proc.returncode}:\n{self.log()}")
+        found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", self.log())
+        if found is None:
+            return False
+        self.url = found.group(1)
         try:
             return httpx.get(self.url + "/api/nodes", timeout=2).status_code == 200
         except httpx.HTTPError:
