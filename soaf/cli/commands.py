@@ -34,6 +34,21 @@ from soaf.client.sync import Client
 from soaf.errors import UnknownService
 
 
+def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--redis``, ``--prefix``, ``--state-dir`` and ``-v``, as every client command has."""
+    for option in reversed([
+        click.option("--redis", "redis_url", metavar="URL", envvar="SOAF_REDIS_URL",
+                     help="Redis the cores use. Env SOAF_REDIS_URL. Default: the embedded "
+                          "core's, found in the state dir."),
+        click.option("--prefix", envvar="SOAF_PREFIX", help="Redis key prefix. Env SOAF_PREFIX."),
+        click.option("--state-dir", type=click.Path(path_type=Path), envvar="SOAF_STATE_DIR",
+                     help="Where an embedded core keeps its Redis URL and secret. Default: .soaf"),
+        click.option("-v", "--verbose", count=True, help="Log what soaf does (-vv: more)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 def with_client(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add the connection options and ``-v``; call ``fn(client, ...)``."""
     return _with_client(fn, history=False)
@@ -46,13 +61,7 @@ def with_history(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _with_client(fn: Callable[..., Any], *, history: bool) -> Callable[..., Any]:
-    @click.option("--redis", "redis_url", metavar="URL", envvar="SOAF_REDIS_URL",
-                  help="Redis the cores use. Env SOAF_REDIS_URL. Default: the embedded "
-                       "core's, found in the state dir.")
-    @click.option("--prefix", envvar="SOAF_PREFIX", help="Redis key prefix. Env SOAF_PREFIX.")
-    @click.option("--state-dir", type=click.Path(path_type=Path), envvar="SOAF_STATE_DIR",
-                  help="Where an embedded core keeps its Redis URL and secret. Default: .soaf")
-    @click.option("-v", "--verbose", count=True, help="Log what soaf does (-vv: more).")
+    @connection_options
     @functools.wraps(fn)
     def wrapper(redis_url: str | None, prefix: str | None, state_dir: Path | None,
                 verbose: int, **kwargs: Any) -> Any:

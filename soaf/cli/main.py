@@ -18,6 +18,7 @@ import click
 from soaf.cli.cache import cache
 from soaf.cli.commands import COMMANDS
 from soaf.cli.coreflags import take_tuning, tuning_options
+from soaf.cli.dashboard import dashboard
 from soaf.cli.info import info
 from soaf.cli.logconfig import setup_logging
 from soaf.cli.pipelines import pipelines
@@ -121,6 +122,11 @@ def _policy(flags: dict[str, Any]) -> Any:
 @click.option("--insecure", is_flag=True, default=None,
               help="Accept a shared Redis without a secret (signs with a well-known key: "
                    "anyone who can write to Redis can run code here). Env SOAF_INSECURE=1.")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), envvar="SOAF_METRICS_PORT",
+              help="Serve Prometheus metrics on this port (needs soaf[metrics]). "
+                   "Env SOAF_METRICS_PORT.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, envvar="SOAF_METRICS_HOST",
+              help="Address the metrics are served on. Env SOAF_METRICS_HOST.")
 @click.option("--drain/--no-drain", default=True, show_default=True,
               help="On SIGTERM/SIGINT wait for running services (drain) or stop their "
                    "programs and leave them queued for recovery. A second signal forces.")
@@ -133,8 +139,8 @@ def _policy(flags: dict[str, Any]) -> Any:
 def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, node: str | None,
          state_dir: Path | None, max_services: int | None, cpus: float | None,
          memory_mb: float | None, prefix: str | None, secret_file: Path | None,
-         max_payload: int | None, insecure: bool | None,
-         drain: bool, verbose: int, quiet: bool, **data_flags: Any) -> None:
+         max_payload: int | None, insecure: bool | None, metrics_port: int | None,
+         metrics_host: str, drain: bool, verbose: int, quiet: bool, **data_flags: Any) -> None:
     """Run a core until SIGTERM/SIGINT (a second one forces the stop).
 
     The keys that sign payloads come from SOAF_SECRET (comma-separated for key
@@ -154,7 +160,8 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
             secret_file=secret_file, max_payload=max_payload,
             retention=_policy(data_flags), gc_interval=data_flags.pop("gc_interval", None),
         )
-        the_core = Core(settings)
+        the_core = Core(settings, metrics=None if metrics_port is None
+                        else (metrics_host, metrics_port))
         the_core.start()
     except SoafError as e:
         raise click.ClickException(str(e))
@@ -251,7 +258,7 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-for _command in [*COMMANDS, info, pipelines, cache]:
+for _command in [*COMMANDS, info, pipelines, cache, dashboard]:
     cli.add_command(_command)
 
 

@@ -85,6 +85,12 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
         keys, args = calls.submit_call(self._target, template, self._secret)
         return calls.submitted(template.service_id, await self._script(SUBMIT, keys, args))
 
+    async def resubmit(self, service_id: str) -> str:
+        """Submit ``service_id``'s template again under a new id (see Client.resubmit)."""
+        payload = await self._call(self.redis.get, self.keys.payload(service_id))
+        return await self.submit(calls.resubmitted(self._target, service_id, payload,
+                                                   self._secret))
+
     # -- reading ------------------------------------------------------------------------
 
     async def status(self, service_id: str) -> ServiceRecord:

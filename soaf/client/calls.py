@@ -11,6 +11,7 @@ drift apart; the shells only differ in ``await``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -22,8 +23,9 @@ from typing import Any
 import redis
 
 from soaf.client.payload import signing_secret
-from soaf.config import find_redis_url, state_dir_from_env
+from soaf.config import find_redis_url, find_secrets, state_dir_from_env
 from soaf.errors import (
+    ClientError,
     ConfigError,
     DuplicateService,
     RedisUnavailable,
@@ -31,12 +33,12 @@ from soaf.errors import (
     UnknownService,
     ValidationError,
 )
-from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps
+from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps, loads
 from soaf.protocol.connection import redact
 from soaf.protocol.keys import DEFAULT_PREFIX, Keys
 from soaf.protocol.signed import sign_control
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_event
-from soaf.protocol.template import ServiceParamTemplate, validate_template
+from soaf.protocol.template import ServiceParamTemplate, new_service_id, validate_template
 
 #: Seconds a reading call keeps retrying while Redis cannot be reached.
 DEFAULT_RECONNECT_FOR = 30.0
@@ -139,7 +141,7 @@ def submit_call(target: Target, template: ServiceParamTemplate, secret: str | No
                                          f"the limit of {target.max_payload} (SOAF_MAX_PAYLOAD)")
     check_loadable(payload)
     sid, keys = template.service_id, target.keys
-    return ([keys.service(sid), keys.events(sid), keys.services, keys.submit],
+    return ([keys.service(sid), keys.events(sid), keys.services, keys.submit, keys.payload(sid)],
             [sid, template.service, time.time(), payload, keys.notify, EVENTS_MAXLEN])
 
 
@@ -151,6 +153,24 @@ def submitted(service_id: str, reply: Any) -> str:
         raise DuplicateService(f"service id {service_id!r} was already submitted "
                                f"(state {state})")
     return service_id
+
+
+def resubmitted(target: Target, service_id: str, payload: bytes | None,
+                secret: str | None) -> ServiceParamTemplate:
+    """The template ``service_id`` was submitted with (its payload, kept beside the
+    record), as a copy under a new id, ready for ``submit``. The payload is verified and
+    unpickled like a core does (SignatureError, UnsafePayload); ClientError when none is
+    kept (the service came by a plain XADD, or its record expired)."""
+    if payload is None:
+        raise ClientError(f"no payload is kept for {service_id!r} (submitted by a plain XADD, "
+                          "or its record expired): submit the template again")
+    secrets = [secret] if secret is not None else find_secrets(target.state_dir)
+    template = loads(payload, secrets, max_size=max(target.max_payload, len(payload)))
+    if not isinstance(template, ServiceParamTemplate):
+        raise ClientError(f"the payload kept for {service_id!r} is not a template")
+    fresh = copy.copy(template)
+    fresh.service_id, fresh.signed_at = new_service_id(), None
+    return fresh
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -224,9 +244,20 @@ class ListQuery:
                 and (self.node is None or record.node == self.node))
 
 
+def _object(raw: bytes | None) -> dict[str, Any] | None:
+    """A JSON object from Redis; None for anything else (Redis is not trusted)."""
+    try:
+        value = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def plugins_from(data: dict[bytes, bytes]) -> dict[str, Any]:
-    """``plugins()``: the plugins hash, by node name."""
-    return {k.decode(): json.loads(v) for k, v in data.items()}
+    """``plugins()``: the plugins hash, by node name (entries that are not JSON objects
+    are left out)."""
+    found = {k.decode(errors="replace"): _object(v) for k, v in data.items()}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def node_names(members: Iterable[bytes]) -> list[str]:
@@ -235,8 +266,9 @@ def node_names(members: Iterable[bytes]) -> list[str]:
 
 
 def nodes_from(values: list[bytes | None]) -> list[dict[str, Any]]:
-    """``nodes()``: the heartbeats still alive (an expired one reads as None)."""
-    return [json.loads(v) for v in values if v is not None]
+    """``nodes()``: the heartbeats still alive (an expired one reads as None; one that is
+    not a JSON object is left out)."""
+    return [node for node in map(_object, values) if node is not None]
 
 
 # -- steering --------------------------------------------------------------------------------

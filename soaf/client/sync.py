@@ -95,6 +95,13 @@ class Client(ClientBase["redis.Redis"]):
         keys, args = calls.submit_call(self._target, template, self._secret)
         return calls.submitted(template.service_id, self._call(SUBMIT.run, self.redis, keys, args))
 
+    def resubmit(self, service_id: str) -> str:
+        """Submit the template ``service_id`` was submitted with again, under a new id;
+        return that id. The signed payload ``submit`` keeps beside each record is read
+        back and verified (ClientError when none is kept)."""
+        payload = self._call(self.redis.get, self.keys.payload(service_id))
+        return self.submit(calls.resubmitted(self._target, service_id, payload, self._secret))
+
     # -- reading ------------------------------------------------------------------------
 
     def status(self, service_id: str) -> ServiceRecord:

@@ -63,8 +63,9 @@ PLUGIN_RETRY_MAX = 60.0
 class Core:
     """One core: ``start()``, then ``run()`` until ``request_stop()``."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, *, metrics: tuple[str, int] | None = None) -> None:
+        self.settings, self.metrics_address = settings, metrics
+        self.metrics: Any = None  # soaf.metrics.exporter.CoreMetrics once served
         self.keys = Keys(settings.prefix)
         self.consumer = settings.node
         self.runs = RunTable()
@@ -125,6 +126,10 @@ class Core:
         self.enforcer.start()
         self.cgroups = cgroup.setup()
         self._wire()
+        if self.metrics_address is not None:  # Prometheus (soaf.core.scrape)
+            from soaf.core import scrape
+            self.metrics = scrape.serve(self.metrics_address, s, runs=self.runs, writer=self.writer,
+                                        loader=self.loader, admission=self.admission, client=self.redis)
         self.control.start_from(self.redis)
         self._spawn(self.heartbeat.loop, "soaf-heartbeat")
         self.recovery.resume_own()
@@ -245,6 +250,8 @@ class Core:
         self.writer.stop(timeout=10)
         self.reaper.close()
         self.heartbeat.release()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.embedded is not None:
             self.embedded.stop()
 

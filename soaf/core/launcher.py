@@ -340,6 +340,6 @@ class Launcher:
         pipe.xdel(self.keys.submit, *entry_ids)
         ttl = int(self.settings.record_ttl)
         for sid in (ended or []) if ttl > 0 else []:
-            for key in (self.keys.service(sid), self.keys.events(sid)):
+            for key in self.keys.aging(sid):
                 pipe.expire(key, ttl)  # the record starts to age
         pipe.execute()

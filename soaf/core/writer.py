@@ -16,6 +16,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import redis
@@ -52,12 +53,18 @@ class StateWriter:
         self._busy = False
         self.connected = True
         self.written = 0
+        #: Times Redis came back after the writer lost it (the metrics' reconnects).
+        self.reconnects = 0
+        #: Called with every ``Change`` queued (the core's metrics); must not raise.
+        self.observe: Callable[[Change], None] | None = None
         self._thread = threading.Thread(target=self._run, name="soaf-writer", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def put(self, change: Change | Writable) -> None:
+        if self.observe is not None and isinstance(change, Change):
+            self.observe(change)
         with self._cond:
             self._queue.append(change)
             self._cond.notify()
@@ -116,6 +123,7 @@ class StateWriter:
                 log.exception("dropping %d state changes that Redis refused", len(batch))
             if not self.connected:
                 log.warning("Redis is back; wrote the state changes kept meanwhile")
+                self.reconnects += 1
                 self.connected = True
             backoff = 0.05
             with self._cond:
@@ -138,9 +146,8 @@ class StateWriter:
             ttl = min(ttl, change.ttl) if ttl > 0 else change.ttl
         if ttl > 0:
             ttl = max(1, int(ttl))
-            pipe.expire(self._keys.service(change.service_id), ttl)
-            pipe.expire(self._keys.events(change.service_id), ttl)
-            pipe.expire(self._keys.log(change.service_id), ttl)
+            for key in self._keys.aging(change.service_id):
+                pipe.expire(key, ttl)
 
     def _write(self, batch: list[Change | Writable]) -> None:
         # One script call per service (and attempt): its changes in their original order.

@@ -236,6 +236,8 @@ class PluginLoader:
         #: Content digest and time of the last load attempt, successful or not.
         self.attempted_digest: str | None = None
         self.attempted_at: float | None = None
+        #: Loads that failed since the start (the metrics' reload failures).
+        self.failures = 0
         self._numbers = numbers or (lambda last: last + 1)
         self._number = 0
         self._lock = threading.Lock()
@@ -296,6 +298,7 @@ class PluginLoader:
 
     def _failed(self, error: LoadError, cause: BaseException | None = None) -> PluginError:
         self.error = error
+        self.failures += 1
         log.error("plugin load failed, keeping version %s: %s",
                   self.current.version if self.current else "none", error.text,
                   exc_info=(type(cause), cause, cause.__traceback__)

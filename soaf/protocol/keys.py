@@ -51,6 +51,18 @@ class Keys:
         (bytes, no newline). The capped files in the work dir keep the longer tail."""
         return f"{self.prefix}:log:{{{service_id}}}"
 
+    def payload(self, service_id: str) -> str:
+        """String: the signed payload the service was submitted with (``soaf.dumps``
+        output), written by ``Client.submit`` with the record; it ages with the record,
+        so a resubmit (and anything else that needs the template) can read it."""
+        return f"{self.prefix}:payload:{{{service_id}}}"
+
+    def aging(self, service_id: str) -> tuple[str, ...]:
+        """The keys of one service that expire together once it is final: record,
+        events, log lines and payload."""
+        return (self.service(service_id), self.events(service_id), self.log(service_id),
+                self.payload(service_id))
+
     @property
     def services(self) -> str:
         """Sorted set: every known service id, scored by its submit time."""

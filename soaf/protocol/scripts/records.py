@@ -55,12 +55,15 @@ soaf_drop_wrong_type(KEYS[1], 'hash')
 soaf_drop_wrong_type(KEYS[2], 'stream')
 """
 
-# KEYS: record, events, services zset, submit stream | ARGV: id, service, now, payload, notify
+# KEYS: record, events, services zset, submit stream, payload
+# ARGV: id, service, now, payload, notify, events maxlen
+# The payload is also kept beside the record (it ages with it), for resubmits.
 SUBMIT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('HGET', KEYS[1], 'state') or 'null'}
 end
 local entry = redis.call('XADD', KEYS[4], '*', 'payload', ARGV[4], 'id', ARGV[1])
+if KEYS[5] then redis.call('SET', KEYS[5], ARGV[4]) end
 local ev = cjson.encode({seq=1, attempt=0, ts=tonumber(ARGV[3]), state='queued'})
 local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'data', ev)
 redis.call('HSET', KEYS[1], 'service_id', cjson.encode(ARGV[1]), 'service', cjson.encode(ARGV[2]),
