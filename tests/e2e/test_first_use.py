@@ -201,6 +201,13 @@ PROGRAM_VARIABLES = {"SOAF_RUN", "SOAF_SERVICE_ID", "SOAF_WORK_DIR", "SOAF_ATTEM
 def test_every_setting_has_a_flag_that_names_its_variable(chunker, start_core, client):
     sources = "\n".join(p.read_text() for p in (ROOT / "soaf").rglob("*.py"))
     variables = set(re.findall(r"SOAF_[A-Z_]*[A-Z]", sources)) - PROGRAM_VARIABLES
+    dashboard = {v for v in variables if v.startswith("SOAF_DASHBOARD_")}  # its own command
+    assert dashboard == {"SOAF_DASHBOARD_HOST", "SOAF_DASHBOARD_PORT", "SOAF_DASHBOARD_TOKEN"}
+    out = subprocess.run([sys.executable, "-m", "soaf.cli.main", "dashboard", "--help"],
+                         capture_output=True, text=True, env={"COLUMNS": "200"}, cwd=ROOT,
+                         check=True)
+    assert dashboard - set(re.findall(r"SOAF_[A-Z_]*[A-Z]", out.stdout)) == set()
+    variables -= dashboard
     assert {"SOAF_KILL_GRACE", "SOAF_CALLBACK_TIMEOUT", "SOAF_LOG_LINES"} <= variables
     out = subprocess.run([sys.executable, str(ROOT / "start_core.py"), "--help"],
                          capture_output=True, text=True, env={"COLUMNS": "200"}, check=True)
