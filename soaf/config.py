@@ -18,14 +18,14 @@ from typing import Any
 from soaf.errors import ConfigError
 from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, key_id
 from soaf.protocol.keys import DEFAULT_PREFIX
+from soaf.protocol.queues import parse_labels
 
 #: Where an embedded core keeps its Redis data, the URL file and the secret.
 DEFAULT_STATE_DIR = ".soaf"
 #: Services one core runs at once; beyond this it reads no new submissions.
 DEFAULT_MAX_SERVICES = 64
 #: Seconds between heartbeats; the heartbeat key lives DEFAULT_HEARTBEAT_TTL seconds.
-DEFAULT_HEARTBEAT_INTERVAL = 2.0
-DEFAULT_HEARTBEAT_TTL = 10.0
+DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL = 2.0, 10.0
 #: Seconds between the periodic plugin scans (a hash of the sources) that back up
 #: file-system notifications, which some file systems never deliver; 0 turns it off.
 DEFAULT_RELOAD_POLL = 2.0
@@ -62,8 +62,7 @@ SUCCESS_ACTIONS = ("remove", "outputs", "keep")
 DEFAULT_ON_SUCCESS = "remove"
 #: Hours a finished work dir is left alone: succeeded ones for a look at the results,
 #: failed (cancelled, timed out) ones much longer, for inspection.
-DEFAULT_KEEP_SUCCEEDED_HOURS = 24.0
-DEFAULT_KEEP_FAILED_HOURS = 7 * 24.0
+DEFAULT_KEEP_SUCCEEDED_HOURS, DEFAULT_KEEP_FAILED_HOURS = 24.0, 7 * 24.0
 
 SECRET_FILE = "secret"
 #: The well-known key of ``--insecure`` cores (and clients with SOAF_INSECURE=1): it
@@ -193,24 +192,18 @@ def core_secrets(settings: Settings, shown_url: str, *, embedded: bool) -> list[
     return keys
 
 
-def _env_float(name: str, default: Any) -> Any:
+def _env_float(name: str, default: Any, kind: type = float) -> Any:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        return kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}")
+        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}")
 
 
 def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}")
+    return int(_env_float(name, default, int))
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -294,6 +287,8 @@ class Settings:
     #: CPU count and ~90% of its RAM (soaf.core.admission).
     cpus: float | None = None
     memory_mb: float | None = None
+    #: What this core has (``--labels gpu,bigmem``): it takes services whose ``requires`` it covers.
+    labels: frozenset[str] = frozenset()
     max_payload: int = DEFAULT_MAX_PAYLOAD
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
@@ -330,6 +325,7 @@ class Settings:
             "max_services": _env_int("SOAF_MAX_SERVICES", DEFAULT_MAX_SERVICES),
             "cpus": _env_float("SOAF_CPUS", None),
             "memory_mb": _env_float("SOAF_MEMORY_MB", None),
+            "labels": os.environ.get("SOAF_LABELS", ""),
             "max_payload": _env_int("SOAF_MAX_PAYLOAD", DEFAULT_MAX_PAYLOAD),
             "heartbeat_interval": _env_float("SOAF_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL),
             "heartbeat_ttl": _env_float("SOAF_HEARTBEAT_TTL", DEFAULT_HEARTBEAT_TTL),
@@ -359,6 +355,10 @@ class Settings:
                 values[name] = value
         if flags.get("secrets") is None:  # never the well-known key without --insecure
             values["secrets"] = configured_secrets(values.get("secret_file"))
+        try:
+            values["labels"] = parse_labels(values["labels"])
+        except ValueError as e:
+            raise ConfigError(f"labels (--labels/SOAF_LABELS): {e}") from None
         settings = cls(**values)
         settings.validate()
         # Resolved once here, so no hot path pays for symlink resolution.

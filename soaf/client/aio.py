@@ -80,10 +80,10 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
 
     # -- submitting ---------------------------------------------------------------------
 
-    async def submit(self, template: ServiceParamTemplate) -> str:
+    async def submit(self, template: ServiceParamTemplate, *, require_core: bool = False) -> str:
         """Validate, sign and queue ``template``; return its service id (see Client.submit)."""
-        keys, args = calls.submit_call(self._target, template, self._secret)
-        return calls.submitted(template.service_id, await self._script(SUBMIT, keys, args))
+        keys, args = calls.submit_call(self._target, template, self._secret, require_core)
+        return calls.submitted(template, await self._script(SUBMIT, keys, args))
 
     # -- reading ------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from soaf.config import find_redis_url, state_dir_from_env
 from soaf.errors import (
     ConfigError,
     DuplicateService,
+    NoCoreOffers,
     RedisUnavailable,
     StateError,
     UnknownService,
@@ -33,7 +34,8 @@ from soaf.errors import (
 )
 from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps
 from soaf.protocol.connection import redact
-from soaf.protocol.keys import DEFAULT_PREFIX, Keys
+from soaf.protocol.keys import DEFAULT_PREFIX, GROUP, Keys
+from soaf.protocol.queues import member
 from soaf.protocol.signed import sign_control
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_event
 from soaf.protocol.template import ServiceParamTemplate, validate_template
@@ -123,10 +125,12 @@ class Patience:
 
 # -- submitting ------------------------------------------------------------------------------
 
-def submit_call(target: Target, template: ServiceParamTemplate, secret: str | None) -> Reply:
+def submit_call(target: Target, template: ServiceParamTemplate, secret: str | None,
+                require_core: bool = False) -> Reply:
     """Check, sign and check again what a core would refuse (ValidationError naming a
     bad field, or ``payload`` when over the size limit; UnsafePayload naming a global
-    the core will not load); KEYS and ARGV of the SUBMIT script that queues it."""
+    the core will not load); KEYS and ARGV of the SUBMIT script that queues it in its
+    service's queue, the routing fields in clear beside the signed payload."""
     validate_template(template)
     payload = dumps(template, signing_secret(secret, target.state_dir))
     if len(payload) > target.max_payload:
@@ -134,13 +138,22 @@ def submit_call(target: Target, template: ServiceParamTemplate, secret: str | No
                                          f"the limit of {target.max_payload} (SOAF_MAX_PAYLOAD)")
     check_loadable(payload)
     sid, keys = template.service_id, target.keys
-    return ([keys.service(sid), keys.events(sid), keys.services, keys.submit],
-            [sid, template.service, time.time(), payload, keys.notify, EVENTS_MAXLEN])
+    service, priority = template.service, template.priority
+    return ([keys.service(sid), keys.events(sid), keys.services, keys.queue(service, priority),
+             keys.queues, keys.offered],
+            [sid, service, time.time(), payload, keys.notify, EVENTS_MAXLEN, priority,
+             member(service, priority), int(require_core), GROUP])
 
 
-def submitted(service_id: str, reply: Any) -> str:
-    """The service id, from the SUBMIT script's reply; DuplicateService if it existed."""
+def submitted(template: ServiceParamTemplate, reply: Any) -> str:
+    """The service id, from the SUBMIT script's reply; DuplicateService if it existed,
+    NoCoreOffers if a core was required and none offers the service."""
+    service_id = template.service_id
     created, detail = reply
+    if created == 2:
+        raise NoCoreOffers(f"no live core offers {template.service!r}: nothing was queued "
+                           "(see `soaf services`; submit without require_core=True to queue "
+                           "it until a core that offers it starts)")
     if not created:
         state = detail.decode(errors="replace").strip('"')
         raise DuplicateService(f"service id {service_id!r} was already submitted "

@@ -85,15 +85,17 @@ class Client(ClientBase["redis.Redis"]):
 
     # -- submitting ---------------------------------------------------------------------
 
-    def submit(self, template: ServiceParamTemplate) -> str:
+    def submit(self, template: ServiceParamTemplate, *, require_core: bool = False) -> str:
         """Validate, sign and queue ``template``; return its service id.
 
         Everything a core would refuse is refused here first: ValidationError naming a
         bad field (or ``payload`` when it is over ``max_payload``), UnsafePayload naming a
         global the core will not load; DuplicateService when the id was already submitted.
+        A service no live core offers is queued until one does (its record's
+        ``waiting_for`` says so); ``require_core=True`` raises NoCoreOffers instead.
         """
-        keys, args = calls.submit_call(self._target, template, self._secret)
-        return calls.submitted(template.service_id, self._call(SUBMIT.run, self.redis, keys, args))
+        keys, args = calls.submit_call(self._target, template, self._secret, require_core)
+        return calls.submitted(template, self._call(SUBMIT.run, self.redis, keys, args))
 
     # -- reading ------------------------------------------------------------------------
 

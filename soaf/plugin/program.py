@@ -53,6 +53,8 @@ class ServiceProgramTemplate:
             against the core's capacity like ``cpus``. Not a limit (``max_memory_mb`` is).
         max_concurrent: how many runs of this service may go at once across all cores
             (None: no cap); one over it waits, ``queued`` with a ``waiting_for`` note.
+        requires: labels a core must have to take this service (e.g. ``{"gpu"}``): only
+            cores started with all of them (``--labels``, ``SOAF_LABELS``) read its queue.
         work_dir_policy: ``"fresh"``: a retry runs in a new, empty work dir (the failed
             attempt's dir is kept beside it as ``<dir>.attempt<N>``); ``"reuse"``: a retry
             runs in the same dir, over what the failed attempt left. A template's shared
@@ -73,6 +75,7 @@ class ServiceProgramTemplate:
     cpus: ClassVar[float | None] = None
     memory_mb: ClassVar[float | None] = None
     max_concurrent: ClassVar[int | None] = None
+    requires: ClassVar[frozenset[str] | set[str]] = frozenset()
 
     def __init__(
         self, template: ServiceParamTemplate, work_dir: Path, *, plugin_root: Path,

@@ -18,6 +18,10 @@ PAYLOAD_FIELD = "payload"
 #: An optional stream entry field naming the service id in clear, so that a payload
 #: that cannot be trusted can still be reported on the submitter's record.
 ID_FIELD = "id"
+#: Routing fields in clear beside the signed payload: a core routes on them before it
+#: unpickles anything, and refuses the entry if they differ from the verified payload's.
+SERVICE_FIELD = "service"
+PRIORITY_FIELD = "priority"
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,30 @@ class Keys:
 
     @property
     def submit(self) -> str:
-        """Stream of submissions, read by cores through the consumer group ``cores``."""
+        """The single submission stream of older versions (and of plain XADDs that name no
+        queue): cores forward its entries to their queues (soaf.core.routing)."""
         return f"{self.prefix}:submit"
+
+    def queue(self, service: str, priority: int) -> str:
+        """Stream: the submissions of one service at one priority, read by the cores that
+        offer the service through the consumer group ``cores``."""
+        return f"{self.queue_prefix}{service}:{priority}"
+
+    @property
+    def queue_prefix(self) -> str:
+        """What every queue's name starts with; the TAKE script adds ``<service>:<priority>``."""
+        return f"{self.prefix}:q:"
+
+    @property
+    def queues(self) -> str:
+        """Set: every queue that ever got an entry, as ``<service>:<priority>``."""
+        return f"{self.prefix}:queues"
+
+    @property
+    def offered(self) -> str:
+        """Sorted set: service name -> the time until which a live core offers it (the
+        latest heartbeat expiry of the cores that offer it)."""
+        return f"{self.prefix}:offered"
 
     def service(self, service_id: str) -> str:
         """Hash: the state record of one service."""

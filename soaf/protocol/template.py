@@ -33,10 +33,8 @@ RESERVED_INPUT_NAMES = frozenset({"stdout.log", "stderr.log"})
 #: Upper bounds of the numeric fields: finite, and far past any real use.
 MAX_SECONDS = 366 * 86400.0
 MAX_MEMORY_MB = 1 << 30  # 1 PiB
-MAX_RETRIES = 100
-MAX_CPUS = 1 << 20
-MIN_WATCH_INTERVAL = 0.05
-MIN_RETRY_BACKOFF = 0.1
+MAX_RETRIES, MAX_CPUS = 100, 1 << 20
+MIN_WATCH_INTERVAL, MIN_RETRY_BACKOFF = 0.05, 0.1
 #: Output targets that live in the core's own process: nobody else could read them.
 IN_PROCESS_SCHEMES = frozenset({"memory"})
 #: The scheme of a reference to another service's output: ``soaf://<service_id>/<name>``.
@@ -124,6 +122,7 @@ class ServiceParamTemplate:
             default (none: it counts only against the core's service slots).
         memory_mb: memory (MiB) the service needs while it runs, counted against the
             core's ``--memory-mb`` like ``cpus``. None uses the service's default (none).
+        priority: -1000..1000 (default 0); cores take higher first (docs/protocol.md, Queues).
         signed_at: set by ``dumps`` when it signs the template (Unix time): a core refuses
             a payload older than ``SOAF_MAX_PAYLOAD_AGE`` whose record is gone (a replay).
     """
@@ -149,6 +148,7 @@ class ServiceParamTemplate:
     cpus: float | None = None
     memory_mb: float | None = None
     signed_at: float | None = None
+    priority: int = 0
 
     def validate(self) -> None:
         """Raise ValidationError naming the first field that cannot be accepted.
@@ -365,6 +365,11 @@ def _check_memory_mb(t: ServiceParamTemplate, value: Any) -> None:
                                            f"{_show(value)} (at most {MAX_MEMORY_MB})")
 
 
+def _check_priority(t: ServiceParamTemplate, value: Any) -> None:
+    if not _whole_in(value, -1000, 1000):
+        raise ValidationError("priority", f"must be a whole number from -1000 to 1000, got {_show(value)}")
+
+
 #: The most lost attempts a template may allow (a crash loop must end).
 MAX_LOST = 100
 
@@ -378,17 +383,13 @@ _CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
     ("watch_interval", _check_watch_interval), ("timeout", _check_timeout),
     ("retries", _check_retries), ("retry_backoff", _check_retry_backoff),
     ("max_memory_mb", _check_max_memory_mb), ("max_lost", _check_max_lost),
-    ("cpus", _check_cpus), ("memory_mb", _check_memory_mb),
+    ("cpus", _check_cpus), ("memory_mb", _check_memory_mb), ("priority", _check_priority),
 ]
 
 
 def _positive_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value > 0
 
 
 def _whole_in(value: Any, low: int, high: int) -> bool:
