@@ -290,6 +290,15 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
         return calls.nodes_from(
             await self._call(self.redis.mget, [self.keys.node(n) for n in names]))
 
+    async def services(self) -> builtins.list[dict[str, Any]]:
+        """Per service name: the live cores that offer it, and how many entries wait in
+        its queues and how many cores hold (see ``calls.services_from``)."""
+        queues = calls.queues_from(await self._call(self.redis.smembers, self.keys.queues))
+        pipe = self.redis.pipeline(transaction=False)
+        calls.count_queues(pipe, self.keys, queues)
+        counts = await self._call(pipe.execute, raise_on_error=False)
+        return calls.services_from(await self.nodes(), queues, counts)
+
     async def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""
         stream, fields, maxlen = calls.reload_call(self._target, node, self._secret)

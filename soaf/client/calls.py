@@ -35,7 +35,7 @@ from soaf.errors import (
 from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps
 from soaf.protocol.connection import redact
 from soaf.protocol.keys import DEFAULT_PREFIX, GROUP, Keys
-from soaf.protocol.queues import member
+from soaf.protocol.queues import member, parse_member
 from soaf.protocol.signed import sign_control
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_event
 from soaf.protocol.template import ServiceParamTemplate, validate_template
@@ -245,6 +245,44 @@ def node_names(members: Iterable[bytes]) -> list[str]:
 def nodes_from(values: list[bytes | None]) -> list[dict[str, Any]]:
     """``nodes()``: the heartbeats still alive (an expired one reads as None)."""
     return [json.loads(v) for v in values if v is not None]
+
+
+def queues_from(members: Iterable[bytes]) -> list[tuple[str, int]]:
+    """``(service, priority)`` of every queue in the ``Keys.queues`` set, sorted."""
+    return sorted(q for m in members if (q := parse_member(m.decode(errors="replace"))))
+
+
+def count_queues(pipe: Any, keys: Keys, queues: list[tuple[str, int]]) -> None:
+    """Queue on ``pipe`` what ``services_from`` reads: per queue its length and the
+    entries delivered to cores and not finished yet."""
+    for service, priority in queues:
+        pipe.xlen(keys.queue(service, priority))
+        pipe.xpending(keys.queue(service, priority), GROUP)
+
+
+def services_from(nodes: list[dict[str, Any]], queues: list[tuple[str, int]],
+                  counts: list[Any]) -> list[dict[str, Any]]:
+    """``services()``: per service name, the live cores that offer it, how many entries
+    wait in its queues (``queued``, and ``by_priority``) and how many cores hold
+    (``taken``: running, or waiting in a core for CPUs, memory or a slot)."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        return found.setdefault(name, {"service": name, "cores": [], "queued": 0, "taken": 0,
+                                       "by_priority": {}})
+
+    for node in nodes:
+        for name in node.get("services") or []:
+            entry(str(name))["cores"].append(node.get("node"))
+    for (service, priority), length, held in zip(queues, counts[::2], counts[1::2]):
+        length = length if isinstance(length, int) else 0
+        taken = held.get("pending", 0) if isinstance(held, dict) else 0
+        row = entry(service)
+        row["taken"] += taken
+        if length - taken > 0:
+            row["queued"] += length - taken
+            row["by_priority"][str(priority)] = length - taken
+    return [found[name] for name in sorted(found)]
 
 
 # -- steering --------------------------------------------------------------------------------

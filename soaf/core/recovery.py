@@ -300,7 +300,9 @@ class Recovery:
         offered = self.offered()
         if offered != self._emptied_for:  # queues it did not search before
             self._emptied, self._emptied_for = set(), offered
-        names = sorted(text(n) for n in self.client.smembers(self.keys.nodes))
+        # Cores register their names; consumers of the old submit stream may predate that.
+        names = sorted({text(n) for n in self.client.smembers(self.keys.nodes)}
+                       | set(holders(self.client, [self.keys.submit]).get(self.keys.submit, {})))
         dead = [name for name in names
                 if name != self.node and self._missing_long(name) and name not in self._emptied]
         if not dead:

@@ -7,7 +7,7 @@ import time
 
 import soaf
 from soaf import ServiceParamTemplate
-from soaf.protocol.keys import Keys
+from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.scripts import SUBMIT
 from soaf.protocol.state import EVENTS_MAXLEN
 from tests.conftest import SECRET
@@ -27,8 +27,10 @@ def test_replayed_payload_is_refused_once_its_record_is_gone(start_core, redis_s
     old = soaf.dumps(waiting, SECRET)
     time.sleep(MAX_AGE + 0.5)
     sid = waiting.service_id
-    SUBMIT.run(r, [keys.service(sid), keys.events(sid), keys.services, keys.submit],
-               [sid, "steps", time.time(), old, keys.notify, EVENTS_MAXLEN])
+    SUBMIT.run(r, [keys.service(sid), keys.events(sid), keys.services, keys.queue("steps", 0),
+                   keys.queues, keys.offered],
+               [sid, "steps", time.time(), old, keys.notify, EVENTS_MAXLEN, 0, "steps:0", 0,
+                GROUP])
     start_core(SOAF_MAX_PAYLOAD_AGE=str(MAX_AGE))
     assert client.wait(sid, timeout=60).state == "succeeded"
 
@@ -48,4 +50,5 @@ def test_replayed_payload_is_refused_once_its_record_is_gone(start_core, redis_s
     assert record.state == "rejected", record
     assert "replay" in (record.error or ""), record.error
     assert record.attempt == 0
-    assert r.xlen(keys.submit) == 0  # the entry is acknowledged and gone
+    assert r.xlen(keys.submit) == 0  # forwarded to its queue,
+    assert r.xlen(keys.queue("steps", 0)) == 0  # and there acknowledged and gone
