@@ -137,3 +137,22 @@ def test_routing_fields_must_match_the_signed_payload(start_core, client, redis_
     assert "routing field 'priority' is '9' in clear but '0'" in second.error
     wait_until(lambda: r.xlen(keys.queue("steps", 0)) == r.xlen(keys.queue("true", 0)) == 0, 10,
                message="the refused entries to be gone")
+
+
+def test_entries_of_the_old_submit_stream_are_forwarded_to_their_queues(
+        start_core, client, redis_server, prefix):
+    """Payloads pushed to the single stream of older versions (or by a plain XADD that
+    names no queue) still run; one for a service no core offers waits in its queue."""
+    import soaf as soaf_module
+
+    r, keys = redis_server.client(), Keys(prefix)
+    runs = ServiceParamTemplate("steps", args={"n": 1}, priority=3)
+    waits = ServiceParamTemplate("nosuch")
+    for t in (runs, waits):  # queued before any core: as at an upgrade
+        r.xadd(keys.submit, {"payload": soaf_module.dumps(t, SECRET), "id": t.service_id})
+    start_core()
+    assert client.wait(runs.service_id, timeout=30).state == "succeeded"
+    wait_until(lambda: r.xlen(keys.queue("nosuch", 0)) == 1 and r.xlen(keys.submit) == 0, 10,
+               message="the entry for 'nosuch' to be forwarded to its queue")
+    rows = {row["service"]: row for row in client.services()}
+    assert rows["nosuch"]["queued"] == 1 and rows["nosuch"]["cores"] == []
