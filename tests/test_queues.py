@@ -31,10 +31,14 @@ def push(r, keys: Keys, service: str, priority: int, name: str, age: float = 0.0
     return r.xadd(queue, {"name": name}, id=f"{ms}-0").decode()
 
 
+def take_raw(r, keys: Keys, count: int, *services: str, consumer: str = "c1") -> list:
+    return TAKE.run(r, [keys.queues, keys.submit],
+                    [GROUP, consumer, count, int(time.time() * 1000),
+                     int(PRIORITY_AGING * 1000), keys.queue_prefix, *services])
+
+
 def take(r, keys: Keys, count: int, *services: str, consumer: str = "c1") -> list[str]:
-    taken, watch = TAKE.run(r, [keys.queues, keys.submit],
-                            [GROUP, consumer, count, int(time.time() * 1000),
-                             int(PRIORITY_AGING * 1000), keys.queue_prefix, *services])
+    taken, _ = take_raw(r, keys, count, *services, consumer=consumer)
     return [dict(zip(f[::2], f[1::2]))[b"name"].decode() for _, _, f in taken]
 
 
@@ -47,7 +51,11 @@ def test_take_delivers_exactly_count_best_priority_first_and_only_offered(r, pre
     push(r, keys, "x", 100, "x100")  # a service this core does not offer
     assert take(r, keys, 2, "a", "b") == ["b9", "a5"]
     assert take(r, keys, 5, "a", "b") == ["a0-old", "a0-new"]  # oldest first among equals
-    assert take(r, keys, 5, "a", "b") == []
+    taken, watch = take_raw(r, keys, 5, "a", "b")
+    # Nothing left: where to block, each offered queue after its last delivered entry.
+    last = {q: r.xinfo_stream(q)["last-generated-id"]
+            for q in (keys.queue("a", 0), keys.queue("a", 5), keys.queue("b", 9))}
+    assert taken == [] and {s.decode(): i for s, i in watch} == last
     # Delivered entries are this consumer's, and nothing it did not take is.
     assert r.xpending(keys.queue("x", 100), GROUP)["pending"] == 0
     assert sum(r.xpending(keys.queue(*q), GROUP)["pending"]
