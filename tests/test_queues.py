@@ -31,14 +31,16 @@ def push(r, keys: Keys, service: str, priority: int, name: str, age: float = 0.0
     return r.xadd(queue, {"name": name}, id=f"{ms}-0").decode()
 
 
-def take_raw(r, keys: Keys, count: int, *services: str, consumer: str = "c1") -> list:
-    return TAKE.run(r, [keys.queues, keys.submit],
+def take_raw(r, keys: Keys, count: int, *services: str, consumer: str = "c1",
+             scan: bool = True) -> list:
+    return TAKE.run(r, [keys.queues, keys.submit, keys.ready, keys.new_queues],
                     [GROUP, consumer, count, int(time.time() * 1000),
-                     int(PRIORITY_AGING * 1000), keys.queue_prefix, *services])
+                     int(PRIORITY_AGING * 1000), keys.queue_prefix, int(scan), *services])
 
 
-def take(r, keys: Keys, count: int, *services: str, consumer: str = "c1") -> list[str]:
-    taken, _ = take_raw(r, keys, count, *services, consumer=consumer)
+def take(r, keys: Keys, count: int, *services: str, consumer: str = "c1",
+         scan: bool = True) -> list[str]:
+    taken, _ = take_raw(r, keys, count, *services, consumer=consumer, scan=scan)
     return [dict(zip(f[::2], f[1::2]))[b"name"].decode() for _, _, f in taken]
 
 
@@ -52,14 +54,28 @@ def test_take_delivers_exactly_count_best_priority_first_and_only_offered(r, pre
     assert take(r, keys, 2, "a", "b") == ["b9", "a5"]
     assert take(r, keys, 5, "a", "b") == ["a0-old", "a0-new"]  # oldest first among equals
     taken, watch = take_raw(r, keys, 5, "a", "b")
-    # Nothing left: where to block, each offered queue after its last delivered entry.
+    # Nothing left: where to block, each offered queue after its last delivered entry,
+    # and the streams that do not exist yet (the old one, the new-queue bell) from 0.
     last = {q: r.xinfo_stream(q)["last-generated-id"]
             for q in (keys.queue("a", 0), keys.queue("a", 5), keys.queue("b", 9))}
+    last.update({keys.submit: b"0-0", keys.new_queues: b"0-0"})
     assert taken == [] and {s.decode(): i for s, i in watch} == last
     # Delivered entries are this consumer's, and nothing it did not take is.
     assert r.xpending(keys.queue("x", 100), GROUP)["pending"] == 0
     assert sum(r.xpending(keys.queue(*q), GROUP)["pending"]
                for q in (("a", 0), ("a", 5), ("b", 9))) == 4
+
+
+def test_a_plain_take_looks_only_at_ready_queues_a_scan_at_all(r, prefix):
+    keys = Keys(prefix)
+    push(r, keys, "a", 0, "unannounced")  # a plain XADD: not marked ready
+    assert take(r, keys, 5, "a", scan=False) == []
+    assert take(r, keys, 1, "a", scan=True) == ["unannounced"]
+    assert not r.sismember(keys.ready, "a:0")  # drained: no longer ready
+    push(r, keys, "a", 0, "next")
+    r.sadd(keys.ready, "a:0")
+    assert take(r, keys, 5, "a", scan=False) == ["next"]
+    assert r.smembers(keys.ready) == set()
 
 
 def test_waiting_raises_priority_so_low_priority_is_not_starved(r, prefix):
@@ -103,7 +119,7 @@ def test_requeue_moves_an_entry_and_the_record_follows(r, prefix):
     ref = f"{keys.queue('a', 0)}/{old}"
     r.hset(keys.service("sid"), "entry", f'"{ref}"')
     new = REQUEUE.run(r, [keys.queue("a", 0), keys.queues, keys.queue("a", 0),
-                          keys.service("sid")],
+                          keys.service("sid"), keys.ready, keys.new_queues],
                       [GROUP, "a:0", old, ref, "name", "moved"]).decode()
     assert r.xpending(keys.queue("a", 0), GROUP)["pending"] == 0
     assert [e[0].decode() for e in r.xrange(keys.queue("a", 0))] == [new]

@@ -140,7 +140,7 @@ def submit_call(target: Target, template: ServiceParamTemplate, secret: str | No
     sid, keys = template.service_id, target.keys
     service, priority = template.service, template.priority
     return ([keys.service(sid), keys.events(sid), keys.services, keys.queue(service, priority),
-             keys.queues, keys.offered],
+             keys.queues, keys.offered, keys.ready, keys.new_queues],
             [sid, service, time.time(), payload, keys.notify, EVENTS_MAXLEN, priority,
              member(service, priority), int(require_core), GROUP])
 

@@ -222,7 +222,8 @@ class Gate:
                  PRIORITY_FIELD: str(template.priority)}
         flat = [x for pair in moved.items() for x in pair]
         new_id = REQUEUE.run(self.client, [queue, self.keys.queues, stream,
-                                           self.keys.service(template.service_id)],
+                                           self.keys.service(template.service_id),
+                                           self.keys.ready, self.keys.new_queues],
                              [GROUP, member(template.service, template.priority), entry_id,
                               entry_ref, *flat])
         log.info("entry %s of %s (service %r) moved to %s", entry_ref, template.service_id,

@@ -6,7 +6,8 @@ ever sees (let alone refuses) work it cannot run, and what it reads follows its 
 the queues are chosen again from the current generation at every take. The TAKE script
 (soaf.protocol.scripts.queues) delivers exactly as many entries as the core has room for,
 highest (aged) priority first, whatever the number of queues; with nothing to take, the
-core blocks on those queues with one XREAD until one grows.
+core blocks on those queues (and on the announcements of new queues) with one XREAD
+until one grows.
 
 Every heartbeat the core also writes, in one ZADD, that it offers its services until its
 heartbeat would expire (``Keys.offered``): a client learns there, in its SUBMIT script,
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 #: Entries read per stream and call when a core collects what it still holds.
 PAGE = 100
+#: Seconds after which a core looks at every queue it offers again, busy or idle (a safety
+#: net for entries that were not marked ready, e.g. pushed by a plain XADD).
+FULL_SCAN = 2.0
 
 
 def requirements(program: type[ServiceProgramTemplate]) -> frozenset[str] | None:
@@ -137,6 +141,12 @@ class Router:
         self.ttl = ttl
         self.stopping = stopping
         self._unusable: set[str] = set()  # services whose ``requires`` was logged as bad
+        #: Where to wait for work (stream -> last id), for the services in ``_watch_for``;
+        #: ``_quiet``: nothing grew since that list was made (so it is still right).
+        self._watch: list[tuple[str, str]] = []
+        self._watch_for: list[str] = []
+        self._quiet = False
+        self._scan_at = 0.0
 
     def offered(self) -> list[str]:
         registry = self.registry()
@@ -159,22 +169,38 @@ class Router:
 
     def take(self, count: int, block_ms: int) -> list[Entry]:
         """Up to ``count`` entries (as references) delivered to this core, best first;
-        with none, wait up to ``block_ms`` for one of its queues to grow and try again."""
-        taken, watch = self._take(count)
-        if taken or block_ms <= 0:
-            return taken
-        if not watch:  # no queue of any service it offers exists yet
-            self.stopping.wait(block_ms / 1000)
-            return []
-        grown = self.blocking.xread({stream: last for stream, last in watch}, count=1,
-                                    block=block_ms)
-        return self._take(count)[0] if grown else []
+        with none, wait up to ``block_ms`` for one of its queues to grow and try again.
 
-    def _take(self, count: int) -> tuple[list[Entry], list[tuple[str, str]]]:
+        Busy, a take looks only at the ready queues. When they hold nothing for it, one
+        scan of every queue it offers says where to wait; after a wait in which nothing
+        grew, that list is still right and the core waits again without asking Redis
+        anything, until the offers change or ``FULL_SCAN`` seconds have passed (then the
+        take is a scan, busy or not)."""
         services = self.offered()
+        due = services != self._watch_for or time.monotonic() >= self._scan_at
+        if due:
+            self._quiet = False
+        if not self._quiet:
+            if not due:
+                taken, _ = self._take(count, services, scan=False)
+                if taken:
+                    return taken
+            taken, self._watch = self._take(count, services, scan=True)
+            self._watch_for, self._scan_at = services, time.monotonic() + FULL_SCAN
+            if taken:
+                return taken
+        if block_ms <= 0:
+            return []
+        grown = self.blocking.xread(dict(self._watch), count=1, block=block_ms)
+        self._quiet = not grown
+        return self._take(count, services, scan=False)[0] if grown else []
+
+    def _take(self, count: int, services: list[str], *,
+              scan: bool) -> tuple[list[Entry], list[tuple[str, str]]]:
         args = [GROUP, self.node, count, int(time.time() * 1000), int(PRIORITY_AGING * 1000),
-                self.keys.queue_prefix, *services]
-        taken, watch = TAKE.run(self.client, [self.keys.queues, self.keys.submit], args)
+                self.keys.queue_prefix, int(scan), *services]
+        taken, watch = TAKE.run(self.client, [self.keys.queues, self.keys.submit, self.keys.ready,
+                                              self.keys.new_queues], args)
         entries = [(entry_ref(self.keys, text(stream), text(entry_id)),
                     dict(zip(flat[::2], flat[1::2])))
                    for stream, entry_id, flat in taken]

@@ -52,6 +52,18 @@ class Keys:
         return f"{self.prefix}:queues"
 
     @property
+    def ready(self) -> str:
+        """Set: the queues (``<service>:<priority>``) that may hold entries no core has
+        read yet; a core's TAKE looks only there, and drops the queues it finds drained."""
+        return f"{self.prefix}:ready"
+
+    @property
+    def new_queues(self) -> str:
+        """Stream (capped): one entry per queue created, so idle cores, which block only on
+        the queues they know, learn of a new one at once."""
+        return f"{self.prefix}:queues:new"
+
+    @property
     def offered(self) -> str:
         """Sorted set: service name -> the time until which a live core offers it (the
         latest heartbeat expiry of the cores that offer it)."""

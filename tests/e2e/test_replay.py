@@ -28,7 +28,7 @@ def test_replayed_payload_is_refused_once_its_record_is_gone(start_core, redis_s
     time.sleep(MAX_AGE + 0.5)
     sid = waiting.service_id
     SUBMIT.run(r, [keys.service(sid), keys.events(sid), keys.services, keys.queue("steps", 0),
-                   keys.queues, keys.offered],
+                   keys.queues, keys.offered, keys.ready, keys.new_queues],
                [sid, "steps", time.time(), old, keys.notify, EVENTS_MAXLEN, 0, "steps:0", 0,
                 GROUP])
     start_core(SOAF_MAX_PAYLOAD_AGE=str(MAX_AGE))

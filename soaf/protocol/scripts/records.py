@@ -56,7 +56,7 @@ soaf_drop_wrong_type(KEYS[1], 'hash')
 soaf_drop_wrong_type(KEYS[2], 'stream')
 """
 
-# KEYS: record, events, services zset, queue, queues index, offered zset
+# KEYS: record, events, services zset, queue, queues index, offered zset, ready set, bell
 # ARGV: id, service, now, payload, notify, events maxlen, priority, queue member,
 # require a core ('1'/'0'), consumer group
 # Returns {1, entry reference}; {0, state} for an id that has a record; {2, ''} when no
@@ -70,8 +70,8 @@ local t = redis.call('TYPE', KEYS[6])['ok']
 local expiry = t == 'zset' and redis.call('ZSCORE', KEYS[6], ARGV[2])
 local offered = expiry and tonumber(expiry) > tonumber(ARGV[3])
 if not offered and ARGV[9] == '1' then return {2, ''} end
-local id = soaf_enqueue(KEYS[4], KEYS[5], ARGV[8], ARGV[10], {'payload', ARGV[4], 'id', ARGV[1],
-  'service', ARGV[2], 'priority', ARGV[7]})
+local id = soaf_enqueue(KEYS[4], KEYS[5], KEYS[7], KEYS[8], ARGV[8], ARGV[10],
+  {'payload', ARGV[4], 'id', ARGV[1], 'service', ARGV[2], 'priority', ARGV[7]})
 local entry = KEYS[4] .. '/' .. id
 local ev = {seq=1, attempt=0, ts=tonumber(ARGV[3]), state='queued'}
 if not offered then ev['waiting_for'] = 'no live core offers ' .. "'" .. ARGV[2] .. "'" end
