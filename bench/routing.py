@@ -38,8 +38,11 @@ def evalsha_usec(r: redis.Redis) -> float:
     return float(stats.get("usec", 0))
 
 
-def run(r: redis.Redis, queues: int, count: int, calls: int) -> tuple[float, float, float, float]:
-    keys = Keys(f"b{queues}")
+def run(r: redis.Redis, queues: int, count: int, calls: int,
+        ready: int | None) -> tuple[float, float, float, float]:
+    """(take µs, its Redis µs, scan µs, its Redis µs) with ``queues`` queues, of which
+    ``ready`` (None: all) hold entries."""
+    keys = Keys(f"b{queues}-{ready}")
     services = [f"svc{i}" for i in range(max(1, queues // 3))]
     made = 0
     pipe = r.pipeline(transaction=False)
@@ -50,9 +53,10 @@ def run(r: redis.Redis, queues: int, count: int, calls: int) -> tuple[float, flo
             queue = keys.queue(service, priority)
             pipe.xgroup_create(queue, GROUP, id="0", mkstream=True)
             pipe.sadd(keys.queues, member(service, priority))
-            pipe.sadd(keys.ready, member(service, priority))
-            for _ in range(count * calls // queues + 2):
-                pipe.xadd(queue, {"payload": b"x" * 100})
+            if ready is None or made < ready:
+                pipe.sadd(keys.ready, member(service, priority))
+                for _ in range(count * calls // (ready or queues) + 2):
+                    pipe.xadd(queue, {"payload": b"x" * 100})
             made += 1
     pipe.execute()
     names = [keys.queues, keys.submit, keys.ready, keys.new_queues]
@@ -78,6 +82,8 @@ def main() -> int:
     ap.add_argument("--queues", type=int, nargs="+", default=[10, 100, 300, 1000])
     ap.add_argument("--count", type=int, default=8, help="entries one take asks for")
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--ready", type=int, default=10,
+                    help="queues holding entries in the second run of each size")
     opts = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="soaf-bench-"))
     sock = tmp / "redis.sock"
@@ -93,11 +99,15 @@ def main() -> int:
             except redis.ConnectionError:
                 time.sleep(0.05)
         print(f"TAKE of {opts.count} entries, {opts.calls} calls, one client, unix socket")
-        print(f"{'queues':>7} {'take µs':>9} {'take Redis µs':>14} {'scan µs':>9} "
+        print(f"{'queues':>7} {'ready':>6} {'take µs':>9} {'take Redis µs':>14} {'scan µs':>9} "
               f"{'scan Redis µs':>14}")
         for n in opts.queues:
-            take_wall, take_cpu, idle_wall, idle_cpu = run(r, n, opts.count, opts.calls)
-            print(f"{n:>7} {take_wall:>9.0f} {take_cpu:>14.0f} {idle_wall:>9.0f} {idle_cpu:>14.0f}")
+            for ready in (None, opts.ready):
+                if ready is not None and ready >= n:
+                    continue
+                take_wall, take_cpu, scan_wall, scan_cpu = run(r, n, opts.count, opts.calls, ready)
+                print(f"{n:>7} {ready or n:>6} {take_wall:>9.0f} {take_cpu:>14.0f} "
+                      f"{scan_wall:>9.0f} {scan_cpu:>14.0f}")
     finally:
         server.terminate()
         server.wait(10)
