@@ -4,6 +4,7 @@ plugin. Also the fleet view (``soaf nodes``, ``soaf services``, ``soaf ls``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from collections import defaultdict
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from soaf import ServiceParamTemplate
+from soaf import AsyncClient, ServiceParamTemplate
 from soaf.protocol.keys import Keys
 from tests.conftest import SECRET, wait_until
 from tests.e2e.test_cli import soaf
@@ -156,3 +157,27 @@ def test_entries_of_the_old_submit_stream_are_forwarded_to_their_queues(
                message="the entry for 'nosuch' to be forwarded to its queue")
     rows = {row["service"]: row for row in client.services()}
     assert rows["nosuch"]["queued"] == 1 and rows["nosuch"]["cores"] == []
+    assert rows["steps"]["cores"] == ["core-a"]
+
+    async def services_async():
+        async with AsyncClient(redis_server.url, secret=SECRET, prefix=prefix) as aio:
+            return await aio.services()
+
+    assert {row["service"]: row for row in asyncio.run(services_async())} == rows
+
+
+def test_work_of_a_service_removed_by_a_reload_waits_for_another_core(
+        start_core, client, tmp_path, work_root):
+    first = plugins(tmp_path / "first", {"alpha", "beta"})
+    start_core(SOAF_NODE="first", SOAF_PLUGINS=str(first), SOAF_WORK_ROOT=str(work_root / "1"))
+    assert client.wait(client.submit(ServiceParamTemplate("beta")), timeout=30).node == "first"
+    (first / "services" / "beta.py").unlink()
+    wait_until(lambda: [n["services"] for n in client.nodes()] == [["alpha"]], 30,
+               message="the reload to drop beta from the offers")
+    waiting = client.submit(ServiceParamTemplate("beta"))
+    assert client.wait(client.submit(ServiceParamTemplate("alpha")), timeout=30).ok
+    assert client.status(waiting).state == "queued"  # left alone, not refused
+    start_core(SOAF_NODE="second", SOAF_PLUGINS=str(plugins(tmp_path / "second", {"beta"})),
+               SOAF_WORK_ROOT=str(work_root / "2"))
+    record = client.wait(waiting, timeout=30)
+    assert (record.state, record.node) == ("succeeded", "second")
