@@ -163,3 +163,18 @@ def test_labels_and_members_are_checked():
         parse_labels("gpu,two words")
     assert parse_member("svc.name-1:-5") == ("svc.name-1", -5)
     assert parse_member("svc:5000") is None and parse_member("a:b:1") is None
+
+
+def test_submit_and_take_survive_keys_of_the_wrong_type(client, r, prefix):
+    """Redis is not trusted: index, ready set, offers and bell overwritten with strings
+    delay nothing that a scan does not find."""
+    from soaf import ServiceParamTemplate
+
+    keys = Keys(prefix)
+    for key in (keys.offered, keys.ready, keys.queues, keys.new_queues):
+        r.set(key, "not what it should be")
+    sid = client.submit(ServiceParamTemplate("a"))
+    assert client.status(sid).get("waiting_for") == "no live core offers 'a'"
+    r.set(keys.ready, "again")
+    taken, _ = take_raw(r, keys, 5, "a", scan=True)
+    assert [f[f.index(b"id") + 1] for _, _, f in taken] == [sid.encode()]

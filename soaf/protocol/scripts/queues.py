@@ -38,8 +38,7 @@ local function soaf_enqueue(queue, index, ready, bell, member, group, fields)
     if redis.call('TYPE', bell)['ok'] ~= 'stream' then redis.call('DEL', bell) end
     redis.call('XADD', bell, 'MAXLEN', '~', 1000, '*', 'queue', member)
   end
-  soaf_set(ready)
-  redis.call('SADD', ready, member)
+  pcall(redis.call, 'SADD', ready, member)  -- not a set: TAKE repairs it, scans find the queue
   return redis.call('XADD', queue, '*', unpack(fields))
 end
 """

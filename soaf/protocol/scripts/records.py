@@ -66,9 +66,8 @@ SUBMIT_LUA = _ENQUEUE + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('HGET', KEYS[1], 'state') or 'null'}
 end
-local t = redis.call('TYPE', KEYS[6])['ok']
-local expiry = t == 'zset' and redis.call('ZSCORE', KEYS[6], ARGV[2])
-local offered = expiry and tonumber(expiry) > tonumber(ARGV[3])
+local found, expiry = pcall(redis.call, 'ZSCORE', KEYS[6], ARGV[2])
+local offered = found and expiry and tonumber(expiry) > tonumber(ARGV[3])
 if not offered and ARGV[9] == '1' then return {2, ''} end
 local id = soaf_enqueue(KEYS[4], KEYS[5], KEYS[7], KEYS[8], ARGV[8], ARGV[10],
   {'payload', ARGV[4], 'id', ARGV[1], 'service', ARGV[2], 'priority', ARGV[7]})
