@@ -181,3 +181,27 @@ def test_work_of_a_service_removed_by_a_reload_waits_for_another_core(
                SOAF_WORK_ROOT=str(work_root / "2"))
     record = client.wait(waiting, timeout=30)
     assert (record.state, record.node) == ("succeeded", "second")
+
+
+def test_a_core_restarted_without_a_plugin_hands_its_running_service_on(
+        start_core, client, tmp_path, work_root):
+    """Killed while running 'beta', restarted without beta's plugin: the attempt is
+    stopped and its entry goes back to beta's queue; a core that offers beta runs it."""
+    from tests.conftest import crash
+
+    first = plugins(tmp_path / "first", {"alpha", "beta"})
+    (first / "services" / "beta.py").write_text((first / "services" / "beta.py").read_text()
+                                                 .replace('["sleep", "0.1"]', '["sleep", "60"]'))
+    env = {"SOAF_NODE": "first", "SOAF_PLUGINS": str(first), "SOAF_WORK_ROOT": str(work_root / "1")}
+    core = start_core(**env)
+    sid = client.submit(ServiceParamTemplate("beta"))
+    wait_until(lambda: client.status(sid).state == "running", 30, message="beta running")
+    crash(core, client, [sid])
+    (first / "services" / "beta.py").unlink()
+    start_core(**env)
+    wait_until(lambda: client.services() and {r["service"]: r for r in client.services()}
+               .get("beta", {}).get("queued") == 1, 30, message="beta's entry back in its queue")
+    start_core(SOAF_NODE="second", SOAF_PLUGINS=str(plugins(tmp_path / "second", {"beta"})),
+               SOAF_WORK_ROOT=str(work_root / "2"))
+    record = client.wait(sid, timeout=60)
+    assert (record.state, record.node, record.attempt) == ("succeeded", "second", 2)
