@@ -205,3 +205,16 @@ def test_a_core_restarted_without_a_plugin_hands_its_running_service_on(
                SOAF_WORK_ROOT=str(work_root / "2"))
     record = client.wait(sid, timeout=60)
     assert (record.state, record.node, record.attempt) == ("succeeded", "second", 2)
+
+
+def test_plain_redis_py_submission_as_protocol_md_shows(start_core, client, redis_server, prefix):
+    import soaf as soaf_module
+
+    start_core()
+    t = ServiceParamTemplate("steps", args={"n": 1}, priority=2)
+    r = redis_server.client()
+    r.sadd(f"{prefix}:queues", "steps:2")
+    r.xadd(f"{prefix}:q:steps:2", {"payload": soaf_module.dumps(t, SECRET), "id": t.service_id,
+                                   "service": "steps", "priority": "2"})
+    r.sadd(f"{prefix}:ready", "steps:2")
+    assert client.wait(t.service_id, timeout=30).state == "succeeded"
