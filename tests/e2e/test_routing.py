@@ -218,3 +218,19 @@ def test_plain_redis_py_submission_as_protocol_md_shows(start_core, client, redi
                                    "service": "steps", "priority": "2"})
     r.sadd(f"{prefix}:ready", "steps:2")
     assert client.wait(t.service_id, timeout=30).state == "succeeded"
+
+
+def test_a_draining_core_says_so_and_offers_nothing(start_core, client, core_env):
+    import signal
+
+    core = start_core()
+    sid = client.submit(ServiceParamTemplate("sleep", args={"seconds": 60}))
+    wait_until(lambda: client.status(sid).state == "running", 30, message="running")
+    assert "steps" in client.nodes()[0]["services"]
+    core.signal(signal.SIGTERM)  # drain: the running service may finish, nothing new starts
+    node = wait_until(lambda: (n := client.nodes()) and n[0]["draining"] and n[0], 30,
+                      message="the heartbeat to say the core drains")
+    assert node["services"] == [] and node["running"] == 1
+    assert "yes" in soaf(core_env, "nodes").stdout
+    client.cancel(sid)
+    assert client.wait(sid, timeout=30).state == "cancelled"
