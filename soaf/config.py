@@ -16,6 +16,7 @@ from typing import Any
 from soaf.errors import ConfigError
 from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD
 from soaf.protocol.keys import DEFAULT_PREFIX
+from soaf.protocol.queues import parse_labels
 
 #: Where an embedded core keeps its Redis data, the URL file and the secret.
 DEFAULT_STATE_DIR = ".soaf"
@@ -245,6 +246,8 @@ class Settings:
     #: CPU count and ~90% of its RAM (soaf.core.admission).
     cpus: float | None = None
     memory_mb: float | None = None
+    #: What this core has (``--labels gpu,bigmem``): it takes services whose ``requires`` it covers.
+    labels: frozenset[str] = frozenset()
     max_payload: int = DEFAULT_MAX_PAYLOAD
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
@@ -283,6 +286,7 @@ class Settings:
             "max_services": _env_int("SOAF_MAX_SERVICES", DEFAULT_MAX_SERVICES),
             "cpus": _env_float("SOAF_CPUS", None),
             "memory_mb": _env_float("SOAF_MEMORY_MB", None),
+            "labels": os.environ.get("SOAF_LABELS", ""),
             "max_payload": _env_int("SOAF_MAX_PAYLOAD", DEFAULT_MAX_PAYLOAD),
             "heartbeat_interval": _env_float("SOAF_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL),
             "heartbeat_ttl": _env_float("SOAF_HEARTBEAT_TTL", DEFAULT_HEARTBEAT_TTL),
@@ -313,6 +317,10 @@ class Settings:
                 values[name] = value
         if flags.get("secrets") is None:  # never the well-known key without --insecure
             values["secrets"] = configured_secrets(values.get("secret_file"))
+        try:
+            values["labels"] = parse_labels(values["labels"])
+        except ValueError as e:
+            raise ConfigError(f"labels (--labels/SOAF_LABELS): {e}") from None
         settings = cls(**values)
         settings.validate()
         # Resolved once here, so no hot path pays for symlink resolution.

@@ -73,3 +73,16 @@ def test_core_secrets_decides_and_names_keys_by_id(monkeypatch, tmp_path: Path, 
     assert "shorter than 16 characters" in caplog.text
     assert f"accepting payloads signed with key id {key_id('short')}" in caplog.text
     assert "short\n" not in caplog.text and "id short" not in caplog.text
+
+
+def test_labels_from_env_and_flag(monkeypatch) -> None:
+    monkeypatch.delenv("SOAF_LABELS", raising=False)
+    assert Settings.load().labels == frozenset()
+    monkeypatch.setenv("SOAF_LABELS", "gpu, bigmem")
+    assert Settings.load().labels == {"gpu", "bigmem"}
+    assert Settings.load(labels="fast").labels == {"fast"}  # the flag wins
+    with pytest.raises(ConfigError, match=r"labels \(--labels/SOAF_LABELS\): label 'big mem'"):
+        Settings.load(labels="gpu,big mem")
+    monkeypatch.setenv("SOAF_HEARTBEAT_TTL", "soon")
+    with pytest.raises(ConfigError, match="SOAF_HEARTBEAT_TTL must be a number, got 'soon'"):
+        Settings.load()

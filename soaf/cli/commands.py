@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from soaf.cli import offline
+from soaf.cli.fleet import services_table
 from soaf.cli.logconfig import configure_logging
 from soaf.cli.monitor import watch
 from soaf.cli.render import (
@@ -298,7 +299,8 @@ def plugins(client: Client, as_json: bool) -> None:
 @json_option
 @with_client
 def nodes(client: Client, as_json: bool) -> None:
-    """Show the cores alive now and their load (running / slots)."""
+    """Show the cores alive now: host, load (running / slots), labels, the services they
+    offer, whether they drain, plugin version and heartbeat age."""
     found = client.nodes()
     if as_json:
         print_json(found)
@@ -306,6 +308,26 @@ def nodes(client: Client, as_json: bool) -> None:
         show(console(), nodes_table(found))
     else:
         click.echo("no core is alive", err=True)
+
+
+@click.command()
+@json_option
+@with_client
+def services(client: Client, as_json: bool) -> None:
+    """Per service: the live cores that offer it, and how many submissions wait.
+
+    QUEUED waits in its queues (BY PRIORITY: how many at each priority, highest first);
+    TAKEN is held by cores (running, or waiting there for CPUs, memory or a slot). A
+    service no live core offers shows "none alive": its submissions wait until a core
+    that offers it starts.
+    """
+    rows = client.services()
+    if as_json:
+        print_json(rows)
+    elif rows:
+        show(console(), services_table(rows))
+    else:
+        click.echo("no service is offered or queued", err=True)
 
 
 @click.command()
@@ -362,4 +384,4 @@ def _reloaded(before: dict[str, Any] | None, after: dict[str, Any] | None) -> bo
             or after.get("error_at") != before.get("error_at"))
 
 
-COMMANDS = [submit, ls, status, wait, logs, cancel, plugins, nodes, reload]
+COMMANDS = [submit, ls, status, wait, logs, cancel, plugins, nodes, services, reload]

@@ -110,6 +110,9 @@ def _policy(flags: dict[str, Any]) -> Any:
               envvar="SOAF_MEMORY_MB", metavar="MIB",
               help="Memory (MiB) shared by the services that declare ``memory_mb``. "
                    "Env SOAF_MEMORY_MB. Default: about 90% of this machine's RAM.")
+@click.option("--labels", envvar="SOAF_LABELS", metavar="NAME,...",
+              help="What this core has (e.g. gpu,bigmem): it takes the services whose "
+                   "``requires`` these cover. Env SOAF_LABELS.")
 @click.option("--prefix", envvar="SOAF_PREFIX", help="Redis key prefix. Env SOAF_PREFIX.")
 @click.option("--secret-file", type=click.Path(path_type=Path, dir_okay=False),
               envvar="SOAF_SECRET_FILE",
@@ -138,9 +141,10 @@ def _policy(flags: dict[str, Any]) -> Any:
 @tuning_options
 def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, node: str | None,
          state_dir: Path | None, max_services: int | None, cpus: float | None,
-         memory_mb: float | None, prefix: str | None, secret_file: Path | None,
-         max_payload: int | None, insecure: bool | None, metrics_port: int | None,
-         metrics_host: str, drain: bool, verbose: int, quiet: bool, **data_flags: Any) -> None:
+         memory_mb: float | None, labels: str | None, prefix: str | None,
+         secret_file: Path | None, max_payload: int | None, insecure: bool | None,
+         metrics_port: int | None, metrics_host: str, drain: bool, verbose: int, quiet: bool,
+         **data_flags: Any) -> None:
     """Run a core until SIGTERM/SIGINT (a second one forces the stop).
 
     The keys that sign payloads come from SOAF_SECRET (comma-separated for key
@@ -156,7 +160,7 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
         settings = Settings.load(**tuning,
             redis_url=redis_url, work_root=work_root, plugins=plugins, node=node,
             state_dir=state_dir, max_services=max_services, cpus=cpus, memory_mb=memory_mb,
-            prefix=prefix, insecure=insecure,
+            labels=labels, prefix=prefix, insecure=insecure,
             secret_file=secret_file, max_payload=max_payload,
             retention=_policy(data_flags), gc_interval=data_flags.pop("gc_interval", None),
         )

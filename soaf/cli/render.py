@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from soaf.cli.fleet import ROUTING_COLUMNS, routing_cells
 from soaf.protocol.state import ServiceRecord
 
 STATE_STYLES = {
@@ -102,7 +103,8 @@ def records_table(records: list[ServiceRecord]) -> Table:
     table = _table("ID", "SERVICE", "STATE", "PROGRESS", "ETA", "NODE", "AGE", "INFO")
     now = time.time()
     for r in records:
-        info = r.error if r.error and not r.ok else (r.message or "")
+        waits = r.get("waiting_for") if r.state == "queued" else None
+        info = r.error if r.error and not r.ok else (r.message or (f"waits: {waits}" if waits else ""))
         if r.callback_errors and not (r.error and not r.ok):
             info = f"warning: {r.warnings[0]}"
         table.add_row(r.service_id, r.service or "-", state_text(r.state), percent(r.progress),
@@ -200,14 +202,15 @@ def capacity(used: Any, total: Any, unit: str = "") -> str:
 
 
 def nodes_table(nodes: list[dict[str, Any]]) -> Table:
-    table = _table("NODE", "HOST", "PID", "LOAD", "CPUS", "MEMORY", "PLUGINS", "UP",
-                   "HEARTBEAT", "REDIS", "STATE")
+    table = _table("NODE", "HOST", "PID", "LOAD", *ROUTING_COLUMNS, "CPUS", "MEMORY", "PLUGINS",
+                   "UP", "HEARTBEAT", "REDIS", "STATE")
     now = time.time()
     for n in nodes:
         state = Text("draining", style="yellow") if n.get("draining") else Text("accepting")
         table.add_row(str(n.get("node")), str(n.get("host", "-")), str(n.get("pid", "-")),
                       f"{n.get('running', 0)}/{n.get('max_services', '?')}"
                       + (f" +{n['waiting']} waiting" if n.get("waiting") else ""),
+                      *routing_cells(n),
                       capacity(n.get("cpus_used"), n.get("cpus")),
                       capacity(n.get("memory_mb_used"), n.get("memory_mb"), " MiB"),
                       str(n.get("plugin_version") or "-"), age(n.get("started_at"), now),

@@ -80,10 +80,10 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
 
     # -- submitting ---------------------------------------------------------------------
 
-    async def submit(self, template: ServiceParamTemplate) -> str:
+    async def submit(self, template: ServiceParamTemplate, *, require_core: bool = False) -> str:
         """Validate, sign and queue ``template``; return its service id (see Client.submit)."""
-        keys, args = calls.submit_call(self._target, template, self._secret)
-        return calls.submitted(template.service_id, await self._script(SUBMIT, keys, args))
+        keys, args = calls.submit_call(self._target, template, self._secret, require_core)
+        return calls.submitted(template, await self._script(SUBMIT, keys, args))
 
     async def resubmit(self, service_id: str) -> str:
         """Submit ``service_id``'s template again under a new id (see Client.resubmit)."""
@@ -295,6 +295,15 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
             return []
         return calls.nodes_from(
             await self._call(self.redis.mget, [self.keys.node(n) for n in names]))
+
+    async def services(self) -> builtins.list[dict[str, Any]]:
+        """Per service name: the live cores that offer it, and how many entries wait in
+        its queues and how many cores hold (see ``calls.services_from``)."""
+        queues = calls.queues_from(await self._call(self.redis.smembers, self.keys.queues))
+        pipe = self.redis.pipeline(transaction=False)
+        calls.count_queues(pipe, self.keys, queues)
+        counts = await self._call(pipe.execute, raise_on_error=False)
+        return calls.services_from(await self.nodes(), queues, counts)
 
     async def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""

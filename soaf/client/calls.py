@@ -28,6 +28,7 @@ from soaf.errors import (
     ClientError,
     ConfigError,
     DuplicateService,
+    NoCoreOffers,
     RedisUnavailable,
     StateError,
     UnknownService,
@@ -35,7 +36,8 @@ from soaf.errors import (
 )
 from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps, loads
 from soaf.protocol.connection import redact
-from soaf.protocol.keys import DEFAULT_PREFIX, Keys
+from soaf.protocol.keys import DEFAULT_PREFIX, GROUP, Keys
+from soaf.protocol.queues import member, parse_member
 from soaf.protocol.signed import sign_control
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_event
 from soaf.protocol.template import ServiceParamTemplate, new_service_id, validate_template
@@ -130,10 +132,12 @@ class Patience:
 
 # -- submitting ------------------------------------------------------------------------------
 
-def submit_call(target: Target, template: ServiceParamTemplate, secret: str | None) -> Reply:
+def submit_call(target: Target, template: ServiceParamTemplate, secret: str | None,
+                require_core: bool = False) -> Reply:
     """Check, sign and check again what a core would refuse (ValidationError naming a
     bad field, or ``payload`` when over the size limit; UnsafePayload naming a global
-    the core will not load); KEYS and ARGV of the SUBMIT script that queues it."""
+    the core will not load); KEYS and ARGV of the SUBMIT script that queues it in its
+    service's queue, the routing fields in clear beside the signed payload."""
     validate_template(template)
     payload = dumps(template, signing_secret(secret, target.state_dir))
     if len(payload) > target.max_payload:
@@ -141,13 +145,22 @@ def submit_call(target: Target, template: ServiceParamTemplate, secret: str | No
                                          f"the limit of {target.max_payload} (SOAF_MAX_PAYLOAD)")
     check_loadable(payload)
     sid, keys = template.service_id, target.keys
-    return ([keys.service(sid), keys.events(sid), keys.services, keys.submit, keys.payload(sid)],
-            [sid, template.service, time.time(), payload, keys.notify, EVENTS_MAXLEN])
+    service, priority = template.service, template.priority
+    return ([keys.service(sid), keys.events(sid), keys.services, keys.queue(service, priority),
+             keys.queues, keys.offered, keys.ready, keys.new_queues, keys.payload(sid)],
+            [sid, service, time.time(), payload, keys.notify, EVENTS_MAXLEN, priority,
+             member(service, priority), int(require_core), GROUP])
 
 
-def submitted(service_id: str, reply: Any) -> str:
-    """The service id, from the SUBMIT script's reply; DuplicateService if it existed."""
+def submitted(template: ServiceParamTemplate, reply: Any) -> str:
+    """The service id, from the SUBMIT script's reply; DuplicateService if it existed,
+    NoCoreOffers if a core was required and none offers the service."""
+    service_id = template.service_id
     created, detail = reply
+    if created == 2:
+        raise NoCoreOffers(f"no live core offers {template.service!r}: nothing was queued "
+                           "(see `soaf services`; submit without require_core=True to queue "
+                           "it until a core that offers it starts)")
     if not created:
         state = detail.decode(errors="replace").strip('"')
         raise DuplicateService(f"service id {service_id!r} was already submitted "
@@ -269,6 +282,44 @@ def nodes_from(values: list[bytes | None]) -> list[dict[str, Any]]:
     """``nodes()``: the heartbeats still alive (an expired one reads as None; one that is
     not a JSON object is left out)."""
     return [node for node in map(_object, values) if node is not None]
+
+
+def queues_from(members: Iterable[bytes]) -> list[tuple[str, int]]:
+    """``(service, priority)`` of every queue in the ``Keys.queues`` set, sorted."""
+    return sorted(q for m in members if (q := parse_member(m.decode(errors="replace"))))
+
+
+def count_queues(pipe: Any, keys: Keys, queues: list[tuple[str, int]]) -> None:
+    """Queue on ``pipe`` what ``services_from`` reads: per queue its length and the
+    entries delivered to cores and not finished yet."""
+    for service, priority in queues:
+        pipe.xlen(keys.queue(service, priority))
+        pipe.xpending(keys.queue(service, priority), GROUP)
+
+
+def services_from(nodes: list[dict[str, Any]], queues: list[tuple[str, int]],
+                  counts: list[Any]) -> list[dict[str, Any]]:
+    """``services()``: per service name, the live cores that offer it, how many entries
+    wait in its queues (``queued``, and ``by_priority``) and how many cores hold
+    (``taken``: running, or waiting in a core for CPUs, memory or a slot)."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        return found.setdefault(name, {"service": name, "cores": [], "queued": 0, "taken": 0,
+                                       "by_priority": {}})
+
+    for node in nodes:
+        for name in node.get("services") or []:
+            entry(str(name))["cores"].append(node.get("node"))
+    for (service, priority), length, held in zip(queues, counts[::2], counts[1::2]):
+        length = length if isinstance(length, int) else 0
+        taken = held.get("pending", 0) if isinstance(held, dict) else 0
+        row = entry(service)
+        row["taken"] += taken
+        if length - taken > 0:
+            row["queued"] += length - taken
+            row["by_priority"][str(priority)] = length - taken
+    return [found[name] for name in sorted(found)]
 
 
 # -- steering --------------------------------------------------------------------------------

@@ -85,15 +85,17 @@ class Client(ClientBase["redis.Redis"]):
 
     # -- submitting ---------------------------------------------------------------------
 
-    def submit(self, template: ServiceParamTemplate) -> str:
+    def submit(self, template: ServiceParamTemplate, *, require_core: bool = False) -> str:
         """Validate, sign and queue ``template``; return its service id.
 
         Everything a core would refuse is refused here first: ValidationError naming a
         bad field (or ``payload`` when it is over ``max_payload``), UnsafePayload naming a
         global the core will not load; DuplicateService when the id was already submitted.
+        A service no live core offers is queued until one does (its record's
+        ``waiting_for`` says so); ``require_core=True`` raises NoCoreOffers instead.
         """
-        keys, args = calls.submit_call(self._target, template, self._secret)
-        return calls.submitted(template.service_id, self._call(SUBMIT.run, self.redis, keys, args))
+        keys, args = calls.submit_call(self._target, template, self._secret, require_core)
+        return calls.submitted(template, self._call(SUBMIT.run, self.redis, keys, args))
 
     def resubmit(self, service_id: str) -> str:
         """Submit the template ``service_id`` was submitted with again, under a new id;
@@ -341,6 +343,15 @@ class Client(ClientBase["redis.Redis"]):
         if not names:
             return []
         return calls.nodes_from(self._call(self.redis.mget, [self.keys.node(n) for n in names]))
+
+    def services(self) -> builtins.list[dict[str, Any]]:
+        """Per service name: the live cores that offer it, and how many entries wait in
+        its queues and how many cores hold (see ``calls.services_from``)."""
+        queues = calls.queues_from(self._call(self.redis.smembers, self.keys.queues))
+        pipe = self.redis.pipeline(transaction=False)
+        calls.count_queues(pipe, self.keys, queues)
+        counts = self._call(pipe.execute, raise_on_error=False)
+        return calls.services_from(self.nodes(), queues, counts)
 
     def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""

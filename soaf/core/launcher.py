@@ -24,13 +24,13 @@ import redis
 from soaf.config import Settings
 from soaf.core.admission import Admission, Waiting
 from soaf.core.cancels import Verifier
-from soaf.core.intake import signed_time
+from soaf.core.replays import signed_time
 from soaf.core.runtable import RunTable
 from soaf.plugin.loader import Registry
-from soaf.protocol.keys import GROUP, REQUEUE_FIELD, Keys
+from soaf.protocol.keys import Keys
+from soaf.protocol.queues import finish, split_ref
 from soaf.protocol.replies import entries, text
 from soaf.protocol.scripts import CLAIM, NOTE, TAKE_SLOT, is_noscript
-from soaf.protocol.signed import sign_control
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run.policy import Needs, needs_for
@@ -49,6 +49,7 @@ class Launcher:
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, engines: Engines,
                  runs: RunTable, *, admission: Admission,
                  refuse: Callable[[str, ServiceParamTemplate, str], None],
+                 requeue: Callable[[str, dict[bytes, bytes], ServiceParamTemplate], str],
                  verifier: Verifier | None = None) -> None:
         self.client = client
         self.verifier = verifier or Verifier(())
@@ -58,6 +59,8 @@ class Launcher:
         self.admission = admission
         #: Ends an entry the core can never run: (entry id, template, reason).
         self.refuse = refuse
+        #: Puts an entry back at the end of its queue: (entry, its fields, template).
+        self.requeue = requeue
         self.engines = dataclasses.replace(engines, on_done=self._done)
         self._slot_lock = threading.Lock()
         self._slots: dict[str, str] = {}  # service id -> slots key, for slots taken here
@@ -229,19 +232,12 @@ class Launcher:
         core that offers enough, or refused with the largest offer in the fleet."""
         larger, largest = self._fleet_offers(needs)
         if larger:
-            fields = entries(self.client.xrange(self.keys.submit, entry_id, entry_id))
+            stream, bare_id = split_ref(self.keys, entry_id)
+            fields = entries(self.client.xrange(stream, bare_id, bare_id))
             if fields and fields[0][1]:
                 log.info("service %s %s; left for %s", template.service_id, why,
                          ", ".join(larger))
-                again = dict(fields[0][1])
-                if self.verifier.secrets:  # judged from now, not from its signing time
-                    again[REQUEUE_FIELD.encode()] = sign_control(
-                        "requeue", template.service_id, self.verifier.secrets[0]).encode()
-                tx = self.client.pipeline(transaction=True)
-                tx.xadd(self.keys.submit, again)  # type: ignore[arg-type]
-                tx.xack(self.keys.submit, GROUP, entry_id)
-                tx.xdel(self.keys.submit, entry_id)
-                tx.execute()
+                self.requeue(entry_id, fields[0][1], template)
                 return
         if largest is not None:
             what = f"{needs.cpus:g} CPUs" if needs.cpus > largest[0] else \
@@ -336,8 +332,7 @@ class Launcher:
         """Acknowledge and delete entries that need no (more) work; the records of the
         services in ``ended`` (final without running) start to age."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.xack(self.keys.submit, GROUP, *entry_ids)
-        pipe.xdel(self.keys.submit, *entry_ids)
+        finish(pipe, self.keys, entry_ids)
         ttl = int(self.settings.record_ttl)
         for sid in (ended or []) if ttl > 0 else []:
             for key in self.keys.aging(sid):

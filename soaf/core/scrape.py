@@ -13,11 +13,13 @@ import redis
 
 from soaf.config import Settings
 from soaf.core.admission import Admission
+from soaf.core.replays import added_at
 from soaf.core.runtable import RunTable
 from soaf.core.writer import StateWriter
 from soaf.errors import ConfigError
 from soaf.plugin.loader import PluginLoader
 from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.queues import parse_member, split_ref
 
 if TYPE_CHECKING:
     from soaf.metrics.exporter import CoreMetrics, RunInfo
@@ -40,7 +42,7 @@ def serve(address: tuple[str, int], settings: Settings, *, runs: RunTable, write
         run = runs.get(service_id)
         if run is None:
             return None
-        return RunInfo(run.template.service, entry_time(run.claim.entry_id))
+        return RunInfo(run.template.service, entry_time(keys, run.claim.entry_id))
 
     readings = Readings(
         node=settings.node, running=lambda: len(runs),
@@ -59,20 +61,26 @@ def serve(address: tuple[str, int], settings: Settings, *, runs: RunTable, write
     return metrics
 
 
-def entry_time(entry_id: str) -> float | None:
-    """When a submit-stream entry was added (its id is milliseconds, then a sequence)."""
-    head = entry_id.partition("-")[0]
-    return int(head) / 1000.0 if head.isdigit() else None
+def entry_time(keys: Keys, entry_ref: str) -> float | None:
+    """When an entry (``<queue>/<id>``, or a bare id of the old submit stream) was added."""
+    return added_at(split_ref(keys, entry_ref)[1])
 
 
 def queues(client: redis.Redis, keys: Keys) -> dict[str, tuple[int, int]]:
-    """Per submit stream: entries not finished (cores delete finished ones) and, of
-    those, entries read by a core (pending in the consumer group)."""
+    """Per queue (and the old submit stream): entries not finished (cores delete finished
+    ones) and, of those, entries read by a core (pending in the consumer group)."""
+    members = sorted(q for m in client.smembers(keys.queues)  # type: ignore[union-attr]
+                     if (q := parse_member(m.decode(errors="replace"))) is not None)
+    streams = [keys.submit, *(keys.queue(service, priority) for service, priority in members)]
     pipe = client.pipeline(transaction=False)
-    pipe.xlen(keys.submit)
-    pipe.xpending(keys.submit, GROUP)
-    total, pending = pipe.execute(raise_on_error=False)
-    if isinstance(total, Exception):
-        raise total
-    read = 0 if isinstance(pending, Exception) else int(pending.get("pending") or 0)
-    return {keys.submit: (int(total), read)}
+    for stream in streams:
+        pipe.xlen(stream)
+        pipe.xpending(stream, GROUP)
+    replies = pipe.execute(raise_on_error=False)
+    found: dict[str, tuple[int, int]] = {}
+    for stream, total, pending in zip(streams, replies[::2], replies[1::2]):
+        if isinstance(total, Exception):
+            continue  # not a stream (tampered): nothing to count
+        read = int(pending.get("pending") or 0) if isinstance(pending, dict) else 0
+        found[stream] = (int(total), read)
+    return found

@@ -21,7 +21,8 @@ from typing import Any, Protocol
 
 import redis
 
-from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.keys import Keys
+from soaf.protocol.queues import finish
 from soaf.protocol.scripts import RECORD, is_noscript
 from soaf.protocol.state import Change, record_call
 
@@ -138,8 +139,7 @@ class StateWriter:
         not grow), the cancel request is spent, and the record starts to age. A change's
         own (shorter) ``ttl`` applies only if it made the record final: a refusal that
         met a record final already must not shorten that record's life."""
-        pipe.xack(self._keys.submit, GROUP, change.ack)
-        pipe.xdel(self._keys.submit, change.ack)
+        finish(pipe, self._keys, [change.ack] if change.ack else [])
         pipe.hdel(self._keys.cancels, change.service_id)
         ttl = self._record_ttl
         if applied and change.ttl is not None:

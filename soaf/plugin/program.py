@@ -58,6 +58,8 @@ class ServiceProgramTemplate:
             cache when an earlier run matches (as a template's ``cache=True`` asks).
         progress: a probe (``soaf.probes.files``, ``.log``, ``.file``) that the core
             measures to set the progress, handler or not (see soaf/plugin/probes.py).
+        requires: labels a core must have to take this service (e.g. ``{"gpu"}``): only
+            cores started with all of them (``--labels``, ``SOAF_LABELS``) read its queue.
         work_dir_policy: ``"fresh"``: a retry runs in a new, empty work dir (the failed
             attempt's dir is kept beside it as ``<dir>.attempt<N>``); ``"reuse"``: a retry
             runs in the same dir, over what the failed attempt left. A template's shared
@@ -80,6 +82,7 @@ class ServiceProgramTemplate:
     max_concurrent: ClassVar[int | None] = None
     progress: ClassVar[Probe | None] = None
     cacheable: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str] | set[str]] = frozenset()
 
     def __init__(
         self, template: ServiceParamTemplate, work_dir: Path, *, plugin_root: Path,

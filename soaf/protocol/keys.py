@@ -22,6 +22,10 @@ ID_FIELD = "id"
 #: ``requeue`` of the service id (soaf.protocol.signed), so the entry is judged by the
 #: time of the requeue and not by the time its payload was signed.
 REQUEUE_FIELD = "requeue"
+#: Routing fields in clear beside the signed payload: a core routes on them before it
+#: unpickles anything, and refuses the entry if they differ from the verified payload's.
+SERVICE_FIELD = "service"
+PRIORITY_FIELD = "priority"
 
 
 @dataclass(frozen=True)
@@ -32,8 +36,42 @@ class Keys:
 
     @property
     def submit(self) -> str:
-        """Stream of submissions, read by cores through the consumer group ``cores``."""
+        """The single submission stream of older versions (and of plain XADDs that name no
+        queue): cores forward its entries to their queues (soaf.core.routing)."""
         return f"{self.prefix}:submit"
+
+    def queue(self, service: str, priority: int) -> str:
+        """Stream: the submissions of one service at one priority, read by the cores that
+        offer the service through the consumer group ``cores``."""
+        return f"{self.queue_prefix}{service}:{priority}"
+
+    @property
+    def queue_prefix(self) -> str:
+        """What every queue's name starts with; the TAKE script adds ``<service>:<priority>``."""
+        return f"{self.prefix}:q:"
+
+    @property
+    def queues(self) -> str:
+        """Set: every queue that ever got an entry, as ``<service>:<priority>``."""
+        return f"{self.prefix}:queues"
+
+    @property
+    def ready(self) -> str:
+        """Set: the queues (``<service>:<priority>``) that may hold entries no core has
+        read yet; a core's TAKE looks only there, and drops the queues it finds drained."""
+        return f"{self.prefix}:ready"
+
+    @property
+    def new_queues(self) -> str:
+        """Stream (capped): one entry per queue created, so idle cores, which block only on
+        the queues they know, learn of a new one at once."""
+        return f"{self.prefix}:queues:new"
+
+    @property
+    def offered(self) -> str:
+        """Sorted set: service name -> the time until which a live core offers it (the
+        latest heartbeat expiry of the cores that offer it)."""
+        return f"{self.prefix}:offered"
 
     def service(self, service_id: str) -> str:
         """Hash: the state record of one service."""

@@ -127,6 +127,7 @@ class ServiceParamTemplate:
             core's ``--memory-mb`` like ``cpus``. None uses the service's default (none).
         cache: answer it from an earlier succeeded run with the same service, plugin
             code, args, env, output spec and input content (docs/cache.md).
+        priority: -1000..1000 (default 0); cores take higher first (docs/protocol.md, Queues).
         signed_at: set by ``dumps`` when it signs the template (Unix time): a core refuses
             a payload older than ``SOAF_MAX_PAYLOAD_AGE`` whose record is gone (a replay).
     """
@@ -153,6 +154,7 @@ class ServiceParamTemplate:
     memory_mb: float | None = None
     cache: bool = False
     signed_at: float | None = None
+    priority: int = 0
 
     def validate(self) -> None:
         """Raise ValidationError naming the first field that cannot be accepted.
@@ -366,6 +368,11 @@ def _check_cache(t: ServiceParamTemplate, value: Any) -> None:
         raise ValidationError("cache", f"must be True or False, got {_show(value)}")
 
 
+def _check_priority(t: ServiceParamTemplate, value: Any) -> None:
+    if not _whole_in(value, -1000, 1000):
+        raise ValidationError("priority", f"must be a whole number from -1000 to 1000, got {_show(value)}")
+
+
 #: Every field and its check, in the order errors are reported.
 _CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
     ("service", _check_service), ("service_id", _check_service_id),
@@ -378,17 +385,13 @@ _CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
     ("max_memory_mb", _check_positive("max_memory_mb", "number", MAX_MEMORY_MB)),
     ("max_lost", _check_max_lost), ("cpus", _check_positive("cpus", "number of CPUs", MAX_CPUS)),
     ("memory_mb", _check_positive("memory_mb", "number of MiB", MAX_MEMORY_MB)),
-    ("cache", _check_cache),
+    ("cache", _check_cache), ("priority", _check_priority),
 ]
 
 
 def _positive_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value > 0
 
 
 def _whole_in(value: Any, low: int, high: int) -> bool:

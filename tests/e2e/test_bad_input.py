@@ -156,9 +156,6 @@ CASES: list[tuple[str, Callable[[Bench, str], dict[str, Any]], str, str]] = [
     ("pickle of a non-template", lambda b, sid: {
         "payload": signed({"service": "steps", "service_id": sid}), "id": sid}, "both",
      "payload is a dict, not a ServiceParamTemplate"),
-    ("unknown service", lambda b, sid: {
-        "payload": signed(template(service="nosuch", service_id=sid))}, "record",
-     "unknown service 'nosuch'; known:"),
     ("missing field", lambda b, sid: {"payload": signed(missing_env(sid))}, "record",
      "env: is missing"),
     ("wrongly typed field", lambda b, sid: {

@@ -63,13 +63,13 @@ def test_help_everywhere(core_env):
     top = soaf(core_env, "--help")
     assert top.returncode == 0
     commands = ["core", "submit", "ls", "status", "wait", "logs", "cancel", "plugins", "nodes",
-                "reload", "info", "pipelines", "cache"]
+                "reload", "info", "pipelines", "cache", "services", "dashboard"]
     for command in commands:
         assert command in top.stdout
         out = soaf(core_env, command, "-h")
         assert out.returncode == 0 and out.stdout.startswith(f"Usage: soaf {command}"), command
     for command in ("ls", "status", "wait", "plugins", "nodes", "reload", "info", "pipelines",
-                    "cache"):
+                    "services", "cache"):
         assert "--json" in soaf(core_env, command, "--help").stdout, command
 
 

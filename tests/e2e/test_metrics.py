@@ -46,7 +46,7 @@ def test_the_values_move_as_services_run(metrics_core, client):
     during = scrape(url)
     assert value(during, "soaf_services_running") == 1
     assert value(during, "soaf_services_started_total", service="sleep") == 1
-    queue = f"{client.keys.prefix}:submit"
+    queue = client.keys.queue("sleep", 0)
     assert value(during, "soaf_queue_entries", queue=queue) == 1
     assert value(during, "soaf_queue_pending", queue=queue) == 1
 

@@ -354,11 +354,13 @@ def test_embedded_redis_killed_under_a_running_core_is_restarted(start_core, tmp
 
 def test_stream_and_group_gone_the_core_carries_on(start_core, client, redis_server, prefix,
                                                    logdir):
-    """Redis came back without data (no persistence): the core makes its group again."""
+    """Redis came back without data (no persistence): queues and groups are made again."""
     core = start_core()
     assert client.wait(hold(client, logdir, 0.1), timeout=30).state == "succeeded"
-    redis_server.client().delete(f"{prefix}:submit")
-    wait_until(lambda: "creating it again" in core.log(), 30, message="the group to be re-made")
+    r, keys = redis_server.client(), Keys(prefix)
+    r.delete(keys.queue("hold", 0), keys.queues)
+    assert client.wait(hold(client, logdir, 0.1), timeout=30).state == "succeeded"
+    r.xgroup_destroy(keys.queue("hold", 0), GROUP)  # the stream without its group
     assert client.wait(hold(client, logdir, 0.1), timeout=30).state == "succeeded"
     assert core.alive()
 
@@ -379,7 +381,9 @@ def test_duplicate_submissions_run_once(start_core, client, redis_server, prefix
         assert client.wait(service_id, timeout=30).state == "succeeded"
         history(client, service_id)
         assert starts(logdir, service_id) == 1
-    wait_until(lambda: r.xpending(f"{prefix}:submit", GROUP)["pending"] == 0, 10,
+    # Both went through the old submit stream to the queue; both are acknowledged there.
+    wait_until(lambda: r.xpending(Keys(prefix).queue("hold", 0), GROUP)["pending"] == 0
+               and r.xlen(Keys(prefix).queue("hold", 0)) == r.xlen(f"{prefix}:submit") == 0, 10,
                message="the duplicate entry to be acknowledged")
 
 

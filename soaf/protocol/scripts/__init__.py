@@ -9,6 +9,7 @@ the fleet-wide concurrency slots. Together they show every multi-key change soaf
 * ``nodes``: heartbeats, takeover, plugin version numbers;
 * ``slots``: ``max_concurrent`` across the fleet;
 * ``pipelines``: the steps of named pipelines;
+* ``queues``: the per-service queues: a core's take, a put-back;
 * ``script``: ``Script`` (EVALSHA, the text sent only when Redis lacks it).
 """
 
@@ -20,6 +21,7 @@ from soaf.protocol.scripts.nodes import (
     TAKEOVER_LUA,
 )
 from soaf.protocol.scripts.pipelines import RECORD_STEP, RECORD_STEP_LUA
+from soaf.protocol.scripts.queues import REQUEUE, REQUEUE_LUA, TAKE, TAKE_LUA
 from soaf.protocol.scripts.records import (
     CANCEL,
     CANCEL_LUA,
@@ -39,6 +41,6 @@ from soaf.protocol.scripts.slots import TAKE_SLOT, TAKE_SLOT_LUA
 __all__ = [
     "CANCEL", "CANCEL_LUA", "CAS_LUA", "CLAIM", "CLAIM_LUA", "NEXT_NUMBER_LUA", "NOTE",
     "RECLAIM", "RECLAIM_LUA", "RECORD", "RECORD_LUA", "RECORD_STEP", "RECORD_STEP_LUA",
-    "REFRESH_LUA", "RELEASE_LUA", "SUBMIT",
-    "SUBMIT_LUA", "TAKEOVER_LUA", "TAKE_SLOT", "TAKE_SLOT_LUA", "Script", "is_noscript",
+    "REFRESH_LUA", "RELEASE_LUA", "REQUEUE", "REQUEUE_LUA", "SUBMIT", "SUBMIT_LUA", "TAKE",
+    "TAKEOVER_LUA", "TAKE_LUA", "TAKE_SLOT", "TAKE_SLOT_LUA", "Script", "is_noscript",
 ]
