@@ -69,8 +69,9 @@ def entry_time(keys: Keys, entry_ref: str) -> float | None:
 def queues(client: redis.Redis, keys: Keys) -> dict[str, tuple[int, int]]:
     """Per queue (and the old submit stream): entries not finished (cores delete finished
     ones) and, of those, entries read by a core (pending in the consumer group)."""
-    members = sorted(q for m in client.smembers(keys.queues)  # type: ignore[union-attr]
-                     if (q := parse_member(m.decode(errors="replace"))) is not None)
+    names = [m.decode(errors="replace") if isinstance(m, bytes) else str(m)
+             for m in client.smembers(keys.queues)]
+    members = sorted(q for name in names if (q := parse_member(name)) is not None)
     streams = [keys.submit, *(keys.queue(service, priority) for service, priority in members)]
     pipe = client.pipeline(transaction=False)
     for stream in streams:

@@ -33,11 +33,9 @@ RESERVED_INPUT_NAMES = frozenset({"stdout.log", "stderr.log"})
 #: Upper bounds of the numeric fields: finite, and far past any real use.
 MAX_SECONDS = 366 * 86400.0
 MAX_MEMORY_MB = 1 << 30  # 1 PiB
-MAX_RETRIES = 100
+MAX_RETRIES, MAX_CPUS = 100, 1 << 20
 MAX_LOST = 100  # lost attempts a template may allow: a crash loop must end
-MAX_CPUS = 1 << 20
-MIN_WATCH_INTERVAL = 0.05
-MIN_RETRY_BACKOFF = 0.1
+MIN_WATCH_INTERVAL, MIN_RETRY_BACKOFF = 0.05, 0.1
 #: Output targets that live in the core's own process: nobody else could read them.
 IN_PROCESS_SCHEMES = frozenset({"memory"})
 #: The scheme of a reference to another service's output: ``soaf://<service_id>/<name>``.
