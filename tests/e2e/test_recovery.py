@@ -283,14 +283,11 @@ def test_callback_done_but_final_unwritten_is_not_run_again_by_a_survivor(
     final state in memory, and is killed. The survivor that takes the service over finds
     the dead core's journal (same machine) and writes that final state: no second call."""
     client = soaf.Client(own_redis.url, secret=SECRET, prefix=prefix)
-    start_core(SOAF_NODE="core-b", SOAF_REDIS_URL=own_redis.url)
     a = start_core(SOAF_NODE="core-a", SOAF_MAX_SERVICES="1", SOAF_REDIS_URL=own_redis.url)
-    ids: list[str] = []
-    def one_on_a() -> list[str]:
-        if len(ids) < 6:
-            ids.append(hold(client, logdir, 2))
-        return running_on(client, ids, "core-a")
-    sid = wait_until(one_on_a, 30, interval=0.3, message="a service on core-a")[0]
+    ids = [hold(client, logdir, 2)]  # core-a takes it: the survivor starts after
+    sid = wait_until(lambda: running_on(client, ids, "core-a"), 30, interval=0.3,
+                     message="a service on core-a")[0]
+    start_core(SOAF_NODE="core-b", SOAF_REDIS_URL=own_redis.url)
     own_redis.stop()
     try:
         wait_until(lambda: afters(logdir, sid), 30, message="the callback during the outage")
