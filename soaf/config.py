@@ -18,6 +18,7 @@ from typing import Any
 from soaf.errors import ConfigError
 from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, key_id
 from soaf.protocol.keys import DEFAULT_PREFIX
+from soaf.protocol.sentinel import env_redis_url
 
 #: Where an embedded core keeps its Redis data, the URL file and the secret.
 DEFAULT_STATE_DIR = ".soaf"
@@ -137,8 +138,8 @@ def find_secrets(state_dir: Path | None = None) -> list[str]:
 
 
 def find_redis_url(state_dir: Path | None = None) -> str | None:
-    """SOAF_REDIS_URL, else the URL an embedded core recorded, else None."""
-    env = os.environ.get("SOAF_REDIS_URL", "").strip()
+    """SOAF_REDIS_URL (or SOAF_SENTINELS), else the URL an embedded core recorded, else None."""
+    env = env_redis_url()
     if env:
         return env
     path = (state_dir or state_dir_from_env()) / URL_FILE
@@ -194,8 +195,7 @@ def core_secrets(settings: Settings, shown_url: str, *, embedded: bool) -> list[
 
 
 def _env_float(name: str, default: Any) -> Any:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if not (raw := os.environ.get(name)):
         return default
     try:
         return float(raw)
@@ -321,7 +321,7 @@ class Settings:
         """Defaults, overridden by SOAF_* variables, overridden by non-None ``flags``."""
         state_dir = Path(flags.get("state_dir") or state_dir_from_env())
         values: dict[str, Any] = {
-            "redis_url": os.environ.get("SOAF_REDIS_URL") or None,
+            "redis_url": env_redis_url(),
             "work_root": Path(os.environ.get("SOAF_WORK_ROOT", state_dir / "work")),
             "plugins": Path(os.environ.get("SOAF_PLUGINS", ".")),
             "node": os.environ.get("SOAF_NODE") or socket.gethostname(),

@@ -26,6 +26,7 @@ from soaf.client.logstream import LogFollow, LogLine, TailRead
 from soaf.client.tail import OutputFile, check_stream, local_output
 from soaf.errors import RedisUnavailable
 from soaf.protocol.connection import connect_async
+from soaf.protocol.durable import replicas
 from soaf.protocol.scripts import CANCEL, SUBMIT, Script
 from soaf.protocol.state import ServiceRecord
 from soaf.protocol.template import ServiceParamTemplate
@@ -80,9 +81,14 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
 
     # -- submitting ---------------------------------------------------------------------
 
-    async def submit(self, template: ServiceParamTemplate) -> str:
+    async def submit(self, template: ServiceParamTemplate, *, durable: bool | None = None) -> str:
         """Validate, sign and queue ``template``; return its service id (see Client.submit)."""
         keys, args = calls.submit_call(self._target, template, self._secret)
+        if wanted := replicas(durable):
+            pipe = self.redis.pipeline(transaction=False)
+            calls.queue_durable(pipe, SUBMIT, keys, args, wanted)
+            results = await self._call(pipe.execute)
+            return calls.durably_submitted(template.service_id, results, wanted)
         return calls.submitted(template.service_id, await self._script(SUBMIT, keys, args))
 
     # -- reading ------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from soaf.plugin.reloader import Reloader
 from soaf.plugin.versions import PluginVersions
 from soaf.process import cgroup
 from soaf.process.reaper import Reaper, become_subreaper, raise_open_files_limit
+from soaf.protocol import durable
 from soaf.protocol.connection import connect, redact
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.replies import Entry, hash_of, stream_entries
@@ -104,7 +105,8 @@ class Core:
                       PLUGIN_RETRY, PLUGIN_RETRY_MAX)
             self._plugin_retry_at = time.monotonic() + PLUGIN_RETRY
         versions.publish(self.loader)
-        self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl)
+        self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl,
+                                  replicas=self.replicas)
         self.writer.start()
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphans of programs go to PID 1")
@@ -146,6 +148,9 @@ class Core:
             self.url = s.redis_url
             log.info("using Redis at %s", redact(self.url))
         self.secrets = core_secrets(s, redact(self.url), embedded=self.embedded is not None)
+        self.replicas = durable.replicas()  # SOAF_DURABLE_SUBMIT: final states too
+        if self.replicas:
+            log.info("final states count as written once %d replica(s) hold them", self.replicas)
         self.redis = connect(self.url, name=f"soaf-core-{s.node}")
         self.blocking = connect(self.url, blocking=True, name=f"soaf-core-{s.node}-intake")
         try:
@@ -351,7 +356,10 @@ class Core:
         resp = self.blocking.xreadgroup(
             GROUP, self.consumer, {self.keys.submit: ">"}, count=count, block=block
         )
-        return stream_entries(resp), None
+        # A failover can lose the record of a delivery: the new master delivers the entry
+        # again while it runs here. Run it once.
+        mine = self.runs.entries()
+        return [e for e in stream_entries(resp) if e[0] not in mine], None
 
     def _own_pending(self) -> list[Entry]:
         """Entries delivered to this consumer whose delivery or claim a lost connection cut

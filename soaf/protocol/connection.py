@@ -2,7 +2,9 @@
 
 ``redis://user:pass@host:port/db``, ``rediss://`` (TLS; CA options as URL query
 parameters such as ``ssl_ca_certs``) and ``unix:///path?password=...`` all work because
-redis-py parses them. Blocking reads get no socket timeout (redis-py's 5 s default
+redis-py parses them; ``redis+sentinel://`` URLs go through Redis Sentinel
+(soaf.protocol.sentinel), so the connection follows the master through a failover.
+Blocking reads get no socket timeout (redis-py's 5 s default
 would cut an ``XREADGROUP BLOCK`` short); every other call fails fast.
 """
 
@@ -15,6 +17,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from soaf.errors import ConfigError
+from soaf.protocol import sentinel
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -40,10 +43,15 @@ RETRIES = 2
 
 def connect(url: str, *, blocking: bool = False, name: str | None = None) -> redis.Redis:
     """A redis-py client for ``url``; ``blocking=True`` for connections that BLOCK."""
+    opts = {**options(blocking=blocking, name=name),
+            "retry": Retry(ExponentialBackoff(**RETRY_BACKOFF), RETRIES)}
+    if sentinel.is_sentinel(url):
+        from redis.sentinel import Sentinel
+
+        found: redis.Redis = _master_for(Sentinel, url, opts)
+        return found
     try:
-        return redis.Redis.from_url(
-            url, retry=Retry(ExponentialBackoff(**RETRY_BACKOFF), RETRIES),
-            **options(blocking=blocking, name=name))
+        return redis.Redis.from_url(url, **opts)
     except ValueError as e:
         raise ConfigError(f"cannot use Redis URL: {e}") from e
 
@@ -61,7 +69,8 @@ def redact(url: str) -> str:
         user = creds.split(":", 1)[0]
         netloc = f"{user}:***@{host}" if ":" in creds else f"***@{host}"
     query = "&".join(
-        "password=***" if q.startswith("password=") else q for q in parts.query.split("&") if q
+        q.split("=", 1)[0] + "=***" if q.split("=", 1)[0].endswith("password") else q
+        for q in parts.query.split("&") if q
     )
     # Built by hand: urlunsplit drops the "//" of "unix:///path" when there is no host.
     return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
@@ -74,9 +83,24 @@ def connect_async(url: str, *, blocking: bool = False, name: str | None = None
     import redis.asyncio
     from redis.asyncio.retry import Retry as AsyncRetry
 
+    opts = {**options(blocking=blocking, name=name),
+            "retry": AsyncRetry(ExponentialBackoff(**RETRY_BACKOFF), RETRIES)}
+    if sentinel.is_sentinel(url):
+        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+        found_async: redis.asyncio.Redis = _master_for(AsyncSentinel, url, opts)
+        return found_async
     try:
-        return redis.asyncio.Redis.from_url(
-            url, retry=AsyncRetry(ExponentialBackoff(**RETRY_BACKOFF), RETRIES),
-            **options(blocking=blocking, name=name))
+        return redis.asyncio.Redis.from_url(url, **opts)
     except ValueError as e:
         raise ConfigError(f"cannot use Redis URL: {e}") from e
+
+
+
+def _master_for(sentinel_class: Any, url: str, opts: dict[str, Any]) -> Any:
+    """A client (of ``sentinel_class``'s flavour) that always talks to the current master
+    of ``url``'s sentinels."""
+    spec = sentinel.parse(url)
+    master, sentinels = sentinel.connection_kwargs(spec, opts)
+    return sentinel_class(spec.sentinels, sentinel_kwargs=sentinels).master_for(
+        spec.master, **master)
