@@ -16,12 +16,12 @@ Where outputs live, as ``Step.output(name)`` reports them:
 
 1. What the service's handler recorded as the custom field ``outputs`` (a mapping
    name -> path or URL), e.g. after uploading the files in ``after_watch_callback``.
-   This is the way across machines when the results go to shared storage.
-2. With ``Pipeline(client, url_base="http://{node}:8000")``: a URL under that base,
-   ``{node}`` being the node that ran the step, for work roots served over HTTP (e.g.
-   ``python -m http.server 8000 -d <work root>`` on each core's machine). The next
-   step's default ``prepare_input_file`` downloads it. Use this when cores run on
-   several machines without a shared file system.
+2. With ``Pipeline(client, store="s3://bucket/prefix")``: the URL the step uploaded it to
+   (its ``output_target`` is set to ``<store>/<service_id>/``), the way across hosts
+   (soaf.client.locations). With ``url_base="http://{node}:8000"``: a URL under that base,
+   ``{node}`` being the node that ran the step, for work roots that a web server of your
+   own serves on each core's machine. The next step's default ``prepare_input_file``
+   downloads either.
 3. Otherwise the path in the step's work dir. A step ``after`` it gets it as a ``soaf://``
    reference, reflinked or hard-linked (read-only), not copied: for cores on one machine
    or a work root shared at the same path.
@@ -35,10 +35,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
+from soaf.client.locations import check_store, locate, store_target, uploaded
 from soaf.client.references import refer
 from soaf.client.sync import Client
 from soaf.errors import PipelineError, RedisUnavailable, SoafError, StepFailed, WaitTimeout
@@ -158,6 +158,8 @@ class Step:
         return StepFailed(text, step=self, cause=cause, record=self.record)
 
     def _glob(self, record: ServiceRecord, pattern: str) -> list[str]:
+        if self.pipeline.store:
+            return uploaded(record, pattern)
         work_dir = Path(str(record.get("work_dir") or ""))
         if not record.get("work_dir") or not work_dir.is_dir():
             raise PipelineError(
@@ -245,9 +247,11 @@ class Pipeline:
     Leaving it through an exception (Ctrl-C included) cancels the running steps.
     """
 
-    def __init__(self, client: Client, *, url_base: str | None = None) -> None:
+    def __init__(self, client: Client, *, url_base: str | None = None,
+                 store: str | None = None) -> None:
         self.client = client
         self.url_base = url_base
+        self.store = check_store(store) if store is not None else None
         self.steps: list[Step] = []
         self.cancelled = False
         self._cond = threading.Condition()
@@ -377,6 +381,8 @@ class Pipeline:
             if self.cancelled:
                 step._settle(state=SKIPPED, error="the pipeline was cancelled")
                 return False
+        if self.store and not step.template.output_target:  # into the store, for any host
+            step.template.output_target = store_target(self.store)
         sid = self.client.submit(step.template)
         with self._cond:
             step.service_id = sid
@@ -389,12 +395,5 @@ class Pipeline:
 
     def _locate(self, step: Step, record: ServiceRecord, name: str) -> str:
         assert step.template is not None
-        if self.url_base:
-            base = self.url_base.format(node=record.node or "").rstrip("/")
-            rel = PurePosixPath(step.template.work_path or step.template.service_id) / name
-            return f"{base}/{quote(str(rel))}"
-        work_dir = Path(str(record.get("work_dir") or ""))
-        path = work_dir / name
-        if work_dir.is_dir() and not path.exists():
-            raise PipelineError(f"{step.label} succeeded but wrote no {name!r} (in {work_dir})")
-        return str(path)
+        return locate(step.label, step.template, record, name, url_base=self.url_base,
+                      store=self.store)
