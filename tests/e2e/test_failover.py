@@ -79,6 +79,8 @@ def test_durable_services_survive_a_failover(sentinels: Sentinels, start_core, p
             client.keys.events(sid)))) if e.get("state") in FINAL_VALUES]
         assert finals == ["succeeded"], (sid, finals)
     assert all(core.alive() for core in cores)
+    assert all("final states count as written once 1 replica(s) hold them" in core.log()
+               for core in cores)
     assert any("Redis is back" in core.log() or "keeping" in core.log() for core in cores)
     assert r.xlen(client.keys.submit) == 0  # every entry acknowledged on the new master
 
