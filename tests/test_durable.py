@@ -32,21 +32,24 @@ class Pair:
         self.replica = 0
 
     def _start(self, name: str, *args: str) -> int:
+        """A redis-server on a TCP port and on the unix socket ``<dir>/<name>.sock``."""
         port = free_port()
         (self.dir / name).mkdir()
         self.procs.append(subprocess.Popen(
             [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--unixsocket", str(self.dir / f"{name}.sock"), "--unixsocketperm", "700",
              "--dir", str(self.dir / name), "--repl-diskless-sync-delay", "0", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         r = redis.Redis(port=port)
         wait_until(lambda: _ping(r), 10, message=f"{name} to answer")
         return port
 
-    def join(self) -> redis.Redis:
-        self.replica = self._start("replica", "--replicaof", "127.0.0.1", str(self.master))
-        r = redis.Redis(port=self.replica)
+    def join(self, name: str = "replica", of: int | None = None) -> redis.Redis:
+        port = self._start(name, "--replicaof", "127.0.0.1", str(of or self.master))
+        self.replica = self.replica or port
+        r = redis.Redis(port=port)
         wait_until(lambda: r.info("replication").get("master_link_status") == "up", 30,
-                   message="the replica to sync")
+                   message=f"{name} to sync")
         return r
 
     @property
@@ -109,6 +112,44 @@ def test_the_writer_keeps_a_final_state_no_replica_holds(pair: Pair, prefix: str
     assert writer.flush(60)  # sent again, confirmed, and only then acknowledged
     assert written == [True]
     assert r.xpending(keys.submit, GROUP)["pending"] == 0
+    writer.stop()
+
+
+def test_after_a_failover_the_writer_resends_what_was_never_replicated(pair: Pair,
+                                                                      prefix: str) -> None:
+    """The master acknowledges a final state that no replica got, then dies; the replica
+    becomes master. What Sentinel does (point clients at the promoted replica) is done
+    here by a symlink that the writer's unix-socket URL goes through, so that which write
+    each server holds is decided by the test, not by timing."""
+    keys = Keys(prefix)
+    replica = pair.join()
+    current = pair.dir / "current.sock"
+    current.symlink_to(pair.dir / "master.sock")
+    r = connect(f"unix://{current}")
+    r.xgroup_create(keys.submit, GROUP, id="0", mkstream=True)
+    entry = r.xadd(keys.submit, {"id": "svc"}).decode()
+    r.xreadgroup(GROUP, "core", {keys.submit: ">"})
+    writer = StateWriter(r, keys, replicas=1)
+    writer.start()
+    writer.put(Change("svc", 1, 1, {"state": "running"}))
+    assert writer.flush(10)
+    wait_until(lambda: replica.hget(keys.service("svc"), "state") == b'"running"', 10,
+               message="the replica to hold 'running'")
+    replica.replicaof("no", "one")  # the link breaks: nothing more reaches it
+    written: list[bool] = []
+    writer.put(Change("svc", 1, 2, {"state": "succeeded"}, ack=entry, on_written=written.append))
+    wait_until(lambda: r.hget(keys.service("svc"), "state") == b'"succeeded"', 10,
+               message="the old master to acknowledge the final state")
+    pair.join("second", of=pair.replica)  # the promoted one gets a replica of its own
+    pair.procs[0].kill()  # kill -9 of the old master, then the "failover"
+    pair.procs[0].wait(10)
+    current.unlink()
+    current.symlink_to(pair.dir / "replica.sock")
+    assert writer.flush(60)
+    assert written == [True]
+    assert replica.hget(keys.service("svc"), "state") == b'"succeeded"'  # re-sent
+    assert replica.xpending(keys.submit, GROUP)["pending"] == 0  # and acknowledged there
+    assert replica.xlen(keys.events("svc")) == 2
     writer.stop()
 
 
