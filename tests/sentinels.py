@@ -8,6 +8,7 @@ replica and durable writes (WAIT 1) can still be confirmed.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -107,12 +108,17 @@ class Sentinels:
                 continue
         raise AssertionError("no sentinel answers")
 
-    def kill_master(self) -> int:
-        """kill -9 the master's process; return its port."""
+    def kill_master(self, *, freeze: bool = False) -> int:
+        """kill -9 the master's process; return its port. ``freeze``: SIGSTOP it instead,
+        which is what the loss of its host looks like to the others: its connections stay
+        open and nothing answers on them (no reset, as a dead process's kernel sends)."""
         port = self.master_port()
         name = next(n for n, p in self.ports.items() if p == port)
-        self.procs[name].kill()
-        self.procs[name].wait(10)
+        if freeze:
+            self.procs[name].send_signal(signal.SIGSTOP)
+        else:
+            self.procs[name].kill()
+            self.procs[name].wait(10)
         return port
 
     def stop(self) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from soaf.config import Settings, find_redis_url
 from soaf.errors import ConfigError
-from soaf.protocol.connection import connect, connect_async, redact
+from soaf.protocol.connection import BLOCKING_SOCKET_TIMEOUT, connect, connect_async, redact
 from soaf.protocol.sentinel import SentinelURL, env_redis_url, parse
 
 
@@ -48,7 +48,7 @@ def test_connections_ask_the_sentinels_for_the_master() -> None:
         "port"]) for c in pool.sentinel_manager.sentinels] == [("h1", 1), ("h2", 2)]
     kwargs = pool.connection_kwargs
     assert (kwargs["db"], kwargs["password"], kwargs["socket_timeout"], kwargs["client_name"]) \
-        == (2, "pw", None, "x")
+        == (2, "pw", BLOCKING_SOCKET_TIMEOUT, "x")
     aio = connect_async("redis+sentinel://h1:1/m")
     assert aio.connection_pool.service_name == "m"
 

@@ -25,7 +25,7 @@ from soaf.core.admission import Admission
 from soaf.core.cancels import Verifier
 from soaf.core.control import Control
 from soaf.core.enforcer import LimitEnforcer
-from soaf.core.heartbeat import Heartbeat, Identity, claim_node
+from soaf.core.heartbeat import Heartbeat, Identity, beats_connection, claim_node
 from soaf.core.intake import Gate, Refusal, own_pending
 from soaf.core.launcher import Launcher
 from soaf.core.logkeeper import LogKeeper
@@ -96,7 +96,8 @@ class Core:
             raise ConfigError(f"work root {s.work_root} cannot be created: {e}") from e
         claim_node(self.redis, self.keys.node(s.node), s.node, json.dumps(self.node_info()),
                    s.heartbeat_ttl)
-        versions = self.versions = PluginVersions(self.redis, self.keys, s.node)
+        self.beats = beats_connection(self.url, s)  # the heartbeat's: it never waits long
+        versions = self.versions = PluginVersions(self.beats, self.keys, s.node)
         try:
             self.loader.load(timeout=s.reload_timeout)
         except PluginError:
@@ -164,8 +165,8 @@ class Core:
         s, client, keys = self.settings, self.redis, self.keys
         self.verifier = Verifier(self.secrets)
         self.heartbeat = Heartbeat(
-            client, keys, s, self.identity, info=self.node_info, runs=self.runs.current,
-            cancel=self.runs.cancel, on_replaced=self.request_stop,
+            self.beats, keys, s, self.identity, info=self.node_info,
+            runs=self.runs.current, cancel=self.runs.cancel, on_replaced=self.request_stop,
             after_beat=self._publish_versions, stopping=self._stopping,
             revive=self.embedded.revive if self.embedded is not None else None,
             verifier=self.verifier)
@@ -179,7 +180,7 @@ class Core:
                          registry=lambda: self.loader.current)
         self.recovery = Recovery(
             client, keys, s, launcher=self.launcher, gate=self.gate, runs=self.runs,
-            connected_since=lambda: self.heartbeat.connected_since,
+            connected_since=self.heartbeat.steady_since,
             connected=lambda: self.writer.connected, registry=lambda: self.loader.current,
             stopping=self._stopping)
         reloader = self.reloader

@@ -10,11 +10,12 @@ acknowledged only once its service's final state is written, and never for a cha
 a newer attempt fenced out.
 
 With ``replicas`` (SOAF_DURABLE_SUBMIT, soaf.protocol.durable) a batch that holds a final
-state ends with a WAIT on the same connection, and counts as written only once that many
-replicas hold it. Until then the writer keeps the batch and sends it again, as through an
-outage: to the same master the record script skips what it has, and after a failover the
-new master gets what the old one acknowledged but never replicated. Fencing by (attempt,
-seq) makes the second send safe.
+state ends with a WAIT on the same connection (and so do the acknowledgements that
+follow it), and counts as written only once that many replicas hold it. Until then the
+writer keeps the batch and sends it again, as through an outage: to the same master the
+record script skips what it has, and after a failover the new master gets what the old
+one acknowledged but never replicated. Fencing by (attempt, seq) makes the second send
+safe.
 """
 
 from __future__ import annotations
@@ -162,6 +163,11 @@ class StateWriter:
             pipe.expire(self._keys.events(change.service_id), ttl)
             pipe.expire(self._keys.log(change.service_id), ttl)
 
+    def _confirmed(self, acked: Any, what: str) -> None:
+        """NotReplicated unless WAIT's reply ``acked`` reaches the replicas asked for (an
+        error reply counts as none): the batch is then kept and sent again."""
+        durable.confirmed(acked if isinstance(acked, int) else 0, self._replicas, what)
+
     def _write(self, batch: list[Change | Writable]) -> None:
         # One script call per service (and attempt): its changes in their original order.
         # Other items (log lines) go first: a service's last lines precede its final state.
@@ -195,9 +201,7 @@ class StateWriter:
             if isinstance(result, Exception):
                 log.error("state write refused by Redis: %s", result)
         if wait:
-            acked = results.pop()  # an error reply counts as no replica
-            durable.confirmed(acked if isinstance(acked, int) else 0, self._replicas,
-                              "a batch of final states")
+            self._confirmed(results.pop(), "a batch of final states")
         # Finish an entry only where its final state went in: changes fenced out by a newer
         # attempt (-1) come from a core that lost the service, whose entry is now pending
         # for the core that took it over; acknowledging it would hide it from recovery.
@@ -213,9 +217,14 @@ class StateWriter:
             pipe = self._redis.pipeline(transaction=False)
             for change, applied in finals:
                 self._finish(pipe, change, applied=applied)
-            for result in pipe.execute(raise_on_error=False):
+            if wait:  # an acknowledgement lost in a failover would leave the entry pending
+                pipe.wait(self._replicas, durable.WAIT_MS)
+            done_results = pipe.execute(raise_on_error=False)
+            for result in done_results:
                 if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
                     raise result
+            if wait:
+                self._confirmed(done_results[-1], "the acknowledgements of final states")
         for changes, ok in written:
             for change in changes:
                 if change.on_written is not None:

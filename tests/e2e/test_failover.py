@@ -53,8 +53,9 @@ def steps(n: int = 8, delay: float = 0.25) -> ServiceParamTemplate:
     return ServiceParamTemplate("steps", args={"n": n, "delay": delay}, watch_interval=0.1)
 
 
+@pytest.mark.parametrize("freeze", [False, True], ids=["kill-9", "host-lost"])
 def test_durable_services_survive_a_failover(sentinels: Sentinels, start_core, prefix: str,
-                                             sentinel_client: Client) -> None:
+                                             sentinel_client: Client, freeze: bool) -> None:
     spec = parse(sentinels.url)
     env = {"SOAF_REDIS_URL": "", "SOAF_DURABLE_SUBMIT": "1", "SOAF_MAX_SERVICES": "4",
            "SOAF_SENTINELS": ",".join(f"{h}:{p}" for h, p in spec.sentinels),
@@ -66,7 +67,7 @@ def test_durable_services_survive_a_failover(sentinels: Sentinels, start_core, p
     wait_until(lambda: sum(client.status(s).state == "running" for s in before) >= 3, 60,
                message="services to run")
 
-    old = sentinels.kill_master()
+    old = sentinels.kill_master(freeze=freeze)
     during = [submit_durably(client, steps(n=3)) for _ in range(8)]
     assert sentinels.master_port() != old
 
@@ -81,7 +82,6 @@ def test_durable_services_survive_a_failover(sentinels: Sentinels, start_core, p
     assert all(core.alive() for core in cores)
     assert all("final states count as written once 1 replica(s) hold them" in core.log()
                for core in cores)
-    assert any("Redis is back" in core.log() or "keeping" in core.log() for core in cores)
     assert r.xlen(client.keys.submit) == 0  # every entry acknowledged on the new master
 
     # The CLI finds the new master through the same URL.
@@ -91,3 +91,39 @@ def test_durable_services_survive_a_failover(sentinels: Sentinels, start_core, p
         env={"SOAF_SECRET": SECRET, "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert "succeeded" in out.stdout
+
+
+
+def test_a_command_on_a_lost_master_retries_on_the_new_one(sentinels: Sentinels) -> None:
+    """A connection open to a master whose host is lost times out; the retry inside the
+    same command must go where Sentinel now points (redis-py alone reconnects to the old
+    address within a command's retries), for the sync and the asyncio flavour."""
+    import asyncio
+
+    from soaf.protocol.connection import connect_async
+
+    r = connect(sentinels.url, timeout=2.0)
+    r.set("k", "1")
+
+    def lose_the_master() -> int:
+        old = sentinels.kill_master(freeze=True)
+        wait_until(lambda: sentinels.master_port() != old, 30, message="Sentinel to fail over")
+        return old
+
+    def timed(fn) -> float:
+        started = time.monotonic()
+        assert fn()
+        return time.monotonic() - started
+
+    async def main() -> None:
+        aio = connect_async(sentinels.url, timeout=2.0)
+        await aio.set("k", "1")
+        old = await asyncio.to_thread(lose_the_master)
+        started = time.monotonic()
+        assert await aio.set("k", "2")  # the old master's socket times out, then the new one
+        assert time.monotonic() - started < 3 * 2.0
+        assert await asyncio.to_thread(timed, lambda: r.set("k", "3")) < 3 * 2.0
+        assert r.connection_pool.get_master_address()[1] != old
+        await aio.aclose()
+
+    asyncio.run(main())
