@@ -4,7 +4,9 @@ raises NotReplicated and the writer keeps the final state and sends it again."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from soaf.protocol import durable
 from soaf.protocol.connection import connect
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.state import Change
-from tests.conftest import SECRET, wait_until
+from tests.conftest import ROOT, SECRET, wait_until
 from tests.sentinels import free_port
 
 
@@ -90,6 +92,17 @@ def test_a_durable_submit_returns_once_a_replica_holds_it(pair: Pair, prefix: st
         other = ServiceParamTemplate("steps")
         assert client.submit(other, durable=True) == other.service_id
         assert replica.exists(client.keys.service(other.service_id))
+
+
+def test_soaf_submit_is_durable_with_the_variable(pair: Pair, prefix: str) -> None:
+    env = {"PATH": os.environ["PATH"], "SOAF_SECRET": SECRET, "SOAF_REDIS_URL": pair.url,
+           "SOAF_PREFIX": prefix, "SOAF_DURABLE_SUBMIT": "1"}
+    command = [sys.executable, "-m", "soaf.cli", "submit", "-s", "steps"]
+    out = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "only 0 of 1 replica(s) confirmed it" in out.stderr
+    pair.join()
+    out = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 def test_the_writer_keeps_a_final_state_no_replica_holds(pair: Pair, prefix: str) -> None:
