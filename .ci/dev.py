@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,8 +90,25 @@ def demo(script: list[str]) -> int:
     return code
 
 
+def ensure_chromium() -> None:
+    """The dashboard's browser test drives the OS's chromium (Playwright's own browser
+    download is not used); install it from the OS packages when it is missing."""
+    if shutil.which("chromium") or Path("/usr/bin/chromium").exists():
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        print("chromium is missing and cannot be installed here (needs apt-get as root): "
+              "the browser test will fail; install it with `apt-get install -y chromium`",
+              flush=True)
+        return
+    step("installing chromium (apt-get) for the dashboard's browser test")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], env=env, check=False)
+    subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], env=env, check=False)
+
+
 def test(args: list[str]) -> int:
-    ensure_venv("embedded,dev")
+    ensure_venv("embedded,dev,metrics,dashboard")
+    ensure_chromium()
     step("ruff check")
     lint = subprocess.run([str(PY), "-m", "ruff", "check", "."], cwd=ROOT).returncode
     step("mypy (soaf/, settings in pyproject.toml)")

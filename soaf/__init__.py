@@ -4,7 +4,8 @@ Users build a ``ServiceParamTemplate`` and submit it with a ``Client``; develope
 write a ``ServiceProgramTemplate`` and a ``WatcherHandler`` per service in the
 ``services/`` and ``handlers/`` packages; a core (``python start_core.py``) runs them.
 ``Pipeline`` chains services on the client; ``AsyncClient`` is the asyncio flavour.
-``confine`` keeps a path a plugin writes inside its work dir.
+``confine`` keeps a path a plugin writes inside its work dir; ``probes`` declare how a
+service's progress shows, for the core to measure.
 """
 
 from soaf.client.aio import AsyncClient
@@ -21,6 +22,7 @@ from soaf.errors import (
     FetchError,
     LogsUnavailable,
     MissingOutputError,
+    NoCoreOffers,
     NotReplicated,
     PipelineError,
     PluginError,
@@ -36,6 +38,7 @@ from soaf.errors import (
     ValidationError,
     WaitTimeout,
 )
+from soaf.plugin import probes
 from soaf.plugin.handler import STOP, WatcherHandler
 from soaf.plugin.program import ServiceProgramTemplate
 from soaf.plugin.service import Service
@@ -57,6 +60,7 @@ __all__ = [
     "FetchError",
     "LogsUnavailable",
     "MissingOutputError",
+    "NoCoreOffers",
     "NotReplicated",
     "Pipeline",
     "PipelineError",
@@ -84,4 +88,5 @@ __all__ = [
     "dumps",
     "loads",
     "output_ref",
+    "probes",
 ]

@@ -7,17 +7,17 @@ then the files an embedded core writes into its state directory (``.soaf/`` by d
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-import secrets as _secrets
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from soaf.errors import ConfigError
-from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, key_id
+from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD
+from soaf.protocol.durable import replicas as durable_replicas
 from soaf.protocol.keys import DEFAULT_PREFIX
+from soaf.protocol.queues import parse_labels
 from soaf.protocol.sentinel import env_redis_url
 
 #: Where an embedded core keeps its Redis data, the URL file and the secret.
@@ -53,6 +53,8 @@ DEFAULT_CALLBACK_TIMEOUT = 300.0
 
 #: Seconds a final service's record and events are kept (0: forever).
 DEFAULT_RECORD_TTL = 7 * 24 * 3600.0
+#: Seconds an entry may reach the submit stream after its payload was signed: later, a replay.
+DEFAULT_MAX_SUBMIT_DELAY = 600.0
 #: Seconds a network operation of staging or uploading (connect, one read) may take.
 DEFAULT_FETCH_TIMEOUT = 60.0
 #: Seconds between the core's sweeps of its work root (0: no periodic sweep).
@@ -71,11 +73,7 @@ SECRET_FILE = "secret"
 #: signs, but proves nothing, since everybody knows it.
 INSECURE_SECRET = "soaf-insecure-well-known-key"
 URL_FILE = "redis.url"
-#: Secrets shorter than this get a warning at start (an HMAC of a known message lets
-#: anyone holding one signed payload test guesses offline).
-MIN_SECRET_LENGTH = 16
 
-log = logging.getLogger(__name__)
 
 
 def host_name() -> str:
@@ -147,51 +145,6 @@ def find_redis_url(state_dir: Path | None = None) -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
-
-
-def create_secret(state_dir: Path) -> str:
-    """Return the state directory's secret, creating it (mode 0600) the first time."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_dir / SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    value = _secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value
-
-
-def core_secrets(settings: Settings, shown_url: str, *, embedded: bool) -> list[str]:
-    """The keys a core accepts: the configured ones; else, on its embedded Redis, the
-    state dir's (created once); else the well-known key if ``insecure`` (with a loud
-    warning); else ConfigError, because a shared Redis without a key would let anyone who
-    can write to it run code on the core. Logs the accepted key ids, never the keys."""
-    if settings.secrets:
-        keys = list(settings.secrets)
-    elif embedded:
-        keys = [create_secret(settings.state_dir)]
-    elif settings.insecure:
-        bar = "!" * 72
-        log.warning(bar)
-        log.warning("INSECURE CORE: no secret is set, payloads are checked against a key "
-                    "everybody knows.")
-        log.warning("Anyone who can write to %s can run any code on this core as user %s.",
-                    shown_url, os.environ.get("USER") or os.getuid())
-        log.warning("Set SOAF_SECRET (or SOAF_SECRET_FILE) and drop --insecure. See SECURITY.md.")
-        log.warning(bar)
-        keys = [INSECURE_SECRET]
-    else:
-        raise ConfigError(
-            "no secret configured for a shared Redis: set SOAF_SECRET or SOAF_SECRET_FILE "
-            "(or pass --insecure to accept a well-known key; never in production)")
-    if any(len(k) < MIN_SECRET_LENGTH for k in keys if k != INSECURE_SECRET):
-        log.warning("a configured secret is shorter than %d characters and can be guessed "
-                    "from one signed payload; use a long random key", MIN_SECRET_LENGTH)
-    log.info("accepting payloads signed with key id%s %s", "s" if len(keys) > 1 else "",
-             ", ".join(key_id(k) for k in keys))
-    return keys
 
 
 def _env_float(name: str, default: Any) -> Any:
@@ -294,6 +247,8 @@ class Settings:
     #: CPU count and ~90% of its RAM (soaf.core.admission).
     cpus: float | None = None
     memory_mb: float | None = None
+    #: What this core has (``--labels gpu,bigmem``): it takes services whose ``requires`` it covers.
+    labels: frozenset[str] = frozenset()
     max_payload: int = DEFAULT_MAX_PAYLOAD
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
@@ -309,8 +264,13 @@ class Settings:
     callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT
     insecure: bool = False
     record_ttl: float = DEFAULT_RECORD_TTL
+    #: Replicas that must hold a final state before it counts as written (0: none);
+    #: SOAF_DURABLE_SUBMIT / SOAF_DURABLE_REPLICAS, see soaf.protocol.durable.
+    durable_replicas: int = 0
     #: Seconds a signed payload whose record is gone may run (replays); None: record_ttl.
     max_payload_age: float | None = None
+    #: Seconds an entry may be added after its payload was signed (0: no limit).
+    max_submit_delay: float = DEFAULT_MAX_SUBMIT_DELAY
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
     gc_interval: float = DEFAULT_GC_INTERVAL
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
@@ -330,6 +290,7 @@ class Settings:
             "max_services": _env_int("SOAF_MAX_SERVICES", DEFAULT_MAX_SERVICES),
             "cpus": _env_float("SOAF_CPUS", None),
             "memory_mb": _env_float("SOAF_MEMORY_MB", None),
+            "labels": os.environ.get("SOAF_LABELS", ""),
             "max_payload": _env_int("SOAF_MAX_PAYLOAD", DEFAULT_MAX_PAYLOAD),
             "heartbeat_interval": _env_float("SOAF_HEARTBEAT_INTERVAL", DEFAULT_HEARTBEAT_INTERVAL),
             "heartbeat_ttl": _env_float("SOAF_HEARTBEAT_TTL", DEFAULT_HEARTBEAT_TTL),
@@ -345,7 +306,9 @@ class Settings:
             "callback_timeout": _env_float("SOAF_CALLBACK_TIMEOUT", DEFAULT_CALLBACK_TIMEOUT),
             "insecure": os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"),
             "record_ttl": _env_float("SOAF_RECORD_TTL", DEFAULT_RECORD_TTL),
+            "durable_replicas": durable_replicas(),
             "max_payload_age": _env_float("SOAF_MAX_PAYLOAD_AGE", None),
+            "max_submit_delay": _env_float("SOAF_MAX_SUBMIT_DELAY", DEFAULT_MAX_SUBMIT_DELAY),
             "fetch_timeout": _env_float("SOAF_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT),
             "gc_interval": _env_float("SOAF_GC_INTERVAL", DEFAULT_GC_INTERVAL),
         }
@@ -359,6 +322,10 @@ class Settings:
                 values[name] = value
         if flags.get("secrets") is None:  # never the well-known key without --insecure
             values["secrets"] = configured_secrets(values.get("secret_file"))
+        try:
+            values["labels"] = parse_labels(values["labels"])
+        except ValueError as e:
+            raise ConfigError(f"labels (--labels/SOAF_LABELS): {e}") from None
         settings = cls(**values)
         settings.validate()
         # Resolved once here, so no hot path pays for symlink resolution.
@@ -388,7 +355,8 @@ class Settings:
                                   f"got {getattr(self, name)}")
         if self.heartbeat_ttl <= self.heartbeat_interval * 2:
             raise ConfigError("heartbeat TTL must be more than twice the heartbeat interval")
-        for name, value in (("gc interval", self.gc_interval), ("max payload age", self.max_payload_age)):
+        for name, value in (("gc interval", self.gc_interval), ("max payload age", self.max_payload_age),
+                            ("max submit delay", self.max_submit_delay)):
             if value is not None and not value >= 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, got {value}")
         self.retention.validate()

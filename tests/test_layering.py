@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SOAF = ROOT / "soaf"
 
 #: The layers, bottom up. A module may import its own layer and those below it.
-LAYERS = ["errors", "protocol", "config", "process", "data", "plugin", "run", "core", "client",
-          "cli"]
+LAYERS = ["errors", "protocol", "config", "process", "data", "plugin", "run", "metrics", "core",
+          "client", "dashboard", "cli"]
 #: What the client side (and ``import soaf``) must never load: the daemon, the run
 #: machinery, processes and plugin loading.
 CLIENT_NEVER = ("soaf.core", "soaf.run", "soaf.process", "soaf.plugin.loader",
@@ -150,7 +150,8 @@ def test_processes_and_data_know_no_redis(package):
             assert "redis" not in closure(module), f"{module} reaches redis"
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if m.startswith("soaf.client")])
+@pytest.mark.parametrize("module", [m for m in MODULES
+                                    if m.startswith(("soaf.client", "soaf.dashboard"))])
 def test_the_client_never_reaches_the_core(module):
     reached = {m for m in closure(module) if m.startswith(CLIENT_NEVER)}
     assert not reached, f"{module} reaches {sorted(reached)}"

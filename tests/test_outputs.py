@@ -151,6 +151,24 @@ def test_upload_to_memory_and_ftp(work, ftp_files, served):
     assert FTP_PASSWORD not in outputs[0].url
 
 
+@pytest.mark.parametrize("target", ["ftp", "memory"])
+def test_a_stop_request_ends_an_upload_inside_a_file(work, ftp_files, served, target):
+    """A cancel during the upload of one large file over fsspec stops it between chunks
+    and leaves nothing on the target, not even a partial file."""
+    (work / "big.bin").write_bytes(b"\x01" * (5 << 20))
+    outputs = collect_outputs(work, ["big.bin"])
+    chunks = iter(range(100))
+    url = (ftp_files.url("uploads/stopped", user=True) if target == "ftp"
+           else "memory://stopped-upload/run")
+    with pytest.raises(TransferStopped):
+        upload_outputs(work, outputs, url, stop=lambda: next(chunks) >= 2)
+    assert next(chunks) == 3  # stopped after the second chunk of the only file
+    if target == "ftp":
+        assert [p for p in served.rglob("*") if p.is_file() and "stopped" in str(p)] == []
+    else:
+        assert fsspec.filesystem("memory").find("/stopped-upload") == []
+
+
 def test_upload_failure_is_an_upload_error(work, tmp_path, ftp_files):
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory")

@@ -191,3 +191,32 @@ def test_open_files_limit_is_raised_to_the_hard_limit():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_the_reaper_outlives_running_out_of_file_descriptors(tmp_path):
+    """A program watched while the process has no file descriptor left (no pidfd can be
+    opened): the reaper logs it and goes on, and reports the exit once descriptors are
+    free again. Run in a process of its own, which really exhausts its descriptors."""
+    script = textwrap.dedent(f"""
+        import os, resource, subprocess, sys, threading
+        sys.path.insert(0, {str(ROOT)!r})
+        from soaf.process.reaper import Reaper
+        reaper = Reaper()
+        child = subprocess.Popen(["sleep", "0.3"], start_new_session=True)
+        held = []
+        try:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        done = threading.Event()
+        reaper.watch(child.pid, lambda pid, status, usage: done.set())
+        missed = not done.wait(1.5)  # no pidfd: not watched yet, and the thread lives
+        for fd in held:
+            os.close(fd)
+        print(missed, done.wait(10), reaper._thread.is_alive())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["True", "True", "True"], out.stderr
+    assert "reaper: a round failed" in out.stderr

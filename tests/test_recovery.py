@@ -18,11 +18,12 @@ from soaf.core.heartbeat import Identity, claim_node
 from soaf.core.recovery import take_over
 from soaf.errors import NodeInUse, ProgramError
 from soaf.process import shim
+from soaf.process.coremark import mark_core
 from soaf.process.identity import ProcIdentity, find_by_marker, stop_group
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.scripts import RECLAIM_LUA
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, decode_event
-from soaf.run.journal import RunJournal, load, local_journals
+from soaf.run.journal import MAX_JOURNAL_BYTES, RunJournal, load, local_journals
 
 
 @pytest.fixture
@@ -156,6 +157,8 @@ def test_node_name_of_a_dead_core_on_this_host_is_taken_at_once(r, prefix):
 
 
 def test_node_name_of_a_live_core_on_this_host_is_refused(r, prefix):
+    mark = mark_core()  # this process now holds a core's mark, as a core does
+    assert mark is not None
     key = Keys(prefix).node("n2")
     me = ProcIdentity.of(os.getpid())
     assert me is not None
@@ -165,6 +168,23 @@ def test_node_name_of_a_live_core_on_this_host_is_refused(r, prefix):
     # Same pid, another start time: a recycled pid, not that core.
     r.set(key, _heartbeat(os.getpid(), me.start_time + 1), px=60_000)
     claim_node(r, key, "n2", '{"token": "mine"}', 60.0)
+    mark.close()
+
+
+def test_a_heartbeat_naming_a_live_process_that_is_no_core_is_taken_at_once(r, prefix):
+    """Pid and start time of a live process of this host, copied into a forged heartbeat:
+    that process holds no core's mark, so the name is free."""
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        found = ProcIdentity.of(other.pid)
+        assert found is not None
+        key = Keys(prefix).node("n3")
+        r.set(key, _heartbeat(other.pid, found.start_time), px=60_000)
+        claim_node(r, key, "n3", '{"token": "mine"}', 60.0)
+        assert r.get(key) == b'{"token": "mine"}'
+    finally:
+        other.kill()
+        other.wait()
 
 
 # -- process identity --------------------------------------------------------------------------
@@ -294,3 +314,21 @@ def test_a_cancels_key_of_the_wrong_type_reads_as_no_cancel(r, prefix):
     keys = Keys(prefix)
     r.set(keys.cancels, "junk")
     assert Verifier(["a-secret-of-twenty-chars"]).cancel_entries(r, keys, ["a", "b"]) == ["", ""]
+
+
+def test_a_journal_noted_by_every_callback_stays_small_and_readable(tmp_path):
+    """Each callback call appends two lines; past MAX_JOURNAL_BYTES the file is replaced
+    by its last line, and a core that loads it still finds the call under way and the
+    deaths in a row."""
+    journal = RunJournal(tmp_path, "n", "svc", 1, tmp_path)
+    journal.data.died_in = ["file_change_callback"]
+    for _ in range(2000):
+        journal.calling("before_watch_callback")
+        journal.calling("before_watch_callback", returned=True)
+    journal.calling("file_change_callback")
+    assert journal.path.stat().st_size <= MAX_JOURNAL_BYTES + 4096
+    found = load(journal.path)
+    assert found is not None and found.in_call == "file_change_callback"
+    assert found.died_in == ["file_change_callback"]  # another call's return keeps the row
+    journal.calling("file_change_callback", returned=True)
+    assert load(journal.path).died_in == []

@@ -10,11 +10,14 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import click
 
+from soaf.cli import offline
+from soaf.cli.fleet import services_table
 from soaf.cli.logconfig import configure_logging
 from soaf.cli.monitor import watch
 from soaf.cli.render import (
@@ -26,27 +29,47 @@ from soaf.cli.render import (
     records_table,
     show,
 )
-from soaf.cli.templatefile import from_options, load_templates
+from soaf.cli.templatefile import check_local_inputs, from_options, load_templates
 from soaf.client.follow import unique
 from soaf.client.sync import Client
 from soaf.errors import UnknownService
 
 
+def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--redis``, ``--prefix``, ``--state-dir`` and ``-v``, as every client command has."""
+    for option in reversed([
+        click.option("--redis", "redis_url", metavar="URL", envvar="SOAF_REDIS_URL",
+                     help="Redis the cores use. Env SOAF_REDIS_URL. Default: the embedded "
+                          "core's, found in the state dir."),
+        click.option("--prefix", envvar="SOAF_PREFIX", help="Redis key prefix. Env SOAF_PREFIX."),
+        click.option("--state-dir", type=click.Path(path_type=Path), envvar="SOAF_STATE_DIR",
+                     help="Where an embedded core keeps its Redis URL and secret. Default: .soaf"),
+        click.option("-v", "--verbose", count=True, help="Log what soaf does (-vv: more)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 def with_client(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add the connection options and ``-v``; call ``fn(client, ...)``."""
+    return _with_client(fn, history=False)
 
-    @click.option("--redis", "redis_url", metavar="URL", envvar="SOAF_REDIS_URL",
-                  help="Redis the cores use. Env SOAF_REDIS_URL. Default: the embedded "
-                       "core's, found in the state dir.")
-    @click.option("--prefix", envvar="SOAF_PREFIX", help="Redis key prefix. Env SOAF_PREFIX.")
-    @click.option("--state-dir", type=click.Path(path_type=Path), envvar="SOAF_STATE_DIR",
-                  help="Where an embedded core keeps its Redis URL and secret. Default: .soaf")
-    @click.option("-v", "--verbose", count=True, help="Log what soaf does (-vv: more).")
+
+def with_history(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``with_client`` for the read commands: when no core runs, an embedded core's data
+    is opened for the command (soaf.cli.offline)."""
+    return _with_client(fn, history=True)
+
+
+def _with_client(fn: Callable[..., Any], *, history: bool) -> Callable[..., Any]:
+    @connection_options
     @functools.wraps(fn)
     def wrapper(redis_url: str | None, prefix: str | None, state_dir: Path | None,
                 verbose: int, **kwargs: Any) -> Any:
         configure_logging(verbose)
-        with Client(redis_url, prefix=prefix, state_dir=state_dir) as client:
+        opened = offline.history(redis_url, state_dir) if history else nullcontext(False)
+        with opened as own, Client(redis_url, prefix=prefix, state_dir=state_dir) as client:
+            click.get_current_context().meta[offline.OFFLINE] = own
             return fn(client, **kwargs)
 
     return wrapper
@@ -79,11 +102,15 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 @click.option("--work-path", help="A work dir under the work root, shared by templates naming it.")
 @click.option("-w", "--wait", "then_wait", is_flag=True,
               help="Then wait for the service(s) like `soaf wait` (exit 1 if one fails).")
+@click.option("--no-check", is_flag=True,
+              help="Submit even if a local input path does not exist here (it exists only "
+                   "on the core's machine).")
 @with_client
 def submit(client: Client, file: Path | None, service: str | None, args: tuple[str, ...],
            inputs: tuple[str, ...], outputs: tuple[str, ...], env: tuple[str, ...],
            service_id: str | None, timeout: float | None, retries: int | None,
-           watch_interval: float | None, work_path: str | None, then_wait: bool) -> None:
+           watch_interval: float | None, work_path: str | None, then_wait: bool,
+           no_check: bool) -> None:
     """Submit a service and print its id.
 
     Either from FILE - a Python file that defines `template` (or `templates`, a list;
@@ -106,6 +133,8 @@ def submit(client: Client, file: Path | None, service: str | None, args: tuple[s
             service=service or "", args=args, inputs=inputs, outputs=outputs, env=env,
             service_id=service_id, timeout=timeout, retries=retries,
             watch_interval=watch_interval, work_path=work_path)]
+    if not no_check:
+        check_local_inputs(templates)
     ids = [client.submit(t) for t in templates]
     for sid in ids:
         click.echo(sid)
@@ -125,12 +154,12 @@ def submit(client: Client, file: Path | None, service: str | None, args: tuple[s
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=50, show_default=True,
               help="Newest services shown at most.")
 @json_option
-@with_client
+@with_history
 def ls(client: Client, state: str | None, service: str | None, node: str | None, limit: int,
        as_json: bool) -> None:
     """List services, newest first.
 
-    Columns: id, service, state, progress, node, age (since submitted), and the
+    Columns: id, service, state, progress, ETA (time left), node, age (since submitted), and the
     error or message.
     """
     records = client.list(state=state, service=service, node=node, limit=limit)
@@ -145,12 +174,12 @@ def ls(client: Client, state: str | None, service: str | None, node: str | None,
 @click.command()
 @click.argument("service_id")
 @json_option
-@with_client
+@with_history
 def status(client: Client, service_id: str, as_json: bool) -> None:
     """Show the record of one service.
 
-    Custom fields set by its handler are marked with *; -v adds the traceback of a
-    plugin error.
+    Custom fields set by its handler are marked with *; warnings list callback errors
+    (how many, the last one); -v adds the traceback of a plugin or callback error.
     """
     record = client.status(service_id)
     if as_json:
@@ -169,7 +198,7 @@ def status(client: Client, service_id: str, as_json: bool) -> None:
               help="With --all: keep watching for new services until Ctrl-C.")
 @click.option("--timeout", type=click.FloatRange(min=0), help="Give up after SECONDS (exit 1).")
 @json_option
-@with_client
+@with_history
 def wait(client: Client, ids: tuple[str, ...], all_: bool, follow: bool, timeout: float | None,
          as_json: bool) -> None:
     """Wait for services to end; a progress bar each on a terminal.
@@ -187,6 +216,11 @@ def wait(client: Client, ids: tuple[str, ...], all_: bool, follow: bool, timeout
         known = {r.service_id for r in records}
         records += [r for r in reversed(client.list(limit=1000))
                     if not r.final and r.service_id not in known]
+    if click.get_current_context().meta.get(offline.OFFLINE):
+        running = [r.service_id for r in records if not r.final]
+        if running or follow:
+            raise offline.running_needed(f"{', '.join(running) or '--follow'} waits for "
+                                         "services that are not final")
     finals = watch(client, records, discover=all_, timeout=timeout, as_json=as_json,
                    follow=follow)
     bad = [r for r in finals if r.final and not r.ok]
@@ -198,7 +232,10 @@ def wait(client: Client, ids: tuple[str, ...], all_: bool, follow: bool, timeout
         counts: dict[str, int] = {}
         for r in finals:
             counts[r.state] = counts.get(r.state, 0) + 1
-        console(stderr=True).print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        warned = sum(1 for r in finals if r.final and r.callback_errors)
+        console(stderr=True).print(", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+                                   + (f" ({warned} with callback errors: soaf status ID -v)"
+                                      if warned else ""))
     raise SystemExit(1 if bad else 0)
 
 
@@ -208,13 +245,16 @@ def wait(client: Client, ids: tuple[str, ...], all_: bool, follow: bool, timeout
 @click.option("-n", "--tail", type=click.IntRange(min=0), metavar="N", help="Only the last N lines.")
 @click.option("--stderr", "stream", flag_value="stderr", default="stdout",
               help="The program's standard error instead of its standard output.")
-@with_client
+@with_history
 def logs(client: Client, service_id: str, follow: bool, tail: int | None, stream: str) -> None:
     """Print the output of a service's program.
 
     It is read from Redis, so this works from any machine; the work-dir file is read
     only when Redis has no copy, on the machine that holds it.
     """
+    if follow and click.get_current_context().meta.get(offline.OFFLINE) \
+            and not client.status(service_id).final:
+        raise offline.running_needed(f"{service_id} is not final")
     for line in client.logs(service_id, tail=tail, follow=follow, stream=stream):
         click.echo(line)
 
@@ -259,7 +299,8 @@ def plugins(client: Client, as_json: bool) -> None:
 @json_option
 @with_client
 def nodes(client: Client, as_json: bool) -> None:
-    """Show the cores alive now and their load (running / slots)."""
+    """Show the cores alive now: host, load (running / slots), labels, the services they
+    offer, whether they drain, plugin version and heartbeat age."""
     found = client.nodes()
     if as_json:
         print_json(found)
@@ -267,6 +308,26 @@ def nodes(client: Client, as_json: bool) -> None:
         show(console(), nodes_table(found))
     else:
         click.echo("no core is alive", err=True)
+
+
+@click.command()
+@json_option
+@with_client
+def services(client: Client, as_json: bool) -> None:
+    """Per service: the live cores that offer it, and how many submissions wait.
+
+    QUEUED waits in its queues (BY PRIORITY: how many at each priority, highest first);
+    TAKEN is held by cores (running, or waiting there for CPUs, memory or a slot). A
+    service no live core offers shows "none alive": its submissions wait until a core
+    that offers it starts.
+    """
+    rows = client.services()
+    if as_json:
+        print_json(rows)
+    elif rows:
+        show(console(), services_table(rows))
+    else:
+        click.echo("no service is offered or queued", err=True)
 
 
 @click.command()
@@ -323,4 +384,4 @@ def _reloaded(before: dict[str, Any] | None, after: dict[str, Any] | None) -> bo
             or after.get("error_at") != before.get("error_at"))
 
 
-COMMANDS = [submit, ls, status, wait, logs, cancel, plugins, nodes, reload]
+COMMANDS = [submit, ls, status, wait, logs, cancel, plugins, nodes, services, reload]

@@ -15,8 +15,13 @@ from typing import Any
 
 import click
 
+from soaf.cli.cache import cache
 from soaf.cli.commands import COMMANDS
+from soaf.cli.coreflags import take_tuning, tuning_options
+from soaf.cli.dashboard import dashboard
+from soaf.cli.info import info
 from soaf.cli.logconfig import setup_logging
+from soaf.cli.pipelines import pipelines
 from soaf.errors import SoafError
 
 log = logging.getLogger(__name__)
@@ -106,6 +111,9 @@ def _policy(flags: dict[str, Any]) -> Any:
               envvar="SOAF_MEMORY_MB", metavar="MIB",
               help="Memory (MiB) shared by the services that declare ``memory_mb``. "
                    "Env SOAF_MEMORY_MB. Default: about 90% of this machine's RAM.")
+@click.option("--labels", envvar="SOAF_LABELS", metavar="NAME,...",
+              help="What this core has (e.g. gpu,bigmem): it takes the services whose "
+                   "``requires`` these cover. Env SOAF_LABELS.")
 @click.option("--prefix", envvar="SOAF_PREFIX", help="Redis key prefix. Env SOAF_PREFIX.")
 @click.option("--secret-file", type=click.Path(path_type=Path, dir_okay=False),
               envvar="SOAF_SECRET_FILE",
@@ -117,7 +125,12 @@ def _policy(flags: dict[str, Any]) -> Any:
                    "Env SOAF_MAX_PAYLOAD. Default: 1048576.")
 @click.option("--insecure", is_flag=True, default=None,
               help="Accept a shared Redis without a secret (signs with a well-known key: "
-                   "anyone who can write to Redis can run code here).")
+                   "anyone who can write to Redis can run code here). Env SOAF_INSECURE=1.")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), envvar="SOAF_METRICS_PORT",
+              help="Serve Prometheus metrics on this port (needs soaf[metrics]). "
+                   "Env SOAF_METRICS_PORT.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, envvar="SOAF_METRICS_HOST",
+              help="Address the metrics are served on. Env SOAF_METRICS_HOST.")
 @click.option("--drain/--no-drain", default=True, show_default=True,
               help="On SIGTERM/SIGINT wait for running services (drain) or stop their "
                    "programs and leave them queued for recovery. A second signal forces.")
@@ -126,11 +139,13 @@ def _policy(flags: dict[str, Any]) -> Any:
 @retention_options
 @click.option("--gc-interval", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Seconds between sweeps of the work root (0: none). Env SOAF_GC_INTERVAL.")
+@tuning_options
 def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, node: str | None,
          state_dir: Path | None, max_services: int | None, cpus: float | None,
-         memory_mb: float | None, prefix: str | None, secret_file: Path | None,
-         max_payload: int | None, insecure: bool | None,
-         drain: bool, verbose: int, quiet: bool, **data_flags: Any) -> None:
+         memory_mb: float | None, labels: str | None, prefix: str | None,
+         secret_file: Path | None, max_payload: int | None, insecure: bool | None,
+         metrics_port: int | None, metrics_host: str, drain: bool, verbose: int, quiet: bool,
+         **data_flags: Any) -> None:
     """Run a core until SIGTERM/SIGINT (a second one forces the stop).
 
     The keys that sign payloads come from SOAF_SECRET (comma-separated for key
@@ -141,15 +156,17 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
     from soaf.core.daemon import Core
 
     setup_logging(verbose, quiet)
+    tuning = take_tuning(data_flags)
     try:
-        settings = Settings.load(
+        settings = Settings.load(**tuning,
             redis_url=redis_url, work_root=work_root, plugins=plugins, node=node,
             state_dir=state_dir, max_services=max_services, cpus=cpus, memory_mb=memory_mb,
-            prefix=prefix, insecure=insecure,
+            labels=labels, prefix=prefix, insecure=insecure,
             secret_file=secret_file, max_payload=max_payload,
             retention=_policy(data_flags), gc_interval=data_flags.pop("gc_interval", None),
         )
-        the_core = Core(settings)
+        the_core = Core(settings, metrics=None if metrics_port is None
+                        else (metrics_host, metrics_port))
         the_core.start()
     except SoafError as e:
         raise click.ClickException(str(e))
@@ -246,7 +263,7 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-for _command in COMMANDS:
+for _command in [*COMMANDS, info, pipelines, cache, dashboard]:
     cli.add_command(_command)
 
 

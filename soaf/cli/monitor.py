@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from soaf.cli.render import LiveDisplay, PlainDisplay, WaitDisplay, console
+from soaf.cli.live import LiveDisplay, PlainDisplay, WaitDisplay, bars_fit
+from soaf.cli.render import console
 from soaf.client.follow import is_final
 from soaf.client.sync import Client
 from soaf.errors import WaitTimeout
@@ -35,7 +36,7 @@ def watch(client: Client, records: list[ServiceRecord], *, discover: bool,
     display: WaitDisplay
     if as_json:
         display = _Quiet()
-    elif out.is_terminal:
+    elif bars_fit(out):
         display = LiveDisplay(out)
     else:
         display = PlainDisplay(out)
@@ -49,6 +50,7 @@ def watch(client: Client, records: list[ServiceRecord], *, discover: bool,
 class _Quiet:
     def add(self, record: ServiceRecord) -> None: ...
     def event(self, service_id: str, event: dict[str, Any]) -> None: ...
+    def warn(self, record: ServiceRecord) -> None: ...
     def close(self) -> None: ...
 
 
@@ -104,6 +106,7 @@ def _loop(client: Client, display: WaitDisplay, known: dict[str, ServiceRecord],
                 display.event(sid, event)
                 if is_final(event):
                     known[sid] = client.status(sid)
+                    display.warn(known[sid])
         except WaitTimeout:
             for record in pending:  # pick up where the stream is now
                 if not known[record.service_id].final:
@@ -111,4 +114,6 @@ def _loop(client: Client, display: WaitDisplay, known: dict[str, ServiceRecord],
                     if fresh.state != record.state or fresh.final:
                         display.event(fresh.service_id, {"state": fresh.state, "error": fresh.error,
                                                          "progress": fresh.progress})
+                        if fresh.final:
+                            display.warn(fresh)
                     known[fresh.service_id] = fresh

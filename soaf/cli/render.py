@@ -1,8 +1,8 @@
-"""How the ``soaf`` command shows things: tables, records, and the live display of ``wait``.
+"""How the ``soaf`` command shows things: tables and records (the live display of
+``wait`` is in soaf.cli.live).
 
 Everything goes through rich, which colours only when the output is a terminal (and
-never with NO_COLOR set). On a terminal ``wait`` draws a progress bar per service; in
-a pipe or a file it prints one plain line per change instead.
+never with NO_COLOR set).
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import shlex
 import sys
 import time
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from soaf.protocol.state import FINAL_VALUES, ServiceRecord
+from soaf.cli.fleet import ROUTING_COLUMNS, routing_cells
+from soaf.protocol.state import ServiceRecord
 
 STATE_STYLES = {
     "queued": "dim", "building": "cyan", "preparing": "cyan", "running": "blue",
@@ -46,11 +46,26 @@ def age(ts: Any, now: float | None = None) -> str:
     """``3s``, ``5m``, ``2h``, ``4d``: how long ago ``ts`` (epoch seconds) was."""
     if not isinstance(ts, (int, float)):
         return "-"
-    seconds = max(0.0, (now or time.time()) - ts)
+    return duration((now or time.time()) - ts)
+
+
+def duration(seconds: float) -> str:
+    """``3s``, ``5m``, ``2h``, ``4d``: a span of time in its largest whole unit."""
+    seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
+
+
+def eta_text(record: ServiceRecord, now: float | None = None) -> str:
+    """The time left until the record's ETA (``1m``), ``overdue`` once it passed, ``-``
+    when there is none (final, or no rate known yet)."""
+    eta = record.eta
+    if eta is None:
+        return "-"
+    left = eta - (now or time.time())
+    return duration(left) if left >= 0 else "overdue"
 
 
 def when(ts: Any) -> str:
@@ -85,12 +100,15 @@ def _table(*columns: str) -> Table:
 
 
 def records_table(records: list[ServiceRecord]) -> Table:
-    table = _table("ID", "SERVICE", "STATE", "PROGRESS", "NODE", "AGE", "INFO")
+    table = _table("ID", "SERVICE", "STATE", "PROGRESS", "ETA", "NODE", "AGE", "INFO")
     now = time.time()
     for r in records:
-        info = r.error if r.error and not r.ok else (r.message or "")
+        waits = r.get("waiting_for") if r.state == "queued" else None
+        info = r.error if r.error and not r.ok else (r.message or (f"waits: {waits}" if waits else ""))
+        if r.callback_errors and not (r.error and not r.ok):
+            info = f"warning: {r.warnings[0]}"
         table.add_row(r.service_id, r.service or "-", state_text(r.state), percent(r.progress),
-                      r.node or "-", age(r.get("submitted_at"), now), info)
+                      eta_text(r, now), r.node or "-", age(r.get("submitted_at"), now), info)
     return table
 
 
@@ -129,21 +147,6 @@ def _attempts(attempts: Any) -> str | None:
     return "\n".join(lines) or None
 
 
-def _warnings(r: ServiceRecord) -> str | None:
-    lines = []
-    if r.get("callback_error"):
-        n = r.get("callback_errors") or 1
-        lines.append(f"callback error ({n}x): {r.get('callback_error')}")
-    for stream in ("stdout", "stderr"):
-        if r.get(f"{stream}_dropped_bytes"):
-            lines.append(f"{stream}: {size(r.get(f'{stream}_dropped_bytes'))} dropped (log cap)")
-    if r.get("missing_outputs"):
-        lines.append(f"missing outputs: {', '.join(map(str, r.get('missing_outputs')))}")
-    if r.get("exit_status_known") is False:
-        lines.append("the program ended while no core watched it; exit status unknown")
-    return "\n".join(lines) or None
-
-
 def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
     """One record as ``field value`` lines: what ran (command, pid, files), what it cost,
     how it ended (attempts, warnings), then the handler's custom fields."""
@@ -165,7 +168,7 @@ def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
         ("pid", pid), ("exit code", r.exit_code), ("signal", r.get("signal")),
         ("stopped with", r.get("stopped_with")), ("work dir", r.get("work_dir")),
         ("inputs", _files(r.inputs, outputs=False)), ("outputs", _files(r.outputs, outputs=True)),
-        ("output target", r.get("output_target")),
+        ("output target", r.get("output_target")), ("cached from", r.get("cached_from")),
     ]
     for name in ("submitted", "building", "preparing", "running", "finished"):
         ts = r.get(f"{name}_at")
@@ -177,11 +180,14 @@ def record_table(record: ServiceRecord, *, verbose: bool = False) -> Table:
         rows.append(("cpu time", f"{r.get('cpu_time'):.3f} s"))
     if isinstance(peak, (int, float)):
         rows.append(("peak memory", size(peak * 1024)))
-    rows += [("attempts", _attempts(r.get("attempts"))), ("warnings", _warnings(r))]
+    rows += [("attempts", _attempts(r.get("attempts"))),
+             ("warnings", "\n".join(r.warnings) or None)]
     for key, value in sorted(r.fields.items()):
         rows.append((f"{key} *", value if isinstance(value, str) else json.dumps(value)))
     if verbose and r.traceback:
         rows.append(("traceback", r.traceback.rstrip()))
+    if verbose and r.get("callback_traceback"):
+        rows.append(("callback traceback", str(r.get("callback_traceback")).rstrip()))
     for name, value in rows:
         if value is not None and value != "":
             table.add_row(name, value if isinstance(value, Text) else str(value))
@@ -196,18 +202,21 @@ def capacity(used: Any, total: Any, unit: str = "") -> str:
 
 
 def nodes_table(nodes: list[dict[str, Any]]) -> Table:
-    table = _table("NODE", "HOST", "PID", "LOAD", "CPUS", "MEMORY", "PLUGINS", "UP",
-                   "HEARTBEAT", "REDIS")
+    table = _table("NODE", "HOST", "PID", "LOAD", *ROUTING_COLUMNS, "CPUS", "MEMORY", "PLUGINS",
+                   "UP", "HEARTBEAT", "REDIS", "STATE")
     now = time.time()
     for n in nodes:
+        state = Text("draining", style="yellow") if n.get("draining") else Text("accepting")
         table.add_row(str(n.get("node")), str(n.get("host", "-")), str(n.get("pid", "-")),
                       f"{n.get('running', 0)}/{n.get('max_services', '?')}"
                       + (f" +{n['waiting']} waiting" if n.get("waiting") else ""),
+                      *routing_cells(n),
                       capacity(n.get("cpus_used"), n.get("cpus")),
                       capacity(n.get("memory_mb_used"), n.get("memory_mb"), " MiB"),
                       str(n.get("plugin_version") or "-"), age(n.get("started_at"), now),
                       f"{age(n.get('ts'), now)} ago",
-                      "ok" if n.get("redis_connected", True) else Text("lost", style="red"))
+                      "ok" if n.get("redis_connected", True) else Text("lost", style="red"),
+                      state)
     return table
 
 
@@ -225,108 +234,3 @@ def plugins_table(plugins: dict[str, Any], alive: set[str]) -> Table:
 
 
 # -- soaf wait --------------------------------------------------------------------------------
-
-class WaitDisplay(Protocol):
-    def add(self, record: ServiceRecord) -> None: ...
-    def event(self, service_id: str, event: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
-
-
-def _label(record: ServiceRecord) -> str:
-    return f"{record.service or '?'} {record.service_id[:12]}"
-
-
-class LiveDisplay:
-    """Progress bars on a terminal: one per service, its state and message beside it."""
-
-    def __init__(self, out: Console) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-            TextColumn("{task.fields[state]}"), TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}", markup=False),
-            console=out, transient=False, refresh_per_second=8,
-        )
-        self.tasks: dict[str, TaskID] = {}
-        self.progress.start()
-
-    def add(self, record: ServiceRecord) -> None:
-        self.tasks[record.service_id] = self.progress.add_task(
-            # rich annotates add_task's completed as int; its Task.completed is a float.
-            _label(record), total=1.0, completed=record.progress or 0.0,  # type: ignore[arg-type]
-            state=state_text(record.state).markup, info=record.message or "")
-        if record.final:
-            self._final(record.service_id, record.state, record.error)
-
-    def event(self, service_id: str, event: dict[str, Any]) -> None:
-        task = self.tasks.get(service_id)
-        if task is None:
-            return
-        changes: dict[str, Any] = {}
-        if isinstance(event.get("progress"), (int, float)):
-            changes["completed"] = event["progress"]
-        if event.get("message"):
-            changes["info"] = str(event["message"])
-        if "state" in event:
-            changes["state"] = state_text(event["state"]).markup
-        if changes:
-            self.progress.update(task, **changes)
-        if event.get("state") in FINAL_VALUES:
-            self._final(service_id, event["state"], event.get("error"))
-
-    def _final(self, service_id: str, state: str, error: Any) -> None:
-        task = self.tasks[service_id]
-        changes: dict[str, Any] = {"state": state_text(state).markup}
-        if state == "succeeded":
-            changes["completed"] = 1.0
-        elif error:
-            changes["info"] = str(error)
-        self.progress.update(task, **changes)
-        self.progress.stop_task(task)
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
-class PlainDisplay:
-    """One line per change, for pipes and files: ``<id> <service> <what>``."""
-
-    #: Progress is reported again once it moved this much (or reached 100%).
-    STEP = 0.1
-
-    def __init__(self, out: Console) -> None:
-        self.out = out
-        self.labels: dict[str, str] = {}
-        self.shown: dict[str, float] = {}
-        self.states: dict[str, str] = {}
-
-    def _line(self, service_id: str, text: str) -> None:
-        self.out.print(f"{service_id} {self.labels.get(service_id, '?')} {text}", markup=False)
-
-    def add(self, record: ServiceRecord) -> None:
-        self.labels[record.service_id] = record.service or "?"
-        self.shown[record.service_id] = record.progress or 0.0
-        self.states[record.service_id] = record.state
-        if record.final:
-            text = f"{record.state}: {record.error}" if record.error else record.state
-        elif record.progress is not None:
-            text = f"{record.state} {percent(record.progress)}"
-        else:
-            text = record.state
-        self._line(record.service_id, text)
-
-    def event(self, service_id: str, event: dict[str, Any]) -> None:
-        value = event.get("progress")
-        if isinstance(value, (int, float)):
-            last = self.shown.get(service_id, 0.0)
-            if value - last >= self.STEP or (value >= 1.0 > last):
-                self.shown[service_id] = value
-                self._line(service_id, f"progress {percent(value)}")
-        state = event.get("state")
-        if state and state != self.states.get(service_id):
-            self.states[service_id] = state
-            error = event.get("error")
-            self._line(service_id, f"{state}: {error}" if error and state in FINAL_VALUES else state)
-
-    def close(self) -> None:
-        pass
-

@@ -104,3 +104,14 @@ def from_options(*, service: str, args: tuple[str, ...], inputs: tuple[str, ...]
     if watch_interval is not None:
         template.watch_interval = watch_interval
     return template
+
+
+def check_local_inputs(templates: list[ServiceParamTemplate]) -> None:
+    """Refuse templates whose local input paths do not exist here: the usual slip is a
+    typo, found sooner here than as a failed ``preparing`` on the core."""
+    for t in templates:
+        for name, source in t.input_sources().items():
+            if isinstance(source, str) and not is_url(source) and not Path(source).exists():
+                raise click.ClickException(
+                    f"input {name}: {source} does not exist here. Check the path, or pass "
+                    "--no-check if it exists only where the core runs")

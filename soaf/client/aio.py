@@ -81,15 +81,22 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
 
     # -- submitting ---------------------------------------------------------------------
 
-    async def submit(self, template: ServiceParamTemplate, *, durable: bool | None = None) -> str:
+    async def submit(self, template: ServiceParamTemplate, *, require_core: bool = False,
+                     durable: bool | None = None) -> str:
         """Validate, sign and queue ``template``; return its service id (see Client.submit)."""
-        keys, args = calls.submit_call(self._target, template, self._secret)
+        keys, args = calls.submit_call(self._target, template, self._secret, require_core)
         if wanted := replicas(durable):
             pipe = self.redis.pipeline(transaction=False)
             calls.queue_durable(pipe, SUBMIT, keys, args, wanted)
             results = await self._call(pipe.execute)
-            return calls.durably_submitted(template.service_id, results, wanted)
-        return calls.submitted(template.service_id, await self._script(SUBMIT, keys, args))
+            return calls.durably_submitted(template, results, wanted)
+        return calls.submitted(template, await self._script(SUBMIT, keys, args))
+
+    async def resubmit(self, service_id: str) -> str:
+        """Submit ``service_id``'s template again under a new id (see Client.resubmit)."""
+        payload = await self._call(self.redis.get, self.keys.payload(service_id))
+        return await self.submit(calls.resubmitted(self._target, service_id, payload,
+                                                   self._secret))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -295,6 +302,15 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
             return []
         return calls.nodes_from(
             await self._call(self.redis.mget, [self.keys.node(n) for n in names]))
+
+    async def services(self) -> builtins.list[dict[str, Any]]:
+        """Per service name: the live cores that offer it, and how many entries wait in
+        its queues and how many cores hold (see ``calls.services_from``)."""
+        queues = calls.queues_from(await self._call(self.redis.smembers, self.keys.queues))
+        pipe = self.redis.pipeline(transaction=False)
+        calls.count_queues(pipe, self.keys, queues)
+        counts = await self._call(pipe.execute, raise_on_error=False)
+        return calls.services_from(await self.nodes(), queues, counts)
 
     async def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""

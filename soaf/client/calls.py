@@ -11,6 +11,7 @@ drift apart; the shells only differ in ``await``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -22,23 +23,26 @@ from typing import Any
 import redis
 
 from soaf.client.payload import signing_secret
-from soaf.config import find_redis_url, state_dir_from_env
+from soaf.config import find_redis_url, find_secrets, state_dir_from_env
 from soaf.errors import (
+    ClientError,
     ConfigError,
     DuplicateService,
+    NoCoreOffers,
     RedisUnavailable,
     StateError,
     UnknownService,
     ValidationError,
 )
 from soaf.protocol import durable
-from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps
+from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps, loads
 from soaf.protocol.connection import redact
-from soaf.protocol.keys import DEFAULT_PREFIX, Keys
+from soaf.protocol.keys import DEFAULT_PREFIX, GROUP, Keys
+from soaf.protocol.queues import member, parse_member
 from soaf.protocol.scripts import Script
 from soaf.protocol.signed import sign_control
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_event
-from soaf.protocol.template import ServiceParamTemplate, validate_template
+from soaf.protocol.template import ServiceParamTemplate, new_service_id, validate_template
 
 #: Seconds a reading call keeps retrying while Redis cannot be reached.
 DEFAULT_RECONNECT_FOR = 30.0
@@ -73,6 +77,11 @@ def target(url: str | None, *, prefix: str | None, state_dir: str | Path | None,
     secret is looked up only when a template is signed (see ``submit_call``)."""
     state = Path(state_dir) if state_dir is not None else state_dir_from_env()
     found = url or find_redis_url(state)
+    if not found and (state / "redis").is_dir():  # an embedded core's data, no core
+        raise ConfigError(
+            f"no core is running on the embedded Redis in {state} (its data is in "
+            f"{state / 'redis'}): start one (python start_core.py); the soaf read commands "
+            "(soaf ls, soaf status ID, soaf logs ID) open its history without a core")
     if not found:
         raise ConfigError(
             "no Redis to talk to: set SOAF_REDIS_URL (or pass --redis / url=), or run "
@@ -125,10 +134,12 @@ class Patience:
 
 # -- submitting ------------------------------------------------------------------------------
 
-def submit_call(target: Target, template: ServiceParamTemplate, secret: str | None) -> Reply:
+def submit_call(target: Target, template: ServiceParamTemplate, secret: str | None,
+                require_core: bool = False) -> Reply:
     """Check, sign and check again what a core would refuse (ValidationError naming a
     bad field, or ``payload`` when over the size limit; UnsafePayload naming a global
-    the core will not load); KEYS and ARGV of the SUBMIT script that queues it."""
+    the core will not load); KEYS and ARGV of the SUBMIT script that queues it in its
+    service's queue, the routing fields in clear beside the signed payload."""
     validate_template(template)
     payload = dumps(template, signing_secret(secret, target.state_dir))
     if len(payload) > target.max_payload:
@@ -136,8 +147,11 @@ def submit_call(target: Target, template: ServiceParamTemplate, secret: str | No
                                          f"the limit of {target.max_payload} (SOAF_MAX_PAYLOAD)")
     check_loadable(payload)
     sid, keys = template.service_id, target.keys
-    return ([keys.service(sid), keys.events(sid), keys.services, keys.submit],
-            [sid, template.service, time.time(), payload, keys.notify, EVENTS_MAXLEN])
+    service, priority = template.service, template.priority
+    return ([keys.service(sid), keys.events(sid), keys.services, keys.queue(service, priority),
+             keys.queues, keys.offered, keys.ready, keys.new_queues, keys.payload(sid)],
+            [sid, service, time.time(), payload, keys.notify, EVENTS_MAXLEN, priority,
+             member(service, priority), int(require_core), GROUP])
 
 
 def queue_durable(pipe: Any, script: Script, keys: list[str], args: list[Any],
@@ -149,21 +163,45 @@ def queue_durable(pipe: Any, script: Script, keys: list[str], args: list[Any],
     pipe.wait(replicas, durable.WAIT_MS)
 
 
-def durably_submitted(service_id: str, results: list[Any], replicas: int) -> str:
+def durably_submitted(template: ServiceParamTemplate, results: list[Any], replicas: int) -> str:
     """``submitted`` for a durable submit: NotReplicated unless ``replicas`` confirmed it;
     then DuplicateService means the first try is on the master and its replicas."""
-    durable.confirmed(int(results[1]), replicas, f"the submission of {service_id}")
-    return submitted(service_id, results[0])
+    durable.confirmed(int(results[1]), replicas, f"the submission of {template.service_id}")
+    return submitted(template, results[0])
 
 
-def submitted(service_id: str, reply: Any) -> str:
-    """The service id, from the SUBMIT script's reply; DuplicateService if it existed."""
+def submitted(template: ServiceParamTemplate, reply: Any) -> str:
+    """The service id, from the SUBMIT script's reply; DuplicateService if it existed,
+    NoCoreOffers if a core was required and none offers the service."""
+    service_id = template.service_id
     created, detail = reply
+    if created == 2:
+        raise NoCoreOffers(f"no live core offers {template.service!r}: nothing was queued "
+                           "(see `soaf services`; submit without require_core=True to queue "
+                           "it until a core that offers it starts)")
     if not created:
         state = detail.decode(errors="replace").strip('"')
         raise DuplicateService(f"service id {service_id!r} was already submitted "
                                f"(state {state})")
     return service_id
+
+
+def resubmitted(target: Target, service_id: str, payload: bytes | None,
+                secret: str | None) -> ServiceParamTemplate:
+    """The template ``service_id`` was submitted with (its payload, kept beside the
+    record), as a copy under a new id, ready for ``submit``. The payload is verified and
+    unpickled like a core does (SignatureError, UnsafePayload); ClientError when none is
+    kept (the service came by a plain XADD, or its record expired)."""
+    if payload is None:
+        raise ClientError(f"no payload is kept for {service_id!r} (submitted by a plain XADD, "
+                          "or its record expired): submit the template again")
+    secrets = [secret] if secret is not None else find_secrets(target.state_dir)
+    template = loads(payload, secrets, max_size=max(target.max_payload, len(payload)))
+    if not isinstance(template, ServiceParamTemplate):
+        raise ClientError(f"the payload kept for {service_id!r} is not a template")
+    fresh = copy.copy(template)
+    fresh.service_id, fresh.signed_at = new_service_id(), None
+    return fresh
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -237,9 +275,20 @@ class ListQuery:
                 and (self.node is None or record.node == self.node))
 
 
+def _object(raw: bytes | None) -> dict[str, Any] | None:
+    """A JSON object from Redis; None for anything else (Redis is not trusted)."""
+    try:
+        value = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def plugins_from(data: dict[bytes, bytes]) -> dict[str, Any]:
-    """``plugins()``: the plugins hash, by node name."""
-    return {k.decode(): json.loads(v) for k, v in data.items()}
+    """``plugins()``: the plugins hash, by node name (entries that are not JSON objects
+    are left out)."""
+    found = {k.decode(errors="replace"): _object(v) for k, v in data.items()}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def node_names(members: Iterable[bytes]) -> list[str]:
@@ -248,8 +297,47 @@ def node_names(members: Iterable[bytes]) -> list[str]:
 
 
 def nodes_from(values: list[bytes | None]) -> list[dict[str, Any]]:
-    """``nodes()``: the heartbeats still alive (an expired one reads as None)."""
-    return [json.loads(v) for v in values if v is not None]
+    """``nodes()``: the heartbeats still alive (an expired one reads as None; one that is
+    not a JSON object is left out)."""
+    return [node for node in map(_object, values) if node is not None]
+
+
+def queues_from(members: Iterable[bytes]) -> list[tuple[str, int]]:
+    """``(service, priority)`` of every queue in the ``Keys.queues`` set, sorted."""
+    return sorted(q for m in members if (q := parse_member(m.decode(errors="replace"))))
+
+
+def count_queues(pipe: Any, keys: Keys, queues: list[tuple[str, int]]) -> None:
+    """Queue on ``pipe`` what ``services_from`` reads: per queue its length and the
+    entries delivered to cores and not finished yet."""
+    for service, priority in queues:
+        pipe.xlen(keys.queue(service, priority))
+        pipe.xpending(keys.queue(service, priority), GROUP)
+
+
+def services_from(nodes: list[dict[str, Any]], queues: list[tuple[str, int]],
+                  counts: list[Any]) -> list[dict[str, Any]]:
+    """``services()``: per service name, the live cores that offer it, how many entries
+    wait in its queues (``queued``, and ``by_priority``) and how many cores hold
+    (``taken``: running, or waiting in a core for CPUs, memory or a slot)."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        return found.setdefault(name, {"service": name, "cores": [], "queued": 0, "taken": 0,
+                                       "by_priority": {}})
+
+    for node in nodes:
+        for name in node.get("services") or []:
+            entry(str(name))["cores"].append(node.get("node"))
+    for (service, priority), length, held in zip(queues, counts[::2], counts[1::2]):
+        length = length if isinstance(length, int) else 0
+        taken = held.get("pending", 0) if isinstance(held, dict) else 0
+        row = entry(service)
+        row["taken"] += taken
+        if length - taken > 0:
+            row["queued"] += length - taken
+            row["by_priority"][str(priority)] = length - taken
+    return [found[name] for name in sorted(found)]
 
 
 # -- steering --------------------------------------------------------------------------------

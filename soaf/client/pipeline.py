@@ -12,19 +12,10 @@ and one ``cancel()`` for everything still running::
             "count", input_files={"words.txt": a.output("words.txt")}), after=[a])
         print(b.wait().fields)
 
-Where outputs live, as ``Step.output(name)`` reports them:
-
-1. What the service's handler recorded as the custom field ``outputs`` (a mapping
-   name -> path or URL), e.g. after uploading the files in ``after_watch_callback``.
-2. With ``Pipeline(client, store="s3://bucket/prefix")``: the URL the step uploaded it to
-   (its ``output_target`` is set to ``<store>/<service_id>/``), the way across hosts
-   (soaf.client.locations). With ``url_base="http://{node}:8000"``: a URL under that base,
-   ``{node}`` being the node that ran the step, for work roots that a web server of your
-   own serves on each core's machine. The next step's default ``prepare_input_file``
-   downloads either.
-3. Otherwise the path in the step's work dir. A step ``after`` it gets it as a ``soaf://``
-   reference, reflinked or hard-linked (read-only), not copied: for cores on one machine
-   or a work root shared at the same path.
+Where outputs live (a handler's ``outputs`` field, an object store given as ``store``, a
+URL under ``url_base``, a path in the step's work dir) is told in docs/pipelines.md and
+soaf.client.locations. A pipeline with a ``name`` records its steps in Redis so that a
+later run of its script re-attaches to them (client/ledger.py).
 """
 
 from __future__ import annotations
@@ -38,6 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from soaf.client.ledger import Ledger
 from soaf.client.locations import check_store, locate, store_target, uploaded
 from soaf.client.references import refer
 from soaf.client.sync import Client
@@ -71,6 +63,7 @@ class Step:
             self._factory = template
         self._name = name
         self.service_id: str | None = None
+        self.attached = False  # the service was submitted by an earlier run of the pipeline
         self.record: ServiceRecord | None = None
         self.error: str | None = None  # why a step that never finished running ended
         self.cause: Step | None = None
@@ -248,10 +241,12 @@ class Pipeline:
     """
 
     def __init__(self, client: Client, *, url_base: str | None = None,
-                 store: str | None = None) -> None:
+                 store: str | None = None, name: str | None = None) -> None:
         self.client = client
         self.url_base = url_base
         self.store = check_store(store) if store is not None else None
+        self.name = name
+        self._ledger = Ledger(client, name) if name is not None else None
         self.steps: list[Step] = []
         self.cancelled = False
         self._cond = threading.Condition()
@@ -278,12 +273,15 @@ class Pipeline:
         ``template`` is a template, or a function that builds one from the finished
         steps in ``after`` (``lambda a, b: ...``), called once they all succeeded.
         A step without ``after`` is validated and submitted right here, so a bad
-        template raises at this call; a step whose ``after`` fails is skipped.
+        template raises at this call; a step whose ``after`` fails is skipped. In a named
+        pipeline, an unnamed step is named by its order (``step-3``), and names are unique.
         """
         after = tuple(after)
         for dep in after:
             if not isinstance(dep, Step) or dep.pipeline is not self:
                 raise PipelineError(f"after= takes steps of this pipeline, got {dep!r}")
+        if self._ledger is not None:
+            name = self._ledger.step_name(name)
         step = Step(self, template, after, name)
         if self.cancelled:
             raise PipelineError("the pipeline was cancelled; it runs no new steps")
@@ -383,12 +381,14 @@ class Pipeline:
                 return False
         if self.store and not step.template.output_target:  # into the store, for any host
             step.template.output_target = store_target(self.store)
-        sid = self.client.submit(step.template)
+        if self._ledger is not None:  # it may attach to what an earlier run submitted
+            step.attached = self._ledger.submit(step.name, step.template)
+        sid = step.template.service_id if self._ledger else self.client.submit(step.template)
         with self._cond:
             step.service_id = sid
             step._state = SUBMITTED
             cancel_now = self.cancelled
-        log.info("%s submitted", step.label)
+        log.info("%s %s", step.label, "attached" if step.attached else "submitted")
         if cancel_now:
             self.client.cancel(sid)
         return True

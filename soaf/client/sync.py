@@ -86,21 +86,31 @@ class Client(ClientBase["redis.Redis"]):
 
     # -- submitting ---------------------------------------------------------------------
 
-    def submit(self, template: ServiceParamTemplate, *, durable: bool | None = None) -> str:
+    def submit(self, template: ServiceParamTemplate, *, require_core: bool = False,
+               durable: bool | None = None) -> str:
         """Validate, sign and queue ``template``; return its service id.
 
         Everything a core would refuse is refused here first: ValidationError naming a
         bad field (or ``payload`` when it is over ``max_payload``), UnsafePayload naming a
         global the core will not load; DuplicateService when the id was already submitted.
+        A service no live core offers is queued until one does (its record's
+        ``waiting_for`` says so); ``require_core=True`` raises NoCoreOffers instead.
         ``durable`` (default SOAF_DURABLE_SUBMIT): return only once SOAF_DURABLE_REPLICAS
         replicas hold the submission (NotReplicated otherwise; see docs/delivery.md).
         """
-        keys, args = calls.submit_call(self._target, template, self._secret)
+        keys, args = calls.submit_call(self._target, template, self._secret, require_core)
         if wanted := replicas(durable):
             pipe = self.redis.pipeline(transaction=False)
             calls.queue_durable(pipe, SUBMIT, keys, args, wanted)
-            return calls.durably_submitted(template.service_id, self._call(pipe.execute), wanted)
-        return calls.submitted(template.service_id, self._call(SUBMIT.run, self.redis, keys, args))
+            return calls.durably_submitted(template, self._call(pipe.execute), wanted)
+        return calls.submitted(template, self._call(SUBMIT.run, self.redis, keys, args))
+
+    def resubmit(self, service_id: str) -> str:
+        """Submit the template ``service_id`` was submitted with again, under a new id;
+        return that id. The signed payload ``submit`` keeps beside each record is read
+        back and verified (ClientError when none is kept)."""
+        payload = self._call(self.redis.get, self.keys.payload(service_id))
+        return self.submit(calls.resubmitted(self._target, service_id, payload, self._secret))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -341,6 +351,15 @@ class Client(ClientBase["redis.Redis"]):
         if not names:
             return []
         return calls.nodes_from(self._call(self.redis.mget, [self.keys.node(n) for n in names]))
+
+    def services(self) -> builtins.list[dict[str, Any]]:
+        """Per service name: the live cores that offer it, and how many entries wait in
+        its queues and how many cores hold (see ``calls.services_from``)."""
+        queues = calls.queues_from(self._call(self.redis.smembers, self.keys.queues))
+        pipe = self.redis.pipeline(transaction=False)
+        calls.count_queues(pipe, self.keys, queues)
+        counts = self._call(pipe.execute, raise_on_error=False)
+        return calls.services_from(self.nodes(), queues, counts)
 
     def reload(self, node: str | None = None) -> None:
         """Ask cores (all, or one ``node``) to reload their plugins now."""

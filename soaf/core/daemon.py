@@ -4,9 +4,10 @@
 claims its node name (soaf.core.heartbeat), loads the plugins, builds the engines and
 hands each the few collaborators it uses (never the core itself), resumes the work its
 node had when its core last stopped (soaf.core.recovery) and starts the helper threads;
-``Core.run()`` is the intake loop: it reads the submit stream through the consumer group
-only while it has free capacity, decodes each batch (soaf.core.intake) and starts runs
-(soaf.core.launcher). Signal handlers only set flags; the loop does the work.
+``Core.run()`` is the intake loop: only while it has free capacity it takes entries from
+the queues of the services it offers (soaf.core.routing), decodes each batch
+(soaf.core.intake) and starts runs (soaf.core.launcher). Signal handlers only set flags;
+the loop does the work.
 """
 
 from __future__ import annotations
@@ -20,18 +21,21 @@ from typing import Any
 
 import redis
 
-from soaf.config import Settings, core_secrets
+from soaf.config import Settings
 from soaf.core.admission import Admission
 from soaf.core.cancels import Verifier
 from soaf.core.control import Control
 from soaf.core.enforcer import LimitEnforcer
 from soaf.core.heartbeat import Heartbeat, Identity, beats_connection, claim_node
-from soaf.core.intake import Gate, Refusal, own_pending
+from soaf.core.intake import Gate, Refusal
 from soaf.core.launcher import Launcher
 from soaf.core.logkeeper import LogKeeper
 from soaf.core.ratelog import RateLimitedLog
 from soaf.core.recovery import Recovery
+from soaf.core.results import ResultCache
+from soaf.core.routing import Router, offered, own_pending
 from soaf.core.runtable import RunTable
+from soaf.core.secrets import core_secrets
 from soaf.core.writer import StateWriter
 from soaf.data import retention
 from soaf.errors import ConfigError, PluginError, RedisUnavailable
@@ -40,10 +44,9 @@ from soaf.plugin.reloader import Reloader
 from soaf.plugin.versions import PluginVersions
 from soaf.process import cgroup
 from soaf.process.reaper import Reaper, become_subreaper, raise_open_files_limit
-from soaf.protocol import durable
 from soaf.protocol.connection import connect, redact
-from soaf.protocol.keys import GROUP, Keys
-from soaf.protocol.replies import Entry, hash_of, stream_entries
+from soaf.protocol.keys import Keys
+from soaf.protocol.replies import Entry, hash_of
 from soaf.protocol.state import ServiceRecord
 from soaf.run.ports import Engines
 
@@ -62,8 +65,9 @@ PLUGIN_RETRY_MAX = 60.0
 class Core:
     """One core: ``start()``, then ``run()`` until ``request_stop()``."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, *, metrics: tuple[str, int] | None = None) -> None:
+        self.settings, self.metrics_address = settings, metrics
+        self.metrics: Any = None  # soaf.metrics.exporter.CoreMetrics once served
         self.keys = Keys(settings.prefix)
         self.consumer = settings.node
         self.runs = RunTable()
@@ -106,8 +110,7 @@ class Core:
                       PLUGIN_RETRY, PLUGIN_RETRY_MAX)
             self._plugin_retry_at = time.monotonic() + PLUGIN_RETRY
         versions.publish(self.loader)
-        self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl,
-                                  replicas=self.replicas)
+        self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl, replicas=s.durable_replicas)
         self.writer.start()
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphans of programs go to PID 1")
@@ -115,7 +118,7 @@ class Core:
         self.reaper = Reaper()
         self.reloader = Reloader(
             self.loader, debounce=s.reload_debounce, poll=s.reload_poll, watch=s.reload_watch,
-            timeout=s.reload_timeout, on_result=lambda ok: versions.publish(self.loader),
+            timeout=s.reload_timeout, on_result=lambda ok: self._publish_versions(),
         )
         self.reloader.start()
         self.keeper = LogKeeper(self.writer.put, max_bytes=s.log_max_bytes,
@@ -126,6 +129,10 @@ class Core:
         self.enforcer.start()
         self.cgroups = cgroup.setup()
         self._wire()
+        if self.metrics_address is not None:  # Prometheus (soaf.core.scrape)
+            from soaf.core import scrape
+            self.metrics = scrape.serve(self.metrics_address, s, runs=self.runs, writer=self.writer,
+                                        loader=self.loader, admission=self.admission, client=self.redis)
         self.control.start_from(self.redis)
         self._spawn(self.heartbeat.loop, "soaf-heartbeat")
         self.recovery.resume_own()
@@ -143,20 +150,17 @@ class Core:
             from soaf.core.embedded import EmbeddedRedis
 
             self.embedded = EmbeddedRedis(s.state_dir)
+            self.embedded.hold(alone=False)  # waits while `soaf ls` ... has the data open
             self.url = self.embedded.start()
             log.info("embedded Redis at %s (state in %s)", redact(self.url), s.state_dir.resolve())
         else:
             self.url = s.redis_url
             log.info("using Redis at %s", redact(self.url))
         self.secrets = core_secrets(s, redact(self.url), embedded=self.embedded is not None)
-        self.replicas = durable.replicas()  # SOAF_DURABLE_SUBMIT: final states too
-        if self.replicas:
-            log.info("final states count as written once %d replica(s) hold them", self.replicas)
         self.redis = connect(self.url, name=f"soaf-core-{s.node}")
         self.blocking = connect(self.url, blocking=True, name=f"soaf-core-{s.node}-intake")
         try:
             self.redis.ping()
-            self._create_group()
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise RedisUnavailable(f"cannot reach Redis at {redact(self.url)}: {e}") from e
 
@@ -164,6 +168,9 @@ class Core:
         """Build the engines, each with the collaborators it uses and nothing more."""
         s, client, keys = self.settings, self.redis, self.keys
         self.verifier = Verifier(self.secrets)
+        self.router = Router(client, self.blocking, keys, node=s.node, labels=s.labels,
+                             registry=lambda: self.loader.current, ttl=s.heartbeat_ttl,
+                             stopping=self._stopping)
         self.heartbeat = Heartbeat(
             self.beats, keys, s, self.identity, info=self.node_info,
             runs=self.runs.current, cancel=self.runs.cancel, on_replaced=self.request_stop,
@@ -172,17 +179,20 @@ class Core:
             verifier=self.verifier)
         engines = Engines(settings=s, writer=self.writer, reaper=self.reaper,
                           keeper=self.keeper, enforcer=self.enforcer, lookup=self._lookup,
-                          still_current=self.heartbeat.still_current, cgroups=self.cgroups)
-        self.launcher = Launcher(client, keys, s, engines, self.runs, admission=self.admission,
-                                 refuse=self._refuse, verifier=self.verifier)
+                          still_current=self.heartbeat.still_current, cgroups=self.cgroups,
+                          results=ResultCache(client, keys, self.secrets, self.verifier))
         self.gate = Gate(client, keys, secrets=self.secrets, max_payload=s.max_payload,
                          work_root=s.work_root, node=s.node, put=self.writer.put,
-                         registry=lambda: self.loader.current)
+                         registry=lambda: self.loader.current, labels=s.labels,
+                         max_submit_delay=s.max_submit_delay)
+        self.launcher = Launcher(client, keys, s, engines, self.runs, admission=self.admission,
+                                 refuse=self._refuse, requeue=self.gate.requeue,
+                                 verifier=self.verifier)
         self.recovery = Recovery(
             client, keys, s, launcher=self.launcher, gate=self.gate, runs=self.runs,
             connected_since=self.heartbeat.steady_since,
             connected=lambda: self.writer.connected, registry=lambda: self.loader.current,
-            stopping=self._stopping)
+            stopping=self._stopping, offered=self.router.offered)
         reloader = self.reloader
         assert reloader is not None
         self.control = Control(self.blocking, keys, s.node, cancel=self.runs.cancel,
@@ -195,15 +205,15 @@ class Core:
                                                trusted=True))
 
     def _publish_versions(self) -> None:
+        """After each heartbeat and plugin load: the plugin version and the offers."""
         if self.versions is not None:
             self.versions.publish(self.loader)
-
-    def _create_group(self) -> None:
-        try:
-            self.redis.xgroup_create(self.keys.submit, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        router = getattr(self, "router", None)
+        if router is not None:
+            try:
+                router.publish_offers()
+            except redis.RedisError as e:
+                log.warning("cannot publish the services this core offers (%s)", e)
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         threading.Thread(target=target, name=name, daemon=True).start()
@@ -247,6 +257,8 @@ class Core:
         self.writer.stop(timeout=10)
         self.reaper.close()
         self.heartbeat.release()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.embedded is not None:
             self.embedded.stop()
 
@@ -287,15 +299,9 @@ class Core:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            except redis.ResponseError as e:
-                if "NOGROUP" not in str(e):  # e.g. the submit stream is not a stream
-                    self._errors.exception("read", "cannot read submissions")
-                    self._stopping.wait(1.0)
-                    continue
-                # Redis came back without its data (no persistence): start the group again.
-                log.error("the consumer group is gone (Redis restarted without its data?); "
-                          "creating it again")
-                self._create_group()
+            except redis.ResponseError:
+                self._errors.exception("read", "cannot read submissions")
+                self._stopping.wait(1.0)
                 continue
             backoff = 0.1
             if not entries or self._stopping.is_set():
@@ -326,7 +332,7 @@ class Core:
     def _accept(self, entries: list[Entry], previous: str | None) -> None:
         """Decode a batch and start its good entries. Entries this node had before a lost
         connection (``previous``) go through recovery, which decides how to go on."""
-        accepted, registry = self.gate.decode(entries)
+        accepted, registry = self.gate.decode(entries, fresh=previous is None)
         if not accepted:
             return
         assert registry is not None
@@ -351,16 +357,9 @@ class Core:
             found = self._own_pending()
             self._check_own_pending = False
             if found:
-                log.info("re-taking %d entries whose delivery a lost connection cut short",
-                         len(found))
+                log.info("re-taking %d entries whose delivery a lost connection cut short", len(found))
                 return found, self.consumer
-        resp = self.blocking.xreadgroup(
-            GROUP, self.consumer, {self.keys.submit: ">"}, count=count, block=block
-        )
-        # A failover can lose the record of a delivery: the new master delivers the entry
-        # again while it runs here. Run it once.
-        mine = self.runs.entries()
-        return [e for e in stream_entries(resp) if e[0] not in mine], None
+        return self.runs.not_held(self.router.take(count, block)), None
 
     def _own_pending(self) -> list[Entry]:
         """Entries delivered to this consumer whose delivery or claim a lost connection cut
@@ -368,7 +367,7 @@ class Core:
         not among them: they must not run again."""
         mine = self.runs.entries() | self.admission.waiting_entries()
         return [(entry_id, fields or {}) for entry_id, fields
-                in own_pending(self.blocking, self.keys.submit, self.consumer)
+                in own_pending(self.blocking, self.keys, self.consumer)
                 if entry_id not in mine]
 
     def _lookup(self, service_id: str) -> dict[str, Any] | None:
@@ -387,6 +386,8 @@ class Core:
             "max_services": self.settings.max_services, **self.admission.usage(),
             "plugin_version": registry.version if registry else None,
             "redis_connected": writer.connected if writer is not None else True,
+            "labels": sorted(self.settings.labels), "draining": self.stopping,
+            "services": [] if self.stopping else offered(registry, self.settings.labels),
         }
 
     def _next_plugin_number(self, last: int) -> int:

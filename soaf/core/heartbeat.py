@@ -12,8 +12,10 @@ At start a core claims its node name:
 
 * no heartbeat: it is free;
 * a heartbeat from this machine and boot: the process it names is checked in /proc (pid
-  *and* start time). Alive: the core refuses to start (``NodeInUse``). Dead (killed with
-  ``kill -9``): the name is taken over at once, without waiting for the TTL;
+  *and* start time) and must hold a core's mark (soaf.process.coremark). A live core:
+  the core refuses to start (``NodeInUse``). Dead (killed with ``kill -9``), or a live
+  process that is no core (a forged heartbeat): the name is taken over at once, without
+  waiting for the TTL;
 * a heartbeat from another machine (or boot), which cannot be checked: the core waits
   for it to expire, and refuses if it is refreshed meanwhile.
 
@@ -40,6 +42,7 @@ from soaf.config import Settings, host_name
 from soaf.core.cancels import Verifier
 from soaf.core.ratelog import RateLimitedLog
 from soaf.errors import NodeInUse
+from soaf.process.coremark import is_core, mark_core
 from soaf.process.identity import ProcIdentity, boot_id
 from soaf.protocol.connection import DEFAULT_SOCKET_TIMEOUT, connect
 from soaf.protocol.keys import Keys
@@ -60,6 +63,9 @@ class Identity:
         self.boot_id = boot_id()
         self.pid_start = me.start_time if me else 0
         self.token = secrets.token_hex(8)
+        #: Held for the life of the core: what tells a live core of this host from any
+        #: other process a forged heartbeat may name (soaf.process.coremark).
+        self.mark = mark_core()
 
     def fields(self) -> dict[str, Any]:
         return {"pid": self.pid, "host": self.host, "boot_id": self.boot_id,
@@ -78,7 +84,8 @@ def _parse(raw: bytes | None) -> dict[str, Any] | None:
 
 def holder_alive(info: dict[str, Any]) -> bool | None:
     """Whether the core a heartbeat names is alive: True/False when this machine can tell
-    (same host and boot), None when it cannot."""
+    (same host and boot: its pid and start time, and the mark only a core holds), None
+    when it cannot."""
     if not info.get("boot_id") or info.get("host") != host_name() or info["boot_id"] != boot_id():
         return None
     try:
@@ -86,7 +93,7 @@ def holder_alive(info: dict[str, Any]) -> bool | None:
                               host=info["host"], boot_id=info["boot_id"])
     except (KeyError, TypeError, ValueError):
         return None
-    return holder.alive()
+    return holder.alive() and is_core(holder.pid, holder.start_time) is not False
 
 
 def attempt_of(raw: Any) -> int | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -25,9 +24,11 @@ import redis
 from soaf.config import Settings
 from soaf.core.admission import Admission, Waiting
 from soaf.core.cancels import Verifier
+from soaf.core.replays import signed_time
 from soaf.core.runtable import RunTable
 from soaf.plugin.loader import Registry
-from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.keys import Keys
+from soaf.protocol.queues import finish, split_ref
 from soaf.protocol.replies import entries, text
 from soaf.protocol.scripts import CLAIM, NOTE, TAKE_SLOT, is_noscript
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES
@@ -42,24 +43,13 @@ log = logging.getLogger(__name__)
 SLOT_RETRY = 0.25
 
 
-def signed_time(template: ServiceParamTemplate) -> float | None:
-    """The time the payload was signed (``signed_at`` from the instance dict, so no
-    property runs), or None when it has none or it is not a finite number."""
-    try:
-        value = vars(template).get("signed_at")
-    except TypeError:  # no instance dict
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 class Launcher:
     """Claims entries for new attempts (the CLAIM script) and starts their runs."""
 
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, engines: Engines,
                  runs: RunTable, *, admission: Admission,
                  refuse: Callable[[str, ServiceParamTemplate, str], None],
+                 requeue: Callable[[str, dict[bytes, bytes], ServiceParamTemplate], str],
                  verifier: Verifier | None = None) -> None:
         self.client = client
         self.verifier = verifier or Verifier(())
@@ -69,6 +59,8 @@ class Launcher:
         self.admission = admission
         #: Ends an entry the core can never run: (entry id, template, reason).
         self.refuse = refuse
+        #: Puts an entry back at the end of its queue: (entry, its fields, template).
+        self.requeue = requeue
         self.engines = dataclasses.replace(engines, on_done=self._done)
         self._slot_lock = threading.Lock()
         self._slots: dict[str, str] = {}  # service id -> slots key, for slots taken here
@@ -240,15 +232,12 @@ class Launcher:
         core that offers enough, or refused with the largest offer in the fleet."""
         larger, largest = self._fleet_offers(needs)
         if larger:
-            fields = entries(self.client.xrange(self.keys.submit, entry_id, entry_id))
+            stream, bare_id = split_ref(self.keys, entry_id)
+            fields = entries(self.client.xrange(stream, bare_id, bare_id))
             if fields and fields[0][1]:
                 log.info("service %s %s; left for %s", template.service_id, why,
                          ", ".join(larger))
-                tx = self.client.pipeline(transaction=True)
-                tx.xadd(self.keys.submit, fields[0][1])  # type: ignore[arg-type]
-                tx.xack(self.keys.submit, GROUP, entry_id)
-                tx.xdel(self.keys.submit, entry_id)
-                tx.execute()
+                self.requeue(entry_id, fields[0][1], template)
                 return
         if largest is not None:
             what = f"{needs.cpus:g} CPUs" if needs.cpus > largest[0] else \
@@ -314,14 +303,15 @@ class Launcher:
         return self.settings.record_ttl if age is None else age
 
     def _too_old(self, template: ServiceParamTemplate, now: float) -> bool:
-        """Signed longer than the max payload age ago (0: no limit). Payloads of older
-        clients carry no time and are never too old."""
+        """Signed longer than the max payload age ago (0: no limit), or with no time at
+        all (a payload of an older client: honest ones wait with their record)."""
         signed_at = signed_time(template)
-        return self._max_age() > 0 and signed_at is not None and now - signed_at > self._max_age()
+        return self._max_age() > 0 and (signed_at is None or now - signed_at > self._max_age())
 
     def _expired_reason(self, template: ServiceParamTemplate, now: float) -> str:
-        age = now - (signed_time(template) or now)
-        return (f"payload signed {age:.0f} s ago (max payload age {self._max_age():g} s) and "
+        signed_at = signed_time(template)
+        when = "with no signing time" if signed_at is None else f"{now - signed_at:.0f} s ago"
+        return (f"payload signed {when} (max payload age {self._max_age():g} s) and "
                 f"no record of {template.service_id} exists: refused as a replay; submit it again")
 
     def _claim(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -342,10 +332,9 @@ class Launcher:
         """Acknowledge and delete entries that need no (more) work; the records of the
         services in ``ended`` (final without running) start to age."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.xack(self.keys.submit, GROUP, *entry_ids)
-        pipe.xdel(self.keys.submit, *entry_ids)
+        finish(pipe, self.keys, entry_ids)
         ttl = int(self.settings.record_ttl)
         for sid in (ended or []) if ttl > 0 else []:
-            for key in (self.keys.service(sid), self.keys.events(sid)):
+            for key in self.keys.aging(sid):
                 pipe.expire(key, ttl)  # the record starts to age
         pipe.execute()

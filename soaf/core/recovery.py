@@ -13,9 +13,11 @@ ways:
   itself with one Lua script that checks the heartbeat and claims in the same step: of
   two survivors racing for one dead node, exactly one gets each entry, and a core whose
   heartbeat is alive is never robbed, however long its services run (there is no
-  idle-time reclaim). Programs of the dead core that run on this machine are stopped
-  (after verifying pid and start time); on another machine they are stopped by that
-  node's core when it restarts. The attempt is marked ``lost``.
+  idle-time reclaim). It looks only in the queues of the services it offers (and the old
+  submit stream), so it takes over only what it can run. Programs of the dead core that
+  run on this machine are stopped (after verifying pid and start time); on another
+  machine they are stopped by that node's core when it restarts. The attempt is marked
+  ``lost``.
 
 A ``lost`` attempt is followed by a new attempt, unless the service's attempts are used
 up (soaf.run.policy, the same rule as for retries): then it ends ``failed`` with the
@@ -37,9 +39,10 @@ from typing import Any
 import redis
 
 from soaf.config import Settings
-from soaf.core.intake import Gate, own_pending
+from soaf.core.intake import Gate
 from soaf.core.launcher import Launcher
 from soaf.core.ratelog import RateLimitedLog
+from soaf.core.routing import entry_ref, holders, own_pending, queue_service, streams
 from soaf.core.runtable import RunTable
 from soaf.plugin.loader import Registry
 from soaf.process import shim
@@ -91,7 +94,8 @@ class Recovery:
     def __init__(self, client: redis.Redis, keys: Keys, settings: Settings, *,
                  launcher: Launcher, gate: Gate, runs: RunTable,
                  connected_since: Callable[[], float | None], connected: Callable[[], bool],
-                 registry: Callable[[], Registry | None], stopping: threading.Event) -> None:
+                 registry: Callable[[], Registry | None], stopping: threading.Event,
+                 offered: Callable[[], list[str]]) -> None:
         self.client = client
         self.keys = keys
         self.settings = settings
@@ -102,18 +106,29 @@ class Recovery:
         self.connected = connected
         self.registry = registry
         self.stopping = stopping
+        #: The services this core offers now (soaf.core.routing).
+        self.offered = offered
         self.node = settings.node
         self.taken_over = 0
         self._errors = RateLimitedLog(log)
         #: When this core first found each node's heartbeat missing (monotonic).
         self._missing_since: dict[str, float] = {}
+        #: Dead nodes found holding nothing: nothing more can be delivered to them until
+        #: their heartbeat is back, so their queues are not searched again.
+        self._emptied: set[str] = set()
+        self._emptied_for: list[str] = []
 
     # -- restart ----------------------------------------------------------------------------
 
     def resume_own(self) -> int:
         """Re-take every entry still pending under this node name; returns how many."""
-        entries = own_pending(self.client, self.keys.submit, self.node)
-        self._sweep({entry_id for entry_id, _ in entries})
+        entries = own_pending(self.client, self.keys, self.node)
+        # Runs of services it no longer offers are stopped; their entries go back to
+        # their queues (through the gate) for a core that offers them.
+        offered = set(self.offered())
+        self._sweep({entry_id for entry_id, _ in entries
+                     if queue_service(self.keys, entry_id.rpartition("/")[0]) in offered
+                     or "/" not in entry_id})
         if entries:
             log.info("re-taking %d entries this node had when its core stopped", len(entries))
         self._accept(entries, self.node, f"its core ({self.node}) stopped")
@@ -126,7 +141,7 @@ class Recovery:
             self.launcher.finish_entries(gone)
         present: list[Entry] = [(e, fields) for e, fields in entries if fields is not None]
         if present:
-            accepted, registry = self.gate.decode(present)
+            accepted, registry = self.gate.decode(present, fresh=False)
             if accepted:
                 assert registry is not None
                 self.recover_all(accepted, registry, previous, reason)
@@ -282,20 +297,36 @@ class Recovery:
         free = self.settings.max_services - len(self.runs)
         if free <= 0:
             return 0
+        offered = self.offered()
+        if offered != self._emptied_for:  # queues it did not search before
+            self._emptied, self._emptied_for = set(), offered
+        # Cores register their names; consumers of the old submit stream may predate that.
+        names = sorted({text(n) for n in self.client.smembers(self.keys.nodes)}
+                       | set(holders(self.client, [self.keys.submit]).get(self.keys.submit, {})))
+        dead = [name for name in names
+                if name != self.node and self._missing_long(name) and name not in self._emptied]
+        if not dead:
+            return 0
+        held = holders(self.client, streams(self.client, self.keys, offered))
         moved = 0
-        for info in self.client.xinfo_consumers(self.keys.submit, GROUP):
-            name = text(info["name"])
-            if name == self.node or free <= 0 or not self._missing_long(name):
-                continue
-            entries = take_over(self.client, self.keys.node(name), self.keys.submit, name,
-                                self.node, free)
-            if not entries:
-                continue
-            log.warning("node %s is dead (no heartbeat); took over %d of its entries",
-                        name, len(entries))
-            self._accept(entries, name, f"its core ({name}) died: heartbeat expired")
-            moved += len(entries)
-            free -= len(entries)
+        for name in dead:
+            found = [stream for stream, counts in held.items() if counts.get(name)]
+            if not found:
+                self._emptied.add(name)
+            for stream in found:
+                if free <= 0:
+                    break
+                entries = take_over(self.client, self.keys.node(name), stream, name,
+                                    self.node, free)
+                if not entries:
+                    continue
+                log.warning("node %s is dead (no heartbeat); took over %d of its entries",
+                            name, len(entries))
+                self._accept([(entry_ref(self.keys, stream, entry_id), fields)
+                              for entry_id, fields in entries],
+                             name, f"its core ({name}) died: heartbeat expired")
+                moved += len(entries)
+                free -= len(entries)
         self.taken_over += moved
         return moved
 
@@ -305,6 +336,7 @@ class Recovery:
         core at its next beat, and is no reason to take its work."""
         if self.client.exists(self.keys.node(name)):
             self._missing_since.pop(name, None)
+            self._emptied.discard(name)
             return False
         since = self._missing_since.setdefault(name, time.monotonic())
         return time.monotonic() - since >= self.settings.heartbeat_ttl

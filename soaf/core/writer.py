@@ -24,13 +24,15 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import redis
 
 from soaf.errors import NotReplicated
 from soaf.protocol import durable
-from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.keys import Keys
+from soaf.protocol.queues import finish
 from soaf.protocol.scripts import RECORD, is_noscript
 from soaf.protocol.state import Change, record_call
 
@@ -56,6 +58,8 @@ class StateWriter:
                  replicas: int = 0) -> None:
         self._redis = client
         self._replicas = replicas
+        if replicas:
+            log.info("final states count as written once %d replica(s) hold them", replicas)
         self._keys = keys
         self._record_ttl = record_ttl
         self._queue: collections.deque[Change | Writable] = collections.deque()
@@ -64,12 +68,18 @@ class StateWriter:
         self._busy = False
         self.connected = True
         self.written = 0
+        #: Times Redis came back after the writer lost it (the metrics' reconnects).
+        self.reconnects = 0
+        #: Called with every ``Change`` queued (the core's metrics); must not raise.
+        self.observe: Callable[[Change], None] | None = None
         self._thread = threading.Thread(target=self._run, name="soaf-writer", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def put(self, change: Change | Writable) -> None:
+        if self.observe is not None and isinstance(change, Change):
+            self.observe(change)
         with self._cond:
             self._queue.append(change)
             self._cond.notify()
@@ -137,6 +147,7 @@ class StateWriter:
                 log.exception("dropping %d state changes that Redis refused", len(batch))
             if not self.connected:
                 log.warning("Redis is back; wrote the state changes kept meanwhile")
+                self.reconnects += 1
                 self.connected = True
             backoff = 0.05
             with self._cond:
@@ -151,17 +162,15 @@ class StateWriter:
         not grow), the cancel request is spent, and the record starts to age. A change's
         own (shorter) ``ttl`` applies only if it made the record final: a refusal that
         met a record final already must not shorten that record's life."""
-        pipe.xack(self._keys.submit, GROUP, change.ack)
-        pipe.xdel(self._keys.submit, change.ack)
+        finish(pipe, self._keys, [change.ack] if change.ack else [])
         pipe.hdel(self._keys.cancels, change.service_id)
         ttl = self._record_ttl
         if applied and change.ttl is not None:
             ttl = min(ttl, change.ttl) if ttl > 0 else change.ttl
         if ttl > 0:
             ttl = max(1, int(ttl))
-            pipe.expire(self._keys.service(change.service_id), ttl)
-            pipe.expire(self._keys.events(change.service_id), ttl)
-            pipe.expire(self._keys.log(change.service_id), ttl)
+            for key in self._keys.aging(change.service_id):
+                pipe.expire(key, ttl)
 
     def _confirmed(self, acked: Any, what: str) -> None:
         """NotReplicated unless WAIT's reply ``acked`` reaches the replicas asked for (an

@@ -30,7 +30,7 @@ from soaf.data.staging import (
     scheme,
     temp_name,
 )
-from soaf.data.transfer import Stop, check_stop, chunks, copy_file
+from soaf.data.transfer import Stop, check_stop, chunks, copy_file, put_file
 from soaf.errors import MissingOutputError, TransferStopped, UploadError
 from soaf.protocol.template import ServiceParamTemplate, is_url
 
@@ -174,13 +174,10 @@ def _put_to_fs(root: Path, outputs: list[Output], target: str, *, timeout: float
             made.add(parent)
         if renames:
             tmp = posixpath.join(parent, f".{posixpath.basename(remote)}.{os.getpid()}.part")
-            fs.put_file(str(root / output.name), tmp)
-            if stop is not None and stop():
-                fs.rm_file(tmp)
-                raise TransferStopped("stopped while the outputs were uploaded")
+            put_file(fs, root / output.name, tmp, stop=stop)
             if fs.exists(remote):
                 fs.rm_file(remote)
             fs.mv(tmp, remote)
         else:
-            fs.put_file(str(root / output.name), remote)
+            put_file(fs, root / output.name, remote, stop=stop)
         log.debug("uploaded output %s to %s", output.name, redact(target))

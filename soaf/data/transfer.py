@@ -7,12 +7,13 @@ into a work dir or an output target after its service has ended.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from soaf.errors import TransferStopped
 
@@ -50,3 +51,37 @@ def chunks(src: BinaryIO, stop: Stop | None = None) -> Iterator[bytes]:
         if not chunk:
             return
         yield chunk
+
+
+def put_file(fs: Any, source: Path | str, remote: str, *, stop: Stop | None = None) -> None:
+    """Upload one local file to ``remote`` on the fsspec file system ``fs`` by chunks,
+    checking ``stop`` between them. A stopped upload is discarded where the file system
+    can (an object store's multipart upload is aborted) and the partial file removed,
+    so nothing is written for a service after its end."""
+    with open(source, "rb") as src:
+        out = fs.open(remote, "wb")
+        try:
+            for chunk in chunks(src, stop):
+                out.write(chunk)
+        except BaseException:
+            _abandon(out)
+            with contextlib.suppress(Exception):
+                if fs.exists(remote):
+                    fs.rm_file(remote)
+            raise
+        out.close()
+
+
+def _abandon(out: Any) -> None:
+    """Close a file being uploaded without committing it: a buffered fsspec file is
+    discarded (an object store aborts its multipart upload) and marked closed, so
+    neither ``close`` nor its finalizer uploads what was buffered."""
+    from fsspec.spec import AbstractBufferedFile
+
+    if isinstance(out, AbstractBufferedFile):
+        with contextlib.suppress(Exception):
+            out.discard()
+        out.closed = True
+    else:
+        with contextlib.suppress(Exception):
+            out.close()

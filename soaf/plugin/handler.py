@@ -49,6 +49,10 @@ class WatcherHandler:
     #: Seconds ``after_watch_callback`` may take; None: the core's ``callback_timeout``.
     #: Past it the service ends ``failed`` (failure ``callback``) and the call is abandoned.
     after_watch_timeout: ClassVar[float | None] = None
+    #: True: a service whose callbacks raised ends ``failed`` (failure ``callback``) even
+    #: if its program succeeded. False (default): it succeeds, and the errors are on its
+    #: record as warnings (``record.warnings``, ``soaf status``, ``soaf wait``, ``soaf ls``).
+    fail_on_callback_error: ClassVar[bool] = False
 
     def before_watch_callback(self, service: Service) -> None:
         """Called once, after the program started and before the first file check."""

@@ -28,6 +28,7 @@ from types import ModuleType
 from soaf.errors import PluginError, UnknownServiceError
 from soaf.plugin.handler import DefaultHandler, WatcherHandler
 from soaf.plugin.importer import Attempt, install_finder
+from soaf.plugin.probes import check_progress, probed
 from soaf.plugin.program import ServiceProgramTemplate
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,11 @@ class Registry:
             raise UnknownServiceError(f"unknown service {name!r}; known: {known}") from None
 
     def handler(self, name: str) -> type[WatcherHandler]:
-        return self.handlers.get(name, DefaultHandler)
+        """The service's handler (or the default one), measuring its program's progress
+        probe first when it declares one."""
+        handler = self.handlers.get(name, DefaultHandler)
+        probe = getattr(self.programs.get(name), "progress", None)
+        return probed(handler, probe) if probe is not None else handler
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,7 @@ def _collect(modules: list[ModuleType]) -> Collected:
                     continue  # an abstract base for other programs
                 if obj.name in programs:
                     raise _claimed_twice("service name", obj.name, programs[obj.name], obj)
+                check_progress(obj)
                 obj._soaf_module_file = getattr(module, "__file__", None)  # type: ignore[attr-defined]
                 programs[obj.name] = obj
             elif issubclass(obj, WatcherHandler) and obj.service:
@@ -230,6 +236,8 @@ class PluginLoader:
         #: Content digest and time of the last load attempt, successful or not.
         self.attempted_digest: str | None = None
         self.attempted_at: float | None = None
+        #: Loads that failed since the start (the metrics' reload failures).
+        self.failures = 0
         self._numbers = numbers or (lambda last: last + 1)
         self._number = 0
         self._lock = threading.Lock()
@@ -290,6 +298,7 @@ class PluginLoader:
 
     def _failed(self, error: LoadError, cause: BaseException | None = None) -> PluginError:
         self.error = error
+        self.failures += 1
         log.error("plugin load failed, keeping version %s: %s",
                   self.current.version if self.current else "none", error.text,
                   exc_info=(type(cause), cause, cause.__traceback__)

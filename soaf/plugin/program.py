@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 from soaf.data.outputs import collect_outputs, expand_target, upload_outputs
 from soaf.data.staging import StageContext, redact, stage_inputs
 from soaf.errors import PluginError, ProgramError
+from soaf.plugin.probes import Probe
 from soaf.protocol.template import ServiceParamTemplate
 
 if TYPE_CHECKING:
@@ -53,6 +54,12 @@ class ServiceProgramTemplate:
             against the core's capacity like ``cpus``. Not a limit (``max_memory_mb`` is).
         max_concurrent: how many runs of this service may go at once across all cores
             (None: no cap); one over it waits, ``queued`` with a ``waiting_for`` note.
+        cacheable: True: every template of this service is answered from the result
+            cache when an earlier run matches (as a template's ``cache=True`` asks).
+        progress: a probe (``soaf.probes.files``, ``.log``, ``.file``) that the core
+            measures to set the progress, handler or not (see soaf/plugin/probes.py).
+        requires: labels a core must have to take this service (e.g. ``{"gpu"}``): only
+            cores started with all of them (``--labels``, ``SOAF_LABELS``) read its queue.
         work_dir_policy: ``"fresh"``: a retry runs in a new, empty work dir (the failed
             attempt's dir is kept beside it as ``<dir>.attempt<N>``); ``"reuse"``: a retry
             runs in the same dir, over what the failed attempt left. A template's shared
@@ -73,6 +80,9 @@ class ServiceProgramTemplate:
     cpus: ClassVar[float | None] = None
     memory_mb: ClassVar[float | None] = None
     max_concurrent: ClassVar[int | None] = None
+    progress: ClassVar[Probe | None] = None
+    cacheable: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str] | set[str]] = frozenset()
 
     def __init__(
         self, template: ServiceParamTemplate, work_dir: Path, *, plugin_root: Path,

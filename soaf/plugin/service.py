@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from soaf.errors import ValidationError
+from soaf.plugin.eta import EtaEstimate
 from soaf.protocol.template import ServiceParamTemplate
 
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
@@ -42,12 +43,18 @@ class Service:
         self.plugin_version = plugin_version
         self._emit = emit
         self._progress: float | None = None
+        self._eta = EtaEstimate()
         self._message: str | None = None
         self.fields: dict[str, Any] = {}
         self.inputs: list[dict[str, Any]] = []
         self.outputs: list[dict[str, Any]] = []
         self.stop_requested = threading.Event()
         self.callback_errors = 0
+        #: The last callback error's text (``"file_change_callback raised KeyError: 'x'"``).
+        self.last_callback_error: str | None = None
+        #: How often ``progress`` was set; the attempt compares it around
+        #: ``after_watch_callback`` to know whether the handler had the last word.
+        self.progress_sets = 0
         #: True when a restarted core re-adopted the running program: the handler is a new
         #: instance, ``before_watch_callback`` runs again, and ``fields``, ``progress`` and
         #: ``message`` hold what the previous core had written.
@@ -76,9 +83,11 @@ class Service:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ValidationError("progress", f"must be a number between 0 and 1, got {value!r}")
         value = min(1.0, max(0.0, float(value)))
+        self.progress_sets += 1
         if value != self._progress:
             self._progress = value
-            self._emit({"progress": value})
+            # Every progress has its ETA (Unix time, None until a rate is known).
+            self._emit({"progress": value, "eta": self._eta.update(value)})
 
     @property
     def message(self) -> str | None:
@@ -129,6 +138,7 @@ class Service:
     def record_callback_error(self, text: str, tb: str) -> None:
         """Record a callback's exception on the record; the service carries on."""
         self.callback_errors += 1
+        self.last_callback_error = text
         self._emit({"callback_error": text, "callback_traceback": tb,
                     "callback_errors": self.callback_errors})
 

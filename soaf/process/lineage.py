@@ -12,7 +12,10 @@ token, read through a pidfd opened first, so a recycled pid is never signalled.
 runs below them, and reaps the ones that are the core's children, including escapees
 that exited while the run lasted and were seen alive once, and zombies below them. An
 escapee that clears its own environment and whose parent is gone is out of reach, like
-one running under another user. Linux only; elsewhere nothing is found.
+one running under another user. A restarted core that adopts a program finds its token
+in the run's journal on disk and, once the program ends, looks for it machine-wide: the
+dead core's leftovers were handed to another reaper. Linux only; elsewhere nothing is
+found.
 """
 
 from __future__ import annotations
@@ -174,11 +177,14 @@ _census = _Census()
 
 
 class RunLineage:
-    """The processes of one run, found by its token among the core's descendants."""
+    """The processes of one run, found by its token among the core's descendants, or
+    ``anywhere`` on the machine: a program a restarted core adopted, whose leftovers the
+    dead core's exit handed to another reaper (they are killed, and reaped by it)."""
 
-    def __init__(self, token: str, *, root: int | None = None) -> None:
+    def __init__(self, token: str, *, root: int | None = None, anywhere: bool = False) -> None:
         self.token = token
-        self.root = os.getpid() if root is None else root
+        self.anywhere = anywhere
+        self.root = 0 if anywhere else os.getpid() if root is None else root
         self._needle = f"{RUN_VAR}={token}".encode()
         #: pid -> start time of every process seen with the token.
         self.seen: dict[int, int] = {}
@@ -188,8 +194,8 @@ class RunLineage:
         """Scan for the token's live processes (at most every OBSERVE_INTERVAL unless
         ``force``) and remember them; their pids."""
         now = time.monotonic()
-        if not force and now < self._next:
-            return []
+        if self.anywhere or (not force and now < self._next):
+            return []  # (a machine-wide scan is left to ``end``)
         self._next = now + OBSERVE_INTERVAL
         found = _census.take(self.root).get(self.token.encode(), [])
         self.seen.update(found)
@@ -321,4 +327,4 @@ class LineageSweeper:
         carriers = {token for pid in direct_children(os.getpid()) - self.known()
                     if (token := _token_of(pid)) is not None}
         return sum(lineage.end() for lineage in ended
-                   if lineage.seen or lineage.token.encode() in carriers)
+                   if lineage.seen or lineage.anywhere or lineage.token.encode() in carriers)

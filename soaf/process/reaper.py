@@ -58,6 +58,8 @@ ExitCallback = Callable[[int, int, "resource.struct_rusage | None"], None]
 
 #: Seconds the reaper waits for a dead leader's SIGKILLed group members to be reapable.
 GROUP_REAP_WAIT = 0.2
+#: Seconds between two log lines of a failing reaper round.
+ERROR_LOG_INTERVAL = 60.0
 
 
 class Reaper:
@@ -111,34 +113,54 @@ class Reaper:
         self._thread.join(timeout=2)
 
     def _run(self) -> None:
+        """Reap until closed. An error of one round (no file descriptor left for a pidfd,
+        say) is logged at most once a minute and the next round goes on: a reaper that
+        died would leave every later program's end unnoticed."""
         next_sweep = time.monotonic() + SWEEP_INTERVAL
+        logged = -ERROR_LOG_INTERVAL
         while not self._stopping:
-            timeout = 0.1 if self._dead else SWEEP_INTERVAL
-            for key, _ in self._selector.select(timeout=timeout):
-                if key.data is None:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
-                    continue
-                pid, callback = key.data
-                if self._reap(pid, callback):
-                    self._selector.unregister(key.fd)
-                    os.close(key.fd)
-            with self._lock:
-                pending, self._pending = self._pending, []
-            for pid, callback in pending:
-                self._live.add(pid)
-                try:
-                    fd = os.pidfd_open(pid)
-                except ProcessLookupError:
-                    self._reap(pid, callback, block=True)
-                    continue
-                self._selector.register(fd, selectors.EVENT_READ, (pid, callback))
-            for pgid in list(self._dead):
-                self._sweep_dead(pgid)
-            if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + SWEEP_INTERVAL
-                for pgid in list(self._live):
-                    self._sweep_live(pgid)
+            try:
+                next_sweep = self._round(next_sweep)
+            except Exception:
+                if time.monotonic() - logged >= ERROR_LOG_INTERVAL:
+                    logged = time.monotonic()
+                    log.exception("reaper: a round failed; going on (logged at most once a "
+                                  "minute)")
+                time.sleep(0.1)
+
+    def _round(self, next_sweep: float) -> float:
+        """One round: reap what exited, start watching what was added, sweep groups."""
+        timeout = 0.1 if self._dead or self._pending else SWEEP_INTERVAL
+        for key, _ in self._selector.select(timeout=timeout):
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+                continue
+            pid, callback = key.data
+            if self._reap(pid, callback):
+                self._selector.unregister(key.fd)
+                os.close(key.fd)
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for i, (pid, callback) in enumerate(pending):
+            self._live.add(pid)
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self._reap(pid, callback, block=True)
+                continue
+            except OSError:  # out of file descriptors: watched from the next round
+                with self._lock:
+                    self._pending[:0] = pending[i:]
+                raise
+            self._selector.register(fd, selectors.EVENT_READ, (pid, callback))
+        for pgid in list(self._dead):
+            self._sweep_dead(pgid)
+        if time.monotonic() >= next_sweep:
+            next_sweep = time.monotonic() + SWEEP_INTERVAL
+            for pgid in list(self._live):
+                self._sweep_live(pgid)
+        return next_sweep
 
     def _reap(self, pid: int, callback: ExitCallback, *, block: bool = False) -> bool:
         try:

@@ -74,7 +74,10 @@ def verify(
     by_id = {key_id(s).encode(): s for s in secrets}
     secret = by_id.get(kid)
     if secret is None:
-        raise SignatureError(f"payload signed with unknown key id {kid.decode(errors='replace')}")
+        raise SignatureError(
+            f"payload signed with key id {kid.decode(errors='replace')}, which this core does "
+            "not know: the client's SOAF_SECRET differs from the core's (the core accepts "
+            f"key id{'s' if len(by_id) > 1 else ''} {b', '.join(by_id).decode() or 'none'})")
     head = MAGIC + kid + b":"
     expected = hmac.new(_as_bytes(secret), head + body, hashlib.sha256).hexdigest().encode()
     if not hmac.compare_digest(expected, mac):

@@ -18,6 +18,14 @@ PAYLOAD_FIELD = "payload"
 #: An optional stream entry field naming the service id in clear, so that a payload
 #: that cannot be trusted can still be reported on the submitter's record.
 ID_FIELD = "id"
+#: The submit-stream field of an entry a core put back into the stream: a signed
+#: ``requeue`` of the service id (soaf.protocol.signed), so the entry is judged by the
+#: time of the requeue and not by the time its payload was signed.
+REQUEUE_FIELD = "requeue"
+#: Routing fields in clear beside the signed payload: a core routes on them before it
+#: unpickles anything, and refuses the entry if they differ from the verified payload's.
+SERVICE_FIELD = "service"
+PRIORITY_FIELD = "priority"
 
 
 @dataclass(frozen=True)
@@ -28,8 +36,42 @@ class Keys:
 
     @property
     def submit(self) -> str:
-        """Stream of submissions, read by cores through the consumer group ``cores``."""
+        """The single submission stream of older versions (and of plain XADDs that name no
+        queue): cores forward its entries to their queues (soaf.core.routing)."""
         return f"{self.prefix}:submit"
+
+    def queue(self, service: str, priority: int) -> str:
+        """Stream: the submissions of one service at one priority, read by the cores that
+        offer the service through the consumer group ``cores``."""
+        return f"{self.queue_prefix}{service}:{priority}"
+
+    @property
+    def queue_prefix(self) -> str:
+        """What every queue's name starts with; the TAKE script adds ``<service>:<priority>``."""
+        return f"{self.prefix}:q:"
+
+    @property
+    def queues(self) -> str:
+        """Set: every queue that ever got an entry, as ``<service>:<priority>``."""
+        return f"{self.prefix}:queues"
+
+    @property
+    def ready(self) -> str:
+        """Set: the queues (``<service>:<priority>``) that may hold entries no core has
+        read yet; a core's TAKE looks only there, and drops the queues it finds drained."""
+        return f"{self.prefix}:ready"
+
+    @property
+    def new_queues(self) -> str:
+        """Stream (capped): one entry per queue created, so idle cores, which block only on
+        the queues they know, learn of a new one at once."""
+        return f"{self.prefix}:queues:new"
+
+    @property
+    def offered(self) -> str:
+        """Sorted set: service name -> the time until which a live core offers it (the
+        latest heartbeat expiry of the cores that offer it)."""
+        return f"{self.prefix}:offered"
 
     def service(self, service_id: str) -> str:
         """Hash: the state record of one service."""
@@ -46,6 +88,18 @@ class Keys:
         notes, e.g. how much of a flood was not copied), ``a`` the attempt, ``l`` the line
         (bytes, no newline). The capped files in the work dir keep the longer tail."""
         return f"{self.prefix}:log:{{{service_id}}}"
+
+    def payload(self, service_id: str) -> str:
+        """String: the signed payload the service was submitted with (``soaf.dumps``
+        output), written by ``Client.submit`` with the record; it ages with the record,
+        so a resubmit (and anything else that needs the template) can read it."""
+        return f"{self.prefix}:payload:{{{service_id}}}"
+
+    def aging(self, service_id: str) -> tuple[str, ...]:
+        """The keys of one service that expire together once it is final: record,
+        events, log lines and payload."""
+        return (self.service(service_id), self.events(service_id), self.log(service_id),
+                self.payload(service_id))
 
     @property
     def services(self) -> str:
@@ -97,3 +151,23 @@ class Keys:
     def slots(self, service: str) -> str:
         """Sorted set of the ids running a ``max_concurrent`` service, scored by lease end."""
         return f"{self.prefix}:slots:{service}"
+
+    def pipeline(self, name: str) -> str:
+        """Hash: the steps of the named pipeline ``name``; step name -> JSON entry with the
+        service id it got, its template's digest, service and order (docs/pipelines.md)."""
+        return f"{self.prefix}:pipeline:{name}"
+
+    @property
+    def pipelines(self) -> str:
+        """Sorted set: the names of named pipelines, scored by when a step was last recorded."""
+        return f"{self.prefix}:pipelines"
+
+    def cache(self, service: str) -> str:
+        """Hash: the result cache of one service; cache key -> JSON ``{id, at, sig}``, the
+        succeeded run whose results answer templates with that key (docs/cache.md)."""
+        return f"{self.prefix}:cache:{service}"
+
+    @property
+    def caches(self) -> str:
+        """Set: the names of the services that have a result cache hash."""
+        return f"{self.prefix}:caches"

@@ -129,6 +129,41 @@ class ServiceRecord:
         """The collected outputs: name, size, sha256 and, when uploaded, url."""
         return list(self.raw.get("outputs") or [])
 
+    @property
+    def callback_errors(self) -> int:
+        """How many times the handler's callbacks raised (or overstayed) in this attempt."""
+        n = as_count(self.raw.get("callback_errors"))
+        return n or (1 if self.raw.get("callback_error") else 0)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What went wrong without failing the service, one line each: callback errors
+        (count and the last one), output dropped by the log cap, missing outputs, an
+        exit status no core saw. Empty for a clean run."""
+        out = []
+        if self.callback_errors:
+            n = self.callback_errors
+            out.append(f"{n} callback error{'s' if n > 1 else ''}, the last: "
+                       f"{self.raw.get('callback_error')}")
+        for stream in ("stdout", "stderr"):
+            dropped = self.raw.get(f"{stream}_dropped_bytes")
+            if dropped:
+                out.append(f"{stream}: {dropped} bytes dropped (log cap)")
+        if self.raw.get("missing_outputs"):
+            out.append(f"missing outputs: {', '.join(map(str, self.raw['missing_outputs']))}")
+        if self.raw.get("exit_status_known") is False:
+            out.append("the program ended while no core watched it; exit status unknown")
+        return out
+
+    @property
+    def eta(self) -> float | None:
+        """When the service is expected to be done (Unix time), from the recent rate of
+        its progress; None when not known or when it is final."""
+        value = self.raw.get("eta")
+        if self.final or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        return float(value)
+
     def get(self, name: str, default: Any = None) -> Any:
         """Any stored field, e.g. ``record.get('running_at')``."""
         return self.raw.get(name, default)

@@ -33,10 +33,9 @@ RESERVED_INPUT_NAMES = frozenset({"stdout.log", "stderr.log"})
 #: Upper bounds of the numeric fields: finite, and far past any real use.
 MAX_SECONDS = 366 * 86400.0
 MAX_MEMORY_MB = 1 << 30  # 1 PiB
-MAX_RETRIES = 100
-MAX_CPUS = 1 << 20
-MIN_WATCH_INTERVAL = 0.05
-MIN_RETRY_BACKOFF = 0.1
+MAX_RETRIES, MAX_CPUS = 100, 1 << 20
+MAX_LOST = 100  # lost attempts a template may allow: a crash loop must end
+MIN_WATCH_INTERVAL, MIN_RETRY_BACKOFF = 0.05, 0.1
 #: Output targets that live in the core's own process: nobody else could read them.
 IN_PROCESS_SCHEMES = frozenset({"memory"})
 #: The scheme of a reference to another service's output: ``soaf://<service_id>/<name>``.
@@ -124,6 +123,9 @@ class ServiceParamTemplate:
             default (none: it counts only against the core's service slots).
         memory_mb: memory (MiB) the service needs while it runs, counted against the
             core's ``--memory-mb`` like ``cpus``. None uses the service's default (none).
+        cache: answer it from an earlier succeeded run with the same service, plugin
+            code, args, env, output spec and input content (docs/cache.md).
+        priority: -1000..1000 (default 0); cores take higher first (docs/protocol.md, Queues).
         signed_at: set by ``dumps`` when it signs the template (Unix time): a core refuses
             a payload older than ``SOAF_MAX_PAYLOAD_AGE`` whose record is gone (a replay).
     """
@@ -148,7 +150,9 @@ class ServiceParamTemplate:
     max_lost: int | None = None
     cpus: float | None = None
     memory_mb: float | None = None
+    cache: bool = False
     signed_at: float | None = None
+    priority: int = 0
 
     def validate(self) -> None:
         """Raise ValidationError naming the first field that cannot be accepted.
@@ -347,26 +351,25 @@ def _check_retry_backoff(t: ServiceParamTemplate, value: Any) -> None:
                                                f"None, got {_show(value)}")
 
 
-def _check_max_memory_mb(t: ServiceParamTemplate, value: Any) -> None:
-    if value is not None and not (_positive_number(value) and value <= MAX_MEMORY_MB):
-        raise ValidationError("max_memory_mb", f"must be a positive number or None, got "
-                                               f"{_show(value)} (at most {MAX_MEMORY_MB})")
+def _check_positive(field_name: str, what: str, high: float
+                    ) -> Callable[[ServiceParamTemplate, Any], None]:
+    """The check of an optional positive number up to ``high`` (memory, CPUs)."""
+    def check(t: ServiceParamTemplate, value: Any) -> None:
+        if value is not None and not (_positive_number(value) and value <= high):
+            raise ValidationError(field_name, f"must be a positive {what} or None, got "
+                                              f"{_show(value)} (at most {high})")
+    return check
 
 
-def _check_cpus(t: ServiceParamTemplate, value: Any) -> None:
-    if value is not None and not (_positive_number(value) and value <= MAX_CPUS):
-        raise ValidationError("cpus", f"must be a positive number of CPUs or None, got "
-                                      f"{_show(value)} (at most {MAX_CPUS})")
+def _check_cache(t: ServiceParamTemplate, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValidationError("cache", f"must be True or False, got {_show(value)}")
 
 
-def _check_memory_mb(t: ServiceParamTemplate, value: Any) -> None:
-    if value is not None and not (_positive_number(value) and value <= MAX_MEMORY_MB):
-        raise ValidationError("memory_mb", f"must be a positive number of MiB or None, got "
-                                           f"{_show(value)} (at most {MAX_MEMORY_MB})")
+def _check_priority(t: ServiceParamTemplate, value: Any) -> None:
+    if not _whole_in(value, -1000, 1000):
+        raise ValidationError("priority", f"must be a whole number from -1000 to 1000, got {_show(value)}")
 
-
-#: The most lost attempts a template may allow (a crash loop must end).
-MAX_LOST = 100
 
 #: Every field and its check, in the order errors are reported.
 _CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
@@ -377,18 +380,16 @@ _CHECKS: list[tuple[str, Callable[[ServiceParamTemplate, Any], None]]] = [
     ("output_target", _check_output_target), ("args", _check_args), ("env", _check_env),
     ("watch_interval", _check_watch_interval), ("timeout", _check_timeout),
     ("retries", _check_retries), ("retry_backoff", _check_retry_backoff),
-    ("max_memory_mb", _check_max_memory_mb), ("max_lost", _check_max_lost),
-    ("cpus", _check_cpus), ("memory_mb", _check_memory_mb),
+    ("max_memory_mb", _check_positive("max_memory_mb", "number", MAX_MEMORY_MB)),
+    ("max_lost", _check_max_lost), ("cpus", _check_positive("cpus", "number of CPUs", MAX_CPUS)),
+    ("memory_mb", _check_positive("memory_mb", "number of MiB", MAX_MEMORY_MB)),
+    ("cache", _check_cache), ("priority", _check_priority),
 ]
 
 
 def _positive_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value > 0
 
 
 def _whole_in(value: Any, low: int, high: int) -> bool:

@@ -6,12 +6,12 @@ core's limit enforcer (soaf.core.enforcer) stops the program when it must (``enf
 with soaf.run.limits), and takes the attempt over in a fresh thread (``resume``) when a
 plugin call overstays (``deadline_for``). The attempt sees its run only through the
 ``AttemptHost`` interface (soaf.run.ports) and returns what it produced: its Outcome, its
-``summary`` and its run ``marker``.
-The program's exit is recorded the moment the reaper sees it (``_exited``), whatever
-the plugin code is doing. ``after_watch_callback`` runs exactly once per attempt
-(unless the core is forced down), whatever happened before it, and never once a newer
-attempt elsewhere has taken the service over (``still_current``). The attempt ends in an
-``Outcome`` (soaf.run.outcome).
+``summary`` and its run ``marker``. The program's exit is recorded the moment the reaper
+sees it (``_exited``), whatever the plugin code is doing. ``after_watch_callback`` runs
+exactly once per attempt (unless the core is forced down), whatever happened before it,
+and never once a newer attempt elsewhere has taken the service over (``still_current``);
+then ``settle`` applies ``fail_on_callback_error`` and full progress. The attempt ends
+in an ``Outcome`` (soaf.run.outcome).
 
 Data (docs/data.md): the work dir and the steps before the program starts are
 soaf.run.prepare's; ``prepare_input_file`` stages the inputs; after ``after_watch_callback``, and
@@ -46,7 +46,7 @@ from soaf.protocol.state import State
 from soaf.run.callbacks import FAILED, call_callback, callback_loop
 from soaf.run.control import Orphaned
 from soaf.run.limits import AFTER, COLLECT, PREPARE_STEPS, WATCH_CALLBACKS, Limits
-from soaf.run.outcome import Outcome, classify, exit_fields, stderr_tail, with_stderr
+from soaf.run.outcome import Outcome, classify, exit_fields, settle, with_stderr
 from soaf.run.ports import AttemptHost
 from soaf.run.prepare import (
     Halted,
@@ -153,7 +153,7 @@ class Attempt:
         if outcome is None:
             argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else argv
             self.argv = list(argv) if isinstance(argv, list) else None
-            journal.step("prepared")
+            journal.step("prepared", run_token=self.lineage.token)
             # Every process of the run carries its token, to be found and ended with it.
             env = {**env, RUN_VAR: self.lineage.token}
             # The shim records the exit status in a file, for a core that restarts meanwhile.
@@ -278,7 +278,7 @@ class Attempt:
     def _ended(self) -> Outcome:
         """The program has ended: have what it left running outside its group (daemons)
         ended, finish its logs and classify how (either thread)."""
-        if not self.adopted:
+        if not self.adopted or self.lineage.anywhere:
             self.host.engines.reaper.lineages.add(self.lineage)
         with self._logs_lock:
             logs, self._logs = self._logs, None
@@ -302,7 +302,7 @@ class Attempt:
         limits = self.limits
         outcome = classify(exit, reason, timeout=limits.timeout, memory_kb=limits.memory_kb,
                            rss_kb=limits.rss_kb, success_codes=self.program_cls.success_codes)
-        return with_stderr(outcome, stderr_tail(self.work_dir / STDERR) if self.work_dir else "")
+        return with_stderr(outcome, self.work_dir and self.work_dir / STDERR, self.template.service_id)
 
     # -- what the limit enforcer does (its thread) ----------------------------------------
 
@@ -371,12 +371,13 @@ class Attempt:
             files = workdir.list_files(service.work_dir)
             return call_callback(service, AFTER, handler.after_watch_callback, service, files)
 
+        sets = service.progress_sets
         failed = self.call(AFTER, after) is FAILED
         self.host.mark_collected()
         if failed and outcome.state == State.SUCCEEDED.value:
             return Outcome(State.FAILED.value, "callback",
                            "after_watch_callback raised; see callback_error")
-        return outcome
+        return settle(outcome, service, handler, progress_sets=sets)
 
     def _collect(self, outcome: Outcome) -> Outcome:
         """``collect_output_files`` after a success (after ``after_watch_callback``, which

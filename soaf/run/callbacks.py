@@ -4,7 +4,8 @@
 not processes: the program's exit comes from the reaper.) ``callback_loop`` runs in the
 service's own thread: ``before_watch_callback`` once, then
 ``file_change_callback`` every ``watch_interval`` seconds and promptly when an entry is
-created, removed or renamed in any directory of the work dir, until the program exits.
+created, removed or renamed in any directory of the work dir, until the program exits,
+and once more after it exited, with the final file list (unless watching was stopped).
 A callback that raises is recorded on the service and the loop carries on; one that
 hangs is the limit enforcer's business (soaf.core.enforcer): stopping the program and
 recording its exit never wait for callbacks. ``after_watch_callback`` is the
@@ -150,3 +151,8 @@ def callback_loop(
                 changed, poll = True, file_poll
             else:
                 poll = min(poll * 1.5, max(file_poll, MAX_FILE_POLL))
+    if not service.stop_requested.is_set():
+        # One last look once the program has ended: files it wrote just before its end
+        # would otherwise reach only after_watch_callback (progress left short of 100%).
+        call("file_change_callback", call_callback, service, "file_change_callback",
+             handler.file_change_callback, service, list_files(service.work_dir))

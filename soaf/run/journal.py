@@ -37,8 +37,12 @@ log = logging.getLogger(__name__)
 #: Directory under the work root that holds every node's run journals and exit files.
 RUNS_DIR = ".soaf-runs"
 STEPS = ("built", "prepared", "running", "exited", "collected")
-#: Plugin calls noted on disk while under way (rare; file_change_callback is not).
-JOURNALED_CALLS = ("before_watch_callback", "after_watch_callback")
+#: Plugin calls noted on disk while under way: a core that dies inside one twice in a row
+#: does not call it a third time (two small appends per call, on the work root's disk).
+JOURNALED_CALLS = ("before_watch_callback", "file_change_callback", "after_watch_callback")
+#: A journal file longer than this (appended to by every callback of a long run) is
+#: replaced by its last line, atomically.
+MAX_JOURNAL_BYTES = 64 * 1024
 
 
 def runs_dir(work_root: Path, node: str) -> Path:
@@ -74,6 +78,9 @@ class Journal:
     #: ran this attempt died in, in a row: a core that recovers it acts on them.
     in_call: str | None = None
     died_in: list[str] = field(default_factory=list)
+    #: The token in the environment of the run's processes (soaf.process.lineage), on
+    #: disk only: a restarted core ends what the program left, even if not its children.
+    run_token: str | None = None
 
     @property
     def step(self) -> str | None:
@@ -215,6 +222,7 @@ class RunJournal:
         self.data.node = node
         self.data.core = _this_core()
         self.collected = False
+        self._written = 0  # bytes appended by this core (a compaction starts it again)
 
     @property
     def exit_file(self) -> Path:
@@ -245,11 +253,13 @@ class RunJournal:
             log.warning("service %s: cannot save its journal (%s)", self.data.service_id, e)
             return {"journal": self.data.shared()}
 
-    def calling(self, name: str | None) -> None:
-        """Note on disk that plugin call ``name`` is under way (None: it returned, and the
-        deaths in a row start again). A core that dies inside it leaves this behind."""
-        self.data.in_call = name
-        if name is None:
+    def calling(self, name: str, *, returned: bool = False) -> None:
+        """Note on disk that plugin call ``name`` is under way, or that it ``returned``
+        (then a core's deaths in it no longer count as in a row; other calls that return
+        in between, such as the before_watch_callback of a re-adopted program, do not
+        break the row). A core that dies inside the call leaves this behind."""
+        self.data.in_call = None if returned else name
+        if returned and name in self.data.died_in:
             self.data.died_in = []
         try:
             self.save()
@@ -265,6 +275,12 @@ class RunJournal:
 
     def save(self) -> None:
         line = json.dumps(self.data.to_dict(), default=str) + "\n"
+        if self._written > MAX_JOURNAL_BYTES:  # a long run's callbacks: start afresh
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(line)
+            os.replace(tmp, self.path)  # atomic: a crash leaves the old or the new file
+            self._written = len(line)
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(line)
@@ -272,6 +288,7 @@ class RunJournal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(line)
+        self._written += len(line)
 
     def remove(self) -> None:
         """Remove this attempt's journal and exit file."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from soaf.plugin.service import Service
 from soaf.process.spawn import Exit
 from soaf.protocol.state import State
 
@@ -22,7 +23,8 @@ FAILURES = {
     "memory": "the program used more memory than its limit and was killed",
     "start": "the program could not be started (missing executable, permission, cwd)",
     "plugin": "plugin code (build, prepare_input_file, command ...) raised",
-    "callback": "after_watch_callback raised or did not return in time",
+    "callback": "after_watch_callback raised or did not return in time, or a callback "
+                "raised and the handler sets fail_on_callback_error",
     "missing_outputs": "the program succeeded but did not write every ``output_files`` entry",
     "exit_status": "the program ended while no core watched it, and left no exit status",
     "lost": "the attempt was lost with its core and no retries were left",
@@ -73,11 +75,30 @@ def stderr_tail(path: Path) -> str:
     return text.decode("utf-8", errors="replace")
 
 
-def with_stderr(outcome: Outcome, tail: str) -> Outcome:
-    """``outcome`` with the program's last stderr lines at the end of its error, when it
-    failed or timed out."""
+def with_stderr(outcome: Outcome, stderr: Path | None, service_id: str) -> Outcome:
+    """``outcome`` with the program's last stderr lines (from the file ``stderr``) at the
+    end of its error, and where to read all of it, when it failed or timed out."""
+    tail = stderr_tail(stderr) if stderr is not None else ""
     if tail and outcome.error and outcome.state in (State.FAILED.value, State.TIMED_OUT.value):
-        outcome.error = f"{outcome.error}; last lines of stderr:\n{tail}"
+        outcome.error = (f"{outcome.error} (see soaf logs {service_id} --stderr); "
+                         f"last lines of stderr:\n{tail}")
+    return outcome
+
+
+def settle(outcome: Outcome, service: Service, handler: Any, *, progress_sets: int) -> Outcome:
+    """The outcome once ``after_watch_callback`` has run: a success fails if callbacks
+    raised and the handler sets ``fail_on_callback_error``; else a success whose handler
+    did not set progress in ``after_watch_callback`` (``service.progress_sets`` is still
+    ``progress_sets``) gets progress 1.0 on its record."""
+    if outcome.state != State.SUCCEEDED.value:
+        return outcome
+    if service.callback_errors and getattr(handler, "fail_on_callback_error", False):
+        n = service.callback_errors
+        return Outcome(State.FAILED.value, "callback",
+                       f"{n} callback error{'s' if n > 1 else ''} (the handler sets "
+                       f"fail_on_callback_error), the last: {service.last_callback_error}")
+    if service.progress_sets == progress_sets and service.progress != 1.0:
+        outcome.values["progress"] = 1.0
     return outcome
 
 

@@ -19,7 +19,7 @@ from soaf.config import Settings
 from soaf.data.handoff import Lookup
 from soaf.process.cgroup import Cgroups
 from soaf.process.reaper import Reaper
-from soaf.protocol.state import Change
+from soaf.protocol.state import Change, ServiceRecord
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run.control import CallGuard, Halt
 from soaf.run.journal import RunJournal
@@ -62,6 +62,14 @@ class Enforcer(Protocol):
     def poke(self) -> None: ...
 
 
+class ResultStore(Protocol):
+    """The core's result cache in Redis (soaf.core.results; see soaf.run.cached)."""
+
+    def find(self, service: str, key: str) -> ServiceRecord | None: ...
+
+    def remember(self, service: str, key: str, service_id: str) -> None: ...
+
+
 def _nothing(run: Any) -> None:
     return None
 
@@ -84,6 +92,8 @@ class Engines:
     cgroups: Cgroups | None = None
     #: Called from the run's thread when the run is over (final queued, or left for recovery).
     on_done: Callable[[Any], None] = _nothing
+    #: The result cache (None: no template is answered from it).
+    results: ResultStore | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,8 @@ class PluginClasses:
     program_cls: Any
     handler_cls: Any
     version: str
+    #: The plugin version's full content digest (part of result cache keys).
+    digest: str = ""
 
 
 class AttemptHost(Protocol):

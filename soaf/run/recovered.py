@@ -13,10 +13,11 @@ the same attempt, when the journal (soaf.run.journal) says how far it got:
   journal or the exit file, and ``after_watch_callback`` runs once;
 * the journal says ``collected``: the callback has run already, only the final state
   was lost; it is written without calling anything.
-* the journal says the core died inside ``before_watch_callback`` or
-  ``after_watch_callback`` (``in_call``, on disk only) for the second time in a row: the
-  call is not made again; soaf.core.recovery ends the attempt ``failed`` (failure
-  ``plugin``, "the core died twice in after_watch_callback"), over any ``max_lost``.
+* ``ended``: the journal says the core died inside the same callback
+  (``before_watch_callback``, ``file_change_callback`` or ``after_watch_callback``;
+  ``in_call``, on disk only) for the second time in a row: the call is not made again;
+  soaf.core.recovery ends the attempt ``failed`` (failure ``plugin``, "the core died
+  twice in after_watch_callback"), over any ``max_lost``.
 
 Lost for an adopted program: its CPU time and peak memory (only its parent could read
 them) and, where the shim was killed with it, its exit status (the run then fails with
@@ -32,6 +33,7 @@ from typing import Any
 
 from soaf.process.adopted import AdoptedProcess
 from soaf.process.identity import ProcIdentity
+from soaf.process.lineage import RunLineage
 from soaf.process.spawn import Exit
 from soaf.protocol.state import ServiceRecord, State
 from soaf.run.attempt import STDERR, STDOUT, Attempt
@@ -71,8 +73,8 @@ class RecoveredRun(ServiceRun):
 
     @property
     def mode(self) -> str:
-        if self.previous.final is not None:
-            return "collected"
+        if self.previous.final is not None:  # written by the run, or by the died-twice rule
+            return "collected" if "collected" in self.previous.steps else "ended"
         return "adopt" if self.identity is not None else "collect"
 
     def _attempts(self, resume: Any) -> dict[str, Any] | None:
@@ -108,7 +110,8 @@ class RecoveredRun(ServiceRun):
         log.info("service %s attempt %d: %s after its core (%s) stopped", self.service_id,
                  self.claim.attempt, {"adopt": "re-adopted the running program",
                                       "collect": "collecting the program that ended meanwhile",
-                                      "collected": "writing the final state that was lost"
+                                      "collected": "writing the final state that was lost",
+                                      "ended": "ending it without the plugin call it died in"
                                       }[self.mode], self.previous_node)
 
 
@@ -124,6 +127,8 @@ class RecoveredAttempt(Attempt):
     def __init__(self, run: RecoveredRun, number: int) -> None:
         super().__init__(run, number)
         self.run_ = run
+        if run.previous.run_token:  # what its program left is no child of this core
+            self.lineage = RunLineage(run.previous.run_token, anywhere=True)
 
     def run(self) -> Outcome:
         run, prev = self.run_, self.run_.previous

@@ -42,6 +42,7 @@ from soaf.errors import FetchError
 from soaf.plugin.loader import Registry
 from soaf.protocol.state import Change, State
 from soaf.protocol.template import ServiceParamTemplate
+from soaf.run import cached
 from soaf.run.attempt import Attempt
 from soaf.run.control import CallGuard, Halt, Orphaned
 from soaf.run.journal import JOURNALED_CALLS, RunJournal
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 #: Fields that describe one attempt; cleared when the next attempt starts.
 ATTEMPT_FIELDS = (
     "pid", "shim_pid", "command", "exit_code", "signal", "stopped_with", "wall_time", "cpu_time",
-    "max_rss_kb", "exited_at", "error", "failure", "failed_in", "traceback", "progress",
+    "max_rss_kb", "exited_at", "error", "failure", "failed_in", "traceback", "progress", "eta",
     "message", "callback_error", "callback_traceback", "callback_errors", "running_at",
     "preparing_at", "stdout_bytes", "stderr_bytes", "stdout_dropped_bytes",
     "stderr_dropped_bytes", "missing_outputs", "inputs", "outputs", "output_target",
@@ -108,7 +109,7 @@ class ServiceRun:
         self.service_id = template.service_id
         self.plugin = PluginClasses(program_cls=registry.program(template.service),
                                     handler_cls=registry.handler(template.service),
-                                    version=registry.version)
+                                    version=registry.version, digest=registry.digest)
         self.policy = policy_for(template, self.plugin.program_cls)
         self.attempt = claim.attempt
         self.attempts: list[dict[str, Any]] = list(claim.attempts)
@@ -127,6 +128,8 @@ class ServiceRun:
         #: Set when a newer attempt took this service over (this core was thought dead):
         #: the program is stopped, after_watch_callback is not called, writes are fenced.
         self.superseded = False
+        #: The result cache key of this run (soaf.run.cached), None when it is not cached.
+        self.cache_key: str | None = None
         #: Set once the final state is in Redis (or was fenced out by a newer attempt).
         self.final_written = threading.Event()
         self.thread = threading.Thread(
@@ -239,7 +242,7 @@ class ServiceRun:
         try:
             yield
         finally:
-            journal.calling(None)
+            journal.calling(name, returned=True)
 
     def mark_collected(self) -> None:
         """after_watch_callback has run: a core that recovers the run never calls it again."""
@@ -283,7 +286,9 @@ class ServiceRun:
     def _run(self, resume: tuple[Attempt, str] | None = None) -> None:
         final: dict[str, Any] | None
         try:
-            final = self._attempts(resume)
+            final = self._cached() if resume is None else None
+            if final is None:
+                final = self._attempts(resume)
         except Orphaned:
             log.info("service %s: a plugin call returned after its attempt was taken over",
                      self.service_id)
@@ -301,6 +306,9 @@ class ServiceRun:
             self._mark_finished(final["state"])
             if self.journal is not None:
                 final.update(self.journal.finish(final))
+            if self.cache_key is not None and "cached_from" not in final:
+                # Before the final state: whoever sees it succeeded finds its entry.
+                cached.keep(self.engines.results, self.template, self.cache_key, final["state"])
             self.emit(final, final=True)
             log.info("service %s %s", self.service_id, final["state"])
         if self.engines.enforcer is not None:
@@ -309,6 +317,16 @@ class ServiceRun:
             self.engines.on_done(self)
         except Exception:
             log.exception("on_done failed for %s", self.service_id)
+
+    def _cached(self) -> dict[str, Any] | None:
+        """The final values when the result cache answers this (fresh) run, else None."""
+        if self.continues_attempt or self.claim.attempt != 1:
+            return None
+        self.cache_key, final = cached.answer(self.template, self.plugin, self.engines,
+                                              self.resolve)
+        if self.cache_key is not None:
+            self.emit({"cache_key": self.cache_key})
+        return final
 
     def _attempts(self, resume: tuple[Attempt, str] | None) -> dict[str, Any] | None:
         while True:

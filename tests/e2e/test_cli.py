@@ -63,12 +63,13 @@ def test_help_everywhere(core_env):
     top = soaf(core_env, "--help")
     assert top.returncode == 0
     commands = ["core", "submit", "ls", "status", "wait", "logs", "cancel", "plugins", "nodes",
-                "reload"]
+                "reload", "info", "pipelines", "cache", "services", "dashboard"]
     for command in commands:
         assert command in top.stdout
         out = soaf(core_env, command, "-h")
         assert out.returncode == 0 and out.stdout.startswith(f"Usage: soaf {command}"), command
-    for command in ("ls", "status", "wait", "plugins", "nodes", "reload"):
+    for command in ("ls", "status", "wait", "plugins", "nodes", "reload", "info", "pipelines",
+                    "services", "cache"):
         assert "--json" in soaf(core_env, command, "--help").stdout, command
 
 
@@ -109,8 +110,8 @@ def test_submit_wait_status_ls(start_core, core_env):
     assert record["service_id"] == sid and record["state"] == "succeeded"
     assert record["fields"]["order"][0] == "before"
     table = soaf(core_env, "ls").stdout.splitlines()
-    assert table[0].split() == ["ID", "SERVICE", "STATE", "PROGRESS", "NODE", "AGE", "INFO"]
-    assert table[2].split()[:5] == [sid, "steps", "succeeded", "100%", "core-a"]
+    assert table[0].split() == ["ID", "SERVICE", "STATE", "PROGRESS", "ETA", "NODE", "AGE", "INFO"]
+    assert table[2].split()[:6] == [sid, "steps", "succeeded", "100%", "-", "core-a"]
     assert all(line == line.rstrip() for line in table)
     listed = json.loads(soaf(core_env, "ls", "--json", "--service", "steps").stdout)
     assert [r["service_id"] for r in listed] == [sid]
@@ -185,7 +186,8 @@ def test_wait_exit_code_and_plain_lines(start_core, core_env, client):
     lines += out.splitlines()
     assert waiter.returncode == 1
     assert any(line.startswith(f"{bad} steps failed: exited with code 3") for line in lines)
-    assert lines.index(f"{good} gate progress 50%") < lines.index(f"{good} gate progress 100%")
+    at = {line.split(" (ETA ")[0]: n for n, line in enumerate(lines)}  # the ETA may follow
+    assert at[f"{good} gate progress 50%"] < at[f"{good} gate progress 100%"]
     assert lines[-1] == f"{good} gate succeeded" or f"{good} gate succeeded" in lines
     assert err.strip() == "1 failed, 1 succeeded"
     unknown = soaf(core_env, "wait", good, "nope")

@@ -99,14 +99,16 @@ def test_cancel_of_a_queued_service_is_final_at_once(start_core, client):
     assert client.status(queued).state == "cancelled" and not client.status(queued).node
 
 
-def test_wait_returns_the_record_of_a_failed_or_rejected_service(start_core, client):
+def test_wait_returns_the_record_of_a_failed_or_rejected_service(start_core, client, work_root,
+                                                                  tmp_path):
     start_core()
+    (work_root / "escape").symlink_to(tmp_path)  # only the core can tell it leads out
     failed = client.submit(steps(n=1, code=3))
-    rejected = client.submit(ServiceParamTemplate("nosuch"))
+    rejected = client.submit(ServiceParamTemplate("steps", work_path="escape/x"))
     by_id = {r.service_id: r for r in client.wait_all([failed, rejected], timeout=30)}
     assert by_id[failed].state == "failed" and not by_id[failed].ok
     assert "exited with code 3" in by_id[failed].error
-    assert by_id[rejected].state == "rejected" and "unknown service 'nosuch'" in by_id[rejected].error
+    assert by_id[rejected].state == "rejected" and "outside" in by_id[rejected].error
 
 
 def test_wait_timeout_then_cancel(start_core, client):

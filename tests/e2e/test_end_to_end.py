@@ -13,7 +13,7 @@ import pytest
 import redis
 
 import soaf
-from soaf import ServiceParamTemplate
+from soaf import NoCoreOffers, ServiceParamTemplate
 from soaf.protocol.keys import Keys
 from tests.conftest import ROOT, SECRET
 
@@ -136,11 +136,16 @@ def test_missing_executable_fails_in_plain_words(start_core, client):
     assert "executable not found: ./no-such-program" in record.error
 
 
-def test_unknown_service_is_rejected(start_core, client):
+def test_a_service_no_core_offers_waits_queued_or_is_refused_on_request(start_core, client):
     start_core()
-    record = client.wait(client.submit(ServiceParamTemplate("nosuch")), timeout=30)
-    assert record.state == "rejected"
-    assert "unknown service 'nosuch'" in record.error and "steps" in record.error
+    sid = client.submit(ServiceParamTemplate("nosuch"))
+    assert client.status(sid).get("waiting_for") == "no live core offers 'nosuch'"
+    with pytest.raises(NoCoreOffers, match="no live core offers 'nosuch'"):
+        client.submit(ServiceParamTemplate("nosuch"), require_core=True)
+    offered = client.submit(ServiceParamTemplate("steps", args={"n": 1}), require_core=True)
+    assert client.wait(offered, timeout=30).state == "succeeded"
+    record = client.status(sid)  # never refused: it waits for a core that offers it
+    assert record.state == "queued" and record.get("waiting_for")
 
 
 def test_embedded_redis_without_server_on_path(tmp_path, plugin_dir, work_root):

@@ -89,6 +89,31 @@ def test_a_daemon_is_killed_and_reaped_with_its_service(start_core, client):
     assert zombies == []
 
 
+def test_a_daemon_of_a_program_adopted_after_a_crash_is_killed_at_its_end(start_core, client):
+    """The core that started the program dies (kill -9); its daemon is handed to another
+    reaper, not to the restarted core. The restarted core adopts the program, finds the
+    run's token in its journal on disk, and ends the daemon with the service."""
+    core = start_core()
+    sid = client.submit(ServiceParamTemplate("daemon-hold"))
+    wait_until(lambda: client.status(sid).get("work_dir") and
+               (Path(client.status(sid).get("work_dir")) / "daemon.txt").exists(), 30,
+               message="the daemon to start")
+    work_dir = Path(client.status(sid).get("work_dir"))
+    daemon = int((work_dir / "daemon.txt").read_text())
+    try:
+        core.kill()
+        start_core()
+        wait_until(lambda: client.status(sid).get("recovered_as") == "adopt", 30,
+                   message="the program re-adopted")
+        assert not gone(daemon)
+        (work_dir / "release").touch()
+        assert client.wait(sid, timeout=30).state == "succeeded"
+        wait_until(lambda: gone(daemon), 10, message="the daemon to be gone")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(daemon, signal.SIGKILL)
+
+
 # -- plugins that would trap the core ---------------------------------------------------------
 
 

@@ -132,8 +132,9 @@ def test_failure_stops_only_its_dependants(start_core, client):
     assert "step 'A'" in str(failure) and "exited with code 3" in str(failure)
     assert (a.state, b.state, c.state, e.state) == ("failed", "skipped", "succeeded", "skipped")
     assert b.service_id is None and e.service_id is None  # never submitted
-    assert re.search(r"^A +steps +failed +[0-9a-f]{32} exited with code 3; last lines of "
-                     r"stderr:\n +\| done with \d+ steps$", report, re.M), report
+    assert re.search(r"^A +steps +failed +([0-9a-f]{32}) exited with code 3 \(see soaf logs "
+                     r"\1 --stderr\); last lines of stderr:\n +\| done with \d+ steps$",
+                     report, re.M), report
     assert str(failure).endswith("last lines of stderr:\ndone with 1 steps")
     assert re.search(r"^E +\S+ +skipped +- +step 'A'", report, re.M)
     assert sorted(c.outputs) == ["step1.txt", "step2.txt"]

@@ -354,11 +354,13 @@ def test_embedded_redis_killed_under_a_running_core_is_restarted(start_core, tmp
 
 def test_stream_and_group_gone_the_core_carries_on(start_core, client, redis_server, prefix,
                                                    logdir):
-    """Redis came back without data (no persistence): the core makes its group again."""
+    """Redis came back without data (no persistence): queues and groups are made again."""
     core = start_core()
     assert client.wait(hold(client, logdir, 0.1), timeout=30).state == "succeeded"
-    redis_server.client().delete(f"{prefix}:submit")
-    wait_until(lambda: "creating it again" in core.log(), 30, message="the group to be re-made")
+    r, keys = redis_server.client(), Keys(prefix)
+    r.delete(keys.queue("hold", 0), keys.queues)
+    assert client.wait(hold(client, logdir, 0.1), timeout=30).state == "succeeded"
+    r.xgroup_destroy(keys.queue("hold", 0), GROUP)  # the stream without its group
     assert client.wait(hold(client, logdir, 0.1), timeout=30).state == "succeeded"
     assert core.alive()
 
@@ -379,7 +381,9 @@ def test_duplicate_submissions_run_once(start_core, client, redis_server, prefix
         assert client.wait(service_id, timeout=30).state == "succeeded"
         history(client, service_id)
         assert starts(logdir, service_id) == 1
-    wait_until(lambda: r.xpending(f"{prefix}:submit", GROUP)["pending"] == 0, 10,
+    # Both went through the old submit stream to the queue; both are acknowledged there.
+    wait_until(lambda: r.xpending(Keys(prefix).queue("hold", 0), GROUP)["pending"] == 0
+               and r.xlen(Keys(prefix).queue("hold", 0)) == r.xlen(f"{prefix}:submit") == 0, 10,
                message="the duplicate entry to be acknowledged")
 
 
@@ -487,12 +491,18 @@ def test_frozen_core_stops_when_a_live_core_took_its_name(start_core, redis_serv
     assert client.wait(hold(client, logdir, 0.2), timeout=30).node == "core-a"
 
 
-def test_core_that_dies_twice_in_a_callback_does_not_call_it_again(start_core, client, logdir):
-    """after_watch_callback calls os._exit: the first restart calls it again and dies too;
-    the second ends the service failed (plugin) without calling it, and stays up."""
+@pytest.mark.parametrize(("service", "seconds", "call", "logged"), [
+    ("exit_after", 0.2, "after_watch_callback", "after"),
+    ("exit_change", 120, "file_change_callback", "change"),
+])
+def test_core_that_dies_twice_in_a_callback_does_not_call_it_again(
+        start_core, client, logdir, service, seconds, call, logged):
+    """The callback calls os._exit (file_change_callback while the program runs): the
+    restart (re-adopting the program) calls it again and dies too; the next one stops the
+    program and ends the service failed (plugin), saying how, and stays up."""
     core = start_core()
     sid = client.submit(ServiceParamTemplate(
-        "exit_after", args={"seconds": 0.2, "logdir": str(logdir), "code": 0, "until": ""},
+        service, args={"seconds": seconds, "logdir": str(logdir), "code": 0, "until": ""},
         watch_interval=0.2))
     wait_until(lambda: not core.alive(), timeout=60, message="the core dies in the callback")
     again = start_core(wait_ready=False)
@@ -500,8 +510,19 @@ def test_core_that_dies_twice_in_a_callback_does_not_call_it_again(start_core, c
     last = start_core()
     record = client.wait(sid, timeout=60)
     assert (record.state, record.get("failure")) == ("failed", "plugin"), record
-    assert record.error == "the core died twice in after_watch_callback"
-    calls = (logdir / "callbacks.log").read_text().split()
-    assert calls.count("after") == 2
+    assert record.error == f"the core died twice in {call}"
+    assert record.get("recovered_as") == "ended"
+    assert (logdir / "callbacks.log").read_text().split().count(logged) == 2
+    pid = record.get("pid")
+    wait_until(lambda: not _alive(pid), timeout=30, message="its program is stopped")
     time.sleep(1)
     assert last.alive()
+
+
+def _alive(pid: int | None) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError, TypeError):
+        return False

@@ -196,7 +196,9 @@ def test_new_service_added_while_running(start_core, client, plugin_dir):
     assert record.state == "succeeded" and record.plugin_version == report["version"]
 
 
-def test_deleted_service_is_refused_but_a_running_one_finishes(start_core, client, versioned):
+def test_deleted_service_waits_queued_and_a_running_one_finishes(start_core, client, versioned):
+    """What a core reads follows its plugins: the queue of a deleted service is no longer
+    read (its work waits, never refused), and read again once the service is back."""
     start_core()
     v1 = new_version(client, None)["version"]
     running = start_versioned(client)
@@ -204,12 +206,19 @@ def test_deleted_service_is_refused_but_a_running_one_finishes(start_core, clien
     (versioned / "handlers" / "versioned.py").unlink()
     report = new_version(client, v1)
     assert "versioned" not in report["services"] and "steps" in report["services"]
-    refused = client.wait(client.submit(ServiceParamTemplate("versioned")), timeout=30)
-    assert refused.state == "rejected"
-    assert refused.error.startswith("unknown service 'versioned'; known: ")
-    assert "steps" in refused.error
+    waiting = client.submit(ServiceParamTemplate("versioned", args={"n": 1}, watch_interval=0.05))
+    steps = client.submit(ServiceParamTemplate("steps", args={"n": 1}))
+    assert client.wait(steps, timeout=30).state == "succeeded"
+    assert client.status(waiting).state == "queued"  # not taken, not refused
     done = release(client, running)
     assert (done.state, done.fields["after"], done.plugin_version) == ("succeeded", "v1", v1)
+    write(versioned, "services/versioned.py", SERVICE)
+    write(versioned, "handlers/versioned.py", HANDLER.format(mark="v3"))
+    v3 = new_version(client, report["version"])["version"]
+    wait_until(lambda: client.status(waiting).fields.get("before"), 30,
+               message="the service added back to take its queued work")
+    back = release(client, waiting)
+    assert (back.state, back.fields["after"], back.plugin_version) == ("succeeded", "v3", v3)
 
 
 def test_changed_helper_module_is_seen_by_the_services_that_import_it(

@@ -48,13 +48,14 @@ def test_a_failure_ends_with_the_last_lines_of_stderr(start_core, client):
         "script": f"{sys.executable} -c 'print(\"x\" * 5000)' >&2; exit 1"}))
     failed, hung, quiet, huge = (client.wait(s, timeout=60) for s in (failed, hung, quiet, huge))
     assert failed.state == "failed"
-    assert failed.error == ("exited with code 3; last lines of stderr:\n"
+    assert failed.error == (f"exited with code 3 (see soaf logs {failed.service_id} --stderr); "
+                            "last lines of stderr:\n"
                             "problem 4\nproblem 5\nproblem 6\nproblem 7\ndone")
     assert hung.state == "timed_out"
     assert hung.error.startswith("ran past its timeout (1 s)")
     assert hung.error.endswith("; last lines of stderr:\nwaiting for a lock")
     assert quiet.error == "exited with code 4"  # nothing on stderr, nothing added
-    assert huge.error.endswith("x" * 1024) and len(huge.error) < 1100
+    assert huge.error.endswith("x" * 1024) and len(huge.error) < 1150  # the tail, no more
     assert failed.get("attempts")[-1]["error"] == failed.error
 
 

@@ -114,7 +114,9 @@ def test_key_rotation_sign_new_accept_both_retire_old(start_core, redis_server, 
     core = start_core(SOAF_SECRET="", SOAF_SECRET_FILE=str(keys))
     record = old.wait(late_old, timeout=60)
     assert record.state == "rejected"
-    assert record.error == f"payload signed with unknown key id {key_id(OLD)}"
+    assert record.error == (f"payload signed with key id {key_id(OLD)}, which this core does "
+                            "not know: the client's SOAF_SECRET differs from the core's "
+                            f"(the core accepts key id {key_id(NEW)})")
     assert new.wait(good(new), timeout=60).state == "succeeded"
     record = old.wait(good(old), timeout=60)
     assert record.state == "rejected" and key_id(OLD) in record.error

@@ -121,6 +121,7 @@ JUNK = st.one_of(st.sampled_from(["x", "-1", "1.5", "null", "{}", "[]", '"x"', "
                  st.binary(max_size=8), st.integers(-3, 10 ** 20).map(str))
 
 
+@pytest.mark.timeout(600)  # 10 examples, each with services that must finish
 @settings(max_examples=10, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
 @given(data=st.data())
@@ -188,9 +189,9 @@ def test_deleted_heartbeat_of_a_live_core_causes_no_takeover(start_core, redis_s
 
 
 def test_forged_heartbeat_token_stops_no_core(start_core, redis_server, prefix, client, logdir):
-    """A heartbeat value with another token, naming a dead process on this host or a core
-    on another host whose value stays still: the core writes its own heartbeat back and
-    goes on running its services."""
+    """A heartbeat value with another token, naming a dead process on this host, a live
+    process of this host that is no core, or a core on another host whose value stays
+    still: the core writes its own heartbeat back and goes on running its services."""
     r = redis_server.client()
     key = Keys(prefix).node("core-a")
     core = start_core()
@@ -203,6 +204,16 @@ def test_forged_heartbeat_token_stops_no_core(start_core, redis_server, prefix, 
     wait_until(lambda: json.loads(r.get(key))["token"] == me["token"], 10,
                message="the core to write its heartbeat back")
     wait_until(lambda: "stale or forged" in core.log(), 5, message="the warning")
+    other = subprocess.Popen(["sleep", "60"])  # alive, with its real start time, no core
+    try:
+        start = ProcIdentity.of(other.pid).start_time
+        r.set(key, json.dumps({**me, "pid": other.pid, "pid_start": start, "token": "forged"}),
+              px=60_000)
+        wait_until(lambda: json.loads(r.get(key))["token"] == me["token"], 10,
+                   message="the core to write its heartbeat back over a live non-core")
+    finally:
+        other.kill()
+        other.wait()
     r.set(key, json.dumps({**me, "host": "elsewhere", "token": "forged"}), px=60_000)
     wait_until(lambda: json.loads(r.get(key))["token"] == me["token"], 15,
                message="the core to write its heartbeat back after a still TTL")

@@ -8,6 +8,8 @@ the fleet-wide concurrency slots. Together they show every multi-key change soaf
 * ``records``: what changes a service's record;
 * ``nodes``: heartbeats, takeover, plugin version numbers;
 * ``slots``: ``max_concurrent`` across the fleet;
+* ``pipelines``: the steps of named pipelines;
+* ``queues``: the per-service queues: a core's take, a put-back;
 * ``script``: ``Script`` (EVALSHA, the text sent only when Redis lacks it).
 """
 
@@ -18,6 +20,8 @@ from soaf.protocol.scripts.nodes import (
     RELEASE_LUA,
     TAKEOVER_LUA,
 )
+from soaf.protocol.scripts.pipelines import RECORD_STEP, RECORD_STEP_LUA
+from soaf.protocol.scripts.queues import REQUEUE, REQUEUE_LUA, TAKE, TAKE_LUA
 from soaf.protocol.scripts.records import (
     CANCEL,
     CANCEL_LUA,
@@ -36,6 +40,7 @@ from soaf.protocol.scripts.slots import TAKE_SLOT, TAKE_SLOT_LUA
 
 __all__ = [
     "CANCEL", "CANCEL_LUA", "CAS_LUA", "CLAIM", "CLAIM_LUA", "NEXT_NUMBER_LUA", "NOTE",
-    "RECLAIM", "RECLAIM_LUA", "RECORD", "RECORD_LUA", "REFRESH_LUA", "RELEASE_LUA", "SUBMIT",
-    "SUBMIT_LUA", "TAKEOVER_LUA", "TAKE_SLOT", "TAKE_SLOT_LUA", "Script", "is_noscript",
+    "RECLAIM", "RECLAIM_LUA", "RECORD", "RECORD_LUA", "RECORD_STEP", "RECORD_STEP_LUA",
+    "REFRESH_LUA", "RELEASE_LUA", "REQUEUE", "REQUEUE_LUA", "SUBMIT", "SUBMIT_LUA", "TAKE",
+    "TAKEOVER_LUA", "TAKE_LUA", "TAKE_SLOT", "TAKE_SLOT_LUA", "Script", "is_noscript",
 ]

@@ -6,6 +6,7 @@ and ARGV. Every script that reads a record first runs ``_GUARD``: Redis is not t
 
 from __future__ import annotations
 
+from soaf.protocol.scripts.queues import _ENQUEUE
 from soaf.protocol.scripts.script import Script
 
 # Prepended to every script that reads a service's record (KEYS[1]; KEYS[2] its events).
@@ -55,17 +56,32 @@ soaf_drop_wrong_type(KEYS[1], 'hash')
 soaf_drop_wrong_type(KEYS[2], 'stream')
 """
 
-# KEYS: record, events, services zset, submit stream | ARGV: id, service, now, payload, notify
-SUBMIT_LUA = """
+# KEYS: record, events, services zset, queue, queues index, offered zset, ready set, bell,
+# payload (optional: the payload is also kept beside the record, aging with it, for resubmits)
+# ARGV: id, service, now, payload, notify, events maxlen, priority, queue member,
+# require a core ('1'/'0'), consumer group
+# Returns {1, entry reference}; {0, state} for an id that has a record; {2, ''} when no
+# live core offers the service and a core was required (nothing is written then). A
+# service no live core offers is queued all the same, its record saying why it waits.
+SUBMIT_LUA = _ENQUEUE + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('HGET', KEYS[1], 'state') or 'null'}
 end
-local entry = redis.call('XADD', KEYS[4], '*', 'payload', ARGV[4], 'id', ARGV[1])
-local ev = cjson.encode({seq=1, attempt=0, ts=tonumber(ARGV[3]), state='queued'})
-local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'data', ev)
+local found, expiry = pcall(redis.call, 'ZSCORE', KEYS[6], ARGV[2])
+local offered = found and expiry and tonumber(expiry) > tonumber(ARGV[3])
+if not offered and ARGV[9] == '1' then return {2, ''} end
+local id = soaf_enqueue(KEYS[4], KEYS[5], KEYS[7], KEYS[8], ARGV[8], ARGV[10],
+  {'payload', ARGV[4], 'id', ARGV[1], 'service', ARGV[2], 'priority', ARGV[7]})
+local entry = KEYS[4] .. '/' .. id
+if KEYS[9] then redis.call('SET', KEYS[9], ARGV[4]) end
+local ev = {seq=1, attempt=0, ts=tonumber(ARGV[3]), state='queued'}
+if not offered then ev['waiting_for'] = 'no live core offers ' .. "'" .. ARGV[2] .. "'" end
+local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'data', cjson.encode(ev))
 redis.call('HSET', KEYS[1], 'service_id', cjson.encode(ARGV[1]), 'service', cjson.encode(ARGV[2]),
   'state', '"queued"', 'seq', '1', 'attempt', '0', 'queued_at', ARGV[3],
-  'submitted_at', ARGV[3], 'entry', cjson.encode(entry), 'event_id', cjson.encode(evid))
+  'submitted_at', ARGV[3], 'entry', cjson.encode(entry), 'event_id', cjson.encode(evid),
+  'priority', ARGV[7])
+if not offered then redis.call('HSET', KEYS[1], 'waiting_for', cjson.encode(ev['waiting_for'])) end
 redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1])
 redis.call('PUBLISH', ARGV[5], cjson.encode({id=ARGV[1], seq=1, state='queued'}))
 return {1, entry}
@@ -111,6 +127,7 @@ redis.call('HSET', KEYS[1], 'service_id', cjson.encode(ARGV[1]), 'service', cjso
   'state', cjson.encode(newstate), 'seq', seq, 'attempt', attempt, 'node', cjson.encode(ARGV[4]),
   'entry', cjson.encode(ARGV[5]), newstate .. '_at', ARGV[3], 'event_id', cjson.encode(evid),
   'plugin_version', ARGV[8])
+redis.call('HDEL', KEYS[1], 'waiting_for')
 if newstate == 'cancelled' then
   redis.call('HSET', KEYS[1], 'error', '"cancelled before it started"')
   redis.call('HDEL', KEYS[4], ARGV[1])

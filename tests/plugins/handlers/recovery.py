@@ -36,3 +36,13 @@ class ExitAfterHandler(WatcherHandler):
     def after_watch_callback(self, service, files):
         _log(service, "after")
         os._exit(1)
+
+
+class ExitChangeHandler(WatcherHandler):
+    """Kills the whole core, with no log line, in file_change_callback."""
+
+    service = "exit_change"
+
+    def file_change_callback(self, service, files):
+        _log(service, "change")
+        os._exit(1)

@@ -21,3 +21,9 @@ class ExitAfter(Hold):
     """hold.py, whose handler kills the core in after_watch_callback."""
 
     name = "exit_after"
+
+
+class ExitChange(Hold):
+    """hold.py, whose handler kills the core in file_change_callback."""
+
+    name = "exit_change"

@@ -42,6 +42,13 @@ class Daemon(PythonProgram):
     script = "daemon.py"
 
 
+class DaemonHold(PythonProgram):
+    """Leaves a daemon, then runs until the file ``release`` appears."""
+
+    name = "daemon-hold"
+    script = "daemon_hold.py"
+
+
 class Chatty(PythonProgram):
     name = "chatty"
     script = "chatty.py"

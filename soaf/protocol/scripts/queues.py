@@ -1,0 +1,156 @@
+"""The Lua of the queues: putting an entry in its service's queue, and a core's take.
+
+Queues are streams, one per service and priority (``Keys.queue``), listed in the set
+``Keys.queues`` (members ``<service>:<priority>``); ``Keys.ready`` lists those that may
+hold entries no core has read yet. A core takes work with TAKE: one script that looks at
+the next unread entry of each ready queue of the services it offers, and delivers
+(XREADGROUP, inside the script) the best ``count`` of them to the core: highest priority
+first, where every ``PRIORITY_AGING`` seconds an entry has waited count as one more
+priority (so low priority is never starved), the oldest first among equals. A core
+therefore never holds an entry it did not ask for, however many queues it reads.
+
+With ``scan`` TAKE looks at every queue of the services offered (not only the ready
+ones; it lists again as ready those with unread entries, e.g. pushed by a plain XADD),
+and, when there is nothing to take, returns per queue the id after which the next entry
+would come, plus the last id of ``Keys.new_queues``: an idle core blocks on those
+streams (XREAD BLOCK) until one grows, at no cost to Redis meanwhile.
+"""
+
+from __future__ import annotations
+
+from soaf.protocol.scripts.script import Script
+
+# Lua: put ``fields`` into ``queue`` and mark it ready. A new queue is created with the
+# consumer group (so a core that reads it later misses nothing), listed in ``index`` and
+# announced on ``bell`` (idle cores wait on the queues they know, and on that).
+_ENQUEUE = """
+local function soaf_set(key)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= 'set' then redis.call('DEL', key) end
+end
+local function soaf_enqueue(queue, index, ready, bell, member, group, fields)
+  local t = redis.call('TYPE', queue)['ok']
+  if t ~= 'stream' then
+    if t ~= 'none' then redis.call('DEL', queue) end
+    redis.call('XGROUP', 'CREATE', queue, group, '0', 'MKSTREAM')
+    soaf_set(index)
+    redis.call('SADD', index, member)
+    if redis.call('TYPE', bell)['ok'] ~= 'stream' then redis.call('DEL', bell) end
+    redis.call('XADD', bell, 'MAXLEN', '~', 1000, '*', 'queue', member)
+  end
+  pcall(redis.call, 'SADD', ready, member)  -- not a set: TAKE repairs it, scans find the queue
+  return redis.call('XADD', queue, '*', unpack(fields))
+end
+"""
+
+# KEYS: target queue, queues index, source stream, the service's record, ready set, bell
+# ARGV: group, member, source entry id, the source entry's reference (as a record's
+# ``entry`` names it), then the entry's fields (name, value ...). Moves one entry: added to
+# the target queue, acknowledged and deleted from the source, in one step (a put-back, or
+# an entry of the old submit stream forwarded to its queue). A record that named the
+# moved entry names the new one, so the core that takes it claims it (a new attempt).
+# Returns the new entry's id.
+REQUEUE_LUA = _ENQUEUE + """
+local id = soaf_enqueue(KEYS[1], KEYS[2], KEYS[5], KEYS[6], ARGV[2], ARGV[1], {unpack(ARGV, 5)})
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[3], ARGV[3])
+if redis.call('TYPE', KEYS[4])['ok'] == 'hash' then
+  local ok, cur = pcall(cjson.decode, redis.call('HGET', KEYS[4], 'entry') or 'null')
+  if ok and cur == ARGV[4] then redis.call('HSET', KEYS[4], 'entry', cjson.encode(KEYS[1] .. '/' .. id)) end
+end
+return id
+"""
+
+# KEYS: queues index, the old submit stream, ready set, bell (Keys.new_queues)
+# ARGV: group, consumer, count, now (ms), aging (ms), queue prefix, scan ('1'/'0'),
+# offered services ...
+# Returns {taken, watch}: taken, a list of {stream, id, fields} delivered to the consumer
+# (entries of the old submit stream first: the core forwards them to their queues);
+# watch, with scan and nothing taken, a list of {stream, id} to block on (XREAD).
+TAKE_LUA = """
+local group, consumer, want = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now, aging, qp, scan = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7] == '1'
+local offered = {}
+for i = 8, #ARGV do offered[ARGV[i]] = true end
+local rt = redis.call('TYPE', KEYS[3])['ok']
+if rt ~= 'none' and rt ~= 'set' then redis.call('DEL', KEYS[3]) end
+local function last_delivered(key)
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', key)
+  if not ok then return nil end
+  for _, g in ipairs(groups) do
+    local name, last
+    for j = 1, #g, 2 do
+      if g[j] == 'name' then name = g[j + 1] elseif g[j] == 'last-delivered-id' then last = g[j + 1] end
+    end
+    if name == group then return last end
+  end
+  redis.call('XGROUP', 'CREATE', key, group, '0')
+  return '0-0'
+end
+local function after(key, id)
+  local r = redis.call('XRANGE', key, '(' .. id, '+', 'COUNT', 1)
+  if r[1] then return r[1][1] end
+  return nil
+end
+local function ms(id) return tonumber(string.match(id, '^(%d+)')) or 0 end
+local taken, watch, cands = {}, {}, {}
+local legacy = last_delivered(KEYS[2])
+if legacy then
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS',
+    KEYS[2], '>')
+  if r and r[1] then
+    for _, e in ipairs(r[1][2]) do table.insert(taken, {KEYS[2], e[1], e[2]}) end
+  end
+end
+if legacy then
+  table.insert(watch, {KEYS[2], legacy})
+elseif redis.call('EXISTS', KEYS[2]) == 0 then
+  table.insert(watch, {KEYS[2], '0-0'})
+end
+local ok, members = pcall(redis.call, 'SMEMBERS', scan and KEYS[1] or KEYS[3])
+if not ok then members = {} end
+for _, m in ipairs(members) do
+  local svc, prio = string.match(m, '^([^:]+):(%-?%d+)$')
+  if svc and offered[svc] then
+    local key = qp .. m
+    local last = last_delivered(key)
+    local nxt = last and after(key, last)
+    if last and scan then table.insert(watch, {key, last}) end
+    if nxt then
+      table.insert(cands, {key=key, m=m, prio=tonumber(prio), id=nxt})
+      if scan then redis.call('SADD', KEYS[3], m) end
+    else
+      redis.call('SREM', KEYS[3], m)
+    end
+  end
+end
+while #taken < want and #cands > 0 do
+  local best, bs, bms
+  for i, c in ipairs(cands) do
+    local t = ms(c.id)
+    local s = c.prio + math.floor((now - t) / aging)
+    if not best or s > bs or (s == bs and t < bms) then best, bs, bms = i, s, t end
+  end
+  local c = cands[best]
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', c.key, '>')
+  local e = r and r[1] and r[1][2][1]
+  if e then
+    table.insert(taken, {c.key, e[1], e[2]})
+    c.id = after(c.key, e[1])
+  else
+    c.id = nil
+  end
+  if not c.id then
+    redis.call('SREM', KEYS[3], c.m)
+    table.remove(cands, best)
+  end
+end
+if #taken > 0 or not scan then return {taken, {}} end
+local bt = redis.call('TYPE', KEYS[4])['ok']
+local bell = bt == 'stream' and redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
+table.insert(watch, {KEYS[4], bell and bell[1] or '0-0'})
+return {{}, watch}
+"""
+
+REQUEUE = Script(REQUEUE_LUA)
+TAKE = Script(TAKE_LUA)
