@@ -15,8 +15,10 @@ from typing import Any
 
 from soaf.errors import ConfigError
 from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD
+from soaf.protocol.durable import replicas as durable_replicas
 from soaf.protocol.keys import DEFAULT_PREFIX
 from soaf.protocol.queues import parse_labels
+from soaf.protocol.sentinel import env_redis_url
 
 #: Where an embedded core keeps its Redis data, the URL file and the secret.
 DEFAULT_STATE_DIR = ".soaf"
@@ -134,8 +136,8 @@ def find_secrets(state_dir: Path | None = None) -> list[str]:
 
 
 def find_redis_url(state_dir: Path | None = None) -> str | None:
-    """SOAF_REDIS_URL, else the URL an embedded core recorded, else None."""
-    env = os.environ.get("SOAF_REDIS_URL", "").strip()
+    """SOAF_REDIS_URL (or SOAF_SENTINELS), else the URL an embedded core recorded, else None."""
+    env = env_redis_url()
     if env:
         return env
     path = (state_dir or state_dir_from_env()) / URL_FILE
@@ -146,8 +148,7 @@ def find_redis_url(state_dir: Path | None = None) -> str | None:
 
 
 def _env_float(name: str, default: Any) -> Any:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if not (raw := os.environ.get(name)):
         return default
     try:
         return float(raw)
@@ -263,6 +264,9 @@ class Settings:
     callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT
     insecure: bool = False
     record_ttl: float = DEFAULT_RECORD_TTL
+    #: Replicas that must hold a final state before it counts as written (0: none);
+    #: SOAF_DURABLE_SUBMIT / SOAF_DURABLE_REPLICAS, see soaf.protocol.durable.
+    durable_replicas: int = 0
     #: Seconds a signed payload whose record is gone may run (replays); None: record_ttl.
     max_payload_age: float | None = None
     #: Seconds an entry may be added after its payload was signed (0: no limit).
@@ -277,7 +281,7 @@ class Settings:
         """Defaults, overridden by SOAF_* variables, overridden by non-None ``flags``."""
         state_dir = Path(flags.get("state_dir") or state_dir_from_env())
         values: dict[str, Any] = {
-            "redis_url": os.environ.get("SOAF_REDIS_URL") or None,
+            "redis_url": env_redis_url(),
             "work_root": Path(os.environ.get("SOAF_WORK_ROOT", state_dir / "work")),
             "plugins": Path(os.environ.get("SOAF_PLUGINS", ".")),
             "node": os.environ.get("SOAF_NODE") or socket.gethostname(),
@@ -302,6 +306,7 @@ class Settings:
             "callback_timeout": _env_float("SOAF_CALLBACK_TIMEOUT", DEFAULT_CALLBACK_TIMEOUT),
             "insecure": os.environ.get("SOAF_INSECURE", "") in ("1", "true", "yes"),
             "record_ttl": _env_float("SOAF_RECORD_TTL", DEFAULT_RECORD_TTL),
+            "durable_replicas": durable_replicas(),
             "max_payload_age": _env_float("SOAF_MAX_PAYLOAD_AGE", None),
             "max_submit_delay": _env_float("SOAF_MAX_SUBMIT_DELAY", DEFAULT_MAX_SUBMIT_DELAY),
             "fetch_timeout": _env_float("SOAF_FETCH_TIMEOUT", DEFAULT_FETCH_TIMEOUT),

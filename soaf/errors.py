@@ -19,6 +19,7 @@
     │   └── TransferStopped    a cancel or a core stop came while data was moved
     ├── StateError             reading or writing the state store failed
     │   └── RedisUnavailable   Redis could not be reached
+    │       └── NotReplicated  a durable write that no replica confirmed in time
     └── ClientError            a client call that cannot be answered
         ├── WaitTimeout        `Client.wait` ran out of time (also a TimeoutError)
         ├── UnknownService     no service has this id
@@ -127,6 +128,12 @@ class StateError(SoafError):
 
 class RedisUnavailable(StateError):
     """Redis could not be reached."""
+
+
+class NotReplicated(RedisUnavailable):
+    """A durable write reached the master, but fewer replicas than asked for confirmed it
+    in time: a failover now could lose it. Repeating the write is safe (a resubmitted
+    template is refused with DuplicateService when the first one survived)."""
 
 
 class ClientError(SoafError):

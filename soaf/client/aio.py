@@ -26,6 +26,7 @@ from soaf.client.logstream import LogFollow, LogLine, TailRead
 from soaf.client.tail import OutputFile, check_stream, local_output
 from soaf.errors import RedisUnavailable
 from soaf.protocol.connection import connect_async
+from soaf.protocol.durable import replicas
 from soaf.protocol.scripts import CANCEL, SUBMIT, Script
 from soaf.protocol.state import ServiceRecord
 from soaf.protocol.template import ServiceParamTemplate
@@ -80,9 +81,15 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
 
     # -- submitting ---------------------------------------------------------------------
 
-    async def submit(self, template: ServiceParamTemplate, *, require_core: bool = False) -> str:
+    async def submit(self, template: ServiceParamTemplate, *, require_core: bool = False,
+                     durable: bool | None = None) -> str:
         """Validate, sign and queue ``template``; return its service id (see Client.submit)."""
         keys, args = calls.submit_call(self._target, template, self._secret, require_core)
+        if wanted := replicas(durable):
+            pipe = self.redis.pipeline(transaction=False)
+            calls.queue_durable(pipe, SUBMIT, keys, args, wanted)
+            results = await self._call(pipe.execute)
+            return calls.durably_submitted(template, results, wanted)
         return calls.submitted(template, await self._script(SUBMIT, keys, args))
 
     async def resubmit(self, service_id: str) -> str:

@@ -34,10 +34,12 @@ from soaf.errors import (
     UnknownService,
     ValidationError,
 )
+from soaf.protocol import durable
 from soaf.protocol.codec import DEFAULT_MAX_PAYLOAD, check_loadable, dumps, loads
 from soaf.protocol.connection import redact
 from soaf.protocol.keys import DEFAULT_PREFIX, GROUP, Keys
 from soaf.protocol.queues import member, parse_member
+from soaf.protocol.scripts import Script
 from soaf.protocol.signed import sign_control
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_event
 from soaf.protocol.template import ServiceParamTemplate, new_service_id, validate_template
@@ -150,6 +152,22 @@ def submit_call(target: Target, template: ServiceParamTemplate, secret: str | No
              keys.queues, keys.offered, keys.ready, keys.new_queues, keys.payload(sid)],
             [sid, service, time.time(), payload, keys.notify, EVENTS_MAXLEN, priority,
              member(service, priority), int(require_core), GROUP])
+
+
+def queue_durable(pipe: Any, script: Script, keys: list[str], args: list[Any],
+                  replicas: int) -> None:
+    """Queue ``script`` and a WAIT for ``replicas`` on one pipeline (one connection: WAIT
+    counts the replicas holding what its own connection wrote). After a duplicate, which
+    writes nothing, WAIT still waits for everything the master had, the original too."""
+    pipe.eval(script.text, len(keys), *keys, *args)
+    pipe.wait(replicas, durable.WAIT_MS)
+
+
+def durably_submitted(template: ServiceParamTemplate, results: list[Any], replicas: int) -> str:
+    """``submitted`` for a durable submit: NotReplicated unless ``replicas`` confirmed it;
+    then DuplicateService means the first try is on the master and its replicas."""
+    durable.confirmed(int(results[1]), replicas, f"the submission of {template.service_id}")
+    return submitted(template, results[0])
 
 
 def submitted(template: ServiceParamTemplate, reply: Any) -> str:

@@ -12,9 +12,10 @@ and one ``cancel()`` for everything still running::
             "count", input_files={"words.txt": a.output("words.txt")}), after=[a])
         print(b.wait().fields)
 
-Where outputs live (a handler's ``outputs`` field, a URL under ``url_base``, a path in
-the step's work dir) is told in docs/pipelines.md. A pipeline with a ``name`` records its
-steps in Redis so that a later run of its script re-attaches to them (client/ledger.py).
+Where outputs live (a handler's ``outputs`` field, an object store given as ``store``, a
+URL under ``url_base``, a path in the step's work dir) is told in docs/pipelines.md and
+soaf.client.locations. A pipeline with a ``name`` records its steps in Redis so that a
+later run of its script re-attaches to them (client/ledger.py).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from soaf.client.ledger import Ledger
+from soaf.client.locations import check_store, locate, store_target, uploaded
 from soaf.client.references import refer
 from soaf.client.sync import Client
 from soaf.errors import PipelineError, RedisUnavailable, SoafError, StepFailed, WaitTimeout
@@ -150,6 +151,8 @@ class Step:
         return StepFailed(text, step=self, cause=cause, record=self.record)
 
     def _glob(self, record: ServiceRecord, pattern: str) -> list[str]:
+        if self.pipeline.store:
+            return uploaded(record, pattern)
         work_dir = Path(str(record.get("work_dir") or ""))
         if not record.get("work_dir") or not work_dir.is_dir():
             raise PipelineError(
@@ -238,9 +241,10 @@ class Pipeline:
     """
 
     def __init__(self, client: Client, *, url_base: str | None = None,
-                 name: str | None = None) -> None:
+                 store: str | None = None, name: str | None = None) -> None:
         self.client = client
         self.url_base = url_base
+        self.store = check_store(store) if store is not None else None
         self.name = name
         self._ledger = Ledger(client, name) if name is not None else None
         self.steps: list[Step] = []
@@ -375,6 +379,8 @@ class Pipeline:
             if self.cancelled:
                 step._settle(state=SKIPPED, error="the pipeline was cancelled")
                 return False
+        if self.store and not step.template.output_target:  # into the store, for any host
+            step.template.output_target = store_target(self.store)
         if self._ledger is not None:  # it may attach to what an earlier run submitted
             step.attached = self._ledger.submit(step.name, step.template)
         sid = step.template.service_id if self._ledger else self.client.submit(step.template)
@@ -389,12 +395,5 @@ class Pipeline:
 
     def _locate(self, step: Step, record: ServiceRecord, name: str) -> str:
         assert step.template is not None
-        if self.url_base:
-            base = self.url_base.format(node=record.node or "").rstrip("/")
-            rel = PurePosixPath(step.template.work_path or step.template.service_id) / name
-            return f"{base}/{quote(str(rel))}"
-        work_dir = Path(str(record.get("work_dir") or ""))
-        path = work_dir / name
-        if work_dir.is_dir() and not path.exists():
-            raise PipelineError(f"{step.label} succeeded but wrote no {name!r} (in {work_dir})")
-        return str(path)
+        return locate(step.label, step.template, record, name, url_base=self.url_base,
+                      store=self.store)

@@ -39,6 +39,7 @@ from soaf.client.logstream import LogFollow, LogLine, TailRead
 from soaf.client.tail import OutputFile, check_stream, local_output
 from soaf.errors import RedisUnavailable
 from soaf.protocol.connection import connect
+from soaf.protocol.durable import replicas
 from soaf.protocol.scripts import CANCEL, SUBMIT
 from soaf.protocol.state import ServiceRecord
 from soaf.protocol.template import ServiceParamTemplate
@@ -85,7 +86,8 @@ class Client(ClientBase["redis.Redis"]):
 
     # -- submitting ---------------------------------------------------------------------
 
-    def submit(self, template: ServiceParamTemplate, *, require_core: bool = False) -> str:
+    def submit(self, template: ServiceParamTemplate, *, require_core: bool = False,
+               durable: bool | None = None) -> str:
         """Validate, sign and queue ``template``; return its service id.
 
         Everything a core would refuse is refused here first: ValidationError naming a
@@ -93,8 +95,14 @@ class Client(ClientBase["redis.Redis"]):
         global the core will not load; DuplicateService when the id was already submitted.
         A service no live core offers is queued until one does (its record's
         ``waiting_for`` says so); ``require_core=True`` raises NoCoreOffers instead.
+        ``durable`` (default SOAF_DURABLE_SUBMIT): return only once SOAF_DURABLE_REPLICAS
+        replicas hold the submission (NotReplicated otherwise; see docs/delivery.md).
         """
         keys, args = calls.submit_call(self._target, template, self._secret, require_core)
+        if wanted := replicas(durable):
+            pipe = self.redis.pipeline(transaction=False)
+            calls.queue_durable(pipe, SUBMIT, keys, args, wanted)
+            return calls.durably_submitted(template, self._call(pipe.execute), wanted)
         return calls.submitted(template, self._call(SUBMIT.run, self.redis, keys, args))
 
     def resubmit(self, service_id: str) -> str:

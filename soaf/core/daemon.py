@@ -26,7 +26,7 @@ from soaf.core.admission import Admission
 from soaf.core.cancels import Verifier
 from soaf.core.control import Control
 from soaf.core.enforcer import LimitEnforcer
-from soaf.core.heartbeat import Heartbeat, Identity, claim_node
+from soaf.core.heartbeat import Heartbeat, Identity, beats_connection, claim_node
 from soaf.core.intake import Gate, Refusal
 from soaf.core.launcher import Launcher
 from soaf.core.logkeeper import LogKeeper
@@ -100,7 +100,8 @@ class Core:
             raise ConfigError(f"work root {s.work_root} cannot be created: {e}") from e
         claim_node(self.redis, self.keys.node(s.node), s.node, json.dumps(self.node_info()),
                    s.heartbeat_ttl)
-        versions = self.versions = PluginVersions(self.redis, self.keys, s.node)
+        self.beats = beats_connection(self.url, s)  # the heartbeat's: it never waits long
+        versions = self.versions = PluginVersions(self.beats, self.keys, s.node)
         try:
             self.loader.load(timeout=s.reload_timeout)
         except PluginError:
@@ -109,7 +110,7 @@ class Core:
                       PLUGIN_RETRY, PLUGIN_RETRY_MAX)
             self._plugin_retry_at = time.monotonic() + PLUGIN_RETRY
         versions.publish(self.loader)
-        self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl)
+        self.writer = StateWriter(self.redis, self.keys, record_ttl=s.record_ttl, replicas=s.durable_replicas)
         self.writer.start()
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphans of programs go to PID 1")
@@ -171,8 +172,8 @@ class Core:
                              registry=lambda: self.loader.current, ttl=s.heartbeat_ttl,
                              stopping=self._stopping)
         self.heartbeat = Heartbeat(
-            client, keys, s, self.identity, info=self.node_info, runs=self.runs.current,
-            cancel=self.runs.cancel, on_replaced=self.request_stop,
+            self.beats, keys, s, self.identity, info=self.node_info,
+            runs=self.runs.current, cancel=self.runs.cancel, on_replaced=self.request_stop,
             after_beat=self._publish_versions, stopping=self._stopping,
             revive=self.embedded.revive if self.embedded is not None else None,
             verifier=self.verifier)
@@ -189,7 +190,7 @@ class Core:
                                  verifier=self.verifier)
         self.recovery = Recovery(
             client, keys, s, launcher=self.launcher, gate=self.gate, runs=self.runs,
-            connected_since=lambda: self.heartbeat.connected_since,
+            connected_since=self.heartbeat.steady_since,
             connected=lambda: self.writer.connected, registry=lambda: self.loader.current,
             stopping=self._stopping, offered=self.router.offered)
         reloader = self.reloader
@@ -356,10 +357,9 @@ class Core:
             found = self._own_pending()
             self._check_own_pending = False
             if found:
-                log.info("re-taking %d entries whose delivery a lost connection cut short",
-                         len(found))
+                log.info("re-taking %d entries whose delivery a lost connection cut short", len(found))
                 return found, self.consumer
-        return self.router.take(count, block), None
+        return self.runs.not_held(self.router.take(count, block)), None
 
     def _own_pending(self) -> list[Entry]:
         """Entries delivered to this consumer whose delivery or claim a lost connection cut

@@ -44,6 +44,7 @@ from soaf.core.ratelog import RateLimitedLog
 from soaf.errors import NodeInUse
 from soaf.process.coremark import is_core, mark_core
 from soaf.process.identity import ProcIdentity, boot_id
+from soaf.protocol.connection import DEFAULT_SOCKET_TIMEOUT, connect
 from soaf.protocol.keys import Keys
 from soaf.protocol.scripts import CAS_LUA, REFRESH_LUA, RELEASE_LUA
 from soaf.run.service_run import ServiceRun
@@ -150,6 +151,15 @@ def refresh(client: redis.Redis | Any, key: str, value: str, token: str, ttl: fl
     return client.eval(REFRESH_LUA, 1, key, value, token, int(ttl * 1000))
 
 
+def beats_connection(url: str | None, settings: Settings) -> redis.Redis:
+    """The heartbeat's own connection (also for the plugin report it publishes after each
+    beat), whose calls fail well within a TTL: a beat stuck on a lost host gives way in
+    time to one through the new master."""
+    assert url is not None, "connect first"
+    timeout = min(DEFAULT_SOCKET_TIMEOUT, max(0.5, settings.heartbeat_ttl / 4))
+    return connect(url, name=f"soaf-core-{settings.node}-heartbeat", timeout=timeout)
+
+
 class Heartbeat:
     """The heartbeat thread of one core (``loop``) and what it learns on each beat."""
 
@@ -243,6 +253,15 @@ class Heartbeat:
             elif cancel is not None and self.verifier.ok(cancel, "cancel", run.service_id,
                                                          where="the cancels hash"):
                 self.cancel(run.service_id)
+
+    def steady_since(self) -> float | None:
+        """``connected_since``, but None while the last good beat is older than half the
+        TTL: a core whose own beats hang (its connection went to a master that vanished,
+        while others already reach the new one) must not judge other cores dead."""
+        last = self.last_ok
+        if last is None or time.monotonic() - last >= self.settings.heartbeat_ttl / 2:
+            return None
+        return self.connected_since
 
     def still_current(self, run: ServiceRun) -> bool:
         """False if a newer attempt of the run's service exists.

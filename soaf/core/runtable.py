@@ -7,6 +7,7 @@ import logging
 import threading
 from pathlib import Path
 
+from soaf.protocol.replies import Entry
 from soaf.run.service_run import ServiceRun
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ class RunTable:
         with self._lock:
             self._prune()
             return {run.claim.entry_id for run in self._runs.values()} | set(self._finishing)
+
+    def not_held(self, entries: list[Entry]) -> list[Entry]:
+        """``entries`` less those this core holds. A failover can lose the record of a
+        delivery, and the new master then delivers an entry again while it runs here."""
+        mine = self.entries()
+        return [entry for entry in entries if entry[0] not in mine]
 
     def _prune(self) -> None:
         self._finishing = {e: r for e, r in self._finishing.items()

@@ -8,6 +8,14 @@ writes them in their original order once Redis is back; the record script skips
 anything already applied, so a retried batch writes nothing twice. A stream entry is
 acknowledged only once its service's final state is written, and never for a change that
 a newer attempt fenced out.
+
+With ``replicas`` (SOAF_DURABLE_SUBMIT, soaf.protocol.durable) a batch that holds a final
+state ends with a WAIT on the same connection (and so do the acknowledgements that
+follow it), and counts as written only once that many replicas hold it. Until then the
+writer keeps the batch and sends it again, as through an outage: to the same master the
+record script skips what it has, and after a failover the new master gets what the old
+one acknowledged but never replicated. Fencing by (attempt, seq) makes the second send
+safe.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from typing import Any, Protocol
 
 import redis
 
+from soaf.errors import NotReplicated
+from soaf.protocol import durable
 from soaf.protocol.keys import Keys
 from soaf.protocol.queues import finish
 from soaf.protocol.scripts import RECORD, is_noscript
@@ -44,8 +54,12 @@ MAX_BACKOFF = 5.0
 class StateWriter:
     """Queue changes with ``put``; a background thread writes them."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, record_ttl: float = 0) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, *, record_ttl: float = 0,
+                 replicas: int = 0) -> None:
         self._redis = client
+        self._replicas = replicas
+        if replicas:
+            log.info("final states count as written once %d replica(s) hold them", replicas)
         self._keys = keys
         self._record_ttl = record_ttl
         self._queue: collections.deque[Change | Writable] = collections.deque()
@@ -120,6 +134,15 @@ class StateWriter:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
+            except NotReplicated as e:
+                with self._cond:
+                    self._busy = False
+                log.warning("keeping %d state changes to send again: %s", len(batch), e)
+                if self._stopping:
+                    return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
             except Exception:
                 log.exception("dropping %d state changes that Redis refused", len(batch))
             if not self.connected:
@@ -149,6 +172,11 @@ class StateWriter:
             for key in self._keys.aging(change.service_id):
                 pipe.expire(key, ttl)
 
+    def _confirmed(self, acked: Any, what: str) -> None:
+        """NotReplicated unless WAIT's reply ``acked`` reaches the replicas asked for (an
+        error reply counts as none): the batch is then kept and sent again."""
+        durable.confirmed(acked if isinstance(acked, int) else 0, self._replicas, what)
+
     def _write(self, batch: list[Change | Writable]) -> None:
         # One script call per service (and attempt): its changes in their original order.
         # Other items (log lines) go first: a service's last lines precede its final state.
@@ -160,6 +188,7 @@ class StateWriter:
             else:
                 others.append(change)
         calls = list(groups.values())
+        wait = self._replicas > 0 and any(c.ack for changes in calls for c in changes)
         for attempt in (1, 2):
             pipe = self._redis.pipeline(transaction=False)
             if attempt == 1:
@@ -168,6 +197,8 @@ class StateWriter:
             for changes in calls:
                 keys, args = record_call(self._keys, changes)
                 RECORD.call(pipe, keys, args)
+            if wait:  # after the finals, on their connection: how many replicas hold them
+                pipe.wait(self._replicas, durable.WAIT_MS)
             results = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(is_noscript(r) for r in results):
                 RECORD.load(self._redis)  # Redis restarted or flushed its scripts
@@ -178,6 +209,8 @@ class StateWriter:
                 raise result
             if isinstance(result, Exception):
                 log.error("state write refused by Redis: %s", result)
+        if wait:
+            self._confirmed(results.pop(), "a batch of final states")
         # Finish an entry only where its final state went in: changes fenced out by a newer
         # attempt (-1) come from a core that lost the service, whose entry is now pending
         # for the core that took it over; acknowledging it would hide it from recovery.
@@ -193,9 +226,14 @@ class StateWriter:
             pipe = self._redis.pipeline(transaction=False)
             for change, applied in finals:
                 self._finish(pipe, change, applied=applied)
-            for result in pipe.execute(raise_on_error=False):
+            if wait:  # an acknowledgement lost in a failover would leave the entry pending
+                pipe.wait(self._replicas, durable.WAIT_MS)
+            done_results = pipe.execute(raise_on_error=False)
+            for result in done_results:
                 if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
                     raise result
+            if wait:
+                self._confirmed(done_results[-1], "the acknowledgements of final states")
         for changes, ok in written:
             for change in changes:
                 if change.on_written is not None:
