@@ -63,6 +63,10 @@ _OPTIONS = [
     click.option("--max-payload-age", type=click.FloatRange(min=0), metavar="SECONDS",
                  help="Seconds a signed payload whose record is gone may still run (replays). "
                       "Env SOAF_MAX_PAYLOAD_AGE. Default: the record TTL."),
+    click.option("--durable-replicas", type=click.IntRange(min=0), metavar="N",
+                 help="Replicas that must hold a final state before it counts as written (0: "
+                      "none). Env SOAF_DURABLE_SUBMIT=1 turns it on with SOAF_DURABLE_REPLICAS "
+                      "replicas (default 1). Default: 0."),
     click.option("--max-submit-delay", type=click.FloatRange(min=0), metavar="SECONDS",
                  help="Seconds an entry may reach its queue after its payload was signed; "
                       "later, it is refused as a replay (0: no limit). Env "
@@ -82,7 +86,7 @@ _OPTIONS = [
 SETTINGS_FLAGS = ("kill_grace", "callback_timeout", "file_poll", "log_max_bytes", "log_interval",
                   "log_lines", "reload_poll", "reload_debounce", "reload_timeout", "reload_watch",
                   "heartbeat_interval", "heartbeat_ttl", "record_ttl", "max_payload_age",
-                  "max_submit_delay", "fetch_timeout")
+                  "max_submit_delay", "durable_replicas", "fetch_timeout")
 #: Flags that set a variable read where it is used.
 ENV_FLAGS = {"redis_server": "SOAF_REDIS_SERVER", "host_id": "SOAF_HOST_ID"}
 

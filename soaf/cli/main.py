@@ -89,7 +89,7 @@ def _policy(flags: dict[str, Any]) -> Any:
 @cli.command()
 @click.option("--redis", "redis_url", metavar="URL", envvar="SOAF_REDIS_URL",
               help="Redis to use (redis://, rediss://, unix://, redis+sentinel://). Env "
-                   "SOAF_REDIS_URL (or SOAF_SENTINELS + SOAF_SENTINEL_MASTER). "
+                   "SOAF_REDIS_URL (or SOAF_SENTINELS + SOAF_SENTINEL_MASTER [+ SOAF_SENTINEL_DB]). "
                    "Default: start an embedded redis-server in the state dir.")
 @click.option("--work-root", type=click.Path(path_type=Path), envvar="SOAF_WORK_ROOT",
               help="Directory holding every service's work dir. Env SOAF_WORK_ROOT. "
