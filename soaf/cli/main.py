@@ -22,6 +22,7 @@ from soaf.cli.dashboard import dashboard
 from soaf.cli.info import info
 from soaf.cli.logconfig import setup_logging
 from soaf.cli.pipelines import pipelines
+from soaf.cli.resubmit import resubmit
 from soaf.errors import SoafError
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ def _size(n: int) -> str:
     return f"{value:.1f} TiB"
 
 
-for _command in [*COMMANDS, info, pipelines, cache, dashboard]:
+for _command in [*COMMANDS, resubmit, info, pipelines, cache, dashboard]:
     cli.add_command(_command)
 
 

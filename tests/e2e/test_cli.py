@@ -63,7 +63,7 @@ def test_help_everywhere(core_env):
     top = soaf(core_env, "--help")
     assert top.returncode == 0
     commands = ["core", "submit", "ls", "status", "wait", "logs", "cancel", "plugins", "nodes",
-                "reload", "info", "pipelines", "cache", "services", "dashboard"]
+                "reload", "info", "pipelines", "cache", "services", "dashboard", "resubmit"]
     for command in commands:
         assert command in top.stdout
         out = soaf(core_env, command, "-h")

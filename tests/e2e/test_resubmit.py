@@ -61,3 +61,25 @@ def test_resubmit_needs_a_kept_and_genuine_payload(client, redis_server):
     r.set(client.keys.payload(forged.service_id), soaf.dumps(forged, "another key, not ours"))
     with pytest.raises(SignatureError):
         client.resubmit(forged.service_id)
+
+
+def test_soaf_resubmit_runs_a_service_again_under_a_new_id(start_core, core_env, redis_server,
+                                                          prefix):
+    """The command line: ``soaf resubmit ID --wait`` prints the old and the new id, the
+    new service runs the same template, and an id with no kept payload exits 1."""
+    from tests.e2e.test_cli import soaf as run
+
+    plain = soaf.Client(redis_server.url, secret=SECRET, prefix=prefix)
+    start_core()
+    sid = plain.submit(ServiceParamTemplate("steps", args={"n": 1, "delay": 0.01}))
+    assert plain.wait(sid, timeout=30).ok
+    out = run(core_env, "resubmit", sid, "--wait")
+    assert out.returncode == 0, out.stderr
+    old, new = out.stdout.splitlines()[0].split()
+    assert old == sid and new != sid
+    assert f"{new}: succeeded" in out.stdout
+    record = plain.status(new)
+    assert record.service == "steps" and record.ok
+    missing = run(core_env, "resubmit", "no-such-id")
+    assert missing.returncode == 1 and "no payload is kept" in missing.stderr
+    plain.close()
