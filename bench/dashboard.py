@@ -23,12 +23,10 @@ import argparse
 import json
 import os
 import random
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,7 +37,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from soaf.core.embedded import find_redis_server  # noqa: E402
+from bench.private_redis import private_redis  # noqa: E402
 from soaf.protocol.keys import Keys  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -124,85 +122,74 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=30)
     opts = ap.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="soaf-bench-dash-", dir="/tmp"))
-    sock = tmp / "redis.sock"
-    server = subprocess.Popen([find_redis_server(), "--port", "0", "--unixsocket", str(sock),
-                               "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-                              stdout=subprocess.DEVNULL)
     dashboard = None
-    try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.02)
-        r = redis.Redis(unix_socket_path=str(sock))
-        keys = Keys()
-        t0 = time.perf_counter()
-        run_ids = fill(r, keys, opts.records, opts.running)
-        print(f"{opts.records} records written in {time.perf_counter() - t0:.1f} s "
-              f"(Redis memory {r.info('memory')['used_memory_human']})")
+    with private_redis("soaf-bench-dash-") as (tmp, r):
+        sock = tmp / "redis.sock"
+        try:
+            keys = Keys()
+            t0 = time.perf_counter()
+            run_ids = fill(r, keys, opts.records, opts.running)
+            print(f"{opts.records} records written in {time.perf_counter() - t0:.1f} s "
+                  f"(Redis memory {r.info('memory')['used_memory_human']})")
 
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOAF_")}
-        env.update(SOAF_REDIS_URL=f"unix://{sock}", SOAF_DASHBOARD_TOKEN="bench-token")
-        log = open(tmp / "dashboard.log", "wb")  # noqa: SIM115
-        dashboard = subprocess.Popen([sys.executable, "-m", "soaf.cli", "dashboard", "--port",
-                                      str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=url, timeout=30) as http:
-            for _ in range(300):
-                try:
-                    if http.get("/api/nodes").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            print(f"pages over {opts.records} records ({opts.repeat} requests each after the first):")
-            report("/services (first page, HTML)", *timed(http, "/services", opts.repeat))
-            report("/api/services (first page, JSON)", *timed(http, "/api/services", opts.repeat))
-            middle = f"bench{opts.records // 2:07d}"
-            score = r.zscore(keys.services, middle)
-            report("/services?cursor=<middle> (deep page)",
-                   *timed(http, f"/services?cursor={score!r}:{middle}", opts.repeat))
-            report("/services?state=timed_out (none: 5,000 looked at)",
-                   *timed(http, "/services?state=timed_out", opts.repeat))
+            port = free_port()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SOAF_")}
+            env.update(SOAF_REDIS_URL=f"unix://{sock}", SOAF_DASHBOARD_TOKEN="bench-token")
+            log = open(tmp / "dashboard.log", "wb")  # noqa: SIM115
+            dashboard = subprocess.Popen([sys.executable, "-m", "soaf.cli", "dashboard", "--port",
+                                          str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+            url = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=url, timeout=30) as http:
+                for _ in range(300):
+                    try:
+                        if http.get("/api/nodes").status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        time.sleep(0.1)
+                print(f"pages over {opts.records} records ({opts.repeat} requests each after the first):")
+                report("/services (first page, HTML)", *timed(http, "/services", opts.repeat))
+                report("/api/services (first page, JSON)", *timed(http, "/api/services", opts.repeat))
+                middle = f"bench{opts.records // 2:07d}"
+                score = r.zscore(keys.services, middle)
+                report("/services?cursor=<middle> (deep page)",
+                       *timed(http, f"/services?cursor={score!r}:{middle}", opts.repeat))
+                report("/services?state=timed_out (none: 5,000 looked at)",
+                       *timed(http, "/services?state=timed_out", opts.repeat))
 
-        for phase, rate in (("idle", 0.0), ("busy", opts.rate)):
-            counts = [0] * opts.clients
-            stop = threading.Event()
-            ready = threading.Barrier(opts.clients + 1)
-            threads = [threading.Thread(target=sse_client, args=(url, counts, i, stop, ready),
-                                        daemon=True) for i in range(opts.clients)]
-            for t in threads:
-                t.start()
-            ready.wait(timeout=60)
-            time.sleep(1.0)  # connections settled
-            before, t0 = cpu_seconds(dashboard.pid), time.perf_counter()
-            changes = 0
-            while (elapsed := time.perf_counter() - t0) < opts.seconds:
-                if rate:
-                    sid = random.choice(run_ids)
-                    pipe = r.pipeline(transaction=False)
-                    pipe.hset(keys.service(sid), "progress", json.dumps(random.random()))
-                    pipe.publish(keys.notify, json.dumps({"id": sid, "seq": changes}))
-                    pipe.execute()
-                    changes += 1
-                    time.sleep(max(0.0, changes / rate - (time.perf_counter() - t0)))
-                else:
-                    time.sleep(0.1)
-            used = cpu_seconds(dashboard.pid) - before
-            stop.set()
-            print(f"live updates, {phase}: {opts.clients} SSE clients, {changes} changes in "
-                  f"{elapsed:.1f} s: dashboard CPU {used:.2f} s = {100 * used / elapsed:.1f}% of "
-                  f"one core; 'services' updates per client: min {min(counts)}, "
-                  f"max {max(counts)}")
-            # The clients end at their next line (a ping or an update); wait for none.
-    finally:
-        if dashboard is not None:
-            dashboard.terminate()
-            dashboard.wait(10)
-        server.terminate()
-        server.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+            for phase, rate in (("idle", 0.0), ("busy", opts.rate)):
+                counts = [0] * opts.clients
+                stop = threading.Event()
+                ready = threading.Barrier(opts.clients + 1)
+                threads = [threading.Thread(target=sse_client, args=(url, counts, i, stop, ready),
+                                            daemon=True) for i in range(opts.clients)]
+                for t in threads:
+                    t.start()
+                ready.wait(timeout=60)
+                time.sleep(1.0)  # connections settled
+                before, t0 = cpu_seconds(dashboard.pid), time.perf_counter()
+                changes = 0
+                while (elapsed := time.perf_counter() - t0) < opts.seconds:
+                    if rate:
+                        sid = random.choice(run_ids)
+                        pipe = r.pipeline(transaction=False)
+                        pipe.hset(keys.service(sid), "progress", json.dumps(random.random()))
+                        pipe.publish(keys.notify, json.dumps({"id": sid, "seq": changes}))
+                        pipe.execute()
+                        changes += 1
+                        time.sleep(max(0.0, changes / rate - (time.perf_counter() - t0)))
+                    else:
+                        time.sleep(0.1)
+                used = cpu_seconds(dashboard.pid) - before
+                stop.set()
+                print(f"live updates, {phase}: {opts.clients} SSE clients, {changes} changes in "
+                      f"{elapsed:.1f} s: dashboard CPU {used:.2f} s = {100 * used / elapsed:.1f}% of "
+                      f"one core; 'services' updates per client: min {min(counts)}, "
+                      f"max {max(counts)}")
+                # The clients end at their next line (a ping or an update); wait for none.
+        finally:
+            if dashboard is not None:
+                dashboard.terminate()
+                dashboard.wait(10)
     return 0
 
 

@@ -15,10 +15,7 @@ and Redis's own CPU time per call (INFO commandstats, usec_per_call of EVALSHA).
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +24,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from soaf.core.embedded import find_redis_server  # noqa: E402
+from bench.private_redis import private_redis  # noqa: E402
 from soaf.protocol.keys import GROUP, Keys  # noqa: E402
 from soaf.protocol.queues import PRIORITY_AGING, member  # noqa: E402
 from soaf.protocol.scripts import TAKE  # noqa: E402
@@ -85,19 +82,7 @@ def main() -> int:
     ap.add_argument("--ready", type=int, default=10,
                     help="queues holding entries in the second run of each size")
     opts = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="soaf-bench-"))
-    sock = tmp / "redis.sock"
-    server = subprocess.Popen([find_redis_server(), "--port", "0", "--unixsocket", str(sock),
-                               "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-                              stdout=subprocess.DEVNULL)
-    try:
-        r = redis.Redis(unix_socket_path=str(sock))
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+    with private_redis() as (_tmp, r):
         print(f"TAKE of {opts.count} entries, {opts.calls} calls, one client, unix socket")
         print(f"{'queues':>7} {'ready':>6} {'take µs':>9} {'take Redis µs':>14} {'scan µs':>9} "
               f"{'scan Redis µs':>14}")
@@ -108,10 +93,6 @@ def main() -> int:
                 take_wall, take_cpu, scan_wall, scan_cpu = run(r, n, opts.count, opts.calls, ready)
                 print(f"{n:>7} {ready or n:>6} {take_wall:>9.0f} {take_cpu:>14.0f} "
                       f"{scan_wall:>9.0f} {scan_cpu:>14.0f}")
-    finally:
-        server.terminate()
-        server.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
