@@ -217,14 +217,11 @@ def test_heartbeat_from_another_host_is_waited_out(start_core, redis_server, pre
 def test_frozen_core_is_replaced_and_its_late_writes_are_fenced(start_core, client, logdir):
     """A core stopped (SIGSTOP) past its TTL looks dead: its work is taken over. When it
     wakes up, its writes for the old attempt are refused and it does not collect."""
-    start_core(SOAF_NODE="core-b")
     a = start_core(SOAF_NODE="core-a", SOAF_MAX_SERVICES="1")
-    ids: list[str] = []
-    def one_on_a() -> list[str]:
-        if len(ids) < 6:
-            ids.append(hold(client, logdir, 6, retries=1))
-        return running_on(client, ids, "core-a")
-    sid = wait_until(one_on_a, 30, interval=0.3, message="a service on core-a")[0]
+    ids = [hold(client, logdir, 6, retries=1)]  # core-a takes it: the survivor starts after
+    sid = wait_until(lambda: running_on(client, ids, "core-a"), 30, interval=0.3,
+                     message="a service on core-a")[0]
+    start_core(SOAF_NODE="core-b")
     a.signal(signal.SIGSTOP)
     try:
         wait_until(lambda: client.status(sid).attempt == 2, 30, message="takeover")
