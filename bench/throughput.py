@@ -40,9 +40,34 @@ class TrueService(ServiceProgramTemplate):
 '''
 
 
-def commands(r: redis.Redis) -> int:
+def command_counts(r: redis.Redis) -> dict[str, int]:
+    """Calls per command so far (commands run inside Lua scripts included)."""
     stats = r.info("commandstats")
-    return sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_info",))
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()
+            if k not in ("cmdstat_info",)}
+
+
+def commands(r: redis.Redis) -> int:
+    return sum(command_counts(r).values())
+
+
+def redis_cpu(r: redis.Redis) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds of the process itself, of its reaped children), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return ((int(fields[11]) + int(fields[12])) / tick,
+            (int(fields[13]) + int(fields[14])) / tick)
+
+
+def breakdown(before: dict[str, int], after: dict[str, int], n: int) -> str:
+    per = {k: (after.get(k, 0) - before.get(k, 0)) / n for k in after}
+    top = sorted(((v, k) for k, v in per.items() if v >= 0.05), reverse=True)
+    return ", ".join(f"{k} {v:.1f}" for v, k in top)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -57,6 +82,8 @@ def main() -> int:
     ap.add_argument("--max-services", type=int, default=64)
     ap.add_argument("--work-root", type=Path, default=None)
     ap.add_argument("--file-poll", default="0.05", help="SOAF_FILE_POLL for the core")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="print Redis commands per service by command")
     opts = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="soaf-bench-", dir="/tmp"))
@@ -100,6 +127,7 @@ def main() -> int:
               f"({'tmpfs' if str(work_root).startswith('/dev/shm') else 'disk'}), "
               f"max_services={opts.max_services}, file_poll={opts.file_poll}")
         lat = []
+        seq_before = command_counts(r)
         for _ in range(opts.latency_runs):
             t0 = time.perf_counter()
             sid = client.submit(ServiceParamTemplate("true"))
@@ -109,8 +137,14 @@ def main() -> int:
         print(f"latency submit->final ({opts.latency_runs} sequential): "
               f"p50 {statistics.median(lat):.2f} ms, p95 {pct(lat, 95):.2f} ms, "
               f"max {max(lat):.2f} ms")
+        seq_after = command_counts(r)
+        seq_total = sum(seq_after.values()) - sum(seq_before.values())
+        print(f"  redis commands per sequential submit + wait: {seq_total / opts.latency_runs:.1f}")
+        if opts.breakdown:
+            print(f"    by command: {breakdown(seq_before, seq_after, opts.latency_runs)}")
 
-        before = commands(r)
+        before = command_counts(r)
+        cpu_before, redis_before = process_cpu(core.pid), redis_cpu(r)
         ids = []
         t0 = time.perf_counter()
         for _ in range(opts.n):
@@ -118,7 +152,8 @@ def main() -> int:
         t_submit = time.perf_counter() - t0
         records = client.wait_all(ids, timeout=600)
         elapsed = time.perf_counter() - t0
-        after = commands(r)
+        after = command_counts(r)
+        cpu_after, redis_after = process_cpu(core.pid), redis_cpu(r)
         bad = [x for x in records if x.state != "succeeded"]
         e2e = [(x.get("finished_at") - x.get("submitted_at")) * 1000 for x in records]
         print(f"throughput: {opts.n} services in {elapsed:.2f} s = {opts.n / elapsed:.0f}/s "
@@ -126,8 +161,15 @@ def main() -> int:
               f"{len(bad)} not succeeded")
         print(f"  submit->final under load: p50 {statistics.median(e2e):.1f} ms, "
               f"p95 {pct(e2e, 95):.1f} ms")
+        total = sum(after.values()) - sum(before.values())
         print(f"  redis commands per service (client+core, incl. waiting): "
-              f"{(after - before) / opts.n:.1f}")
+              f"{total / opts.n:.1f}")
+        if opts.breakdown:
+            print(f"    by command: {breakdown(before, after, opts.n)}")
+        own, children = (a - b for a, b in zip(cpu_after, cpu_before))
+        print(f"  CPU per service: core {own / opts.n * 1000:.2f} ms, its programs and shims "
+              f"{children / opts.n * 1000:.2f} ms, redis-server "
+              f"{(redis_after - redis_before) / opts.n * 1000:.2f} ms")
         client.close()
         return 0 if not bad else 1
     finally:
