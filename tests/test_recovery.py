@@ -332,3 +332,32 @@ def test_a_journal_noted_by_every_callback_stays_small_and_readable(tmp_path):
     assert found.died_in == ["file_change_callback"]  # another call's return keeps the row
     journal.calling("file_change_callback", returned=True)
     assert load(journal.path).died_in == []
+
+
+def test_a_callback_call_appends_only_what_changed(tmp_path):
+    """A call under way is one short line of changes after a whole journal (a trivial
+    service makes eight of them); loading applies them in order, skips a torn one, and a
+    later whole line (a step) supersedes them."""
+    journal = RunJournal(tmp_path, "n", "svc", 1, tmp_path)
+    journal.step("running", save=True, process={"pid": 1, "start_time": 5}, running_at=1.0)
+    journal.data.died_in = ["after_watch_callback"]
+    size = journal.path.stat().st_size
+    journal.calling("after_watch_callback")
+    assert journal.path.stat().st_size - size < 40  # not the whole journal again
+    found = load(journal.path)
+    assert found is not None and found.in_call == "after_watch_callback"
+    assert found.steps == ["running"] and found.process == {"pid": 1, "start_time": 5}
+    assert found.died_in == []  # the whole line before the change did not have it yet
+    journal.calling("after_watch_callback", returned=True)
+    with open(journal.path, "a") as f:  # a change torn by a crash
+        f.write('{"in_call": "file_ch')
+    found = load(journal.path)
+    assert found is not None and found.in_call is None and found.died_in == []
+    with open(journal.path, "a") as f:
+        f.write("\n")
+    journal.step("collected", save=True, final={"state": "succeeded"})
+    found = load(journal.path)
+    assert found is not None and found.steps == ["running", "collected"]
+    assert found.died_in == []  # cleared by the return, kept by the whole line
+    journal.remove()
+    assert not journal.path.exists()

@@ -11,8 +11,12 @@ two places:
   them; ``collected`` travels in the same write as the final state;
 * on the core's disk, in ``<work root>/.soaf-runs/<node>/<service id>.<attempt>.json``,
   appended synchronously (one JSON line, one ``write``) at the two steps a crash must not
-  lose: ``running`` (who the program is) and ``collected`` (the callback has run); the
-  last complete line counts, so a line torn by a crash only loses that step. This copy
+  lose: ``running`` (who the program is) and ``collected`` (the callback has run). A
+  step's line holds the whole journal; the lines noting a plugin call under way
+  (``calling``) hold only what changed, because a trivial service makes eight of them and
+  each must cost one small ``write`` on a file the run keeps open. The journal is the
+  last whole line with the later changes applied in order, so a line torn by a crash
+  only loses that step. This copy
   survives what the Redis copy may not: a crash while Redis was away and the writer
   still held the changes. It is removed once the final state is in Redis.
 
@@ -23,6 +27,7 @@ is still found by that path on its command line.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -147,22 +152,30 @@ class Journal:
 
 
 _FIELDS = tuple(f.name for f in fields(Journal))
+#: The fields a line of changes (``RunJournal.calling``) may set.
+_CHANGES = frozenset({"in_call", "died_in"})
 
 
 def load(path: Path) -> Journal | None:
-    """The journal as of its last complete line, or None."""
+    """The journal as of its last whole line and the changes after it, or None. A line
+    that does not parse (torn by a crash) is skipped."""
     try:
         text = path.read_text()
     except OSError:
         return None
-    for line in reversed(text.splitlines()):
+    merged: dict[str, Any] | None = None
+    for line in text.splitlines():
         try:
-            journal = Journal.from_dict(json.loads(line))
+            data = json.loads(line)
         except ValueError:
             continue
-        if journal is not None:
-            return journal
-    return None
+        if not isinstance(data, dict):
+            continue
+        if "service_id" in data:  # a whole journal: what came before no longer counts
+            merged = data
+        elif merged is not None:
+            merged.update((k, v) for k, v in data.items() if k in _CHANGES)
+    return Journal.from_dict(merged) if merged is not None else None
 
 
 def local_journals(work_root: Path, node: str) -> list[tuple[Path, Journal]]:
@@ -223,6 +236,9 @@ class RunJournal:
         self.data.core = _this_core()
         self.collected = False
         self._written = 0  # bytes appended by this core (a compaction starts it again)
+        #: The journal file, open for appending from the first save until ``remove()``
+        #: (unbuffered: each line is one ``write``; closed with the object otherwise).
+        self._file: io.FileIO | None = None
 
     @property
     def exit_file(self) -> Path:
@@ -259,10 +275,14 @@ class RunJournal:
         in between, such as the before_watch_callback of a re-adopted program, do not
         break the row). A core that dies inside the call leaves this behind."""
         self.data.in_call = None if returned else name
+        change: dict[str, Any] = {"in_call": self.data.in_call}
         if returned and name in self.data.died_in:
-            self.data.died_in = []
+            self.data.died_in = change["died_in"] = []
         try:
-            self.save()
+            if self._written == 0 or self._written > MAX_JOURNAL_BYTES:
+                self.save()  # a whole journal first (and to compact a long one)
+            else:
+                self._append(json.dumps(change) + "\n")
         except OSError as e:
             log.warning("service %s: cannot save its journal (%s)", self.data.service_id, e)
 
@@ -274,22 +294,34 @@ class RunJournal:
         return {"journal": self.data.shared()}
 
     def save(self) -> None:
+        """Append the whole journal as one line."""
         line = json.dumps(self.data.to_dict(), default=str) + "\n"
         if self._written > MAX_JOURNAL_BYTES:  # a long run's callbacks: start afresh
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(line)
             os.replace(tmp, self.path)  # atomic: a crash leaves the old or the new file
+            self._close()  # it names the old file now
             self._written = len(line)
             return
-        try:
-            with open(self.path, "a") as f:
-                f.write(line)
-        except FileNotFoundError:  # the first run of this node here (or a wiped dir)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(line)
-        self._written += len(line)
+        self._append(line)
+
+    def _append(self, line: str) -> None:
+        if self._file is None:
+            try:
+                self._file = io.FileIO(self.path, "a")
+            except FileNotFoundError:  # the first run of this node here (or a wiped dir)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = io.FileIO(self.path, "a")
+        data = line.encode()
+        self._file.write(data)  # unbuffered: one write(2) of the whole line
+        self._written += len(data)
+
+    def _close(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
 
     def remove(self) -> None:
         """Remove this attempt's journal and exit file."""
+        self._close()
         remove_files(self.path, self.data)
