@@ -281,6 +281,14 @@ def test_shim_checks_the_program_first(tmp_path):
     (tmp_path / "noexec").write_text("#!/bin/sh\n")
     with pytest.raises(ProgramError, match="permission denied"):
         shim.wrap(["./noexec"], cwd=tmp_path, env=env, exit_file=tmp_path / "e")
+    # What the head of a program says is remembered only while the file stays the same.
+    (tmp_path / "plain").write_text("#!/bin/sh\necho now a script\n")
+    assert shim.wrap(["./plain"], cwd=tmp_path, env=env, exit_file=tmp_path / "e")[1]
+    (tmp_path / "plain").write_text("echo no shebang again")
+    assert not shim.wrap(["./plain"], cwd=tmp_path, env=env, exit_file=tmp_path / "e")[1]
+    (tmp_path / "plain").unlink()
+    with pytest.raises(ProgramError, match=r"executable not found: \./plain"):
+        shim.wrap(["./plain"], cwd=tmp_path, env=env, exit_file=tmp_path / "e")
 
 
 # -- journals ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 from pathlib import Path
 
 from soaf.errors import ProgramError
@@ -85,14 +86,33 @@ def _check(argv: list[str], cwd: Path, env: dict[str, str]) -> bool:
         if found is None:
             raise ProgramError(f"executable not found: {name} (No such file or directory)")
         path = Path(found)
-    if path.is_dir() or not os.access(path, os.X_OK):
+    try:
+        st = path.stat()
+    except OSError:
+        st = None
+    if st is None or stat.S_ISDIR(st.st_mode) or not os.access(path, os.X_OK):
         raise ProgramError(f"permission denied running {name} (is it executable?)")
+    return _runs_under_shim(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+_HEADS: dict[tuple[Path, tuple[int, int, int, int]], bool] = {}
+
+
+def _runs_under_shim(path: Path, version: tuple[int, int, int, int]) -> bool:
+    """Whether ``path`` starts with '#!' or is an ELF binary; remembered while the file
+    stays the same (a core spawns the same few programs over and over)."""
+    known = _HEADS.get((path, version))
+    if known is not None:
+        return known
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError:
         return False
-    return head.startswith(_MAGIC)
+    if len(_HEADS) > 1000:
+        _HEADS.clear()
+    _HEADS[(path, version)] = found = head.startswith(_MAGIC)
+    return found
 
 
 def wrap(argv: object, *, cwd: Path, env: dict[str, str], exit_file: Path,

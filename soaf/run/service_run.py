@@ -1,4 +1,5 @@
-"""ServiceRun: one service from claim to final state, in a thread of its own.
+"""ServiceRun: one service from claim to final state, in a thread of its own (one kept
+from an ended run when there is one: soaf.run.threads).
 
 Its thread runs the plugin code inline. If that code hangs, the core's limit enforcer
 (``tick``, from soaf.core.enforcer) takes the run over (soaf.run.control): a new thread
@@ -49,6 +50,7 @@ from soaf.run.journal import JOURNALED_CALLS, RunJournal
 from soaf.run.outcome import INTERRUPTED, Outcome
 from soaf.run.policy import RETRYABLE, policy_for
 from soaf.run.ports import Engines, PluginClasses
+from soaf.run.threads import RUN_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +134,6 @@ class ServiceRun:
         self.cache_key: str | None = None
         #: Set once the final state is in Redis (or was fenced out by a newer attempt).
         self.final_written = threading.Event()
-        self.thread = threading.Thread(
-            target=self._run, name=f"soaf-svc-{self.service_id[:12]}", daemon=True
-        )
 
     @property
     def work_dir(self) -> Path | None:
@@ -157,7 +156,7 @@ class ServiceRun:
     def start(self) -> None:
         if self.engines.enforcer is not None:
             self.engines.enforcer.add(self)
-        self.thread.start()
+        RUN_THREADS.start(self._run, f"soaf-svc-{self.service_id[:12]}")
 
     def cancel(self) -> None:
         """Stop the service for good: it ends ``cancelled``."""

@@ -1,0 +1,90 @@
+"""Threads for service runs, kept for the next run once one ends.
+
+Every run has a thread of its own (soaf.run.service_run). Creating a thread costs about
+as much CPU as spawning the trivial program it watches (a clone, a stack, its
+bookkeeping), so a core that runs hundreds of short services a second keeps the threads
+of ended runs idle for a while and hands them the next runs. A thread idle for
+``IDLE_SECONDS`` ends, so a burst leaves nothing behind. A pooled thread takes the name
+of the run it serves (logs and ``py-spy`` show it); thread-local values set by plugin
+code may outlive its run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+#: Seconds an idle thread waits for its next run before it ends.
+IDLE_SECONDS = 30.0
+#: The name of a thread between runs.
+IDLE_NAME = "soaf-idle"
+
+Task = tuple[Callable[[], None], str]
+
+
+class _Worker:
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+        self.task: Task | None = None
+        self.given = threading.Event()
+
+    def loop(self, task: Task | None) -> None:
+        me = threading.current_thread()
+        while task is not None:
+            target, name = task
+            me.name = name
+            try:
+                target()
+            except BaseException:  # a run catches its own errors; this is a last resort
+                log.exception("thread %s ended with an error", name)
+            me.name = IDLE_NAME
+            task = self.pool.next_task(self)
+
+
+class ThreadPool:
+    """``start(target, name)`` runs ``target`` in a thread: an idle one if there is one,
+    else a new daemon thread."""
+
+    def __init__(self, idle_seconds: float = IDLE_SECONDS) -> None:
+        self.idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self.created = 0  # threads started so far (the rest of the runs reused one)
+
+    def start(self, target: Callable[[], None], name: str) -> None:
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+            if worker is None:
+                self.created += 1
+        if worker is not None:
+            worker.task = (target, name)
+            worker.given.set()
+            return
+        worker = _Worker(self)
+        threading.Thread(target=worker.loop, args=((target, name),), name=name,
+                         daemon=True).start()
+
+    def idle(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def next_task(self, worker: _Worker) -> Task | None:
+        """Wait (idle) for the next task of ``worker``; None when it should end."""
+        worker.given.clear()
+        with self._lock:
+            self._idle.append(worker)
+        if not worker.given.wait(self.idle_seconds):
+            with self._lock:
+                if worker in self._idle:  # nobody took it meanwhile: end
+                    self._idle.remove(worker)
+                    return None
+            worker.given.wait()  # taken as the wait ran out: its task is on the way
+        task, worker.task = worker.task, None
+        return task
+
+
+#: The threads of this process's service runs.
+RUN_THREADS = ThreadPool()
