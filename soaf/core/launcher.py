@@ -332,9 +332,9 @@ class Launcher:
         """Acknowledge and delete entries that need no (more) work; the records of the
         services in ``ended`` (final without running) start to age."""
         pipe = self.client.pipeline(transaction=False)
-        finish(pipe, self.keys, entry_ids)
         ttl = int(self.settings.record_ttl)
         for sid in (ended or []) if ttl > 0 else []:
             for key in self.keys.aging(sid):
-                pipe.expire(key, ttl)  # the record starts to age
+                pipe.expire(key, ttl)  # the record starts to age (before its entry is gone)
+        finish(pipe, self.keys, entry_ids)
         pipe.execute()
