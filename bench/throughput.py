@@ -13,6 +13,7 @@ and prints Redis commands per service (from INFO commandstats).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -82,6 +83,7 @@ def main() -> int:
     ap.add_argument("--max-services", type=int, default=64)
     ap.add_argument("--work-root", type=Path, default=None)
     ap.add_argument("--file-poll", default="0.05", help="SOAF_FILE_POLL for the core")
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     ap.add_argument("--breakdown", action="store_true",
                     help="print Redis commands per service by command")
     opts = ap.parse_args()
@@ -145,6 +147,7 @@ def main() -> int:
 
         before = command_counts(r)
         cpu_before, redis_before = process_cpu(core.pid), redis_cpu(r)
+        client_before = time.process_time()
         ids = []
         t0 = time.perf_counter()
         for _ in range(opts.n):
@@ -154,6 +157,7 @@ def main() -> int:
         elapsed = time.perf_counter() - t0
         after = command_counts(r)
         cpu_after, redis_after = process_cpu(core.pid), redis_cpu(r)
+        client_cpu = time.process_time() - client_before
         bad = [x for x in records if x.state != "succeeded"]
         e2e = [(x.get("finished_at") - x.get("submitted_at")) * 1000 for x in records]
         print(f"throughput: {opts.n} services in {elapsed:.2f} s = {opts.n / elapsed:.0f}/s "
@@ -169,7 +173,21 @@ def main() -> int:
         own, children = (a - b for a, b in zip(cpu_after, cpu_before))
         print(f"  CPU per service: core {own / opts.n * 1000:.2f} ms, its programs and shims "
               f"{children / opts.n * 1000:.2f} ms, redis-server "
-              f"{(redis_after - redis_before) / opts.n * 1000:.2f} ms")
+              f"{(redis_after - redis_before) / opts.n * 1000:.2f} ms, client "
+              f"{client_cpu / opts.n * 1000:.2f} ms")
+        if opts.json is not None:
+            opts.json.write_text(json.dumps({
+                "services_per_s": opts.n / elapsed, "submit_per_s": opts.n / t_submit,
+                "latency_p50_ms": statistics.median(lat), "latency_p95_ms": pct(lat, 95),
+                "loaded_p50_ms": statistics.median(e2e),
+                "redis_cmds_per_service": total / opts.n,
+                "redis_cmds_per_sequential_wait": seq_total / opts.latency_runs,
+                "core_cpu_ms": own / opts.n * 1000, "programs_cpu_ms": children / opts.n * 1000,
+                "redis_cpu_ms": (redis_after - redis_before) / opts.n * 1000,
+                "client_cpu_ms": client_cpu / opts.n * 1000,
+                "work_root": "disk" if opts.work_root is not None and
+                not str(opts.work_root).startswith("/dev/shm") else "tmpfs",
+                "not_succeeded": len(bad)}, indent=1))
         client.close()
         return 0 if not bad else 1
     finally:
