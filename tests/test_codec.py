@@ -61,6 +61,25 @@ def test_round_trip_and_envelope_layout() -> None:
     assert (back.service, back.service_id, back.args) == ("steps", t.service_id, {"n": 2})
 
 
+def _helper(x: int) -> int:
+    return x * 2
+
+
+def test_data_only_templates_skip_dill_and_the_rest_go_through_it(monkeypatch) -> None:
+    """A template of plain data pickles with the standard pickler (the same bytes dill
+    would write, but dill's pickler is written in Python, and every submit pays it); one
+    carrying a lambda goes through dill, which pickles it by value; both load back."""
+    used: list[object] = []
+    real = dill.dumps
+    monkeypatch.setattr(dill, "dumps", lambda obj, **kw: used.append(obj) or real(obj, **kw))
+    plain = template(args={"n": 2, "path": Path("a/b"), "items": [1.5, None, (1, "x")]})
+    back = loads(dumps(plain, NEW), [NEW])
+    assert back.args == plain.args and back.signed_at is not None and used == []
+    carried = template(args={"fn": lambda q: q + 1, "by_name": _helper})
+    back = loads(dumps(carried, NEW), [NEW])
+    assert back.args["fn"](3) == 4 and back.args["by_name"](3) == 6 and len(used) == 1
+
+
 @pytest.mark.parametrize("payload, error, words", [
     (b"", DecodeError, "empty payload"),
     ("text", DecodeError, "must be bytes"),
