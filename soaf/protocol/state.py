@@ -3,7 +3,8 @@
 A service's record is a Redis hash whose values are JSON texts (``"running"``, ``0.5``,
 ``null`` ...); custom fields set by a handler are stored as ``f:<name>``. Every change
 also appends an event (the changed fields plus ``seq`` and ``ts``) to the service's
-event stream and publishes a short note on the notify channel.
+event stream; each write of a service's changes publishes a short note on the notify
+channel (the last seq, and the newest state among them).
 
 Each change carries the attempt number and a per-service sequence number. The record
 script applies a change only if it is newer than what is stored, so replaying a batch
