@@ -150,3 +150,17 @@ def test_keys_of_the_wrong_type_are_dropped_where_first_touched(r, prefix):
     args[-1] = "0"
     assert CLAIM.run(r, claim, args)[:2] == [b"run", b"building"]
     assert r.type(keys.events("b")) == b"stream"
+
+
+def test_values_are_encoded_as_json_dumps_would():
+    from pathlib import Path
+
+    from soaf.protocol.state import State, as_json
+
+    for value in ("a", 'é\n"x', 1, -5, 10**20, 1.5, 0.1 + 0.2, -0.0, float("inf"),
+                  float("nan"), None, True, False, [1, "a"], {"a": None}, State.RUNNING,
+                  Path("/x")):
+        assert as_json(value) == json.dumps(value, default=str), value
+    change = Change("svc", 1, 2, {"state": "running", "é": 1}, ts=1.5)
+    assert change.flat() == [2, '{"seq": 2, "attempt": 1, "ts": 1.5, "state": "running", '
+                             '"\\u00e9": 1}', "running", 2, "state", '"running"', "é", "1"]

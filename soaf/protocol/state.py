@@ -15,10 +15,12 @@ service (an older attempt) cannot overwrite the newer attempt's record.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from soaf.protocol.keys import GROUP, Keys
@@ -77,15 +79,30 @@ class Change:
         pairs: list[str] = []
         parts = [f'"seq": {self.seq}, "attempt": {self.attempt}, "ts": {self.ts!r}']
         for key, value in self.values.items():
-            encoded = _encode(value)
+            encoded = as_json(value)
             pairs += (key, encoded)
-            parts.append(f"{_encode(key)}: {encoded}")
+            parts.append(f"{_quote(key)}: {encoded}")
         state = self.values.get("state") or ""
         return [self.seq, "{" + ", ".join(parts) + "}", state, len(pairs) // 2, *pairs]
 
 
-#: ``json.dumps(value, default=str)`` without building an encoder per call.
 _encode = json.JSONEncoder(default=str).encode
+
+
+def as_json(value: Any) -> str:
+    """``json.dumps(value, default=str)``, the same text, with the common plain values
+    (text, integer, finite number, None) spelled directly: the core encodes every value
+    of every change, and json.dumps builds an encoder per call."""
+    kind = type(value)
+    if kind is str:
+        return _quote(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    if value is None:
+        return "null"
+    return _encode(value)
 
 
 def record_call(keys: Keys, changes: list[Change], *, record_ttl: float = 0,
