@@ -86,9 +86,9 @@ local function ready(cmd, ...)  -- the ready set, dropped if someone made it ano
   end
   return r
 end
-local function last_delivered(key)
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', key)
-  if not ok then return nil end
+local function last_delivered(key)  -- nil, and true when the key does not exist
+  local groups = redis.pcall('XINFO', 'GROUPS', key)
+  if groups.err then return nil, string.find(groups.err, 'no such key', 1, true) ~= nil end
   for _, g in ipairs(groups) do
     local name, last
     for j = 1, #g, 2 do
@@ -106,7 +106,7 @@ local function after(key, id)
 end
 local function ms(id) return tonumber(string.match(id, '^(%d+)')) or 0 end
 local taken, watch, cands = {}, {}, {}
-local legacy = last_delivered(KEYS[2])
+local legacy, no_legacy = last_delivered(KEYS[2])
 if legacy then
   local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS',
     KEYS[2], '>')
@@ -116,7 +116,7 @@ if legacy then
 end
 if legacy then
   table.insert(watch, {KEYS[2], legacy})
-elseif redis.call('EXISTS', KEYS[2]) == 0 then
+elseif no_legacy then
   table.insert(watch, {KEYS[2], '0-0'})
 end
 local ok, members = true, nil
@@ -159,8 +159,8 @@ while #taken < want and #cands > 0 do
   end
 end
 if #taken > 0 or not scan then return {taken, {}} end
-local bt = redis.call('TYPE', KEYS[4])['ok']
-local bell = bt == 'stream' and redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
+local found, last = pcall(redis.call, 'XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
+local bell = found and last[1]
 table.insert(watch, {KEYS[4], bell and bell[1] or '0-0'})
 return {{}, watch}
 """
