@@ -164,3 +164,25 @@ def test_values_are_encoded_as_json_dumps_would():
     change = Change("svc", 1, 2, {"state": "running", "é": 1}, ts=1.5)
     assert change.flat() == [2, '{"seq": 2, "attempt": 1, "ts": 1.5, "state": "running", '
                              '"\\u00e9": 1}', "running", 2, "state", '"running"', "é", "1"]
+
+
+def test_a_claim_that_reads_the_cancels_hash_itself_hands_an_entry_back(r, prefix):
+    """With UNREAD_CANCEL a claim writes nothing while the service has a cancel request:
+    the core checks its signature and claims again with what it verified."""
+    from soaf.protocol.scripts import UNREAD_CANCEL
+
+    keys = Keys(prefix)
+    claim = [keys.service("c"), keys.events("c"), keys.services, keys.cancels]
+    args = ["c", "svc", time.time(), "core", "q/1-1", keys.notify, EVENTS_MAXLEN, "1",
+            ",".join(FINAL_VALUES), UNREAD_CANCEL, "0"]
+    r.hset(keys.cancels, "c", "signed?")
+    assert CLAIM.run(r, claim, args) == [b"check", b"signed?", 0, 0, b""]
+    assert not r.exists(keys.service("c"), keys.events("c"))
+    args[9] = "signed?"  # verified
+    assert CLAIM.run(r, claim, args)[:2] == [b"cancelled", b"cancelled"]
+    assert not r.hexists(keys.cancels, "c")
+    claim = [keys.service("d"), keys.events("d"), keys.services, keys.cancels]
+    args[0], args[9] = "d", UNREAD_CANCEL
+    r.set(keys.cancels, "junk")  # dropped, as a claim with a verified entry would
+    assert CLAIM.run(r, claim, args)[:2] == [b"run", b"building"]
+    assert r.type(keys.cancels) == b"none"

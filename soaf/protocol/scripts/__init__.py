@@ -36,6 +36,7 @@ from soaf.protocol.scripts.records import (
     RECORD_LUA,
     SUBMIT,
     SUBMIT_LUA,
+    UNREAD_CANCEL,
 )
 from soaf.protocol.scripts.script import Script, is_noscript
 from soaf.protocol.scripts.slots import TAKE_SLOT, TAKE_SLOT_LUA
@@ -45,5 +46,6 @@ __all__ = [
     "NEXT_NUMBER_LUA", "NOTE",
     "RECLAIM", "RECLAIM_LUA", "RECORD", "RECORD_LUA", "RECORD_STEP", "RECORD_STEP_LUA",
     "REFRESH_LUA", "RELEASE_LUA", "REQUEUE", "REQUEUE_LUA", "SUBMIT", "SUBMIT_LUA", "TAKE",
-    "TAKEOVER_LUA", "TAKE_LUA", "TAKE_SLOT", "TAKE_SLOT_LUA", "Script", "is_noscript",
+    "TAKEOVER_LUA", "TAKE_LUA", "TAKE_SLOT", "TAKE_SLOT_LUA", "UNREAD_CANCEL", "Script",
+    "is_noscript",
 ]

@@ -99,19 +99,27 @@ redis.call('PUBLISH', ARGV[5], cjson.encode({id=ARGV[1], seq=1, state='queued'})
 return {1, entry}
 """
 
+#: CLAIM's cancel argument of a core that did not read the cancels hash (never a signed value).
+UNREAD_CANCEL = "?"
+
 # KEYS: record, events, services zset, cancels hash
 # ARGV: id, service, now, node, entry, notify, maxlen, plugin_version, final states (csv),
-# the service's cancels-hash entry as read and verified by the core ('' for none)
-# Returns {verdict (run|duplicate|final|cancelled|expired), detail, attempt, seq, attempts json|''}
+# the service's cancels-hash entry as read and verified by the core ('' for none), or
+# UNREAD_CANCEL
+# Returns {verdict (run|duplicate|final|cancelled|expired|check), detail, attempt, seq,
+# attempts json|''}
 # Lua cannot check an HMAC, so the core reads the cancels hash, checks the signature and
 # passes what it verified: the service starts cancelled only if the hash still holds that
-# very value. A cancel written after the read is applied by the heartbeat instead.
+# very value. A cancel written after the read is applied by the heartbeat instead. A core
+# that claims one entry saves that read (a round trip) with UNREAD_CANCEL: the script reads
+# the entry itself, and if there is one writes nothing and returns {'check', the entry}
+# for the core to verify and claim again with what it verified.
 # The id is indexed (services zset) when its record has no ``submitted_at``: SUBMIT indexed
 # the others, and the record script indexes again a record older than the record TTL.
 # CLAIM only, ARGV 11: '1' for a payload older than the max age; with no record, a replay.
 _FRESH = "if ARGV[11] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then return {'expired'} end\n"
 _READ = "local rec = soaf_read(KEYS[1])\n"
-CLAIM_LUA = """
+CLAIM_LUA = "local UNREAD_CANCEL = '" + UNREAD_CANCEL + "'\n" + """
 local why = soaf_tampered(rec)
 if why then
   soaf_fail_tampered(why, rec, ARGV[1], ARGV[3], ARGV[7], ARGV[6], 0)
@@ -128,7 +136,10 @@ end
 local attempt = tonumber(rec.attempt or '0') + 1
 local seq = tonumber(rec.seq or '0') + 1
 local newstate = 'building'
-if ARGV[10] ~= '' and soaf_call('HGET', KEYS[4], ARGV[1]) == ARGV[10] then
+if ARGV[10] == UNREAD_CANCEL then
+  local found = soaf_call('HGET', KEYS[4], ARGV[1])
+  if found then return {'check', found, 0, 0, ''} end
+elseif ARGV[10] ~= '' and soaf_call('HGET', KEYS[4], ARGV[1]) == ARGV[10] then
   newstate = 'cancelled'
 end
 local ev = {seq=seq, attempt=attempt, ts=tonumber(ARGV[3]), state=newstate, node=ARGV[4]}
