@@ -178,3 +178,24 @@ def test_submit_and_take_survive_keys_of_the_wrong_type(client, r, prefix):
     r.set(keys.ready, "again")
     taken, _ = take_raw(r, keys, 5, "a", scan=True)
     assert [f[f.index(b"id") + 1] for _, _, f in taken] == [sid.encode()]
+
+
+def test_an_idle_take_and_a_submit_ask_no_key_its_type(client, r, prefix):
+    """The wrong types are caught where a command fails, not asked of every key every time."""
+    from soaf import ServiceParamTemplate
+
+    keys = Keys(prefix)
+    client.submit(ServiceParamTemplate("a"))
+    take_raw(r, keys, 5, "a")
+
+    def calls() -> dict[str, int]:
+        return {k: int(v["calls"]) for k, v in r.info("commandstats").items()}
+
+    before = calls()
+    client.submit(ServiceParamTemplate("a"))
+    assert len(take_raw(r, keys, 5, "a", scan=False)[0]) == 1
+    assert take_raw(r, keys, 5, "a")[0] == []
+    after = calls()
+    used = {k: after[k] - before.get(k, 0) for k in after if after[k] > before.get(k, 0)}
+    assert "cmdstat_type" not in used, used
+    assert used.get("cmdstat_exists") == 1, used  # the submit's: is there a record already

@@ -6,16 +6,15 @@ whatever is queued as one pipeline, so a busy core pays one round trip for many
 changes. When Redis is unreachable it keeps the changes, retries with backoff, and
 writes them in their original order once Redis is back; the record script skips
 anything already applied, so a retried batch writes nothing twice. A stream entry is
-acknowledged only once its service's final state is written, and never for a change that
-a newer attempt fenced out.
+acknowledged only once its service's final state is written (by the very script call that
+writes it), and never for a change that a newer attempt fenced out.
 
 With ``replicas`` (SOAF_DURABLE_SUBMIT, soaf.protocol.durable) a batch that holds a final
-state ends with a WAIT on the same connection (and so do the acknowledgements that
-follow it), and counts as written only once that many replicas hold it. Until then the
-writer keeps the batch and sends it again, as through an outage: to the same master the
-record script skips what it has, and after a failover the new master gets what the old
-one acknowledged but never replicated. Fencing by (attempt, seq) makes the second send
-safe.
+state (and so its acknowledgements) ends with a WAIT on the same connection, and counts
+as written only once that many replicas hold it. Until then the writer keeps the batch
+and sends it again, as through an outage: to the same master the record script skips
+what it has, and after a failover the new master gets what the old one acknowledged but
+never replicated. Fencing by (attempt, seq) makes the second send safe.
 """
 
 from __future__ import annotations
@@ -32,9 +31,8 @@ import redis
 from soaf.errors import NotReplicated
 from soaf.protocol import durable
 from soaf.protocol.keys import Keys
-from soaf.protocol.queues import finish
-from soaf.protocol.scripts import RECORD, is_noscript
-from soaf.protocol.state import Change, record_call
+from soaf.protocol.scripts import FINISH, RECORD, is_noscript
+from soaf.protocol.state import Change, finish_call, record_call
 
 log = logging.getLogger(__name__)
 
@@ -157,20 +155,29 @@ class StateWriter:
                 self.written += len(batch)
                 self._cond.notify_all()
 
-    def _finish(self, pipe: Any, change: Change, *, applied: bool) -> None:
-        """With a final state: the entry is done (ack and delete it, so the stream does
-        not grow), the cancel request is spent, and the record starts to age. A change's
-        own (shorter) ``ttl`` applies only if it made the record final: a refusal that
-        met a record final already must not shorten that record's life."""
-        finish(pipe, self._keys, [change.ack] if change.ack else [])
-        pipe.hdel(self._keys.cancels, change.service_id)
-        ttl = self._record_ttl
-        if applied and change.ttl is not None:
-            ttl = min(ttl, change.ttl) if ttl > 0 else change.ttl
-        if ttl > 0:
-            ttl = max(1, int(ttl))
-            for key in self._keys.aging(change.service_id):
-                pipe.expire(key, ttl)
+    def _finish(self, calls: list[tuple[list[Change], int]]) -> None:
+        """Durable mode: finish the entries of final states once replicas hold them (the
+        record calls left them pending), and count that as done only once replicas hold
+        the acknowledgements too (one lost in a failover would leave the entry pending)."""
+        if not calls:
+            return
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            for changes, result in calls:
+                FINISH.call(pipe, *finish_call(self._keys, changes, result,
+                                               record_ttl=self._record_ttl))
+            pipe.wait(self._replicas, durable.WAIT_MS)
+            results = pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(is_noscript(r) for r in results):
+                FINISH.load(self._redis)
+                continue  # finishing an entry twice changes nothing
+            break
+        for result in results:
+            if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
+                raise result
+            if isinstance(result, Exception):
+                log.error("finishing an entry refused by Redis: %s", result)
+        self._confirmed(results[-1], "the acknowledgements of final states")
 
     def _confirmed(self, acked: Any, what: str) -> None:
         """NotReplicated unless WAIT's reply ``acked`` reaches the replicas asked for (an
@@ -195,7 +202,8 @@ class StateWriter:
                 for other in others:
                     other.write_to(pipe, self._keys)
             for changes in calls:
-                keys, args = record_call(self._keys, changes)
+                keys, args = record_call(self._keys, changes, record_ttl=self._record_ttl,
+                                         finish=not wait)
                 RECORD.call(pipe, keys, args)
             if wait:  # after the finals, on their connection: how many replicas hold them
                 pipe.wait(self._replicas, durable.WAIT_MS)
@@ -211,29 +219,19 @@ class StateWriter:
                 log.error("state write refused by Redis: %s", result)
         if wait:
             self._confirmed(results.pop(), "a batch of final states")
-        # Finish an entry only where its final state went in: changes fenced out by a newer
-        # attempt (-1) come from a core that lost the service, whose entry is now pending
-        # for the core that took it over; acknowledging it would hide it from recovery.
-        # A record that is final already (-3: another core ended it, or it was tampered
-        # with and the script ended it) takes no change, but its entry is done.
+        # The record script finished each entry only where its final state went in (see
+        # RECORD_LUA): changes fenced out by a newer attempt (-1) come from a core that lost
+        # the service, whose entry is now pending for the core that took it over;
+        # acknowledging it would hide it from recovery. A record that is final already (-3:
+        # another core ended it, or it was tampered with and the script ended it) takes no
+        # change, but its entry is done.
         recorded = results[len(results) - len(calls):]  # after the other items' results
         written = [(changes, r not in (-1, -3)) for changes, r in zip(calls, recorded)
                    if not isinstance(r, Exception)]
         done = [r != -1 for r in recorded if not isinstance(r, Exception)]
-        finals = [(c, applied) for (changes, applied), ack in zip(written, done) if ack
-                  for c in changes if c.ack]
-        if finals:
-            pipe = self._redis.pipeline(transaction=False)
-            for change, applied in finals:
-                self._finish(pipe, change, applied=applied)
-            if wait:  # an acknowledgement lost in a failover would leave the entry pending
-                pipe.wait(self._replicas, durable.WAIT_MS)
-            done_results = pipe.execute(raise_on_error=False)
-            for result in done_results:
-                if isinstance(result, (redis.ConnectionError, redis.TimeoutError)):
-                    raise result
-            if wait:
-                self._confirmed(done_results[-1], "the acknowledgements of final states")
+        if wait:  # the entries of finals that replicas hold now; then WAIT again
+            self._finish([(changes, r) for changes, r in zip(calls, recorded)
+                          if isinstance(r, int) and r != -1 and any(c.ack for c in changes)])
         for changes, ok in written:
             for change in changes:
                 if change.on_written is not None:

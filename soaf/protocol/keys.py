@@ -108,7 +108,7 @@ class Keys:
 
     @property
     def notify(self) -> str:
-        """Pub/sub channel: a short JSON note for every event, for live followers."""
+        """Pub/sub channel: a short JSON note for every write of events, for live followers."""
         return f"{self.prefix}:notify"
 
     @property

@@ -3,7 +3,8 @@
 A service's record is a Redis hash whose values are JSON texts (``"running"``, ``0.5``,
 ``null`` ...); custom fields set by a handler are stored as ``f:<name>``. Every change
 also appends an event (the changed fields plus ``seq`` and ``ts``) to the service's
-event stream and publishes a short note on the notify channel.
+event stream; each write of a service's changes publishes a short note on the notify
+channel (the last seq, and the newest state among them).
 
 Each change carries the attempt number and a per-service sequence number. The record
 script applies a change only if it is newer than what is stored, so replaying a batch
@@ -14,13 +15,16 @@ service (an older attempt) cannot overwrite the newer attempt's record.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
-from soaf.protocol.keys import Keys
+from soaf.protocol.keys import GROUP, Keys
+from soaf.protocol.queues import split_ref
 
 
 class State(str, Enum):
@@ -75,21 +79,69 @@ class Change:
         pairs: list[str] = []
         parts = [f'"seq": {self.seq}, "attempt": {self.attempt}, "ts": {self.ts!r}']
         for key, value in self.values.items():
-            encoded = json.dumps(value, default=str)
-            pairs += [key, encoded]
-            parts.append(f"{json.dumps(key)}: {encoded}")
+            encoded = as_json(value)
+            pairs += (key, encoded)
+            parts.append(f"{_quote(key)}: {encoded}")
         state = self.values.get("state") or ""
         return [self.seq, "{" + ", ".join(parts) + "}", state, len(pairs) // 2, *pairs]
 
 
-def record_call(keys: Keys, changes: list[Change]) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV for RECORD_LUA writing ``changes`` (one service, one attempt, in order)."""
-    first = changes[0]
-    args: list[Any] = [first.service_id, first.attempt, keys.notify, EVENTS_MAXLEN, first.ts]
+_encode = json.JSONEncoder(default=str).encode
+
+
+def as_json(value: Any) -> str:
+    """``json.dumps(value, default=str)``, the same text, with the common plain values
+    (text, integer, finite number, None) spelled directly: the core encodes every value
+    of every change, and json.dumps builds an encoder per call."""
+    kind = type(value)
+    if kind is str:
+        return _quote(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    if value is None:
+        return "null"
+    return _encode(value)
+
+
+def record_call(keys: Keys, changes: list[Change], *, record_ttl: float = 0,
+                finish: bool = True) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV for RECORD_LUA writing ``changes`` (one service, one attempt, in
+    order). With ``finish`` the entries the changes acknowledge are finished in the same
+    call, their records aging for ``record_ttl`` seconds (0: kept)."""
+    keys_, args = _record_head(keys, changes, record_ttl, finish)
     for change in changes:
         args += change.flat()
+    return keys_, args
+
+
+def finish_call(keys: Keys, changes: list[Change], result: int, *, record_ttl: float = 0
+                ) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV for FINISH_LUA: the entries ``changes`` acknowledge, after their
+    record call returned ``result``."""
+    keys_, args = _record_head(keys, changes, record_ttl, True)
+    return keys_, [*args, result]
+
+
+def _record_head(keys: Keys, changes: list[Change], record_ttl: float, finish: bool
+                 ) -> tuple[list[str], list[Any]]:
+    first = changes[0]
     sid = first.service_id
-    return [keys.service(sid), keys.events(sid), keys.services], args
+    acks = [change for change in changes if change.ack] if finish else []
+    since = first.ts - record_ttl if record_ttl > 0 else ""
+    own_ttl = acks[-1].ttl if acks and acks[-1].ttl is not None else ""
+    args: list[Any] = [sid, first.attempt, keys.notify, EVENTS_MAXLEN, first.ts, since, GROUP,
+                       record_ttl, own_ttl, len(acks)]
+    aging = keys.aging(sid)  # record and events first
+    record = [*aging[:2], keys.services]
+    if acks:
+        record += [keys.cancels, *aging[2:]]
+    for change in acks:
+        stream, entry_id = split_ref(keys, change.ack or "")
+        record.append(stream)
+        args.append(entry_id)
+    return record, args
 
 
 @dataclass

@@ -27,6 +27,8 @@ from soaf.protocol.scripts.records import (
     CANCEL_LUA,
     CLAIM,
     CLAIM_LUA,
+    FINISH,
+    FINISH_LUA,
     NOTE,
     RECLAIM,
     RECLAIM_LUA,
@@ -34,13 +36,16 @@ from soaf.protocol.scripts.records import (
     RECORD_LUA,
     SUBMIT,
     SUBMIT_LUA,
+    UNREAD_CANCEL,
 )
 from soaf.protocol.scripts.script import Script, is_noscript
 from soaf.protocol.scripts.slots import TAKE_SLOT, TAKE_SLOT_LUA
 
 __all__ = [
-    "CANCEL", "CANCEL_LUA", "CAS_LUA", "CLAIM", "CLAIM_LUA", "NEXT_NUMBER_LUA", "NOTE",
+    "CANCEL", "CANCEL_LUA", "CAS_LUA", "CLAIM", "CLAIM_LUA", "FINISH", "FINISH_LUA",
+    "NEXT_NUMBER_LUA", "NOTE",
     "RECLAIM", "RECLAIM_LUA", "RECORD", "RECORD_LUA", "RECORD_STEP", "RECORD_STEP_LUA",
     "REFRESH_LUA", "RELEASE_LUA", "REQUEUE", "REQUEUE_LUA", "SUBMIT", "SUBMIT_LUA", "TAKE",
-    "TAKEOVER_LUA", "TAKE_LUA", "TAKE_SLOT", "TAKE_SLOT_LUA", "Script", "is_noscript",
+    "TAKEOVER_LUA", "TAKE_LUA", "TAKE_SLOT", "TAKE_SLOT_LUA", "UNREAD_CANCEL", "Script",
+    "is_noscript",
 ]

@@ -22,23 +22,29 @@ from soaf.protocol.scripts.script import Script
 
 # Lua: put ``fields`` into ``queue`` and mark it ready. A new queue is created with the
 # consumer group (so a core that reads it later misses nothing), listed in ``index`` and
-# announced on ``bell`` (idle cores wait on the queues they know, and on that).
+# announced on ``bell`` (idle cores wait on the queues they know, and on that). The entry
+# goes first to a queue that exists (XADD NOMKSTREAM: no TYPE on the happy path); a key of
+# another type is dropped and the queue created.
 _ENQUEUE = """
 local function soaf_set(key)
   local t = redis.call('TYPE', key)['ok']
   if t ~= 'none' and t ~= 'set' then redis.call('DEL', key) end
 end
 local function soaf_enqueue(queue, index, ready, bell, member, group, fields)
-  local t = redis.call('TYPE', queue)['ok']
-  if t ~= 'stream' then
-    if t ~= 'none' then redis.call('DEL', queue) end
-    redis.call('XGROUP', 'CREATE', queue, group, '0', 'MKSTREAM')
-    soaf_set(index)
-    redis.call('SADD', index, member)
-    if redis.call('TYPE', bell)['ok'] ~= 'stream' then redis.call('DEL', bell) end
-    redis.call('XADD', bell, 'MAXLEN', '~', 1000, '*', 'queue', member)
-  end
   pcall(redis.call, 'SADD', ready, member)  -- not a set: TAKE repairs it, scans find the queue
+  local id = redis.pcall('XADD', queue, 'NOMKSTREAM', '*', unpack(fields))
+  if type(id) == 'string' then return id end
+  if id then  -- an error: a key of another type is dropped, any other error raised
+    if string.sub(id.err, 1, 9) ~= 'WRONGTYPE' then
+      return redis.call('XADD', queue, 'NOMKSTREAM', '*', unpack(fields))
+    end
+    redis.call('DEL', queue)
+  end
+  redis.call('XGROUP', 'CREATE', queue, group, '0', 'MKSTREAM')
+  soaf_set(index)
+  redis.call('SADD', index, member)
+  if redis.call('TYPE', bell)['ok'] ~= 'stream' then redis.call('DEL', bell) end
+  redis.call('XADD', bell, 'MAXLEN', '~', 1000, '*', 'queue', member)
   return redis.call('XADD', queue, '*', unpack(fields))
 end
 """
@@ -72,11 +78,17 @@ local group, consumer, want = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now, aging, qp, scan = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7] == '1'
 local offered = {}
 for i = 8, #ARGV do offered[ARGV[i]] = true end
-local rt = redis.call('TYPE', KEYS[3])['ok']
-if rt ~= 'none' and rt ~= 'set' then redis.call('DEL', KEYS[3]) end
-local function last_delivered(key)
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', key)
-  if not ok then return nil end
+local function ready(cmd, ...)  -- the ready set, dropped if someone made it another type
+  local r = redis.pcall(cmd, KEYS[3], ...)
+  if type(r) == 'table' and r.err then
+    if string.sub(r.err, 1, 9) == 'WRONGTYPE' then redis.call('DEL', KEYS[3]) end
+    return redis.call(cmd, KEYS[3], ...)
+  end
+  return r
+end
+local function last_delivered(key)  -- nil, and true when the key does not exist
+  local groups = redis.pcall('XINFO', 'GROUPS', key)
+  if groups.err then return nil, string.find(groups.err, 'no such key', 1, true) ~= nil end
   for _, g in ipairs(groups) do
     local name, last
     for j = 1, #g, 2 do
@@ -94,7 +106,7 @@ local function after(key, id)
 end
 local function ms(id) return tonumber(string.match(id, '^(%d+)')) or 0 end
 local taken, watch, cands = {}, {}, {}
-local legacy = last_delivered(KEYS[2])
+local legacy, no_legacy = last_delivered(KEYS[2])
 if legacy then
   local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS',
     KEYS[2], '>')
@@ -104,10 +116,11 @@ if legacy then
 end
 if legacy then
   table.insert(watch, {KEYS[2], legacy})
-elseif redis.call('EXISTS', KEYS[2]) == 0 then
+elseif no_legacy then
   table.insert(watch, {KEYS[2], '0-0'})
 end
-local ok, members = pcall(redis.call, 'SMEMBERS', scan and KEYS[1] or KEYS[3])
+local ok, members = true, nil
+if scan then ok, members = pcall(redis.call, 'SMEMBERS', KEYS[1]) else members = ready('SMEMBERS') end
 if not ok then members = {} end
 for _, m in ipairs(members) do
   local svc, prio = string.match(m, '^([^:]+):(%-?%d+)$')
@@ -118,9 +131,9 @@ for _, m in ipairs(members) do
     if last and scan then table.insert(watch, {key, last}) end
     if nxt then
       table.insert(cands, {key=key, m=m, prio=tonumber(prio), id=nxt})
-      if scan then redis.call('SADD', KEYS[3], m) end
+      if scan then ready('SADD', m) end
     else
-      redis.call('SREM', KEYS[3], m)
+      ready('SREM', m)
     end
   end
 end
@@ -141,13 +154,13 @@ while #taken < want and #cands > 0 do
     c.id = nil
   end
   if not c.id then
-    redis.call('SREM', KEYS[3], c.m)
+    ready('SREM', c.m)
     table.remove(cands, best)
   end
 end
 if #taken > 0 or not scan then return {taken, {}} end
-local bt = redis.call('TYPE', KEYS[4])['ok']
-local bell = bt == 'stream' and redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
+local found, last = pcall(redis.call, 'XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
+local bell = found and last[1]
 table.insert(watch, {KEYS[4], bell and bell[1] or '0-0'})
 return {{}, watch}
 """

@@ -11,26 +11,40 @@ from soaf.protocol.scripts.script import Script
 
 # Prepended to every script that reads a service's record (KEYS[1]; KEYS[2] its events).
 # Redis is not trusted: a record edited by someone without the secret must never make a
-# script raise (a core would take the error for its own). Keys of the wrong type are
-# dropped (the record, its events, the services index, the cancels hash); a record whose
-# numbers are not numbers or whose texts are not texts is "tampered" (soaf_tampered
-# returns why), and soaf_fail_tampered ends it as failed, so a tampered record costs that
-# one service and nothing else.
+# script raise (a core would take the error for its own). A key of the wrong type (the
+# record, its events, the services index, the cancels hash) is dropped where a script
+# first touches it: ``soaf_call`` runs the command and only when Redis answers WRONGTYPE
+# deletes the key and runs it again, so the happy path costs no TYPE. ``soaf_read`` reads
+# the record's fields the scripts decide on with one HMGET; a record whose numbers are not
+# numbers or whose texts are not texts is "tampered" (soaf_tampered returns why), and
+# soaf_fail_tampered ends it as failed, so a tampered record costs that one service and
+# nothing else.
 _GUARD = """
-local function soaf_drop_wrong_type(key, want)
-  if not key then return end
-  local t = redis.call('TYPE', key)['ok']
-  if t ~= 'none' and t ~= want then redis.call('DEL', key) end
+local function soaf_call(cmd, key, ...)
+  local r = redis.pcall(cmd, key, ...)
+  if type(r) == 'table' and r.err then
+    if string.sub(r.err, 1, 9) == 'WRONGTYPE' then redis.call('DEL', key) end
+    return redis.call(cmd, key, ...)
+  end
+  return r
 end
-local function soaf_tampered(key)
+local SOAF_FIELDS = {'attempt', 'seq', 'lost_count', 'state', 'entry', 'service_id',
+                     'attempts', 'submitted_at', 'waiting_for'}
+local function soaf_read(key)
+  local values = soaf_call('HMGET', key, unpack(SOAF_FIELDS))
+  local rec = {}
+  for i, name in ipairs(SOAF_FIELDS) do rec[name] = values[i] end
+  return rec
+end
+local function soaf_tampered(rec)
   for _, name in ipairs({'attempt', 'seq', 'lost_count'}) do
-    local v = redis.call('HGET', key, name)
+    local v = rec[name]
     if v and not (string.match(v, '^%d+$') and #v <= 15) then
       return name .. ' is not a number'
     end
   end
   for _, name in ipairs({'state', 'entry', 'service_id'}) do
-    local v = redis.call('HGET', key, name)
+    local v = rec[name]
     if v then
       local ok, d = pcall(cjson.decode, v)
       if not ok or type(d) ~= 'string' then return name .. ' is not a string' end
@@ -38,22 +52,20 @@ local function soaf_tampered(key)
   end
   return nil
 end
-local function soaf_fail_tampered(why, id, now, maxlen, notify, attempt)
-  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '') or 0
+local function soaf_fail_tampered(why, rec, id, now, maxlen, notify, attempt)
+  local seq = tonumber(rec.seq or '') or 0
   if not (seq >= 0 and seq < 1e15) then seq = 0 end
   seq = math.floor(seq) + 1
   local err = 'record tampered: ' .. why
   local ev = {seq=seq, attempt=attempt, ts=tonumber(now), state='failed', error=err,
               failure='tampered'}
-  local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'data', cjson.encode(ev))
+  local evid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'data', cjson.encode(ev))
   redis.call('HDEL', KEYS[1], 'lost_count', 'entry')
   redis.call('HSET', KEYS[1], 'service_id', cjson.encode(id), 'state', '"failed"',
     'attempt', attempt, 'seq', seq, 'error', cjson.encode(err), 'failure', '"tampered"',
     'failed_at', now, 'finished_at', now, 'event_id', cjson.encode(evid))
   redis.call('PUBLISH', notify, cjson.encode({id=id, seq=seq, state='failed'}))
 end
-soaf_drop_wrong_type(KEYS[1], 'hash')
-soaf_drop_wrong_type(KEYS[2], 'stream')
 """
 
 # KEYS: record, events, services zset, queue, queues index, offered zset, ready set, bell,
@@ -87,58 +99,71 @@ redis.call('PUBLISH', ARGV[5], cjson.encode({id=ARGV[1], seq=1, state='queued'})
 return {1, entry}
 """
 
+#: CLAIM's cancel argument of a core that did not read the cancels hash (never a signed value).
+UNREAD_CANCEL = "?"
+
 # KEYS: record, events, services zset, cancels hash
 # ARGV: id, service, now, node, entry, notify, maxlen, plugin_version, final states (csv),
-# the service's cancels-hash entry as read and verified by the core ('' for none)
-# Returns {verdict (run|duplicate|final|cancelled|expired), detail, attempt, seq, attempts json|''}
+# the service's cancels-hash entry as read and verified by the core ('' for none), or
+# UNREAD_CANCEL
+# Returns {verdict (run|duplicate|final|cancelled|expired|check), detail, attempt, seq,
+# attempts json|''}
 # Lua cannot check an HMAC, so the core reads the cancels hash, checks the signature and
 # passes what it verified: the service starts cancelled only if the hash still holds that
-# very value. A cancel written after the read is applied by the heartbeat instead.
+# very value. A cancel written after the read is applied by the heartbeat instead. A core
+# that claims one entry saves that read (a round trip) with UNREAD_CANCEL: the script reads
+# the entry itself, and if there is one writes nothing and returns {'check', the entry}
+# for the core to verify and claim again with what it verified.
+# The id is indexed (services zset) when its record has no ``submitted_at``: SUBMIT indexed
+# the others, and the record script indexes again a record older than the record TTL.
 # CLAIM only, ARGV 11: '1' for a payload older than the max age; with no record, a replay.
 _FRESH = "if ARGV[11] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then return {'expired'} end\n"
-CLAIM_LUA = """
-soaf_drop_wrong_type(KEYS[3], 'zset')
-soaf_drop_wrong_type(KEYS[4], 'hash')
-local why = soaf_tampered(KEYS[1])
+_READ = "local rec = soaf_read(KEYS[1])\n"
+CLAIM_LUA = "local UNREAD_CANCEL = '" + UNREAD_CANCEL + "'\n" + """
+local why = soaf_tampered(rec)
 if why then
-  soaf_fail_tampered(why, ARGV[1], ARGV[3], ARGV[7], ARGV[6], 0)
+  soaf_fail_tampered(why, rec, ARGV[1], ARGV[3], ARGV[7], ARGV[6], 0)
   return {'final', 'failed', 0, 0, ''}
 end
-local state = redis.call('HGET', KEYS[1], 'state')
-if state then state = cjson.decode(state) end
-local entry = redis.call('HGET', KEYS[1], 'entry')
-if entry then entry = cjson.decode(entry) end
+local state = rec.state and cjson.decode(rec.state)
+local entry = rec.entry and cjson.decode(rec.entry)
 local finals = {}
 for s in string.gmatch(ARGV[9], '[^,]+') do finals[s] = true end
 if state and finals[state] then return {'final', state, 0, 0, ''} end
 if state and state ~= 'queued' and entry and entry ~= ARGV[5] then
   return {'duplicate', state, 0, 0, ''}
 end
-local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
+local attempt = tonumber(rec.attempt or '0') + 1
+local seq = tonumber(rec.seq or '0') + 1
 local newstate = 'building'
-if ARGV[10] ~= '' and redis.call('HGET', KEYS[4], ARGV[1]) == ARGV[10] then
+if ARGV[10] == UNREAD_CANCEL then
+  local found = soaf_call('HGET', KEYS[4], ARGV[1])
+  if found then return {'check', found, 0, 0, ''} end
+elseif ARGV[10] ~= '' and soaf_call('HGET', KEYS[4], ARGV[1]) == ARGV[10] then
   newstate = 'cancelled'
 end
 local ev = {seq=seq, attempt=attempt, ts=tonumber(ARGV[3]), state=newstate, node=ARGV[4]}
 if newstate == 'cancelled' then ev['error'] = 'cancelled before it started' end
-local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
-redis.call('HSET', KEYS[1], 'service_id', cjson.encode(ARGV[1]), 'service', cjson.encode(ARGV[2]),
+local evid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
+local fields = {'service_id', cjson.encode(ARGV[1]), 'service', cjson.encode(ARGV[2]),
   'state', cjson.encode(newstate), 'seq', seq, 'attempt', attempt, 'node', cjson.encode(ARGV[4]),
   'entry', cjson.encode(ARGV[5]), newstate .. '_at', ARGV[3], 'event_id', cjson.encode(evid),
-  'plugin_version', ARGV[8])
-redis.call('HDEL', KEYS[1], 'waiting_for')
+  'plugin_version', ARGV[8]}
 if newstate == 'cancelled' then
-  redis.call('HSET', KEYS[1], 'error', '"cancelled before it started"')
-  redis.call('HDEL', KEYS[4], ARGV[1])
+  table.insert(fields, 'error')
+  table.insert(fields, '"cancelled before it started"')
 end
-if redis.call('HEXISTS', KEYS[1], 'submitted_at') == 0 then
-  redis.call('HSET', KEYS[1], 'submitted_at', ARGV[3])
+if not rec.submitted_at then
+  table.insert(fields, 'submitted_at')
+  table.insert(fields, ARGV[3])
 end
-redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[1], unpack(fields))
+if rec.waiting_for then redis.call('HDEL', KEYS[1], 'waiting_for') end
+if newstate == 'cancelled' then soaf_call('HDEL', KEYS[4], ARGV[1]) end
+if not rec.submitted_at then soaf_call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1]) end
 redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=seq, state=newstate}))
 return {newstate == 'cancelled' and 'cancelled' or 'run', newstate, attempt, seq,
-  redis.call('HGET', KEYS[1], 'attempts') or ''}
+  rec.attempts or ''}
 """
 
 # KEYS: record, events, cancels hash, control stream
@@ -149,92 +174,147 @@ return {newstate == 'cancelled' and 'cancelled' or 'run', newstate, attempt, seq
 # the control stream; the core running it stops it, and a core that takes it later
 # finds the request there).
 CANCEL_LUA = """
-soaf_drop_wrong_type(KEYS[3], 'hash')
-local why = soaf_tampered(KEYS[1])
+local rec = soaf_read(KEYS[1])
+local why = soaf_tampered(rec)
 if why then
   if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown', ''} end
-  soaf_fail_tampered(why, ARGV[1], ARGV[2], ARGV[4], ARGV[3], 0)
+  soaf_fail_tampered(why, rec, ARGV[1], ARGV[2], ARGV[4], ARGV[3], 0)
   return {'final', 'failed'}
 end
-local state = redis.call('HGET', KEYS[1], 'state')
+local state = rec.state
 if not state then return {'unknown', ''} end
 state = cjson.decode(state)
 for s in string.gmatch(ARGV[5], '[^,]+') do
   if s == state then return {'final', state} end
 end
 if state == 'queued' then
-  local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
+  local attempt = tonumber(rec.attempt or '0')
+  local seq = tonumber(rec.seq or '0') + 1
   local err = 'cancelled before it started'
   local ev = {seq=seq, attempt=attempt, ts=tonumber(ARGV[2]), state='cancelled', error=err}
-  local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', cjson.encode(ev))
+  local evid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', cjson.encode(ev))
   redis.call('HSET', KEYS[1], 'state', '"cancelled"', 'seq', seq, 'cancelled_at', ARGV[2],
     'finished_at', ARGV[2], 'error', cjson.encode(err), 'event_id', cjson.encode(evid))
-  redis.call('HDEL', KEYS[3], ARGV[1])
+  soaf_call('HDEL', KEYS[3], ARGV[1])
   redis.call('PUBLISH', ARGV[3], cjson.encode({id=ARGV[1], seq=seq, state='cancelled'}))
   return {'cancelled', state}
 end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[7])
+soaf_call('HSET', KEYS[3], ARGV[1], ARGV[7])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'type', 'cancel', 'id', ARGV[1],
   'sig', ARGV[7])
 return {'requested', state}
 """
 
-# KEYS: record, events, services zset
-# ARGV: id, attempt, notify, maxlen, now, then per change: seq, event json, state ('' if
-# none), n, then n field/value pairs. Changes are applied in order; each one only if it is
-# newer than the record (attempt first, then seq). Returns the number applied, -1 when
-# the attempt is stale (a newer attempt took the service over: the caller must not
-# acknowledge its entry), or -3 when the record is final already (nothing more may change
-# it: an attempt has one final state; its entry is done). A tampered record is ended as
-# failed (-3).
-RECORD_LUA = """
-soaf_drop_wrong_type(KEYS[3], 'zset')
-local attempt = tonumber(ARGV[2])
-local why = soaf_tampered(KEYS[1])
-if why then
-  soaf_fail_tampered(why, ARGV[1], ARGV[5], ARGV[4], ARGV[3], attempt)
-  return -3
+# The end of a service's entries (RECORD's KEYS and ARGV layout, see below): with the
+# record script's ``result`` (not -1), each of the k entries is acknowledged and deleted
+# from its stream, the cancel request is spent, and the record, its events and the other
+# aging keys get the record ttl, or the change's own ttl if shorter and the record call
+# applied it (a refusal that met a record final already must not shorten its life).
+_FINISH = """
+local function soaf_finish(result, k)
+  if k == 0 then return end
+  for j = 1, k do
+    local stream = KEYS[#KEYS - k + j]
+    redis.pcall('XACK', stream, ARGV[7], ARGV[10 + j])
+    redis.pcall('XDEL', stream, ARGV[10 + j])
+  end
+  soaf_call('HDEL', KEYS[4], ARGV[1])
+  local ttl = tonumber(ARGV[8])
+  if result >= 0 and ARGV[9] ~= '' then
+    local own = tonumber(ARGV[9])
+    if ttl > 0 then ttl = math.min(ttl, own) else ttl = own end
+  end
+  if ttl > 0 then
+    ttl = math.max(1, math.floor(ttl))
+    redis.call('EXPIRE', KEYS[1], ttl)
+    redis.call('EXPIRE', KEYS[2], ttl)
+    for j = 5, #KEYS - k do redis.call('EXPIRE', KEYS[j], ttl) end
+  end
 end
-local cur_attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-local cur_seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-if attempt < cur_attempt then return -1 end
-local cur_state = redis.call('HGET', KEYS[1], 'state')
-if cur_state then
-  cur_state = cjson.decode(cur_state)
-  if ({succeeded=1, failed=1, cancelled=1, timed_out=1, rejected=1})[cur_state] then
-    local j = 6
+"""
+
+# KEYS: record, events, services zset; with entries to finish also the cancels hash, the
+# other keys that age with the record (Keys.aging: log, payload), then each entry's stream.
+# ARGV: id, attempt, notify, maxlen, now, index-again time ('' never), consumer group,
+# record ttl, the final change's own ttl ('' none), k (entries to finish), k entry ids, then
+# per change: seq, event json, state ('' if none), n, then n field/value pairs.
+# Changes are applied in order; each one only if it is newer than the record (attempt
+# first, then seq). Each applied change appends its event; the record is written with one
+# HSET and the call publishes one note: the last seq applied and the newest state among
+# the changes. Returns the number applied, -1 when the attempt is stale (a newer attempt
+# took the service over: its entries are not finished), or -3 when the record is final
+# already (nothing more may change it: an attempt has one final state; its entry is done).
+# A tampered record is ended as failed (-3). Unless -1, the k entries are then finished
+# (_FINISH) in the same call.
+# The id is indexed again (ZADD NX) when its record has no ``submitted_at`` or one older
+# than the index-again time (the heartbeat drops ids older than the record ttl).
+RECORD_LUA = _FINISH + """
+local function soaf_record(first)
+  local attempt = tonumber(ARGV[2])
+  local rec = soaf_read(KEYS[1])
+  local why = soaf_tampered(rec)
+  if why then
+    soaf_fail_tampered(why, rec, ARGV[1], ARGV[5], ARGV[4], ARGV[3], attempt)
+    return -3
+  end
+  local cur_attempt = tonumber(rec.attempt or '0')
+  local cur_seq = tonumber(rec.seq or '0')
+  if attempt < cur_attempt then return -1 end
+  local cur_state = rec.state and cjson.decode(rec.state)
+  if cur_state and ({succeeded=1, failed=1, cancelled=1, timed_out=1, rejected=1})[cur_state] then
+    local j = first
     while j <= #ARGV do
       if attempt > cur_attempt or tonumber(ARGV[j]) > cur_seq then return -3 end
       j = j + 4 + 2 * tonumber(ARGV[j + 3])
     end
     return 0
   end
-end
-local i = 6
-local applied = 0
-local evid = nil
-while i <= #ARGV do
-  local seq = tonumber(ARGV[i])
-  local n = tonumber(ARGV[i + 3])
-  if attempt > cur_attempt or seq > cur_seq then
-    evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[i + 1])
-    if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, i + 4, i + 3 + 2 * n)) end
-    local note = {id=ARGV[1], seq=seq}
-    if ARGV[i + 2] ~= '' then note['state'] = ARGV[i + 2] end
-    redis.call('PUBLISH', ARGV[3], cjson.encode(note))
-    cur_attempt = attempt
-    cur_seq = seq
-    applied = applied + 1
+  local i = first
+  local applied, evid, state, fields = 0, nil, nil, {}
+  while i <= #ARGV do
+    local seq = tonumber(ARGV[i])
+    local n = tonumber(ARGV[i + 3])
+    if attempt > cur_attempt or seq > cur_seq then
+      evid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[i + 1])
+      for j = i + 4, i + 3 + 2 * n do fields[#fields + 1] = ARGV[j] end
+      if #fields > 2000 then  -- unpack has a limit
+        redis.call('HSET', KEYS[1], unpack(fields))
+        fields = {}
+      end
+      if ARGV[i + 2] ~= '' then state = ARGV[i + 2] end
+      cur_attempt = attempt
+      cur_seq = seq
+      applied = applied + 1
+    end
+    i = i + 4 + 2 * n
   end
-  i = i + 4 + 2 * n
+  if applied > 0 then
+    for _, v in ipairs({'attempt', cur_attempt, 'seq', cur_seq, 'event_id', cjson.encode(evid)}) do
+      fields[#fields + 1] = v
+    end
+    redis.call('HSET', KEYS[1], unpack(fields))
+    local note = {id=ARGV[1], seq=cur_seq}
+    if state then note['state'] = state end
+    redis.call('PUBLISH', ARGV[3], cjson.encode(note))
+    local since = tonumber(rec.submitted_at or '')
+    if not since or (ARGV[6] ~= '' and since < tonumber(ARGV[6])) then
+      soaf_call('ZADD', KEYS[3], 'NX', ARGV[5], ARGV[1])
+    end
+  end
+  return applied
 end
-if applied > 0 then
-  redis.call('HSET', KEYS[1], 'attempt', cur_attempt, 'seq', cur_seq,
-    'event_id', cjson.encode(evid))
-  redis.call('ZADD', KEYS[3], 'NX', ARGV[5], ARGV[1])
-end
-return applied
+local k = tonumber(ARGV[10])
+local result = soaf_record(11 + k)
+if result ~= -1 then soaf_finish(result, k) end
+return result
+"""
+
+# FINISH: _FINISH alone, for a durable writer that finishes entries only once replicas
+# hold their final states. KEYS and ARGV as RECORD's, except that the k entry ids are
+# followed by the record call's result instead of the changes.
+FINISH_LUA = _FINISH + """
+local k = tonumber(ARGV[10])
+soaf_finish(tonumber(ARGV[11 + k]), k)
 """
 
 # Prepended to CLAIM_LUA. Extra ARGV: 11 lost attempts allowed, 12 reason, 13 node that
@@ -271,7 +351,7 @@ if type(pstate) == 'string' and not pfinals[pstate] and pstate ~= 'queued'
   table.insert(attempts, gone)
   local ev = {seq=pseq, attempt=pattempt, ts=now, state='lost', node=ARGV[13],
               error=ARGV[12], lost_in=pstate, lost_count=lost}
-  local evid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
+  local evid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
   redis.call('HSET', KEYS[1], 'state', '"lost"', 'seq', pseq, 'lost_at', ARGV[3],
     'lost_reason', cjson.encode(ARGV[12]), 'event_id', cjson.encode(evid),
     'attempts', cjson.encode(attempts), 'lost_count', lost)
@@ -283,27 +363,28 @@ if type(pstate) == 'string' and not pfinals[pstate] and pstate ~= 'queued'
       '); see the logs of core ' .. ARGV[13] .. ' around that time'
     local fev = {seq=fseq, attempt=pattempt, ts=now, state='failed',
                  node=ARGV[13], error=err, failure='lost'}
-    local fevid = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data',
+    local fevid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data',
       cjson.encode(fev))
     redis.call('HSET', KEYS[1], 'state', '"failed"', 'seq', fseq, 'failed_at', ARGV[3],
       'finished_at', ARGV[3], 'error', cjson.encode(err), 'failure', '"lost"',
       'event_id', cjson.encode(fevid))
-    redis.call('HDEL', KEYS[4], ARGV[1])
+    soaf_call('HDEL', KEYS[4], ARGV[1])
     redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=fseq, state='failed'}))
     return {'failed', 'failed', pattempt, fseq, ''}
   end
 end
 """
-# The tamper check runs before the prologue reads the record (CLAIM_LUA repeats it).
+# The tamper check runs before the prologue reads the record (CLAIM_LUA repeats it, on
+# what the prologue left).
 _CLAIM_GUARD = """
-soaf_drop_wrong_type(KEYS[4], 'hash')
-local why0 = soaf_tampered(KEYS[1])
+local rec0 = soaf_read(KEYS[1])
+local why0 = soaf_tampered(rec0)
 if why0 then
-  soaf_fail_tampered(why0, ARGV[1], ARGV[3], ARGV[7], ARGV[6], 0)
+  soaf_fail_tampered(why0, rec0, ARGV[1], ARGV[3], ARGV[7], ARGV[6], 0)
   return {'final', 'failed', 0, 0, ''}
 end
 """
-RECLAIM_LUA = _GUARD + _CLAIM_GUARD + _LOST_PROLOGUE + CLAIM_LUA
+RECLAIM_LUA = _GUARD + _CLAIM_GUARD + _LOST_PROLOGUE + _READ + CLAIM_LUA
 
 # NOTE: a note (JSON string) on a service still waiting to start (``waiting_for``), set
 # only while its record is ``queued``. KEYS: record. ARGV: field, value. Returns 1 if set.
@@ -316,8 +397,9 @@ return 1
 
 
 SUBMIT = Script(SUBMIT_LUA)
-CLAIM = Script(_GUARD + _FRESH + CLAIM_LUA)
+CLAIM = Script(_GUARD + _READ + _FRESH + CLAIM_LUA)
 RECORD = Script(_GUARD + RECORD_LUA)
+FINISH = Script(_GUARD + FINISH_LUA)
 CANCEL = Script(_GUARD + CANCEL_LUA)
 RECLAIM = Script(RECLAIM_LUA)
 NOTE = Script(NOTE_LUA)
