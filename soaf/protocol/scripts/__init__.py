@@ -6,6 +6,7 @@ over a dead node's entries, the heartbeat's compare-and-set, the plugin version 
 the fleet-wide concurrency slots. Together they show every multi-key change soaf makes.
 
 * ``records``: what changes a service's record;
+* ``guard``: the Lua those scripts start with (Redis is not trusted);
 * ``nodes``: heartbeats, takeover, plugin version numbers;
 * ``slots``: ``max_concurrent`` across the fleet;
 * ``pipelines``: the steps of named pipelines;

@@ -1,72 +1,15 @@
 """The Lua scripts that change a service's record: submit, claim, record, cancel, reclaim, note.
 
 Each change that must be atomic is one script; the comment above each one states its KEYS
-and ARGV. Every script that reads a record first runs ``_GUARD``: Redis is not trusted.
+and ARGV. Every script that reads a record is prefixed with ``_GUARD``
+(soaf.protocol.scripts.guard): Redis is not trusted.
 """
 
 from __future__ import annotations
 
+from soaf.protocol.scripts.guard import _GUARD
 from soaf.protocol.scripts.queues import _ENQUEUE
 from soaf.protocol.scripts.script import Script
-
-# Prepended to every script that reads a service's record (KEYS[1]; KEYS[2] its events).
-# Redis is not trusted: a record edited by someone without the secret must never make a
-# script raise (a core would take the error for its own). A key of the wrong type (the
-# record, its events, the services index, the cancels hash) is dropped where a script
-# first touches it: ``soaf_call`` runs the command and only when Redis answers WRONGTYPE
-# deletes the key and runs it again, so the happy path costs no TYPE. ``soaf_read`` reads
-# the record's fields the scripts decide on with one HMGET; a record whose numbers are not
-# numbers or whose texts are not texts is "tampered" (soaf_tampered returns why), and
-# soaf_fail_tampered ends it as failed, so a tampered record costs that one service and
-# nothing else.
-_GUARD = """
-local function soaf_call(cmd, key, ...)
-  local r = redis.pcall(cmd, key, ...)
-  if type(r) == 'table' and r.err then
-    if string.sub(r.err, 1, 9) == 'WRONGTYPE' then redis.call('DEL', key) end
-    return redis.call(cmd, key, ...)
-  end
-  return r
-end
-local SOAF_FIELDS = {'attempt', 'seq', 'lost_count', 'state', 'entry', 'service_id',
-                     'attempts', 'submitted_at', 'waiting_for'}
-local function soaf_read(key)
-  local values = soaf_call('HMGET', key, unpack(SOAF_FIELDS))
-  local rec = {}
-  for i, name in ipairs(SOAF_FIELDS) do rec[name] = values[i] end
-  return rec
-end
-local function soaf_tampered(rec)
-  for _, name in ipairs({'attempt', 'seq', 'lost_count'}) do
-    local v = rec[name]
-    if v and not (string.match(v, '^%d+$') and #v <= 15) then
-      return name .. ' is not a number'
-    end
-  end
-  for _, name in ipairs({'state', 'entry', 'service_id'}) do
-    local v = rec[name]
-    if v then
-      local ok, d = pcall(cjson.decode, v)
-      if not ok or type(d) ~= 'string' then return name .. ' is not a string' end
-    end
-  end
-  return nil
-end
-local function soaf_fail_tampered(why, rec, id, now, maxlen, notify, attempt)
-  local seq = tonumber(rec.seq or '') or 0
-  if not (seq >= 0 and seq < 1e15) then seq = 0 end
-  seq = math.floor(seq) + 1
-  local err = 'record tampered: ' .. why
-  local ev = {seq=seq, attempt=attempt, ts=tonumber(now), state='failed', error=err,
-              failure='tampered'}
-  local evid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'data', cjson.encode(ev))
-  redis.call('HDEL', KEYS[1], 'lost_count', 'entry')
-  redis.call('HSET', KEYS[1], 'service_id', cjson.encode(id), 'state', '"failed"',
-    'attempt', attempt, 'seq', seq, 'error', cjson.encode(err), 'failure', '"tampered"',
-    'failed_at', now, 'finished_at', now, 'event_id', cjson.encode(evid))
-  redis.call('PUBLISH', notify, cjson.encode({id=id, seq=seq, state='failed'}))
-end
-"""
 
 # KEYS: record, events, services zset, queue, queues index, offered zset, ready set, bell,
 # payload (optional: the payload is also kept beside the record, aging with it, for resubmits)
