@@ -316,7 +316,7 @@ def test_journal_on_disk_and_removal(tmp_path):
 
 def test_a_cancels_key_of_the_wrong_type_reads_as_no_cancel(r, prefix):
     """A tampered cancels key must not make the claim of a healthy service raise (its
-    entry would stay pending): it reads as no cancel, and CLAIM then drops the key."""
+    entry would stay pending): it reads as no cancel (the first script to meet it drops it)."""
     from soaf.core.cancels import Verifier
 
     keys = Keys(prefix)

@@ -46,7 +46,7 @@ class Verifier:
             return []
         try:
             values = client.hmget(keys.cancels, ids)
-        except redis.ResponseError:  # not a hash (tampered): no cancel; CLAIM drops the key
+        except redis.ResponseError:  # not a hash (tampered): no cancel; the first script to meet it drops it
             return [""] * len(ids)
         if not isinstance(values, list):
             return [""] * len(ids)

@@ -1,14 +1,13 @@
 """Hub: live updates for every open page through one subscription per dashboard process.
 
-Cores publish a short note on ``soaf:notify`` for every event (docs/protocol.md). The hub
-alone subscribes (a thread, ``NoteListener``); every ``interval`` seconds it reads the
-rows of the ids noted meanwhile (one pipeline) and hands the same update, encoded once
-as a server-sent event, to every open page's queue, so a hundred browsers cost one Redis
-read and one encoding per interval, not a hundred. Every ``nodes_every`` seconds it also
-reads the cores' heartbeats for the fleet page. A page whose queue is
-full (a stalled browser) loses its oldest updates, never blocks the others; pub/sub is
-at-most-once anyway, and a reload shows the truth.
-"""
+Cores publish a short note on ``soaf:notify`` for every write of a service's events
+(docs/protocol.md). The hub alone subscribes (a thread, ``NoteListener``); every
+``interval`` seconds it reads the rows of the ids noted meanwhile (one pipeline) and
+hands the same update, encoded once as a server-sent event, to every open page's queue,
+so a hundred browsers cost one Redis read and one encoding per interval, not a hundred.
+Every ``nodes_every`` seconds it also reads the cores' heartbeats for the fleet page. A
+page whose queue is full (a stalled browser) loses its oldest updates, never blocks the
+others; pub/sub is at-most-once anyway, and a reload shows the truth. """
 
 from __future__ import annotations
 
