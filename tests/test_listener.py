@@ -17,6 +17,7 @@ import pytest
 import redis
 
 import soaf.client.follow
+import soaf.client.listener
 from soaf import ServiceParamTemplate
 from soaf.errors import UnknownService, WaitTimeout
 from soaf.protocol.keys import Keys
@@ -152,15 +153,30 @@ def test_unknown_ids_and_records_that_appear_late(client, own_redis, prefix, mon
     appearing.join()
 
 
-def test_the_subscription_ends_with_the_client(own_redis, prefix):
-    from soaf import Client
+def subscribers(r: redis.Redis, keys: Keys) -> int:
+    return int(r.pubsub_numsub(keys.notify)[0][1])
 
+
+def test_the_subscription_outlives_a_wait_a_little_then_ends_until_the_next(
+        client, own_redis, prefix, monkeypatch):
+    monkeypatch.setattr(soaf.client.listener, "IDLE_S", 0.3)
     r, keys = own_redis.client(), Keys(prefix)
-    client = Client(own_redis.url, secret=SECRET, prefix=prefix)
+    first, second = submit(client, 2)
+    end(r, keys, first)
+    assert client.wait(first, timeout=30).ok
+    assert subscribers(r, keys) == 1
+    wait_until(lambda: subscribers(r, keys) == 0, 10, message="the idle subscription to end")
+    ending = after_reads(r, 1, lambda: end(r, keys, second))
+    assert client.wait(second, timeout=30).ok  # a new subscription, before the read
+    ending.join()
+    assert subscribers(r, keys) == 1
+
+
+def test_the_subscription_ends_with_the_client(client, own_redis, prefix):
+    r, keys = own_redis.client(), Keys(prefix)
     sid = submit(client, 1)[0]
     end(r, keys, sid)
     client.wait(sid, timeout=30)
-    assert r.pubsub_numsub(keys.notify) == [(keys.notify.encode(), 1)]
+    assert subscribers(r, keys) == 1
     client.close()
-    wait_until(lambda: r.pubsub_numsub(keys.notify)[0][1] == 0, 10,
-               message="the subscription to end")
+    wait_until(lambda: subscribers(r, keys) == 0, 10, message="the subscription to end")

@@ -82,14 +82,27 @@ def test_a_new_subscription_makes_every_wait_read_the_states_still_pending_once(
         w.block_s(board)
 
 
-def test_a_wait_that_read_nothing_yet_fails_at_once_when_redis_is_unreachable():
+def test_a_wait_that_read_nothing_yet_fails_as_soon_as_an_attempt_to_subscribe_fails():
     board = Board()
+    board.down(RedisUnavailable("an earlier failure"))
     w = Wait(["a"], reconnect_for=30)
-    board.join(w)
+    board.join(w)  # the listener tries again now: its outcome decides
+    assert w.task(board) is None and w.block_s(board) > 0
     board.down(RedisUnavailable("cannot reach Redis"))
     assert w.task(board) is None
     with pytest.raises(RedisUnavailable, match="cannot reach"):
         w.block_s(board)
+
+
+def test_no_read_before_the_subscription_of_a_new_listener():
+    board = Board()
+    board.up()
+    board.gone()  # the listener let its connection go (idle, or the client closed)
+    w = Wait(["a"])
+    board.join(w)
+    assert w.task(board) is None  # a read now could miss the end
+    board.up()
+    assert w.task(board) == Task(["a"])
 
 
 def test_timeout_and_a_last_read_when_the_subscription_never_came():

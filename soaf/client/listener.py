@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -84,7 +85,8 @@ def _woken(board: Board, messages: list[dict[str, Any]]) -> set[Wait]:
 
 class Listener:
     """``Client``'s subscription, in a daemon thread started by the first wait. Safe to
-    share between threads: the board and the waits are changed under one lock."""
+    share between threads: the board and the waits are changed under one lock, and only
+    by the thread currently listening."""
 
     def __init__(self, connect: Callable[[], redis.Redis], channel: str, url: str) -> None:
         self._connect, self._channel, self._url = connect, channel, url
@@ -92,12 +94,14 @@ class Listener:
         self._lock = threading.Lock()
         self._wakes: dict[Wait, threading.Condition] = {}
         self._thread: threading.Thread | None = None
+        self._kick = threading.Event()  # ends a pause between two attempts to subscribe
 
     def join(self, wait: Wait) -> None:
         with self._lock:
             self.board.join(wait)
             self._wakes[wait] = threading.Condition(self._lock)
             self._start()
+        self._kick.set()  # a new wait tries at once, not after a backoff
 
     def leave(self, wait: Wait) -> None:
         with self._lock:
@@ -120,15 +124,21 @@ class Listener:
         """Let the connection go (within POLL_S); a later wait subscribes again."""
         with self._lock:
             self._thread = None
+            self.board.gone()
+        self._kick.set()
 
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="soaf-notify", daemon=True)
             self._thread.start()
 
-    def _wake(self, waits: set[Wait] | list[Wait]) -> None:
-        for wait in waits:
-            self._wakes[wait].notify()
+    def _tell(self, me: threading.Thread, change: Callable[[], Iterable[Wait]]) -> None:
+        """Apply ``change`` to the board and wake the waits it names, if ``me`` is still
+        the listener (one that was let go must not touch the board)."""
+        with self._lock:
+            if self._thread is me:
+                for wait in change():
+                    self._wakes[wait].notify()
 
     def _run(self) -> None:
         me, conn, pubsub = threading.current_thread(), None, None
@@ -143,6 +153,7 @@ class Listener:
                     if idle_since is not None and (
                             pubsub is None or time.monotonic() - idle_since >= IDLE_S):
                         self._thread = None
+                        self.board.gone()
                         return
                 try:
                     if pubsub is None:
@@ -153,23 +164,22 @@ class Listener:
                     messages = self._read(pubsub)
                     if messages:
                         live.heard()
+                        pause = 0.1
                     elif live.ping_due():
                         pubsub.ping()
-                    with self._lock:
-                        self._wake(_woken(self.board, messages))
-                    pause = 0.1 if messages else pause
+                    self._tell(me, functools.partial(_woken, self.board, messages))
                 except (redis.RedisError, OSError) as e:
                     log.debug("the notify channel was lost: %s", e)
                     _close(pubsub)
                     pubsub = None
-                    with self._lock:
-                        self._wake(self.board.down(unreachable(self._url, e)))
-                    time.sleep(pause)
+                    self._kick.clear()
+                    self._tell(me, functools.partial(self.board.down, unreachable(self._url, e)))
+                    self._kick.wait(pause)
                     pause = min(pause * 2, PAUSE_MAX)
         except Exception as e:  # a bug: the waits must not hang on it
             log.exception("the notify listener failed")
-            with self._lock:
-                self._wake(self.board.down(StateError(f"the notify listener failed: {e}")))
+            failure = StateError(f"the notify listener failed: {e}")
+            self._tell(me, functools.partial(self.board.down, failure))
         finally:
             _close(pubsub)
             if conn is not None:
@@ -203,11 +213,14 @@ class AsyncListener:
         self.board = Board()
         self._wakes: dict[Wait, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
+        self._kick: asyncio.Event | None = None
 
     def join(self, wait: Wait) -> None:
         self.board.join(wait)
         self._wakes[wait] = asyncio.Event()
         self._start()
+        assert self._kick is not None
+        self._kick.set()
 
     def leave(self, wait: Wait) -> None:
         self.board.leave(wait)
@@ -229,6 +242,7 @@ class AsyncListener:
 
     async def close(self) -> None:
         task, self._task = self._task, None
+        self.board.gone()
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, RuntimeError):
@@ -237,13 +251,15 @@ class AsyncListener:
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
-            self._task = loop.create_task(self._run())
+            self._kick = asyncio.Event()
+            self._task = loop.create_task(self._run(self._kick))
 
-    def _wake(self, waits: set[Wait] | list[Wait]) -> None:
-        for wait in waits:
-            self._wakes[wait].set()
+    def _tell(self, me: asyncio.Task[Any] | None, waits: Iterable[Wait]) -> None:
+        if self._task is me:
+            for wait in waits:
+                self._wakes[wait].set()
 
-    async def _run(self) -> None:
+    async def _run(self, kick: asyncio.Event) -> None:
         me, conn, pubsub = asyncio.current_task(), None, None
         idle_since: float | None = None
         live, pause = Liveness(), 0.1
@@ -253,6 +269,7 @@ class AsyncListener:
                 if idle_since is not None and (
                         pubsub is None or time.monotonic() - idle_since >= IDLE_S):
                     self._task = None
+                    self.board.gone()
                     return
                 try:
                     if pubsub is None:
@@ -266,17 +283,22 @@ class AsyncListener:
                         pause = 0.1
                     elif live.ping_due():
                         await pubsub.ping()
-                    self._wake(_woken(self.board, [message] if message else []))
+                    if message is not None and self._task is me:
+                        self._tell(me, _woken(self.board, [message]))
                 except (redis.RedisError, OSError) as e:
                     log.debug("the notify channel was lost: %s", e)
                     await _aclose(pubsub)
                     pubsub = None
-                    self._wake(self.board.down(unreachable(self._url, e)))
-                    await asyncio.sleep(pause)
+                    kick.clear()
+                    if self._task is me:
+                        self._tell(me, self.board.down(unreachable(self._url, e)))
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(kick.wait(), pause)
                     pause = min(pause * 2, PAUSE_MAX)
         except Exception as e:  # a bug: the waits must not hang on it
             log.exception("the notify listener failed")
-            self._wake(self.board.down(StateError(f"the notify listener failed: {e}")))
+            if self._task is me:
+                self._tell(me, self.board.down(StateError(f"the notify listener failed: {e}")))
         finally:
             await _aclose(pubsub)
             if conn is not None:

@@ -66,6 +66,7 @@ class Wait:
         self.missing: dict[str, float] = {}  # ids without a record -> end of their grace
         self.read = False  # whether the records were read once: then outages are ridden out
         self.epoch = 0  # the subscription the last full read came after
+        self.failures_before = 0  # the board's failed attempts when the wait joined it
         self._heard_at = self.started
 
     def hear(self, service_id: str, state: Any) -> bool:
@@ -80,7 +81,7 @@ class Wait:
     def task(self, board: Board) -> Task | None:
         """What to read now; None when there is nothing to do but wait (``block_s``)."""
         now = self._clock()
-        if board.down_since is not None or board.epoch == 0:
+        if not board.live:
             # Records read now could miss a note: wait for the subscription. A wait that
             # runs out of time first still reads them once, to return what is final.
             if not self.read and self.deadline is not None and now >= self.deadline:
@@ -107,11 +108,13 @@ class Wait:
     def block_s(self, board: Board) -> float:
         """How long to block before the next ``task``: WaitTimeout once the wait's time is
         up, RedisUnavailable once the subscription was lost for longer than
-        ``reconnect_for`` (at once, for a wait that has read nothing yet)."""
+        ``reconnect_for`` (for a wait that has read nothing yet, as soon as an attempt to
+        subscribe failed after it began)."""
         now: float = self._clock()
         wake = [self._heard_at + QUIET_S, *self.missing.values()]
         if board.down_since is not None:
-            if not self.read or now - board.down_since >= self.reconnect_for:
+            if (self.read and now - board.down_since >= self.reconnect_for) or (
+                    not self.read and board.failures > self.failures_before):
                 raise (copy.copy(board.error) if board.error is not None
                        else RedisUnavailable("the notify channel is unreachable"))
             wake.append(board.down_since + self.reconnect_for)
@@ -153,18 +156,22 @@ class Wait:
 
 class Board:
     """The subscription's side: which waits want notes about which ids, and how the
-    subscription stands (``epoch`` counts the subscriptions confirmed so far, so a wait
-    can tell that notes may have been missed since it last read)."""
+    subscription stands. ``live``: confirmed and not known to be lost; ``epoch`` counts
+    the subscriptions confirmed so far, so a wait can tell that notes may have been missed
+    since it last read; ``failures`` counts the attempts that failed."""
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
+        self.live = False
         self.epoch = 0
+        self.failures = 0
         self.down_since: float | None = None
         self.error: StateError | None = None
         self.waits: list[Wait] = []
         self._by_id: dict[str, list[Wait]] = {}
 
     def join(self, wait: Wait) -> None:
+        wait.failures_before = self.failures
         self.waits.append(wait)
         for sid in wait.ids:
             self._by_id.setdefault(sid, []).append(wait)
@@ -178,16 +185,22 @@ class Board:
 
     def up(self) -> list[Wait]:
         """The subscription is confirmed: every wait has to read (again)."""
-        self.epoch += 1
+        self.live, self.epoch = True, self.epoch + 1
         self.down_since, self.error = None, None
         return list(self.waits)
 
     def down(self, error: StateError) -> list[Wait]:
-        """The subscription is lost (notes are being missed); the waits to wake."""
+        """An attempt to subscribe failed, or the subscription was lost (notes are being
+        missed); the waits to wake."""
         if self.down_since is None:
             self.down_since = self._clock()
-        self.error = error
+        self.live, self.error, self.failures = False, error, self.failures + 1
         return list(self.waits)
+
+    def gone(self) -> None:
+        """The listener let its connection go (no wait, or the client closed): the next
+        one starts afresh."""
+        self.live, self.down_since, self.error = False, None, None
 
     def hear(self, data: Any) -> list[Wait]:
         """A note from the channel; the waits that have records to read because of it."""
