@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from soaf.client import follow
-from soaf.client.calls import record_from, unknown
+from soaf.client.calls import unknown
 from soaf.errors import RedisUnavailable, StateError
 from soaf.protocol.keys import Keys
 from soaf.protocol.state import FINAL_VALUES, ServiceRecord
@@ -133,25 +133,32 @@ class Wait:
             if sid not in self.pending:
                 continue
             if task.states:
-                state = json.loads(reply) if reply is not None else None
-                record = None
-            else:
-                record = record_from(sid, reply)
-                state = record.state if record is not None else None
+                state = None if reply is None else _state(reply)
+            else:  # the whole record is parsed only once it is final
+                state = None if not reply else _state(reply.get(b"state", b'"unknown"'))
             if state is None:  # no record (yet)
                 grace = self.missing.setdefault(sid, self.started + follow.UNKNOWN_GRACE)
                 if grace <= now:
                     raise unknown(sid)
                 continue
             self.missing.pop(sid, None)
-            if state not in FINAL_VALUES:
+            if not isinstance(state, str) or state not in FINAL_VALUES:
                 continue
-            if record is None:
+            if task.states:
                 self.noted[sid] = None
             else:
                 self.pending.discard(sid)
-                done.append(record)
+                done.append(ServiceRecord.from_hash(sid, reply))
         return done
+
+
+def _state(raw: bytes) -> Any:
+    """A record's state as stored (a JSON text; Redis is not trusted: anything else is
+    no final state)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 class Board:
@@ -213,6 +220,7 @@ class Board:
         if not isinstance(note, dict) or not isinstance(note.get("id"), str):
             return []
         sid, state = note["id"], note.get("state")
+        state = state if isinstance(state, str) else None
         return [w for w in self._by_id.get(sid, ()) if w.hear(sid, state)]
 
 
