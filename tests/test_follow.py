@@ -7,7 +7,7 @@ import json
 import pytest
 
 from soaf.client import follow as follow_module
-from soaf.client.follow import BLOCK_MS, RECHECK_S, Follow, NotifyWait
+from soaf.client.follow import BLOCK_MS, Follow
 from soaf.errors import UnknownService, WaitTimeout
 from soaf.protocol.keys import Keys
 from soaf.protocol.state import ServiceRecord
@@ -75,25 +75,3 @@ def test_an_id_without_record_gets_a_grace_then_is_unknown(monkeypatch):
     clock.now += 3.0
     with pytest.raises(UnknownService, match="no service with id 'gone'"):
         f.resolve(f.overdue()[0], False)
-
-
-def test_notify_wait_rechecks_records_and_reads_final_notes(monkeypatch):
-    monkeypatch.setattr(follow_module, "UNKNOWN_GRACE", 3.0)
-    clock = Clock()
-    w = NotifyWait(["a", "b", "c", "a"], timeout=10, clock=clock)
-    assert w.pending == {"a", "b", "c"} and w.check_due()
-    assert w.checked({"a": "succeeded", "b": "running", "c": None}) == ["a"]  # c: grace
-    w.pending.discard("a")
-    assert not w.check_due() and w.block_s() == RECHECK_S
-    assert w.note(json.dumps({"id": "b", "seq": 4, "state": "failed"})) == "b"
-    assert w.note(json.dumps({"id": "b", "seq": 3})) is None  # not a final state
-    assert w.note(json.dumps({"id": "x", "state": "failed"})) is None  # not waited for
-    assert w.note(b"garbage") is None
-    clock.now += RECHECK_S
-    assert w.check_due()
-    clock.now += 1.0
-    with pytest.raises(UnknownService, match="'c'"):
-        w.checked({"b": "running", "c": None})
-    clock.now += 10
-    with pytest.raises(WaitTimeout, match="not final after 10 s"):
-        w.block_s()

@@ -21,8 +21,10 @@ import redis
 from soaf.client import calls
 from soaf.client.base import ClientBase
 from soaf.client.calls import ListQuery, Patience
-from soaf.client.follow import READ_COUNT, STREAM_WAIT_MAX, Follow, NotifyWait, is_final, unique
+from soaf.client.follow import READ_COUNT, Follow, unique
+from soaf.client.listener import AsyncListener
 from soaf.client.logstream import LogFollow, LogLine, TailRead
+from soaf.client.notes import Wait, chunks, queue_reads
 from soaf.client.tail import OutputFile, check_stream, local_output
 from soaf.errors import RedisUnavailable
 from soaf.protocol.connection import connect_async
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     import redis.asyncio
 
 
-class AsyncClient(ClientBase["redis.asyncio.Redis"]):
+class AsyncClient(ClientBase["redis.asyncio.Redis", AsyncListener]):
     """``Client`` for asyncio: ``async with AsyncClient() as client: ...``.
 
     Safe to share between the tasks of one event loop."""
@@ -45,7 +47,13 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
     def _connect(self, url: str, *, blocking: bool, name: str) -> redis.asyncio.Redis:
         return connect_async(url, blocking=blocking, name=name)
 
+    def _listen(self) -> AsyncListener:
+        return AsyncListener(lambda: self._connect(self.url, blocking=True,
+                                                   name=f"{self.client_name}-notify"),
+                             self.keys.notify, self.url)
+
     async def close(self) -> None:
+        await self._listener.close()
         await self.redis.aclose()
         await self._blocking.aclose()
 
@@ -125,54 +133,24 @@ class AsyncClient(ClientBase["redis.asyncio.Redis"]):
     async def as_completed(self, ids: Iterable[str], timeout: float | None = None
                            ) -> AsyncIterator[ServiceRecord]:
         """Each service's final record as it finishes (see Client.as_completed)."""
-        ids = unique(ids)
-        if len(ids) > STREAM_WAIT_MAX:
-            async for record in self._as_completed_notify(ids, timeout):
-                yield record
-            return
-        pending: list[ServiceRecord | str] = []
-        for sid in ids:
-            found = await self._record_or_none(sid)
-            if found is not None and found.final:
-                yield found
-            else:
-                pending.append(found if found is not None else sid)
-        done: set[str] = set()
-        async for sid, event in self.follow(pending, timeout=timeout):
-            if is_final(event):
-                done.add(sid)
-                yield await self.status(sid)
-        for sid in calls.pending_ids(pending, done):
-            yield await self.status(sid)
-
-    async def _as_completed_notify(self, ids: list[str], timeout: float | None
-                                   ) -> AsyncIterator[ServiceRecord]:
-        wait = NotifyWait(ids, timeout=timeout)
-        pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+        wait = Wait(ids, timeout=timeout, reconnect_for=self.reconnect_for)
+        self._listener.join(wait)
         try:
-            await self._call(pubsub.subscribe, self.keys.notify)  # first: nothing slips by
             while wait.pending:
-                done: list[str] = []
-                if wait.check_due():
-                    pipe = self.redis.pipeline(transaction=False)
-                    ids = sorted(wait.pending)
-                    for sid in ids:
-                        pipe.hget(self.keys.service(sid), "state")
-                    done = wait.checked(calls.states_from(ids, await self._call(pipe.execute)))
-                else:
-                    message = await self._call(pubsub.get_message,
-                                               ignore_subscribe_messages=True,
-                                               timeout=wait.block_s())
-                    while message is not None:
-                        if (noted := wait.note(message["data"])) is not None:
-                            done.append(noted)
-                        message = await self._call(pubsub.get_message,
-                                                   ignore_subscribe_messages=True, timeout=0)
-                for sid in dict.fromkeys(done):
-                    wait.pending.discard(sid)
-                    yield await self.status(sid)
+                task = await self._listener.next_task(wait)
+                replies = []
+                for chunk in chunks(task.ids):
+                    replies += await self._patient(wait.deadline, self._read, chunk,
+                                                   task.states)
+                for record in self._listener.settle(wait, task, replies):
+                    yield record
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._listener.leave(wait)
+
+    async def _read(self, ids: list[str], states: bool) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        queue_reads(pipe, self.keys, ids, states=states)
+        return await pipe.execute()
 
     async def follow(
         self, services: Iterable[str | ServiceRecord], *, timeout: float | None = None,

@@ -11,10 +11,13 @@ from soaf.client.calls import DEFAULT_RECONNECT_FOR
 
 #: The redis-py client class of a flavour (sync or asyncio).
 R = TypeVar("R")
+#: The notify-channel listener of a flavour (soaf.client.listener).
+L = TypeVar("L")
 
 
-class ClientBase(Generic[R]):
-    """Where Redis is and how to reach it; ``_connect`` opens a connection of the flavour."""
+class ClientBase(Generic[R, L]):
+    """Where Redis is and how to reach it; ``_connect`` opens a connection of the flavour,
+    ``_listen`` makes the (not yet connected) listener its waits share."""
 
     #: The connection name prefix shown by CLIENT LIST.
     client_name = "soaf-client"
@@ -38,6 +41,10 @@ class ClientBase(Generic[R]):
         self.redis: R = self._connect(self.url, blocking=False, name=self.client_name)
         self._blocking: R = self._connect(self.url, blocking=True,
                                           name=f"{self.client_name}-wait")
+        self._listener: L = self._listen()
 
     def _connect(self, url: str, *, blocking: bool, name: str) -> R:
+        raise NotImplementedError
+
+    def _listen(self) -> L:
         raise NotImplementedError

@@ -215,11 +215,6 @@ def record_from(service_id: str, data: dict[bytes, bytes]) -> ServiceRecord | No
     return ServiceRecord.from_hash(service_id, data) if data else None
 
 
-def states_from(ids: list[str], raw: list[Any]) -> dict[str, str | None]:
-    """``{id: state}`` from one HGET ``state`` per id (None for an id without a record)."""
-    return {sid: None if v is None else json.loads(v) for sid, v in zip(ids, raw)}
-
-
 def events_from(service_id: str, record: ServiceRecord | None,
                 entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
     """The events of an XRANGE reply, each with its ``event_id``; UnknownService when
@@ -227,12 +222,6 @@ def events_from(service_id: str, record: ServiceRecord | None,
     if not entries and record is None:
         raise unknown(service_id)
     return [{**decode_event(data), "event_id": raw_id.decode()} for raw_id, data in entries]
-
-
-def pending_ids(pending: Iterable[ServiceRecord | str], done: set[str]) -> list[str]:
-    """The ids of ``pending`` (ids or records) not in ``done``."""
-    ids = (item if isinstance(item, str) else item.service_id for item in pending)
-    return [sid for sid in ids if sid not in done]
 
 
 @dataclass

@@ -10,14 +10,12 @@ its record (the newest event when the record was read, so nothing after the read
 missed) or ``0-0`` to replay every event. Each read continues after the last entry
 seen, so replay and live reading are one stream read: no gap, no duplicate.
 
-Waiting for many services at once (``as_completed`` over more than STREAM_WAIT_MAX
-ids) goes through the notify channel instead: one subscription whatever the number of
-ids, with the records re-read every few seconds (``NotifyWait``).
+Waiting for services' final states (``wait``, ``wait_all``, ``as_completed``) does not
+read streams: it rides on the notify channel (soaf.client.notes).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -85,11 +83,7 @@ class Follow:
         if self.deadline is not None:
             left = self.deadline - now
             if left <= 0:
-                pending = list(self.positions)
-                raise WaitTimeout(
-                    f"{len(pending)} service(s) not final after {self.timeout:g} s: "
-                    + ", ".join(pending[:5]) + (" ..." if len(pending) > 5 else "")
-                )
+                raise timed_out(list(self.positions), self.timeout)
             limit = min(limit, left)
         if self._unknown:
             limit = min(limit, max(0.0, min(self._unknown.values()) - now))
@@ -144,65 +138,7 @@ def is_final(event: dict[str, Any]) -> bool:
     return event.get("state") in FINAL_VALUES
 
 
-#: Waits on more ids than this follow the notify channel instead of event streams: one
-#: subscription costs the same for any number of ids, where XREAD names every stream.
-STREAM_WAIT_MAX = 16
-#: Seconds between re-reads of the records while following the notify channel, since
-#: pub/sub drops the messages sent while a connection is down.
-RECHECK_S = 2.0
-
-
-class NotifyWait:
-    """Bookkeeping of a wait on many ids through the notify channel (the I/O-free part).
-
-    The caller subscribes first, then re-reads the states of the pending ids whenever
-    ``check_due()`` says so (so no final state slips between two looks), and in between
-    blocks on the channel for ``block_s()`` seconds, passing each message to ``note``.
-    """
-
-    def __init__(self, ids: Iterable[str], *, timeout: float | None = None,
-                 clock: Any = time.monotonic) -> None:
-        self.pending = set(unique(ids))
-        self.timeout = timeout
-        self._clock = clock
-        self.deadline = None if timeout is None else clock() + timeout
-        self._unknown_after = clock() + UNKNOWN_GRACE
-        self._next_check = 0.0
-
-    def check_due(self) -> bool:
-        return bool(self._clock() >= self._next_check)
-
-    def checked(self, states: dict[str, str | None]) -> list[str]:
-        """After a re-read: the ids now final; UnknownService for an id still without a
-        record once the grace is over."""
-        now = self._clock()
-        self._next_check = now + RECHECK_S
-        missing = [sid for sid, state in states.items() if state is None]
-        if missing and now >= self._unknown_after:
-            raise UnknownService(f"no service with id {missing[0]!r}")
-        return [sid for sid, state in states.items() if state in FINAL_VALUES]
-
-    def block_s(self) -> float:
-        """How long the next read of the channel may block; WaitTimeout once it is too late."""
-        now = self._clock()
-        limit = max(0.0, self._next_check - now)
-        if self.deadline is not None:
-            if now >= self.deadline:
-                pending = sorted(self.pending)
-                raise WaitTimeout(
-                    f"{len(pending)} service(s) not final after {self.timeout:g} s: "
-                    + ", ".join(pending[:5]) + (" ..." if len(pending) > 5 else "")
-                )
-            limit = min(limit, self.deadline - now)
-        return float(limit)
-
-    def note(self, data: Any) -> str | None:
-        """The pending id whose final state a notify message announces, if any."""
-        try:
-            note = json.loads(data)
-        except (ValueError, TypeError):
-            return None
-        if isinstance(note, dict) and note.get("id") in self.pending \
-                and note.get("state") in FINAL_VALUES:
-            return str(note["id"])
-        return None
+def timed_out(pending: list[str], timeout: float | None) -> WaitTimeout:
+    """The WaitTimeout of a wait whose ``pending`` ids are not final after ``timeout``."""
+    return WaitTimeout(f"{len(pending)} service(s) not final after {timeout:g} s: "
+                       + ", ".join(pending[:5]) + (" ..." if len(pending) > 5 else ""))

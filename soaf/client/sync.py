@@ -2,9 +2,10 @@
 
 Uses only the wire contract of docs/protocol.md (it never imports the core). This
 module only talks to Redis: what to send and what the replies mean is decided in
-soaf/client/calls.py, follow.py and logstream.py, shared with ``AsyncClient``. Waiting
-reads each service's event stream from the position stored in its record, so no event
-between "read the record" and "follow the stream" can be missed.
+soaf/client/calls.py, follow.py, notes.py and logstream.py, shared with ``AsyncClient``.
+Following reads each service's event stream from the position stored in its record, so
+no event between "read the record" and "follow the stream" can be missed; waiting rides
+on the notify channel, which the client subscribes to once (soaf.client.listener).
 
 What the calls raise (all soaf errors): ``RedisUnavailable`` when Redis cannot be
 reached, ``UnknownService`` for an id that was never submitted, ``WaitTimeout`` when a
@@ -34,8 +35,10 @@ import redis
 from soaf.client import calls
 from soaf.client.base import ClientBase
 from soaf.client.calls import ListQuery, Patience
-from soaf.client.follow import READ_COUNT, STREAM_WAIT_MAX, Follow, NotifyWait, is_final, unique
+from soaf.client.follow import READ_COUNT, Follow, unique
+from soaf.client.listener import Listener
 from soaf.client.logstream import LogFollow, LogLine, TailRead
+from soaf.client.notes import Wait, chunks, queue_reads
 from soaf.client.tail import OutputFile, check_stream, local_output
 from soaf.errors import RedisUnavailable
 from soaf.protocol.connection import connect
@@ -45,7 +48,7 @@ from soaf.protocol.state import ServiceRecord
 from soaf.protocol.template import ServiceParamTemplate
 
 
-class Client(ClientBase["redis.Redis"]):
+class Client(ClientBase["redis.Redis", Listener]):
     """A connection to the Redis that soaf cores read from.
 
     ``url`` and ``secret`` default to what a core on this machine uses: SOAF_REDIS_URL
@@ -59,7 +62,13 @@ class Client(ClientBase["redis.Redis"]):
     def _connect(self, url: str, *, blocking: bool, name: str) -> redis.Redis:
         return connect(url, blocking=blocking, name=name)
 
+    def _listen(self) -> Listener:
+        return Listener(lambda: self._connect(self.url, blocking=True,
+                                              name=f"{self.client_name}-notify"),
+                        self.keys.notify, self.url)
+
     def close(self) -> None:
+        self._listener.close()
         self.redis.close()
         self._blocking.close()
 
@@ -146,56 +155,25 @@ class Client(ClientBase["redis.Redis"]):
     ) -> Iterator[ServiceRecord]:
         """Yield each service's final record as it finishes; WaitTimeout for the rest.
 
-        A few ids are followed through their event streams (nothing can be missed);
-        many ids through the notify channel, re-checked every few seconds because
-        pub/sub drops messages while a connection is down.
+        Rides on the notify channel, whatever the number of ids: the records are read
+        once, then only those whose final state is announced (see soaf.client.notes).
         """
-        ids = unique(ids)
-        if len(ids) > STREAM_WAIT_MAX:
-            yield from self._as_completed_notify(ids, timeout)
-            return
-        pending: list[ServiceRecord | str] = []
-        for sid in ids:
-            found = self._record_or_none(sid)
-            if found is not None and found.final:
-                yield found
-            else:
-                pending.append(found if found is not None else sid)
-        done: set[str] = set()
-        for sid, event in self.follow(pending, timeout=timeout):
-            if is_final(event):
-                done.add(sid)
-                yield self.status(sid)
-        # An id whose record appeared, already final, between the first read and the
-        # follow's own read is not followed at all: it is final now.
-        for sid in calls.pending_ids(pending, done):
-            yield self.status(sid)
-
-    def _as_completed_notify(self, ids: list[str], timeout: float | None
-                             ) -> Iterator[ServiceRecord]:
-        wait = NotifyWait(ids, timeout=timeout)
-        pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        wait = Wait(ids, timeout=timeout, reconnect_for=self.reconnect_for)
+        self._listener.join(wait)
         try:
-            self._call(pubsub.subscribe, self.keys.notify)  # first, so nothing slips by
             while wait.pending:
-                done: list[str] = []
-                if wait.check_due():
-                    pipe = self.redis.pipeline(transaction=False)
-                    ids = sorted(wait.pending)
-                    for sid in ids:
-                        pipe.hget(self.keys.service(sid), "state")
-                    done = wait.checked(calls.states_from(ids, self._call(pipe.execute)))
-                else:
-                    message = self._call(pubsub.get_message, timeout=wait.block_s())
-                    while message is not None:
-                        if (noted := wait.note(message["data"])) is not None:
-                            done.append(noted)
-                        message = self._call(pubsub.get_message, timeout=0)
-                for sid in dict.fromkeys(done):
-                    wait.pending.discard(sid)
-                    yield self.status(sid)
+                task = self._listener.next_task(wait)
+                replies = []
+                for chunk in chunks(task.ids):
+                    replies += self._patient(wait.deadline, self._read, chunk, task.states)
+                yield from self._listener.settle(wait, task, replies)
         finally:
-            pubsub.close()
+            self._listener.leave(wait)
+
+    def _read(self, ids: list[str], states: bool) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        queue_reads(pipe, self.keys, ids, states=states)
+        return pipe.execute()
 
     def follow(
         self, services: Iterable[str | ServiceRecord], *, timeout: float | None = None,

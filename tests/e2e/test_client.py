@@ -376,7 +376,7 @@ def test_waiting_for_many_services_goes_through_the_notify_channel(start_core, c
                                                                    monkeypatch):
     monkeypatch.setattr(soaf.client.follow, "UNKNOWN_GRACE", 0.5)
     start_core()
-    ids = [client.submit(ServiceParamTemplate("true")) for _ in range(soaf.client.follow.STREAM_WAIT_MAX)]
+    ids = [client.submit(ServiceParamTemplate("true")) for _ in range(16)]
     slow = client.submit(ServiceParamTemplate("sleep", args={"seconds": 30}))
     finished = []
     for record in client.as_completed([slow, *ids], timeout=60):
