@@ -17,6 +17,14 @@ network file systems, costs nothing for programs that finish quickly, and cannot
 flooded by a program that writes a lot. The check runs every ``file_poll`` seconds
 after a change and less often (up to ``MAX_FILE_POLL``) while the dir stays quiet, so
 a thousand idle services do not keep the core busy.
+
+Calls that cannot do anything are not made: a handler that keeps the base class's
+``file_change_callback`` (which does nothing) gets none, and the default handler, whose
+callback only counts the files, is called when its work dir's entries may have changed
+(a directory's modification time moved, or is too recent to tell: see
+``DirSignature.settled``), and at least every ``COUNT_REFRESH`` seconds. Such a service
+costs its thread one wake-up and a few ``stat`` calls a second, and no listing of its
+work dir, no plugin call and no journal write.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from soaf.data.workdir import list_files
-from soaf.plugin.handler import STOP, WatcherHandler
+from soaf.plugin.handler import STOP, DefaultHandler, WatcherHandler
 from soaf.plugin.service import Service
 from soaf.process.spawn import Process
 
@@ -44,6 +52,12 @@ MAX_FILE_POLL = 1.0
 #: Longest sleep of a watcher between two looks at its program (a safety net: an exit
 #: wakes it at once).
 MAX_WAIT = 1.0
+#: Longest gap between two calls of the default handler (which counts the files), in
+#: case two changes of its work dir fell within one tick of the file system's clock.
+COUNT_REFRESH = 30.0
+#: Nanoseconds a directory's modification time must lie behind the moment it was read
+#: for a later change to be sure to move it (timestamps come from a coarse clock).
+SETTLE_NS = 100_000_000
 
 
 def call_callback(service: Service, name: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -74,9 +88,11 @@ class DirSignature:
     def __init__(self, work_dir: str) -> None:
         self.work_dir = work_dir
         self.dirs: list[str] = [work_dir]
+        self.read_at = 0
         self.last = self._read()
 
     def _read(self) -> tuple[int, ...]:
+        self.read_at = time.time_ns()
         out = []
         for path in self.dirs:
             try:
@@ -91,12 +107,38 @@ class DirSignature:
         self.dirs = [self.work_dir, *(os.path.join(self.work_dir, d) for d in sorted(subdirs))]
         self.last = self._read()
 
+    def watch_all(self) -> None:
+        """Watch every directory of the work dir, empty ones too (so that no entry can
+        appear anywhere without moving a modification time watched here)."""
+        dirs = [path for path, _dirs, _files in os.walk(self.work_dir)]
+        self.dirs = dirs if dirs else [self.work_dir]
+        self.last = self._read()
+
     def changed(self) -> bool:
         now = self._read()
         if now != self.last:
             self.last = now
             return True
         return False
+
+    @property
+    def settled(self) -> bool:
+        """True when any change after the last read must move a watched modification
+        time: each was older than ``SETTLE_NS`` when read (a change within one tick of
+        the file system's clock may leave it as it was)."""
+        return all(m < self.read_at - SETTLE_NS for m in self.last)
+
+
+def _calls(handler: WatcherHandler) -> str:
+    """Which ``file_change_callback`` calls can matter: "none" (the base class's, which
+    does nothing), "count" (the default handler's: only when the files may have changed)
+    or "all"."""
+    fn = type(handler).file_change_callback
+    if fn is WatcherHandler.file_change_callback:
+        return "none"
+    if fn is DefaultHandler.file_change_callback:
+        return "count"
+    return "all"
 
 
 def callback_loop(
@@ -113,11 +155,20 @@ def callback_loop(
     Callbacks are made through ``call(name, fn, *args)`` (soaf.run.attempt), which lets the
     limit enforcer see what is under way. ``wake`` is set when the program exits.
     """
+    call("before_watch_callback", call_callback, service, "before_watch_callback",
+         handler.before_watch_callback, service)
+    calls = _calls(handler)
+    if calls == "none":
+        while not process.exited.is_set():
+            if wake.wait(MAX_WAIT):
+                wake.clear()
+        return
+    if calls == "count":
+        _count_loop(handler, service, process, call, wake=wake)
+        return
     interval = float(service.template.watch_interval)
     signature = DirSignature(str(service.work_dir)) if file_poll > 0 else None
     poll = file_poll
-    call("before_watch_callback", call_callback, service, "before_watch_callback",
-         handler.before_watch_callback, service)
     next_call = time.monotonic()  # the first file check right after before_watch_callback
     last_call = float("-inf")
     changed = False
@@ -154,5 +205,31 @@ def callback_loop(
     if not service.stop_requested.is_set():
         # One last look once the program has ended: files it wrote just before its end
         # would otherwise reach only after_watch_callback (progress left short of 100%).
+        call("file_change_callback", call_callback, service, "file_change_callback",
+             handler.file_change_callback, service, list_files(service.work_dir))
+
+
+def _count_loop(handler: WatcherHandler, service: Service, process: Process,
+                call: Callable[..., Any], *, wake: threading.Event) -> None:
+    """``callback_loop`` for the default handler: its callback sets ``file_count``, so a
+    call with the same files would change nothing. The work dir is listed (and the
+    callback called) only when its directories' modification times say it may have
+    changed, checked every ``watch_interval`` (at most every ``MAX_FILE_POLL``)."""
+    poll = min(float(service.template.watch_interval), MAX_FILE_POLL)
+    signature = DirSignature(str(service.work_dir))
+    refresh = float("-inf")  # the first check lists the work dir
+    while not process.exited.is_set():
+        now = time.monotonic()
+        if service.stop_requested.is_set():
+            pass  # watching was stopped: no more calls
+        elif now >= refresh or signature.changed() or not signature.settled:
+            signature.watch_all()  # (before listing: a change while listing is not lost)
+            refresh = now + COUNT_REFRESH
+            files = list_files(service.work_dir)
+            call("file_change_callback", call_callback, service, "file_change_callback",
+                 handler.file_change_callback, service, files)
+        if wake.wait(poll):
+            wake.clear()
+    if not service.stop_requested.is_set():  # once more after the end, as callback_loop
         call("file_change_callback", call_callback, service, "file_change_callback",
              handler.file_change_callback, service, list_files(service.work_dir))
