@@ -88,6 +88,17 @@ def sleeping_programs(core: int) -> int:
     return count
 
 
+def kill_programs(work_root: Path) -> None:
+    """SIGKILL the groups of the programs a killed core left (their shims name the root)."""
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and str(work_root).encode() in Path(
+                    f"/proc/{name}/cmdline").read_bytes():
+                os.killpg(int(name), signal.SIGKILL)
+        except OSError:
+            continue
+
+
 def redis_stats(r) -> tuple[float, int]:
     """(CPU seconds, commands so far) of the redis-server."""
     cpu = r.info("cpu")
@@ -207,6 +218,7 @@ def measure(n: int, opts: argparse.Namespace) -> dict[str, float]:
                     core.wait(60)
                 except subprocess.TimeoutExpired:
                     core.kill()
+                    kill_programs(work_root)
             if opts.work_root is None:
                 shutil.rmtree(work_root, ignore_errors=True)
     return result
