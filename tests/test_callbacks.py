@@ -61,8 +61,11 @@ def test_a_handler_without_its_own_file_change_callback_gets_no_calls(tmp_path):
     assert made == ["before_watch_callback"]
 
 
-def test_the_default_handler_is_called_only_when_its_files_may_have_changed(tmp_path):
-    service, program, wake, made, thread = run_loop(tmp_path, DefaultHandler())
+def test_the_default_handler_is_called_only_when_its_files_may_have_changed(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setattr(callbacks, "MAX_FILE_POLL", 0.1)  # the shared watcher's period
+    service, program, wake, made, thread = run_loop(tmp_path, DefaultHandler(),
+                                                    watch_interval=1)
     time.sleep(1.0)  # ten intervals of a quiet work dir: one call, the first
     assert made == ["before_watch_callback", "file_change_callback"]
     assert service.fields["file_count"] == 0
@@ -78,9 +81,37 @@ def test_the_default_handler_is_called_only_when_its_files_may_have_changed(tmp_
 
 def test_the_default_handler_is_called_at_least_every_count_refresh(tmp_path, monkeypatch):
     monkeypatch.setattr(callbacks, "COUNT_REFRESH", 0.3)
-    _service, program, wake, made, thread = run_loop(tmp_path, DefaultHandler())
+    monkeypatch.setattr(callbacks, "MAX_FILE_POLL", 0.1)
+    _service, program, wake, made, thread = run_loop(tmp_path, DefaultHandler(),
+                                                     watch_interval=1)
     wait_for(lambda: made.count("file_change_callback") >= 3)
     end(program, wake, thread)
+
+
+def test_the_default_handlers_loop_ends_when_its_program_exits(tmp_path, monkeypatch):
+    """Its thread sleeps until woken; the shared watcher wakes it once the program has
+    exited, even if the exit's own wake-up came before ``exited`` was set."""
+    monkeypatch.setattr(callbacks, "MAX_FILE_POLL", 0.1)
+    _service, program, _wake, made, thread = run_loop(tmp_path, DefaultHandler(),
+                                                      watch_interval=1)
+    wait_for(lambda: "file_change_callback" in made)
+    program.exited.set()  # and no wake
+    thread.join(5)
+    assert not thread.is_alive()
+    assert made.count("file_change_callback") == 2  # the first, and the one after the end
+
+
+def test_many_default_handler_services_share_one_watcher_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(callbacks, "MAX_FILE_POLL", 0.1)
+    loops = []
+    for i in range(20):
+        (tmp_path / str(i)).mkdir()
+        loops.append(run_loop(tmp_path / str(i), DefaultHandler(), watch_interval=1))
+    wait_for(lambda: all("file_change_callback" in made for _s, _p, _w, made, _t in loops))
+    names = [t.name for t in threading.enumerate()]
+    assert names.count("soaf-quiet-dirs") == 1
+    for _service, program, wake, _made, thread in loops:
+        end(program, wake, thread)
 
 
 def test_a_changed_dir_too_recent_to_tell_is_not_settled(tmp_path):

@@ -22,9 +22,11 @@ Calls that cannot do anything are not made: a handler that keeps the base class'
 ``file_change_callback`` (which does nothing) gets none, and the default handler, whose
 callback only counts the files, is called when its work dir's entries may have changed
 (a directory's modification time moved, or is too recent to tell: see
-``DirSignature.settled``), and at least every ``COUNT_REFRESH`` seconds. Such a service
-costs its thread one wake-up and a few ``stat`` calls a second, and no listing of its
-work dir, no plugin call and no journal write.
+``DirSignature.settled``), and at least every ``COUNT_REFRESH`` seconds. One thread
+(``_QuietDirs``) checks the work dirs of all such services, so a sleeping one costs a
+few ``stat`` calls a second, and no wake-up of its own thread, no listing of its work
+dir, no plugin call and no journal write. (A ``watch_interval`` below ``MAX_FILE_POLL``
+gets the loop of any other handler.)
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ MAX_FILE_POLL = 1.0
 #: Longest sleep of a watcher between two looks at its program (a safety net: an exit
 #: wakes it at once).
 MAX_WAIT = 1.0
+#: Longest sleep of a service's thread while the shared watcher (``_QuietDirs``) or the
+#: program's exit wakes it (a safety net).
+IDLE_WAIT = 30.0
 #: Longest gap between two calls of the default handler (which counts the files), in
 #: case two changes of its work dir fell within one tick of the file system's clock.
 COUNT_REFRESH = 30.0
@@ -159,11 +164,10 @@ def callback_loop(
          handler.before_watch_callback, service)
     calls = _calls(handler)
     if calls == "none":
-        while not process.exited.is_set():
-            if wake.wait(MAX_WAIT):
-                wake.clear()
+        while not process.exited.wait(IDLE_WAIT):
+            pass
         return
-    if calls == "count":
+    if calls == "count" and float(service.template.watch_interval) >= MAX_FILE_POLL:
         _count_loop(handler, service, process, call, wake=wake)
         return
     interval = float(service.template.watch_interval)
@@ -212,24 +216,90 @@ def callback_loop(
 def _count_loop(handler: WatcherHandler, service: Service, process: Process,
                 call: Callable[..., Any], *, wake: threading.Event) -> None:
     """``callback_loop`` for the default handler: its callback sets ``file_count``, so a
-    call with the same files would change nothing. The work dir is listed (and the
-    callback called) only when its directories' modification times say it may have
-    changed, checked every ``watch_interval`` (at most every ``MAX_FILE_POLL``)."""
-    poll = min(float(service.template.watch_interval), MAX_FILE_POLL)
-    signature = DirSignature(str(service.work_dir))
-    refresh = float("-inf")  # the first check lists the work dir
-    while not process.exited.is_set():
-        now = time.monotonic()
-        if service.stop_requested.is_set():
-            pass  # watching was stopped: no more calls
-        elif now >= refresh or signature.changed() or not signature.settled:
-            signature.watch_all()  # (before listing: a change while listing is not lost)
-            refresh = now + COUNT_REFRESH
-            files = list_files(service.work_dir)
-            call("file_change_callback", call_callback, service, "file_change_callback",
-                 handler.file_change_callback, service, files)
-        if wake.wait(poll):
-            wake.clear()
+    call with the same files would change nothing. The shared ``_QuietDirs`` thread
+    checks the work dir every ``MAX_FILE_POLL`` and wakes this thread when it may have
+    changed (or the program exited); only then is it listed and the callback called."""
+    entry = _Quiet(DirSignature(str(service.work_dir)), wake, process.exited)
+    _quiet_dirs.add(entry)
+    try:
+        while not process.exited.is_set():
+            if entry.due and not service.stop_requested.is_set():
+                with entry.lock:
+                    entry.signature.watch_all()  # (before listing: no change is lost)
+                    entry.refresh = time.monotonic() + COUNT_REFRESH
+                    entry.due = False
+                call("file_change_callback", call_callback, service, "file_change_callback",
+                     handler.file_change_callback, service, list_files(service.work_dir))
+                continue
+            if wake.wait(IDLE_WAIT):
+                wake.clear()
+    finally:
+        _quiet_dirs.remove(entry)
     if not service.stop_requested.is_set():  # once more after the end, as callback_loop
         call("file_change_callback", call_callback, service, "file_change_callback",
              handler.file_change_callback, service, list_files(service.work_dir))
+
+
+class _Quiet:
+    """A default-handler service as the shared watcher sees it."""
+
+    def __init__(self, signature: DirSignature, wake: threading.Event,
+                 exited: threading.Event) -> None:
+        self.signature = signature
+        self.wake = wake
+        self.exited = exited
+        self.lock = threading.Lock()  # the signature is read by both threads
+        self.due = True  # the first look lists the work dir
+        self.refresh = 0.0
+
+    def check(self, now: float) -> None:
+        """Wake the service's thread if its files may have changed, or its program has
+        exited (a safety net: the exit wakes it at once)."""
+        with self.lock:
+            if not self.due and not self.exited.is_set():
+                signature = self.signature
+                if not (now >= self.refresh or signature.changed() or not signature.settled):
+                    return
+                self.due = True
+        self.wake.set()
+
+
+class _QuietDirs:
+    """One thread that looks at the work dirs of every default-handler service, so a
+    thousand sleeping services cost a few ``stat`` calls a second each, and no thread
+    switch of their own. It runs while there is something to watch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: set[_Quiet] = set()
+        self._thread: threading.Thread | None = None
+
+    def add(self, entry: _Quiet) -> None:
+        with self._lock:
+            self._entries.add(entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="soaf-quiet-dirs",
+                                                daemon=True)
+                self._thread.start()
+
+    def remove(self, entry: _Quiet) -> None:
+        with self._lock:
+            self._entries.discard(entry)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(MAX_FILE_POLL)
+            with self._lock:
+                if not self._entries:
+                    self._thread = None
+                    return
+                entries = list(self._entries)
+            now = time.monotonic()
+            for entry in entries:
+                try:
+                    entry.check(now)
+                except Exception:
+                    log.exception("checking a work dir failed")
+
+
+_quiet_dirs = _QuietDirs()
