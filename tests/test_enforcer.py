@@ -6,7 +6,7 @@ import threading
 import time
 
 from soaf.config import Settings
-from soaf.core.enforcer import LimitEnforcer
+from soaf.core.enforcer import RELAXED_EVERY, LimitEnforcer
 from soaf.run.control import Halt
 from soaf.run.limits import FIRST_SAMPLE, MAX_SAMPLE_INTERVAL, Limits
 from soaf.run.policy import Policy
@@ -110,3 +110,28 @@ def test_a_young_program_and_a_limited_one_are_sampled_as_before():
         b.enforce(start + step * 0.1, limited, "b")
     assert young.samples >= 8  # every SAMPLE_INTERVAL (0.5 s, give or take a tick) at first
     assert limited.samples == 50  # every tick (each is past MEMORY_CHECK_INTERVAL)
+
+
+class Run(Ticked):
+    """A service as the enforcer sees it, with the policy and halt it looks at."""
+
+    def __init__(self, service_id: str, timeout: float | None = None) -> None:
+        super().__init__(service_id)
+        self.policy = Policy(timeout=timeout)
+        self.halt = Halt()
+
+
+def test_a_service_with_nothing_due_is_ticked_on_its_turn_only():
+    sup = LimitEnforcer()
+    relaxed = [Run(f"r{i}") for i in range(8)]
+    timed, cancelled = Run("timed", timeout=60), Run("cancelled")
+    cancelled.halt.cancel()
+    for run in [*relaxed, timed, cancelled]:
+        sup.add(run)
+    for _ in range(4 * RELAXED_EVERY):
+        sup._passes += 1
+        sup.tick(spread=True)
+    assert len(timed.ticks) == len(cancelled.ticks) == 4 * RELAXED_EVERY
+    assert [len(run.ticks) for run in relaxed] == [4] * 8  # one pass in RELAXED_EVERY
+    sup.tick()  # a poke's pass: every service
+    assert [len(run.ticks) for run in relaxed] == [5] * 8
