@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 
-from soaf.core.enforcer import LimitEnforcer
+from soaf.config import Settings
+from soaf.core.enforcer import RELAXED_EVERY, LimitEnforcer
+from soaf.run.control import Halt
+from soaf.run.limits import FIRST_SAMPLE, MAX_SAMPLE_INTERVAL, Limits
+from soaf.run.policy import Policy
 from tests.conftest import wait_until
 
 
@@ -66,3 +71,67 @@ def test_fast_services_are_ticked_more_often():
         wait_until(lambda: len(slow.ticks) == 1, 5, message="a poke")
     finally:
         sup.stop()
+
+
+class Sampled:
+    """A program whose memory the limits sample: counts the samples."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+
+    def rss_kb(self) -> int:
+        self.samples += 1
+        return 1000
+
+    def begin_stop(self, grace: float) -> None:
+        raise AssertionError("no limit was passed")
+
+
+def test_a_long_running_program_without_a_limit_is_sampled_less_often():
+    limits = Limits(Policy(), Halt(), Settings())
+    program = Sampled()
+    limits.started(ran_for=600.0)  # adopted after ten minutes of running
+    start = time.monotonic()
+    for step in range(200):  # 20 s of enforcer ticks
+        limits.enforce(start + FIRST_SAMPLE + step * 0.1, program, "svc")
+    # at 0, 5, 10 and 15 s: every MAX_SAMPLE_INTERVAL, not every SAMPLE_INTERVAL (40)
+    assert program.samples == 20 // MAX_SAMPLE_INTERVAL
+
+
+def test_a_young_program_and_a_limited_one_are_sampled_as_before():
+    young, limited = Sampled(), Sampled()
+    a = Limits(Policy(), Halt(), Settings())
+    b = Limits(Policy(max_memory_kb=10_000), Halt(), Settings())
+    a.started()
+    b.started()
+    start = time.monotonic()
+    for step in range(50):  # 5 s of ticks, every 0.1 s
+        a.enforce(start + FIRST_SAMPLE + step * 0.1, young, "a")
+        b.enforce(start + step * 0.1, limited, "b")
+    assert young.samples >= 8  # every SAMPLE_INTERVAL (0.5 s, give or take a tick) at first
+    assert limited.samples == 50  # every tick (each is past MEMORY_CHECK_INTERVAL)
+
+
+class Run(Ticked):
+    """A service as the enforcer sees it, with the policy and halt it looks at."""
+
+    def __init__(self, service_id: str, timeout: float | None = None) -> None:
+        super().__init__(service_id)
+        self.policy = Policy(timeout=timeout)
+        self.halt = Halt()
+
+
+def test_a_service_with_nothing_due_is_ticked_on_its_turn_only():
+    sup = LimitEnforcer()
+    relaxed = [Run(f"r{i}") for i in range(8)]
+    timed, cancelled = Run("timed", timeout=60), Run("cancelled")
+    cancelled.halt.cancel()
+    for run in [*relaxed, timed, cancelled]:
+        sup.add(run)
+    for _ in range(4 * RELAXED_EVERY):
+        sup._passes += 1
+        sup.tick(spread=True)
+    assert len(timed.ticks) == len(cancelled.ticks) == 4 * RELAXED_EVERY
+    assert [len(run.ticks) for run in relaxed] == [4] * 8  # one pass in RELAXED_EVERY
+    sup.tick()  # a poke's pass: every service
+    assert [len(run.ticks) for run in relaxed] == [5] * 8

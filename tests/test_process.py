@@ -220,3 +220,41 @@ def test_the_reaper_outlives_running_out_of_file_descriptors(tmp_path):
                          timeout=60)
     assert out.stdout.split() == ["True", "True", "True"], out.stderr
     assert "reaper: a round failed" in out.stderr
+
+
+def test_groups_are_swept_only_when_a_child_waits_to_be_reaped(tmp_path):
+    """A sweep over every running group costs a system call per group: none is made while
+    no child of the core has exited; an orphan that exits inside a running group is
+    still reaped. Run in a process of its own (a subreaper, no other children)."""
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(ROOT)!r})
+        from soaf.process.reaper import Reaper, become_subreaper
+        from soaf.process.spawn import Process
+        assert become_subreaper()
+        reaper = Reaper()
+        swept = []
+        real = reaper._sweep_live
+        reaper._sweep_live = lambda pgid: swept.append(pgid) or real(pgid)
+        tmp = Path({str(tmp_path)!r})
+        quiet = Process(["sleep", "30"], cwd=tmp, env=dict(os.environ), stdout=tmp / "o",
+                        stderr=tmp / "e")
+        quiet.start(reaper)
+        time.sleep(2.5)  # two sweep intervals with nothing to reap
+        before = len(swept)
+        leaving = Process(["sh", "-c", "sh -c 'sleep 0.2 &'; sleep 30"], cwd=tmp,
+                          env=dict(os.environ), stdout=tmp / "o2", stderr=tmp / "e2")
+        leaving.start(reaper)
+        deadline = time.monotonic() + 10
+        while reaper.orphans_reaped < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(before, reaper.orphans_reaped)
+        for p in (quiet, leaving):
+            os.killpg(p.pid, 9)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    before, reaped = map(int, out.stdout.split())
+    assert before == 0 and reaped >= 1

@@ -28,15 +28,32 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two passes over every service (timeouts act within this).
 DEFAULT_INTERVAL = 0.2
+#: A service with nothing due at a pass's precision (see ``relaxed``) is ticked on every
+#: this many passes only (0.8 s: under OBSERVE_INTERVAL, so its lineage misses no look
+#: at the core's descendants, soaf.process.lineage), spread over the passes.
+RELAXED_EVERY = 4
 #: Seconds between two passes over the services whose program has a memory limit
 #: (``Supervised.fast``), so a fast allocator is caught early; the others cost nothing more.
 FAST_INTERVAL = 0.05
 
 
+def relaxed(run: Supervised) -> bool:
+    """True for a service whose program has no timeout and that no cancel or stop has
+    reached: nothing of it is due within a pass's precision (its memory samples are
+    0.5 s apart or more, a takeover of a stuck callback waits seconds, and a stop, which
+    starts the SIGKILL's grace period, pokes a full pass and makes it not relaxed)."""
+    policy, halt = getattr(run, "policy", None), getattr(run, "halt", None)
+    return (policy is not None and halt is not None and policy.timeout is None
+            and not halt.halted)
+
+
 class LimitEnforcer:
-    """Calls ``tick(now)`` on every registered service every ``interval`` seconds, on the
-    ``fast`` ones every ``fast_interval``, and on all at once after ``poke()`` (a cancel,
-    a core stop)."""
+    """Calls ``tick(now)`` on every registered service every ``interval`` seconds (the
+    ``relaxed`` ones every ``RELAXED_EVERY`` intervals), on the ``fast`` ones every
+    ``fast_interval``, and on all at once after ``poke()`` (a cancel, a core stop).
+
+    Thousands of sleeping services would otherwise cost the core a call each, five times a
+    second, for nothing."""
 
     def __init__(self, *, interval: float = DEFAULT_INTERVAL,
                  fast_interval: float = FAST_INTERVAL) -> None:
@@ -47,6 +64,7 @@ class LimitEnforcer:
         self._lock = threading.Lock()
         self._poked = threading.Event()
         self._stopping = False
+        self._passes = 0
         self._thread = threading.Thread(target=self._loop, name="soaf-enforcer", daemon=True)
 
     def start(self) -> None:
@@ -84,17 +102,22 @@ class LimitEnforcer:
             self._poked.clear()
             if poked or time.monotonic() >= next_pass:
                 next_pass = time.monotonic() + self.interval
-                self.tick()
+                self._passes += 1
+                self.tick(spread=not poked)
             else:
                 self.tick(fast_only=True)
 
-    def tick(self, *, fast_only: bool = False) -> None:
-        """One pass over every service (the fast ones only: ``fast_only``)."""
+    def tick(self, *, fast_only: bool = False, spread: bool = False) -> None:
+        """One pass over every service (the fast ones only: ``fast_only``; with ``spread``,
+        a relaxed one only on its turn, one pass in ``RELAXED_EVERY``)."""
         with self._lock:
             runs = list((self._fast if fast_only else self._runs).values())
         now = time.monotonic()
+        turn = self._passes % RELAXED_EVERY
         for run in runs:
             try:
+                if spread and hash(run.service_id) % RELAXED_EVERY != turn and relaxed(run):
+                    continue
                 run.tick(now)
             except Exception:
                 log.exception("supervising %s failed", run.service_id)

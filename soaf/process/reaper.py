@@ -158,9 +158,20 @@ class Reaper:
             self._sweep_dead(pgid)
         if time.monotonic() >= next_sweep:
             next_sweep = time.monotonic() + SWEEP_INTERVAL
-            for pgid in list(self._live):
-                self._sweep_live(pgid)
+            if self._zombie_child():
+                for pgid in list(self._live):
+                    self._sweep_live(pgid)
         return next_sweep
+
+    @staticmethod
+    def _zombie_child() -> bool:
+        """Whether any child of this process has exited and waits to be reaped: one
+        system call, so a sweep over every running program's group is made only when
+        it can find something."""
+        try:
+            return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return False
 
     def _reap(self, pid: int, callback: ExitCallback, *, block: bool = False) -> bool:
         try:

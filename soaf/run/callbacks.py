@@ -17,6 +17,16 @@ network file systems, costs nothing for programs that finish quickly, and cannot
 flooded by a program that writes a lot. The check runs every ``file_poll`` seconds
 after a change and less often (up to ``MAX_FILE_POLL``) while the dir stays quiet, so
 a thousand idle services do not keep the core busy.
+
+Calls that cannot do anything are not made: a handler that keeps the base class's
+``file_change_callback`` (which does nothing) gets none, and the default handler, whose
+callback only counts the files, is called when its work dir's entries may have changed
+(a directory's modification time moved, or is too recent to tell: see
+``DirSignature.settled``), and at least every ``COUNT_REFRESH`` seconds. One thread
+(``_QuietDirs``) checks the work dirs of all such services, so a sleeping one costs a
+few ``stat`` calls a second, and no wake-up of its own thread, no listing of its work
+dir, no plugin call and no journal write. (A ``watch_interval`` below ``MAX_FILE_POLL``
+gets the loop of any other handler.)
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from soaf.data.workdir import list_files
-from soaf.plugin.handler import STOP, WatcherHandler
+from soaf.plugin.handler import STOP, DefaultHandler, WatcherHandler
 from soaf.plugin.service import Service
 from soaf.process.spawn import Process
 
@@ -44,6 +54,15 @@ MAX_FILE_POLL = 1.0
 #: Longest sleep of a watcher between two looks at its program (a safety net: an exit
 #: wakes it at once).
 MAX_WAIT = 1.0
+#: Longest sleep of a service's thread while the shared watcher (``_QuietDirs``) or the
+#: program's exit wakes it (a safety net).
+IDLE_WAIT = 30.0
+#: Longest gap between two calls of the default handler (which counts the files), in
+#: case two changes of its work dir fell within one tick of the file system's clock.
+COUNT_REFRESH = 30.0
+#: Nanoseconds a directory's modification time must lie behind the moment it was read
+#: for a later change to be sure to move it (timestamps come from a coarse clock).
+SETTLE_NS = 100_000_000
 
 
 def call_callback(service: Service, name: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -74,9 +93,11 @@ class DirSignature:
     def __init__(self, work_dir: str) -> None:
         self.work_dir = work_dir
         self.dirs: list[str] = [work_dir]
+        self.read_at = 0
         self.last = self._read()
 
     def _read(self) -> tuple[int, ...]:
+        self.read_at = time.time_ns()
         out = []
         for path in self.dirs:
             try:
@@ -91,12 +112,38 @@ class DirSignature:
         self.dirs = [self.work_dir, *(os.path.join(self.work_dir, d) for d in sorted(subdirs))]
         self.last = self._read()
 
+    def watch_all(self) -> None:
+        """Watch every directory of the work dir, empty ones too (so that no entry can
+        appear anywhere without moving a modification time watched here)."""
+        dirs = [path for path, _dirs, _files in os.walk(self.work_dir)]
+        self.dirs = dirs if dirs else [self.work_dir]
+        self.last = self._read()
+
     def changed(self) -> bool:
         now = self._read()
         if now != self.last:
             self.last = now
             return True
         return False
+
+    @property
+    def settled(self) -> bool:
+        """True when any change after the last read must move a watched modification
+        time: each was older than ``SETTLE_NS`` when read (a change within one tick of
+        the file system's clock may leave it as it was)."""
+        return all(m < self.read_at - SETTLE_NS for m in self.last)
+
+
+def _calls(handler: WatcherHandler) -> str:
+    """Which ``file_change_callback`` calls can matter: "none" (the base class's, which
+    does nothing), "count" (the default handler's: only when the files may have changed)
+    or "all"."""
+    fn = type(handler).file_change_callback
+    if fn is WatcherHandler.file_change_callback:
+        return "none"
+    if fn is DefaultHandler.file_change_callback:
+        return "count"
+    return "all"
 
 
 def callback_loop(
@@ -113,11 +160,19 @@ def callback_loop(
     Callbacks are made through ``call(name, fn, *args)`` (soaf.run.attempt), which lets the
     limit enforcer see what is under way. ``wake`` is set when the program exits.
     """
+    call("before_watch_callback", call_callback, service, "before_watch_callback",
+         handler.before_watch_callback, service)
+    calls = _calls(handler)
+    if calls == "none":
+        while not process.exited.wait(IDLE_WAIT):
+            pass
+        return
+    if calls == "count" and float(service.template.watch_interval) >= MAX_FILE_POLL:
+        _count_loop(handler, service, process, call, wake=wake)
+        return
     interval = float(service.template.watch_interval)
     signature = DirSignature(str(service.work_dir)) if file_poll > 0 else None
     poll = file_poll
-    call("before_watch_callback", call_callback, service, "before_watch_callback",
-         handler.before_watch_callback, service)
     next_call = time.monotonic()  # the first file check right after before_watch_callback
     last_call = float("-inf")
     changed = False
@@ -156,3 +211,95 @@ def callback_loop(
         # would otherwise reach only after_watch_callback (progress left short of 100%).
         call("file_change_callback", call_callback, service, "file_change_callback",
              handler.file_change_callback, service, list_files(service.work_dir))
+
+
+def _count_loop(handler: WatcherHandler, service: Service, process: Process,
+                call: Callable[..., Any], *, wake: threading.Event) -> None:
+    """``callback_loop`` for the default handler: its callback sets ``file_count``, so a
+    call with the same files would change nothing. The shared ``_QuietDirs`` thread
+    checks the work dir every ``MAX_FILE_POLL`` and wakes this thread when it may have
+    changed (or the program exited); only then is it listed and the callback called."""
+    entry = _Quiet(DirSignature(str(service.work_dir)), wake, process.exited)
+    _quiet_dirs.add(entry)
+    try:
+        while not process.exited.is_set():
+            if entry.due and not service.stop_requested.is_set():
+                with entry.lock:
+                    entry.signature.watch_all()  # (before listing: no change is lost)
+                    entry.refresh = time.monotonic() + COUNT_REFRESH
+                    entry.due = False
+                call("file_change_callback", call_callback, service, "file_change_callback",
+                     handler.file_change_callback, service, list_files(service.work_dir))
+                continue
+            if wake.wait(IDLE_WAIT):
+                wake.clear()
+    finally:
+        _quiet_dirs.remove(entry)
+    if not service.stop_requested.is_set():  # once more after the end, as callback_loop
+        call("file_change_callback", call_callback, service, "file_change_callback",
+             handler.file_change_callback, service, list_files(service.work_dir))
+
+
+class _Quiet:
+    """A default-handler service as the shared watcher sees it."""
+
+    def __init__(self, signature: DirSignature, wake: threading.Event,
+                 exited: threading.Event) -> None:
+        self.signature = signature
+        self.wake = wake
+        self.exited = exited
+        self.lock = threading.Lock()  # the signature is read by both threads
+        self.due = True  # the first look lists the work dir
+        self.refresh = 0.0
+
+    def check(self, now: float) -> None:
+        """Wake the service's thread if its files may have changed, or its program has
+        exited (a safety net: the exit wakes it at once)."""
+        with self.lock:
+            if not self.due and not self.exited.is_set():
+                signature = self.signature
+                if not (now >= self.refresh or signature.changed() or not signature.settled):
+                    return
+                self.due = True
+        self.wake.set()
+
+
+class _QuietDirs:
+    """One thread that looks at the work dirs of every default-handler service, so a
+    thousand sleeping services cost a few ``stat`` calls a second each, and no thread
+    switch of their own. It runs while there is something to watch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: set[_Quiet] = set()
+        self._thread: threading.Thread | None = None
+
+    def add(self, entry: _Quiet) -> None:
+        with self._lock:
+            self._entries.add(entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="soaf-quiet-dirs",
+                                                daemon=True)
+                self._thread.start()
+
+    def remove(self, entry: _Quiet) -> None:
+        with self._lock:
+            self._entries.discard(entry)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(MAX_FILE_POLL)
+            with self._lock:
+                if not self._entries:
+                    self._thread = None
+                    return
+                entries = list(self._entries)
+            now = time.monotonic()
+            for entry in entries:
+                try:
+                    entry.check(now)
+                except Exception:
+                    log.exception("checking a work dir failed")
+
+
+_quiet_dirs = _QuietDirs()

@@ -30,6 +30,11 @@ MEMORY_CHECK_INTERVAL = 0.05
 #: Seconds between two samples of the memory and CPU time of a program without a limit;
 #: its record's ``max_rss_kb`` is the peak of these samples (and of its rusage).
 SAMPLE_INTERVAL = 0.5
+#: A program without a limit that has run a while is sampled every this share of its age
+#: (a sample reads several /proc files: thousands of long sleepers would keep the core
+#: busy), between SAMPLE_INTERVAL and MAX_SAMPLE_INTERVAL seconds.
+SAMPLE_AGE_SHARE = 0.1
+MAX_SAMPLE_INTERVAL = 5.0
 #: Seconds after its start when a program without a limit is first sampled, so that one
 #: running 0.5 s has a sample, with the enforcer's tick (0.2 s) added.
 FIRST_SAMPLE = 0.3
@@ -67,6 +72,7 @@ class Limits:
         self.after_budget = settings.callback_timeout
         self._deadline: float | None = None
         self._next_sample = float("inf")
+        self._started = 0.0
         #: The program's own cgroup (soaf.process.cgroup), where the kernel holds the limit.
         self.cgroup: Path | None = None
 
@@ -98,6 +104,7 @@ class Limits:
     def started(self, *, ran_for: float = 0.0) -> None:
         """The program runs (has run for ``ran_for`` seconds already): its timeout counts."""
         now = time.monotonic()
+        self._started = now - ran_for
         self._next_sample = now if self.fast else now + FIRST_SAMPLE
         if self.policy.timeout is not None:
             self.timeout = self.policy.timeout
@@ -117,7 +124,8 @@ class Limits:
         if self._deadline is not None and now >= self._deadline:
             return State.TIMED_OUT.value
         if now >= self._next_sample:
-            self._next_sample = now + (MEMORY_CHECK_INTERVAL if self.fast else SAMPLE_INTERVAL)
+            self._next_sample = now + (MEMORY_CHECK_INTERVAL if self.fast else min(
+                MAX_SAMPLE_INTERVAL, max(SAMPLE_INTERVAL, (now - self._started) * SAMPLE_AGE_SHARE)))
             self.rss_kb = program.rss_kb()
             if self.memory_kb is not None and self.rss_kb > self.memory_kb:
                 return "memory"
