@@ -26,12 +26,12 @@ local function soaf_call(cmd, key, ...)
   end
   return r
 end
-local SOAF_FIELDS = {'attempt', 'seq', 'lost_count', 'state', 'entry', 'service_id',
+local soaf_fields = {'attempt', 'seq', 'lost_count', 'state', 'entry', 'service_id',
                      'attempts', 'submitted_at', 'waiting_for'}
 local function soaf_read(key)
-  local values = soaf_call('HMGET', key, unpack(SOAF_FIELDS))
+  local values = soaf_call('HMGET', key, unpack(soaf_fields))
   local rec = {}
-  for i, name in ipairs(SOAF_FIELDS) do rec[name] = values[i] end
+  for i, name in ipairs(soaf_fields) do rec[name] = values[i] end
   return rec
 end
 local function soaf_tampered(rec)
