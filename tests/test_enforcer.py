@@ -124,14 +124,15 @@ class Run(Ticked):
 def test_a_service_with_nothing_due_is_ticked_on_its_turn_only():
     sup = LimitEnforcer()
     relaxed = [Run(f"r{i}") for i in range(8)]
-    timed, cancelled = Run("timed", timeout=60), Run("cancelled")
+    timed, cancelled, unknown = Run("timed", timeout=60), Run("cancelled"), Run("unknown")
     cancelled.halt.cancel()
-    for run in [*relaxed, timed, cancelled]:
+    unknown.pid_known = False  # its shim has not forked the program yet, at the last look
+    for run in [*relaxed, timed, cancelled, unknown]:
         sup.add(run)
     for _ in range(4 * RELAXED_EVERY):
         sup._passes += 1
         sup.tick(spread=True)
-    assert len(timed.ticks) == len(cancelled.ticks) == 4 * RELAXED_EVERY
+    assert len(timed.ticks) == len(cancelled.ticks) == len(unknown.ticks) == 4 * RELAXED_EVERY
     assert [len(run.ticks) for run in relaxed] == [4] * 8  # one pass in RELAXED_EVERY
     sup.tick()  # a poke's pass: every service
     assert [len(run.ticks) for run in relaxed] == [5] * 8

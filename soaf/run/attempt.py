@@ -98,7 +98,7 @@ class Attempt:
         self._exit_recorded = False
         self._started = threading.Lock()
         self.shimmed = False
-        self._pid_known = True  # the record has the program's pid (False: not yet)
+        self.pid_known = True  # the record has the program's pid (a shimmed one: at a tick)
         self.lineage = RunLineage(new_token(self.template.service_id, number))
 
     @property
@@ -205,7 +205,7 @@ class Attempt:
             now = time.time()
             # ``pid`` is the program's; a shimmed one's is known once the shim forked it
             # (usually by now, else at its first sample: ``enforce``).
-            self._pid_known = process.usage.find(process.pid) is not None
+            self.pid_known = process.usage.find(process.pid) is not None
             self.emit({"state": State.RUNNING.value, "running_at": now,
                        "pid": process.program_pid,
                        "shim_pid": process.pid if self.shimmed else None,
@@ -224,7 +224,7 @@ class Attempt:
     def _follow(self, process: Any) -> Outcome:
         """Call the handler's callbacks until the program ends; how it ended."""
         assert self.service is not None
-        if not self._pid_known:  # the shim may have forked the program by now
+        if not self.pid_known:  # the shim may have forked the program by now
             process.usage.find(process.pid)
         callback_loop(self.handler, self.service, process, self.call,
                       wake=self.host.halt.wake, file_poll=self.settings.file_poll)
@@ -264,8 +264,8 @@ class Attempt:
             self._exit_recorded = True
         exit = self.known_exit()
         values = exit_fields(exit, adopted=self.adopted)
-        if not self._pid_known and process is not None and process.program_pid is not None:
-            self._pid_known, values["pid"] = True, process.program_pid
+        if not self.pid_known and process is not None and process.program_pid is not None:
+            self.pid_known, values["pid"] = True, process.program_pid
         if process is not None and process.stopped_with:
             values["stopped_with"] = process.stopped_with
         values.update(self.host.journal_step("exited", exit={
@@ -319,8 +319,8 @@ class Attempt:
             self.lineage.observe()  # remember escapees, to reap them if they exit first
         if not self.limits.enforce(now, process, self.template.service_id):
             return
-        if not self._pid_known and process.program_pid is not None:
-            self._pid_known = True
+        if not self.pid_known and process.usage.find(process.pid) is not None:
+            self.pid_known = True  # the shim has forked it: whatever the samples' pace
             self.emit({"pid": process.program_pid})
         process.tick()
 

@@ -251,6 +251,11 @@ class ServiceRun:
     # -- supervision (the limit enforcer's thread) ----------------------------------------
 
     @property
+    def pid_known(self) -> bool:
+        """The program's own pid is on the record (the enforcer looks for it until it is)."""
+        return bool(getattr(self.current, "pid_known", True))
+
+    @property
     def fast(self) -> bool:
         """Its program has a memory limit: the enforcer looks at it more often."""
         return self.policy.max_memory_kb is not None
