@@ -8,7 +8,7 @@ import time
 from soaf.config import Settings
 from soaf.core.enforcer import RELAXED_EVERY, LimitEnforcer
 from soaf.run.control import Halt
-from soaf.run.limits import FIRST_SAMPLE, MAX_SAMPLE_INTERVAL, Limits
+from soaf.run.limits import FIRST_SAMPLE, MAX_SAMPLE_INTERVAL, YOUNG, Limits
 from soaf.run.policy import Policy
 from tests.conftest import wait_until
 
@@ -112,6 +112,19 @@ def test_a_young_program_and_a_limited_one_are_sampled_as_before():
     assert limited.samples == 50  # every tick (each is past MEMORY_CHECK_INTERVAL)
 
 
+def test_a_program_is_young_until_its_first_samples_are_taken():
+    """A young program is ticked at every pass (its samples at their first pace), so a
+    program that runs under a second still has its peak memory sampled."""
+    limits = Limits(Policy(), Halt(), Settings())
+    assert limits.young(time.monotonic())  # not started yet
+    limits.started()
+    now = time.monotonic()
+    assert limits.young(now) and limits.young(now + YOUNG - 0.1)
+    assert not limits.young(now + YOUNG + 0.1)
+    limits.started(ran_for=YOUNG + 1)  # a program re-adopted after a restart
+    assert not limits.young(time.monotonic())
+
+
 class Run(Ticked):
     """A service as the enforcer sees it, with the policy and halt it looks at."""
 
@@ -126,7 +139,7 @@ def test_a_service_with_nothing_due_is_ticked_on_its_turn_only():
     relaxed = [Run(f"r{i}") for i in range(8)]
     timed, cancelled, unknown = Run("timed", timeout=60), Run("cancelled"), Run("unknown")
     cancelled.halt.cancel()
-    unknown.pid_known = False  # its shim has not forked the program yet, at the last look
+    unknown.settled = False  # its shim had not forked the program yet, or it is young
     for run in [*relaxed, timed, cancelled, unknown]:
         sup.add(run)
     for _ in range(4 * RELAXED_EVERY):

@@ -38,14 +38,15 @@ FAST_INTERVAL = 0.05
 
 
 def relaxed(run: Supervised) -> bool:
-    """True for a service whose program has no timeout, whose pid is known (a shimmed
-    program's is found at a tick), and that no cancel or stop has reached: nothing
-    of it is due within a pass's precision (its memory samples are 0.5 s apart or
-    more, a takeover of a stuck callback waits seconds, and a stop, which starts the
-    SIGKILL's grace period, pokes a full pass and makes it not relaxed)."""
+    """True for a service whose program has no timeout, is settled (its pid known: a
+    shimmed program's is found at a tick; its first samples taken), and that no
+    cancel or stop has reached: nothing of it is due within a pass's precision (its
+    memory samples are 0.5 s apart or more, a takeover of a stuck callback waits
+    seconds, and a stop, which starts the SIGKILL's grace period, pokes a full pass
+    and makes it not relaxed)."""
     policy, halt = getattr(run, "policy", None), getattr(run, "halt", None)
     return (policy is not None and halt is not None and policy.timeout is None
-            and not halt.halted and getattr(run, "pid_known", True))
+            and not halt.halted and getattr(run, "settled", True))
 
 
 class LimitEnforcer:

@@ -1,28 +1,30 @@
 """One attempt of a service: work dir, build, prepare, spawn, watch, after_watch, outcome.
 
-The service's thread runs the attempt, plugin code included, with every plugin call
-made through ``call()``, which tells the run what is under way (soaf.run.control). The
-core's limit enforcer (soaf.core.enforcer) stops the program when it must (``enforce``,
-with soaf.run.limits), and takes the attempt over in a fresh thread (``resume``) when a
+The service's thread runs the attempt, plugin code included, with every plugin call made
+through ``call()``, which tells the run what is under way (soaf.run.control). The core's
+limit enforcer (soaf.core.enforcer) stops the program when it must (``enforce``, with
+soaf.run.limits), and takes the attempt over in a fresh thread (``resume``) when a
 plugin call overstays (``deadline_for``). The attempt sees its run only through the
-``AttemptHost`` interface (soaf.run.ports) and returns what it produced: its Outcome, its
-``summary`` and its run ``marker``. The program's exit is recorded the moment the reaper
-sees it (``_exited``), whatever the plugin code is doing. ``after_watch_callback`` runs
-exactly once per attempt (unless the core is forced down), whatever happened before it,
-and never once a newer attempt elsewhere has taken the service over (``still_current``);
-then ``settle`` applies ``fail_on_callback_error`` and full progress. The attempt ends
-in an ``Outcome`` (soaf.run.outcome).
+``AttemptHost`` interface (soaf.run.ports) and returns what it produced: its Outcome,
+its ``summary`` and its run ``marker``. The program's exit is recorded the moment the
+reaper sees it (``_exited``), whatever the plugin code is doing.
+``after_watch_callback`` runs exactly once per attempt (unless the core is forced down),
+whatever happened before it, and never once a newer attempt elsewhere has taken the
+service over (``still_current``); then ``settle`` applies ``fail_on_callback_error`` and
+full progress. The attempt ends in an ``Outcome`` (soaf.run.outcome).
 
 Data (docs/data.md): the work dir and the steps before the program starts are
-soaf.run.prepare's; ``prepare_input_file`` stages the inputs; after ``after_watch_callback``, and
-only when the attempt has succeeded so far, ``collect_output_files`` checks, records and
-uploads the outputs (a missing one fails the attempt: ``failure: missing_outputs``).
+soaf.run.prepare's; ``prepare_input_file`` stages the inputs; after
+``after_watch_callback``, and only when the attempt has succeeded so far,
+``collect_output_files`` checks, records and uploads the outputs (a missing one fails
+the attempt: ``failure: missing_outputs``).
 
 Its steps (built, prepared, running with the program's identity, exited, collected) go
-to the run's journal (soaf.run.journal), and the program runs under the shim (soaf.process.shim),
-which leaves its exit status in a file: a core restarted after a crash finishes the
-attempt from there (soaf.run.recovered) instead of running it again. A spawned program
-and an adopted one end through the same path (``record_exit``, ``_ended``).
+to the run's journal (soaf.run.journal), and the program runs under the shim
+(soaf.process.shim), which leaves its exit status in a file: a core restarted after a
+crash finishes the attempt from there (soaf.run.recovered) instead of running it again.
+A spawned program and an adopted one end through the same path (``record_exit``,
+``_ended``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from soaf.protocol.state import State
 from soaf.run.callbacks import FAILED, call_callback, callback_loop
 from soaf.run.control import Orphaned
 from soaf.run.limits import AFTER, COLLECT, PREPARE_STEPS, WATCH_CALLBACKS, Limits
-from soaf.run.outcome import Outcome, classify, exit_fields, settle, with_stderr
+from soaf.run.outcome import Outcome, attempt_summary, classify, exit_fields, settle, with_stderr
 from soaf.run.ports import AttemptHost
 from soaf.run.prepare import (
     Halted,
@@ -116,17 +118,8 @@ class Attempt:
 
     def summary(self, outcome: Outcome) -> dict[str, Any]:
         """This attempt's entry in the record's ``attempts`` list."""
-        exit = self.known_exit()
-        summary: dict[str, Any] = {
-            "attempt": self.number, "state": outcome.state, "failure": outcome.failure,
-            "error": outcome.error, "node": self.settings.node,
-            "started_at": self.started_at, "ended_at": time.time(),
-            "work_dir": str(self.work_dir) if self.work_dir else None,
-        }
-        if exit is not None:
-            summary.update(exit_code=exit.exit_code, signal=exit.signal,
-                           wall_time=round(exit.wall_time, 6))
-        return summary
+        return attempt_summary(outcome, self.number, self.settings.node, self.started_at,
+                               self.work_dir, self.known_exit())
 
     # -- the attempt, in the service's thread --------------------------------------------
 
@@ -323,6 +316,11 @@ class Attempt:
             self.pid_known = True  # the shim has forked it: whatever the samples' pace
             self.emit({"pid": process.program_pid})
         process.tick()
+
+    @property
+    def settled(self) -> bool:
+        """Its program's pid is on the record and its first samples are taken."""
+        return self.pid_known and not self.limits.young(time.monotonic())
 
     def deadline_for(self, name: str, started: float) -> float | None:
         """When a plugin call ``name`` running since ``started`` has overstayed (monotonic)."""

@@ -38,6 +38,10 @@ MAX_SAMPLE_INTERVAL = 5.0
 #: Seconds after its start when a program without a limit is first sampled, so that one
 #: running 0.5 s has a sample, with the enforcer's tick (0.2 s) added.
 FIRST_SAMPLE = 0.3
+#: Seconds after its start during which a program is ticked at every enforcer pass (not
+#: one pass in four): its first samples keep their pace, so a short program's peak
+#: memory is seen.
+YOUNG = 2.0
 #: Plugin calls made before the program starts.
 PREPARE_STEPS = ("handler", "program", "build", "prepare_input_file", "command",
                  "environment", "working_dir")
@@ -109,6 +113,10 @@ class Limits:
         if self.policy.timeout is not None:
             self.timeout = self.policy.timeout
             self._deadline = time.monotonic() + max(0.0, self.policy.timeout - ran_for)
+
+    def young(self, now: float) -> bool:
+        """Not started yet, or started less than YOUNG seconds ago."""
+        return not self._started or now - self._started < YOUNG
 
     def set_handler(self, handler: Any) -> None:
         own = getattr(handler, "after_watch_timeout", None)

@@ -141,3 +141,17 @@ def classify(exit: Exit, reason: str | None, *, timeout: float | None, memory_kb
     if exit.returncode not in success_codes:
         return Outcome(State.FAILED.value, "exit_code", f"exited with code {exit.returncode}")
     return Outcome(State.SUCCEEDED.value)
+
+
+def attempt_summary(outcome: Outcome, number: int, node: str, started_at: float,
+                    work_dir: Path | None, exit: Exit | None) -> dict[str, Any]:
+    """Attempt ``number``'s entry in the record's ``attempts`` list."""
+    summary: dict[str, Any] = {
+        "attempt": number, "state": outcome.state, "failure": outcome.failure,
+        "error": outcome.error, "node": node, "started_at": started_at,
+        "ended_at": time.time(), "work_dir": str(work_dir) if work_dir else None,
+    }
+    if exit is not None:
+        summary.update(exit_code=exit.exit_code, signal=exit.signal,
+                       wall_time=round(exit.wall_time, 6))
+    return summary

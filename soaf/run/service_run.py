@@ -251,9 +251,9 @@ class ServiceRun:
     # -- supervision (the limit enforcer's thread) ----------------------------------------
 
     @property
-    def pid_known(self) -> bool:
-        """The program's own pid is on the record (the enforcer looks for it until it is)."""
-        return bool(getattr(self.current, "pid_known", True))
+    def settled(self) -> bool:
+        """Its program's pid is known and its first samples taken: ticked less often."""
+        return bool(getattr(self.current, "settled", True))
 
     @property
     def fast(self) -> bool:
