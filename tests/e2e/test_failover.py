@@ -64,6 +64,10 @@ def test_durable_services_survive_a_failover(sentinels: Sentinels, start_core, p
     client = sentinel_client
     before = [submit_durably(client, steps()) for _ in range(12)]
     r = connect(sentinels.url)
+
+    def r_events(sid: str) -> list:
+        return r.xrange(client.keys.events(sid))
+
     wait_until(lambda: sum(client.status(s).state == "running" for s in before) >= 3, 60,
                message="services to run")
 
@@ -73,8 +77,10 @@ def test_durable_services_survive_a_failover(sentinels: Sentinels, start_core, p
 
     ids = before + during
     records = client.wait_all(ids, timeout=200)
-    assert [r.state for r in records] == ["succeeded"] * len(ids), \
-        [(r.service_id, r.state, r.error) for r in records]
+    assert [r.state for r in records] == ["succeeded"] * len(ids), [  # all we know of them
+        (i, r.service_id, r.state, r.error, r.get("failure"), r.get("attempts"),
+         [decode_event(f) for _, f in r_events(r.service_id)])
+        for i, r in enumerate(records) if r.state != "succeeded"]
     for sid in ids:  # exactly one final state in each service's history
         finals = [e["state"] for e in map(decode_event, (f for _, f in r.xrange(
             client.keys.events(sid)))) if e.get("state") in FINAL_VALUES]
