@@ -369,3 +369,17 @@ def test_a_callback_call_appends_only_what_changed(tmp_path):
     assert found.died_in == []  # cleared by the return, kept by the whole line
     journal.remove()
     assert not journal.path.exists()
+
+
+def test_a_journal_closed_under_a_writer_appends_to_the_new_file(tmp_path):
+    """A compaction in one thread closes the file another thread is about to append to
+    (a stuck plugin call and the thread that took the run over): the line goes to the
+    new file, not into an error in plugin code."""
+    journal = RunJournal(tmp_path, "n", "svc", 1, tmp_path)
+    journal.step("running", save=True)
+    assert journal._file is not None
+    journal._file.close()  # what another thread's compaction leaves behind
+    journal.calling("after_watch_callback")
+    found = load(journal.path)
+    assert found is not None and found.in_call == "after_watch_callback"
+    journal.remove()

@@ -306,15 +306,22 @@ class RunJournal:
         self._append(line)
 
     def _append(self, line: str) -> None:
+        data = line.encode()
+        try:
+            self._open().write(data)  # unbuffered: one write(2) of the whole line
+        except ValueError:  # closed by another thread's compaction: append to the new file
+            self._file = None
+            self._open().write(data)
+        self._written += len(data)
+
+    def _open(self) -> io.FileIO:
         if self._file is None:
             try:
                 self._file = io.FileIO(self.path, "a")
             except FileNotFoundError:  # the first run of this node here (or a wiped dir)
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = io.FileIO(self.path, "a")
-        data = line.encode()
-        self._file.write(data)  # unbuffered: one write(2) of the whole line
-        self._written += len(data)
+        return self._file
 
     def _close(self) -> None:
         file, self._file = self._file, None
