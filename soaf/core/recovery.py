@@ -196,8 +196,8 @@ class Recovery:
             if shared is not None:
                 shared.service_id = sid
             journal = _current(record.attempt, local, shared) or guess
-            if journal.work_dir is None:  # the copy in Redis does not keep it
-                journal.work_dir = local.work_dir if local is not None else guess.work_dir
+            if journal.work_dir is None and local is not None:  # Redis's copy has none
+                journal.work_dir = local.work_dir
             candidates = [local, shared, journal]
             mine = True
         else:
