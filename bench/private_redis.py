@@ -40,3 +40,14 @@ def private_redis(prefix: str = "soaf-bench-") -> Iterator[tuple[Path, redis.Red
         server.terminate()
         server.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def plugin_dir(parent: Path, module: str, source: str) -> Path:
+    """A plugins dir under ``parent`` (``services/`` and ``handlers/`` packages) whose
+    ``services/<module>.py`` holds ``source``: what a bench's core loads."""
+    plugins = parent / "plugins"
+    for package in ("services", "handlers"):
+        (plugins / package).mkdir(parents=True)
+        (plugins / package / "__init__.py").write_text("")
+    (plugins / "services" / f"{module}.py").write_text(source)
+    return plugins

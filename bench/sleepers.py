@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from private_redis import private_redis  # noqa: E402
+from private_redis import plugin_dir, private_redis  # noqa: E402
 
 from soaf import Client, ServiceParamTemplate  # noqa: E402
 
@@ -136,12 +136,7 @@ def measure(n: int, opts: argparse.Namespace) -> dict[str, float]:
     work_root = opts.work_root or Path(tempfile.mkdtemp(prefix="soaf-sleepers-", dir=base))
     result: dict[str, float] = {}
     with private_redis("soaf-sleepers-") as (tmp, r):
-        plugins = tmp / "plugins"
-        (plugins / "services").mkdir(parents=True)
-        (plugins / "handlers").mkdir()
-        (plugins / "services" / "__init__.py").write_text("")
-        (plugins / "handlers" / "__init__.py").write_text("")
-        (plugins / "services" / "sleeper.py").write_text(PLUGIN)
+        plugins = plugin_dir(tmp, "sleeper", PLUGIN)
         url = f"unix://{tmp / 'redis.sock'}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOAF_")}
         env.update(SOAF_REDIS_URL=url, SOAF_SECRET="bench-secret", SOAF_PLUGINS=str(plugins),

@@ -27,6 +27,9 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from private_redis import plugin_dir  # noqa: E402
 
 from soaf import Client, ServiceParamTemplate  # noqa: E402
 from soaf.core.embedded import find_redis_server  # noqa: E402
@@ -91,12 +94,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="soaf-bench-", dir="/tmp"))
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     work_root = opts.work_root or Path(tempfile.mkdtemp(prefix="soaf-bench-work-", dir=base))
-    plugins = tmp / "plugins"
-    (plugins / "services").mkdir(parents=True)
-    (plugins / "handlers").mkdir()
-    (plugins / "services" / "__init__.py").write_text("")
-    (plugins / "handlers" / "__init__.py").write_text("")
-    (plugins / "services" / "bench.py").write_text(PLUGIN)
+    plugins = plugin_dir(tmp, "bench", PLUGIN)
     sock = tmp / "redis.sock"
     server = subprocess.Popen([find_redis_server(), "--port", "0", "--unixsocket", str(sock),
                                "--save", "", "--appendonly", "no", "--dir", str(tmp)],
