@@ -44,16 +44,23 @@ class RunTable:
         """A run is over (its thread is about to end)."""
         with self._lock:
             self._runs.pop(run.service_id, None)
-            self._prune()
-            if run.final_queued and not run.final_written.is_set():
+            finishing = run.final_queued and not run.final_written.is_set()
+            if finishing:
                 self._finishing[run.claim.entry_id] = run
+        if finishing:  # (outside the lock: the listener runs at once if it is written now)
+            run.on_final_written.add(self._written, run)
         self.slot_freed.set()
+
+    def _written(self, run: ServiceRun) -> None:
+        """``run``'s final state is in Redis: its entry is no longer held here."""
+        with self._lock:
+            if self._finishing.get(run.claim.entry_id) is run:
+                del self._finishing[run.claim.entry_id]
 
     def entries(self) -> set[str]:
         """Stream entries this core holds: running, or ended with the final not yet written
         (those must not run again)."""
         with self._lock:
-            self._prune()
             return {run.claim.entry_id for run in self._runs.values()} | set(self._finishing)
 
     def not_held(self, entries: list[Entry]) -> list[Entry]:
@@ -61,10 +68,6 @@ class RunTable:
         delivery, and the new master then delivers an entry again while it runs here."""
         mine = self.entries()
         return [entry for entry in entries if entry[0] not in mine]
-
-    def _prune(self) -> None:
-        self._finishing = {e: r for e, r in self._finishing.items()
-                           if not r.final_written.is_set()}
 
     def work_dirs(self) -> set[Path]:
         with self._lock:

@@ -10,10 +10,14 @@ thread (``take_over``); the stuck thread finds out when, if ever, its call retur
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class Orphaned(BaseException):
@@ -114,3 +118,29 @@ class CallGuard:
             self.generation += 1
             self.in_call = None
             return name, owner
+
+
+class Once:
+    """Listeners of something that happens once: those added before it are called when it
+    happens (``fire``), those added after it at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[..., None]] | None = []
+
+    def add(self, listener: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if self._listeners is not None:
+                self._listeners.append(functools.partial(listener, *args))
+                return
+        listener(*args)
+
+    def fire(self) -> None:
+        """It happened: call the listeners (each once; one that raises is logged)."""
+        with self._lock:
+            listeners, self._listeners = self._listeners, None
+        for listener in listeners or ():
+            try:
+                listener()
+            except Exception:
+                log.exception("a listener failed")

@@ -12,16 +12,15 @@ retries are left. Each attempt is recorded in the ``attempts`` field. The final 
 is written once, and it acknowledges the stream entry; once it is in Redis
 (``final_written``) the attempt's journal (soaf.run.journal) is removed. A final that a
 newer attempt elsewhere fenced out acknowledges nothing (soaf.core.writer). Whatever a
-plugin raises ends an attempt as ``failed`` with the error and traceback; it never
-reaches the core.
+plugin raises ends an attempt as ``failed`` with the error and traceback, never the core.
 
 When the core stops without draining (``interrupt()``), the program is stopped but no
 final state is written: the record goes back to ``queued`` and the stream entry stays
 unacknowledged, so the service is run again when a core recovers it.
 
-Data (docs/data.md): each attempt writes a run marker (soaf/data/markers.py) when it
-takes its work dir; the run rewrites the last one with the final state and outputs.
-``soaf://`` inputs are resolved through ``lookup`` (another service's record).
+Data (docs/data.md): each attempt writes a run marker (soaf/data/markers.py) when it takes
+its work dir; the run rewrites the last one with the final state and outputs. ``soaf://``
+inputs are resolved through ``lookup`` (another service's record).
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from soaf.protocol.state import Change, State
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run import cached
 from soaf.run.attempt import Attempt
-from soaf.run.control import CallGuard, Halt, Orphaned
+from soaf.run.control import CallGuard, Halt, Once, Orphaned
 from soaf.run.journal import JOURNALED_CALLS, RunJournal
 from soaf.run.outcome import INTERRUPTED, Outcome
 from soaf.run.policy import RETRYABLE, policy_for
@@ -132,8 +131,9 @@ class ServiceRun:
         self.superseded = False
         #: The result cache key of this run (soaf.run.cached), None when it is not cached.
         self.cache_key: str | None = None
-        #: Set once the final state is in Redis (or was fenced out by a newer attempt).
+        #: Set once the final state is in Redis (or fenced out); ``on_final_written`` first.
         self.final_written = threading.Event()
+        self.on_final_written = Once()
 
     @property
     def work_dir(self) -> Path | None:
@@ -285,6 +285,7 @@ class ServiceRun:
     def _final_written(self, applied: bool) -> None:
         if self.journal is not None:
             self.journal.remove()
+        self.on_final_written.fire()
         self.final_written.set()
 
     def _run(self, resume: tuple[Attempt, str] | None = None) -> None:
@@ -326,8 +327,7 @@ class ServiceRun:
         """The final values when the result cache answers this (fresh) run, else None."""
         if self.continues_attempt or self.claim.attempt != 1:
             return None
-        self.cache_key, final = cached.answer(self.template, self.plugin, self.engines,
-                                              self.resolve)
+        self.cache_key, final = cached.answer(self.template, self.plugin, self.engines, self.resolve)
         if self.cache_key is not None:
             self.emit({"cache_key": self.cache_key})
         return final
