@@ -54,13 +54,14 @@ def runs_dir(work_root: Path, node: str) -> Path:
     return Path(work_root) / RUNS_DIR / node
 
 
+# (The two below are built as one string, then one Path: every attempt needs both.)
 def exit_path(work_root: Path, node: str, service_id: str, attempt: int) -> Path:
     """Where the shim of this attempt writes the exit status."""
-    return runs_dir(work_root, node) / f"{service_id}.{attempt}.exit"
+    return Path(f"{work_root}/{RUNS_DIR}/{node}/{service_id}.{attempt}.exit")
 
 
 def journal_path(work_root: Path, node: str, service_id: str, attempt: int) -> Path:
-    return runs_dir(work_root, node) / f"{service_id}.{attempt}.json"
+    return Path(f"{work_root}/{RUNS_DIR}/{node}/{service_id}.{attempt}.json")
 
 
 @dataclass
@@ -275,16 +276,21 @@ class RunJournal:
         in between, such as the before_watch_callback of a re-adopted program, do not
         break the row). A core that dies inside the call leaves this behind."""
         self.data.in_call = None if returned else name
-        change: dict[str, Any] = {"in_call": self.data.in_call}
+        line = _RETURNED if returned else _CALLING.get(name)
         if returned and name in self.data.died_in:
-            self.data.died_in = change["died_in"] = []
+            self.data.died_in = []
+            line = _RETURNED_AFTER_DEATHS
         try:
             if self._written == 0 or self._written > MAX_JOURNAL_BYTES:
                 self.save()  # a whole journal first (and to compact a long one)
             else:
-                self._append(json.dumps(change) + "\n")
+                self._append(line or json.dumps({"in_call": name}) + "\n")
         except OSError as e:
             log.warning("service %s: cannot save its journal (%s)", self.data.service_id, e)
+
+    def noting(self, name: str) -> _Calling:
+        """A context that notes on disk that plugin call ``name`` is under way (``calling``)."""
+        return _Calling(self, name)
 
     def finish(self, final: dict[str, Any]) -> dict[str, Any]:
         """The journal values that go with the final state (``collected`` if the
@@ -305,8 +311,8 @@ class RunJournal:
             return
         self._append(line)
 
-    def _append(self, line: str) -> None:
-        data = line.encode()
+    def _append(self, line: str | bytes) -> None:
+        data = line.encode() if isinstance(line, str) else line
         try:
             self._open().write(data)  # unbuffered: one write(2) of the whole line
         except ValueError:  # closed by another thread's compaction: append to the new file
@@ -332,3 +338,26 @@ class RunJournal:
         """Remove this attempt's journal and exit file."""
         self._close()
         remove_files(self.path, self.data)
+
+
+class _Calling:
+    """``RunJournal.noting``: ``calling`` before the block, ``calling(returned=True)`` after
+    (a plain class: the callbacks of every service pass through it)."""
+
+    __slots__ = ("journal", "name")
+
+    def __init__(self, journal: RunJournal, name: str) -> None:
+        self.journal = journal
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.journal.calling(self.name)
+
+    def __exit__(self, *exc: object) -> None:
+        self.journal.calling(self.name, returned=True)
+
+
+#: The lines ``calling`` appends, encoded once (each is what json.dumps makes of the change).
+_CALLING = {name: (json.dumps({"in_call": name}) + "\n").encode() for name in JOURNALED_CALLS}
+_RETURNED = (json.dumps({"in_call": None}) + "\n").encode()
+_RETURNED_AFTER_DEATHS = (json.dumps({"in_call": None, "died_in": []}) + "\n").encode()

@@ -31,7 +31,6 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from soaf.run.ports import Engines, PluginClasses
 from soaf.run.threads import RUN_THREADS
 
 log = logging.getLogger(__name__)
+_NOTHING = contextlib.nullcontext()
 
 #: Fields that describe one attempt; cleared when the next attempt starts.
 ATTEMPT_FIELDS = (
@@ -229,19 +229,13 @@ class ServiceRun:
             return {}
         return self.journal.try_step(step, **info) if save else self.journal.step(step, **info)
 
-    @contextlib.contextmanager
-    def journaled(self, name: str) -> Iterator[None]:
+    def journaled(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Note on disk that plugin call ``name`` is under way, if it is one of the
         (rare) JOURNALED_CALLS; nothing for the others."""
-        journal = self.journal if name in JOURNALED_CALLS else None
-        if journal is None:
-            yield
-            return
-        journal.calling(name)
-        try:
-            yield
-        finally:
-            journal.calling(name, returned=True)
+        journal = self.journal
+        if journal is None or name not in JOURNALED_CALLS:
+            return _NOTHING
+        return journal.noting(name)
 
     def mark_collected(self) -> None:
         """after_watch_callback has run: a core that recovers the run never calls it again."""
