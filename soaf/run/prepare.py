@@ -6,11 +6,15 @@ under the work root's shared lock, with the run marker written first, so the swe
 plugin calls in order, each through the attempt's ``call`` (soaf.run.control.CallGuard), and
 checks for a cancel or a core stop between them. The handler is handed over the moment it
 exists (``on_handler``): ``after_watch_callback`` runs even when a later step fails, or
-hangs and another thread finishes the attempt.
+hangs and another thread finishes the attempt. A step whose class keeps soaf's base
+method, which runs no plugin code and waits on nothing (``plain_steps``), is called
+directly: the guard is there for code that may hang, and this cannot.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
 import traceback
@@ -22,6 +26,8 @@ from soaf.config import Settings
 from soaf.data import markers, workdir
 from soaf.data.staging import StageContext
 from soaf.errors import ProgramError, SoafError, TransferStopped, ValidationError
+from soaf.plugin.handler import WatcherHandler
+from soaf.plugin.program import ServiceProgramTemplate
 from soaf.plugin.service import Service
 from soaf.protocol.state import State
 from soaf.protocol.template import ServiceParamTemplate
@@ -130,6 +136,50 @@ def make_program(host: AttemptHost, number: int, work_dir: Path, service: Servic
     return program
 
 
+def _plain_class(cls: type, base: type, set_later: tuple[str, ...] = ()) -> bool:
+    """Making a ``cls`` runs only ``base``'s constructor (no metaclass, ``__new__`` or
+    ``__init__`` of its own), and the attributes soaf sets afterwards are plain ones."""
+    def same(name: str, of: type) -> bool:
+        return bool(getattr(cls, name) is getattr(of, name))
+
+    return (type(cls) is type(base) and same("__new__", object) and same("__init__", base)
+            and same("__setattr__", object) and same("__getattribute__", object)
+            and not any(name in vars(k) for k in cls.__mro__ for name in set_later))
+
+
+@functools.lru_cache(maxsize=64)
+def plain_steps(program_cls: type, handler_cls: type) -> frozenset[str]:
+    """The prepare steps of these classes that run soaf's base method, which runs no plugin
+    code and waits on nothing but the local disk; ``prepare_input_file`` only when there
+    is nothing to stage (``Preparation`` checks), ``build`` only with no ``program`` file
+    to copy in. Each of these is called without the guard (it cannot hang)."""
+    steps = set()
+    if _plain_class(handler_cls, WatcherHandler):
+        steps.add("handler")
+    if _plain_class(program_cls, ServiceProgramTemplate, ("service", "staging")):
+        steps.add("program")
+    base = ServiceProgramTemplate
+    plain_access = (type(program_cls) is type(base)
+                    and program_cls.__getattribute__ is object.__getattribute__)
+    for step in ("build", "prepare_input_file", "command", "environment", "working_dir"):
+        if plain_access and getattr(program_cls, step) is getattr(base, step):
+            steps.add(step)
+    program = inspect.getattr_static(program_cls, "program", None)
+    if not (program is None or (type(program) is str and not program)):
+        steps.discard("build")
+    return frozenset(steps)
+
+
+def _nothing_to_stage(template: ServiceParamTemplate) -> bool:
+    """No input, no output, no work path: the work dir check is one ``lstat`` and the
+    base ``prepare_input_file`` stages nothing (run without the guard)."""
+    cls = type(template)
+    return (cls.input_names is ServiceParamTemplate.input_names
+            and cls.input_sources is ServiceParamTemplate.input_sources
+            and not template.input_files and not template.output_files
+            and template.work_path is None)
+
+
 class Preparation:
     """The plugin calls before the program starts; ``run()`` returns (argv, env, cwd)."""
 
@@ -144,6 +194,13 @@ class Preparation:
         self.step = ""  # the last plugin call made
         self.handler: Any = None
         self.program: Any = None
+        plain = plain_steps(host.plugin.program_cls, host.plugin.handler_cls)
+        if _nothing_to_stage(host.template):
+            plain |= {"work dir check"}
+        else:
+            plain -= {"prepare_input_file"}
+        #: The steps called directly, not through ``call`` (see ``plain_steps``).
+        self.plain = plain
 
     def run(self) -> tuple[Any, Any, Any]:
         """Raises Halted (a cancel or a core stop came) or PhaseError (plugin code raised)."""
@@ -176,6 +233,8 @@ class Preparation:
 
     def _call(self, step: str, fn: Callable[..., Any]) -> Any:
         self.step = step
+        if step in self.plain:
+            return fn()
         return self.call(step, fn)
 
     def _halt_check(self) -> None:
