@@ -105,6 +105,47 @@ def set_aside(path: Path, label: str) -> Path | None:
     return target
 
 
+def scan(work_dir: str) -> tuple[list[str], list[int], list[str]]:
+    """(directories, their modification times, files) below ``work_dir``, as
+    ``list_files`` lists the files, in one walk: each directory's time is read *before*
+    the directory is listed, so any entry made after the listing moves a time returned
+    here. A directory that cannot be read has the time -1 (and no files)."""
+    dirs: list[str] = []
+    mtimes: list[int] = []
+    files: list[str] = []
+    cut = len(work_dir) + 1
+    todo = [work_dir]
+    while todo:
+        path = todo.pop()
+        dirs.append(path)
+        try:
+            mtimes.append(os.stat(path).st_mtime_ns)
+            entries = list(os.scandir(path))
+        except OSError:
+            if len(mtimes) < len(dirs):
+                mtimes.append(-1)
+            continue
+        prefix = path[cut:]
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                files.append(f"{prefix}/{entry.name}" if prefix else entry.name)
+            elif not _is_link(entry):  # as os.walk: a link to a dir is neither walked nor listed
+                todo.append(entry.path)
+    files.sort()
+    return dirs, mtimes, files
+
+
+def _is_link(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return False
+
+
 def list_files(work_dir: Path) -> list[str]:
     """Sorted paths of every regular file below ``work_dir``, relative to it."""
     out: list[str] = []

@@ -39,7 +39,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from soaf.data.workdir import list_files
+from soaf.data.workdir import list_files, scan
 from soaf.plugin.handler import STOP, DefaultHandler, WatcherHandler
 from soaf.plugin.service import Service
 from soaf.process.spawn import Process
@@ -112,12 +112,14 @@ class DirSignature:
         self.dirs = [self.work_dir, *(os.path.join(self.work_dir, d) for d in sorted(subdirs))]
         self.last = self._read()
 
-    def watch_all(self) -> None:
+    def watch_all(self) -> list[str]:
         """Watch every directory of the work dir, empty ones too (so that no entry can
-        appear anywhere without moving a modification time watched here)."""
-        dirs = [path for path, _dirs, _files in os.walk(self.work_dir)]
-        self.dirs = dirs if dirs else [self.work_dir]
-        self.last = self._read()
+        appear anywhere without moving a modification time watched here); returns its
+        files, listed in the same walk, each directory after its time was read."""
+        self.read_at = time.time_ns()
+        dirs, mtimes, files = scan(self.work_dir)
+        self.dirs, self.last = dirs, tuple(mtimes)
+        return files
 
     def changed(self) -> bool:
         now = self._read()
@@ -225,11 +227,11 @@ def _count_loop(handler: WatcherHandler, service: Service, process: Process,
         while not process.exited.is_set():
             if entry.due and not service.stop_requested.is_set():
                 with entry.lock:
-                    entry.signature.watch_all()  # (before listing: no change is lost)
+                    files = entry.signature.watch_all()  # (times before listing: none is lost)
                     entry.refresh = time.monotonic() + COUNT_REFRESH
                     entry.due = False
                 call("file_change_callback", call_callback, service, "file_change_callback",
-                     handler.file_change_callback, service, list_files(service.work_dir))
+                     handler.file_change_callback, service, files)
                 continue
             if wake.wait(IDLE_WAIT):
                 wake.clear()
