@@ -45,3 +45,22 @@ def test_classify(exit, reason, memory_kb, state, failure, error):
     assert failure is None or failure in FAILURES
     fields = outcome.fields()
     assert fields["state"] == state and fields.get("failure") == failure
+
+
+def test_the_stderr_tail_is_read_only_for_an_error_that_shows_it(tmp_path, monkeypatch):
+    from soaf.run import outcome as outcome_mod
+    from soaf.run.outcome import Outcome, with_stderr
+
+    stderr = tmp_path / "stderr.log"
+    stderr.write_text("first\nboom\n")
+    reads: list[object] = []
+    real = outcome_mod.stderr_tail
+    monkeypatch.setattr(outcome_mod, "stderr_tail", lambda path: reads.append(path) or real(path))
+    assert with_stderr(Outcome("succeeded"), stderr, "s").error is None
+    assert with_stderr(Outcome("cancelled", error="cancelled"), stderr, "s").error == "cancelled"
+    assert with_stderr(Outcome("failed"), stderr, "s").error is None
+    assert reads == []
+    failed = with_stderr(Outcome("failed", "exit_code", "exit code 1"), stderr, "s")
+    assert failed.error == ("exit code 1 (see soaf logs s --stderr); last lines of stderr:\n"
+                            "first\nboom")
+    assert reads == [stderr]

@@ -153,6 +153,8 @@ class Journal:
 
 
 _FIELDS = tuple(f.name for f in fields(Journal))
+#: ``json.dumps(..., default=str)`` without building an encoder per call.
+_encode = json.JSONEncoder(default=str).encode
 #: The fields a line of changes (``RunJournal.calling``) may set.
 _CHANGES = frozenset({"in_call", "died_in"})
 
@@ -197,10 +199,10 @@ def local_journals(work_root: Path, node: str) -> list[tuple[Path, Journal]]:
 
 def remove_files(path: Path, journal: Journal | None) -> None:
     """Remove a journal file and its attempt's exit file; missing ones are fine."""
-    for p in (path, Path(journal.exit_file) if journal and journal.exit_file else None):
+    for p in (path, journal.exit_file if journal and journal.exit_file else None):
         if p is not None:
             try:
-                p.unlink()
+                os.unlink(p)
             except FileNotFoundError:
                 pass
             except OSError as e:
@@ -240,11 +242,15 @@ class RunJournal:
         #: The journal file, open for appending from the first save until ``remove()``
         #: (unbuffered: each line is one ``write``; closed with the object otherwise).
         self._file: io.FileIO | None = None
+        self._exit_file: tuple[str, Path] | None = None  # (its name, its Path), once asked
 
     @property
     def exit_file(self) -> Path:
-        assert self.data.exit_file
-        return Path(self.data.exit_file)
+        name = self.data.exit_file
+        assert name
+        if self._exit_file is None or self._exit_file[0] != name:
+            self._exit_file = (name, Path(name))
+        return self._exit_file[1]
 
     def step(self, name: str, *, save: bool = False, **info: Any) -> dict[str, Any]:
         """Record step ``name`` (with ``info`` fields); returns ``{"journal": ...}``.
@@ -301,7 +307,7 @@ class RunJournal:
 
     def save(self) -> None:
         """Append the whole journal as one line."""
-        line = json.dumps(self.data.to_dict(), default=str) + "\n"
+        line = _encode(self.data.to_dict()) + "\n"
         if self._written > MAX_JOURNAL_BYTES:  # a long run's callbacks: start afresh
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(line)

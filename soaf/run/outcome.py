@@ -78,8 +78,11 @@ def stderr_tail(path: Path) -> str:
 def with_stderr(outcome: Outcome, stderr: Path | None, service_id: str) -> Outcome:
     """``outcome`` with the program's last stderr lines (from the file ``stderr``) at the
     end of its error, and where to read all of it, when it failed or timed out."""
-    tail = stderr_tail(stderr) if stderr is not None else ""
-    if tail and outcome.error and outcome.state in (State.FAILED.value, State.TIMED_OUT.value):
+    if stderr is None or not outcome.error or outcome.state not in (State.FAILED.value,
+                                                                    State.TIMED_OUT.value):
+        return outcome  # (the file is read only when its tail is shown)
+    tail = stderr_tail(stderr)
+    if tail:
         outcome.error = (f"{outcome.error} (see soaf logs {service_id} --stderr); "
                          f"last lines of stderr:\n{tail}")
     return outcome
