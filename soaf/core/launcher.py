@@ -12,6 +12,7 @@ the core until one frees; a service without it costs no Redis call here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -38,6 +39,11 @@ from soaf.run.ports import Engines
 from soaf.run.service_run import Claim, ServiceRun
 
 log = logging.getLogger(__name__)
+
+#: The CLAIM script's list of final states, and the plugin version as JSON (encoded once
+#: per version, not per claim).
+_FINALS = ",".join(FINAL_VALUES)
+_json_text = functools.lru_cache(maxsize=8)(json.dumps)
 
 #: Seconds between two tries of the entries parked for a fleet slot.
 SLOT_RETRY = 0.25
@@ -159,8 +165,8 @@ class Launcher:
         return ([self.keys.service(sid), self.keys.events(sid), self.keys.services,
                  self.keys.cancels],
                 [sid, template.service, time.time(), self.settings.node, entry_id,
-                 self.keys.notify, EVENTS_MAXLEN, json.dumps(registry.version),
-                 ",".join(FINAL_VALUES), cancel])
+                 self.keys.notify, EVENTS_MAXLEN, _json_text(registry.version), _FINALS,
+                 cancel])
 
     def claim_and_start(self, accepted: list[tuple[str, ServiceParamTemplate]],
                         registry: Registry) -> None:

@@ -82,9 +82,9 @@ class CallGuard:
 
     @property
     def busy(self) -> bool:
-        """The owner thread is inside plugin code now."""
-        with self._lock:
-            return self.in_call is not None
+        """The owner thread is inside plugin code now. (No lock: one attribute read is
+        atomic, and the answer may change the moment after either way.)"""
+        return self.in_call is not None
 
     def call(self, name: str, owner: Any, fn: Callable[..., Any], *args: Any) -> Any:
         """Run plugin code ``fn(*args)`` in this thread, letting the enforcer see it;
