@@ -183,3 +183,53 @@ def test_a_silent_connection_is_pinged_then_given_up(monkeypatch):
     clock.now += 10
     with pytest.raises(redis.ConnectionError, match="no answer"):
         live.ping_due()
+
+
+def test_ids_submitted_under_the_subscription_are_not_read_until_final():
+    """A wait needs no first read of ids this client submitted while the subscription it
+    waits on was already confirmed: every note about them was heard, before the wait too."""
+    clock = Clock()
+    board = Board(clock)
+    assert board.subscription() is None  # not subscribed: such a submit is read as usual
+    board.submitted("early", board.subscription())
+    board.up()
+    epoch = board.subscription()
+    for sid in ("a", "b"):
+        board.submitted(sid, epoch)
+    assert board.hear(note("a", "succeeded")) == []  # before any wait: kept on the board
+    w = Wait(["a", "b", "c", "early"], timeout=10, clock=clock)
+    board.join(w)
+    first = w.task(board)
+    assert first == Task(["c", "early"])  # not submitted here, or before the subscription
+    assert w.settle(first, [hashed("running"), hashed("running")]) == []
+    assert w.task(board) == Task(["a"])  # final already: its record is read
+    assert [r.state for r in w.settle(Task(["a"]), [hashed("succeeded")])] == ["succeeded"]
+    assert w.task(board) is None  # b is waited for on the channel alone
+    assert board.hear(note("b", "failed")) == [w]
+    assert w.task(board) == Task(["b"])
+
+
+def test_ids_submitted_before_the_subscription_was_lost_are_read_again():
+    clock = Clock()
+    board = Board(clock)
+    board.up()
+    board.submitted("a", board.subscription())
+    epoch = board.subscription()
+    board.down(RedisUnavailable("gone"))
+    board.submitted("b", epoch)  # sent while the subscription was being lost
+    board.up()
+    w = Wait(["a", "b"], timeout=10, clock=clock)
+    board.join(w)
+    assert w.task(board) == Task(["a", "b"])
+
+
+def test_a_board_remembers_a_bounded_number_of_submitted_ids(monkeypatch):
+    from soaf.client import notes
+
+    monkeypatch.setattr(notes, "FRESH_MAX", 2)
+    board = Board(Clock())
+    board.up()
+    for sid in ("a", "b", "c"):
+        board.submitted(sid, board.subscription())
+    assert board.claim(["a", "b", "c"]) == {"b": False, "c": False}  # a was forgotten
+    assert board.claim(["b"]) == {}  # claimed once: a second wait reads it

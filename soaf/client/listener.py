@@ -108,6 +108,17 @@ class Listener:
             self.board.leave(wait)
             del self._wakes[wait]
 
+    def subscription(self) -> int | None:
+        """See ``Board.subscription``: taken before a submit is sent."""
+        with self._lock:
+            return self.board.subscription()
+
+    def submitted(self, service_id: str, epoch: int | None) -> None:
+        """See ``Board.submitted``."""
+        if epoch is not None:
+            with self._lock:
+                self.board.submitted(service_id, epoch)
+
     def next_task(self, wait: Wait) -> Task:
         """Block until ``wait`` has records to read (see ``Wait.task``)."""
         with self._lock:
@@ -225,6 +236,12 @@ class AsyncListener:
     def leave(self, wait: Wait) -> None:
         self.board.leave(wait)
         del self._wakes[wait]
+
+    def subscription(self) -> int | None:
+        return self.board.subscription()
+
+    def submitted(self, service_id: str, epoch: int | None) -> None:
+        self.board.submitted(service_id, epoch)
 
     async def next_task(self, wait: Wait) -> Task:
         """Wait until ``wait`` has records to read (see ``Wait.task``)."""
