@@ -100,3 +100,14 @@ def test_entries_another_core_took_do_not_keep_a_core_awake(router, own_redis, r
     r.config_resetstat()
     assert router.take(5, block_ms=10) == []
     assert calls(r) == {"xread": 1}
+
+
+def test_a_take_of_nothing_delivers_nothing(r, prefix):
+    from soaf.protocol.queues import PRIORITY_AGING
+    from soaf.protocol.scripts import TAKE
+
+    keys = Keys(prefix)
+    push(r, keys, "one")
+    taken, _ = TAKE.run(r, [keys.queues, keys.submit, keys.ready, keys.new_queues],
+                        [GROUP, "n1", 0, 0, int(PRIORITY_AGING * 1000), keys.queue_prefix, 0, "a"])
+    assert taken == [] and r.xpending(keys.queue("a", 0), GROUP)["pending"] == 0

@@ -127,7 +127,7 @@ end
 local ok, members = true, nil
 if scan then ok, members = pcall(redis.call, 'SMEMBERS', KEYS[1]) else members = ready('SMEMBERS') end
 if not ok then members = {} end
-if not scan then  -- one ready queue offered: nothing to compare, read it without a look
+if not scan and want > 0 then  -- one ready queue offered: nothing to compare, read it at once
   local only
   for _, m in ipairs(members) do
     local svc = string.match(m, '^([^:]+):%-?%d+$')
