@@ -118,6 +118,22 @@ def test_a_wait_for_what_the_client_submitted_while_subscribed_reads_final_recor
     assert the_waits(r) == {"hgetall": 6}  # each final record once, nothing before
 
 
+def test_a_submit_that_wrote_nothing_is_waited_for_as_unknown(client, own_redis, prefix,
+                                                              monkeypatch):
+    from soaf.errors import NoCoreOffers
+
+    monkeypatch.setattr(soaf.client.follow, "UNKNOWN_GRACE", 0.2)
+    r, keys = own_redis.client(), Keys(prefix)
+    first, = submit(client, 1)
+    end(r, keys, first)
+    assert client.wait(first, timeout=30).ok  # subscribes
+    template = ServiceParamTemplate("nobody-runs-this")
+    with pytest.raises(NoCoreOffers):
+        client.submit(template, require_core=True)
+    with pytest.raises(UnknownService):  # read, not waited for on the channel alone
+        client.wait(template.service_id, timeout=30)
+
+
 def test_many_notes_at_once_are_all_heard_in_order(own_redis):
     from soaf.client.listener import Listener
     from soaf.protocol.connection import connect

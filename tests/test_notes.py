@@ -187,21 +187,22 @@ def test_a_silent_connection_is_pinged_then_given_up(monkeypatch):
 
 def test_ids_submitted_under_the_subscription_are_not_read_until_final():
     """A wait needs no first read of ids this client submitted while the subscription it
-    waits on was already confirmed: every note about them was heard, before the wait too."""
+    waits on was already confirmed: every note about them was heard, before the wait too
+    (and before the submit's reply)."""
     clock = Clock()
     board = Board(clock)
-    assert board.subscription() is None  # not subscribed: such a submit is read as usual
-    board.submitted("early", board.subscription())
+    board.expect("early")  # not subscribed: such a submit is read as usual
     board.up()
-    epoch = board.subscription()
-    for sid in ("a", "b"):
-        board.submitted(sid, epoch)
-    assert board.hear(note("a", "succeeded")) == []  # before any wait: kept on the board
-    w = Wait(["a", "b", "c", "early"], timeout=10, clock=clock)
+    board.expect("a")
+    assert board.hear(note("a", "succeeded")) == []  # before the reply: kept on the board
+    board.expect("b")
+    board.expect("refused")
+    board.forget("refused")  # its submit failed: read as usual
+    w = Wait(["a", "b", "c", "early", "refused"], timeout=10, clock=clock)
     board.join(w)
     first = w.task(board)
-    assert first == Task(["c", "early"])  # not submitted here, or before the subscription
-    assert w.settle(first, [hashed("running"), hashed("running")]) == []
+    assert first == Task(["c", "early", "refused"])
+    assert w.settle(first, [hashed("running")] * 3) == []
     assert w.task(board) == Task(["a"])  # final already: its record is read
     assert [r.state for r in w.settle(Task(["a"]), [hashed("succeeded")])] == ["succeeded"]
     assert w.task(board) is None  # b is waited for on the channel alone
@@ -213,10 +214,9 @@ def test_ids_submitted_before_the_subscription_was_lost_are_read_again():
     clock = Clock()
     board = Board(clock)
     board.up()
-    board.submitted("a", board.subscription())
-    epoch = board.subscription()
+    board.expect("a")
     board.down(RedisUnavailable("gone"))
-    board.submitted("b", epoch)  # sent while the subscription was being lost
+    board.expect("b")  # sent while the subscription was being made again
     board.up()
     w = Wait(["a", "b"], timeout=10, clock=clock)
     board.join(w)
@@ -230,6 +230,6 @@ def test_a_board_remembers_a_bounded_number_of_submitted_ids(monkeypatch):
     board = Board(Clock())
     board.up()
     for sid in ("a", "b", "c"):
-        board.submitted(sid, board.subscription())
+        board.expect(sid)
     assert board.claim(["a", "b", "c"]) == {"b": False, "c": False}  # a was forgotten
     assert board.claim(["b"]) == {}  # claimed once: a second wait reads it

@@ -108,16 +108,14 @@ class Listener:
             self.board.leave(wait)
             del self._wakes[wait]
 
-    def subscription(self) -> int | None:
-        """See ``Board.subscription``: taken before a submit is sent."""
+    def expect(self, service_id: str) -> None:
+        """See ``Board.expect``."""
         with self._lock:
-            return self.board.subscription()
+            self.board.expect(service_id)
 
-    def submitted(self, service_id: str, epoch: int | None) -> None:
-        """See ``Board.submitted``."""
-        if epoch is not None:
-            with self._lock:
-                self.board.submitted(service_id, epoch)
+    def forget(self, service_id: str) -> None:
+        with self._lock:
+            self.board.forget(service_id)
 
     def next_task(self, wait: Wait) -> Task:
         """Block until ``wait`` has records to read (see ``Wait.task``)."""
@@ -244,11 +242,11 @@ class AsyncListener:
         self.board.leave(wait)
         del self._wakes[wait]
 
-    def subscription(self) -> int | None:
-        return self.board.subscription()
+    def expect(self, service_id: str) -> None:
+        self.board.expect(service_id)
 
-    def submitted(self, service_id: str, epoch: int | None) -> None:
-        self.board.submitted(service_id, epoch)
+    def forget(self, service_id: str) -> None:
+        self.board.forget(service_id)
 
     async def next_task(self, wait: Wait) -> Task:
         """Wait until ``wait`` has records to read (see ``Wait.task``)."""

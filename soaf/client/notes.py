@@ -242,20 +242,20 @@ class Board:
             self._fresh[sid] = (self._fresh[sid][0], True)
         return [w for w in self._by_id.get(sid, ()) if w.hear(sid, state)]
 
-    def subscription(self) -> int | None:
-        """The subscription (epoch) a submit starting now is made under; None when there
-        is none confirmed (notes about it could be missed)."""
-        return self.epoch if self.live else None
-
-    def submitted(self, service_id: str, epoch: int | None) -> None:
-        """``service_id`` was submitted (its record made) under subscription ``epoch``, as
-        ``subscription`` said before the submit was sent: every note about it is heard
-        while that subscription lasts, so a wait for it need not read its record first."""
-        if epoch is None or epoch != self.epoch or not self.live:
+    def expect(self, service_id: str) -> None:
+        """A submit of ``service_id`` is about to be sent: under a confirmed subscription,
+        every note about it will be heard (those that come before the submit's reply
+        too), so the notes are kept and a wait for it need not read its record first."""
+        if not self.live:
             return
         if len(self._fresh) >= FRESH_MAX:  # a client that submits and never waits
             del self._fresh[next(iter(self._fresh))]
-        self._fresh[service_id] = (epoch, False)
+        self._fresh[service_id] = (self.epoch, False)
+
+    def forget(self, service_id: str) -> None:
+        """The submit of ``service_id`` failed (or may not have gone through): a wait
+        for it reads its record as for any other id."""
+        self._fresh.pop(service_id, None)
 
     def claim(self, ids: Iterable[str]) -> dict[str, bool]:
         """Of ``ids``, those submitted under the current subscription (forgotten here:
