@@ -99,6 +99,64 @@ def test_sequential_waits_share_one_subscription_and_read_twice_each(client, own
     assert the_waits(r) == {"hgetall": 5 * 3}
 
 
+def test_a_wait_for_what_the_client_submitted_while_subscribed_reads_final_records_only(
+        client, own_redis, prefix):
+    r, keys = own_redis.client(), Keys(prefix)
+    first, = submit(client, 1)
+    end(r, keys, first)
+    assert client.wait(first, timeout=30).ok  # subscribes; the subscription outlives it
+    ids = submit(client, 6)
+    for sid in ids[:3]:
+        end(r, keys, sid)  # before any wait for them: the notes are kept
+    r.config_resetstat()
+    # The others end while the wait runs, or before it starts: both are heard.
+    ending = threading.Timer(0.2, lambda: [end(r, keys, sid, "failed") for sid in ids[3:]])
+    ending.start()
+    records = client.wait_all(ids, timeout=30)
+    ending.join()
+    assert [x.state for x in records] == ["succeeded"] * 3 + ["failed"] * 3
+    assert the_waits(r) == {"hgetall": 6}  # each final record once, nothing before
+
+
+def test_a_submit_that_wrote_nothing_is_waited_for_as_unknown(client, own_redis, prefix,
+                                                              monkeypatch):
+    from soaf.errors import NoCoreOffers
+
+    monkeypatch.setattr(soaf.client.follow, "UNKNOWN_GRACE", 0.2)
+    r, keys = own_redis.client(), Keys(prefix)
+    first, = submit(client, 1)
+    end(r, keys, first)
+    assert client.wait(first, timeout=30).ok  # subscribes
+    template = ServiceParamTemplate("nobody-runs-this")
+    with pytest.raises(NoCoreOffers):
+        client.submit(template, require_core=True)
+    with pytest.raises(UnknownService):  # read, not waited for on the channel alone
+        client.wait(template.service_id, timeout=30)
+
+
+def test_many_notes_at_once_are_all_heard_in_order(own_redis):
+    from soaf.client.listener import Listener
+    from soaf.protocol.connection import connect
+
+    conn = connect(own_redis.url, blocking=True)
+    pubsub = conn.pubsub()
+    pubsub.subscribe("ch")
+    assert [m["type"] for m in Listener._read(pubsub)] == ["subscribe"]
+    r = own_redis.client()
+    with r.pipeline(transaction=False) as pipe:
+        for i in range(5):
+            pipe.publish("ch", f"m{i}")
+        pipe.execute()
+    pubsub.ping()
+    r.publish("ch", "after")
+    heard: list[Any] = []
+    wait_until(lambda: heard.extend(Listener._read(pubsub)) or len(heard) >= 7, 10)
+    assert [(m["type"], m["data"]) for m in heard] == [
+        *[("message", f"m{i}".encode()) for i in range(5)], ("pong", b""), ("message", b"after")]
+    pubsub.close()
+    conn.close()
+
+
 def test_a_subscription_lost_mid_wait_misses_no_final_state(client, own_redis, prefix):
     r, keys, n = own_redis.client(), Keys(prefix), 30
     ids = submit(client, n)

@@ -183,3 +183,53 @@ def test_a_silent_connection_is_pinged_then_given_up(monkeypatch):
     clock.now += 10
     with pytest.raises(redis.ConnectionError, match="no answer"):
         live.ping_due()
+
+
+def test_ids_submitted_under_the_subscription_are_not_read_until_final():
+    """A wait needs no first read of ids this client submitted while the subscription it
+    waits on was already confirmed: every note about them was heard, before the wait too
+    (and before the submit's reply)."""
+    clock = Clock()
+    board = Board(clock)
+    board.expect("early")  # not subscribed: such a submit is read as usual
+    board.up()
+    board.expect("a")
+    assert board.hear(note("a", "succeeded")) == []  # before the reply: kept on the board
+    board.expect("b")
+    board.expect("refused")
+    board.forget("refused")  # its submit failed: read as usual
+    w = Wait(["a", "b", "c", "early", "refused"], timeout=10, clock=clock)
+    board.join(w)
+    first = w.task(board)
+    assert first == Task(["c", "early", "refused"])
+    assert w.settle(first, [hashed("running")] * 3) == []
+    assert w.task(board) == Task(["a"])  # final already: its record is read
+    assert [r.state for r in w.settle(Task(["a"]), [hashed("succeeded")])] == ["succeeded"]
+    assert w.task(board) is None  # b is waited for on the channel alone
+    assert board.hear(note("b", "failed")) == [w]
+    assert w.task(board) == Task(["b"])
+
+
+def test_ids_submitted_before_the_subscription_was_lost_are_read_again():
+    clock = Clock()
+    board = Board(clock)
+    board.up()
+    board.expect("a")
+    board.down(RedisUnavailable("gone"))
+    board.expect("b")  # sent while the subscription was being made again
+    board.up()
+    w = Wait(["a", "b"], timeout=10, clock=clock)
+    board.join(w)
+    assert w.task(board) == Task(["a", "b"])
+
+
+def test_a_board_remembers_a_bounded_number_of_submitted_ids(monkeypatch):
+    from soaf.client import notes
+
+    monkeypatch.setattr(notes, "FRESH_MAX", 2)
+    board = Board(Clock())
+    board.up()
+    for sid in ("a", "b", "c"):
+        board.expect(sid)
+    assert board.claim(["a", "b", "c"]) == {"b": False, "c": False}  # a was forgotten
+    assert board.claim(["b"]) == {}  # claimed once: a second wait reads it

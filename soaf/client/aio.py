@@ -93,12 +93,17 @@ class AsyncClient(ClientBase["redis.asyncio.Redis", AsyncListener]):
                      durable: bool | None = None) -> str:
         """Validate, sign and queue ``template``; return its service id (see Client.submit)."""
         keys, args = calls.submit_call(self._target, template, self._secret, require_core)
-        if wanted := replicas(durable):
-            pipe = self.redis.pipeline(transaction=False)
-            calls.queue_durable(pipe, SUBMIT, keys, args, wanted)
-            results = await self._call(pipe.execute)
-            return calls.durably_submitted(template, results, wanted)
-        return calls.submitted(template, await self._script(SUBMIT, keys, args))
+        self._listener.expect(template.service_id)  # before the record exists
+        try:
+            if wanted := replicas(durable):
+                pipe = self.redis.pipeline(transaction=False)
+                calls.queue_durable(pipe, SUBMIT, keys, args, wanted)
+                results = await self._call(pipe.execute)
+                return calls.durably_submitted(template, results, wanted)
+            return calls.submitted(template, await self._script(SUBMIT, keys, args))
+        except BaseException:
+            self._listener.forget(template.service_id)
+            raise
 
     async def resubmit(self, service_id: str) -> str:
         """Submit ``service_id``'s template again under a new id (see Client.resubmit)."""

@@ -108,6 +108,15 @@ class Listener:
             self.board.leave(wait)
             del self._wakes[wait]
 
+    def expect(self, service_id: str) -> None:
+        """See ``Board.expect``."""
+        with self._lock:
+            self.board.expect(service_id)
+
+    def forget(self, service_id: str) -> None:
+        with self._lock:
+            self.board.forget(service_id)
+
     def next_task(self, wait: Wait) -> Task:
         """Block until ``wait`` has records to read (see ``Wait.task``)."""
         with self._lock:
@@ -188,12 +197,19 @@ class Listener:
     @staticmethod
     def _read(pubsub: PubSub) -> list[dict[str, Any]]:
         """What the channel has: the next message (waiting up to POLL_S), then those
-        already arrived. A message only partly arrived is read with the same patience."""
+        already arrived, read as the connection's raw replies: a note costs one reply
+        parse, not a pass through redis-py's per-message machinery (the replies that are
+        not plain messages still go through it). A message only partly arrived is read
+        to its end."""
         message = pubsub.get_message(timeout=POLL_S)
         out = [] if message is None else [message]
-        while message is not None and len(out) < BATCH and pubsub.connection is not None \
-                and pubsub.connection.can_read(timeout=0):
-            if (message := pubsub.get_message(timeout=POLL_S)) is not None:
+        conn = pubsub.connection
+        while message is not None and len(out) < BATCH and conn is not None \
+                and conn.can_read(timeout=0):
+            reply = conn.read_response(disconnect_on_error=False, push_request=True)
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                out.append({"type": "message", "data": reply[2]})
+            elif reply and (message := pubsub.handle_message(reply)) is not None:
                 out.append(message)
         return out
 
@@ -225,6 +241,12 @@ class AsyncListener:
     def leave(self, wait: Wait) -> None:
         self.board.leave(wait)
         del self._wakes[wait]
+
+    def expect(self, service_id: str) -> None:
+        self.board.expect(service_id)
+
+    def forget(self, service_id: str) -> None:
+        self.board.forget(service_id)
 
     async def next_task(self, wait: Wait) -> Task:
         """Wait until ``wait`` has records to read (see ``Wait.task``)."""

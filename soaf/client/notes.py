@@ -6,7 +6,9 @@ subscribes once (one connection, kept while it waits, shared by all its waits) a
 wait (``wait``, ``wait_all``, ``as_completed``) reads records only when it must:
 
 * once at the start, after the subscription is confirmed: a record that ends after the
-  read sends a note that is heard, one that ended before is final in the read;
+  read sends a note that is heard, one that ended before is final in the read; not at
+  all for an id the client submitted while the same subscription was confirmed already
+  (every note about it was heard: the board kept the final ones);
 * once per id whose final note came, to return its final record;
 * once more for the ids still pending after the subscription was made again (pub/sub
   drops the notes sent while a connection is down), or after a long silence about them;
@@ -38,6 +40,9 @@ from soaf.protocol.state import FINAL_VALUES, ServiceRecord
 QUIET_S = 60.0
 #: Records read per pipelined round trip.
 READ_CHUNK = 1000
+#: Ids submitted under the current subscription that a board remembers (the oldest are
+#: forgotten first: a wait for them then reads their records, as for any other id).
+FRESH_MAX = 100_000
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,13 @@ class Wait:
         if self.epoch != board.epoch:  # the start, or a new subscription after an outage
             again, self.read, self.epoch, self._heard_at = self.read, True, board.epoch, now
             self.noted.clear()
-            return Task(self._still(), states=again)
+            if again:
+                return Task(self._still(), states=True)
+            # Ids submitted under this very subscription: every note about them was heard.
+            fresh = board.claim(self._still())
+            self.noted = {sid: None for sid, final in fresh.items() if final}
+            if rest := [sid for sid in self._still() if sid not in fresh]:
+                return Task(rest)
         ids, self.noted = [i for i in self.noted if i in self.pending], {}
         if ids:
             return Task(ids)
@@ -169,6 +180,9 @@ class Board:
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
+        #: Ids this client submitted while subscribed: the subscription (epoch) they were
+        #: submitted under, and whether a final note was heard about them since.
+        self._fresh: dict[str, tuple[int, bool]] = {}
         self.live = False
         self.epoch = 0
         self.failures = 0
@@ -194,6 +208,7 @@ class Board:
         """The subscription is confirmed: every wait has to read (again)."""
         self.live, self.epoch = True, self.epoch + 1
         self.down_since, self.error = None, None
+        self._fresh.clear()
         return list(self.waits)
 
     def down(self, error: StateError) -> list[Wait]:
@@ -202,16 +217,18 @@ class Board:
         if self.down_since is None:
             self.down_since = self._clock()
         self.live, self.error, self.failures = False, error, self.failures + 1
+        self._fresh.clear()
         return list(self.waits)
 
     def gone(self) -> None:
         """The listener let its connection go (no wait, or the client closed): the next
         one starts afresh."""
         self.live, self.down_since, self.error = False, None, None
+        self._fresh.clear()
 
     def hear(self, data: Any) -> list[Wait]:
         """A note from the channel; the waits that have records to read because of it."""
-        if not self._by_id:
+        if not self._by_id and not self._fresh:
             return []
         try:
             note = json.loads(data)
@@ -221,7 +238,34 @@ class Board:
             return []
         sid, state = note["id"], note.get("state")
         state = state if isinstance(state, str) else None
+        if state in FINAL_VALUES and sid in self._fresh:
+            self._fresh[sid] = (self._fresh[sid][0], True)
         return [w for w in self._by_id.get(sid, ()) if w.hear(sid, state)]
+
+    def expect(self, service_id: str) -> None:
+        """A submit of ``service_id`` is about to be sent: under a confirmed subscription,
+        every note about it will be heard (those that come before the submit's reply
+        too), so the notes are kept and a wait for it need not read its record first."""
+        if not self.live:
+            return
+        if len(self._fresh) >= FRESH_MAX:  # a client that submits and never waits
+            del self._fresh[next(iter(self._fresh))]
+        self._fresh[service_id] = (self.epoch, False)
+
+    def forget(self, service_id: str) -> None:
+        """The submit of ``service_id`` failed (or may not have gone through): a wait
+        for it reads its record as for any other id."""
+        self._fresh.pop(service_id, None)
+
+    def claim(self, ids: Iterable[str]) -> dict[str, bool]:
+        """Of ``ids``, those submitted under the current subscription (forgotten here:
+        they are the caller's now), each with whether its final note was heard."""
+        found: dict[str, bool] = {}
+        for sid in ids:
+            if (known := self._fresh.pop(sid, None)) is not None \
+                    and known[0] == self.epoch and self.live:
+                found[sid] = known[1]
+        return found
 
 
 def queue_reads(pipe: Any, keys: Keys, ids: list[str], *, states: bool) -> None:

@@ -108,11 +108,16 @@ class Client(ClientBase["redis.Redis", Listener]):
         replicas hold the submission (NotReplicated otherwise; see docs/delivery.md).
         """
         keys, args = calls.submit_call(self._target, template, self._secret, require_core)
-        if wanted := replicas(durable):
-            pipe = self.redis.pipeline(transaction=False)
-            calls.queue_durable(pipe, SUBMIT, keys, args, wanted)
-            return calls.durably_submitted(template, self._call(pipe.execute), wanted)
-        return calls.submitted(template, self._call(SUBMIT.run, self.redis, keys, args))
+        self._listener.expect(template.service_id)  # before the record exists
+        try:
+            if wanted := replicas(durable):
+                pipe = self.redis.pipeline(transaction=False)
+                calls.queue_durable(pipe, SUBMIT, keys, args, wanted)
+                return calls.durably_submitted(template, self._call(pipe.execute), wanted)
+            return calls.submitted(template, self._call(SUBMIT.run, self.redis, keys, args))
+        except BaseException:
+            self._listener.forget(template.service_id)
+            raise
 
     def resubmit(self, service_id: str) -> str:
         """Submit the template ``service_id`` was submitted with again, under a new id;

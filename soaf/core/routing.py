@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import redis
 
@@ -141,9 +142,11 @@ class Router:
         self.ttl = ttl
         self.stopping = stopping
         self._unusable: set[str] = set()  # services whose ``requires`` was logged as bad
-        #: Where to wait for work (stream -> last id), for the services in ``_watch_for``;
-        #: ``_quiet``: nothing grew since that list was made (so it is still right).
-        self._watch: list[tuple[str, str]] = []
+        #: Where to wait for work (stream -> id after which its next entry would come), for
+        #: the services in ``_watch_for``; None when it may be wrong (a scan makes it again).
+        #: ``_quiet``: every queue this core reads was drained by its last take, so the next
+        #: one blocks on ``_watch`` at once (XREAD returns at once if one grew meanwhile).
+        self._watch: dict[str, str] | None = None
         self._watch_for: list[str] = []
         self._quiet = False
         self._scan_at = 0.0
@@ -171,37 +174,62 @@ class Router:
         """Up to ``count`` entries (as references) delivered to this core, best first;
         with none, wait up to ``block_ms`` for one of its queues to grow and try again.
 
-        Busy, a take looks only at the ready queues. When they hold nothing for it, one
-        scan of every queue it offers says where to wait; after a wait in which nothing
-        grew, that list is still right and the core waits again without asking Redis
-        anything, until the offers change or ``FULL_SCAN`` seconds have passed (then the
-        take is a scan, busy or not)."""
+        A take looks only at the ready queues. A scan of every queue it offers says where
+        to wait (``_watch``), and the core keeps that list right itself: a take moves each
+        queue it took from past its last entry. So once a take got less than it asked for
+        (all there was), the core blocks on the list without asking Redis anything else;
+        a wake on a stream it then takes nothing from (the new-queue bell, the old submit
+        stream, an entry another core took, a plain XADD) makes the next take a scan, and
+        so does a change of its offers or ``FULL_SCAN`` seconds."""
         services = self.offered()
-        due = services != self._watch_for or time.monotonic() >= self._scan_at
-        if due:
-            self._quiet = False
-        if not self._quiet:
-            if not due:
-                taken, _ = self._take(count, services, scan=False)
-                if taken:
-                    return taken
-            taken, self._watch = self._take(count, services, scan=True)
-            self._watch_for, self._scan_at = services, time.monotonic() + FULL_SCAN
+        if services != self._watch_for or time.monotonic() >= self._scan_at:
+            self._watch = None
+        if self._watch is None:
+            taken, moved, watch = self._take(count, services, scan=True)
+            self._watch, self._watch_for = dict(watch), services
+            self._scan_at = time.monotonic() + FULL_SCAN
+            self._quiet = self._follow(moved, set()) and len(taken) < count
             if taken:
                 return taken
-        if block_ms <= 0:
+        elif not self._quiet:
+            taken, moved, _ = self._take(count, services, scan=False)
+            self._quiet = self._follow(moved, set()) and len(taken) < count
+            if taken:
+                return taken
+        if block_ms <= 0 or self._watch is None:
             return []
-        grown = self.blocking.xread(dict(self._watch), count=1, block=block_ms)
-        self._quiet = not grown
-        return self._take(count, services, scan=False)[0] if grown else []
+        streams: dict[Any, Any] = self._watch
+        grown: Any = self.blocking.xread(streams, count=1, block=block_ms)
+        if not grown:
+            return []
+        taken, moved, _ = self._take(count, services, scan=False)
+        self._quiet = self._follow(moved, {text(item[0]) for item in grown}) \
+            and len(taken) < count
+        return taken
 
-    def _take(self, count: int, services: list[str], *,
-              scan: bool) -> tuple[list[Entry], list[tuple[str, str]]]:
+    def _follow(self, moved: dict[str, str], grown: set[str]) -> bool:
+        """Move the watched streams past the entries just taken (``moved``: stream -> last
+        id taken); False (and no list: the next take scans) when the list may be wrong:
+        a stream that ``grown`` names was not taken from, or one taken from is not on it."""
+        if self._watch is None or not grown <= moved.keys() <= self._watch.keys():
+            self._watch = None
+            return False
+        self._watch.update(moved)
+        return True
+
+    def _take(self, count: int, services: list[str], *, scan: bool
+              ) -> tuple[list[Entry], dict[str, str], list[tuple[str, str]]]:
+        """The entries taken, the last id taken per stream, and (with ``scan``) where to
+        wait."""
         args = [GROUP, self.node, count, int(time.time() * 1000), int(PRIORITY_AGING * 1000),
                 self.keys.queue_prefix, int(scan), *services]
         taken, watch = TAKE.run(self.client, [self.keys.queues, self.keys.submit, self.keys.ready,
                                               self.keys.new_queues], args)
-        entries = [(entry_ref(self.keys, text(stream), text(entry_id)),
-                    dict(zip(flat[::2], flat[1::2])))
-                   for stream, entry_id, flat in taken]
-        return entries, [(text(stream), text(last)) for stream, last in watch]
+        entries: list[Entry] = []
+        moved: dict[str, str] = {}
+        for raw_stream, raw_id, flat in taken:
+            stream, entry_id = text(raw_stream), text(raw_id)
+            entries.append((entry_ref(self.keys, stream, entry_id),
+                            dict(zip(flat[::2], flat[1::2]))))
+            moved[stream] = entry_id
+        return entries, moved, [(text(stream), text(last)) for stream, last in watch]

@@ -10,10 +10,10 @@ priority (so low priority is never starved), the oldest first among equals. A co
 therefore never holds an entry it did not ask for, however many queues it reads.
 
 With ``scan`` TAKE looks at every queue of the services offered (not only the ready
-ones; it lists again as ready those with unread entries, e.g. pushed by a plain XADD),
-and, when there is nothing to take, returns per queue the id after which the next entry
-would come, plus the last id of ``Keys.new_queues``: an idle core blocks on those
-streams (XREAD BLOCK) until one grows, at no cost to Redis meanwhile.
+ones; it lists again as ready those with unread entries, e.g. pushed by a plain XADD) and
+at the old submit stream, and returns per stream the id after which its next entry would
+come, plus the last id of ``Keys.new_queues``: a core that has taken all there was blocks
+on those streams (XREAD BLOCK) until one grows, at no cost to Redis meanwhile.
 """
 
 from __future__ import annotations
@@ -72,7 +72,11 @@ return id
 # offered services ...
 # Returns {taken, watch}: taken, a list of {stream, id, fields} delivered to the consumer
 # (entries of the old submit stream first: the core forwards them to their queues);
-# watch, with scan and nothing taken, a list of {stream, id} to block on (XREAD).
+# watch, with scan, a list of {stream, id} to block on (XREAD): each stream after its last
+# entry delivered before this call (the caller moves it past what it took).
+# Without scan the old submit stream is not looked at (a core blocks on it too, and scans
+# when it grows), and when a single ready queue is offered its entries are read without a
+# look first (nothing to compare): a busy take costs SMEMBERS and XREADGROUP.
 TAKE_LUA = """
 local group, consumer, want = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now, aging, qp, scan = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7] == '1'
@@ -106,7 +110,8 @@ local function after(key, id)
 end
 local function ms(id) return tonumber(string.match(id, '^(%d+)')) or 0 end
 local taken, watch, cands = {}, {}, {}
-local legacy, no_legacy = last_delivered(KEYS[2])
+local legacy, no_legacy = nil, false
+if scan then legacy, no_legacy = last_delivered(KEYS[2]) end
 if legacy then
   local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS',
     KEYS[2], '>')
@@ -122,6 +127,28 @@ end
 local ok, members = true, nil
 if scan then ok, members = pcall(redis.call, 'SMEMBERS', KEYS[1]) else members = ready('SMEMBERS') end
 if not ok then members = {} end
+if not scan and want > 0 then  -- one ready queue offered: nothing to compare, read it at once
+  local only
+  for _, m in ipairs(members) do
+    local svc = string.match(m, '^([^:]+):%-?%d+$')
+    if svc and offered[svc] then
+      if only then only = nil; break end
+      only = m
+    end
+  end
+  if only then
+    local key = qp .. only
+    local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>')
+    if type(r) == 'table' and r.err and string.sub(r.err, 1, 7) == 'NOGROUP'
+        and not redis.pcall('XGROUP', 'CREATE', key, group, '0').err then
+      r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>')
+    end
+    local got = (type(r) == 'table' and not r.err and r[1]) and r[1][2] or {}
+    for _, e in ipairs(got) do table.insert(taken, {key, e[1], e[2]}) end
+    if #got < want then ready('SREM', only) end
+    return {taken, {}}
+  end
+end
 for _, m in ipairs(members) do
   local svc, prio = string.match(m, '^([^:]+):(%-?%d+)$')
   if svc and offered[svc] then
@@ -158,11 +185,11 @@ while #taken < want and #cands > 0 do
     table.remove(cands, best)
   end
 end
-if #taken > 0 or not scan then return {taken, {}} end
+if not scan then return {taken, {}} end
 local found, last = pcall(redis.call, 'XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
 local bell = found and last[1]
 table.insert(watch, {KEYS[4], bell and bell[1] or '0-0'})
-return {{}, watch}
+return {taken, watch}
 """
 
 REQUEUE = Script(REQUEUE_LUA)
