@@ -1,5 +1,9 @@
 """The exit-status shim: a few lines of ``sh`` between the core and a program, so that the
-program's exit status survives the death of the core.
+program's exit status survives the death of the core; and reading an attempt's exit file.
+
+A core normally spawns its programs through its spawner (soaf.process.spawnserver), which
+is their parent and writes their exit files itself; the shim is the way when there is no
+spawner (it could not be started, or has just died).
 
 Only a process's parent learns its exit status. A core that is killed leaves its programs
 running with nobody to report how they ended, so every program is started as
@@ -25,6 +29,7 @@ import os
 import shutil
 import signal
 import stat
+import time
 from pathlib import Path
 
 from soaf.errors import ProgramError
@@ -137,12 +142,49 @@ def decode(code: int) -> int:
 
 
 def read_exit(exit_file: Path) -> int | None:
-    """The program's returncode from its exit file, or None if the shim wrote none."""
+    """The program's returncode from its exit file, or None if none was written (yet)."""
+    ended = read_exit_usage(exit_file)
+    return ended[0] if ended is not None else None
+
+
+def read_exit_usage(exit_file: Path) -> tuple[int, float, int] | None:
+    """``(returncode, cpu_time, max_rss_kb)`` from an exit file, or None if it holds no
+    status (yet). The shim writes the shell's status only (its usage is then 0.0, 0); the
+    spawner (soaf.process.spawnserver) writes the same first line, then the exact
+    returncode, the CPU time and the peak memory it reaped the program with."""
     try:
-        text = exit_file.read_text().strip()
+        lines = exit_file.read_text().split("\n")
     except OSError:
         return None
     try:
-        return decode(int(text))
+        code = decode(int(lines[0].strip()))
     except ValueError:
+        return None  # nothing yet, or the spawner's "pid N" of a program that runs
+    try:
+        returncode, cpu, rss = lines[1].split()
+        return int(returncode), float(cpu), int(rss)
+    except (IndexError, ValueError):
+        return code, 0.0, 0
+
+
+def running_pid(exit_file: Path) -> int | None:
+    """The pid the spawner noted in the exit file when it spawned the program, while the
+    file holds no status yet."""
+    try:
+        words = exit_file.read_text().split()
+    except OSError:
         return None
+    if len(words) == 2 and words[0] == "pid" and words[1].isdigit():
+        return int(words[1])
+    return None
+
+
+def wait_exit(exit_file: Path, timeout: float) -> tuple[int, float, int] | None:
+    """``read_exit_usage``, waiting up to ``timeout`` seconds while the file says the
+    program runs: its spawner writes the status a moment after the program has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ended = read_exit_usage(exit_file)
+        if ended is not None or running_pid(exit_file) is None or time.monotonic() > deadline:
+            return ended
+        time.sleep(0.01)
