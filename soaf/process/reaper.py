@@ -98,7 +98,7 @@ class Reaper:
         self._thread = threading.Thread(target=self._run, name="soaf-reaper", daemon=True)
         self._thread.start()
         #: Ends what finished programs left outside their groups (soaf.process.lineage).
-        self.lineages = LineageSweeper(self.children)
+        self.lineages = LineageSweeper(self.children, parents=self._parents)
 
     def watch(self, pid: int, callback: ExitCallback) -> None:
         """Call ``callback(pid, status, rusage)`` from the reaper thread when ``pid`` exits.
@@ -141,6 +141,11 @@ class Reaper:
             except RuntimeError:
                 continue
         return pending | set(list(self._live))
+
+    def _parents(self) -> list[int]:
+        """Where a program's orphans go: to the core, and to its spawner."""
+        spawner = self.spawner
+        return [os.getpid()] if spawner is None else [os.getpid(), spawner.pid]
 
     def close(self) -> None:
         self.lineages.close()
@@ -226,7 +231,7 @@ class Reaper:
             exit_file = self._exit_files.pop(pid, None)
             ended = shim.read_exit_usage(exit_file) if exit_file is not None else None
             if ended is not None:  # a dead spawner reaped it; its exit file says how
-                status, usage = _as_status(ended[0]), _rusage(ended[1], 0.0, ended[2])
+                status, usage = _as_status(ended[0]), _rusage(ended[1] or 0.0, 0.0, ended[2] or 0)
         if got == 0:
             return False
         # Whatever the leader left behind in its group goes with it: no stray processes.

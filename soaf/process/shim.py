@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 from soaf.errors import ProgramError
+from soaf.process.identity import ProcIdentity, find_by_marker
+from soaf.process.lineage import token_of
 
 #: The shim's $0, also how ``ps`` shows it.
 NAME = "soaf-shim"
@@ -141,15 +143,16 @@ def decode(code: int) -> int:
     return code
 
 
-def read_exit(exit_file: Path) -> int | None:
-    """The program's returncode from its exit file, or None if none was written (yet)."""
-    ended = read_exit_usage(exit_file)
+def read_exit(exit_file: Path, *, wait: float = 0.0) -> int | None:
+    """The program's returncode from its exit file, or None if none was written (yet);
+    ``wait``: seconds to give its spawner to write it (``wait_exit``)."""
+    ended = wait_exit(exit_file, wait) if wait else read_exit_usage(exit_file)
     return ended[0] if ended is not None else None
 
 
-def read_exit_usage(exit_file: Path) -> tuple[int, float, int] | None:
+def read_exit_usage(exit_file: Path) -> tuple[int, float | None, int | None] | None:
     """``(returncode, cpu_time, max_rss_kb)`` from an exit file, or None if it holds no
-    status (yet). The shim writes the shell's status only (its usage is then 0.0, 0); the
+    status (yet). The shim writes the shell's status only (its usage is then None); the
     spawner (soaf.process.spawnserver) writes the same first line, then the exact
     returncode, the CPU time and the peak memory it reaped the program with."""
     try:
@@ -164,7 +167,7 @@ def read_exit_usage(exit_file: Path) -> tuple[int, float, int] | None:
         returncode, cpu, rss = lines[1].split()
         return int(returncode), float(cpu), int(rss)
     except (IndexError, ValueError):
-        return code, 0.0, 0
+        return code, None, None
 
 
 def running_pid(exit_file: Path) -> int | None:
@@ -179,7 +182,21 @@ def running_pid(exit_file: Path) -> int | None:
     return None
 
 
-def wait_exit(exit_file: Path, timeout: float) -> tuple[int, float, int] | None:
+def find_program(exit_file: str, token: str | None) -> list[ProcIdentity]:
+    """The live program of the attempt whose exit file is ``exit_file``, spawned but
+    perhaps not yet journaled: its shim, whose command line names the file, or the
+    program whose pid its spawner noted there, if its environment holds the run's
+    ``token`` (so a recycled pid is never taken)."""
+    found = find_by_marker(exit_file)
+    pid = running_pid(Path(exit_file))
+    if not found and pid is not None and token and token_of(pid) == token.encode():
+        identity = ProcIdentity.of(pid)
+        if identity is not None and identity.alive():
+            found.append(identity)
+    return found
+
+
+def wait_exit(exit_file: Path, timeout: float) -> tuple[int, float | None, int | None] | None:
     """``read_exit_usage``, waiting up to ``timeout`` seconds while the file says the
     program runs: its spawner writes the status a moment after the program has ended."""
     deadline = time.monotonic() + timeout

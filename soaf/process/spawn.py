@@ -51,6 +51,9 @@ class Exit:
     wall_time: float
     cpu_time: float
     max_rss_kb: int | None  # None: not measured (it ended before its first sample)
+    #: False when the core is not the program's parent and nobody told it what the
+    #: program cost (an adopted program that ran under the shim).
+    usage_known: bool = True
 
     @property
     def exit_code(self) -> int | None:

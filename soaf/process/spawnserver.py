@@ -35,6 +35,7 @@ import signal
 import socket
 import struct
 import sys
+from typing import Any
 
 _PR_SET_CHILD_SUBREAPER = 36
 _HEADER = struct.Struct("!I")
@@ -44,12 +45,12 @@ _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 GROUP_REAP_WAIT = 0.2
 
 
-def send(sock: socket.socket, message: dict) -> None:
+def send(sock: socket.socket, message: dict[str, Any]) -> None:
     data = json.dumps(message).encode()
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 
-def receive(sock: socket.socket) -> dict | None:
+def receive(sock: socket.socket) -> dict[str, Any] | None:
     """The next message, or None at the end of the stream."""
     head = _exactly(sock, _HEADER.size)
     if head is None:
@@ -74,7 +75,7 @@ def shell_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _resolve(name: str, env: dict) -> str:
+def _resolve(name: str, env: dict[str, str]) -> str:
     """The file to execute for ``name``, searched in the program's own PATH."""
     if "/" in name:
         return name
@@ -98,7 +99,7 @@ class Server:
         self.spawned = 0
         self.hwm = peak_kb()
 
-    def spawn(self, m: dict) -> dict:
+    def spawn(self, m: dict[str, Any]) -> dict[str, Any]:
         try:
             os.chdir(m["cwd"])
         except OSError as e:
@@ -124,7 +125,7 @@ class Server:
         return {"pid": pid, "rss": self.hwm}
 
     @staticmethod
-    def _fork_into(path: str, m: dict) -> int:
+    def _fork_into(path: str, m: dict[str, Any]) -> int:
         """Fork, enter the cgroup, execute: the program never runs outside its cgroup (if
         it cannot enter it, the core's polled limit still holds)."""
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -210,7 +211,7 @@ class Server:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         core = True
         while True:
-            watched = [self.requests, wake_r] if core else [wake_r]
+            watched: list[Any] = [self.requests, wake_r] if core else [wake_r]
             ready, _, _ = select.select(watched, [], [], 1.0)
             if wake_r in ready:
                 try:

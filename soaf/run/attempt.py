@@ -154,7 +154,7 @@ class Attempt:
             group = self.limits.enter_cgroup(self.host.engines.cgroups,
                                              f"{self.template.service_id}.{self.number}")
             process = Process(
-                argv,  # type: ignore[arg-type]
+                argv,
                 cwd=Path(cwd), env=env, stdout=self.work_dir / STDOUT,
                 stderr=self.work_dir / STDERR, exit_file=journal.exit_file, cgroup=group)
             outcome = self._spawn(process)
@@ -287,7 +287,7 @@ class Attempt:
         if exit is None and reason is None:
             return Outcome(State.FAILED.value, "exit_status",
                            "the program ended while its core was down and left no exit "
-                           "status (its shim was killed too)")
+                           "status (its spawner or shim was killed too)")
         if exit is None:  # stopped for a reason; the reason decides the outcome
             exit = Exit(returncode=-signal.SIGTERM, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
         limits = self.limits
