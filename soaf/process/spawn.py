@@ -234,6 +234,7 @@ class Process(GroupStopping):
                 raise ProgramError(self._why_not_started(e)) from e
             else:
                 self.spawned = True
+                self.usage.program_pid = self.pid  # it leads its group: known at once
                 self.usage.inherited_kb = spawner.rss_kb
                 reaper.watch_spawned(self.pid, self._reaped, self.exit_file, spawner)
                 return self.pid
