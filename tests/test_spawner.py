@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ from soaf.process.identity import read_stat
 from soaf.process.reaper import Reaper
 from soaf.process.spawn import Process
 from soaf.process.spawner import Spawner
-from tests.conftest import ROOT, wait_until
 from tests import test_process
+from tests.conftest import ROOT, wait_until
 
 
 @pytest.fixture
