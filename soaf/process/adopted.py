@@ -68,6 +68,8 @@ class AdoptedProcess(GroupStopping):
             code, cpu, rss = ended
             self.exit = Exit(returncode=code, wall_time=time.time() - self.running_at,
                              cpu_time=cpu or 0.0, max_rss_kb=rss or 0, usage_known=cpu is not None)
+        else:
+            log.warning("adopted pid %d ended; no exit status in %s", self.pid, self.exit_file)
         self.exited.set()
         for callback in self._on_exit:
             try:

@@ -155,31 +155,37 @@ def read_exit_usage(exit_file: Path) -> tuple[int, float | None, int | None] | N
     status (yet). The shim writes the shell's status only (its usage is then None); the
     spawner (soaf.process.spawnserver) writes the same first line, then the exact
     returncode, the CPU time and the peak memory it reaped the program with."""
-    try:
-        lines = exit_file.read_text().split("\n")
-    except OSError:
-        return None
-    try:
-        code = decode(int(lines[0].strip()))
-    except ValueError:
-        return None  # nothing yet, or the spawner's "pid N" of a program that runs
-    try:
-        returncode, cpu, rss = lines[1].split()
-        return int(returncode), float(cpu), int(rss)
-    except (IndexError, ValueError):
-        return code, None, None
+    return _parse(_read(exit_file))[0]
 
 
 def running_pid(exit_file: Path) -> int | None:
     """The pid the spawner noted in the exit file when it spawned the program, while the
     file holds no status yet."""
+    return _parse(_read(exit_file))[1]
+
+
+def _read(exit_file: Path) -> str:
     try:
-        words = exit_file.read_text().split()
+        return exit_file.read_text()
     except OSError:
-        return None
+        return ""
+
+
+def _parse(text: str) -> tuple[tuple[int, float | None, int | None] | None, int | None]:
+    """(the status, if there is one; the running program's pid, if there is one)."""
+    lines = text.split("\n")
+    words = lines[0].split()
     if len(words) == 2 and words[0] == "pid" and words[1].isdigit():
-        return int(words[1])
-    return None
+        return None, int(words[1])
+    try:
+        code = decode(int(lines[0].strip()))
+    except ValueError:
+        return None, None  # nothing (yet)
+    try:
+        returncode, cpu, rss = lines[1].split()
+        return (int(returncode), float(cpu), int(rss)), None
+    except (IndexError, ValueError):
+        return (code, None, None), None
 
 
 def find_program(exit_file: str, token: str | None) -> list[ProcIdentity]:
@@ -201,7 +207,7 @@ def wait_exit(exit_file: Path, timeout: float) -> tuple[int, float | None, int |
     program runs: its spawner writes the status a moment after the program has ended."""
     deadline = time.monotonic() + timeout
     while True:
-        ended = read_exit_usage(exit_file)
-        if ended is not None or running_pid(exit_file) is None or time.monotonic() > deadline:
+        ended, running = _parse(_read(exit_file))
+        if ended is not None or running is None or time.monotonic() > deadline:
             return ended
         time.sleep(0.01)

@@ -183,8 +183,12 @@ class Server:
             self._reap_group(pid)
         code = os.waitstatus_to_exitcode(status)
         cpu = usage.ru_utime + usage.ru_stime
-        if exit_file:
-            _write(exit_file, f"{shell_status(code)}\n{code} {cpu:.6f} {usage.ru_maxrss}\n")
+        if exit_file:  # whole at once: a reader never sees it half written
+            _write(exit_file + ".new", f"{shell_status(code)}\n{code} {cpu:.6f} {usage.ru_maxrss}\n")
+            try:
+                os.rename(exit_file + ".new", exit_file)
+            except OSError:
+                pass
         if self.events is not None:
             try:
                 send(self.events, {"pid": pid, "status": status, "cpu": cpu,
@@ -256,9 +260,17 @@ def _has_children() -> bool:
 
 
 def _write(path: str, text: str) -> None:
-    """Write a small file; a failure is the reader's business (it finds no status)."""
+    """Write a small file (its directory made if need be: an attempt's journal may not
+    have been saved yet); a failure is the reader's business (it finds no status)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, flags, 0o644)
+        except OSError:
+            return
     except OSError:
         return
     try:
