@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from soaf.errors import ProgramError
 from soaf.process import shim
 from soaf.process.identity import read_stat
 from soaf.process.reaper import Reaper
@@ -211,3 +212,22 @@ def test_an_exit_written_by_the_spawner_reads_as_the_shims_did(tmp_path):
     assert shim.read_exit_usage(tmp_path / "e") == (-15, 0.5, 2048)
     (tmp_path / "e").write_text("143\n")  # the shim's: a signal, no usage
     assert shim.read_exit_usage(tmp_path / "e") == (-15, None, None)
+
+
+def test_a_program_with_a_cgroup_enters_it_before_it_is_executed(tmp_path, spawning):
+    """(A plain directory stands for the cgroup: the child writes 0 to its cgroup.procs.)"""
+    group = tmp_path / "group"
+    group.mkdir()
+    p = program(tmp_path, ["sh", "-c", "echo $$; exit 6"], cgroup=group)
+    p.start(spawning)
+    assert p.spawned and p.exited.wait(30) and p.exit is not None and p.exit.exit_code == 6
+    assert (group / "cgroup.procs").read_text() == "0"
+    assert int((tmp_path / "out.log").read_text()) == p.pid
+    assert shim.read_exit(tmp_path / "exit") == 6
+    missing = program(tmp_path, ["no-such-program-xyz"], cgroup=group)
+    with pytest.raises(ProgramError, match="executable not found: no-such-program-xyz"):
+        missing.start(spawning)
+    nowhere = Process(["true"], cwd=tmp_path / "gone", env=dict(os.environ),
+                      stdout=tmp_path / "o", stderr=tmp_path / "e", cgroup=group)
+    with pytest.raises(ProgramError, match=r"working directory .* does not exist"):
+        nowhere.start(spawning)
