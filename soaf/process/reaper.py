@@ -259,19 +259,20 @@ class Reaper:
             log.exception("exit callback for pid %d failed", pid)
 
     def _spawner_event(self, spawner: Spawner) -> None:
-        """One message from the spawner: a program's exit, or (none) its end."""
-        event = spawner.read_event()
-        if event is None:
+        """Messages from the spawner: programs' exits, or (none) its end."""
+        events = spawner.read_events()
+        if events is None:
             self._spawner_died(spawner)
             return
-        pid, status = int(event["pid"]), int(event["status"])
-        usage = _rusage(float(event["utime"]), float(event["stime"]), int(event["maxrss"]))
-        with self._lock:
-            watched = self._spawned.pop(pid, None)
-            if watched is None:  # its spawn has not been answered yet
-                self._early[pid] = (status, usage)
-                return
-        self._call(watched[0], pid, status, usage)
+        for event in events:
+            pid, status = int(event["pid"]), int(event["status"])
+            usage = _rusage(float(event["utime"]), float(event["stime"]), int(event["maxrss"]))
+            with self._lock:
+                watched = self._spawned.pop(pid, None)
+                if watched is None:  # its spawn has not been answered yet
+                    self._early[pid] = (status, usage)
+                    continue
+            self._call(watched[0], pid, status, usage)
 
     def _spawner_died(self, spawner: Spawner) -> None:
         """The spawner is gone: its programs are the core's children now; a new one."""

@@ -228,8 +228,15 @@ class Process(GroupStopping):
                 self.pid = spawner.spawn(self.argv, cwd=self.cwd, env=self.env,
                                          stdout=self.stdout_path, stderr=self.stderr_path,
                                          exit_file=self.exit_file, cgroup=self.cgroup)
-            except SpawnerGone:
-                pass  # (a new one is being started) this one runs as below
+            except SpawnerGone:  # (a new one is being started)
+                # It may have started the program before it died: its pid is then in the
+                # exit file, and the program the core's child (it is not started twice).
+                self.pid = shim.running_pid(self.exit_file) if self.exit_file else None
+                if self.pid is not None:
+                    self.spawned = True
+                    self.usage.program_pid = self.pid
+                    reaper.watch_spawned(self.pid, self._reaped, self.exit_file, spawner)
+                    return self.pid
             except OSError as e:
                 raise ProgramError(self._why_not_started(e)) from e
             else:

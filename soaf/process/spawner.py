@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -48,7 +49,10 @@ class Spawner:
         self.events = events
         #: The spawner's own peak memory, which a program's rusage starts from.
         self.rss_kb = rss_kb
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # sending
+        self._reading = threading.Lock()
+        self._sent = self._received = 0
+        self._replies: dict[int, dict[str, Any]] = {}
         self.gone = False
 
     @classmethod
@@ -90,22 +94,25 @@ class Spawner:
     def spawn(self, argv: list[str], *, cwd: Path, env: dict[str, str], stdout: Path,
               stderr: Path, exit_file: Path | None, cgroup: Path | None) -> int:
         """The new program's pid; OSError as a direct spawn would raise it (its
-        ``filename`` the cwd when that was the problem); SpawnerGone if the spawner is."""
-        request = {"argv": argv, "cwd": str(Path(cwd).absolute()), "env": env,
-                   "stdout": str(Path(stdout).absolute()), "stderr": str(Path(stderr).absolute()),
-                   "exit_file": str(exit_file) if exit_file is not None else None,
-                   "cgroup": str(cgroup) if cgroup is not None else None}
+        ``filename`` the cwd when that was the problem); SpawnerGone if the spawner is.
+
+        Requests from many threads are sent without waiting for one another's replies, so
+        the spawner takes whatever has queued up each time it runs."""
+        request = {"argv": argv, "cwd": os.path.abspath(cwd), "env": env,
+                   "stdout": os.path.abspath(stdout), "stderr": os.path.abspath(stderr),
+                   "exit_file": os.path.abspath(exit_file) if exit_file is not None else None,
+                   "cgroup": os.fspath(cgroup) if cgroup is not None else None}
         with self._lock:
             if self.gone:
                 raise SpawnerGone
+            self._sent += 1
+            mine = self._sent
             try:
                 spawnserver.send(self.requests, request)
-                reply: dict[str, Any] | None = spawnserver.receive(self.requests)
             except OSError:
-                reply = None
-            if reply is None:
                 self.gone = True
-                raise SpawnerGone
+                raise SpawnerGone from None
+        reply = self._reply(mine)
         if "pid" in reply:
             self.rss_kb = int(reply.get("rss", self.rss_kb))
             return int(reply["pid"])
@@ -114,12 +121,39 @@ class Spawner:
             raise OSError(code, reply.get("strerror") or os.strerror(code), str(cwd))
         raise OSError(code, reply.get("strerror") or os.strerror(code), argv[0])
 
-    def read_event(self) -> dict[str, Any] | None:
-        """The next exit (reaper thread), or None once the spawner is gone."""
+    def _reply(self, mine: int) -> dict[str, Any]:
+        """The reply to request number ``mine``. Replies come in the order of the
+        requests: whichever waiting thread holds the reading lock reads them and leaves
+        each for the thread that asked."""
+        with self._reading:
+            while mine not in self._replies:
+                if self.gone:
+                    raise SpawnerGone
+                try:
+                    reply = spawnserver.receive(self.requests)
+                except (OSError, ValueError):
+                    reply = None
+                if reply is None:
+                    self.gone = True
+                    raise SpawnerGone
+                self._received += 1
+                self._replies[self._received] = reply
+            return self._replies.pop(mine)
+
+    def read_events(self) -> list[dict[str, Any]] | None:
+        """The exits sent so far (reaper thread; it waits for one), or None once the
+        spawner is gone."""
+        events: list[dict[str, Any]] = []
         try:
-            return spawnserver.receive(self.events)
+            while True:
+                event = spawnserver.receive(self.events)
+                if event is None:
+                    return events or None
+                events.append(event)
+                if not select.select([self.events], [], [], 0)[0]:
+                    return events
         except (OSError, ValueError):
-            return None
+            return events or None
 
     def close(self, wait: float = 0.5) -> None:
         """Let it go: it ends once its programs have; reaped if it does within ``wait``."""

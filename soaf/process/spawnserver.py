@@ -75,10 +75,24 @@ def shell_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _resolve(name: str, env: dict[str, str]) -> str:
-    """The file to execute for ``name``, searched in the program's own PATH."""
+_FOUND: dict[tuple[str, str], str] = {}
+
+
+def _resolve(name: str, env: dict[str, str], *, again: bool = False) -> str:
+    """The file to execute for ``name``, searched in the program's own PATH (remembered:
+    a core spawns the same few programs over and over; ``again`` searches anew)."""
     if "/" in name:
         return name
+    key = (name, env.get("PATH", ""))
+    if not again and key in _FOUND:
+        return _FOUND[key]
+    if len(_FOUND) > 1000:
+        _FOUND.clear()
+    _FOUND[key] = found = _search(name, env)
+    return found
+
+
+def _search(name: str, env: dict[str, str]) -> str:
     fallback = None
     for directory in os.get_exec_path(env):
         path = os.path.join(directory or ".", name)
@@ -105,15 +119,11 @@ class Server:
         except OSError as e:
             return {"errno": e.errno, "strerror": e.strerror, "cwd": True}
         try:
-            path = _resolve(m["argv"][0], m["env"])
-            if m.get("cgroup"):
-                pid = self._fork_into(path, m)
-            else:
-                pid = os.posix_spawn(path, m["argv"], m["env"], file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, m["stdout"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666),
-                    (os.POSIX_SPAWN_OPEN, 2, m["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666),
-                ], setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS)
+            try:
+                pid = self._start(_resolve(m["argv"][0], m["env"]), m)
+            except (FileNotFoundError, PermissionError, NotADirectoryError):
+                again = _resolve(m["argv"][0], m["env"], again=True)  # moved, or gone?
+                pid = self._start(again, m)
         except OSError as e:
             return {"errno": e.errno, "strerror": e.strerror}
         self.leaders[pid] = m.get("exit_file") or ""
@@ -123,6 +133,15 @@ class Server:
         if self.spawned % 64 == 0:
             self.hwm = peak_kb()
         return {"pid": pid, "rss": self.hwm}
+
+    def _start(self, path: str, m: dict[str, Any]) -> int:
+        if m.get("cgroup"):
+            return self._fork_into(path, m)
+        return os.posix_spawn(path, m["argv"], m["env"], file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, m["stdout"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666),
+            (os.POSIX_SPAWN_OPEN, 2, m["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666),
+        ], setsid=True, setsigmask=(), setsigdef=_DEFAULT_SIGNALS)
 
     @staticmethod
     def _fork_into(path: str, m: dict[str, Any]) -> int:
@@ -223,7 +242,7 @@ class Server:
                 except BlockingIOError:
                     pass
             self.reap()
-            if core and self.requests in ready:
+            while core and self.requests in ready:  # every request queued up meanwhile
                 try:
                     message = receive(self.requests)
                 except OSError:
@@ -233,7 +252,7 @@ class Server:
                     self.events = None
                 else:
                     send(self.requests, self.spawn(message))
-                    os.chdir("/")
+                    ready, _, _ = select.select([self.requests], [], [], 0)
             if not core and not _has_children():
                 return
 
