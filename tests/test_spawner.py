@@ -44,28 +44,23 @@ def test_start_failures_through_the_spawner_in_plain_words(tmp_path, spawning, s
 
 
 def test_a_spawned_program_leads_its_group_and_its_exit_is_kept(tmp_path, spawning):
-    p = program(tmp_path, [sys.executable, "-c", textwrap.dedent("""
-        import os, sys, time
-        hold = bytearray(30 * 1024 * 1024)
-        for i in range(0, len(hold), 4096):
-            hold[i] = 1
-        end = time.process_time() + 0.3
-        while time.process_time() < end:
-            pass
-        print(os.getpgid(0), os.getsid(0), os.getppid(), sys.stdin.read() == "", flush=True)
-        sys.exit(7)
-    """)])
+    burner = str(ROOT / "tests" / "programs" / "burner.py")
+    p = program(tmp_path, ["sh", "-c", 'echo $$ $(ps -o pgid= -o sid= -o ppid= -p $$); '
+                           f'cat; exec {sys.executable} {burner} 0.3 30; exit 7'])
     p.start(spawning)
     assert p.spawned and not p.shimmed and p.program_pid == p.pid  # no shim in between
     assert p.exited.wait(30) and p.exit is not None
-    assert p.exit.exit_code == 7 and p.exit.cpu_time >= 0.25
+    assert p.exit.exit_code == 0 and p.exit.cpu_time >= 0.25
     assert p.exit.max_rss_kb is not None and p.exit.max_rss_kb >= 30 * 1024  # from rusage
-    pgid, sid, ppid, empty = (tmp_path / "out.log").read_text().split()
-    assert int(pgid) == int(sid) == p.pid and empty == "True"
-    assert spawning.spawner is not None and int(ppid) == spawning.spawner.pid
+    pid, pgid, sid, ppid = (int(w) for w in (tmp_path / "out.log").read_text().split())
+    assert pid == pgid == sid == p.pid  # it leads its own session and group; stdin was empty
+    assert spawning.spawner is not None and ppid == spawning.spawner.pid
     code, cpu, rss = shim.read_exit_usage(tmp_path / "exit")  # type: ignore[misc]
-    assert code == 7 and cpu == pytest.approx(p.exit.cpu_time, abs=0.02)
-    assert rss >= 30 * 1024 and shim.read_exit(tmp_path / "exit") == 7
+    assert code == 0 and cpu == pytest.approx(p.exit.cpu_time, abs=0.02)
+    assert rss >= 30 * 1024 and shim.read_exit(tmp_path / "exit") == 0
+    failed = program(tmp_path, ["sh", "-c", "exit 7"])
+    failed.start(spawning)
+    assert failed.exited.wait(30) and failed.exit is not None and failed.exit.exit_code == 7
     killed = program(tmp_path, ["sh", "-c", "kill -TERM $$"])
     killed.start(spawning)
     assert killed.exited.wait(30) and killed.exit is not None
