@@ -49,6 +49,8 @@ def test_a_spawned_program_leads_its_group_and_its_exit_is_kept(tmp_path, spawni
                            f'cat; exec {sys.executable} {burner} 0.3 30; exit 7'])
     p.start(spawning)
     assert p.spawned and not p.shimmed and p.program_pid == p.pid  # no shim in between
+    # the spawner may run above its programs' priority, never they: theirs is the core's
+    assert os.getpriority(os.PRIO_PROCESS, p.pid) == os.getpriority(os.PRIO_PROCESS, 0)
     assert p.exited.wait(30) and p.exit is not None
     assert p.exit.exit_code == 0 and p.exit.cpu_time >= 0.25
     assert p.exit.max_rss_kb is not None and p.exit.max_rss_kb >= 30 * 1024  # from rusage
