@@ -44,7 +44,6 @@ from soaf.plugin.reloader import Reloader
 from soaf.plugin.versions import PluginVersions
 from soaf.process import cgroup
 from soaf.process.reaper import Reaper, become_subreaper, raise_open_files_limit
-from soaf.process.spawner import Spawner
 from soaf.protocol.connection import connect, redact
 from soaf.protocol.keys import Keys
 from soaf.protocol.replies import Entry, hash_of
@@ -116,8 +115,7 @@ class Core:
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphans of programs go to PID 1")
         raise_open_files_limit()
-        # Its programs are spawned by a spawner of its own, which outlives a killed core.
-        self.reaper = Reaper(spawners=Spawner.start)
+        self.reaper = Reaper.with_spawner()  # its programs' parent outlives a killed core
         self.reloader = Reloader(
             self.loader, debounce=s.reload_debounce, poll=s.reload_poll, watch=s.reload_watch,
             timeout=s.reload_timeout, on_result=lambda ok: self._publish_versions(),

@@ -100,6 +100,12 @@ class Reaper:
         #: Ends what finished programs left outside their groups (soaf.process.lineage).
         self.lineages = LineageSweeper(self.children, parents=self._parents)
 
+    @classmethod
+    def with_spawner(cls) -> Reaper:
+        """A reaper whose programs are spawned by a spawner (soaf.process.spawner), which
+        outlives a killed core; under the shim when no spawner can be started."""
+        return cls(spawners=Spawner.start)
+
     def watch(self, pid: int, callback: ExitCallback) -> None:
         """Call ``callback(pid, status, rusage)`` from the reaper thread when ``pid`` exits.
 
