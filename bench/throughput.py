@@ -13,6 +13,7 @@ and prints Redis commands per service (from INFO commandstats).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -61,11 +62,27 @@ def redis_cpu(r: redis.Redis) -> float:
 
 
 def process_cpu(pid: int) -> tuple[float, float]:
-    """(CPU seconds of the process itself, of its reaped children), from /proc."""
+    """(CPU seconds of the process itself, of its children: the reaped ones, and the live
+    ones with theirs, such as the core's spawner, the parent of its programs), from /proc."""
+    own, reaped = _stat_cpu(pid)
+    for child in _children(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            reaped += sum(_stat_cpu(child))
+    return own, reaped
+
+
+def _stat_cpu(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return ((int(fields[11]) + int(fields[12])) / tick,
             (int(fields[13]) + int(fields[14])) / tick)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def breakdown(before: dict[str, int], after: dict[str, int], n: int) -> str:

@@ -7,6 +7,7 @@ prefix. Cores run as real ``start_core.py`` processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -264,8 +265,13 @@ def client(redis_server: RedisServer, prefix: str) -> Iterator[Any]:
 
 
 def crash(core, client, ids: list[str]) -> None:
-    """kill -9 a core and the process groups of its programs: what a machine crash does
-    (no program is left to adopt, no exit status is written)."""
+    """kill -9 a core, its spawner and the process groups of its programs: what a machine
+    crash does (no program is left to adopt, no exit status is written)."""
+    from soaf.process.lineage import direct_children
+
+    for child in direct_children(core.proc.pid):  # its spawner first: it writes exit files
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
     groups = []
     for sid in ids:
         record = client.status(sid)

@@ -36,14 +36,17 @@ def run(tmp_path: Path, reaper: Reaper, argv: list[str], **kw) -> Exit:
     return p.exit
 
 
-@pytest.mark.parametrize("setup, argv, cwd, expected", [
+START_FAILURES = [
     (None, ["./nope"], None, "executable not found: ./nope"),
     ("noexec", ["./script.sh"], None, "permission denied running ./script.sh (is it executable?)"),
     ("dir", ["./adir"], None, "./adir is a directory, not a program"),
     ("noshebang", ["./binary"], None, "is not a program this machine can run"),
     (None, ["true"], "missing", "does not exist"),
     ("file", ["true"], "afile", "is not a directory"),
-])
+]
+
+
+@pytest.mark.parametrize("setup, argv, cwd, expected", START_FAILURES)
 def test_start_failures_in_plain_words(tmp_path, reaper, setup, argv, cwd, expected):
     if setup == "noexec":
         (tmp_path / "script.sh").write_text("#!/bin/sh\necho hi\n")

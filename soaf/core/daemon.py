@@ -115,7 +115,7 @@ class Core:
         if not become_subreaper():
             log.warning("cannot become a child subreaper; orphans of programs go to PID 1")
         raise_open_files_limit()
-        self.reaper = Reaper()
+        self.reaper = Reaper.with_spawner()  # its programs' parent outlives a killed core
         self.reloader = Reloader(
             self.loader, debounce=s.reload_debounce, poll=s.reload_poll, watch=s.reload_watch,
             timeout=s.reload_timeout, on_result=lambda ok: self._publish_versions(),

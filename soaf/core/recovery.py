@@ -46,13 +46,7 @@ from soaf.core.routing import entry_ref, holders, own_pending, queue_service, st
 from soaf.core.runtable import RunTable
 from soaf.plugin.loader import Registry
 from soaf.process import shim
-from soaf.process.identity import (
-    ProcIdentity,
-    find_by_marker,
-    started_ago,
-    stop_group,
-    verified,
-)
+from soaf.process.identity import ProcIdentity, started_ago, stop_group, verified
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.replies import Entry, Pending, hash_of, pending, text
 from soaf.protocol.scripts import RECLAIM, TAKEOVER_LUA
@@ -263,7 +257,7 @@ class Recovery:
             else:
                 # Ended while no core watched it: the shim left its status, or it never
                 # ran, or the shim died with it and how it ended is unknown: re-run then.
-                code = shim.read_exit(Path(journal.exit_file)) if journal.exit_file else None
+                code = shim.read_exit(Path(journal.exit_file), wait=2) if journal.exit_file else None
                 if code is None:
                     return False
                 kwargs["returncode"] = code
@@ -384,14 +378,15 @@ def _inside(root: Path, work_dir: str) -> bool:
 
 
 def _identity(journal: Journal) -> ProcIdentity | None:
-    """The journal's program, or (spawned but not yet journaled) the live shim whose
-    command line names this attempt's exit file, a path no other process has. Either
-    way verified here (soaf.process.identity.verified): its group is read from /proc."""
+    """The journal's program, or (spawned but not yet journaled) the live shim or program
+    its exit file leads to (soaf.process.shim.find_program). Either way verified here
+    (soaf.process.identity.verified): its group is read from /proc."""
     if journal.process:
         identity = journal.identity
         return verified(identity) if identity is not None else None
     if journal.exit_file and "prepared" in journal.steps:
-        found = [v for p in find_by_marker(journal.exit_file) if (v := verified(p)) is not None]
+        found = [v for p in shim.find_program(journal.exit_file, journal.run_token)
+                 if (v := verified(p)) is not None]
         if found:
             journal.shimmed = True
             ago = started_ago(found[0])

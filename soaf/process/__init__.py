@@ -1,4 +1,5 @@
-"""One operating-system process: spawn, reap, stop, adopt, the exit shim, process identity.
+"""One operating-system process: spawn (through the core's spawner), reap, stop, adopt, the exit
+shim, process identity.
 
 Knows no Redis: everything here acts on this machine only.
 """

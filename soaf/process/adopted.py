@@ -1,7 +1,9 @@
 """A running program this core did not spawn: one a killed core of this node left running.
 
 It is not this core's child, so it is watched through a pidfd (its exit status, which only
-a parent learns, is read from the shim's exit file, soaf.process.shim), and stopped the
+a parent learns, is read from the exit file its spawner, soaf.process.spawnserver, or its
+shim, soaf.process.shim, writes; the spawner's tells its CPU time and peak memory too), and
+stopped the
 same way as a spawned program (soaf.process.stop), only ever after verifying pid and
 start time (soaf.process.identity).
 """
@@ -24,6 +26,9 @@ from soaf.process.spawn import Exit, group_rss_kb
 from soaf.process.stop import GroupStop, GroupStopping
 
 log = logging.getLogger(__name__)
+
+#: Seconds to wait for the spawner to write the exit file of a program that has ended.
+EXIT_FILE_WAIT = 2.0
 
 
 class AdoptedProcess(GroupStopping):
@@ -57,10 +62,14 @@ class AdoptedProcess(GroupStopping):
         # Whatever the leader left in its group goes with it, as for a core's own child.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.identity.pgid, signal.SIGKILL)
-        code = shim.read_exit(self.exit_file) if self.exit_file is not None else None
-        if code is not None:
+        # (its spawner, if alive, writes the file a moment after reaping it)
+        ended = shim.wait_exit(self.exit_file, EXIT_FILE_WAIT) if self.exit_file else None
+        if ended is not None:
+            code, cpu, rss = ended
             self.exit = Exit(returncode=code, wall_time=time.time() - self.running_at,
-                             cpu_time=0.0, max_rss_kb=0)
+                             cpu_time=cpu or 0.0, max_rss_kb=rss or 0, usage_known=cpu is not None)
+        else:
+            log.warning("adopted pid %d ended; no exit status in %s", self.pid, self.exit_file)
         self.exited.set()
         for callback in self._on_exit:
             try:

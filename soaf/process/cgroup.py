@@ -7,8 +7,9 @@ allocates between two looks. Where the kernel can enforce the limit instead, it 
 with ``Delegate=yes``). Then ``Cgroups.prepare`` moves the core into a leaf of its own
 (``soaf-core``: a cgroup with processes cannot hand controllers down) and enables the
 memory controller for its children; each program with a memory limit then runs in a
-cgroup of its own (``create``) with ``memory.max``, which its shim enters before it
-starts the program (soaf.process.shim), and ``oom_killed`` reads ``memory.events`` to
+cgroup of its own (``create``) with ``memory.max``, which the program enters before it
+is executed (its spawner's child does so, soaf.process.spawnserver, or its shim,
+soaf.process.shim), and ``oom_killed`` reads ``memory.events`` to
 tell a kill by that limit. Elsewhere (cgroup v1, or a hierarchy owned by the host) soaf
 polls, and ``detect`` says why. No Redis here.
 """

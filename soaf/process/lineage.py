@@ -199,7 +199,7 @@ class _Census:
                 below = known[pid][1]
             for p in chain:  # a zombie's token cannot be read: it has none here
                 stat = new[p]
-                token = _token_of(p) if below and not stat.exited else None
+                token = token_of(p) if below and not stat.exited else None
                 known[p] = (stat.start_time, below, token)
             return below
 
@@ -213,7 +213,8 @@ class _Census:
         self._known, self.members = known, members
 
 
-def _token_of(pid: int) -> bytes | None:
+def token_of(pid: int) -> bytes | None:
+    """The run token in ``pid``'s environment, if any (None: none, or unreadable)."""
     try:
         environ = (_PROC / str(pid) / "environ").read_bytes()
     except OSError:
@@ -334,8 +335,8 @@ class RunLineage:
 class LineageSweeper:
     """Ends what finished runs left behind, for all runs of a core, in one thread.
 
-    An escapee is reparented to the core (a child subreaper) once its parent dies, so
-    after a run's program has ended, its leftovers are among the core's direct children
+    An escapee is reparented to the core or its spawner (child subreapers) once its parent
+    dies, so after a run's program has ended, its leftovers are among their direct children
     that are not running programs (``known``), carrying the run's token. One look at
     the core's children every ``interval`` serves every run that ended meanwhile; only a
     run with such a child, or with processes seen while it ran, gets the full
@@ -343,8 +344,12 @@ class LineageSweeper:
     and a run that left nothing costs the core nothing per run.
     """
 
-    def __init__(self, known: Callable[[], set[int]], *, interval: float = 0.25) -> None:
+    def __init__(self, known: Callable[[], set[int]], *, interval: float = 0.25,
+                 parents: Callable[[], list[int]] | None = None) -> None:
+        """``known``: the running programs; ``parents``: the processes orphans are
+        handed to (the core, and its spawner: soaf.process.spawner)."""
         self.known = known
+        self.parents = parents or (lambda: [os.getpid()])
         self.interval = interval
         self._lock = threading.Lock()
         self._ended: list[RunLineage] = []
@@ -381,7 +386,10 @@ class LineageSweeper:
             ended, self._ended = self._ended, []
         if not ended:
             return 0
-        carriers = {token for pid in direct_children(os.getpid()) - self.known()
-                    if (token := _token_of(pid)) is not None}
+        children: set[int] = set()
+        for parent in self.parents():
+            children |= direct_children(parent)
+        carriers = {token for pid in children - self.known()
+                    if (token := token_of(pid)) is not None}
         return sum(lineage.end() for lineage in ended
                    if lineage.seen or lineage.anywhere or lineage.token.encode() in carriers)

@@ -1,10 +1,15 @@
 """Reaping: one thread that collects every program's exit, and what its group leaves behind.
 
-One ``Reaper`` thread waits for every child through pidfds, so an exit is recorded the
-moment it happens, with its resource usage. The core is made a child subreaper, so a
-program's orphaned children become the core's children; the reaper kills what is left of
-a group when its leader exits and reaps those orphans too, so no process and no zombie
-outlives a service.
+One ``Reaper`` thread learns every program's exit the moment it happens, with its resource
+usage: from the core's spawner (soaf.process.spawner), which is the parent of the programs
+it spawned, reaps them and their orphans, and sends their exits; and through pidfds for
+the core's own children (programs spawned under the shim when there is no spawner). The
+core is made a child subreaper, so a program's orphaned children become the core's
+children; the reaper kills what is left of a group when its leader exits and reaps those
+orphans too, so no process and no zombie outlives a service. Should the spawner die, its
+programs become the core's children too: the reaper watches them through pidfds from
+then on (an exit the spawner reaped but could not send is read from the exit file), and
+starts a new spawner.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from soaf.process import shim
 from soaf.process.lineage import LineageSweeper
+from soaf.process.spawner import Spawner
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +74,22 @@ class Reaper:
     """One thread that reaps every child it is told about (through pidfds), and the
     orphans left in their process groups."""
 
-    def __init__(self) -> None:
+    def __init__(self, spawners: Callable[[], Spawner | None] | None = None) -> None:
+        """``spawners``: starts a spawner (now, and again should one die); None: none."""
+        self._spawners = spawners
+        #: The spawner programs are spawned by (None: the core spawns them itself).
+        self.spawner = spawners() if spawners is not None else None
+        self._spawned: dict[int, tuple[ExitCallback, Path | None]] = {}
+        self._early: dict[int, tuple[int, resource.struct_rusage]] = {}
+        self._ready: list[tuple[int, ExitCallback, tuple[int, resource.struct_rusage]]] = []
+        self._exit_files: dict[int, Path] = {}
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        if self.spawner is not None:
+            self._selector.register(self.spawner.events, selectors.EVENT_READ, self.spawner)
         self._pending: list[tuple[int, ExitCallback]] = []
         self._live: set[int] = set()  # groups whose leader runs
         self._dead: dict[int, float] = {}  # groups whose leader exited -> when
@@ -80,7 +98,13 @@ class Reaper:
         self._thread = threading.Thread(target=self._run, name="soaf-reaper", daemon=True)
         self._thread.start()
         #: Ends what finished programs left outside their groups (soaf.process.lineage).
-        self.lineages = LineageSweeper(self.children)
+        self.lineages = LineageSweeper(self.children, parents=self._parents)
+
+    @classmethod
+    def with_spawner(cls) -> Reaper:
+        """A reaper whose programs are spawned by a spawner (soaf.process.spawner), which
+        outlives a killed core; under the shim when no spawner can be started."""
+        return cls(spawners=Spawner.start)
 
     def watch(self, pid: int, callback: ExitCallback) -> None:
         """Call ``callback(pid, status, rusage)`` from the reaper thread when ``pid`` exits.
@@ -88,6 +112,24 @@ class Reaper:
         ``pid`` must lead its own process group (``start_new_session``)."""
         with self._lock:
             self._pending.append((pid, callback))
+        self._wake()
+
+    def watch_spawned(self, pid: int, callback: ExitCallback, exit_file: Path | None,
+                      spawner: Spawner) -> None:
+        """Call ``callback(pid, status, rusage)`` from the reaper thread when ``spawner``
+        reports that ``pid`` exited (or, should the spawner be gone, when the core reaps
+        it, or finds its end in ``exit_file``)."""
+        with self._lock:
+            early = self._early.pop(pid, None)
+            if early is not None:
+                self._ready.append((pid, callback, early))
+            elif spawner is self.spawner:
+                self._spawned[pid] = (callback, exit_file)
+                return
+            else:  # that spawner died meanwhile: the program is the core's child now
+                if exit_file is not None:
+                    self._exit_files[pid] = exit_file
+                self._pending.append((pid, callback))
         self._wake()
 
     def _wake(self) -> None:
@@ -98,7 +140,7 @@ class Reaper:
         """The pids this reaper was told about and has not reaped yet (running programs'
         leaders, or ones about to be watched)."""
         with self._lock:
-            pending = {pid for pid, _ in self._pending}
+            pending = {pid for pid, _ in self._pending} | set(self._spawned)
         for _ in range(3):  # the reaper thread may change the set while it is copied
             try:
                 return set(self._live) | pending
@@ -106,11 +148,19 @@ class Reaper:
                 continue
         return pending | set(list(self._live))
 
+    def _parents(self) -> list[int]:
+        """Where a program's orphans go: to the core, and to its spawner."""
+        spawner = self.spawner
+        return [os.getpid()] if spawner is None else [os.getpid(), spawner.pid]
+
     def close(self) -> None:
         self.lineages.close()
         self._stopping = True
         self._wake()
         self._thread.join(timeout=2)
+        spawner, self.spawner = self.spawner, None
+        if spawner is not None:
+            spawner.close()
 
     def _run(self) -> None:
         """Reap until closed. An error of one round (no file descriptor left for a pidfd,
@@ -136,12 +186,18 @@ class Reaper:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
                 continue
+            if isinstance(key.data, Spawner):
+                self._spawner_event(key.data)
+                continue
             pid, callback = key.data
             if self._reap(pid, callback):
                 self._selector.unregister(key.fd)
                 os.close(key.fd)
         with self._lock:
             pending, self._pending = self._pending, []
+            ready, self._ready = self._ready, []
+        for pid, callback, (status, usage) in ready:
+            self._call(callback, pid, status, usage)
         for i, (pid, callback) in enumerate(pending):
             self._live.add(pid)
             try:
@@ -178,6 +234,10 @@ class Reaper:
             got, status, usage = os.wait4(pid, 0 if block else os.WNOHANG)
         except ChildProcessError:
             got, status, usage = pid, 0, None
+            exit_file = self._exit_files.pop(pid, None)
+            ended = shim.read_exit_usage(exit_file) if exit_file is not None else None
+            if ended is not None:  # a dead spawner reaped it; its exit file says how
+                status, usage = _as_status(ended[0]), _rusage(ended[1] or 0.0, 0.0, ended[2] or 0)
         if got == 0:
             return False
         # Whatever the leader left behind in its group goes with it: no stray processes.
@@ -192,11 +252,56 @@ class Reaper:
             self._sweep_dead(pid)
             if pid in self._dead:
                 time.sleep(0.002)
+        self._exit_files.pop(pid, None)
+        self._call(callback, pid, status, usage)
+        return True
+
+    @staticmethod
+    def _call(callback: ExitCallback, pid: int, status: int,
+              usage: resource.struct_rusage | None) -> None:
         try:
             callback(pid, status, usage)
         except Exception:
             log.exception("exit callback for pid %d failed", pid)
-        return True
+
+    def _spawner_event(self, spawner: Spawner) -> None:
+        """Messages from the spawner: programs' exits, or (none) its end."""
+        events = spawner.read_events()
+        if events is None:
+            self._spawner_died(spawner)
+            return
+        for event in events:
+            pid, status = int(event["pid"]), int(event["status"])
+            usage = _rusage(float(event["utime"]), float(event["stime"]), int(event["maxrss"]))
+            with self._lock:
+                watched = self._spawned.pop(pid, None)
+                if watched is None:  # its spawn has not been answered yet
+                    self._early[pid] = (status, usage)
+                    continue
+            self._call(watched[0], pid, status, usage)
+
+    def _spawner_died(self, spawner: Spawner) -> None:
+        """The spawner is gone: its programs are the core's children now; a new one."""
+        self._selector.unregister(spawner.events)
+        with self._lock:
+            if self.spawner is spawner:
+                self.spawner = None
+        spawner.close(wait=5.0)  # reaped: its children have been handed to the core
+        if self._stopping:
+            return
+        log.warning("the spawner (pid %d) ended; its programs are watched by the core",
+                    spawner.pid)
+        with self._lock:
+            moved, self._spawned = self._spawned, {}
+            for pid, (callback, exit_file) in moved.items():
+                if exit_file is not None:
+                    self._exit_files[pid] = exit_file
+                self._pending.append((pid, callback))
+        new = self._spawners() if self._spawners is not None else None
+        if new is not None:
+            self._selector.register(new.events, selectors.EVENT_READ, new)
+            with self._lock:
+                self.spawner = new
 
     def _sweep_dead(self, pgid: int) -> None:
         """Reap the killed members of a group whose leader is gone, until none is left."""
@@ -225,3 +330,13 @@ class Reaper:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.si_pid, 0)
                 self.orphans_reaped += 1
+
+
+def _rusage(utime: float, stime: float, maxrss: int) -> resource.struct_rusage:
+    """A rusage as ``wait4`` gives it, from what the spawner sent (or the exit file kept)."""
+    return resource.struct_rusage((utime, stime, maxrss) + (0,) * 13)
+
+
+def _as_status(returncode: int) -> int:
+    """A wait status for ``returncode`` (negative: killed by that signal)."""
+    return -returncode if returncode < 0 else (returncode & 0xFF) << 8

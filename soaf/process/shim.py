@@ -1,5 +1,9 @@
 """The exit-status shim: a few lines of ``sh`` between the core and a program, so that the
-program's exit status survives the death of the core.
+program's exit status survives the death of the core; and reading an attempt's exit file.
+
+A core normally spawns its programs through its spawner (soaf.process.spawnserver), which
+is their parent and writes their exit files itself; the shim is the way when there is no
+spawner (it could not be started, or has just died).
 
 Only a process's parent learns its exit status. A core that is killed leaves its programs
 running with nobody to report how they ended, so every program is started as
@@ -25,9 +29,12 @@ import os
 import shutil
 import signal
 import stat
+import time
 from pathlib import Path
 
 from soaf.errors import ProgramError
+from soaf.process.identity import ProcIdentity, find_by_marker
+from soaf.process.lineage import token_of
 
 #: The shim's $0, also how ``ps`` shows it.
 NAME = "soaf-shim"
@@ -136,13 +143,71 @@ def decode(code: int) -> int:
     return code
 
 
-def read_exit(exit_file: Path) -> int | None:
-    """The program's returncode from its exit file, or None if the shim wrote none."""
+def read_exit(exit_file: Path, *, wait: float = 0.0) -> int | None:
+    """The program's returncode from its exit file, or None if none was written (yet);
+    ``wait``: seconds to give its spawner to write it (``wait_exit``)."""
+    ended = wait_exit(exit_file, wait) if wait else read_exit_usage(exit_file)
+    return ended[0] if ended is not None else None
+
+
+def read_exit_usage(exit_file: Path) -> tuple[int, float | None, int | None] | None:
+    """``(returncode, cpu_time, max_rss_kb)`` from an exit file, or None if it holds no
+    status (yet). The shim writes the shell's status only (its usage is then None); the
+    spawner (soaf.process.spawnserver) writes the same first line, then the exact
+    returncode, the CPU time and the peak memory it reaped the program with."""
+    return _parse(_read(exit_file))[0]
+
+
+def running_pid(exit_file: Path) -> int | None:
+    """The pid the spawner noted in the exit file when it spawned the program, while the
+    file holds no status yet."""
+    return _parse(_read(exit_file))[1]
+
+
+def _read(exit_file: Path) -> str:
     try:
-        text = exit_file.read_text().strip()
+        return exit_file.read_text()
     except OSError:
-        return None
+        return ""
+
+
+def _parse(text: str) -> tuple[tuple[int, float | None, int | None] | None, int | None]:
+    """(the status, if there is one; the running program's pid, if there is one)."""
+    lines = text.split("\n")
+    words = lines[0].split()
+    if len(words) == 2 and words[0] == "pid" and words[1].isdigit():
+        return None, int(words[1])
     try:
-        return decode(int(text))
+        code = decode(int(lines[0].strip()))
     except ValueError:
-        return None
+        return None, None  # nothing (yet)
+    try:
+        returncode, cpu, rss = lines[1].split()
+        return (int(returncode), float(cpu), int(rss)), None
+    except (IndexError, ValueError):
+        return (code, None, None), None
+
+
+def find_program(exit_file: str, token: str | None) -> list[ProcIdentity]:
+    """The live program of the attempt whose exit file is ``exit_file``, spawned but
+    perhaps not yet journaled: its shim, whose command line names the file, or the
+    program whose pid its spawner noted there, if its environment holds the run's
+    ``token`` (so a recycled pid is never taken)."""
+    found = find_by_marker(exit_file)
+    pid = running_pid(Path(exit_file))
+    if not found and pid is not None and token and token_of(pid) == token.encode():
+        identity = ProcIdentity.of(pid)
+        if identity is not None and identity.alive():
+            found.append(identity)
+    return found
+
+
+def wait_exit(exit_file: Path, timeout: float) -> tuple[int, float | None, int | None] | None:
+    """``read_exit_usage``, waiting up to ``timeout`` seconds while the file says the
+    program runs: its spawner writes the status a moment after the program has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ended, running = _parse(_read(exit_file))
+        if ended is not None or running is None or time.monotonic() > deadline:
+            return ended
+        time.sleep(0.01)

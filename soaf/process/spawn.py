@@ -5,11 +5,14 @@ its whole process group (a shell pipeline or forked workers included). Its exit,
 its resource usage, is recorded by the reaper (soaf.process.reaper) the moment it
 happens, whatever the service's callbacks are doing.
 
-What a program costs is the program's own, not its shim's (soaf.process.shim): the core's
-limit enforcer samples the group's resident memory and the program's CPU time from
-``/proc`` (``Process.rss_kb``), and the exit combines those samples with the shim's
-rusage, which holds the program's CPU time once the shim has reaped it, and its peak
-memory when that is above what the shim inherited from the core when it was forked.
+A program is spawned by the core's spawner (soaf.process.spawner), which is its parent and
+writes its exit file; without a spawner, the core spawns it itself, under the shim
+(soaf.process.shim) when it has an exit file. What a program costs is the program's own,
+not its shim's: the core's limit enforcer samples the group's resident memory and the
+program's CPU time from ``/proc`` (``Process.rss_kb``), and the exit combines those
+samples with its leader's rusage, which holds the program's CPU time, and its peak memory
+when that is above what the leader inherited from its parent (the spawner's size, which
+a posix_spawn'd child's peak starts from, or the core's, which the shim was forked with).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soaf.errors import ProgramError
+from soaf.process import shim
 from soaf.process.reaper import Reaper
+from soaf.process.spawner import SpawnerGone
 from soaf.process.stop import GroupStop, GroupStopping, killpg
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,9 @@ class Exit:
     wall_time: float
     cpu_time: float
     max_rss_kb: int | None  # None: not measured (it ended before its first sample)
+    #: False when the core is not the program's parent and nobody told it what the
+    #: program cost (an adopted program that ran under the shim).
+    usage_known: bool = True
 
     @property
     def exit_code(self) -> int | None:
@@ -115,8 +123,8 @@ class Usage:
         self.samples = 0
         self.program_cpu = 0.0  # the program's own and its children's, at the last sample
         self.shim_cpu = 0.0  # the shim's own (fork, sh), which rusage adds to the program's
-        #: The core's peak once the program was spawned, so at least the shim's own peak
-        #: (the core's memory when it forked), which the shim's rusage reports.
+        #: The parent's peak once the program was spawned (the spawner's, or the core's
+        #: that the shim was forked with), which the leader's rusage starts from.
         self.inherited_kb = 0
 
     def find(self, leader: int) -> int | None:
@@ -171,8 +179,16 @@ class Process(GroupStopping):
         stdout: Path,
         stderr: Path,
         shimmed: bool = False,
+        exit_file: Path | None = None,
+        cgroup: Path | None = None,
     ) -> None:
+        """``exit_file``: where the program's exit status is kept for a core that restarts
+        (by the spawner, else by the shim); ``cgroup``: the program runs in it."""
         self.argv = argv
+        self.exit_file = exit_file
+        self.cgroup = cgroup
+        #: True once the core's spawner started it (it is then the spawner's child).
+        self.spawned = False
         self.cwd = cwd
         self.env = env
         self.stdout_path = stdout
@@ -185,6 +201,11 @@ class Process(GroupStopping):
         self._on_exit: list[Callable[[Exit], None]] = []
         self._stop = GroupStop(self.signal_group, describe=lambda: f"pid {self.pid}")
         self.usage = Usage(shimmed=shimmed)
+
+    @property
+    def shimmed(self) -> bool:
+        """Whether it runs under the shim (then ``pid`` is the shim's)."""
+        return self.usage.shimmed
 
     @property
     def program_pid(self) -> int | None:
@@ -200,12 +221,44 @@ class Process(GroupStopping):
         """Spawn the program; ProgramError (in plain words) when it cannot start."""
         if not self.argv or not all(isinstance(a, str) for a in self.argv):
             raise ProgramError(f"command must be a non-empty list of strings, got {self.argv!r}")
+        spawner = reaper.spawner
+        if spawner is not None:
+            self.started_at = time.monotonic()
+            try:
+                self.pid = spawner.spawn(self.argv, cwd=self.cwd, env=self.env,
+                                         stdout=self.stdout_path, stderr=self.stderr_path,
+                                         exit_file=self.exit_file, cgroup=self.cgroup)
+            except SpawnerGone:  # (a new one is being started)
+                # It may have started the program before it died: its pid is then in the
+                # exit file, and the program the core's child (it is not started twice).
+                self.pid = shim.running_pid(self.exit_file) if self.exit_file else None
+                if self.pid is not None:
+                    self.spawned = True
+                    self.usage.program_pid = self.pid
+                    reaper.watch_spawned(self.pid, self._reaped, self.exit_file, spawner)
+                    return self.pid
+            except OSError as e:
+                raise ProgramError(self._why_not_started(e)) from e
+            else:
+                self.spawned = True
+                self.usage.program_pid = self.pid  # it leads its group: known at once
+                self.usage.inherited_kb = spawner.rss_kb
+                reaper.watch_spawned(self.pid, self._reaped, self.exit_file, spawner)
+                return self.pid
+        argv = self.argv
+        if self.exit_file is not None:  # under the shim, so that its exit outlives the core
+            try:
+                wrapped, self.usage.shimmed = shim.wrap(argv, cwd=self.cwd, env=self.env,
+                                                        exit_file=self.exit_file, cgroup=self.cgroup)
+                argv = wrapped  # type: ignore[assignment]
+            except ProgramError:  # it cannot start: the spawn below says why, in its words
+                self.usage.shimmed = False
         try:
             # O_APPEND: the output files may be trimmed at their head while the program runs.
             with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
                 self.started_at = time.monotonic()
                 self._popen = subprocess.Popen(
-                    self.argv,
+                    argv,
                     cwd=self.cwd,
                     env=self.env,
                     stdin=subprocess.DEVNULL,

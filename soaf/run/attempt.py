@@ -20,9 +20,10 @@ soaf.run.prepare's; ``prepare_input_file`` stages the inputs; after
 the attempt: ``failure: missing_outputs``).
 
 Its steps (built, prepared, running with the program's identity, exited, collected) go
-to the run's journal (soaf.run.journal), and the program runs under the shim
-(soaf.process.shim), which leaves its exit status in a file: a core restarted after a
-crash finishes the attempt from there (soaf.run.recovered) instead of running it again.
+to the run's journal (soaf.run.journal), and the program is spawned by the core's spawner
+(soaf.process.spawner; else it runs under the shim, soaf.process.shim), which leaves its
+exit status in a file: a core restarted after a crash finishes the attempt from there
+(soaf.run.recovered) instead of running it again.
 A spawned program and an adopted one end through the same path (``record_exit``,
 ``_ended``).
 """
@@ -40,7 +41,6 @@ from soaf.config import host_name
 from soaf.data import markers, workdir
 from soaf.errors import MissingOutputError, ProgramError, TransferStopped
 from soaf.plugin.service import Service
-from soaf.process import shim
 from soaf.process.identity import ProcIdentity
 from soaf.process.lineage import RUN_VAR, RunLineage, new_token
 from soaf.process.spawn import Exit, Process
@@ -149,19 +149,14 @@ class Attempt:
             journal.step("prepared", run_token=self.lineage.token)
             # Every process of the run carries its token, to be found and ended with it.
             env = {**env, RUN_VAR: self.lineage.token}
-            # The shim records the exit status in a file, for a core that restarts meanwhile.
-            try:
-                group = self.limits.enter_cgroup(self.host.engines.cgroups,
-                                                 f"{self.template.service_id}.{self.number}")
-                spawn_argv, self.shimmed = shim.wrap(argv, cwd=Path(cwd), env=env,
-                                                     exit_file=journal.exit_file, cgroup=group)
-            except ProgramError:  # it cannot start: the spawn below says why, in its words
-                spawn_argv, self.shimmed = argv, False
+            # The spawner (or the shim) records the exit status in a file, for a core that
+            # restarts meanwhile.
+            group = self.limits.enter_cgroup(self.host.engines.cgroups,
+                                             f"{self.template.service_id}.{self.number}")
             process = Process(
-                spawn_argv,  # type: ignore[arg-type]
+                argv,
                 cwd=Path(cwd), env=env, stdout=self.work_dir / STDOUT,
-                stderr=self.work_dir / STDERR, shimmed=self.shimmed,
-            )
+                stderr=self.work_dir / STDERR, exit_file=journal.exit_file, cgroup=group)
             outcome = self._spawn(process)
             if outcome.state == State.SUCCEEDED.value:
                 escape = outputs_escape(self.settings, self.work_dir, self.template)
@@ -190,6 +185,7 @@ class Attempt:
                 process.start(self.host.engines.reaper)
             except ProgramError as e:
                 return Outcome(State.FAILED.value, "start", str(e), {"failed_in": "start"})
+            self.shimmed = process.shimmed
             self.limits.started()
             self._keep_logs(process.stdout_path, process.stderr_path)
             self.process = process  # from here on the enforcer enforces the limits
@@ -204,7 +200,9 @@ class Attempt:
                        "shim_pid": process.pid if self.shimmed else None,
                        "command": self.argv if self.argv is not None else list(process.argv),
                        **self.host.journal_step(
-                           "running", save=True, shimmed=self.shimmed, running_at=now,
+                           # ``shimmed``: its exit file will say how it ended
+                           "running", save=True, shimmed=self.shimmed or process.spawned,
+                           running_at=now,
                            process=identity.to_dict() if identity else None)})
         return self._follow(process)
 
@@ -289,7 +287,7 @@ class Attempt:
         if exit is None and reason is None:
             return Outcome(State.FAILED.value, "exit_status",
                            "the program ended while its core was down and left no exit "
-                           "status (its shim was killed too)")
+                           "status (its spawner or shim was killed too)")
         if exit is None:  # stopped for a reason; the reason decides the outcome
             exit = Exit(returncode=-signal.SIGTERM, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
         limits = self.limits

@@ -107,14 +107,14 @@ def settle(outcome: Outcome, service: Service, handler: Any, *, progress_sets: i
 
 def exit_fields(exit: Exit | None, *, adopted: bool) -> dict[str, Any]:
     """The record's fields for a program's end; ``adopted``: this core is not its parent,
-    so its CPU time and peak memory are unknown."""
+    so its CPU time and peak memory are unknown unless its exit file told them."""
     values: dict[str, Any] = {"exited_at": time.time()}
     if adopted:
         values.update(cpu_time=None, max_rss_kb=None, exit_status_known=exit is not None)
     if exit is not None:
         values.update(exit_code=exit.exit_code, signal=exit.signal,
                       wall_time=round(exit.wall_time, 6))
-        if not adopted:
+        if not adopted or exit.usage_known:
             values.update(cpu_time=round(exit.cpu_time, 6), max_rss_kb=exit.max_rss_kb)
     return values
 

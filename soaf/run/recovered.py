@@ -6,7 +6,8 @@ the same attempt, when the journal (soaf.run.journal) says how far it got:
 
 * ``adopt``: the program still runs (verified by pid *and* start time). It is not this
   core's child, so it is watched through a pidfd, and its exit status is read from the
-  shim's exit file (soaf.process.shim) once it ends. The handler is a new instance:
+  exit file its spawner (soaf.process.spawnserver, which outlives the core) or its shim
+  (soaf.process.shim) writes once it ends. The handler is a new instance:
   ``before_watch_callback`` runs again (``service.recovered`` is True), then
   ``file_change_callback`` as usual, and ``after_watch_callback`` once at the end;
 * ``collect``: the program has ended while no core was there; its status comes from the
@@ -19,9 +20,10 @@ the same attempt, when the journal (soaf.run.journal) says how far it got:
   soaf.core.recovery ends the attempt ``failed`` (failure ``plugin``, "the core died
   twice in after_watch_callback"), over any ``max_lost``.
 
-Lost for an adopted program: its CPU time and peak memory (only its parent could read
-them) and, where the shim was killed with it, its exit status (the run then fails with
-that reason).
+Lost for an adopted program: where it ran under the shim, its CPU time and peak memory
+(only its parent could read them; the spawner writes them in the exit file) and, where
+its spawner or shim was killed with it, its exit status (the run then fails with that
+reason).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from soaf.process import shim
 from soaf.process.adopted import AdoptedProcess
 from soaf.process.identity import ProcIdentity
 from soaf.process.lineage import RunLineage
@@ -151,7 +154,11 @@ class RecoveredAttempt(Attempt):
         if run.identity is not None:
             return self._collect(self._after_watch(self._adopt(run.identity)))
         code = run.returncode
-        self.collected_exit = (Exit(returncode=code, wall_time=0.0, cpu_time=0.0, max_rss_kb=0)
+        # The spawner's exit file also tells what it cost (the shim's does not).
+        ended = shim.read_exit_usage(Path(prev.exit_file)) if prev.exit_file else None
+        cpu, rss = ended[1:] if ended is not None and ended[0] == code else (None, None)
+        self.collected_exit = (Exit(returncode=code, wall_time=0.0, cpu_time=cpu or 0.0,
+                                    max_rss_kb=rss or 0, usage_known=cpu is not None)
                                if code is not None else None)
         self.record_exit()
         return self._collect(self._after_watch(self._outcome()))

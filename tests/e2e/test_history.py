@@ -88,8 +88,9 @@ def test_waiting_for_a_service_that_is_not_final_needs_a_core(start_core, embedd
     # the server the killed core left running is re-used, never stopped by a reader
     servers = redis_servers_on(Path(embedded_env["SOAF_STATE_DIR"]))
     assert len(servers) == 1
-    shim = json.loads(soaf(embedded_env, "status", sid, "--json").stdout)["shim_pid"]
-    os.killpg(os.getpgid(shim), 9)  # what a machine crash would have done to them all
+    status = json.loads(soaf(embedded_env, "status", sid, "--json").stdout)
+    leader = status.get("shim_pid") or status["pid"]  # its group's leader
+    os.killpg(os.getpgid(leader), 9)  # what a machine crash would have done to them all
     os.kill(servers[0], 9)
 
 

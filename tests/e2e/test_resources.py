@@ -30,10 +30,9 @@ def test_peak_memory_and_cpu_time_are_the_programs(start_core, client):
     assert 0 < small.get("max_rss_kb") < 10 * MIB, small
     assert small.get("cpu_time") < 0.05, small
     assert 0.5 <= burn.get("cpu_time") < 0.8, burn
-    # the record's pid is the program's, the shim's is kept beside it
+    # the record's pid is the program's: the spawner starts it, no shim stands between
     for record in (big, small):
-        assert record.get("pid") and record.get("shim_pid")
-        assert record.get("pid") != record.get("shim_pid")
+        assert record.get("pid") and record.get("shim_pid") is None
 
 
 def test_a_failure_ends_with_the_last_lines_of_stderr(start_core, client):
@@ -103,7 +102,7 @@ def test_status_shows_what_ran_what_it_cost_and_how_it_ended(start_core, client,
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert re.search(r"^command +\./steps\.sh 2 0\.2 0$", text, re.M), text
-    assert re.search(rf"^pid +{record.get('pid')} \(shim {record.get('shim_pid')}\)$", text, re.M)
+    assert re.search(rf"^pid +{record.get('pid')}$", text, re.M)  # its own (no shim)
     assert re.search(rf"^inputs +in\.txt +6 B +<- {re.escape(str(tmp_path))}/in\.txt$", text, re.M)
     sha = record.outputs[0]["sha256"][:16]
     assert re.search(rf"^outputs +step1\.txt +7 B +sha256 {sha} +-> {re.escape(str(target))}",

@@ -1,0 +1,230 @@
+"""The spawner with real processes: programs started through it, their exits and exit
+files, orphans it reaps, a core or a spawner killed -9, and the shim when it cannot start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from soaf.errors import ProgramError
+from soaf.process import shim
+from soaf.process.identity import read_stat
+from soaf.process.reaper import Reaper
+from soaf.process.spawn import Process
+from soaf.process.spawner import Spawner
+from tests import test_process
+from tests.conftest import ROOT, wait_until
+
+
+@pytest.fixture
+def spawning():
+    r = Reaper(spawners=Spawner.start)
+    assert r.spawner is not None
+    yield r
+    r.close()
+
+
+def program(tmp_path: Path, argv: list[str], **kw) -> Process:
+    return Process(argv, cwd=tmp_path, env=dict(os.environ), stdout=tmp_path / "out.log",
+                   stderr=tmp_path / "err.log", exit_file=tmp_path / "exit", **kw)
+
+
+@pytest.mark.parametrize("setup, argv, cwd, expected", test_process.START_FAILURES)
+def test_start_failures_through_the_spawner_in_plain_words(tmp_path, spawning, setup, argv,
+                                                           cwd, expected):
+    test_process.test_start_failures_in_plain_words(tmp_path, spawning, setup, argv, cwd, expected)
+    assert spawning.spawner is not None and not spawning.spawner.gone  # it serves on
+
+
+def test_a_spawned_program_leads_its_group_and_its_exit_is_kept(tmp_path, spawning):
+    burner = str(ROOT / "tests" / "programs" / "burner.py")
+    p = program(tmp_path, ["sh", "-c", 'echo $$ $(ps -o pgid= -o sid= -o ppid= -p $$); '
+                           f'cat; exec {sys.executable} {burner} 0.3 30; exit 7'])
+    p.start(spawning)
+    assert p.spawned and not p.shimmed and p.program_pid == p.pid  # no shim in between
+    # the spawner may run above its programs' priority, never they: theirs is the core's
+    assert os.getpriority(os.PRIO_PROCESS, p.pid) == os.getpriority(os.PRIO_PROCESS, 0)
+    assert p.exited.wait(30) and p.exit is not None
+    assert p.exit.exit_code == 0 and p.exit.cpu_time >= 0.25
+    assert p.exit.max_rss_kb is not None and p.exit.max_rss_kb >= 30 * 1024  # from rusage
+    pid, pgid, sid, ppid = (int(w) for w in (tmp_path / "out.log").read_text().split())
+    assert pid == pgid == sid == p.pid  # it leads its own session and group; stdin was empty
+    assert spawning.spawner is not None and ppid == spawning.spawner.pid
+    code, cpu, rss = shim.read_exit_usage(tmp_path / "exit")  # type: ignore[misc]
+    assert code == 0 and cpu == pytest.approx(p.exit.cpu_time, abs=0.02)
+    assert rss >= 30 * 1024 and shim.read_exit(tmp_path / "exit") == 0
+    failed = program(tmp_path, ["sh", "-c", "exit 7"])
+    failed.start(spawning)
+    assert failed.exited.wait(30) and failed.exit is not None and failed.exit.exit_code == 7
+    killed = program(tmp_path, ["sh", "-c", "kill -TERM $$"])
+    killed.start(spawning)
+    assert killed.exited.wait(30) and killed.exit is not None
+    assert killed.exit.signal == "SIGTERM" and shim.read_exit(tmp_path / "exit") == -15
+
+
+def test_a_double_forked_orphan_is_the_spawners_to_reap(tmp_path, spawning):
+    """A program whose child leaves its session and outlives it: the orphan is handed to
+    the spawner (a subreaper), which reaps it when it ends: no zombie is left."""
+    p = program(tmp_path, ["sh", "-c", "setsid sh -c 'sleep 1' & echo $! > orphan.pid; sleep 0.3"])
+    p.start(spawning)
+    assert p.exited.wait(30)
+    orphan = int((tmp_path / "orphan.pid").read_text())
+    stat = read_stat(orphan)
+    assert stat is not None and not stat.exited
+    assert spawning.spawner is not None and stat.ppid == spawning.spawner.pid
+    wait_until(lambda: read_stat(orphan) is None, 10, message="the orphan reaped")
+
+
+def test_the_shim_when_the_spawner_cannot_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # it exits before it is ready
+    reaper = Reaper(spawners=Spawner.start)
+    try:
+        assert reaper.spawner is None
+        p = program(tmp_path, ["sh", "-c", "exit 4"])
+        p.start(reaper)
+        assert p.shimmed and not p.spawned
+        assert p.exited.wait(30) and p.exit is not None and p.exit.exit_code == 4
+        assert shim.read_exit(tmp_path / "exit") == 4
+    finally:
+        reaper.close()
+
+
+def _as_a_core(tmp_path: Path, body: str) -> subprocess.Popen[str]:
+    """A process that plays the core (a subreaper with a reaper and a spawner)."""
+    script = textwrap.dedent(f"""
+        import json, os, signal, sys, time
+        from pathlib import Path
+        sys.path.insert(0, {str(ROOT)!r})
+        from soaf.process.reaper import Reaper, become_subreaper
+        from soaf.process.spawn import Process
+        from soaf.process.spawner import Spawner
+        assert become_subreaper()
+        reaper = Reaper(spawners=Spawner.start)
+        tmp = Path({str(tmp_path)!r})
+        def program(argv, name):
+            p = Process(argv, cwd=tmp, env=dict(os.environ), stdout=tmp / "o", stderr=tmp / "e",
+                        exit_file=tmp / name)
+            p.start(reaper)
+            return p
+    """) + textwrap.dedent(body)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+
+def test_a_killed_core_leaves_the_exit_and_its_cost_in_the_exit_file(tmp_path):
+    core = _as_a_core(tmp_path, """
+        p = program([sys.executable, "-c", "b = bytearray(20 << 20)\\n"
+                     "for i in range(0, len(b), 4096): b[i] = 1\\n"
+                     "import time; time.sleep(1); raise SystemExit(5)"], "exit")
+        print(json.dumps([p.pid, reaper.spawner.pid]), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert core.stdout is not None
+    pid, spawner = json.loads(core.stdout.readline())
+    assert core.wait(30) == -signal.SIGKILL
+    assert read_stat(pid) is not None  # the program runs on, without its core
+    wait_until(lambda: shim.read_exit(tmp_path / "exit") is not None, 30,
+               message="the exit file written")
+    code, cpu, rss = shim.read_exit_usage(tmp_path / "exit")  # type: ignore[misc]
+    assert code == 5 and cpu is not None and cpu > 0 and rss is not None and rss >= 20 * 1024
+    # its last child gone, the spawner ends too (reaped by whoever inherited it)
+    wait_until(lambda: (s := read_stat(spawner)) is None or s.exited, 30,
+               message="the spawner ended")
+
+
+def test_a_killed_spawner_loses_no_exit(tmp_path):
+    """kill -9 of the spawner while programs run: the core reaps them itself (they are
+    its children now), records their exits, and a new spawner takes the next ones."""
+    core = _as_a_core(tmp_path, """
+        slow = [program(["sh", "-c", f"sleep 1; exit {i}"], f"exit{i}") for i in (3, 4)]
+        old = reaper.spawner
+        os.kill(old.pid, signal.SIGKILL)
+        for p in slow:
+            assert p.exited.wait(30)
+        deadline = time.monotonic() + 30
+        while (reaper.spawner is None or reaper.spawner is old) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = program(["sh", "-c", "exit 6"], "exit6")
+        assert after.exited.wait(30)
+        print(json.dumps([[p.exit.exit_code for p in slow], after.exit.exit_code, after.spawned,
+                          reaper.spawner.pid != old.pid]), flush=True)
+        reaper.close()
+    """)
+    out, _ = core.communicate(timeout=120)
+    assert core.returncode == 0
+    assert json.loads(out) == [[3, 4], 6, True, True]
+    assert shim.read_exit(tmp_path / "exit6") == 6
+
+
+def test_exits_a_killed_spawner_had_not_reaped_are_the_cores(tmp_path):
+    """Programs that ended while their spawner was frozen, then killed: their zombies are
+    handed to the core (a subreaper), which reaps them and records how they ended."""
+    core = _as_a_core(tmp_path, """
+        old = reaper.spawner
+        quick = [program(["sh", "-c", f"sleep 0.3; exit {i}"], f"exit{i}") for i in (8, 9)]
+        os.kill(old.pid, signal.SIGSTOP)  # frozen: it can neither reap nor report
+        time.sleep(1)  # they have ended: zombies of the frozen spawner
+        assert not any(p.exited.is_set() for p in quick)
+        os.kill(old.pid, signal.SIGKILL)
+        for p in quick:
+            assert p.exited.wait(30)
+        print(json.dumps([p.exit.exit_code for p in quick]), flush=True)
+        reaper.close()
+    """)
+    out, _ = core.communicate(timeout=120)
+    assert core.returncode == 0
+    assert json.loads(out) == [8, 9]
+
+
+def test_an_exit_the_dead_spawner_reaped_is_read_from_its_file(tmp_path):
+    """The spawner reaped a program and wrote its exit file, but died before it sent the
+    exit: the core, which can no longer reap it, reads the file."""
+    pid = subprocess.Popen(["true"]).pid
+    os.waitpid(pid, 0)  # a pid that is nobody's child any more
+    (tmp_path / "exit").write_text("3\n3 0.25 4096\n")
+    reaper = Reaper()
+    got: list[tuple[int, int, object]] = []
+    try:
+        reaper.watch_spawned(pid, lambda *a: got.append(a), tmp_path / "exit",
+                             spawner=object())  # type: ignore[arg-type]  # a dead one
+        wait_until(lambda: got, 10, message="the exit reported")
+    finally:
+        reaper.close()
+    (_pid, status, usage), = got
+    assert os.waitstatus_to_exitcode(status) == 3
+    assert usage.ru_utime == 0.25 and usage.ru_maxrss == 4096  # type: ignore[attr-defined]
+
+
+def test_an_exit_written_by_the_spawner_reads_as_the_shims_did(tmp_path):
+    (tmp_path / "e").write_text("pid 123\n")
+    assert shim.read_exit(tmp_path / "e") is None and shim.running_pid(tmp_path / "e") == 123
+    (tmp_path / "e").write_text("143\n-15 0.5 2048\n")
+    assert shim.read_exit(tmp_path / "e") == -15
+    assert shim.read_exit_usage(tmp_path / "e") == (-15, 0.5, 2048)
+    (tmp_path / "e").write_text("143\n")  # the shim's: a signal, no usage
+    assert shim.read_exit_usage(tmp_path / "e") == (-15, None, None)
+
+
+def test_a_program_with_a_cgroup_enters_it_before_it_is_executed(tmp_path, spawning):
+    """(A plain directory stands for the cgroup: the child writes 0 to its cgroup.procs.)"""
+    group = tmp_path / "group"
+    group.mkdir()
+    p = program(tmp_path, ["sh", "-c", "echo $$; exit 6"], cgroup=group)
+    p.start(spawning)
+    assert p.spawned and p.exited.wait(30) and p.exit is not None and p.exit.exit_code == 6
+    assert (group / "cgroup.procs").read_text() == "0"
+    assert int((tmp_path / "out.log").read_text()) == p.pid
+    assert shim.read_exit(tmp_path / "exit") == 6
+    missing = program(tmp_path, ["no-such-program-xyz"], cgroup=group)
+    with pytest.raises(ProgramError, match="executable not found: no-such-program-xyz"):
+        missing.start(spawning)
+    nowhere = Process(["true"], cwd=tmp_path / "gone", env=dict(os.environ),
+                      stdout=tmp_path / "o", stderr=tmp_path / "e", cgroup=group)
+    with pytest.raises(ProgramError, match=r"working directory .* does not exist"):
+        nowhere.start(spawning)
