@@ -4,6 +4,7 @@ order once it is back, never twice; finals of a superseded attempt are not ackno
 from __future__ import annotations
 
 import threading
+import time
 
 from soaf.core.writer import StateWriter
 from soaf.protocol.connection import connect
@@ -56,4 +57,51 @@ def test_a_final_fenced_out_by_a_newer_attempt_is_not_acknowledged(redis_server,
     writer.put(Change("svc", 2, 7, {"state": "succeeded"}, ack=entry))
     assert writer.flush(10)
     assert r.xpending(keys.submit, GROUP)["pending"] == 0
+    writer.stop()
+
+
+def _record_calls(r) -> int:
+    stats = r.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
+
+
+def test_a_short_services_changes_go_in_one_call_with_its_final_state(redis_server, prefix):
+    r = redis_server.client()
+    keys = Keys(prefix)
+    r.xgroup_create(keys.submit, GROUP, id="0", mkstream=True)
+    entry = r.xadd(keys.submit, {"id": "svc"}).decode()
+    r.xreadgroup(GROUP, "core", {keys.submit: ">"})
+    writer = StateWriter(r, keys)
+    writer.hold = 60.0  # only the final state may send them
+    writer.start()
+    before = _record_calls(r)
+    for seq, state in enumerate(["building", "preparing", "running"], 1):
+        writer.put(Change("svc", 1, seq, {"state": state}))
+        time.sleep(0.02)  # as a run makes them: a writer that sent each would have by now
+    writer.put(Change("svc", 1, 4, {"exit_code": 0}))
+    writer.put(Change("svc", 1, 5, {"state": "succeeded"}, ack=entry))
+    wait_until(lambda: r.hget(keys.service("svc"), "state") == b'"succeeded"', 10,
+               message="the final state, sent without waiting for the hold")
+    assert _record_calls(r) - before == 1
+    events = [decode_event(d) for _, d in r.xrange(keys.events("svc"))]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]  # every change its own event
+    assert r.xpending(keys.submit, GROUP)["pending"] == 0
+    writer.stop()
+
+
+def test_changes_that_end_nothing_are_held_only_briefly(redis_server, prefix):
+    r = redis_server.client()
+    keys = Keys(prefix)
+    writer = StateWriter(r, keys)
+    writer.hold = 2.0
+    writer.start()
+    writer.put(Change("svc", 1, 1, {"state": "running"}))
+    writer.put(Change("svc", 1, 2, {"progress": 0.5}))
+    assert r.hget(keys.service("svc"), "progress") is None  # held: more may follow
+    wait_until(lambda: r.hget(keys.service("svc"), "progress") == b"0.5", 10,
+               message="held changes to go out once the hold is over")
+    assert r.xlen(keys.events("svc")) == 2
+    writer.put(Change("svc", 1, 3, {"progress": 0.75}))
+    assert writer.flush(1.0)  # a flush does not wait for the hold
+    assert r.hget(keys.service("svc"), "progress") == b"0.75"
     writer.stop()

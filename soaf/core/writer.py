@@ -15,6 +15,12 @@ as written only once that many replicas hold it. Until then the writer keeps the
 and sends it again, as through an outage: to the same master the record script skips
 what it has, and after a failover the new master gets what the old one acknowledged but
 never replicated. Fencing by (attempt, seq) makes the second send safe.
+
+A change that ends nothing waits up to ``HOLD`` for the ones that follow it: a short
+service's building, preparing, running and exit then go to Redis in the same script call
+as its final state, one call instead of one each. Every change keeps its own event; only
+the record's intermediate states show up those few milliseconds later. A final state, a
+change someone waits for (``on_written``) and a ``flush`` send everything at once.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class Writable(Protocol):
 BATCH = 500
 #: Longest pause between reconnection attempts, in seconds.
 MAX_BACKOFF = 5.0
+#: Seconds the first of a run of changes that end nothing may wait for more (see above).
+HOLD = 0.005
 
 
 class StateWriter:
@@ -64,6 +72,10 @@ class StateWriter:
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
+        self._flushing = 0  # threads in ``flush``: nothing is held back for them
+        self._urgent = False  # the queue holds a change to write now
+        self._since = 0.0  # when the oldest queued change was queued (monotonic)
+        self.hold = HOLD
         self.connected = True
         self.written = 0
         #: Times Redis came back after the writer lost it (the metrics' reconnects).
@@ -78,7 +90,15 @@ class StateWriter:
     def put(self, change: Change | Writable) -> None:
         if self.observe is not None and isinstance(change, Change):
             self.observe(change)
+        urgent = not isinstance(change, Change) or change.ack is not None \
+            or change.on_written is not None
         with self._cond:
+            if not self._queue:
+                self._since = time.monotonic()
+            elif not (urgent and not self._urgent):
+                self._queue.append(change)  # the writer is awake or wakes when due
+                return
+            self._urgent = self._urgent or urgent
             self._queue.append(change)
             self._cond.notify()
 
@@ -89,12 +109,23 @@ class StateWriter:
         """Wait until everything queued so far is written; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.05))
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                while self._queue or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(min(left, 0.05))
+            finally:
+                self._flushing -= 1
         return True
+
+    def _held(self) -> float:
+        """Seconds the queued changes may still wait for more (0: write them now)."""
+        if self._urgent or self._flushing or self._stopping or not self.connected:
+            return 0.0
+        return self._since + self.hold - time.monotonic()
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Write what is queued (up to ``timeout``) and stop; False if some was left."""
@@ -111,10 +142,15 @@ class StateWriter:
         backoff = 0.05
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue and self._stopping:
-                    return
+                while True:
+                    while not self._queue and not self._stopping:
+                        self._cond.wait()
+                    if not self._queue and self._stopping:
+                        return
+                    held = self._held()
+                    if held <= 0:
+                        break
+                    self._cond.wait(held)
                 batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
                 self._busy = True
             try:
@@ -151,6 +187,8 @@ class StateWriter:
             with self._cond:
                 for _ in batch:
                     self._queue.popleft()
+                # What is left was queued while this batch was written: it goes next.
+                self._urgent, self._since = False, 0.0
                 self._busy = False
                 self.written += len(batch)
                 self._cond.notify_all()
