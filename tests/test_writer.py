@@ -36,12 +36,18 @@ def test_changes_made_while_redis_is_down_are_written_in_order(own_redis, prefix
     writer.stop()
 
 
+def delivered_entry(r, keys: Keys, consumer: str) -> str:
+    """The id of a submit entry for "svc", delivered to ``consumer`` (pending)."""
+    r.xgroup_create(keys.submit, GROUP, id="0", mkstream=True)
+    entry = r.xadd(keys.submit, {"id": "svc"}).decode()
+    r.xreadgroup(GROUP, consumer, {keys.submit: ">"})
+    return entry
+
+
 def test_a_final_fenced_out_by_a_newer_attempt_is_not_acknowledged(redis_server, prefix):
     r = redis_server.client()
     keys = Keys(prefix)
-    r.xgroup_create(keys.submit, GROUP, id="0", mkstream=True)
-    entry = r.xadd(keys.submit, {"id": "svc"}).decode()
-    r.xreadgroup(GROUP, "new-owner", {keys.submit: ">"})
+    entry = delivered_entry(r, keys, "new-owner")
     r.hset(keys.service("svc"), mapping={"attempt": 2, "seq": 5})
     writer = StateWriter(r, keys)
     writer.start()
@@ -68,9 +74,7 @@ def _record_calls(r) -> int:
 def test_a_short_services_changes_go_in_one_call_with_its_final_state(redis_server, prefix):
     r = redis_server.client()
     keys = Keys(prefix)
-    r.xgroup_create(keys.submit, GROUP, id="0", mkstream=True)
-    entry = r.xadd(keys.submit, {"id": "svc"}).decode()
-    r.xreadgroup(GROUP, "core", {keys.submit: ">"})
+    entry = delivered_entry(r, keys, "core")
     writer = StateWriter(r, keys)
     writer.hold = 60.0  # only the final state may send them
     writer.start()
