@@ -87,6 +87,7 @@ class Change:
 
 
 _encode = json.JSONEncoder(default=str).encode
+_decode = json.JSONDecoder().decode
 
 
 def as_json(value: Any) -> str:
@@ -226,9 +227,9 @@ class ServiceRecord:
         custom: dict[str, Any] = {}
         for k, v in data.items():
             key = k.decode(errors="replace")
-            try:
-                value = json.loads(v)
-            except ValueError:
+            try:  # UTF-8 as written (json.loads would first guess the encoding)
+                value = _decode(v.decode())
+            except ValueError:  # not JSON (or not UTF-8): the text as it is
                 value = v.decode(errors="replace")
             if key.startswith(FIELD_PREFIX):
                 custom[key[len(FIELD_PREFIX):]] = value
