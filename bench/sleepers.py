@@ -89,10 +89,15 @@ def sleeping_programs(core: int) -> int:
 
 
 def kill_programs(work_root: Path) -> None:
-    """SIGKILL the groups of the programs a killed core left (their shims name the root)."""
+    """SIGKILL the groups of the programs a killed core left: those running in a work dir
+    under the root (or, under the shim, naming it)."""
+    root = str(work_root)
     for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
         try:
-            if name.isdigit() and str(work_root).encode() in Path(
+            cwd = os.readlink(f"/proc/{name}/cwd")
+            if cwd.startswith(root + "/") or root.encode() in Path(
                     f"/proc/{name}/cmdline").read_bytes():
                 os.killpg(int(name), signal.SIGKILL)
         except OSError:
@@ -124,7 +129,7 @@ def limits_report(n: int) -> list[str]:
              f"processes: pid_max {read('/proc/sys/kernel/pid_max')}, threads-max "
              f"{read('/proc/sys/kernel/threads-max')}, RLIMIT_NPROC "
              f"{'unlimited' if nproc == resource.RLIM_INFINITY else nproc}, cgroup pids.max "
-             f"{pids_max} (N services need 2N processes + N core threads: {3 * n})"]
+             f"{pids_max} (N services need N processes + N core threads: {2 * n})"]
     hard_n = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if hard_n < 2 * n + 50:
         lines.append(f"WARNING: the hard open-files limit is too low for {n} services")
