@@ -232,14 +232,9 @@ class Process(GroupStopping):
                 # It may have started the program before it died: its pid is then in the
                 # exit file, and the program the core's child (it is not started twice).
                 self.pid = shim.running_pid(self.exit_file) if self.exit_file else None
-                if self.pid is not None:
-                    self.spawned = True
-                    self.usage.program_pid = self.pid
-                    reaper.watch_spawned(self.pid, self._reaped, self.exit_file, spawner)
-                    return self.pid
             except OSError as e:
                 raise ProgramError(self._why_not_started(e)) from e
-            else:
+            if self.pid is not None:
                 self.spawned = True
                 self.usage.program_pid = self.pid  # it leads its group: known at once
                 self.usage.inherited_kb = spawner.rss_kb
