@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -209,6 +211,23 @@ def test_an_exit_written_by_the_spawner_reads_as_the_shims_did(tmp_path):
     assert shim.read_exit_usage(tmp_path / "e") == (-15, 0.5, 2048)
     (tmp_path / "e").write_text("143\n")  # the shim's: a signal, no usage
     assert shim.read_exit_usage(tmp_path / "e") == (-15, None, None)
+    (tmp_path / "e").write_text(f"pid 123 spawner {os.getpid()}\n")
+    assert shim.read_exit(tmp_path / "e") is None and shim.running_pid(tmp_path / "e") == 123
+
+
+def test_no_wait_for_an_exit_file_whose_spawner_is_dead(tmp_path):
+    """After a crash took the spawner too, a restarted core does not wait for each of its
+    programs' exit files; while the spawner lives, it does (it writes them a moment late)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "e").write_text(f"pid 123 spawner {gone.pid}\n")
+    started = time.monotonic()
+    assert shim.wait_exit(tmp_path / "e", 60) is None
+    assert time.monotonic() - started < 30  # not the whole minute
+    (tmp_path / "e").write_text(f"pid 123 spawner {os.getpid()}\n")
+    writer = threading.Timer(0.3, (tmp_path / "e").write_text, ["3\n3 0.1 100\n"])
+    writer.start()
+    assert shim.wait_exit(tmp_path / "e", 60) == (3, 0.1, 100)  # waited for it
 
 
 def test_a_program_with_a_cgroup_enters_it_before_it_is_executed(tmp_path, spawning):

@@ -164,6 +164,16 @@ def running_pid(exit_file: Path) -> int | None:
     return _parse(_read(exit_file))[1]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _read(exit_file: Path) -> str:
     try:
         return exit_file.read_text()
@@ -171,21 +181,23 @@ def _read(exit_file: Path) -> str:
         return ""
 
 
-def _parse(text: str) -> tuple[tuple[int, float | None, int | None] | None, int | None]:
-    """(the status, if there is one; the running program's pid, if there is one)."""
+def _parse(text: str) -> tuple[tuple[int, float | None, int | None] | None, int | None,
+                               int | None]:
+    """(the status, if there is one; the running program's pid and its spawner's, if the
+    file says it runs: ``pid N spawner M``)."""
     lines = text.split("\n")
     words = lines[0].split()
-    if len(words) == 2 and words[0] == "pid" and words[1].isdigit():
-        return None, int(words[1])
+    if words[:1] == ["pid"] and len(words) in (2, 4) and all(w.isdigit() for w in words[1::2]):
+        return None, int(words[1]), int(words[3]) if len(words) == 4 else None
     try:
         code = decode(int(lines[0].strip()))
     except ValueError:
-        return None, None  # nothing (yet)
+        return None, None, None  # nothing (yet)
     try:
         returncode, cpu, rss = lines[1].split()
-        return (int(returncode), float(cpu), int(rss)), None
+        return (int(returncode), float(cpu), int(rss)), None, None
     except (IndexError, ValueError):
-        return (code, None, None), None
+        return (code, None, None), None, None
 
 
 def find_program(exit_file: str, token: str | None) -> list[ProcIdentity]:
@@ -204,10 +216,14 @@ def find_program(exit_file: str, token: str | None) -> list[ProcIdentity]:
 
 def wait_exit(exit_file: Path, timeout: float) -> tuple[int, float | None, int | None] | None:
     """``read_exit_usage``, waiting up to ``timeout`` seconds while the file says the
-    program runs: its spawner writes the status a moment after the program has ended."""
+    program runs and the spawner that wrote so lives: it writes the status a moment after
+    the program has ended. A dead spawner writes nothing more: no wait then (a restart after
+    a crash would otherwise wait that long for each of its programs)."""
     deadline = time.monotonic() + timeout
     while True:
-        ended, running = _parse(_read(exit_file))
+        ended, running, spawner = _parse(_read(exit_file))
         if ended is not None or running is None or time.monotonic() > deadline:
             return ended
+        if spawner is not None and not _alive(spawner):
+            return _parse(_read(exit_file))[0]  # (it may have written just before it died)
         time.sleep(0.01)

@@ -10,8 +10,8 @@ and then, single-threaded:
   /dev/null, stdout and stderr appended to their files) and answers its pid, or the
   ``errno`` that stopped it (the core puts it in plain words). A program that runs in a
   cgroup of its own is forked, enters the cgroup, then is executed;
-* notes the pid in the attempt's exit file at once, so a core that dies before it has
-  journaled the program still finds it;
+* notes the pid (and its own) in the attempt's exit file at once, so a core that dies
+  before it has journaled the program still finds it;
 * reaps each program when it ends (``wait4``: status and rusage), kills what is left of its
   process group, writes its exit file (soaf.process.shim.read_exit reads it: the status, and
   the CPU time and peak memory a core that was down could not learn otherwise), and sends
@@ -146,7 +146,7 @@ class Server:
                 pass
         self.leaders[pid] = m.get("exit_file") or ""
         if self.leaders[pid]:
-            _write(self.leaders[pid], f"pid {pid}\n")
+            _write(self.leaders[pid], f"pid {pid} spawner {os.getpid()}\n")
         self.spawned += 1
         if self.spawned % 64 == 0:
             self.hwm = peak_kb()
