@@ -95,12 +95,13 @@ class StateWriter:
         with self._cond:
             if not self._queue:
                 self._since = time.monotonic()
-            elif not (urgent and not self._urgent):
-                self._queue.append(change)  # the writer is awake or wakes when due
-                return
+                wake = True
+            else:  # the writer is writing, or holds what is queued and wakes when it is due
+                wake = urgent and not self._urgent
             self._urgent = self._urgent or urgent
             self._queue.append(change)
-            self._cond.notify()
+            if wake:
+                self._cond.notify()
 
     def pending(self) -> int:
         return len(self._queue) + (1 if self._busy else 0)
