@@ -180,9 +180,9 @@ class Board:
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
-        #: Ids this client submitted while subscribed: the subscription (epoch) they were
-        #: submitted under, and whether a final note was heard about them since.
-        self._fresh: dict[str, tuple[int, bool]] = {}
+        #: Ids this client submitted under the current subscription (emptied whenever it
+        #: ends or is made again), and whether a final note was heard about them since.
+        self._fresh: dict[str, bool] = {}
         self.live = False
         self.epoch = 0
         self.failures = 0
@@ -239,7 +239,7 @@ class Board:
         sid, state = note["id"], note.get("state")
         state = state if isinstance(state, str) else None
         if state in FINAL_VALUES and sid in self._fresh:
-            self._fresh[sid] = (self._fresh[sid][0], True)
+            self._fresh[sid] = True
         return [w for w in self._by_id.get(sid, ()) if w.hear(sid, state)]
 
     def expect(self, service_id: str) -> None:
@@ -250,7 +250,7 @@ class Board:
             return
         if len(self._fresh) >= FRESH_MAX:  # a client that submits and never waits
             del self._fresh[next(iter(self._fresh))]
-        self._fresh[service_id] = (self.epoch, False)
+        self._fresh[service_id] = False
 
     def forget(self, service_id: str) -> None:
         """The submit of ``service_id`` failed (or may not have gone through): a wait
@@ -262,9 +262,8 @@ class Board:
         they are the caller's now), each with whether its final note was heard."""
         found: dict[str, bool] = {}
         for sid in ids:
-            if (known := self._fresh.pop(sid, None)) is not None \
-                    and known[0] == self.epoch and self.live:
-                found[sid] = known[1]
+            if (final := self._fresh.pop(sid, None)) is not None and self.live:
+                found[sid] = final
         return found
 
 
