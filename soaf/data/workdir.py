@@ -147,14 +147,5 @@ def _is_link(entry: os.DirEntry[str]) -> bool:
 
 
 def list_files(work_dir: Path) -> list[str]:
-    """Sorted paths of every regular file below ``work_dir``, relative to it."""
-    out: list[str] = []
-    base = str(work_dir)
-    cut = len(base) + 1
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
-        prefix = dirpath[cut:]
-        for name in filenames:
-            out.append(f"{prefix}/{name}" if prefix else name)
-    out.sort()
-    return out
+    """Sorted paths of every regular file below ``work_dir``, relative to it (``scan``'s)."""
+    return scan(str(work_dir))[2]
