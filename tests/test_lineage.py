@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from soaf.process import lineage as lineage_mod
+import pytest
+
+from soaf.process import census as census_mod
+from soaf.process.census import RUN_VAR, handed_out
 from soaf.process.identity import read_stat
-from soaf.process.lineage import RUN_VAR, RunLineage, new_token
+from soaf.process.lineage import RunLineage, new_token
 
 
 def spawn(token: str | None = None) -> subprocess.Popen:
@@ -42,8 +45,8 @@ def test_a_look_reads_only_the_processes_new_since_the_last(monkeypatch):
         lineage = RunLineage(new_token("svc", 1))
         lineage.observe(force=True)
         reads: list[int] = []
-        real = lineage_mod.read_stat
-        monkeypatch.setattr(lineage_mod, "read_stat", lambda pid: reads.append(pid) or real(pid))
+        real = census_mod.read_stat
+        monkeypatch.setattr(census_mod, "read_stat", lambda pid: reads.append(pid) or real(pid))
         proc = spawn(lineage.token)
         try:
             assert proc.pid in lineage.observe(force=True)
@@ -53,6 +56,39 @@ def test_a_look_reads_only_the_processes_new_since_the_last(monkeypatch):
             stop(proc)
     finally:
         stop(*others)
+
+
+def hand_out_next(pid: int) -> None:
+    """Make ``pid`` the next pid the kernel hands out (needs CAP_SYS_ADMIN)."""
+    try:
+        with open("/proc/sys/kernel/ns_last_pid", "w") as last:
+            last.write(str(pid - 1))
+    except OSError as exc:
+        pytest.skip(f"cannot choose the next pid here: {exc}")
+
+
+def test_a_pid_handed_out_again_between_two_looks_is_read_again():
+    lineage = RunLineage(new_token("svc", 1))
+    for _ in range(20):  # (another fork on the machine may take the pid first: try again)
+        other = spawn()  # not this run's
+        hand_out_next(other.pid)  # the kernel's cursor, gone round, is just below its pid
+        assert other.pid not in lineage.observe(force=True)
+        stop(other)
+        proc = spawn(lineage.token)  # its pid, handed out again: a process of this run
+        try:
+            if proc.pid == other.pid:
+                assert proc.pid in lineage.observe(force=True)
+                return
+        finally:
+            stop(proc)
+    pytest.fail("the kernel never handed the same pid out again")
+
+
+def test_the_pids_handed_out_between_two_marks_wrap_at_the_top_of_the_range():
+    assert handed_out(100, 103) == range(101, 104)
+    assert handed_out(7, 7) == range(8, 8)  # none
+    high, low = handed_out(32760, 5)
+    assert 32767 in high and 32760 not in high and 5 in low and 6 not in low
 
 
 def test_a_process_seen_alive_is_reaped_by_end_once_it_exited():

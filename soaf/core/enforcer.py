@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 #: Seconds between two passes over every service (timeouts act within this).
 DEFAULT_INTERVAL = 0.2
 #: A service with nothing due at a pass's precision (see ``relaxed``) is ticked on every
-#: this many passes only (0.8 s: under OBSERVE_INTERVAL, so its lineage misses no look
-#: at the core's descendants, soaf.process.lineage), spread over the passes.
+#: this many passes only (0.8 s: under soaf.process.census.OBSERVE_INTERVAL, so its
+#: lineage misses no look at the core's descendants), spread over the passes.
 RELAXED_EVERY = 4
 #: Seconds between two passes over the services whose program has a memory limit
 #: (``Supervised.fast``), so a fast allocator is caught early; the others cost nothing more.

@@ -30,19 +30,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from soaf.process.identity import Stat, read_stat
+from soaf.process.census import RUN_VAR, census, token_of
+from soaf.process.identity import read_stat
 
 log = logging.getLogger(__name__)
 
-#: The environment variable that marks a run's processes.
-RUN_VAR = "SOAF_RUN"
 #: Seconds ``end`` waits for the killed processes to be reaped.
 END_WAIT = 2.0
-#: Seconds between two looks at the core's descendants (``observe``): a process of a run
-#: that lives this long is seen.
-OBSERVE_INTERVAL = 1.0
-#: Seconds after which a look reads every process again, not only the new ones.
-FULL_LOOK_AFTER = 5.0
 
 _PROC = Path("/proc")
 
@@ -130,105 +124,6 @@ def _carries(pid: int, needle: bytes) -> int | None:
     return None
 
 
-class _Census:
-    """One shared look at the core's descendants and their run tokens, for all runs
-    together, taken at most every ``OBSERVE_INTERVAL`` seconds (each run picks up every
-    look: see ``RunLineage.observe``).
-
-    A look costs one listing of /proc plus what is new since the last one: a process's
-    parent, start time and token are read once, when it first appears. A pid listed in
-    two looks a second apart is the same process (the kernel hands pids out in turn, so
-    one comes back only after the whole pid range was used: tens of thousands of forks);
-    after a gap longer than ``FULL_LOOK_AFTER`` every process is read again. Its token is
-    read once in its life too (its initial environment changes only when it execs, and
-    an exec keeps the inherited token unless the program clears it)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._at = -1e9
-        self._root = -1
-        #: pid -> (start time, descends from the root, token) of every process listed.
-        self._known: dict[int, tuple[int, bool, bytes | None]] = {}
-        #: Counts the looks; a run compares it with the last look it picked up.
-        self.generation = 0
-        self.members: dict[bytes, list[tuple[int, int]]] = {}
-
-    def take(self, root: int, *, force: bool = False
-             ) -> tuple[int, dict[bytes, list[tuple[int, int]]]]:
-        """(generation, token -> [(pid, start time)]) of the processes below ``root`` seen
-        alive, as of the last look (a new one if that is ``OBSERVE_INTERVAL`` old, or
-        ``force``)."""
-        with self._lock:
-            now = time.monotonic()
-            if root != self._root or force or now - self._at >= OBSERVE_INTERVAL:
-                full = root != self._root or now - self._at > FULL_LOOK_AFTER
-                self._at, self._root = now, root
-                self._look(root, full=full)
-                self.generation += 1
-            return self.generation, self.members
-
-    def _look(self, root: int, *, full: bool) -> None:
-        try:
-            listed = {int(name) for name in os.listdir(_PROC) if name.isdigit()}
-        except OSError:
-            listed = set()
-        old = self._known
-        known = {} if full else {pid: old[pid] for pid in listed if pid in old}
-        new: dict[int, Stat] = {}
-        for pid in listed - known.keys():
-            stat = read_stat(pid)
-            if stat is not None:
-                new[pid] = stat
-
-        if root in new:
-            known[root] = (new[root].start_time, False, None)
-
-        def descends(pid: int) -> bool:
-            chain = []
-            while pid not in known:
-                stat = new.get(pid)
-                if stat is None:  # gone (or no /proc): not below the root
-                    below = False
-                    break
-                chain.append(pid)
-                if stat.ppid == root:
-                    below = True
-                    break
-                pid = stat.ppid
-            else:
-                below = known[pid][1]
-            for p in chain:  # a zombie's token cannot be read: it has none here
-                stat = new[p]
-                token = token_of(p) if below and not stat.exited else None
-                known[p] = (stat.start_time, below, token)
-            return below
-
-        for pid in new:
-            if pid not in known:
-                descends(pid)
-        members: dict[bytes, list[tuple[int, int]]] = {}
-        for pid, (start, below, token) in known.items():
-            if below and token is not None:
-                members.setdefault(token, []).append((pid, start))
-        self._known, self.members = known, members
-
-
-def token_of(pid: int) -> bytes | None:
-    """The run token in ``pid``'s environment, if any (None: none, or unreadable)."""
-    try:
-        environ = (_PROC / str(pid) / "environ").read_bytes()
-    except OSError:
-        return None
-    prefix = f"{RUN_VAR}=".encode()
-    for item in environ.split(b"\0"):
-        if item.startswith(prefix):
-            return item[len(prefix):]
-    return None
-
-
-_census = _Census()
-
-
 class RunLineage:
     """The processes of one run, found by its token among the core's descendants, or
     ``anywhere`` on the machine: a program a restarted core adopted, whose leftovers the
@@ -246,12 +141,12 @@ class RunLineage:
 
     def observe(self, *, force: bool = False) -> list[int]:
         """Remember the token's processes found by the shared census's latest look (a new
-        look once the last is ``OBSERVE_INTERVAL`` old, or ``force``); their pids, or []
-        when this run has picked that look up already. Cheap enough for every tick: a run
+        look once the last is a second old, or ``force``: soaf.process.census); their
+        pids, or [] when this run has picked that look up already. Cheap enough for every tick: a run
         called at least once per interval misses no look."""
         if self.anywhere:
             return []  # (a machine-wide scan is left to ``end``)
-        generation, members = _census.take(self.root, force=force)
+        generation, members = census.take(self.root, force=force)
         if generation == self._generation:
             return []
         self._generation = generation

@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 from soaf.errors import ProgramError
+from soaf.process.census import token_of
 from soaf.process.identity import ProcIdentity, find_by_marker
-from soaf.process.lineage import token_of
 
 #: The shim's $0, also how ``ps`` shows it.
 NAME = "soaf-shim"

@@ -41,8 +41,9 @@ from soaf.config import host_name
 from soaf.data import markers, workdir
 from soaf.errors import MissingOutputError, ProgramError, TransferStopped
 from soaf.plugin.service import Service
+from soaf.process.census import RUN_VAR
 from soaf.process.identity import ProcIdentity
-from soaf.process.lineage import RUN_VAR, RunLineage, new_token
+from soaf.process.lineage import RunLineage, new_token
 from soaf.process.spawn import Exit, Process
 from soaf.protocol.state import State
 from soaf.run.callbacks import FAILED, call_callback, callback_loop
