@@ -93,6 +93,33 @@ def test_a_short_services_changes_go_in_one_call_with_its_final_state(redis_serv
     writer.stop()
 
 
+def test_another_services_final_state_does_not_send_the_changes_held_for_a_service(
+        redis_server, prefix):
+    r = redis_server.client()
+    keys = Keys(prefix)
+    r.xgroup_create(keys.submit, GROUP, id="0", mkstream=True)
+    entries = {sid: r.xadd(keys.submit, {"id": sid}).decode() for sid in ("a", "b")}
+    r.xreadgroup(GROUP, "core", {keys.submit: ">"})
+    writer = StateWriter(r, keys)
+    writer.hold = 60.0
+    writer.start()
+    before = _record_calls(r)
+    writer.put(Change("a", 1, 1, {"state": "running"}))
+    writer.put(Change("b", 1, 1, {"state": "running"}))
+    writer.put(Change("b", 1, 2, {"state": "succeeded"}, ack=entries["b"]))
+    wait_until(lambda: r.hget(keys.service("b"), "state") == b'"succeeded"', 10,
+               message="b's final state, sent at once")
+    time.sleep(0.05)
+    assert r.hget(keys.service("a"), "state") is None  # still held: a has not ended
+    writer.put(Change("a", 1, 2, {"state": "failed"}, ack=entries["a"]))
+    wait_until(lambda: r.hget(keys.service("a"), "state") == b'"failed"', 10,
+               message="a's final state")
+    assert _record_calls(r) - before == 2  # one call per service
+    assert [decode_event(d)["seq"] for _, d in r.xrange(keys.events("a"))] == [1, 2]
+    assert r.xpending(keys.submit, GROUP)["pending"] == 0
+    writer.stop()
+
+
 def test_changes_that_end_nothing_are_held_only_briefly(redis_server, prefix):
     r = redis_server.client()
     keys = Keys(prefix)

@@ -19,8 +19,10 @@ never replicated. Fencing by (attempt, seq) makes the second send safe.
 A change that ends nothing waits up to ``HOLD`` for the ones that follow it: a short
 service's building, preparing, running and exit then go to Redis in the same script call
 as its final state, one call instead of one each. Every change keeps its own event; only
-the record's intermediate states show up those few milliseconds later. A final state, a
-change someone waits for (``on_written``) and a ``flush`` send everything at once.
+the record's intermediate states show up that much later (at most 0.1 s). A final state or a
+change someone waits for (``on_written``) sends its own service's changes at once, with
+every other service's that waited ``HOLD`` already (a busy core's final states do not
+cut the other services' runs of changes short); a ``flush`` sends everything.
 """
 
 from __future__ import annotations
@@ -54,7 +56,13 @@ BATCH = 500
 #: Longest pause between reconnection attempts, in seconds.
 MAX_BACKOFF = 5.0
 #: Seconds the first of a run of changes that end nothing may wait for more (see above).
-HOLD = 0.005
+HOLD = 0.1
+
+
+def _at_once(item: Change | Writable) -> bool:
+    """Whether ``item`` goes to Redis at once: a final state (it acknowledges its entry),
+    a change someone waits for, and whatever is not a change (log lines)."""
+    return not isinstance(item, Change) or item.ack is not None or item.on_written is not None
 
 
 class StateWriter:
@@ -68,7 +76,8 @@ class StateWriter:
             log.info("final states count as written once %d replica(s) hold them", replicas)
         self._keys = keys
         self._record_ttl = record_ttl
-        self._queue: collections.deque[Change | Writable] = collections.deque()
+        #: (when queued, item), in the order they were put.
+        self._queue: collections.deque[tuple[float, Change | Writable]] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
@@ -90,16 +99,16 @@ class StateWriter:
     def put(self, change: Change | Writable) -> None:
         if self.observe is not None and isinstance(change, Change):
             self.observe(change)
-        urgent = not isinstance(change, Change) or change.ack is not None \
-            or change.on_written is not None
+        urgent = _at_once(change)
+        now = time.monotonic()
         with self._cond:
             if not self._queue:
-                self._since = time.monotonic()
+                self._since = now
                 wake = True
             else:  # the writer is writing, or holds what is queued and wakes when it is due
                 wake = urgent and not self._urgent
             self._urgent = self._urgent or urgent
-            self._queue.append(change)
+            self._queue.append((now, change))
             if wake:
                 self._cond.notify()
 
@@ -124,9 +133,43 @@ class StateWriter:
 
     def _held(self) -> float:
         """Seconds the queued changes may still wait for more (0: write them now)."""
-        if self._urgent or self._flushing or self._stopping or not self.connected:
+        if self._urgent or not self._held_back():
             return 0.0
         return self._since + self.hold - time.monotonic()
+
+    def _take(self) -> list[Change | Writable]:
+        """Take the next batch off the queue (under the lock): everything, or while
+        holding only the services that have a change to send now or waited ``hold``."""
+        queue = self._queue
+        if not self._held_back():
+            first = [queue.popleft()[1] for _ in range(min(BATCH, len(queue)))]
+            self._settle()
+            return first
+        due = time.monotonic() - self.hold
+        send: set[tuple[str, int]] = set()
+        for at, item in queue:
+            if isinstance(item, Change) and (at <= due or _at_once(item)):
+                send.add((item.service_id, item.attempt))
+        batch: list[Change | Writable] = []
+        kept: collections.deque[tuple[float, Change | Writable]] = collections.deque()
+        for at, item in queue:
+            if len(batch) < BATCH and (not isinstance(item, Change)
+                                       or (item.service_id, item.attempt) in send):
+                batch.append(item)
+            else:
+                kept.append((at, item))
+        self._queue = kept
+        self._settle()
+        return batch
+
+    def _settle(self) -> None:
+        """Recompute, after the queue changed, when its oldest change is due."""
+        self._urgent = any(_at_once(item) for _, item in self._queue)
+        self._since = self._queue[0][0] if self._queue else 0.0
+
+    def _held_back(self) -> bool:
+        """Changes that end nothing may wait now (not while flushing, stopping or out)."""
+        return self.hold > 0 and not (self._flushing or self._stopping or not self.connected)
 
     def stop(self, timeout: float = 10.0) -> bool:
         """Write what is queued (up to ``timeout``) and stop; False if some was left."""
@@ -152,26 +195,23 @@ class StateWriter:
                     if held <= 0:
                         break
                     self._cond.wait(held)
-                batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+                batch = self._take()
                 self._busy = True
             try:
                 self._write(batch)
             except (redis.ConnectionError, redis.TimeoutError) as e:
-                with self._cond:
-                    self._busy = False
+                self._keep(batch)
                 if self.connected:
                     log.warning("Redis unreachable (%s); keeping %d state changes until it is back",
                                 e, len(self._queue))
                     self.connected = False
                 if self._stopping:
-                    with self._cond:
-                        return
+                    return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             except NotReplicated as e:
-                with self._cond:
-                    self._busy = False
+                self._keep(batch)
                 log.warning("keeping %d state changes to send again: %s", len(batch), e)
                 if self._stopping:
                     return
@@ -186,13 +226,16 @@ class StateWriter:
                 self.connected = True
             backoff = 0.05
             with self._cond:
-                for _ in batch:
-                    self._queue.popleft()
-                # What is left was queued while this batch was written: it goes next.
-                self._urgent, self._since = False, 0.0
                 self._busy = False
                 self.written += len(batch)
                 self._cond.notify_all()
+
+    def _keep(self, batch: list[Change | Writable]) -> None:
+        """A batch Redis did not take goes back to the front, to be sent first."""
+        with self._cond:
+            self._queue.extendleft((0.0, item) for item in reversed(batch))
+            self._settle()
+            self._busy = False
 
     def _finish(self, calls: list[tuple[list[Change], int]]) -> None:
         """Durable mode: finish the entries of final states once replicas hold them (the
