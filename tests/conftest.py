@@ -28,6 +28,13 @@ TESTS = Path(__file__).resolve().parent
 SECRET = "test-secret-" + "x" * 20
 
 
+def stream_events(r: redis.Redis, key: str) -> list[dict[str, Any]]:
+    """Every event in the event stream ``key``, in order (several may share an entry)."""
+    from soaf.protocol.state import decode_events
+
+    return [event for _, data in r.xrange(key) for event in decode_events(data)]
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
                message: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""

@@ -44,6 +44,17 @@ def test_positions_come_from_records_and_advance_with_each_read():
     assert f.streams() == {keys.events("b"): "7-0"}  # a is final: no longer followed
 
 
+def test_the_events_written_together_in_one_entry_are_read_in_order():
+    keys = Keys("p")
+    f = Follow(keys)
+    f.add("a", record("a", "building", "1-0"))
+    together = json.dumps([{"seq": 2, "state": "running"}, "not an event",
+                           {"seq": 3, "state": "succeeded"}, {"seq": 4, "progress": 1}])
+    got = f.feed([(keys.events("a").encode(), [(b"2-0", {b"data": together.encode()})])])
+    assert [(e["seq"], e["event_id"]) for _, e in got] == [(2, "2-0"), (3, "2-0")]
+    assert f.streams() == {}  # its final event was among them
+
+
 def test_deadline_and_block_length():
     clock = Clock()
     f = Follow(Keys(), timeout=1.5, clock=clock)

@@ -15,10 +15,10 @@ from soaf.protocol.state import (
     EVENTS_MAXLEN,
     FINAL_VALUES,
     Change,
-    decode_event,
     finish_call,
     record_call,
 )
+from tests.conftest import stream_events
 
 
 @pytest.fixture
@@ -70,8 +70,8 @@ def test_a_call_writes_every_event_one_hset_and_one_note(r, prefix):
                Change("svc", 1, 5, {"progress": 0.75, "f:x": [1]})]
     used = counted(r, lambda: record(r, keys, changes))
     assert record(r, keys, changes) == 0  # sent again: nothing twice
-    assert used == {"evalsha": 1, "hmget": 1, "xadd": 3, "hset": 1, "publish": 1}
-    events = [decode_event(d) for _, d in r.xrange(keys.events("svc"))]
+    assert used == {"evalsha": 1, "hmget": 1, "xadd": 1, "hset": 1, "publish": 1}
+    events = stream_events(r, keys.events("svc"))
     assert [e["seq"] for e in events] == [3, 4, 5] and events[0]["pid"] == 42
     stored = r.hgetall(keys.service("svc"))
     assert stored[b"state"] == b'"running"' and stored[b"progress"] == b"0.75"

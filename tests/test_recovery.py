@@ -22,8 +22,9 @@ from soaf.process.coremark import mark_core
 from soaf.process.identity import ProcIdentity, find_by_marker, stop_group
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.scripts import RECLAIM_LUA
-from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, decode_event
+from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES
 from soaf.run.journal import MAX_JOURNAL_BYTES, RunJournal, load, local_journals
+from tests.conftest import stream_events
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def test_lost_attempts_rerun_until_more_than_max_lost_are_lost(r, prefix):
         1, "lost", "dead", "SIGKILL", 42)
     verdict, state, attempt, _, _ = _reclaim(r, keys, "svc", "1-1", 1)
     assert (verdict, attempt) == (b"failed", 2)
-    events = [decode_event(d) for _, d in r.xrange(keys.events("svc"))]
+    events = stream_events(r, keys.events("svc"))
     assert [(e["state"], e["attempt"]) for e in events] == [
         ("lost", 1), ("building", 2), ("lost", 2), ("failed", 2)]
     assert events[-1]["error"].startswith("lost 2 times: the cores running it kept dying")
@@ -132,7 +133,7 @@ def test_reclaim_of_a_queued_or_duplicate_entry_marks_nothing_lost(r, prefix):
     _record(r, keys, "d", "1-1", "running", 1)
     assert _reclaim(r, keys, "d", "2-2", 1)[0] == b"duplicate"
     for sid in ("q", "d"):
-        states = [decode_event(d)["state"] for _, d in r.xrange(keys.events(sid))]
+        states = [e["state"] for e in stream_events(r, keys.events(sid))]
         assert "lost" not in states
 
 

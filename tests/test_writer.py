@@ -9,8 +9,8 @@ import time
 from soaf.core.writer import StateWriter
 from soaf.protocol.connection import connect
 from soaf.protocol.keys import GROUP, Keys
-from soaf.protocol.state import Change, decode_event
-from tests.conftest import wait_until
+from soaf.protocol.state import Change
+from tests.conftest import stream_events, wait_until
 
 
 def test_changes_made_while_redis_is_down_are_written_in_order(own_redis, prefix):
@@ -30,7 +30,7 @@ def test_changes_made_while_redis_is_down_are_written_in_order(own_redis, prefix
     assert writer.flush(30)
     assert writer.connected
     r = own_redis.client()
-    events = [decode_event(d) for _, d in r.xrange(keys.events("svc"))]
+    events = stream_events(r, keys.events("svc"))
     assert [e["seq"] for e in events] == list(range(1, 201))  # all, once, in order
     assert r.hget(keys.service("svc"), "progress") == b"1.0"
     writer.stop()
@@ -87,8 +87,9 @@ def test_a_short_services_changes_go_in_one_call_with_its_final_state(redis_serv
     wait_until(lambda: r.hget(keys.service("svc"), "state") == b'"succeeded"', 10,
                message="the final state, sent without waiting for the hold")
     assert _record_calls(r) - before == 1
-    events = [decode_event(d) for _, d in r.xrange(keys.events("svc"))]
+    events = stream_events(r, keys.events("svc"))
     assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]  # every change its own event
+    assert r.xlen(keys.events("svc")) == 1  # (in one stream entry)
     assert r.xpending(keys.submit, GROUP)["pending"] == 0
     writer.stop()
 
@@ -115,7 +116,7 @@ def test_another_services_final_state_does_not_send_the_changes_held_for_a_servi
     wait_until(lambda: r.hget(keys.service("a"), "state") == b'"failed"', 10,
                message="a's final state")
     assert _record_calls(r) - before == 2  # one call per service
-    assert [decode_event(d)["seq"] for _, d in r.xrange(keys.events("a"))] == [1, 2]
+    assert [e["seq"] for e in stream_events(r, keys.events("a"))] == [1, 2]
     assert r.xpending(keys.submit, GROUP)["pending"] == 0
     writer.stop()
 
@@ -131,7 +132,7 @@ def test_changes_that_end_nothing_are_held_only_briefly(redis_server, prefix):
     assert r.hget(keys.service("svc"), "progress") is None  # held: more may follow
     wait_until(lambda: r.hget(keys.service("svc"), "progress") == b"0.5", 10,
                message="held changes to go out once the hold is over")
-    assert r.xlen(keys.events("svc")) == 2
+    assert [e["seq"] for e in stream_events(r, keys.events("svc"))] == [1, 2]
     writer.put(Change("svc", 1, 3, {"progress": 0.75}))
     assert writer.flush(1.0)  # a flush does not wait for the hold
     assert r.hget(keys.service("svc"), "progress") == b"0.75"

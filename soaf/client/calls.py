@@ -41,7 +41,7 @@ from soaf.protocol.keys import DEFAULT_PREFIX, GROUP, Keys
 from soaf.protocol.queues import member, parse_member
 from soaf.protocol.scripts import Script
 from soaf.protocol.signed import sign_control
-from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_event
+from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES, ServiceRecord, decode_events
 from soaf.protocol.template import ServiceParamTemplate, new_service_id, validate_template
 
 #: Seconds a reading call keeps retrying while Redis cannot be reached.
@@ -217,11 +217,13 @@ def record_from(service_id: str, data: dict[bytes, bytes]) -> ServiceRecord | No
 
 def events_from(service_id: str, record: ServiceRecord | None,
                 entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[dict[str, Any]]:
-    """The events of an XRANGE reply, each with its ``event_id``; UnknownService when
-    there is neither an event nor a record."""
+    """The events of an XRANGE reply, each with its ``event_id`` (the events of one
+    write share their entry's); UnknownService when there is neither an event nor a
+    record."""
     if not entries and record is None:
         raise unknown(service_id)
-    return [{**decode_event(data), "event_id": raw_id.decode()} for raw_id, data in entries]
+    return [{**event, "event_id": raw_id.decode()}
+            for raw_id, data in entries for event in decode_events(data)]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 
 from soaf.errors import UnknownService, WaitTimeout
 from soaf.protocol.keys import Keys
-from soaf.protocol.state import FINAL_VALUES, ServiceRecord, decode_event
+from soaf.protocol.state import FINAL_VALUES, ServiceRecord, decode_events
 
 #: Longest single blocking read, in milliseconds; a wait is made of such reads.
 BLOCK_MS = 2000
@@ -106,10 +106,14 @@ class Follow:
             for raw_id, data in entries:
                 entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
                 self.positions[sid] = entry_id
-                event = decode_event(data)
-                event["event_id"] = entry_id
-                out.append((sid, event))
-                if event.get("state") in FINAL_VALUES:
+                final = False
+                for event in decode_events(data):
+                    event["event_id"] = entry_id
+                    out.append((sid, event))
+                    if event.get("state") in FINAL_VALUES:
+                        final = True
+                        break
+                if final:
                     self.positions.pop(sid, None)
                     break
         return out

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from soaf.client.follow import BLOCK_MS, READ_COUNT, Resp
 from soaf.errors import WaitTimeout
 from soaf.protocol.keys import Keys
-from soaf.protocol.state import FINAL_VALUES, ServiceRecord, decode_event
+from soaf.protocol.state import FINAL_VALUES, ServiceRecord, decode_events
 
 #: The streams a service's log stream holds: the program's two, and soaf's own notes
 #: (e.g. how much of a flood was not copied).
@@ -161,7 +161,7 @@ class LogFollow:
                 continue
             for raw_id, fields in entries:
                 self.events_position = raw_id.decode()
-                if decode_event(fields).get("state") in FINAL_VALUES:
+                if any(e.get("state") in FINAL_VALUES for e in decode_events(fields)):
                     self.final = True
         return out
 

@@ -78,7 +78,9 @@ class Keys:
         return f"{self.prefix}:svc:{{{service_id}}}"
 
     def events(self, service_id: str) -> str:
-        """Stream: every state change and field update of one service, for replay."""
+        """Stream: every state change and field update of one service, for replay (an
+        entry's ``data`` is one event or a JSON array of events written together:
+        soaf.protocol.state.decode_events)."""
         return f"{self.prefix}:ev:{{{service_id}}}"
 
     def log(self, service_id: str) -> str:

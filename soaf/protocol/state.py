@@ -270,10 +270,16 @@ def as_count(value: Any) -> int:
     return 0
 
 
-def decode_event(data: dict[bytes, bytes]) -> dict[str, Any]:
-    """The JSON body of one event stream entry."""
+def decode_events(data: dict[bytes, bytes]) -> list[dict[str, Any]]:
+    """The events in one entry of a service's event stream, in order.
+
+    An entry's ``data`` is one event (a JSON object) or, when the core wrote several
+    changes of a service in one go, a JSON array of them: one stream entry, and one Redis
+    command, per write instead of per event. Anything else (Redis is not trusted) is no
+    event."""
     try:
         body = json.loads(data[b"data"])
     except (KeyError, ValueError):
-        return {}
-    return body if isinstance(body, dict) else {}
+        return []
+    events = body if isinstance(body, list) else [body]
+    return [event for event in events if isinstance(event, dict)]

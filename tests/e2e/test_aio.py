@@ -10,6 +10,7 @@ import soaf.client.follow
 from soaf import AsyncClient, ServiceParamTemplate
 from soaf.errors import RedisUnavailable, UnknownService, WaitTimeout
 from soaf.protocol.keys import Keys
+from soaf.protocol.state import decode_events
 from tests.conftest import SECRET
 
 
@@ -52,14 +53,16 @@ def test_events_replay_and_live_match_the_stream(start_core, redis_server, prefi
             r = client.redis
             while await r.xlen(Keys(prefix).events(sid)) < 3:  # join while it runs
                 await asyncio.sleep(0.02)
-            late = [e["event_id"] async for e in client.events(sid, timeout=60)]
-            past = [e["event_id"] async for e in client.events(sid, follow=False)]
-            full = [raw.decode() for raw, _ in await r.xrange(Keys(prefix).events(sid))]
+            late = [(e["event_id"], e["seq"]) async for e in client.events(sid, timeout=60)]
+            past = [(e["event_id"], e["seq"]) async for e in client.events(sid, follow=False)]
+            full = [(raw.decode(), e["seq"]) for raw, data in
+                    await r.xrange(Keys(prefix).events(sid)) for e in decode_events(data)]
             lines = [line async for line in client.logs(sid)]
             return late, past, full, lines
 
     late, past, full, lines = run(main())
     assert late == past == full and len(full) > 6
+    assert [seq for _, seq in full] == list(range(1, len(full) + 1))
     assert lines == ["step 1", "step 2", "step 3", "step 4"]
 
 

@@ -25,6 +25,7 @@ from soaf.errors import (
     WaitTimeout,
 )
 from soaf.protocol.keys import Keys
+from soaf.protocol.state import decode_events
 from tests.blocking import flavours
 from tests.conftest import SECRET, wait_until
 from tests.test_tail import punch_head
@@ -173,7 +174,7 @@ def test_events_have_no_gap_or_duplicate_across_the_replay_live_edge(start_core,
     joiners = []
 
     def subscribe(k: int) -> None:
-        collected[k] = [e["event_id"] for e in client.events(sid, timeout=60)]
+        collected[k] = [(e["event_id"], e["seq"]) for e in client.events(sid, timeout=60)]
 
     # Subscribers join late, at different points of the run, while events keep coming.
     for k, after in enumerate((2, 4, 6, 9, 12)):
@@ -183,12 +184,14 @@ def test_events_have_no_gap_or_duplicate_across_the_replay_live_edge(start_core,
         joiners[-1].start()
     for thread in joiners:
         thread.join(60)
-    full = [raw.decode() for raw, _ in r.xrange(stream)]
-    assert len(full) > 12
+    full = [(raw.decode(), e["seq"]) for raw, data in r.xrange(stream)
+            for e in decode_events(data)]
+    assert len(full) > 12 and len({entry for entry, _ in full}) > 6
+    assert [seq for _, seq in full] == list(range(1, len(full) + 1))
     for k, ids in collected.items():
         assert ids == full, f"subscriber {k} saw a different stream"
     events = list(client.events(sid, follow=False))
-    assert [e["event_id"] for e in events] == full
+    assert [(e["event_id"], e["seq"]) for e in events] == full
     assert events[0]["state"] == "queued" and events[-1]["state"] == "succeeded"
 
 

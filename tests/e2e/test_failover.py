@@ -21,8 +21,8 @@ from soaf import Client, ServiceParamTemplate
 from soaf.errors import DuplicateService, RedisUnavailable
 from soaf.protocol.connection import connect
 from soaf.protocol.sentinel import parse
-from soaf.protocol.state import FINAL_VALUES, decode_event
-from tests.conftest import ROOT, SECRET, wait_until
+from soaf.protocol.state import FINAL_VALUES, decode_events
+from tests.conftest import ROOT, SECRET, stream_events, wait_until
 from tests.sentinels import MASTER_NAME, Sentinels, sentinels  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(300)
@@ -79,11 +79,11 @@ def test_durable_services_survive_a_failover(sentinels: Sentinels, start_core, p
     records = client.wait_all(ids, timeout=200)
     assert [r.state for r in records] == ["succeeded"] * len(ids), [  # all we know of them
         (i, r.service_id, r.state, r.error, r.get("failure"), r.get("attempts"),
-         [decode_event(f) for _, f in r_events(r.service_id)])
+         [e for _, f in r_events(r.service_id) for e in decode_events(f)])
         for i, r in enumerate(records) if r.state != "succeeded"]
     for sid in ids:  # exactly one final state in each service's history
-        finals = [e["state"] for e in map(decode_event, (f for _, f in r.xrange(
-            client.keys.events(sid)))) if e.get("state") in FINAL_VALUES]
+        finals = [e["state"] for e in stream_events(r, client.keys.events(sid))
+                  if e.get("state") in FINAL_VALUES]
         assert finals == ["succeeded"], (sid, finals)
     assert all(core.alive() for core in cores)
     assert all("final states count as written once 1 replica(s) hold them" in core.log()

@@ -182,13 +182,14 @@ end
 # record ttl, the final change's own ttl ('' none), k (entries to finish), k entry ids, then
 # per change: seq, event json, state ('' if none), n, then n field/value pairs.
 # Changes are applied in order; each one only if it is newer than the record (attempt
-# first, then seq). Each applied change appends its event; the record is written with one
-# HSET and the call publishes one note: the last seq applied and the newest state among
-# the changes. Returns the number applied, -1 when the attempt is stale (a newer attempt
-# took the service over: its entries are not finished), or -3 when the record is final
-# already (nothing more may change it: an attempt has one final state; its entry is done).
-# A tampered record is ended as failed (-3). Unless -1, the k entries are then finished
-# (_FINISH) in the same call.
+# first, then seq). The events of the applied changes go into one stream entry (its
+# ``data`` one event, or a JSON array of them: soaf.protocol.state.decode_events); the
+# record is written with one HSET and the call publishes one note: the last seq applied
+# and the newest state among the changes. Returns the number applied, -1 when the attempt
+# is stale (a newer attempt took the service over: its entries are not finished), or -3
+# when the record is final already (nothing more may change it: an attempt has one final
+# state; its entry is done). A tampered record is ended as failed (-3). Unless -1, the k
+# entries are then finished (_FINISH) in the same call.
 # The id is indexed again (ZADD NX) when its record has no ``submitted_at`` or one older
 # than the index-again time (the heartbeat drops ids older than the record ttl).
 RECORD_LUA = _FINISH + """
@@ -213,12 +214,12 @@ local function soaf_record(first)
     return 0
   end
   local i = first
-  local applied, evid, state, fields = 0, nil, nil, {}
+  local applied, state, fields, events = 0, nil, {}, {}
   while i <= #ARGV do
     local seq = tonumber(ARGV[i])
     local n = tonumber(ARGV[i + 3])
     if attempt > cur_attempt or seq > cur_seq then
-      evid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[i + 1])
+      events[#events + 1] = ARGV[i + 1]
       for j = i + 4, i + 3 + 2 * n do fields[#fields + 1] = ARGV[j] end
       if #fields > 2000 then  -- unpack has a limit
         redis.call('HSET', KEYS[1], unpack(fields))
@@ -232,6 +233,9 @@ local function soaf_record(first)
     i = i + 4 + 2 * n
   end
   if applied > 0 then
+    local data = events[1]
+    if applied > 1 then data = '[' .. table.concat(events, ',') .. ']' end
+    local evid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', data)
     for _, v in ipairs({'attempt', cur_attempt, 'seq', cur_seq, 'event_id', cjson.encode(evid)}) do
       fields[#fields + 1] = v
     end
