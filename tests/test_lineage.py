@@ -12,12 +12,17 @@ from soaf.process.census import RUN_VAR, handed_out
 from soaf.process.identity import read_stat
 from soaf.process.lineage import RunLineage, new_token
 
+SLEEPER = "print(flush=True); import time; time.sleep(60)"
+
 
 def spawn(token: str | None = None) -> subprocess.Popen:
+    """A sleeping child, returned once it runs (its exec over: its environment is set)."""
     env = dict(os.environ)
     if token is not None:
         env[RUN_VAR] = token
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER], env=env, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"\n"
+    return proc
 
 
 def stop(*procs: subprocess.Popen) -> None:
@@ -82,6 +87,27 @@ def test_a_pid_handed_out_again_between_two_looks_is_read_again():
         finally:
             stop(proc)
     pytest.fail("the kernel never handed the same pid out again")
+
+
+def test_a_process_whose_environment_read_empty_is_read_again_at_the_next_look():
+    # Between fork and the end of exec, /proc shows no environment: here a process with
+    # none at first, that then execs itself with the run's token.
+    lineage = RunLineage(new_token("svc", 1))
+    code = ("import os, sys; print(flush=True); token = sys.stdin.readline().strip(); "
+            f"os.execve(sys.executable, [sys.executable, '-c', {SLEEPER!r}], "
+            f"{{{RUN_VAR!r}: token}})")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == b"\n"
+        assert proc.pid not in lineage.observe(force=True)  # no environment: no token
+        proc.stdin.write(lineage.token.encode() + b"\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"\n"  # the same process, with the token now
+        assert proc.pid in lineage.observe(force=True)
+    finally:
+        stop(proc)
 
 
 def test_the_pids_handed_out_between_two_marks_wrap_at_the_top_of_the_range():

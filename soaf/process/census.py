@@ -32,17 +32,28 @@ OBSERVE_INTERVAL = 1.0
 _PROC = Path("/proc")
 
 
-def token_of(pid: int) -> bytes | None:
-    """The run token in ``pid``'s environment, if any (None: none, or unreadable)."""
+def environ_of(pid: int) -> bytes:
+    """``pid``'s initial environment as /proc shows it; b"" when unreadable, or while the
+    process is between fork and the end of its exec (the kernel sets the new image's
+    environment last: a parent's ``Popen`` may return before it is there)."""
     try:
-        environ = (_PROC / str(pid) / "environ").read_bytes()
+        return (_PROC / str(pid) / "environ").read_bytes()
     except OSError:
-        return None
+        return b""
+
+
+def token_in(environ: bytes) -> bytes | None:
+    """The run token in an environment as ``environ_of`` reads it, if any."""
     prefix = f"{RUN_VAR}=".encode()
     for item in environ.split(b"\0"):
         if item.startswith(prefix):
             return item[len(prefix):]
     return None
+
+
+def token_of(pid: int) -> bytes | None:
+    """The run token in ``pid``'s environment, if any (None: none, or unreadable)."""
+    return token_in(environ_of(pid))
 
 
 def last_pid() -> int | None:
@@ -86,7 +97,8 @@ class Census:
     together, taken at most every ``OBSERVE_INTERVAL`` seconds (each run picks up every
     look: see ``RunLineage.observe``). A process's token is read once in its life: its
     initial environment changes only when it execs, and an exec keeps the inherited token
-    unless the program clears it."""
+    unless the program clears it. One whose environment read empty (caught in the middle
+    of its exec, or started with none) is read again at the next look."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -97,6 +109,8 @@ class Census:
         self._lap = pid_range()
         #: pid -> (start time, descends from the root, token) of every process listed.
         self._known: dict[int, tuple[int, bool, bytes | None]] = {}
+        #: Processes below the root whose environment read empty: read again next look.
+        self._unread: set[int] = set()
         #: Counts the looks; a run compares it with the last look it picked up.
         self.generation = 0
         self.members: dict[bytes, list[tuple[int, int]]] = {}
@@ -132,12 +146,13 @@ class Census:
         old = self._known
         again = None if full else self._reused(_mark())
         self._mark = mark
+        unread, self._unread = self._unread, set()
         if again is None:
             known = {}
         else:
             spans = again if isinstance(again, tuple) else (again,)
-            known = {pid: old[pid] for pid in listed
-                     if pid in old and not any(pid in span for span in spans)}
+            known = {pid: old[pid] for pid in listed if pid in old and pid not in unread
+                     and not any(pid in span for span in spans)}
         new: dict[int, Stat] = {}
         for pid in listed - known.keys():
             stat = read_stat(pid)
@@ -163,7 +178,12 @@ class Census:
                 below = known[pid][1]
             for p in chain:  # a zombie's token cannot be read: it has none here
                 stat = new[p]
-                token = token_of(p) if below and not stat.exited else None
+                token = None
+                if below and not stat.exited:
+                    environ = environ_of(p)
+                    token = token_in(environ)
+                    if not environ:
+                        self._unread.add(p)
                 known[p] = (stat.start_time, below, token)
             return below
 
