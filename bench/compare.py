@@ -81,8 +81,8 @@ def main() -> int:
     if celery:
         print(f"\nsoaf / Celery prefork x2 throughput: {us['services_per_s'] / celery:.2f}x "
               "(goal 2x)")
-    print(f"soaf per service: core CPU {us['core_cpu_ms']:.2f} ms (aim 0.8), programs and "
-          f"shims {us['programs_cpu_ms']:.2f} ms, redis-server {us['redis_cpu_ms']:.2f} ms, "
+    print(f"soaf per service: core CPU {us['core_cpu_ms']:.2f} ms (aim 0.8), spawner and "
+          f"programs {us['programs_cpu_ms']:.2f} ms, redis-server {us['redis_cpu_ms']:.2f} ms, "
           f"client {us['client_cpu_ms']:.2f} ms; one sequential submit + wait "
           f"{us['redis_cmds_per_sequential_wait']:.1f} Redis commands; work root "
           f"{'disk' if opts.work_root else 'tmpfs'}")

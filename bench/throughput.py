@@ -186,7 +186,7 @@ def main() -> int:
         if opts.breakdown:
             print(f"    by command: {breakdown(before, after, opts.n)}")
         own, children = (a - b for a, b in zip(cpu_after, cpu_before))
-        print(f"  CPU per service: core {own / opts.n * 1000:.2f} ms, its programs and shims "
+        print(f"  CPU per service: core {own / opts.n * 1000:.2f} ms, its spawner and programs "
               f"{children / opts.n * 1000:.2f} ms, redis-server "
               f"{(redis_after - redis_before) / opts.n * 1000:.2f} ms, client "
               f"{client_cpu / opts.n * 1000:.2f} ms")
