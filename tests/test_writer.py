@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from soaf.core.writer import StateWriter
+from soaf.core.writer import BUSY, StateWriter
 from soaf.protocol.connection import connect
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.state import Change
@@ -136,4 +136,22 @@ def test_changes_that_end_nothing_are_held_only_briefly(redis_server, prefix):
     writer.put(Change("svc", 1, 3, {"progress": 0.75}))
     assert writer.flush(1.0)  # a flush does not wait for the hold
     assert r.hget(keys.service("svc"), "progress") == b"0.75"
+    writer.stop()
+
+
+def test_while_many_services_have_changes_waiting_each_waits_longer(redis_server, prefix):
+    r = redis_server.client()
+    keys = Keys(prefix)
+    writer = StateWriter(r, keys)
+    writer.hold, writer.busy_hold = 0.05, 60.0
+    writer.start()
+    many = [f"s{i}" for i in range(BUSY + 1)]
+    for sid in many:
+        writer.put(Change(sid, 1, 1, {"state": "running"}))
+    time.sleep(0.5)  # ten times the short hold
+    assert not any(r.exists(keys.service(sid)) for sid in many)  # a busy core's: held
+    assert writer.flush(10)
+    assert all(r.exists(keys.service(sid)) for sid in many)
+    writer.put(Change("alone", 1, 1, {"state": "running"}))  # one service: the short hold
+    wait_until(lambda: r.exists(keys.service("alone")), 10, message="the short hold to end")
     writer.stop()

@@ -19,9 +19,10 @@ never replicated. Fencing by (attempt, seq) makes the second send safe.
 A change that ends nothing waits up to ``HOLD`` for the ones that follow it: a short
 service's building, preparing, running and exit then go to Redis in the same script call
 as its final state, one call instead of one each. Every change keeps its own event; only
-the record's intermediate states show up that much later (at most 0.1 s). A final state or a
-change someone waits for (``on_written``) sends its own service's changes at once, with
-every other service's that waited ``HOLD`` already (a busy core's final states do not
+the record's intermediate states show up that much later: at most 0.1 s, or 0.5 s
+(``BUSY_HOLD``) while more than ``BUSY`` services have changes waiting. A final state or
+a change someone waits for (``on_written``) sends its own service's changes at once, with
+every other service's that waited its hold already (a busy core's final states do not
 cut the other services' runs of changes short); a ``flush`` sends everything.
 """
 
@@ -57,6 +58,11 @@ BATCH = 500
 MAX_BACKOFF = 5.0
 #: Seconds the first of a run of changes that end nothing may wait for more (see above).
 HOLD = 0.1
+#: ... while more than ``BUSY`` services have changes waiting: a loaded core's trivial
+#: services take longer than ``HOLD`` from claim to final (most in the core's own queues),
+#: and each write cut short costs a script call with its reads and events.
+BUSY_HOLD = 0.5
+BUSY = 16
 
 
 def _at_once(item: Change | Writable) -> bool:
@@ -85,6 +91,9 @@ class StateWriter:
         self._urgent = False  # the queue holds a change to write now
         self._since = 0.0  # when the oldest queued change was queued (monotonic)
         self.hold = HOLD
+        self.busy_hold = BUSY_HOLD
+        #: Changes queued per (service, attempt): how many services have some waiting.
+        self._waiting: collections.Counter[tuple[str, int]] = collections.Counter()
         self.connected = True
         self.written = 0
         #: Times Redis came back after the writer lost it (the metrics' reconnects).
@@ -109,6 +118,8 @@ class StateWriter:
                 wake = urgent and not self._urgent
             self._urgent = self._urgent or urgent
             self._queue.append((now, change))
+            if isinstance(change, Change):
+                self._waiting[change.service_id, change.attempt] += 1
             if wake:
                 self._cond.notify()
 
@@ -135,7 +146,10 @@ class StateWriter:
         """Seconds the queued changes may still wait for more (0: write them now)."""
         if self._urgent or not self._held_back():
             return 0.0
-        return self._since + self.hold - time.monotonic()
+        return self._since + self._hold() - time.monotonic()
+
+    def _hold(self) -> float:
+        return self.busy_hold if len(self._waiting) > BUSY else self.hold
 
     def _take(self) -> list[Change | Writable]:
         """Take the next batch off the queue (under the lock): everything, or while
@@ -143,9 +157,9 @@ class StateWriter:
         queue = self._queue
         if not self._held_back():
             first = [queue.popleft()[1] for _ in range(min(BATCH, len(queue)))]
-            self._settle()
+            self._settle(first)
             return first
-        due = time.monotonic() - self.hold
+        due = time.monotonic() - self._hold()
         send: set[tuple[str, int]] = set()
         for at, item in queue:
             if isinstance(item, Change) and (at <= due or _at_once(item)):
@@ -159,11 +173,19 @@ class StateWriter:
             else:
                 kept.append((at, item))
         self._queue = kept
-        self._settle()
+        self._settle(batch)
         return batch
 
-    def _settle(self) -> None:
-        """Recompute, after the queue changed, when its oldest change is due."""
+    def _settle(self, moved: list[Change | Writable], *, back: bool = False) -> None:
+        """Recompute, after ``moved`` left the queue (or came ``back`` to it), how many
+        services have changes waiting and when the oldest change is due."""
+        waiting, step = self._waiting, 1 if back else -1
+        for item in moved:
+            if isinstance(item, Change):
+                key = (item.service_id, item.attempt)
+                waiting[key] += step
+                if waiting[key] <= 0:
+                    del waiting[key]
         self._urgent = any(_at_once(item) for _, item in self._queue)
         self._since = self._queue[0][0] if self._queue else 0.0
 
@@ -234,7 +256,7 @@ class StateWriter:
         """A batch Redis did not take goes back to the front, to be sent first."""
         with self._cond:
             self._queue.extendleft((0.0, item) for item in reversed(batch))
-            self._settle()
+            self._settle(batch, back=True)
             self._busy = False
 
     def _finish(self, calls: list[tuple[list[Change], int]]) -> None:
