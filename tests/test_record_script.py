@@ -88,8 +88,9 @@ def test_a_final_state_finishes_its_entry_in_the_same_call(r, prefix):
     entry = entry_of(r, keys)
     stream = entry.rpartition("/")[0]
     r.hset(keys.service("svc"), mapping={"state": '"running"', "seq": 3, "attempt": 1,
-                                         "submitted_at": time.time()})
-    r.hset(keys.cancels, "svc", "a request")
+                                         "submitted_at": time.time(),
+                                         "cancel_requested_at": time.time()})
+    r.hset(keys.cancels, "svc", "a request")  # (as CANCEL leaves it, with the field above)
     r.rpush(keys.log("svc"), "a line")
     final = Change("svc", 1, 4, {"state": "succeeded"}, ack=entry, ttl=30)
     used = counted(r, lambda: record(r, keys, [final], record_ttl=100))
@@ -105,6 +106,16 @@ def test_a_final_state_finishes_its_entry_in_the_same_call(r, prefix):
     assert record(r, keys, [refusal], record_ttl=100) == -3
     assert r.xpending(stream, GROUP)["pending"] == 0
     assert 30 < r.ttl(keys.service("svc")) <= 100
+
+
+def test_a_final_state_spends_a_cancel_request_only_when_one_was_made(r, prefix):
+    keys = Keys(prefix)
+    r.hset(keys.cancels, "other", "a request")
+    entry = entry_of(r, keys)
+    final = Change("svc", 1, 1, {"state": "succeeded"}, ack=entry)
+    used = counted(r, lambda: record(r, keys, [final], record_ttl=100))
+    assert "hdel" not in used  # no cancel_requested_at in the record: nothing to spend
+    assert r.hexists(keys.cancels, "other")
 
 
 def test_a_durable_writer_finishes_entries_in_a_second_call(r, prefix):
@@ -135,12 +146,16 @@ def test_an_id_is_indexed_again_only_when_it_may_have_been_dropped(r, prefix):
 
 def test_keys_of_the_wrong_type_are_dropped_where_first_touched(r, prefix):
     keys = Keys(prefix)
-    for key in (keys.service("svc"), keys.events("svc"), keys.services, keys.cancels):
+    for key in (keys.service("svc"), keys.events("svc"), keys.services):
         r.set(key, "junk")
     entry = entry_of(r, keys)
     assert record(r, keys, [Change("svc", 1, 1, {"state": "failed"}, ack=entry)]) == 1
     assert r.type(keys.service("svc")) == b"hash" and r.type(keys.events("svc")) == b"stream"
-    assert r.type(keys.services) == b"zset" and r.type(keys.cancels) == b"none"
+    assert r.type(keys.services) == b"zset"
+    r.set(keys.cancels, "junk")
+    r.hset(keys.service("c"), "cancel_requested_at", time.time())  # a cancel to spend
+    assert record(r, keys, [Change("c", 1, 1, {"state": "failed"}, ack=entry_of(r, keys))]) == 1
+    assert r.type(keys.cancels) == b"none"
     r.set(keys.service("b"), "junk")
     r.set(keys.events("b"), "junk")
     args = ["b", "svc", time.time(), "core", "q/1-1", keys.notify, EVENTS_MAXLEN, "1",

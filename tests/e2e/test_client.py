@@ -112,7 +112,7 @@ def test_wait_returns_the_record_of_a_failed_or_rejected_service(start_core, cli
     assert by_id[rejected].state == "rejected" and "outside" in by_id[rejected].error
 
 
-def test_wait_timeout_then_cancel(start_core, client):
+def test_wait_timeout_then_cancel(start_core, client, redis_server):
     start_core()
     sid = client.submit(ServiceParamTemplate("sleep", args={"seconds": 30}))
     with pytest.raises(WaitTimeout, match=sid):
@@ -121,6 +121,8 @@ def test_wait_timeout_then_cancel(start_core, client):
     assert client.cancel(sid) == "cancel requested; it was running and will end cancelled"
     record = client.wait(sid, timeout=30)
     assert record.state == "cancelled"
+    assert record.get("cancel_requested_at") is not None
+    assert not redis_server.client().hexists(client.keys.cancels, sid)  # the request is spent
     assert client.cancel(sid) == "already cancelled; nothing to cancel"
 
 

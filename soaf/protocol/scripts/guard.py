@@ -27,7 +27,7 @@ local function soaf_call(cmd, key, ...)
   return r
 end
 local soaf_fields = {'attempt', 'seq', 'lost_count', 'state', 'entry', 'service_id',
-                     'attempts', 'submitted_at', 'waiting_for'}
+                     'attempts', 'submitted_at', 'waiting_for', 'cancel_requested_at'}
 local function soaf_read(key)
   local values = soaf_call('HMGET', key, unpack(soaf_fields))
   local rec = {}

@@ -143,6 +143,7 @@ if state == 'queued' then
   return {'cancelled', state}
 end
 soaf_call('HSET', KEYS[3], ARGV[1], ARGV[7])
+redis.call('HSET', KEYS[1], 'cancel_requested_at', ARGV[2])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'type', 'cancel', 'id', ARGV[1],
   'sig', ARGV[7])
 return {'requested', state}
@@ -150,18 +151,20 @@ return {'requested', state}
 
 # The end of a service's entries (RECORD's KEYS and ARGV layout, see below): with the
 # record script's ``result`` (not -1), each of the k entries is acknowledged and deleted
-# from its stream, the cancel request is spent, and the record, its events and the other
-# aging keys get the record ttl, or the change's own ttl if shorter and the record call
-# applied it (a refusal that met a record final already must not shorten its life).
+# from its stream, a cancel request is spent (when ``cancelled``: the record's
+# ``cancel_requested_at``, which CANCEL sets with the request, says there is one), and the
+# record, its events and the other aging keys get the record ttl, or the change's own ttl
+# if shorter and the record call applied it (a refusal that met a record final already
+# must not shorten its life).
 _FINISH = """
-local function soaf_finish(result, k)
+local function soaf_finish(result, k, cancelled)
   if k == 0 then return end
   for j = 1, k do
     local stream = KEYS[#KEYS - k + j]
     redis.pcall('XACK', stream, ARGV[7], ARGV[10 + j])
     redis.pcall('XDEL', stream, ARGV[10 + j])
   end
-  soaf_call('HDEL', KEYS[4], ARGV[1])
+  if cancelled then soaf_call('HDEL', KEYS[4], ARGV[1]) end
   local ttl = tonumber(ARGV[8])
   if result >= 0 and ARGV[9] ~= '' then
     local own = tonumber(ARGV[9])
@@ -199,19 +202,19 @@ local function soaf_record(first)
   local why = soaf_tampered(rec)
   if why then
     soaf_fail_tampered(why, rec, ARGV[1], ARGV[5], ARGV[4], ARGV[3], attempt)
-    return -3
+    return -3, rec
   end
   local cur_attempt = tonumber(rec.attempt or '0')
   local cur_seq = tonumber(rec.seq or '0')
-  if attempt < cur_attempt then return -1 end
+  if attempt < cur_attempt then return -1, rec end
   local cur_state = rec.state and cjson.decode(rec.state)
   if cur_state and ({succeeded=1, failed=1, cancelled=1, timed_out=1, rejected=1})[cur_state] then
     local j = first
     while j <= #ARGV do
-      if attempt > cur_attempt or tonumber(ARGV[j]) > cur_seq then return -3 end
+      if attempt > cur_attempt or tonumber(ARGV[j]) > cur_seq then return -3, rec end
       j = j + 4 + 2 * tonumber(ARGV[j + 3])
     end
-    return 0
+    return 0, rec
   end
   local i = first
   local applied, state, fields, events = 0, nil, {}, {}
@@ -248,11 +251,11 @@ local function soaf_record(first)
       soaf_call('ZADD', KEYS[3], 'NX', ARGV[5], ARGV[1])
     end
   end
-  return applied
+  return applied, rec
 end
 local k = tonumber(ARGV[10])
-local result = soaf_record(11 + k)
-if result ~= -1 then soaf_finish(result, k) end
+local result, rec = soaf_record(11 + k)
+if result ~= -1 then soaf_finish(result, k, rec.cancel_requested_at ~= false) end
 return result
 """
 
@@ -261,7 +264,7 @@ return result
 # followed by the record call's result instead of the changes.
 FINISH_LUA = _FINISH + """
 local k = tonumber(ARGV[10])
-soaf_finish(tonumber(ARGV[11 + k]), k)
+soaf_finish(tonumber(ARGV[11 + k]), k, true)
 """
 
 # Prepended to CLAIM_LUA. Extra ARGV: 11 lost attempts allowed, 12 reason, 13 node that
