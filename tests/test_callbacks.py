@@ -134,3 +134,23 @@ def test_a_handler_of_its_own_is_still_called_every_interval(tmp_path):
     _service, program, wake, made, thread = run_loop(tmp_path, Counting(), watch_interval=0.1)
     wait_for(lambda: made.count("file_change_callback") >= 6)  # with no change at all
     end(program, wake, thread)
+
+
+def test_the_last_look_is_handed_on_only_when_soafs_own_callback_made_it(tmp_path):
+    (tmp_path / "out.txt").write_text("x")
+    template = ServiceParamTemplate("x", watch_interval=1)
+
+    class Own(DefaultHandler):
+        def file_change_callback(self, service, files):  # may write into the work dir
+            (tmp_path / "more.txt").write_text("y")
+
+    got = {}
+    for handler in (DefaultHandler(), Own()):
+        service = Service(template, tmp_path, attempt=1, node="n", plugin_version="1",
+                          emit=lambda values: None)
+        program = Program()
+        program.exited.set()  # a program that ended at once: only the look after the end
+        got[type(handler)] = callback_loop(handler, service, program,
+                                           lambda name, fn, *args: fn(*args),
+                                           wake=threading.Event(), file_poll=0.05)
+    assert got == {DefaultHandler: ["out.txt"], Own: None}  # the caller lists them again

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from soaf.run.journal import JOURNALED_CALLS, RunJournal, load
+from soaf.run.journal import JOURNALED_CALLS, RunJournal, load, needs_note
 
 
 def test_noting_marks_the_call_under_way_and_its_return(tmp_path):
@@ -41,3 +41,18 @@ def test_the_lines_of_a_call_are_the_json_of_its_changes(tmp_path):
     lines = journal.path.read_bytes()[size:].decode().splitlines()
     assert lines == [json.dumps(change) for change in expected]
     journal.remove()
+
+
+def test_only_calls_into_plugin_code_are_noted():
+    from soaf.plugin.handler import DefaultHandler, WatcherHandler
+
+    class Mine(DefaultHandler):
+        def file_change_callback(self, service, files):  # plugin code: may kill a core
+            return super().file_change_callback(service, files)
+
+    for handler in (WatcherHandler(), DefaultHandler()):  # soaf's own: cannot
+        assert not any(needs_note(name, handler) for name in JOURNALED_CALLS)
+    assert needs_note("file_change_callback", Mine())
+    assert not needs_note("after_watch_callback", Mine())  # (kept from DefaultHandler)
+    assert needs_note("file_change_callback", None)  # not known yet: noted
+    assert not needs_note("build", Mine())  # not a journaled call

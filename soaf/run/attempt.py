@@ -97,6 +97,7 @@ class Attempt:
         #: The exit of a program that ended while no core watched it (recovered attempts).
         self.collected_exit: Exit | None = None
         self._logs: Any = None
+        self._last_look: list[str] | None = None  # the work dir's files after the end
         self._logs_lock = threading.Lock()
         self._exit_recorded = False
         self._started = threading.Lock()
@@ -114,7 +115,7 @@ class Attempt:
     def call(self, name: str, fn: Any, *args: Any) -> Any:
         """Run plugin code in this thread, letting the limit enforcer know it is under way."""
         self.step = name
-        with self.host.journaled(name):  # a core that dies in it leaves this on disk
+        with self.host.journaled(name, self.handler):  # a core dying in it leaves this on disk
             return self.host.guard.call(name, self, fn, *args)
 
     def summary(self, outcome: Outcome) -> dict[str, Any]:
@@ -218,8 +219,8 @@ class Attempt:
         assert self.service is not None
         if not self.pid_known:  # the shim may have forked the program by now
             process.usage.find(process.pid)
-        callback_loop(self.handler, self.service, process, self.call,
-                      wake=self.host.halt.wake, file_poll=self.settings.file_poll)
+        self._last_look = callback_loop(self.handler, self.service, process, self.call,
+                                        wake=self.host.halt.wake, file_poll=self.settings.file_poll)
         process.exited.wait()
         return self._ended()
 
@@ -365,7 +366,8 @@ class Attempt:
         service.outcome = outcome.state
 
         def after() -> Any:
-            files = workdir.list_files(service.work_dir)
+            files = self._last_look
+            files = workdir.list_files(service.work_dir) if files is None else files
             return call_callback(service, AFTER, handler.after_watch_callback, service, files)
 
         sets = service.progress_sets

@@ -156,8 +156,10 @@ def callback_loop(
     *,
     wake: threading.Event,
     file_poll: float,
-) -> None:
-    """Follow ``process`` with the handler's callbacks until it exits.
+) -> list[str] | None:
+    """Follow ``process`` with the handler's callbacks until it exits. Returns the files
+    of the last look, after the end, when soaf's own ``file_change_callback`` made it
+    (nothing can have changed them since: after_watch_callback may have them); else None.
 
     Callbacks are made through ``call(name, fn, *args)`` (soaf.run.attempt), which lets the
     limit enforcer see what is under way. ``wake`` is set when the program exits.
@@ -168,10 +170,9 @@ def callback_loop(
     if calls == "none":
         while not process.exited.wait(IDLE_WAIT):
             pass
-        return
+        return None
     if calls == "count" and float(service.template.watch_interval) >= MAX_FILE_POLL:
-        _count_loop(handler, service, process, call, wake=wake)
-        return
+        return _count_loop(handler, service, process, call, wake=wake)
     interval = float(service.template.watch_interval)
     signature = DirSignature(str(service.work_dir)) if file_poll > 0 else None
     poll = file_poll
@@ -213,10 +214,11 @@ def callback_loop(
         # would otherwise reach only after_watch_callback (progress left short of 100%).
         call("file_change_callback", call_callback, service, "file_change_callback",
              handler.file_change_callback, service, list_files(service.work_dir))
+    return None
 
 
 def _count_loop(handler: WatcherHandler, service: Service, process: Process,
-                call: Callable[..., Any], *, wake: threading.Event) -> None:
+                call: Callable[..., Any], *, wake: threading.Event) -> list[str] | None:
     """``callback_loop`` for the default handler: its callback sets ``file_count``, so a
     call with the same files would change nothing. The shared ``_QuietDirs`` thread
     checks the work dir every ``MAX_FILE_POLL`` and wakes this thread when it may have
@@ -237,9 +239,12 @@ def _count_loop(handler: WatcherHandler, service: Service, process: Process,
                 wake.clear()
     finally:
         _quiet_dirs.remove(entry)
-    if not service.stop_requested.is_set():  # once more after the end, as callback_loop
-        call("file_change_callback", call_callback, service, "file_change_callback",
-             handler.file_change_callback, service, list_files(service.work_dir))
+    if service.stop_requested.is_set():
+        return None
+    files = list_files(service.work_dir)  # once more after the end, as callback_loop
+    call("file_change_callback", call_callback, service, "file_change_callback",
+         handler.file_change_callback, service, files)
+    return files
 
 
 class _Quiet:

@@ -45,6 +45,18 @@ STEPS = ("built", "prepared", "running", "exited", "collected")
 #: Plugin calls noted on disk while under way: a core that dies inside one twice in a row
 #: does not call it a third time (two small appends per call, on the work root's disk).
 JOURNALED_CALLS = ("before_watch_callback", "file_change_callback", "after_watch_callback")
+
+
+def needs_note(name: str, handler: Any) -> bool:
+    """Whether plugin call ``name`` is noted on disk while under way: one of the
+    JOURNALED_CALLS, made to the plugin's own code. soaf's default callbacks (a handler
+    that keeps them) cannot be what kills a core, and a short service makes four calls."""
+    return name in JOURNALED_CALLS and (handler is None or _plugin_code(type(handler), name))
+
+
+def _plugin_code(cls: type, name: str) -> bool:
+    module = getattr(getattr(cls, name, None), "__module__", None) or ""
+    return not module.startswith("soaf.")
 #: A journal file longer than this (appended to by every callback of a long run) is
 #: replaced by its last line, atomically.
 MAX_JOURNAL_BYTES = 64 * 1024

@@ -44,7 +44,7 @@ from soaf.protocol.template import ServiceParamTemplate
 from soaf.run import cached
 from soaf.run.attempt import Attempt
 from soaf.run.control import CallGuard, Halt, Once, Orphaned
-from soaf.run.journal import JOURNALED_CALLS, RunJournal
+from soaf.run.journal import RunJournal, needs_note
 from soaf.run.outcome import INTERRUPTED, Outcome
 from soaf.run.policy import RETRYABLE, policy_for
 from soaf.run.ports import Engines, PluginClasses
@@ -229,11 +229,12 @@ class ServiceRun:
             return {}
         return self.journal.try_step(step, **info) if save else self.journal.step(step, **info)
 
-    def journaled(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """Note on disk that plugin call ``name`` is under way, if it is one of the
-        (rare) JOURNALED_CALLS; nothing for the others."""
+    def journaled(self, name: str, handler: object | None = None
+                  ) -> contextlib.AbstractContextManager[None]:
+        """Note on disk that plugin call ``name`` (of ``handler``) is under way, if it is
+        one of the (rare) JOURNALED_CALLS, in plugin code (``needs_note``); else nothing."""
         journal = self.journal
-        if journal is None or name not in JOURNALED_CALLS:
+        if journal is None or not needs_note(name, handler):
             return _NOTHING
         return journal.noting(name)
 
