@@ -1,31 +1,28 @@
 """One attempt of a service: work dir, build, prepare, spawn, watch, after_watch, outcome.
 
-The service's thread runs the attempt, plugin code included, with every plugin call made
-through ``call()``, which tells the run what is under way (soaf.run.control). The core's
-limit enforcer (soaf.core.enforcer) stops the program when it must (``enforce``, with
-soaf.run.limits), and takes the attempt over in a fresh thread (``resume``) when a
-plugin call overstays (``deadline_for``). The attempt sees its run only through the
-``AttemptHost`` interface (soaf.run.ports) and returns what it produced: its Outcome,
-its ``summary`` and its run ``marker``. The program's exit is recorded the moment the
-reaper sees it (``_exited``), whatever the plugin code is doing.
-``after_watch_callback`` runs exactly once per attempt (unless the core is forced down),
-whatever happened before it, and never once a newer attempt elsewhere has taken the
-service over (``still_current``); then ``settle`` applies ``fail_on_callback_error`` and
-full progress. The attempt ends in an ``Outcome`` (soaf.run.outcome).
+The service's thread runs the attempt, plugin code included, with every plugin call made through
+``call()``, which tells the run what is under way (soaf.run.control). The core's limit enforcer
+(soaf.core.enforcer) stops the program when it must (``enforce``, with soaf.run.limits), and
+takes the attempt over in a fresh thread (``resume``) when a plugin call overstays
+(``deadline_for``). The attempt sees its run only through the ``AttemptHost`` interface
+(soaf.run.ports) and returns what it produced: its Outcome, its ``summary`` and its run
+``marker``. The program's exit is recorded the moment the reaper sees it (``_exited``), whatever
+the plugin code is doing. ``after_watch_callback`` runs exactly once per attempt (unless the
+core is forced down), whatever happened before it, and never once a newer attempt elsewhere has
+taken the service over (``still_current``); then ``settle`` applies ``fail_on_callback_error``
+and full progress. The attempt ends in an ``Outcome`` (soaf.run.outcome).
 
 Data (docs/data.md): the work dir and the steps before the program starts are
-soaf.run.prepare's; ``prepare_input_file`` stages the inputs; after
-``after_watch_callback``, and only when the attempt has succeeded so far,
-``collect_output_files`` checks, records and uploads the outputs (a missing one fails
-the attempt: ``failure: missing_outputs``).
+soaf.run.prepare's; ``prepare_input_file`` stages the inputs; after ``after_watch_callback``,
+and only when the attempt has succeeded so far, ``collect_output_files`` checks, records and
+uploads the outputs (a missing one fails the attempt: ``failure: missing_outputs``).
 
-Its steps (built, prepared, running with the program's identity, exited, collected) go
-to the run's journal (soaf.run.journal), and the program is spawned by the core's spawner
-(soaf.process.spawner; else it runs under the shim, soaf.process.shim), which leaves its
-exit status in a file: a core restarted after a crash finishes the attempt from there
-(soaf.run.recovered) instead of running it again.
-A spawned program and an adopted one end through the same path (``record_exit``,
-``_ended``).
+Its steps (built, prepared, running with the program's identity, exited, collected) go to the
+run's journal (soaf.run.journal), and the program is spawned by the core's spawner
+(soaf.process.spawner; else it runs under the shim, soaf.process.shim), which leaves its exit
+status in a file: a core restarted after a crash finishes the attempt from there
+(soaf.run.recovered) instead of running it again. A spawned program and an adopted one end
+through the same path (``record_exit``, ``_ended``).
 """
 
 from __future__ import annotations
@@ -182,14 +179,17 @@ class Attempt:
 
     def _spawn(self, process: Process) -> Outcome:
         process.on_exit(self._exited)
+        # Output counts from before the start: a short program may have written all of it
+        # (and ended) by the time the start returns.
+        self._keep_logs(process.stdout_path, process.stderr_path)
         with self._started:  # the exit is recorded after "running", however fast it comes
             try:
                 process.start(self.host.engines.reaper)
             except ProgramError as e:
+                self._finish_logs()
                 return Outcome(State.FAILED.value, "start", str(e), {"failed_in": "start"})
             self.shimmed = process.shimmed
             self.limits.started()
-            self._keep_logs(process.stdout_path, process.stderr_path)
             self.process = process  # from here on the enforcer enforces the limits
             assert process.pid is not None
             identity = ProcIdentity.of(process.pid)
@@ -213,6 +213,13 @@ class Attempt:
         if keeper is not None:
             self._logs = keeper.add(self.template.service_id, self.number,
                                     {"stdout": stdout, "stderr": stderr})
+
+    def _finish_logs(self) -> dict[str, Any]:
+        """Ship the rest of the program's output; the files' sizes (either thread)."""
+        with self._logs_lock:
+            logs, self._logs = self._logs, None
+        keeper = self.host.engines.keeper
+        return keeper.finish(logs) if logs is not None and keeper is not None else {}
 
     def _follow(self, process: Any) -> Outcome:
         """Call the handler's callbacks until the program ends; how it ended."""
@@ -273,12 +280,7 @@ class Attempt:
         ended, finish its logs and classify how (either thread)."""
         if not self.adopted or self.lineage.anywhere:
             self.host.engines.reaper.lineages.add(self.lineage)
-        with self._logs_lock:
-            logs, self._logs = self._logs, None
-        stats: dict[str, Any] = {}
-        keeper = self.host.engines.keeper
-        if logs is not None and keeper is not None:
-            stats = keeper.finish(logs)
+        stats = self._finish_logs()
         if not self.record_exit(stats) and stats:
             self.emit(stats)  # the exit was written earlier, without them
         return self._outcome()
@@ -366,8 +368,7 @@ class Attempt:
         service.outcome = outcome.state
 
         def after() -> Any:
-            files = self._last_look
-            files = workdir.list_files(service.work_dir) if files is None else files
+            files = self._last_look or workdir.list_files(service.work_dir)
             return call_callback(service, AFTER, handler.after_watch_callback, service, files)
 
         sets = service.progress_sets

@@ -262,6 +262,16 @@ def test_logs_come_from_redis_and_from_the_work_dir_only_without_a_copy(
     assert list(client.logs(sid)) == []
 
 
+def test_the_output_of_a_program_that_ends_at_once_reaches_redis(start_core, client):
+    # Such a program may write everything (and end) before its start has returned.
+    start_core()
+    ids = [client.submit(ServiceParamTemplate("shell", args={"script": f"echo out {i}; echo err >&2"}))
+           for i in range(20)]
+    client.wait_all(ids, timeout=120)
+    for i, sid in enumerate(ids):
+        assert sorted(line.text for line in client.log_lines(sid)) == ["err", f"out {i}"], sid
+
+
 def test_follow_logs_from_a_service_that_has_not_started(start_core, client):
     sid = client.submit(steps(n=3, delay=0.2))
     got: list[str] = []
