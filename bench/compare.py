@@ -6,8 +6,10 @@ unless ``--peers-json DIR`` names the output of a run just made, then soaf's own
 (``bench/throughput.py``, ``--reps`` times, a fresh core each time) right after, and
 prints both side by side with soaf's throughput as a multiple of Celery's. Absolute
 numbers of different runs are not comparable on a shared machine; ratios of one run are.
+A shared machine's speed also drifts within minutes: ``--rounds K`` measures peers then
+soaf K times over and prints each round's ratio, then the medians (~2 min a round).
 
-    .venv/bin/python bench/compare.py [--reps 3] [-n 1000] [--work-root DIR]
+    .venv/bin/python bench/compare.py [--reps 3] [-n 1000] [--rounds 3] [--work-root DIR]
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def soaf(reps: int, n: int, work_root: Path | None) -> dict[str, float]:
             if isinstance(runs[0][k], (int, float))}
 
 
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Number by number, the median of several runs' numbers."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]
+            if isinstance(runs[0][k], (int, float))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--reps", type=int, default=3, help="soaf runs (the median counts)")
@@ -66,12 +74,28 @@ def main() -> int:
     ap.add_argument("--peers-json", type=Path, default=None,
                     help="the OUT dir of an anchors run just made (else one is made now)")
     ap.add_argument("--anchors", type=Path, default=ANCHORS, help="the peers' run.sh")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="peers then soaf, this many times (the medians count)")
     opts = ap.parse_args()
     if opts.peers_json is None and not opts.anchors.exists():
         ap.error(f"{opts.anchors} not found: give --anchors or --peers-json")
-    them = peers(opts.peers_json, opts.anchors)
-    us = soaf(opts.reps, opts.n, opts.work_root)
+    if opts.rounds < 1 or (opts.rounds > 1 and opts.peers_json is not None):
+        ap.error("--rounds must be at least 1, and 1 with --peers-json")
+    rounds = []
+    for k in range(opts.rounds):
+        if opts.rounds > 1:
+            print(f"round {k + 1}/{opts.rounds}", flush=True)
+        rounds.append((peers(opts.peers_json, opts.anchors), soaf(opts.reps, opts.n,
+                                                                  opts.work_root)))
+    them = {name: medians([r[0][name] for r in rounds]) for name in rounds[0][0]}
+    us = medians([r[1] for r in rounds])
     celery = them.get("celery prefork2", {}).get("jobs_per_s")
+    if celery and opts.rounds > 1:
+        ratios = [u["services_per_s"] / t["celery prefork2"]["jobs_per_s"] for t, u in rounds]
+        print("\nsoaf / Celery prefork x2 by round: "
+              + ", ".join(f"{u['services_per_s']:.0f}/{t['celery prefork2']['jobs_per_s']:.0f}"
+                          f" = {x:.2f}x" for (t, u), x in zip(rounds, ratios))
+              + f"; median {statistics.median(ratios):.2f}x")
     print(f"\n{'system':<18}{'services/s':>11}{'p50 ms':>9}{'cmds/svc':>10}{'worker CPU ms':>15}")
     print(f"{'soaf':<18}{us['services_per_s']:>11.0f}{us['latency_p50_ms']:>9.2f}"
           f"{us['redis_cmds_per_service']:>10.1f}{us['core_cpu_ms']:>15.2f}")
@@ -80,7 +104,7 @@ def main() -> int:
               f"{m['redis_cmds_per_job']:>10.1f}{m['worker_cpu_ms_per_job']:>15.2f}")
     if celery:
         print(f"\nsoaf / Celery prefork x2 throughput: {us['services_per_s'] / celery:.2f}x "
-              "(goal 2x)")
+              f"(goal 2x{'; medians of the rounds' if opts.rounds > 1 else ''})")
     print(f"soaf per service: core CPU {us['core_cpu_ms']:.2f} ms (aim 0.8), spawner and "
           f"programs {us['programs_cpu_ms']:.2f} ms, redis-server {us['redis_cpu_ms']:.2f} ms, "
           f"client {us['client_cpu_ms']:.2f} ms; one sequential submit + wait "
