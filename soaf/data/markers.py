@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from soaf.config import host_name
+from soaf.process.identity import pid_exists
 from soaf.protocol.state import FINAL_VALUES
 from soaf.protocol.template import RESERVED_WORK_NAME
 
@@ -156,17 +157,7 @@ def read_markers(work_root: Path) -> list[Marker]:
     return [m for p in sorted(directory.glob("*.json")) if (m := _read(p)) is not None]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def abandoned(marker: Marker, host: str) -> bool:
     """A ``running`` marker whose core process is gone from this host."""
     return (not marker.final and marker.host == host and isinstance(marker.pid, int)
-            and marker.pid != os.getpid() and not _alive(marker.pid))
+            and marker.pid != os.getpid() and not pid_exists(marker.pid))

@@ -84,11 +84,11 @@ def pid_range() -> int:
         return 32768
 
 
-def handed_out(since: int, until: int) -> range | tuple[range, range]:
+def handed_out(since: int, until: int) -> tuple[range, ...]:
     """The pids handed out after ``since`` up to ``until`` (last pids), assuming the
     kernel's cursor went less than once round: one range, or two when it wrapped."""
     if until >= since:
-        return range(since + 1, until + 1)
+        return (range(since + 1, until + 1),)
     return range(since + 1, pid_range()), range(0, until + 1)
 
 
@@ -129,7 +129,7 @@ class Census:
                 self.generation += 1
             return self.generation, self.members
 
-    def _reused(self, mark: tuple[int, int] | None) -> range | tuple[range, range] | None:
+    def _reused(self, mark: tuple[int, int] | None) -> tuple[range, ...] | None:
         """The pids handed out since the last look's mark, up to ``mark`` (taken after
         this look's listing); None when that cannot be told (read everything)."""
         before = self._mark
@@ -150,9 +150,8 @@ class Census:
         if again is None:
             known = {}
         else:
-            spans = again if isinstance(again, tuple) else (again,)
             known = {pid: old[pid] for pid in listed if pid in old and pid not in unread
-                     and not any(pid in span for span in spans)}
+                     and not any(pid in span for span in again)}
         new: dict[int, Stat] = {}
         for pid in listed - known.keys():
             stat = read_stat(pid)

@@ -52,6 +52,17 @@ class Stat:
         return self.state in ("Z", "X", "x")
 
 
+def pid_exists(pid: int) -> bool:
+    """Some process (any user's, a zombie included) has this pid now."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_stat(pid: int) -> Stat | None:
     """The process's stat, or None when there is no such process (or no procfs)."""
     try:  # (one open and read, no Path: the enforcer and the reaper call this a lot)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from soaf.errors import ProgramError
 from soaf.process.census import token_of
-from soaf.process.identity import ProcIdentity, find_by_marker
+from soaf.process.identity import ProcIdentity, find_by_marker, pid_exists
 
 #: The shim's $0, also how ``ps`` shows it.
 NAME = "soaf-shim"
@@ -164,16 +164,6 @@ def running_pid(exit_file: Path) -> int | None:
     return _parse(_read(exit_file))[1]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _read(exit_file: Path) -> str:
     try:
         return exit_file.read_text()
@@ -224,6 +214,6 @@ def wait_exit(exit_file: Path, timeout: float) -> tuple[int, float | None, int |
         ended, running, spawner = _parse(_read(exit_file))
         if ended is not None or running is None or time.monotonic() > deadline:
             return ended
-        if spawner is not None and not _alive(spawner):
+        if spawner is not None and not pid_exists(spawner):
             return _parse(_read(exit_file))[0]  # (it may have written just before it died)
         time.sleep(0.01)
