@@ -187,8 +187,9 @@ def test_exits_a_killed_spawner_had_not_reaped_are_the_cores(tmp_path):
 def test_an_exit_the_dead_spawner_reaped_is_read_from_its_file(tmp_path):
     """The spawner reaped a program and wrote its exit file, but died before it sent the
     exit: the core, which can no longer reap it, reads the file."""
-    pid = subprocess.Popen(["true"]).pid
-    os.waitpid(pid, 0)  # a pid that is nobody's child any more
+    done = subprocess.Popen(["true"])
+    done.wait()  # (the Popen kept: dropped, its __del__ may reap it first)
+    pid = done.pid  # a pid that is nobody's child any more
     (tmp_path / "exit").write_text("3\n3 0.25 4096\n")
     reaper = Reaper()
     got: list[tuple[int, int, object]] = []
@@ -225,7 +226,9 @@ def test_no_wait_for_an_exit_file_whose_spawner_is_dead(tmp_path):
     assert shim.wait_exit(tmp_path / "e", 60) is None
     assert time.monotonic() - started < 30  # not the whole minute
     (tmp_path / "e").write_text(f"pid 123 spawner {os.getpid()}\n")
-    writer = threading.Timer(0.3, (tmp_path / "e").write_text, ["3\n3 0.1 100\n"])
+    (tmp_path / "e.new").write_text("3\n3 0.1 100\n")
+    # (renamed in whole, as the spawner does: a truncated file would read as no status)
+    writer = threading.Timer(0.3, os.rename, [tmp_path / "e.new", tmp_path / "e"])
     writer.start()
     assert shim.wait_exit(tmp_path / "e", 60) == (3, 0.1, 100)  # waited for it
 
