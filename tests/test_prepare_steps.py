@@ -4,6 +4,8 @@ every step still runs, in order, with the same results and errors."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -102,3 +104,17 @@ def test_a_base_step_that_raises_fails_the_phase_it_is_in(tmp_path):
     with pytest.raises(PhaseError) as caught:
         prepare(tmp_path, NoCommand)
     assert caught.value.phase == "command"
+
+
+def test_the_classes_of_a_plugin_reloaded_away_are_not_kept_by_the_steps_cache():
+    class Old(ServiceProgramTemplate):
+        name = "true"
+
+    class OldHandler(DefaultHandler):
+        pass
+
+    assert "command" in plain_steps(Old, OldHandler)
+    gone, gone_handler = weakref.ref(Old), weakref.ref(OldHandler)
+    del Old, OldHandler
+    gc.collect()
+    assert gone() is None and gone_handler() is None

@@ -13,11 +13,11 @@ directly: the guard is there for code that may hang, and this cannot.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -147,8 +147,24 @@ def _plain_class(cls: type, base: type, set_later: tuple[str, ...] = ()) -> bool
             and not any(name in vars(k) for k in cls.__mro__ for name in set_later))
 
 
-@functools.lru_cache(maxsize=64)
+#: plain_steps' answers by program class, then handler class; weak, so the classes of a
+#: plugin version that was reloaded away are not kept alive by it.
+_PLAIN: weakref.WeakKeyDictionary[type, weakref.WeakKeyDictionary[type, frozenset[str]]] = (
+    weakref.WeakKeyDictionary())
+
+
 def plain_steps(program_cls: type, handler_cls: type) -> frozenset[str]:
+    """``_plain_steps``, computed once per pair of classes."""
+    by_handler = _PLAIN.get(program_cls)
+    if by_handler is None:
+        by_handler = _PLAIN.setdefault(program_cls, weakref.WeakKeyDictionary())
+    steps = by_handler.get(handler_cls)
+    if steps is None:
+        steps = by_handler[handler_cls] = _plain_steps(program_cls, handler_cls)
+    return steps
+
+
+def _plain_steps(program_cls: type, handler_cls: type) -> frozenset[str]:
     """The prepare steps of these classes that run soaf's base method, which runs no plugin
     code and waits on nothing but the local disk; ``prepare_input_file`` only when there
     is nothing to stage (``Preparation`` checks), ``build`` only with no ``program`` file
