@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 from soaf.run.threads import IDLE_NAME, ThreadPool
 
@@ -70,3 +71,17 @@ def test_a_run_that_raises_does_not_cost_its_thread():
     _wait_for(lambda: pool.idle() == 1)
     pool.start(done.set, "soaf-svc-good")
     assert done.wait(5) and pool.created == 1
+
+
+def test_an_idle_thread_keeps_nothing_of_its_last_run_alive():
+    class Run:
+        def go(self) -> None:
+            pass
+
+    pool = ThreadPool(idle_seconds=60)  # (an ended thread would free it anyway)
+    run = Run()
+    gone = weakref.ref(run)
+    pool.start(run.go, "soaf-svc-kept")
+    del run
+    _wait_for(lambda: pool.idle() == 1)
+    _wait_for(lambda: gone() is None)  # by reference counting: no collection runs here

@@ -44,7 +44,7 @@ class AdoptedProcess(GroupStopping):
         self.exited = threading.Event()
         self.argv: list[str] = []
         self._on_exit: list[Callable[[Exit | None], None]] = []
-        self._stop = GroupStop(self.signal_group, describe=lambda: f"adopted pid {self.pid}")
+        self._stop = GroupStop.of(self, "adopted pid")
 
     def on_exit(self, callback: Callable[[Exit | None], None]) -> None:
         self._on_exit.append(callback)
@@ -71,7 +71,8 @@ class AdoptedProcess(GroupStopping):
         else:
             log.warning("adopted pid %d ended; no exit status in %s", self.pid, self.exit_file)
         self.exited.set()
-        for callback in self._on_exit:
+        callbacks, self._on_exit = self._on_exit, []  # once, then dropped (see Process)
+        for callback in callbacks:
             try:
                 callback(self.exit)
             except Exception:

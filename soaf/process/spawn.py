@@ -199,7 +199,7 @@ class Process(GroupStopping):
         self.exited = threading.Event()
         self._popen: subprocess.Popen[bytes] | None = None
         self._on_exit: list[Callable[[Exit], None]] = []
-        self._stop = GroupStop(self.signal_group, describe=lambda: f"pid {self.pid}")
+        self._stop = GroupStop.of(self)
         self.usage = Usage(shimmed=shimmed)
 
     @property
@@ -297,7 +297,9 @@ class Process(GroupStopping):
         cpu_time, max_rss_kb = self.usage.at_exit(usage)
         self.exit = Exit(returncode=code, wall_time=time.monotonic() - self.started_at,
                          cpu_time=cpu_time, max_rss_kb=max_rss_kb)
-        for callback in self._on_exit:  # before ``exited``: whoever waits sees their effects
+        # Called once, then dropped (they hold their attempt: no cycle outlives the run).
+        callbacks, self._on_exit = self._on_exit, []
+        for callback in callbacks:  # before ``exited``: whoever waits sees their effects
             try:
                 callback(self.exit)
             except Exception:

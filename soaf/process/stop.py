@@ -15,13 +15,41 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 
+class Signallable(Protocol):
+    """A program that signals its own group (soaf.process.spawn, soaf.process.adopted)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def signal_group(self, sig: int) -> bool: ...
+
+
 class GroupStop:
     """The stop of one process group, from the first SIGTERM to the SIGKILL."""
+
+    @classmethod
+    def of(cls, program: Signallable, label: str = "pid") -> GroupStop:
+        """The stop of ``program``'s group, which holds it without keeping it alive: a
+        program keeps its stop, and a stop that held its program back would make each one
+        a reference cycle, freed only by the garbage collector's slow full passes."""
+        ref = weakref.ref(program)
+
+        def signal_group(sig: int) -> bool:
+            alive = ref()
+            return alive is not None and alive.signal_group(sig)
+
+        def describe() -> str:
+            alive = ref()
+            return f"{label} {alive.pid if alive is not None else '?'}"
+
+        return cls(signal_group, describe=describe)
 
     def __init__(self, signal_group: Callable[[int], bool], *,
                  describe: Callable[[], str] = lambda: "program",

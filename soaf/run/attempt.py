@@ -27,6 +27,7 @@ through the same path (``record_exit``, ``_ended``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -102,10 +103,6 @@ class Attempt:
         self.pid_known = True  # the record has the program's pid (a shimmed one: at a tick)
         self.lineage = RunLineage(new_token(self.template.service_id, number))
 
-    @property
-    def stop_reason(self) -> str | None:
-        return self.limits.stop_reason
-
     def emit(self, values: dict[str, Any]) -> None:
         self.host.emit(values, attempt=self.number)
 
@@ -171,9 +168,10 @@ class Attempt:
 
     def _new_service(self) -> Service:
         assert self.work_dir is not None
+        # (the run's emit, not this attempt's: a service holding its attempt back is a cycle)
         return Service(self.template, self.work_dir, attempt=self.number,
                        node=self.settings.node, plugin_version=self.host.plugin.version,
-                       emit=self.emit)
+                       emit=functools.partial(self.host.emit, attempt=self.number))
 
     # -- the program --------------------------------------------------------------------
 

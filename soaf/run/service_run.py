@@ -317,6 +317,7 @@ class ServiceRun:
             self.engines.on_done(self)
         except Exception:
             log.exception("on_done failed for %s", self.service_id)
+        self.current = None  # over: no cycle through its attempt outlives the run
 
     def _cached(self) -> dict[str, Any] | None:
         """The final values when the result cache answers this (fresh) run, else None."""

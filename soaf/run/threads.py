@@ -31,8 +31,9 @@ class _Worker:
         self.task: Task | None = None
         self.given = threading.Event()
 
-    def loop(self, task: Task | None) -> None:
+    def loop(self) -> None:
         me = threading.current_thread()
+        task, self.task = self.task, None  # (not a Thread argument: the thread keeps those)
         while task is not None:
             target, name = task
             me.name = name
@@ -41,6 +42,8 @@ class _Worker:
             except BaseException:  # a run catches its own errors; this is a last resort
                 log.exception("thread %s ended with an error", name)
             me.name = IDLE_NAME
+            del target  # idle, it keeps nothing of its last run alive
+            task = None
             task = self.pool.next_task(self)
 
 
@@ -64,8 +67,8 @@ class ThreadPool:
             worker.given.set()
             return
         worker = _Worker(self)
-        threading.Thread(target=worker.loop, args=((target, name),), name=name,
-                         daemon=True).start()
+        worker.task = (target, name)
+        threading.Thread(target=worker.loop, name=name, daemon=True).start()
 
     def idle(self) -> int:
         with self._lock:
