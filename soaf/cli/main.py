@@ -155,6 +155,7 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
     """
     from soaf.config import Settings
     from soaf.core.daemon import Core
+    from soaf.core.heap import settle_heap
 
     setup_logging(verbose, quiet)
     tuning = take_tuning(data_flags)
@@ -169,6 +170,7 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
         the_core = Core(settings, metrics=None if metrics_port is None
                         else (metrics_host, metrics_port))
         the_core.start()
+        settle_heap()
     except SoafError as e:
         raise click.ClickException(str(e))
     signals = {"count": 0}

@@ -58,8 +58,7 @@ READ_BLOCK_MS = 500
 WAITING_BLOCK_MS = 50
 #: Seconds before the first retry of a plugin load that failed at start; doubled per
 #: failure up to PLUGIN_RETRY_MAX. Until one succeeds the core takes no work.
-PLUGIN_RETRY = 1.0
-PLUGIN_RETRY_MAX = 60.0
+PLUGIN_RETRY, PLUGIN_RETRY_MAX = 1.0, 60.0
 
 
 class Core:
@@ -141,6 +140,7 @@ class Core:
                                          in_use=self.runs.work_dirs)
         self.sweeper.start()
         self._spawn(self.recovery.loop, "soaf-recovery")
+        self._publish_versions()  # a core that says it is ready has said what it offers
         log.info("core %s ready: %d service slots, work root %s, plugins from %s",
                  s.node, s.max_services, s.work_root.resolve(), s.plugins.resolve())
 
