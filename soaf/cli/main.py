@@ -170,7 +170,6 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
         the_core = Core(settings, metrics=None if metrics_port is None
                         else (metrics_host, metrics_port))
         the_core.start()
-        settle_heap()
     except SoafError as e:
         raise click.ClickException(str(e))
     signals = {"count": 0}
@@ -184,6 +183,7 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    settle_heap()
     try:
         the_core.run()
     finally:
