@@ -99,23 +99,24 @@ def test_lost_attempts_rerun_until_more_than_max_lost_are_lost(r, prefix):
     _record(r, keys, "svc", "1-1", "running", 1)
     r.hset(keys.service("svc"), mapping={"signal": '"SIGKILL"', "pid": "42",
                                          "work_dir": '"/w/svc"'})
-    verdict, state, attempt, seq, attempts = _reclaim(r, keys, "svc", "1-1", 1)
-    assert (verdict, state, attempt, seq) == (b"run", b"building", 2, 6)
+    verdict, state, attempt, seq, attempts, building = _reclaim(r, keys, "svc", "1-1", 1)
+    assert (verdict, state, attempt, seq, building) == (b"run", b"building", 2, 6, b"1")
     (lost,) = json.loads(attempts)  # the lost attempt, with what it left on the record
     assert (lost["attempt"], lost["state"], lost["node"], lost["signal"], lost["pid"]) == (
         1, "lost", "dead", "SIGKILL", 42)
+    # Lost again before its run wrote its ``building`` event (the run writes it).
     verdict, state, attempt, _, _ = _reclaim(r, keys, "svc", "1-1", 1)
     assert (verdict, attempt) == (b"failed", 2)
     events = stream_events(r, keys.events("svc"))
-    assert [(e["state"], e["attempt"]) for e in events] == [
-        ("lost", 1), ("building", 2), ("lost", 2), ("failed", 2)]
+    assert [(e["state"], e["attempt"], e["seq"]) for e in events] == [
+        ("lost", 1, 5), ("lost", 2, 6), ("failed", 2, 7)]
     assert events[-1]["error"].startswith("lost 2 times: the cores running it kept dying")
     assert events[-1]["failure"] == "lost" and "core dead" in events[-1]["error"]
     assert events[0]["lost_in"] == "running" and events[0]["node"] == "dead"
     assert [a["attempt"] for a in json.loads(r.hget(keys.service("svc"), "attempts"))] == [1, 2]
     # Final now: a further redelivery changes nothing.
     assert _reclaim(r, keys, "svc", "1-1", 5)[0] == b"final"
-    assert len(r.xrange(keys.events("svc"))) == 4
+    assert len(r.xrange(keys.events("svc"))) == 3
 
 
 def test_a_tampered_record_is_reclaimed_without_a_script_error(r, prefix):

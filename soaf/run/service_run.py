@@ -73,12 +73,14 @@ class Claim:
     attempt: int
     seq: int
     attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts' records
+    #: The run writes the claim's ``building`` event (number ``seq``) with its next changes.
+    building: bool = False
 
     @classmethod
     def from_reply(cls, entry_id: str, reply: Any) -> Claim:
         """The claim a ``run`` verdict of the CLAIM (or RECLAIM) script describes."""
-        _verdict, _detail, attempt, seq, attempts = reply
-        return cls(entry_id, int(attempt), int(seq), cls.parse_attempts(attempts))
+        _verdict, _detail, attempt, seq, attempts, building = reply
+        return cls(entry_id, int(attempt), int(seq), cls.parse_attempts(attempts), building == b"1")
 
     @staticmethod
     def parse_attempts(raw: bytes | str) -> list[dict[str, Any]]:
@@ -118,7 +120,7 @@ class ServiceRun:
         enforcer = engines.enforcer
         self.halt = Halt(on_halt=enforcer.poke if enforcer is not None else None)
         self.guard = CallGuard()
-        self._seq = claim.seq
+        self._seq = claim.seq - 1 if claim.building else claim.seq
         self._seq_lock = threading.Lock()
         self._closed = False
         #: The run marker of the last attempt that took a work dir.
@@ -285,6 +287,8 @@ class ServiceRun:
 
     def _run(self, resume: tuple[Attempt, str] | None = None) -> None:
         final: dict[str, Any] | None
+        if resume is None and self.claim.building:
+            self.emit({"state": State.BUILDING.value, "node": self.settings.node})
         try:
             final = self._cached() if resume is None else None
             if final is None:

@@ -50,7 +50,12 @@ UNREAD_CANCEL = "?"
 # the service's cancels-hash entry as read and verified by the core ('' for none), or
 # UNREAD_CANCEL
 # Returns {verdict (run|duplicate|final|cancelled|expired|check), detail, attempt, seq,
-# attempts json|''}
+# attempts json|'', '1' when the core writes the ``building`` event}
+# A claim to run writes who holds the service (state, attempt, node, entry) but leaves its
+# ``building`` event (number ``seq``) to the core, which writes it with the run's next
+# changes: one stream entry and one note for them all, as the writer holds changes that end
+# nothing (soaf.core.writer). The record's ``seq`` stays at the last event written until
+# then. A claim that ends the service (cancelled) writes its event and note itself.
 # Lua cannot check an HMAC, so the core reads the cancels hash, checks the signature and
 # passes what it verified: the service starts cancelled only if the hash still holds that
 # very value. A cancel written after the read is applied by the heartbeat instead. A core
@@ -85,16 +90,17 @@ if ARGV[10] == UNREAD_CANCEL then
 elseif ARGV[10] ~= '' and soaf_call('HGET', KEYS[4], ARGV[1]) == ARGV[10] then
   newstate = 'cancelled'
 end
-local ev = {seq=seq, attempt=attempt, ts=tonumber(ARGV[3]), state=newstate, node=ARGV[4]}
-if newstate == 'cancelled' then ev['error'] = 'cancelled before it started' end
-local evid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
 local fields = {'service_id', cjson.encode(ARGV[1]), 'service', cjson.encode(ARGV[2]),
-  'state', cjson.encode(newstate), 'seq', seq, 'attempt', attempt, 'node', cjson.encode(ARGV[4]),
-  'entry', cjson.encode(ARGV[5]), newstate .. '_at', ARGV[3], 'event_id', cjson.encode(evid),
-  'plugin_version', ARGV[8]}
+  'state', cjson.encode(newstate), 'attempt', attempt, 'node', cjson.encode(ARGV[4]),
+  'entry', cjson.encode(ARGV[5]), newstate .. '_at', ARGV[3], 'plugin_version', ARGV[8]}
 if newstate == 'cancelled' then
-  table.insert(fields, 'error')
-  table.insert(fields, '"cancelled before it started"')
+  local ev = {seq=seq, attempt=attempt, ts=tonumber(ARGV[3]), state=newstate, node=ARGV[4],
+              error='cancelled before it started'}
+  local evid = soaf_call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'data', cjson.encode(ev))
+  for _, v in ipairs({'seq', seq, 'event_id', cjson.encode(evid), 'error',
+                      '"cancelled before it started"'}) do
+    table.insert(fields, v)
+  end
 end
 if not rec.submitted_at then
   table.insert(fields, 'submitted_at')
@@ -104,9 +110,11 @@ redis.call('HSET', KEYS[1], unpack(fields))
 if rec.waiting_for then redis.call('HDEL', KEYS[1], 'waiting_for') end
 if newstate == 'cancelled' then soaf_call('HDEL', KEYS[4], ARGV[1]) end
 if not rec.submitted_at then soaf_call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[1]) end
-redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=seq, state=newstate}))
-return {newstate == 'cancelled' and 'cancelled' or 'run', newstate, attempt, seq,
-  rec.attempts or ''}
+if newstate == 'cancelled' then
+  redis.call('PUBLISH', ARGV[6], cjson.encode({id=ARGV[1], seq=seq, state=newstate}))
+  return {'cancelled', newstate, attempt, seq, rec.attempts or '', '0'}
+end
+return {'run', newstate, attempt, seq, rec.attempts or '', '1'}
 """
 
 # KEYS: record, events, cancels hash, control stream
