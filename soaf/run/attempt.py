@@ -366,7 +366,8 @@ class Attempt:
         service.outcome = outcome.state
 
         def after() -> Any:
-            files = self._last_look or workdir.list_files(service.work_dir)
+            files = self._last_look  # (an empty last look is an answer too)
+            files = workdir.list_files(service.work_dir) if files is None else files
             return call_callback(service, AFTER, handler.after_watch_callback, service, files)
 
         sets = service.progress_sets
