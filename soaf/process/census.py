@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from soaf.process.identity import Stat, read_stat
+from soaf.process.identity import Stat, read_proc, read_stat
 
 #: The environment variable that marks a run's processes.
 RUN_VAR = "SOAF_RUN"
@@ -37,7 +37,7 @@ def environ_of(pid: int) -> bytes:
     process is between fork and the end of its exec (the kernel sets the new image's
     environment last: a parent's ``Popen`` may return before it is there)."""
     try:
-        return (_PROC / str(pid) / "environ").read_bytes()
+        return read_proc(f"/proc/{pid}/environ")
     except OSError:
         return b""
 

@@ -28,17 +28,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from soaf.process.census import RUN_VAR, census, token_of
-from soaf.process.identity import read_stat
+from soaf.process.identity import read_proc, read_stat
 
 log = logging.getLogger(__name__)
 
 #: Seconds ``end`` waits for the killed processes to be reaped.
 END_WAIT = 2.0
-
-_PROC = Path("/proc")
 
 
 def new_token(service_id: str, attempt: int) -> str:
@@ -49,7 +46,7 @@ def new_token(service_id: str, attempt: int) -> str:
 def _leaders(pid: int) -> tuple[int, int]:
     """(process group, session) of ``pid``; (0, 0) when it is gone."""
     try:
-        data = (_PROC / str(pid) / "stat").read_bytes()
+        data = read_proc(f"/proc/{pid}/stat")
         rest = data[data.rindex(b")") + 2:].split()
         return int(rest[2]), int(rest[3])
     except (OSError, ValueError, IndexError):
@@ -57,16 +54,17 @@ def _leaders(pid: int) -> tuple[int, int]:
 
 
 def direct_children(pid: int) -> set[int]:
-    """The children of ``pid``, from its threads' ``children`` files."""
+    """The children of ``pid``, from its threads' ``children`` files (a core has dozens of
+    threads, and this runs a few times a second while services end: read_proc)."""
     found: set[int] = set()
+    tasks = f"/proc/{pid}/task"
     try:
-        tasks = os.listdir(_PROC / str(pid) / "task")
+        names = os.listdir(tasks)
     except OSError:
         return found
-    for task in tasks:
+    for task in names:
         try:
-            found.update(int(c) for c in (_PROC / str(pid) / "task" / task / "children")
-                         .read_bytes().split())
+            found.update(map(int, read_proc(f"{tasks}/{task}/children").split()))
         except (OSError, ValueError):
             continue
     return found
@@ -76,14 +74,14 @@ def _parents() -> dict[int, int]:
     """pid -> parent pid of every process in /proc."""
     parents: dict[int, int] = {}
     try:
-        names = os.listdir(_PROC)
+        names = os.listdir("/proc")
     except OSError:
         return parents
     for name in names:
         if not name.isdigit():
             continue
         try:
-            data = (_PROC / name / "stat").read_bytes()
+            data = read_proc(f"/proc/{name}/stat")
             parents[int(name)] = int(data[data.rindex(b")") + 2:].split()[1])
         except (OSError, ValueError, IndexError):
             continue
@@ -115,7 +113,7 @@ def _carries(pid: int, needle: bytes) -> int | None:
     except OSError:
         return None
     try:
-        environ = (_PROC / str(pid) / "environ").read_bytes()
+        environ = read_proc(f"/proc/{pid}/environ")
     except OSError:
         environ = b""
     if needle in environ.split(b"\0"):
