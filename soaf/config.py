@@ -255,6 +255,9 @@ class Settings:
     reload_poll: float = DEFAULT_RELOAD_POLL
     reload_debounce: float = DEFAULT_RELOAD_DEBOUNCE
     file_poll: float = DEFAULT_FILE_POLL
+    #: The CPU the ``soaf core`` command keeps its threads on: auto, off or a CPU number
+    #: (soaf.core.cpuhome).
+    core_cpu: str = "auto"
     reload_timeout: float = DEFAULT_RELOAD_TIMEOUT
     reload_watch: bool = True
     kill_grace: float = DEFAULT_KILL_GRACE
@@ -297,6 +300,7 @@ class Settings:
             "reload_poll": _env_float("SOAF_RELOAD_POLL", DEFAULT_RELOAD_POLL),
             "reload_debounce": _env_float("SOAF_RELOAD_DEBOUNCE", DEFAULT_RELOAD_DEBOUNCE),
             "file_poll": _env_float("SOAF_FILE_POLL", DEFAULT_FILE_POLL),
+            "core_cpu": os.environ.get("SOAF_CORE_CPU", "auto").strip().lower() or "auto",
             "reload_timeout": _env_float("SOAF_RELOAD_TIMEOUT", DEFAULT_RELOAD_TIMEOUT),
             "reload_watch": os.environ.get("SOAF_RELOAD_WATCH", "1") not in ("0", "false", "no"),
             "kill_grace": _env_float("SOAF_KILL_GRACE", DEFAULT_KILL_GRACE),
@@ -339,6 +343,9 @@ class Settings:
         for name in ("cpus", "memory_mb"):
             if getattr(self, name) is not None and not 0 < getattr(self, name) < float("inf"):
                 raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}")
+        if self.core_cpu not in ("auto", "off") and not self.core_cpu.isdigit():
+            raise ConfigError(f"core CPU (--core-cpu/SOAF_CORE_CPU) must be auto, off or a "
+                              f"CPU number, got {self.core_cpu!r}")
         if self.max_payload < 1024:
             raise ConfigError(f"max payload must be at least 1024 bytes, got {self.max_payload}")
         if not self.node or any(c in self.node for c in " :{}"):

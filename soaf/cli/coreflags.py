@@ -28,6 +28,10 @@ _OPTIONS = [
                  help="Seconds between checks of a running service's work dir for new files "
                       f"(0: only every watch_interval). Env SOAF_FILE_POLL. Default: "
                       f"{config.DEFAULT_FILE_POLL:g}."),
+    click.option("--core-cpu", metavar="auto|off|N",
+                 help="The CPU this core's own threads share (its programs get every CPU): "
+                      "auto picks the least busy one and moves when others crowd it, off "
+                      "leaves them to the kernel. Env SOAF_CORE_CPU. Default: auto."),
     click.option("--log-max-bytes", type=click.IntRange(min=16 * 1024), metavar="BYTES",
                  help="Largest stdout/stderr file per service (the tail is kept). "
                       f"Env SOAF_LOG_MAX_BYTES. Default: {config.DEFAULT_LOG_MAX_BYTES}."),
@@ -86,7 +90,7 @@ _OPTIONS = [
 SETTINGS_FLAGS = ("kill_grace", "callback_timeout", "file_poll", "log_max_bytes", "log_interval",
                   "log_lines", "reload_poll", "reload_debounce", "reload_timeout", "reload_watch",
                   "heartbeat_interval", "heartbeat_ttl", "record_ttl", "max_payload_age",
-                  "max_submit_delay", "durable_replicas", "fetch_timeout")
+                  "max_submit_delay", "durable_replicas", "fetch_timeout", "core_cpu")
 #: Flags that set a variable read where it is used.
 ENV_FLAGS = {"redis_server": "SOAF_REDIS_SERVER", "host_id": "SOAF_HOST_ID"}
 

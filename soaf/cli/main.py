@@ -154,6 +154,7 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
     Redis a key is created in the state dir when none is given. See SECURITY.md.
     """
     from soaf.config import Settings
+    from soaf.core.cpuhome import CpuHome
     from soaf.core.daemon import Core
     from soaf.core.heap import settle_heap
 
@@ -184,9 +185,12 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     settle_heap()
+    home = CpuHome(settings.core_cpu)
+    home.start()  # after the start: the spawner and Redis were started with every CPU
     try:
         the_core.run()
     finally:
+        home.stop()
         log.info("stopping: %s %d running services (a second signal forces)",
                  "draining" if drain and signals["count"] < 2 else "stopping",
                  the_core.running())

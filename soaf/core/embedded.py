@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from soaf.errors import EmbeddedRedisError
+from soaf.process import affinity
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ class EmbeddedRedis:
                 "--daemonize", "no", "--save", "", "--logfile", str(logfile),
                 "--protected-mode", "yes"]  # fmt: skip
         try:  # stderr into the log too: config errors are printed before the log opens
-            with open(logfile, "ab") as out:
+            with open(logfile, "ab") as out, affinity.spread():
                 proc = subprocess.Popen(args, start_new_session=True, stdin=subprocess.DEVNULL,
                                         stdout=out, stderr=out)  # fmt: skip
         except OSError as e:

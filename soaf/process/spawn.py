@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from soaf.errors import ProgramError
-from soaf.process import shim
+from soaf.process import affinity, shim
 from soaf.process.reaper import Reaper
 from soaf.process.spawner import SpawnerGone
 from soaf.process.stop import GroupStop, GroupStopping, killpg
@@ -250,7 +250,8 @@ class Process(GroupStopping):
                 self.usage.shimmed = False
         try:
             # O_APPEND: the output files may be trimmed at their head while the program runs.
-            with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err, \
+                    affinity.spread():  # the program gets every CPU, not the core's one
                 self.started_at = time.monotonic()
                 self._popen = subprocess.Popen(
                     argv,

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from soaf.process import spawnserver
+from soaf.process import affinity, spawnserver
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,12 @@ class Spawner:
         mine_r, theirs_r = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         mine_e, theirs_e = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", spawnserver.__file__,
-                 str(theirs_r.fileno()), str(theirs_e.fileno())],
-                pass_fds=(theirs_r.fileno(), theirs_e.fileno()), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, cwd="/", start_new_session=True)
+            with affinity.spread():  # its programs get every CPU, not the core's one
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", spawnserver.__file__,
+                     str(theirs_r.fileno()), str(theirs_e.fileno())],
+                    pass_fds=(theirs_r.fileno(), theirs_e.fileno()), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, cwd="/", start_new_session=True)
         except OSError as e:
             log.warning("cannot start the spawner (%s); programs run under the shim", e)
             for s in (mine_r, theirs_r, mine_e, theirs_e):
