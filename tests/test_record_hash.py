@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 from soaf.protocol.state import ServiceRecord
 
 
@@ -16,3 +19,21 @@ def test_record_fields_decode_as_json_and_anything_else_as_text():
     assert record.error == "not json"
     assert record.message == "\ufffd\ufffd bytes"  # not UTF-8: replaced, not refused
     assert record.node == "n\u00e9"  # UTF-8 text that is not JSON
+
+
+def test_from_hash_reads_each_value_as_json_loads_would():
+    """Values are read by the JSON scanner directly; whatever it does not take whole goes
+    to the full decoder, so the record is the same as json.loads makes it (text that is not
+    JSON stays text)."""
+    values = ['1', '"x"', 'null', '  1 ', '1 2', '', '{"a": [1, 2.5, null]}', 'true',
+              '-Infinity', '"\\u00e9"', '[1,', '1795918925.1909568', ' ', 'abc', '"a" b']
+    record = ServiceRecord.from_hash("x", {f"k{i}".encode(): v.encode()
+                                           for i, v in enumerate(values)})
+    for i, text in enumerate(values):
+        try:
+            expected = json.loads(text)
+        except ValueError:
+            expected = text
+        assert record.raw[f"k{i}"] == expected, text
+    nan = ServiceRecord.from_hash("x", {b"v": b"NaN"}).raw["v"]
+    assert math.isnan(nan)
