@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from soaf.protocol.state import ServiceRecord
+import pytest
+
+from soaf.protocol.state import ServiceRecord, as_json, encode_json
 
 
 def test_record_fields_decode_as_json_and_anything_else_as_text():
@@ -37,3 +39,15 @@ def test_from_hash_reads_each_value_as_json_loads_would():
         assert record.raw[f"k{i}"] == expected, text
     nan = ServiceRecord.from_hash("x", {b"v": b"NaN"}).raw["v"]
     assert math.isnan(nan)
+
+
+def test_values_are_encoded_as_json_dumps_would_and_a_cycle_is_refused():
+    values = [{"a": [1, 2.5, None, True, "\u00e9"]}, ["true"], {1: 2}, {"x": b"y"},
+              {"n": float("nan")}, [[[]]], {"k": {"z": -0.0}}, (1, 2), {"s": {1}},
+              "text", 3, 2.5, None]
+    for value in values:
+        assert encode_json(value) == as_json(value) == json.dumps(value, default=str)
+    cyclic: dict = {}
+    cyclic["self"] = cyclic
+    with pytest.raises(ValueError, match="Circular reference"):
+        encode_json(cyclic)

@@ -87,7 +87,26 @@ class Change:
         return [self.seq, "{" + ", ".join(parts) + "}", state, len(pairs) // 2, *pairs]
 
 
-_encode = json.JSONEncoder(default=str).encode
+_CHECKED = json.JSONEncoder(default=str).encode
+#: The C encoder json.dumps builds anew on every call for a dict or a list, built once.
+#: Without the bookkeeping that finds a value containing itself (``markers`` None): such a
+#: value runs out of recursion, and the checking encoder then says what is wrong.
+_C_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+_ONCE = None if _C_ENCODER is None else _C_ENCODER(
+    None, str, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+
+
+def encode_json(value: Any) -> str:
+    """``json.dumps(value, default=str)``, the same text, without building an encoder:
+    the core encodes the values of every change and its journals (a few dozen a run)."""
+    if _ONCE is None:
+        return _CHECKED(value)
+    try:
+        return "".join(_ONCE(value, 0))
+    except RecursionError:
+        return _CHECKED(value)
+
+
 _DECODER = json.JSONDecoder()
 _scan = json.scanner.make_scanner(cast(Any, _DECODER))  # (typeshed wants its own type)
 
@@ -118,7 +137,7 @@ def as_json(value: Any) -> str:
         return float.__repr__(value)
     if value is None:
         return "null"
-    return _encode(value)
+    return encode_json(value)
 
 
 def record_call(keys: Keys, changes: list[Change], *, record_ttl: float = 0,

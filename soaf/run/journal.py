@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from soaf.process.identity import ProcIdentity
+from soaf.protocol.state import encode_json
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,6 @@ class Journal:
 
 
 _FIELDS = tuple(f.name for f in fields(Journal))
-#: ``json.dumps(..., default=str)`` without building an encoder per call.
-_encode = json.JSONEncoder(default=str).encode
 #: The fields a line of changes (``RunJournal.calling``) may set.
 _CHANGES = frozenset({"in_call", "died_in"})
 
@@ -319,7 +318,7 @@ class RunJournal:
 
     def save(self) -> None:
         """Append the whole journal as one line."""
-        line = _encode(self.data.to_dict()) + "\n"
+        line = encode_json(self.data.to_dict()) + "\n"
         if self._written > MAX_JOURNAL_BYTES:  # a long run's callbacks: start afresh
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(line)

@@ -29,7 +29,11 @@ class _Worker:
     def __init__(self, pool: ThreadPool) -> None:
         self.pool = pool
         self.task: Task | None = None
-        self.given = threading.Event()
+        #: Held while the worker has no task; ``ThreadPool.start`` releases it with one. A
+        #: bare lock hands a task over in a fraction of an Event's time (an Event is a
+        #: Condition in Python, with a new lock for every wait), once per run.
+        self.given = threading.Lock()
+        self.given.acquire()
 
     def loop(self) -> None:
         me = threading.current_thread()
@@ -64,7 +68,7 @@ class ThreadPool:
                 self.created += 1
         if worker is not None:
             worker.task = (target, name)
-            worker.given.set()
+            worker.given.release()
             return
         worker = _Worker(self)
         worker.task = (target, name)
@@ -76,15 +80,14 @@ class ThreadPool:
 
     def next_task(self, worker: _Worker) -> Task | None:
         """Wait (idle) for the next task of ``worker``; None when it should end."""
-        worker.given.clear()
         with self._lock:
             self._idle.append(worker)
-        if not worker.given.wait(self.idle_seconds):
+        if not worker.given.acquire(timeout=self.idle_seconds):
             with self._lock:
                 if worker in self._idle:  # nobody took it meanwhile: end
                     self._idle.remove(worker)
                     return None
-            worker.given.wait()  # taken as the wait ran out: its task is on the way
+            worker.given.acquire()  # taken as the wait ran out: its task is on the way
         task, worker.task = worker.task, None
         return task
 
