@@ -203,3 +203,25 @@ def test_a_claim_that_reads_the_cancels_hash_itself_hands_an_entry_back(r, prefi
     r.set(keys.cancels, "junk")  # dropped, as a claim with a verified entry would
     assert CLAIM.run(r, claim, args)[:2] == [b"run", b"building"]
     assert r.type(keys.cancels) == b"none"
+
+
+def test_the_journal_goes_to_the_record_once_a_call_and_into_no_event(r, prefix):
+    """A run's journal is for a core that takes the run over, not for followers: the
+    record keeps the newest of a call's journals, the events carry none."""
+    keys = Keys(prefix)
+    r.hset(keys.service("svc"), mapping={"state": '"building"', "seq": 2, "attempt": 1,
+                                         "submitted_at": time.time()})
+    changes = [Change("svc", 1, 3, {"state": "preparing", "journal": {"steps": ["built"]}}),
+               Change("svc", 1, 4, {"state": "running", "journal": {"steps": ["running"]}}),
+               Change("svc", 1, 5, {"progress": 0.5}),
+               Change("svc", 1, 6, {"journal": {"steps": ["exited"]}}),
+               Change("svc", 1, 7, {"progress": 0.75})]
+    _, args = record_call(keys, changes)
+    assert sum(arg == "journal" for arg in args) == 1  # sent once
+    assert record(r, keys, changes) == 5
+    assert json.loads(r.hget(keys.service("svc"), "journal")) == {"steps": ["exited"]}
+    events = stream_events(r, keys.events("svc"))
+    assert [e["seq"] for e in events] == [3, 4, 5, 6, 7]
+    assert not any("journal" in e for e in events)
+    assert events[0]["state"] == "preparing" and events[3] == {"seq": 6, "attempt": 1,
+                                                               "ts": events[3]["ts"]}

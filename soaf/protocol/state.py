@@ -56,6 +56,11 @@ EVENTS_MAXLEN = 1000
 
 FIELD_PREFIX = "f:"
 
+#: The record field holding a run's journal (soaf.run.journal): what a core needs to take
+#: the run over. It is no event's business (followers and the dashboard never show it),
+#: and events that each carried it were half journal.
+JOURNAL = "journal"
+
 
 @dataclass
 class Change:
@@ -75,11 +80,17 @@ class Change:
     #: applied (or had been, by an earlier try) and False if a newer attempt fenced it out.
     on_written: Callable[[bool], None] | None = field(default=None, repr=False)
 
-    def flat(self) -> list[Any]:
-        """This change's part of RECORD_LUA's ARGV (each value JSON-encoded once)."""
+    def flat(self, *, journal: bool = True) -> list[Any]:
+        """This change's part of RECORD_LUA's ARGV (each value JSON-encoded once). The
+        ``journal`` goes to the record only, never into the event, and only with
+        ``journal``: a later change written in the same call carries a newer one."""
         pairs: list[str] = []
         parts = [f'"seq": {self.seq}, "attempt": {self.attempt}, "ts": {self.ts!r}']
         for key, value in self.values.items():
+            if key == JOURNAL:
+                if journal:
+                    pairs += (key, as_json(value))
+                continue
             encoded = as_json(value)
             pairs += (key, encoded)
             parts.append(f"{_quote(key)}: {encoded}")
@@ -146,8 +157,11 @@ def record_call(keys: Keys, changes: list[Change], *, record_ttl: float = 0,
     order). With ``finish`` the entries the changes acknowledge are finished in the same
     call, their records aging for ``record_ttl`` seconds (0: kept)."""
     keys_, args = _record_head(keys, changes, record_ttl, finish)
-    for change in changes:
-        args += change.flat()
+    # The record keeps one journal, and the script applies a call's changes in order (all
+    # of them from the first it applies on): the last journal of the call is the one kept.
+    last = max((i for i, change in enumerate(changes) if JOURNAL in change.values), default=-1)
+    for i, change in enumerate(changes):
+        args += change.flat(journal=i == last)
     return keys_, args
 
 
