@@ -40,6 +40,7 @@ def test_threads_share_one_cpu_and_what_they_start_under_spread_gets_all():
                 for tid in os.listdir("/proc/self/task")}
         show = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
         with affinity.spread():
+            affinity.home_threads(frozenset({before[-1]}))  # another look leaves it spread
             spread = subprocess.run(show, capture_output=True, text=True).stdout
         pinned = subprocess.run(show, capture_output=True, text=True).stdout
         print(json.dumps({"before": before, "olds": [list(o) for o in olds], "later": later[0],

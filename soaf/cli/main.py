@@ -186,7 +186,10 @@ def core(redis_url: str | None, work_root: Path | None, plugins: Path | None, no
     signal.signal(signal.SIGINT, on_signal)
     settle_heap()
     home = CpuHome(settings.core_cpu)
-    home.start()  # after the start: the spawner and Redis were started with every CPU
+    try:  # after the start: the spawner and Redis were started with every CPU
+        home.start()
+    except Exception:  # a speed-up: the core runs without it
+        log.exception("cannot keep the core's threads on one CPU; they stay spread")
     try:
         the_core.run()
     finally:

@@ -20,12 +20,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
 #: The CPUs the process had before its threads were given a home (None: no home).
 _SPREAD: frozenset[int] | None = None
+#: Threads inside ``spread()`` (native ids), which ``home_threads`` leaves alone: a thread
+#: moved back home between its ``spread()`` and its start of a process would give that
+#: process (a spawner, and so every program) one CPU.
+_SPREADING: set[int] = set()
+_LOCK = threading.Lock()
 
 
 def available() -> frozenset[int] | None:
@@ -49,23 +55,17 @@ def home_threads(cpus: frozenset[int]) -> int:
     if _SPREAD is None:
         _SPREAD = available()
     moved = 0
-    for tid in _threads():
-        try:
-            if frozenset(os.sched_getaffinity(tid)) != cpus:
-                os.sched_setaffinity(tid, cpus)
-                moved += 1
-        except OSError:  # the thread has just ended
-            continue
+    with _LOCK:  # (a thread entering spread() meanwhile waits, so it is never moved)
+        for tid in _threads():
+            if tid in _SPREADING:
+                continue
+            try:
+                if frozenset(os.sched_getaffinity(tid)) != cpus:
+                    os.sched_setaffinity(tid, cpus)
+                    moved += 1
+            except OSError:  # the thread has just ended
+                continue
     return moved
-
-
-def release_threads() -> None:
-    """Give every thread back the CPUs the process had before ``home_threads``."""
-    global _SPREAD
-    spread, _SPREAD = _SPREAD, None
-    if spread is not None:
-        home_threads(spread)
-        _SPREAD = None
 
 
 @contextlib.contextmanager
@@ -76,18 +76,20 @@ def spread() -> Iterator[None]:
     if cpus is None:
         yield
         return
-    home = available()
-    try:
-        os.sched_setaffinity(0, cpus)
-    except OSError:
-        yield
-        return
+    me = threading.get_native_id()
+    with _LOCK:
+        _SPREADING.add(me)
+        home = available()
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cpus)
     try:
         yield
     finally:
-        if home is not None:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(0, home)
+        with _LOCK:
+            if home is not None:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, home)
+            _SPREADING.discard(me)
 
 
 def _threads() -> list[int]:
