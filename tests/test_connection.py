@@ -51,3 +51,40 @@ def test_redact_hides_passwords_and_keeps_unix_paths():
     assert redact("unix://:s3cret@/tmp/r.sock") == "unix://:***@/tmp/r.sock"
     assert redact("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
     assert redact("rediss://host:6380") == "rediss://host:6380"
+
+
+PACKED = [
+    ("SET", "key", "value"),
+    ("EVALSHA", "f" * 40, 2, "k1", "k2", 0.1, 1e20, -3, 17, "é", b"\x00raw"),
+    ("SET", bytearray(b"ba"), memoryview(b"mv")),  # what hiredis refuses at first
+    (b"CLIENT SETNAME", "soaf"),  # a command of two words, as redis-py sends some
+    ("CLIENT SETNAME", "soaf"),
+]
+
+
+@pytest.mark.parametrize("args", PACKED)
+def test_packer_packs_what_redis_py_packs(args: tuple) -> None:
+    from redis.connection import HiredisRespSerializer
+
+    from soaf.protocol.connection import Packer
+
+    assert Packer().pack(*args) == HiredisRespSerializer().pack(*args)
+
+
+@pytest.mark.parametrize("bad", [None, [1], {"a": 1}])
+def test_packer_refuses_what_redis_py_refuses(bad: object) -> None:
+    import redis
+
+    from soaf.protocol.connection import Packer
+
+    with pytest.raises(redis.DataError):
+        Packer().pack("SET", "key", bad)
+
+
+def test_connections_pack_with_the_packer() -> None:
+    from soaf.protocol.connection import Packer
+
+    client = connect("redis://localhost:6379/0")
+    connection = client.connection_pool.make_connection()
+    assert isinstance(connection._command_packer, Packer)
+    client.close()

@@ -65,6 +65,11 @@ BUSY_HOLD = 0.5
 BUSY = 16
 
 
+#: A queued item: when it was queued, the item, its service and attempt (None for what is
+#: not a change), and whether it goes to Redis at once.
+_Queued = tuple[float, "Change | Writable", "tuple[str, int] | None", bool]
+
+
 def _at_once(item: Change | Writable) -> bool:
     """Whether ``item`` goes to Redis at once: a final state (it acknowledges its entry),
     a change someone waits for, and whatever is not a change (log lines)."""
@@ -82,13 +87,13 @@ class StateWriter:
             log.info("final states count as written once %d replica(s) hold them", replicas)
         self._keys = keys
         self._record_ttl = record_ttl
-        #: (when queued, item), in the order they were put.
-        self._queue: collections.deque[tuple[float, Change | Writable]] = collections.deque()
+        #: What is queued, in the order it was put.
+        self._queue: collections.deque[_Queued] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
         self._flushing = 0  # threads in ``flush``: nothing is held back for them
-        self._urgent = False  # the queue holds a change to write now
+        self._urgent = 0  # queued changes to write now
         self._since = 0.0  # when the oldest queued change was queued (monotonic)
         self.hold = HOLD
         self.busy_hold = BUSY_HOLD
@@ -109,6 +114,7 @@ class StateWriter:
         if self.observe is not None and isinstance(change, Change):
             self.observe(change)
         urgent = _at_once(change)
+        key = (change.service_id, change.attempt) if isinstance(change, Change) else None
         now = time.monotonic()
         with self._cond:
             if not self._queue:
@@ -116,10 +122,10 @@ class StateWriter:
                 wake = True
             else:  # the writer is writing, or holds what is queued and wakes when it is due
                 wake = urgent and not self._urgent
-            self._urgent = self._urgent or urgent
-            self._queue.append((now, change))
-            if isinstance(change, Change):
-                self._waiting[change.service_id, change.attempt] += 1
+            self._urgent += urgent
+            self._queue.append((now, change, key, urgent))
+            if key is not None:
+                self._waiting[key] += 1
             if wake:
                 self._cond.notify()
 
@@ -151,42 +157,39 @@ class StateWriter:
     def _hold(self) -> float:
         return self.busy_hold if len(self._waiting) > BUSY else self.hold
 
-    def _take(self) -> list[Change | Writable]:
+    def _take(self) -> list[_Queued]:
         """Take the next batch off the queue (under the lock): everything, or while
         holding only the services that have a change to send now or waited ``hold``."""
         queue = self._queue
         if not self._held_back():
-            first = [queue.popleft()[1] for _ in range(min(BATCH, len(queue)))]
+            first = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
             self._settle(first)
             return first
         due = time.monotonic() - self._hold()
-        send: set[tuple[str, int]] = set()
-        for at, item in queue:
-            if isinstance(item, Change) and (at <= due or _at_once(item)):
-                send.add((item.service_id, item.attempt))
-        batch: list[Change | Writable] = []
-        kept: collections.deque[tuple[float, Change | Writable]] = collections.deque()
-        for at, item in queue:
-            if len(batch) < BATCH and (not isinstance(item, Change)
-                                       or (item.service_id, item.attempt) in send):
-                batch.append(item)
+        send = {key for at, _, key, urgent in queue
+                if key is not None and (urgent or at <= due)}
+        batch: list[_Queued] = []
+        kept: collections.deque[_Queued] = collections.deque()
+        for entry in queue:
+            if len(batch) < BATCH and (entry[2] is None or entry[2] in send):
+                batch.append(entry)
             else:
-                kept.append((at, item))
+                kept.append(entry)
         self._queue = kept
         self._settle(batch)
         return batch
 
-    def _settle(self, moved: list[Change | Writable], *, back: bool = False) -> None:
-        """Recompute, after ``moved`` left the queue (or came ``back`` to it), how many
-        services have changes waiting and when the oldest change is due."""
+    def _settle(self, moved: list[_Queued], *, back: bool = False) -> None:
+        """Recount, after ``moved`` left the queue (or came ``back`` to it), how many
+        services have changes waiting, how many changes are due now, and when the oldest
+        change is due."""
         waiting, step = self._waiting, 1 if back else -1
-        for item in moved:
-            if isinstance(item, Change):
-                key = (item.service_id, item.attempt)
+        for _, _, key, urgent in moved:
+            if key is not None:
                 waiting[key] += step
                 if waiting[key] <= 0:
                     del waiting[key]
-        self._urgent = any(_at_once(item) for _, item in self._queue)
+            self._urgent += step * urgent
         self._since = self._queue[0][0] if self._queue else 0.0
 
     def _held_back(self) -> bool:
@@ -217,12 +220,13 @@ class StateWriter:
                     if held <= 0:
                         break
                     self._cond.wait(held)
-                batch = self._take()
+                taken = self._take()
                 self._busy = True
+            batch = [item for _, item, _, _ in taken]
             try:
                 self._write(batch)
             except (redis.ConnectionError, redis.TimeoutError) as e:
-                self._keep(batch)
+                self._keep(taken)
                 if self.connected:
                     log.warning("Redis unreachable (%s); keeping %d state changes until it is back",
                                 e, len(self._queue))
@@ -233,7 +237,7 @@ class StateWriter:
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             except NotReplicated as e:
-                self._keep(batch)
+                self._keep(taken)
                 log.warning("keeping %d state changes to send again: %s", len(batch), e)
                 if self._stopping:
                     return
@@ -252,11 +256,11 @@ class StateWriter:
                 self.written += len(batch)
                 self._cond.notify_all()
 
-    def _keep(self, batch: list[Change | Writable]) -> None:
+    def _keep(self, taken: list[_Queued]) -> None:
         """A batch Redis did not take goes back to the front, to be sent first."""
         with self._cond:
-            self._queue.extendleft((0.0, item) for item in reversed(batch))
-            self._settle(batch, back=True)
+            self._queue.extendleft((0.0, *entry[1:]) for entry in reversed(taken))
+            self._settle(taken, back=True)
             self._busy = False
 
     def _finish(self, calls: list[tuple[list[Change], int]]) -> None:

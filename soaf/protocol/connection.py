@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -53,11 +54,36 @@ RETRY_BACKOFF = {"cap": 0.2, "base": 0.02}
 RETRIES = 2
 
 
+class Packer:
+    """redis-py's command packer for hiredis, the same bytes for less CPU: redis-py's own
+    turns every argument over in Python first (is it a bytearray or a memoryview?), about
+    0.1 µs each, and a state write has a hundred. Here hiredis takes the arguments as
+    they are, and only what it refuses is turned over, then packed again (or refused
+    as redis-py refuses it)."""
+
+    def pack(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str):
+            args = (*first.encode().split(), *args[1:])
+        elif b" " in first:
+            args = (*first.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:
+            args = tuple(bytes(arg) if isinstance(arg, (bytearray, memoryview)) else arg
+                         for arg in args)
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError as e:
+                raise redis.DataError(e) from e
+
+
 def connect(url: str, *, blocking: bool = False, name: str | None = None,
             timeout: float | None = None) -> redis.Redis:
     """A redis-py client for ``url``; ``blocking=True`` for connections that BLOCK."""
     opts = {**options(blocking=blocking, name=name, timeout=timeout),
-            "retry": Retry(ExponentialBackoff(**RETRY_BACKOFF), RETRIES)}
+            "retry": Retry(ExponentialBackoff(**RETRY_BACKOFF), RETRIES),
+            "command_packer": Packer()}
     if sentinel.is_sentinel(url):
         from redis.sentinel import Sentinel
 
