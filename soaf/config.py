@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,22 @@ URL_FILE = "redis.url"
 
 def host_name() -> str:
     """This machine's identity wherever soaf compares hosts: ``SOAF_HOST_ID`` when set
-    (tests; containers that share a kernel but not their processes), else the host name."""
-    return os.environ.get("SOAF_HOST_ID") or socket.gethostname()
+    (tests; containers that share a kernel but not their processes), else the host name
+    (asked of the kernel at most once a minute: each run asks twice)."""
+    return os.environ.get("SOAF_HOST_ID") or _kernel_host_name()
+
+
+_HOST: list[Any] = [None, 0.0]  # the host name, and when to ask the kernel again
+HOST_NAME_TTL = 60.0
+
+
+def _kernel_host_name() -> str:
+    name, until = _HOST
+    now = time.monotonic()
+    if name is None or now >= until:
+        name = _HOST[0] = socket.gethostname()
+        _HOST[1] = now + HOST_NAME_TTL
+    return str(name)
 
 
 def state_dir_from_env() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,19 @@ def test_labels_from_env_and_flag(monkeypatch) -> None:
     monkeypatch.setenv("SOAF_HEARTBEAT_TTL", "soon")
     with pytest.raises(ConfigError, match="SOAF_HEARTBEAT_TTL must be a number, got 'soon'"):
         Settings.load()
+
+
+def test_host_name_asks_the_kernel_once_a_minute_and_the_environment_each_time(monkeypatch):
+    from soaf import config
+
+    calls = []
+    monkeypatch.setattr(config.socket, "gethostname", lambda: calls.append(1) or "box")
+    monkeypatch.setattr(config, "_HOST", [None, 0.0])
+    monkeypatch.delenv("SOAF_HOST_ID", raising=False)
+    assert [config.host_name() for _ in range(5)] == ["box"] * 5
+    assert len(calls) == 1
+    monkeypatch.setenv("SOAF_HOST_ID", "other")  # set at run time: seen at once
+    assert config.host_name() == "other"
+    monkeypatch.setattr(config, "_HOST", ["box", time.monotonic() - 1])  # a minute on
+    monkeypatch.delenv("SOAF_HOST_ID")
+    assert config.host_name() == "box" and len(calls) == 2

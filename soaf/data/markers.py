@@ -21,7 +21,7 @@ from pathlib import Path
 
 from soaf.config import host_name
 from soaf.process.identity import pid_exists
-from soaf.protocol.state import FINAL_VALUES
+from soaf.protocol.state import FINAL_VALUES, encode_json
 from soaf.protocol.template import RESERVED_WORK_NAME
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Marker:
     def to_json(self) -> str:
         data = dict(vars(self))
         del data["path"]
-        return json.dumps(data)
+        return encode_json(data)  # json.dumps's text, without an encoder made per call
 
 
 def write_marker(path: Path, marker: Marker) -> None:

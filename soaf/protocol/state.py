@@ -85,7 +85,7 @@ class Change:
         ``journal`` goes to the record only, never into the event, and only with
         ``journal``: a later change written in the same call carries a newer one."""
         pairs: list[str] = []
-        parts = [f'"seq": {self.seq}, "attempt": {self.attempt}, "ts": {self.ts!r}']
+        parts = [f'{{"seq": {self.seq}, "attempt": {self.attempt}, "ts": {self.ts!r}']
         for key, value in self.values.items():
             if key == JOURNAL:
                 if journal:
@@ -93,9 +93,22 @@ class Change:
                 continue
             encoded = as_json(value)
             pairs += (key, encoded)
-            parts.append(f"{_quote(key)}: {encoded}")
+            parts += (_KEYS.get(key) or _key(key), encoded)
+        parts.append("}")
         state = self.values.get("state") or ""
-        return [self.seq, "{" + ", ".join(parts) + "}", state, len(pairs) // 2, *pairs]
+        return [self.seq, "".join(parts), state, len(pairs) // 2, *pairs]
+
+
+#: ``", " + "key": `` of the record fields seen so far: the same few dozen names come in
+#: every service's changes (bounded, as plugins may invent field names).
+_KEYS: dict[str, str] = {}
+
+
+def _key(key: str) -> str:
+    text = f", {_quote(key)}: "
+    if len(_KEYS) < 4096:
+        _KEYS[key] = text
+    return text
 
 
 _CHECKED = json.JSONEncoder(default=str).encode
