@@ -79,6 +79,20 @@ def test_the_default_handler_is_called_only_when_its_files_may_have_changed(tmp_
     assert calls <= 6, made
 
 
+def test_a_program_that_ends_within_the_grace_gets_one_default_look(tmp_path, monkeypatch):
+    """The default handler's first look waits ``FIRST_LOOK_GRACE`` for the program's end:
+    a program that ends within it is listed once, after its end, with its final files."""
+    monkeypatch.setattr(callbacks, "FIRST_LOOK_GRACE", 5.0)
+    service, program, wake, made, thread = run_loop(tmp_path, DefaultHandler(),
+                                                    watch_interval=1)
+    time.sleep(0.2)
+    assert made == ["before_watch_callback"]  # no look yet
+    (tmp_path / "out.txt").write_text("x")
+    end(program, wake, thread)
+    assert made == ["before_watch_callback", "file_change_callback"]
+    assert service.fields["file_count"] == 1
+
+
 def test_the_default_handler_is_called_at_least_every_count_refresh(tmp_path, monkeypatch):
     monkeypatch.setattr(callbacks, "COUNT_REFRESH", 0.3)
     monkeypatch.setattr(callbacks, "MAX_FILE_POLL", 0.1)

@@ -54,6 +54,8 @@ MAX_FILE_POLL = 1.0
 #: Longest sleep of a watcher between two looks at its program (a safety net: an exit
 #: wakes it at once).
 MAX_WAIT = 1.0
+#: Seconds the default handler's loop waits for the program's end before its first look.
+FIRST_LOOK_GRACE = 0.05
 #: Longest sleep of a service's thread while the shared watcher (``_QuietDirs``) or the
 #: program's exit wakes it (a safety net).
 IDLE_WAIT = 30.0
@@ -220,25 +222,29 @@ def callback_loop(
 def _count_loop(handler: WatcherHandler, service: Service, process: Process,
                 call: Callable[..., Any], *, wake: threading.Event) -> list[str] | None:
     """``callback_loop`` for the default handler: its callback sets ``file_count``, so a
-    call with the same files would change nothing. The shared ``_QuietDirs`` thread
-    checks the work dir every ``MAX_FILE_POLL`` and wakes this thread when it may have
-    changed (or the program exited); only then is it listed and the callback called."""
-    entry = _Quiet(DirSignature(str(service.work_dir)), wake, process.exited)
-    _quiet_dirs.add(entry)
-    try:
-        while not process.exited.is_set():
-            if entry.due and not service.stop_requested.is_set():
-                with entry.lock:
-                    files = entry.signature.watch_all()  # (times before listing: none is lost)
-                    entry.refresh = time.monotonic() + COUNT_REFRESH
-                    entry.due = False
-                call("file_change_callback", call_callback, service, "file_change_callback",
-                     handler.file_change_callback, service, files)
-                continue
-            if wake.wait(IDLE_WAIT):
-                wake.clear()
-    finally:
-        _quiet_dirs.remove(entry)
+    call with the same files would change nothing. A program that ends within
+    ``FIRST_LOOK_GRACE`` gets only the look after its end (most end in milliseconds:
+    a first look would list the dir twice for one count). After the grace, the shared
+    ``_QuietDirs`` thread checks the work dir every ``MAX_FILE_POLL`` and wakes this thread
+    when it may have changed (or the program exited); only then is it listed and the
+    callback called."""
+    if not process.exited.wait(FIRST_LOOK_GRACE):
+        entry = _Quiet(DirSignature(str(service.work_dir)), wake, process.exited)
+        _quiet_dirs.add(entry)
+        try:
+            while not process.exited.is_set():
+                if entry.due and not service.stop_requested.is_set():
+                    with entry.lock:
+                        files = entry.signature.watch_all()  # (times before listing: none lost)
+                        entry.refresh = time.monotonic() + COUNT_REFRESH
+                        entry.due = False
+                    call("file_change_callback", call_callback, service, "file_change_callback",
+                         handler.file_change_callback, service, files)
+                    continue
+                if wake.wait(IDLE_WAIT):
+                    wake.clear()
+        finally:
+            _quiet_dirs.remove(entry)
     if service.stop_requested.is_set():
         return None
     files = list_files(service.work_dir)  # once more after the end, as callback_loop
