@@ -250,3 +250,41 @@ def test_a_program_with_a_cgroup_enters_it_before_it_is_executed(tmp_path, spawn
                       stdout=tmp_path / "o", stderr=tmp_path / "e", cgroup=group)
     with pytest.raises(ProgramError, match=r"working directory .* does not exist"):
         nowhere.start(spawning)
+
+
+def test_environments_go_whole_then_as_what_differs():
+    from soaf.process.spawnserver import environment, put_environment
+
+    base = {f"V{i}": str(i) for i in range(20)}
+    first: dict = {}
+    sent = put_environment(first, base, None)
+    assert first["env"] == base and "env_set" not in first and sent == base
+    second: dict = {}
+    env = {**base, "RUN": "token", "V3": "changed"}
+    del env["V4"]
+    assert put_environment(second, env, sent) is sent  # the base stays the whole one
+    assert second == {"env_set": {"RUN": "token", "V3": "changed"}, "env_unset": ["V4"]}
+    assert environment(json.loads(json.dumps(second)), base) == env
+    other = {"ONLY": "this"}  # little in common: whole again, and the new base
+    third: dict = {}
+    assert put_environment(third, other, sent) == other and third["env"] == other
+    with pytest.raises(ValueError):
+        environment({"env_set": {}, "env_unset": []}, None)
+
+
+def test_each_program_gets_its_own_environment_through_the_spawner(tmp_path, spawning):
+    """Requests after the first carry only what differs from the last whole environment:
+    each program still starts with exactly its own (set, changed and removed names)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("A", "B")}
+    envs = [{**base, "A": "1"}, {**base, "A": "2", "B": "x"}, dict(base),
+            {k: v for k, v in base.items() if k != "HOME"}, {"PATH": base.get("PATH", "")}]
+    for i, env in enumerate(envs):
+        out = tmp_path / f"env{i}"
+        p = Process([sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"],
+                    cwd=tmp_path, env=env, stdout=out, stderr=tmp_path / "err.log",
+                    exit_file=tmp_path / f"exit{i}")
+        p.start(spawning)
+        assert p.exited.wait(30) and p.exit is not None and p.exit.exit_code == 0
+        got = json.loads(out.read_text())
+        got.pop("LC_CTYPE", None)  # Python may set it for itself (PEP 538)
+        assert got == {k: v for k, v in env.items() if k != "LC_CTYPE"}, i

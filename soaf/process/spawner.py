@@ -54,6 +54,10 @@ class Spawner:
         self._sent = self._received = 0
         self._replies: dict[int, dict[str, Any]] = {}
         self.gone = False
+        #: The last environment sent whole: later requests send only how theirs differs
+        #: (spawnserver.environment). Most programs run with the core's environment and a
+        #: variable or two more, and the whole one was most of every request.
+        self._env: dict[str, str] | None = None
 
     @classmethod
     def start(cls) -> Spawner | None:
@@ -99,13 +103,15 @@ class Spawner:
 
         Requests from many threads are sent without waiting for one another's replies, so
         the spawner takes whatever has queued up each time it runs."""
-        request = {"argv": argv, "cwd": os.path.abspath(cwd), "env": env,
-                   "stdout": os.path.abspath(stdout), "stderr": os.path.abspath(stderr),
-                   "exit_file": os.path.abspath(exit_file) if exit_file is not None else None,
-                   "cgroup": os.fspath(cgroup) if cgroup is not None else None}
-        with self._lock:
+        request: dict[str, Any] = {
+            "argv": argv, "cwd": os.path.abspath(cwd),
+            "stdout": os.path.abspath(stdout), "stderr": os.path.abspath(stderr),
+            "exit_file": os.path.abspath(exit_file) if exit_file is not None else None,
+            "cgroup": os.fspath(cgroup) if cgroup is not None else None}
+        with self._lock:  # (in the order sent: each delta is from the last whole one)
             if self.gone:
                 raise SpawnerGone
+            self._env = spawnserver.put_environment(request, env, self._env)
             self._sent += 1
             mine = self._sent
             try:

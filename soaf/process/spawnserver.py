@@ -74,6 +74,34 @@ def _exactly(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def put_environment(request: dict[str, Any], env: dict[str, str],
+                    base: dict[str, str] | None) -> dict[str, str]:
+    """Put ``env`` into ``request``: whole (``env``), or as what differs from ``base``, the
+    last one sent whole (``env_set``, ``env_unset``) when that is much less. Returns the
+    environment the next request is to differ from."""
+    if base is not None:
+        changed = {k: v for k, v in env.items() if base.get(k) != v}
+        if len(changed) * 4 <= len(env):
+            request["env_set"] = changed
+            request["env_unset"] = [k for k in base if k not in env]
+            return base
+    request["env"] = env
+    return dict(env)
+
+
+def environment(request: dict[str, Any], base: dict[str, str] | None) -> dict[str, str]:
+    """The environment a request asks for (see ``put_environment``)."""
+    if "env" in request:
+        env: dict[str, str] = request["env"]
+        return env
+    if base is None:
+        raise ValueError("an environment delta came before any whole environment")
+    env = {**base, **request["env_set"]}
+    for name in request["env_unset"]:
+        env.pop(name, None)
+    return env
+
+
 def shell_status(returncode: int) -> int:
     """A returncode as a shell reports it (128+N for signal N): the exit file's first line."""
     return 128 - returncode if returncode < 0 else returncode
@@ -114,6 +142,7 @@ class Server:
         self.requests = requests
         self.events: socket.socket | None = events
         self.leaders: dict[int, str] = {}  # running programs -> their exit files
+        self.env: dict[str, str] | None = None  # the last environment sent whole
         self.spawned = 0
         self.hwm = peak_kb()
         #: The core's niceness, which its programs keep, when this process could raise its
@@ -127,6 +156,12 @@ class Server:
             pass
 
     def spawn(self, m: dict[str, Any]) -> dict[str, Any]:
+        try:
+            m["env"] = environment(m, self.env)
+        except (ValueError, KeyError, TypeError) as e:
+            return {"errno": errno.EINVAL, "strerror": f"bad environment in the request: {e}"}
+        if "env_set" not in m:
+            self.env = m["env"]
         try:
             os.chdir(m["cwd"])
         except OSError as e:
