@@ -51,3 +51,26 @@ def test_values_are_encoded_as_json_dumps_would_and_a_cycle_is_refused():
     cyclic["self"] = cyclic
     with pytest.raises(ValueError, match="Circular reference"):
         encode_json(cyclic)
+
+
+def test_records_read_alike_every_time_and_share_no_mutable_value(monkeypatch):
+    """Field names and short values nobody can change are kept between records (a client
+    reads thousands): a record read again is the same, lists and dicts are its own, and
+    what is kept stays bounded."""
+    from soaf.protocol import state
+
+    monkeypatch.setattr(state, "_TEXTS", {})
+    monkeypatch.setattr(state, "_NAMES", {})
+    monkeypatch.setattr(state, "_KEPT", 8)
+    data = {b"state": b'"running"', b"f:n": b"3", b"f:items": b"[1]", b"node": b"nope \xff",
+            b"error": b"not json", b"ok": b"true", b"big": b"123456"}
+    first, second = (ServiceRecord.from_hash("svc", data) for _ in range(2))
+    assert first == second and first.raw == {
+        "state": "running", "node": "nope \ufffd", "error": "not json", "ok": True,
+        "big": 123456}
+    assert first.fields == {"n": 3, "items": [1]}
+    assert first.fields["items"] is not second.fields["items"]
+    for i in range(20):  # one service's own values: what is kept starts afresh when full
+        ServiceRecord.from_hash(f"s{i}", {b"service_id": f'"s{i}"'.encode()})
+    assert len(state._TEXTS) <= 8 and len(state._NAMES) <= 8
+    assert ServiceRecord.from_hash("svc", data) == first

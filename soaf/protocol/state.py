@@ -286,16 +286,29 @@ class ServiceRecord:
     def from_hash(cls, service_id: str, data: dict[bytes, bytes]) -> ServiceRecord:
         raw: dict[str, Any] = {}
         custom: dict[str, Any] = {}
+        names, texts = _NAMES, _TEXTS
         for k, v in data.items():
-            key = k.decode(errors="replace")
-            try:  # UTF-8 as written (json.loads would first guess the encoding)
-                value = _decode(v.decode())
-            except ValueError:  # not JSON (or not UTF-8): the text as it is
-                value = v.decode(errors="replace")
-            if key.startswith(FIELD_PREFIX):
-                custom[key[len(FIELD_PREFIX):]] = value
+            name = names.get(k)
+            if name is None:
+                key = k.decode(errors="replace")
+                custom_field = key.startswith(FIELD_PREFIX)
+                name = (key[len(FIELD_PREFIX):] if custom_field else key, custom_field)
+                if len(names) < _KEPT:
+                    names[k] = name
+            value = texts.get(v, _MISSING)
+            if value is _MISSING:
+                try:  # UTF-8 as written (json.loads would first guess the encoding)
+                    value = _decode(v.decode())
+                except ValueError:  # not JSON (or not UTF-8): the text as it is
+                    value = v.decode(errors="replace")
+                if len(v) <= _SHORT and _shared(value):
+                    if len(texts) >= _KEPT:
+                        texts.clear()
+                    texts[v] = value
+            if name[1]:
+                custom[name[0]] = value
             else:
-                raw[key] = value
+                raw[name[0]] = value
         state = raw.get("state")
         service = raw.get("service")
         return cls(
@@ -317,6 +330,23 @@ class ServiceRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.raw, "service_id": self.service_id, "fields": self.fields}
+
+
+#: What records' field names and short values read as, kept: a client that waits for
+#: thousands of services reads the same names and many of the same values (states, nodes,
+#: null, small numbers) in each, and reading them cost it more than Redis did. Only values
+#: nobody can change are kept (text, booleans, None, small integers), at most ``_KEPT`` of
+#: each (then the values start afresh: most are one service's own, such as its id).
+_NAMES: dict[bytes, tuple[str, bool]] = {}
+_TEXTS: dict[bytes, Any] = {}
+_KEPT = 4096
+_SHORT = 32
+_MISSING = object()
+
+
+def _shared(value: Any) -> bool:
+    kind = type(value)
+    return value is None or kind is str or kind is bool or (kind is int and -1024 < value < 1024)
 
 
 def as_count(value: Any) -> int:
