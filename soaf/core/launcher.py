@@ -34,9 +34,10 @@ from soaf.protocol.replies import entries, text
 from soaf.protocol.scripts import CLAIM, NOTE, TAKE_SLOT, UNREAD_CANCEL, is_noscript
 from soaf.protocol.state import EVENTS_MAXLEN, FINAL_VALUES
 from soaf.protocol.template import ServiceParamTemplate
+from soaf.run.claim import Claim
 from soaf.run.policy import Needs, needs_for
 from soaf.run.ports import Engines
-from soaf.run.service_run import Claim, ServiceRun
+from soaf.run.service_run import ServiceRun
 
 log = logging.getLogger(__name__)
 

@@ -52,10 +52,11 @@ from soaf.protocol.replies import Entry, Pending, hash_of, pending, text
 from soaf.protocol.scripts import RECLAIM, TAKEOVER_LUA
 from soaf.protocol.state import ServiceRecord, State
 from soaf.protocol.template import ServiceParamTemplate
+from soaf.run.claim import Claim
 from soaf.run.journal import Journal, exit_path, journal_path, load, local_journals, remove_files
 from soaf.run.policy import policy_for
 from soaf.run.recovered import RecoveredRun
-from soaf.run.service_run import Claim, ServiceRun
+from soaf.run.service_run import ServiceRun
 
 log = logging.getLogger(__name__)
 

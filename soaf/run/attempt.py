@@ -126,7 +126,8 @@ class Attempt:
                 policy=self.program_cls.work_dir_policy, last_state=self.host.last_state)
         except Exception as e:
             return Outcome(State.FAILED.value, "plugin", f"work dir: {e}", {"failed_in": "work dir"})
-        self.emit({"work_dir": str(self.work_dir), "host": host_name()})
+        self.host.emit({"work_dir": str(self.work_dir), "host": host_name()},
+                       attempt=self.number, with_building=True)
         journal = self.host.new_journal(self.number, self.work_dir)
         self.service = self._new_service()
         prep = Preparation(self.host, self.number, self.work_dir, self.service, self.call,

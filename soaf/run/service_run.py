@@ -26,12 +26,10 @@ inputs are resolved through ``lookup`` (another service's record).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from soaf.protocol.state import Change, State
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run import cached
 from soaf.run.attempt import Attempt
+from soaf.run.claim import Claim
 from soaf.run.control import CallGuard, Halt, Once, Orphaned
 from soaf.run.journal import RunJournal, needs_note
 from soaf.run.outcome import INTERRUPTED, Outcome
@@ -63,33 +62,6 @@ ATTEMPT_FIELDS = (
     "lost_at", "lost_reason", "requeued_because", "recovered_at", "recovered_as",
     "recovered_from", "exit_status_known", "retrying_at", "retry_at",
 )
-
-
-@dataclass
-class Claim:
-    """What the intake learned when it claimed a stream entry for this core."""
-
-    entry_id: str
-    attempt: int
-    seq: int
-    attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts' records
-    #: The run writes the claim's ``building`` event (number ``seq``) with its next changes.
-    building: bool = False
-
-    @classmethod
-    def from_reply(cls, entry_id: str, reply: Any) -> Claim:
-        """The claim a ``run`` verdict of the CLAIM (or RECLAIM) script describes."""
-        _verdict, _detail, attempt, seq, attempts, building = reply
-        return cls(entry_id, int(attempt), int(seq), cls.parse_attempts(attempts), building == b"1")
-
-    @staticmethod
-    def parse_attempts(raw: bytes | str) -> list[dict[str, Any]]:
-        """The ``attempts`` field a claim returned (JSON text); [] when absent or bad."""
-        try:
-            value = json.loads(raw) if raw else []
-        except ValueError:
-            return []
-        return [a for a in value if isinstance(a, dict)] if isinstance(value, list) else []
 
 
 class ServiceRun:
@@ -123,6 +95,7 @@ class ServiceRun:
         self._seq = claim.seq - 1 if claim.building else claim.seq
         self._seq_lock = threading.Lock()
         self._closed = False
+        self._building: dict[str, Any] | None = None  # (see ``emit``)
         #: The run marker of the last attempt that took a work dir.
         self._marker: markers.Marker | None = None
         #: The journal (soaf.run.journal) of the attempt under way, from the moment its
@@ -203,13 +176,25 @@ class ServiceRun:
         return not self.superseded
 
     def emit(self, values: dict[str, Any], *, attempt: int | None = None,
-             final: bool = False) -> None:
+             final: bool = False, with_building: bool = False) -> None:
         """Queue a change of the record. Changes from an attempt that is over (a callback
-        abandoned earlier that returns late) or after the final state are dropped."""
+        abandoned earlier that returns late) or after the final state are dropped.
+
+        The ``building`` change of a new run waits for the next one: ``with_building``
+        (the attempt's work dir, a moment later) joins it, one change and event instead
+        of two; any other goes after it, as its own."""
         with self._seq_lock:
             if self._closed or (attempt is not None and attempt != self.attempt):
                 log.debug("dropping a late change of %s: %s", self.service_id, list(values))
                 return
+            building, self._building = self._building, None
+            if building is not None:
+                if with_building:
+                    values = {**building, **values}
+                else:
+                    self._seq += 1
+                    self.engines.writer.put(Change(self.service_id, self.attempt, self._seq,
+                                                   building))
             self._seq += 1
             self.engines.writer.put(Change(self.service_id, self.attempt, self._seq, values,
                                            ack=self.claim.entry_id if final else None,
@@ -288,7 +273,8 @@ class ServiceRun:
     def _run(self, resume: tuple[Attempt, str] | None = None) -> None:
         final: dict[str, Any] | None
         if resume is None and self.claim.building:
-            self.emit({"state": State.BUILDING.value, "node": self.settings.node})
+            with self._seq_lock:  # written with the next change (see ``emit``)
+                self._building = {"state": State.BUILDING.value, "node": self.settings.node}
         try:
             final = self._cached() if resume is None else None
             if final is None:

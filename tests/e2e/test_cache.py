@@ -40,6 +40,9 @@ def test_the_same_content_is_answered_from_the_cache(start_core, client, core_en
     assert again.get("cache_key") == first.get("cache_key")
     assert again.outputs == first.outputs and again.get("work_dir") == first.get("work_dir")
     assert again.get("pid") is None and again.progress == 1.0
+    events = list(client.events(again.service_id, follow=False))
+    assert [e.get("state") for e in events] == ["queued", "building", None, "succeeded"]
+    assert "cache_key" in events[2] and "cache_key" not in events[1]  # building came first
     shown = soaf(core_env, "status", again.service_id).stdout
     assert re.search(rf"^cached from +{first.service_id}$", shown, re.M), shown
 

@@ -33,8 +33,12 @@ def test_whole_path_with_callback_order(start_core, client, work_root):
     assert record.node == "core-a"
     assert record.attempt == 1
     assert record.progress == 1.0
-    states = [e["state"] for e in events_of(client, sid) if "state" in e]
+    events = events_of(client, sid)
+    states = [e["state"] for e in events if "state" in e]
     assert states == ["queued", "building", "preparing", "running", "succeeded"]
+    building = next(e for e in events if e.get("state") == "building")
+    assert building["seq"] == 2 and building["node"] == "core-a"  # with its work dir: one event
+    assert building["work_dir"] == record.get("work_dir") and building["host"]
     order = record.fields["order"]
     assert order[0] == "before" and order[-1] == "after" and "change" in order
     # build, prepare and the callbacks all saw one work dir, under the work root.
