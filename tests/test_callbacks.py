@@ -58,7 +58,7 @@ def test_a_handler_without_its_own_file_change_callback_gets_no_calls(tmp_path):
     (tmp_path / "new.txt").write_text("x")
     time.sleep(0.3)
     end(program, wake, thread)
-    assert made == ["before_watch_callback"]
+    assert made == []  # its callbacks are the base class's, which do nothing
 
 
 def test_the_default_handler_is_called_only_when_its_files_may_have_changed(tmp_path,
@@ -67,7 +67,7 @@ def test_the_default_handler_is_called_only_when_its_files_may_have_changed(tmp_
     service, program, wake, made, thread = run_loop(tmp_path, DefaultHandler(),
                                                     watch_interval=1)
     time.sleep(1.0)  # ten intervals of a quiet work dir: one call, the first
-    assert made == ["before_watch_callback", "file_change_callback"]
+    assert made == ["file_change_callback"]
     assert service.fields["file_count"] == 0
     os.mkdir(tmp_path / "out")  # an empty directory is watched too
     time.sleep(1.2)
@@ -86,10 +86,10 @@ def test_a_program_that_ends_within_the_grace_gets_one_default_look(tmp_path, mo
     service, program, wake, made, thread = run_loop(tmp_path, DefaultHandler(),
                                                     watch_interval=1)
     time.sleep(0.2)
-    assert made == ["before_watch_callback"]  # no look yet
+    assert made == []  # no look yet
     (tmp_path / "out.txt").write_text("x")
     end(program, wake, thread)
-    assert made == ["before_watch_callback", "file_change_callback"]
+    assert made == ["file_change_callback"]
     assert service.fields["file_count"] == 1
 
 
@@ -168,3 +168,21 @@ def test_the_last_look_is_handed_on_only_when_soafs_own_callback_made_it(tmp_pat
                                            lambda name, fn, *args: fn(*args),
                                            wake=threading.Event(), file_poll=0.05)
     assert got == {DefaultHandler: ["out.txt"], Own: None}  # the caller lists them again
+
+
+def test_the_default_after_watch_call_is_skipped_only_when_it_cannot_change_anything():
+    from soaf.run.callbacks import counted
+
+    class OwnAfter(DefaultHandler):
+        def after_watch_callback(self, service, files):
+            pass
+
+    class OwnLooks(DefaultHandler):
+        def file_change_callback(self, service, files):
+            pass
+
+    assert counted(DefaultHandler(), ["stdout.log"])  # the look after the end counted them
+    assert counted(DefaultHandler(), [])
+    assert not counted(DefaultHandler(), None)  # no look after the end (stopped)
+    assert not counted(OwnAfter(), ["a"]) and not counted(OwnLooks(), ["a"])
+    assert not counted(WatcherHandler(), ["a"])

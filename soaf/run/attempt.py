@@ -44,7 +44,7 @@ from soaf.process.identity import ProcIdentity
 from soaf.process.lineage import RunLineage, new_token
 from soaf.process.spawn import Exit, Process
 from soaf.protocol.state import State
-from soaf.run.callbacks import FAILED, call_callback, callback_loop
+from soaf.run.callbacks import FAILED, call_callback, callback_loop, counted
 from soaf.run.control import Orphaned
 from soaf.run.limits import AFTER, COLLECT, PREPARE_STEPS, WATCH_CALLBACKS, Limits
 from soaf.run.outcome import Outcome, attempt_summary, classify, exit_fields, settle, with_stderr
@@ -372,7 +372,7 @@ class Attempt:
             return call_callback(service, AFTER, handler.after_watch_callback, service, files)
 
         sets = service.progress_sets
-        failed = self.call(AFTER, after) is FAILED
+        failed = not counted(handler, self._last_look) and self.call(AFTER, after) is FAILED
         self.host.mark_collected()
         if failed and outcome.state == State.SUCCEEDED.value:
             return Outcome(State.FAILED.value, "callback",

@@ -19,7 +19,8 @@ after a change and less often (up to ``MAX_FILE_POLL``) while the dir stays quie
 a thousand idle services do not keep the core busy.
 
 Calls that cannot do anything are not made: a handler that keeps the base class's
-``file_change_callback`` (which does nothing) gets none, and the default handler, whose
+``before_watch_callback`` or ``file_change_callback`` (which do nothing) gets no such
+call, and the default handler, whose
 callback only counts the files, is called when its work dir's entries may have changed
 (a directory's modification time moved, or is too recent to tell: see
 ``DirSignature.settled``), and at least every ``COUNT_REFRESH`` seconds. One thread
@@ -166,8 +167,9 @@ def callback_loop(
     Callbacks are made through ``call(name, fn, *args)`` (soaf.run.attempt), which lets the
     limit enforcer see what is under way. ``wake`` is set when the program exits.
     """
-    call("before_watch_callback", call_callback, service, "before_watch_callback",
-         handler.before_watch_callback, service)
+    if type(handler).before_watch_callback is not WatcherHandler.before_watch_callback:
+        call("before_watch_callback", call_callback, service, "before_watch_callback",
+             handler.before_watch_callback, service)
     calls = _calls(handler)
     if calls == "none":
         while not process.exited.wait(IDLE_WAIT):
@@ -251,6 +253,16 @@ def _count_loop(handler: WatcherHandler, service: Service, process: Process,
     call("file_change_callback", call_callback, service, "file_change_callback",
          handler.file_change_callback, service, files)
     return files
+
+
+def counted(handler: WatcherHandler, last_look: list[str] | None) -> bool:
+    """The default handler's ``after_watch_callback`` would set the count of the files
+    that its look after the program's end (``last_look``) counted already: a call that
+    cannot change anything, not made."""
+    cls = type(handler)
+    return (last_look is not None
+            and cls.after_watch_callback is DefaultHandler.after_watch_callback
+            and cls.file_change_callback is DefaultHandler.file_change_callback)
 
 
 class _Quiet:
