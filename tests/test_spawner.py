@@ -288,3 +288,33 @@ def test_each_program_gets_its_own_environment_through_the_spawner(tmp_path, spa
         got = json.loads(out.read_text())
         got.pop("LC_CTYPE", None)  # Python may set it for itself (PEP 538)
         assert got == {k: v for k, v in env.items() if k != "LC_CTYPE"}, i
+
+
+def test_a_reader_takes_messages_however_they_arrive():
+    """Several messages in one recv, one split across many, and the end of the stream."""
+    import socket as socket_
+
+    from soaf.process.spawnserver import Reader, send
+
+    mine, theirs = socket_.socketpair()
+    reader = Reader(mine)
+    for i in range(3):
+        send(theirs, {"n": i})
+    assert [reader.receive() for _ in range(3)] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert not reader.ready()
+    data = json.dumps({"big": "x" * 100_000}).encode()
+    whole = len(data).to_bytes(4, "big") + data
+
+    def dribble():
+        for start in range(0, len(whole), 7000):
+            theirs.sendall(whole[start:start + 7000])
+            time.sleep(0.001)
+
+    sender = threading.Thread(target=dribble)
+    sender.start()
+    assert reader.receive() == {"big": "x" * 100_000}
+    sender.join()
+    send(theirs, {"last": True})
+    theirs.close()
+    assert reader.receive() == {"last": True} and reader.receive() is None
+    mine.close()

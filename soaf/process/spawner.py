@@ -51,6 +51,8 @@ class Spawner:
         self.rss_kb = rss_kb
         self._lock = threading.Lock()  # sending
         self._reading = threading.Lock()
+        self._replies_in = spawnserver.Reader(requests)
+        self._events_in = spawnserver.Reader(events)
         self._sent = self._received = 0
         self._replies: dict[int, dict[str, Any]] = {}
         self.gone = False
@@ -137,7 +139,7 @@ class Spawner:
                 if self.gone:
                     raise SpawnerGone
                 try:
-                    reply = spawnserver.receive(self.requests)
+                    reply = self._replies_in.receive()
                 except (OSError, ValueError):
                     reply = None
                 if reply is None:
@@ -153,11 +155,12 @@ class Spawner:
         events: list[dict[str, Any]] = []
         try:
             while True:
-                event = spawnserver.receive(self.events)
+                event = self._events_in.receive()
                 if event is None:
                     return events or None
                 events.append(event)
-                if not select.select([self.events], [], [], 0)[0]:
+                more = self._events_in.ready() or select.select([self.events], [], [], 0)[0]
+                if not more:
                     return events
         except (OSError, ValueError):
             return events or None

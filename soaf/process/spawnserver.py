@@ -63,6 +63,36 @@ def receive(sock: socket.socket) -> dict[str, Any] | None:
     return None if body is None else json.loads(body)
 
 
+class Reader:
+    """The messages of one socket for a reader that takes them as they come: each ``recv``
+    takes whatever has arrived (a reply and its length at once, often several exits), where
+    ``receive`` asks for the length and then the message, two system calls each."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+
+    def ready(self) -> bool:
+        """A whole message is here already (reading it waits for nothing)."""
+        buffer = self._buffer
+        return (len(buffer) >= _HEADER.size
+                and len(buffer) >= _HEADER.size + _HEADER.unpack_from(buffer)[0])
+
+    def receive(self) -> dict[str, Any] | None:
+        """The next message, or None at the end of the stream."""
+        buffer = self._buffer
+        while not self.ready():
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            buffer += chunk
+        end = _HEADER.size + _HEADER.unpack_from(buffer)[0]
+        body = bytes(buffer[_HEADER.size:end])
+        del buffer[:end]
+        message: dict[str, Any] = json.loads(body)
+        return message
+
+
 def _exactly(sock: socket.socket, n: int) -> bytes | None:
     chunks, left = [], n
     while left:
