@@ -318,3 +318,50 @@ def test_a_reader_takes_messages_however_they_arrive():
     theirs.close()
     assert reader.receive() == {"last": True} and reader.receive() is None
     mine.close()
+
+
+def test_the_exits_of_one_look_go_to_the_core_in_one_send(tmp_path):
+    """Programs that ended by the time the spawner looks are reported together: one send
+    (one wake-up of the core's reaper), each exit a message of its own. (In a child
+    process: the spawner's reaping takes any child of the process it runs in.)"""
+    from soaf.process.spawnserver import Server
+
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        try:
+            class Sends:
+                def __init__(self):
+                    self.calls = []
+
+                def sendall(self, data):
+                    self.calls.append(data)
+
+            import socket as socket_
+            requests, _peer = socket_.socketpair()
+            server = Server(requests, Sends())  # type: ignore[arg-type]
+            pids = []
+            for i in range(4):
+                reply = server.spawn({"argv": ["true"], "cwd": str(tmp_path), "env": dict(os.environ),
+                                      "stdout": str(tmp_path / "out"), "stderr": str(tmp_path / "err"),
+                                      "exit_file": str(tmp_path / f"exit{i}")})
+                pids.append(reply["pid"])
+            for pid in pids:  # all ended (not reaped yet)
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            server.reap()
+            calls = server.events.calls
+            data = calls[0] if calls else b""
+            got = []
+            while data:
+                n = int.from_bytes(data[:4], "big")
+                got.append(json.loads(data[4:4 + n])["pid"])
+                data = data[4 + n:]
+            os.write(w, json.dumps({"calls": len(calls), "pids": pids, "got": got}).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        result = json.loads(f.read())
+    os.waitpid(child, 0)
+    assert result["calls"] == 1 and sorted(result["got"]) == sorted(result["pids"])
+    assert all((tmp_path / f"exit{i}").read_text().startswith("0\n") for i in range(4))

@@ -50,8 +50,13 @@ GROUP_REAP_WAIT = 0.2
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(frame(message))
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    """``message`` as sent: its length, then its JSON."""
     data = json.dumps(message).encode()
-    sock.sendall(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
 
 
 def receive(sock: socket.socket) -> dict[str, Any] | None:
@@ -263,19 +268,31 @@ class Server:
         return pid
 
     def reap(self) -> None:
-        """Reap every child that has ended; report each program's exit."""
-        while True:
-            try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            exit_file = self.leaders.pop(pid, None)
-            if exit_file is not None:
-                self._ended(pid, status, usage, exit_file)
+        """Reap every child that has ended; report the programs' exits, all at once (one
+        send, one wake-up of the core's reaper, for the exits of one look)."""
+        exits: list[bytes] = []
+        try:
+            while True:
+                try:
+                    pid, status, usage = os.wait4(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid == 0:
+                    return
+                exit_file = self.leaders.pop(pid, None)
+                if exit_file is not None:
+                    exits.append(self._ended(pid, status, usage, exit_file))
+        finally:
+            if exits and self.events is not None:
+                try:
+                    self.events.sendall(b"".join(exits))
+                except OSError:
+                    self.events = None  # the core is gone; the exit files tell the next one
 
-    def _ended(self, pid: int, status: int, usage: resource.struct_rusage, exit_file: str) -> None:
+    def _ended(self, pid: int, status: int, usage: resource.struct_rusage, exit_file: str
+               ) -> bytes:
+        """Finish a program that ended (its group killed and reaped, its exit file written);
+        its exit as a message for the core."""
         try:
             os.killpg(pid, signal.SIGKILL)  # whatever the program left in its group goes
             killed = True
@@ -291,13 +308,8 @@ class Server:
                 os.rename(exit_file + ".new", exit_file)
             except OSError:
                 pass
-        if self.events is not None:
-            try:
-                send(self.events, {"pid": pid, "status": status, "cpu": cpu,
-                                   "utime": usage.ru_utime, "stime": usage.ru_stime,
-                                   "maxrss": usage.ru_maxrss})
-            except OSError:
-                self.events = None  # the core is gone; the exit file tells the next one
+        return frame({"pid": pid, "status": status, "cpu": cpu, "utime": usage.ru_utime,
+                      "stime": usage.ru_stime, "maxrss": usage.ru_maxrss})
 
     @staticmethod
     def _reap_group(pgid: int) -> None:
