@@ -253,7 +253,8 @@ def test_a_program_with_a_cgroup_enters_it_before_it_is_executed(tmp_path, spawn
 
 
 def test_environments_go_whole_then_as_what_differs():
-    from soaf.process.spawnserver import environment, put_environment
+    from soaf.process.spawner import put_environment
+    from soaf.process.spawnserver import environment
 
     base = {f"V{i}": str(i) for i in range(20)}
     first: dict = {}
@@ -294,7 +295,8 @@ def test_a_reader_takes_messages_however_they_arrive():
     """Several messages in one recv, one split across many, and the end of the stream."""
     import socket as socket_
 
-    from soaf.process.spawnserver import Reader, send
+    from soaf.process.spawner import Reader
+    from soaf.process.spawnserver import send
 
     mine, theirs = socket_.socketpair()
     reader = Reader(mine)
@@ -365,3 +367,28 @@ def test_the_exits_of_one_look_go_to_the_core_in_one_send(tmp_path):
     os.waitpid(child, 0)
     assert result["calls"] == 1 and sorted(result["got"]) == sorted(result["pids"])
     assert all((tmp_path / f"exit{i}").read_text().startswith("0\n") for i in range(4))
+
+
+def test_a_program_not_yet_journaled_is_found_by_the_token_its_spawner_noted(tmp_path,
+                                                                             spawning):
+    """A core that dies between the spawn and the journal leaves no token on disk: the
+    spawner notes the run's token beside the pid, so a restarted core still finds the
+    program (and only if that pid's environment holds the token: never a recycled pid)."""
+    from soaf.process.census import RUN_VAR
+    from soaf.process.lineage import new_token
+
+    token = new_token("svc", 1)
+    p = Process(["sleep", "30"], cwd=tmp_path, env={**os.environ, RUN_VAR: token},
+                stdout=tmp_path / "out.log", stderr=tmp_path / "err.log",
+                exit_file=tmp_path / "exit")
+    p.start(spawning)
+    try:
+        assert shim.running_token(tmp_path / "exit") == token
+        assert [i.pid for i in shim.find_program(str(tmp_path / "exit"), None)] == [p.pid]
+        other = tmp_path / "other.exit"  # the same pid noted with another run's token
+        other.write_text(f"pid {p.pid} spawner {os.getpid()} token {new_token('svc', 2)}\n")
+        assert shim.find_program(str(other), None) == []
+        assert shim.running_pid(other) == p.pid  # (the line still reads as running)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        assert p.exited.wait(30)

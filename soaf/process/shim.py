@@ -164,6 +164,12 @@ def running_pid(exit_file: Path) -> int | None:
     return _parse(_read(exit_file))[1]
 
 
+def running_token(exit_file: Path) -> str | None:
+    """The run token the spawner noted beside that pid (``pid N spawner M token T``)."""
+    words = _read(exit_file).split("\n", 1)[0].split()
+    return words[5] if len(words) == 6 and words[0] == "pid" and words[4] == "token" else None
+
+
 def _read(exit_file: Path) -> str:
     try:
         return exit_file.read_text()
@@ -177,6 +183,8 @@ def _parse(text: str) -> tuple[tuple[int, float | None, int | None] | None, int 
     file says it runs: ``pid N spawner M``)."""
     lines = text.split("\n")
     words = lines[0].split()
+    if len(words) == 6 and words[4] == "token":  # (see running_token)
+        words = words[:4]
     if words[:1] == ["pid"] and len(words) in (2, 4) and all(w.isdigit() for w in words[1::2]):
         return None, int(words[1]), int(words[3]) if len(words) == 4 else None
     try:
@@ -194,9 +202,11 @@ def find_program(exit_file: str, token: str | None) -> list[ProcIdentity]:
     """The live program of the attempt whose exit file is ``exit_file``, spawned but
     perhaps not yet journaled: its shim, whose command line names the file, or the
     program whose pid its spawner noted there, if its environment holds the run's
-    ``token`` (so a recycled pid is never taken)."""
+    ``token`` (so a recycled pid is never taken): the journal's, or when it has none (the
+    core died before it journaled the run) the one the spawner noted with the pid."""
     found = find_by_marker(exit_file)
     pid = running_pid(Path(exit_file))
+    token = token or running_token(Path(exit_file))  # not journaled yet: as spawned
     if not found and pid is not None and token and token_of(pid) == token.encode():
         identity = ProcIdentity.of(pid)
         if identity is not None and identity.alive():

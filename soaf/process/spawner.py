@@ -16,6 +16,7 @@ programs under the shim, as before. Should it die, its programs become the core'
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import select
@@ -27,11 +28,59 @@ from pathlib import Path
 from typing import Any
 
 from soaf.process import affinity, spawnserver
+from soaf.process.census import RUN_VAR
 
 log = logging.getLogger(__name__)
 
+_HEADER = spawnserver.HEADER
 #: Seconds the core waits for a new spawner to say it is ready.
 READY_TIMEOUT = 10.0
+
+
+def put_environment(request: dict[str, Any], env: dict[str, str],
+                    base: dict[str, str] | None) -> dict[str, str]:
+    """Put ``env`` into ``request``: whole (``env``), or as what differs from ``base``, the
+    last one sent whole (``env_set``, ``env_unset``) when that is much less (the spawner
+    rebuilds it: spawnserver.environment). Returns the environment the next request is to
+    differ from."""
+    if base is not None:
+        changed = {k: v for k, v in env.items() if base.get(k) != v}
+        if len(changed) * 4 <= len(env):
+            request["env_set"] = changed
+            request["env_unset"] = [k for k in base if k not in env]
+            return base
+    request["env"] = env
+    return dict(env)
+
+
+class Reader:
+    """The messages of one socket for a reader that takes them as they come: each ``recv``
+    takes whatever has arrived (a reply and its length at once, often several exits), where
+    ``receive`` asks for the length and then the message, two system calls each."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+
+    def ready(self) -> bool:
+        """A whole message is here already (reading it waits for nothing)."""
+        buffer = self._buffer
+        return (len(buffer) >= _HEADER.size
+                and len(buffer) >= _HEADER.size + _HEADER.unpack_from(buffer)[0])
+
+    def receive(self) -> dict[str, Any] | None:
+        """The next message, or None at the end of the stream."""
+        buffer = self._buffer
+        while not self.ready():
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            buffer += chunk
+        end = _HEADER.size + _HEADER.unpack_from(buffer)[0]
+        body = bytes(buffer[_HEADER.size:end])
+        del buffer[:end]
+        message: dict[str, Any] = json.loads(body)
+        return message
 
 
 class SpawnerGone(Exception):
@@ -51,8 +100,8 @@ class Spawner:
         self.rss_kb = rss_kb
         self._lock = threading.Lock()  # sending
         self._reading = threading.Lock()
-        self._replies_in = spawnserver.Reader(requests)
-        self._events_in = spawnserver.Reader(events)
+        self._replies_in = Reader(requests)
+        self._events_in = Reader(events)
         self._sent = self._received = 0
         self._replies: dict[int, dict[str, Any]] = {}
         self.gone = False
@@ -113,7 +162,8 @@ class Spawner:
         with self._lock:  # (in the order sent: each delta is from the last whole one)
             if self.gone:
                 raise SpawnerGone
-            self._env = spawnserver.put_environment(request, env, self._env)
+            request["token"] = env.get(RUN_VAR)
+            self._env = put_environment(request, env, self._env)
             self._sent += 1
             mine = self._sent
             try:

@@ -42,7 +42,8 @@ import sys
 from typing import Any
 
 _PR_SET_CHILD_SUBREAPER = 36
-_HEADER = struct.Struct("!I")
+#: A message's length, before it (then its JSON).
+HEADER = struct.Struct("!I")
 #: Signals Python ignores, which a program starts with at their default action.
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 #: Seconds spent reaping a dead program's killed group members before its exit is sent.
@@ -56,46 +57,16 @@ def send(sock: socket.socket, message: dict[str, Any]) -> None:
 def frame(message: dict[str, Any]) -> bytes:
     """``message`` as sent: its length, then its JSON."""
     data = json.dumps(message).encode()
-    return _HEADER.pack(len(data)) + data
+    return HEADER.pack(len(data)) + data
 
 
 def receive(sock: socket.socket) -> dict[str, Any] | None:
     """The next message, or None at the end of the stream."""
-    head = _exactly(sock, _HEADER.size)
+    head = _exactly(sock, HEADER.size)
     if head is None:
         return None
-    body = _exactly(sock, _HEADER.unpack(head)[0])
+    body = _exactly(sock, HEADER.unpack(head)[0])
     return None if body is None else json.loads(body)
-
-
-class Reader:
-    """The messages of one socket for a reader that takes them as they come: each ``recv``
-    takes whatever has arrived (a reply and its length at once, often several exits), where
-    ``receive`` asks for the length and then the message, two system calls each."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buffer = bytearray()
-
-    def ready(self) -> bool:
-        """A whole message is here already (reading it waits for nothing)."""
-        buffer = self._buffer
-        return (len(buffer) >= _HEADER.size
-                and len(buffer) >= _HEADER.size + _HEADER.unpack_from(buffer)[0])
-
-    def receive(self) -> dict[str, Any] | None:
-        """The next message, or None at the end of the stream."""
-        buffer = self._buffer
-        while not self.ready():
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return None
-            buffer += chunk
-        end = _HEADER.size + _HEADER.unpack_from(buffer)[0]
-        body = bytes(buffer[_HEADER.size:end])
-        del buffer[:end]
-        message: dict[str, Any] = json.loads(body)
-        return message
 
 
 def _exactly(sock: socket.socket, n: int) -> bytes | None:
@@ -109,23 +80,9 @@ def _exactly(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def put_environment(request: dict[str, Any], env: dict[str, str],
-                    base: dict[str, str] | None) -> dict[str, str]:
-    """Put ``env`` into ``request``: whole (``env``), or as what differs from ``base``, the
-    last one sent whole (``env_set``, ``env_unset``) when that is much less. Returns the
-    environment the next request is to differ from."""
-    if base is not None:
-        changed = {k: v for k, v in env.items() if base.get(k) != v}
-        if len(changed) * 4 <= len(env):
-            request["env_set"] = changed
-            request["env_unset"] = [k for k in base if k not in env]
-            return base
-    request["env"] = env
-    return dict(env)
-
-
 def environment(request: dict[str, Any], base: dict[str, str] | None) -> dict[str, str]:
-    """The environment a request asks for (see ``put_environment``)."""
+    """The environment a request asks for: whole (``env``), or what differs from the last
+    one sent whole (``env_set``, ``env_unset``; soaf.process.spawner.put_environment)."""
     if "env" in request:
         env: dict[str, str] = request["env"]
         return env
@@ -135,6 +92,10 @@ def environment(request: dict[str, Any], base: dict[str, str] | None) -> dict[st
     for name in request["env_unset"]:
         env.pop(name, None)
     return env
+
+
+def _word(text: str) -> bool:
+    return bool(text) and len(text) <= 256 and not any(c.isspace() for c in text)
 
 
 def shell_status(returncode: int) -> int:
@@ -215,8 +176,10 @@ class Server:
             except OSError:
                 pass
         self.leaders[pid] = m.get("exit_file") or ""
-        if self.leaders[pid]:
-            _write(self.leaders[pid], f"pid {pid} spawner {os.getpid()}\n")
+        if self.leaders[pid]:  # with the run's token: a core that restarts finds the program
+            token = m.get("token")      # even before it was journaled (soaf.process.shim)
+            token = f" token {token}" if isinstance(token, str) and _word(token) else ""
+            _write(self.leaders[pid], f"pid {pid} spawner {os.getpid()}{token}\n")
         self.spawned += 1
         if self.spawned % 64 == 0:
             self.hwm = peak_kb()
