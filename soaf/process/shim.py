@@ -166,7 +166,11 @@ def running_pid(exit_file: Path) -> int | None:
 
 def running_token(exit_file: Path) -> str | None:
     """The run token the spawner noted beside that pid (``pid N spawner M token T``)."""
-    words = _read(exit_file).split("\n", 1)[0].split()
+    return _token(_read(exit_file))
+
+
+def _token(text: str) -> str | None:
+    words = text.split("\n", 1)[0].split()
     return words[5] if len(words) == 6 and words[0] == "pid" and words[4] == "token" else None
 
 
@@ -205,8 +209,9 @@ def find_program(exit_file: str, token: str | None) -> list[ProcIdentity]:
     ``token`` (so a recycled pid is never taken): the journal's, or when it has none (the
     core died before it journaled the run) the one the spawner noted with the pid."""
     found = find_by_marker(exit_file)
-    pid = running_pid(Path(exit_file))
-    token = token or running_token(Path(exit_file))  # not journaled yet: as spawned
+    text = _read(Path(exit_file))  # (read once: the pid and the token noted with it)
+    pid = _parse(text)[1]
+    token = token or _token(text)  # not journaled yet: as spawned
     if not found and pid is not None and token and token_of(pid) == token.encode():
         identity = ProcIdentity.of(pid)
         if identity is not None and identity.alive():
