@@ -37,6 +37,7 @@ from soaf.data import markers
 from soaf.data.handoff import resolve_ref
 from soaf.errors import FetchError
 from soaf.plugin.loader import Registry
+from soaf.process.latch import Latch
 from soaf.protocol.state import Change, State
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run import cached
@@ -107,7 +108,7 @@ class ServiceRun:
         #: The result cache key of this run (soaf.run.cached), None when it is not cached.
         self.cache_key: str | None = None
         #: Set once the final state is in Redis (or fenced out); ``on_final_written`` first.
-        self.final_written = threading.Event()
+        self.final_written = Latch()
         self.on_final_written = Once()
 
     @property
