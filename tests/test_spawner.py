@@ -401,6 +401,9 @@ def test_requests_that_arrive_together_are_read_at_once_and_each_answered(tmp_pa
         assert [int((tmp_path / f"exit{i}").read_text().split()[1]) for i in range(3)] == pids
         assert server._answer(pending)  # not whole yet (its length is garbage: it waits)
         assert not server._answer(pending)  # the core closed its end
+        garbage = Server(Peer([b"\0\0\0\x05{not}"]), None)  # type: ignore[arg-type]
+        garbage.requests.close = lambda: garbage.requests.chunks.append("closed")
+        assert not garbage._answer(bytearray()) and garbage.requests.chunks == ["closed"]
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)

@@ -276,7 +276,7 @@ class Server:
         """Spawn what the requests that have arrived ask for: one ``recv`` takes all the
         core's threads sent meanwhile (``buffer`` keeps a request not whole yet). Each is
         answered at once: a reply held back for the next spawn costs more than the send it
-        saves (measured). False once the core is gone."""
+        saves (measured). False once the core is gone (or sent what is not a request)."""
         try:
             chunk = self.requests.recv(65536)
             if not chunk:
@@ -290,6 +290,7 @@ class Server:
                 del buffer[:end]
                 self.requests.sendall(frame(self.spawn(message)))
         except (OSError, ValueError):  # (ValueError: a request that is not JSON)
+            self.requests.close()  # the core reads the end: it starts another spawner
             return False
         return True
 
