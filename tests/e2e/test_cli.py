@@ -59,6 +59,17 @@ def lines_until(stream, text: str) -> list[str]:
     return lines
 
 
+def rest_of(waiter: subprocess.Popen, timeout: float = 60) -> tuple[list[str], str]:
+    """The rest of a child's output lines (read through the same buffered reader as
+    ``lines_until``, which may have read ahead: ``communicate`` would read the pipe
+    underneath it and miss those lines), its stderr, once it has ended."""
+    assert waiter.stdout is not None and waiter.stderr is not None
+    lines = waiter.stdout.read().splitlines()
+    err = waiter.stderr.read()
+    waiter.wait(timeout)
+    return lines, err
+
+
 def test_help_everywhere(core_env):
     top = soaf(core_env, "--help")
     assert top.returncode == 0
@@ -182,8 +193,8 @@ def test_wait_exit_code_and_plain_lines(start_core, core_env, client):
     (work / "go1").touch()
     lines += lines_until(waiter.stdout, f"{good} gate progress 50%")
     (work / "go2").touch()
-    out, err = waiter.communicate(timeout=60)
-    lines += out.splitlines()
+    out, err = rest_of(waiter)
+    lines += out
     assert waiter.returncode == 1
     assert any(line.startswith(f"{bad} steps failed: exited with code 3") for line in lines)
     at = {line.split(" (ETA ")[0]: n for n, line in enumerate(lines)}  # the ETA may follow
@@ -207,8 +218,8 @@ def test_wait_all_follows_new_submissions(start_core, core_env, client):
     second = submit(core_env, "-s", "steps", "-a", "n=1")  # submitted while it waits
     lines += lines_until(waiter.stdout, f"{second} steps")
     (work / "go1").touch()
-    out, err = waiter.communicate(timeout=60)
-    lines += out.splitlines()
+    out, err = rest_of(waiter)  # (the second service may end within milliseconds)
+    lines += out
     assert waiter.returncode == 0, err
     assert f"{first} gate succeeded" in lines and f"{second} steps succeeded" in lines
     assert err.strip() == "2 succeeded"
