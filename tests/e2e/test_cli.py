@@ -14,6 +14,7 @@ import subprocess
 import sys
 import termios
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -62,11 +63,18 @@ def lines_until(stream, text: str) -> list[str]:
 def rest_of(waiter: subprocess.Popen, timeout: float = 60) -> tuple[list[str], str]:
     """The rest of a child's output lines (read through the same buffered reader as
     ``lines_until``, which may have read ahead: ``communicate`` would read the pipe
-    underneath it and miss those lines), its stderr, once it has ended."""
+    underneath it and miss those lines), its stderr, once it has ended. A child still
+    running after ``timeout`` seconds is killed (its return code says so); that ends the
+    reads as long as no process of its own holds the pipes (``soaf wait`` starts none)."""
     assert waiter.stdout is not None and waiter.stderr is not None
-    lines = waiter.stdout.read().splitlines()
-    err = waiter.stderr.read()
-    waiter.wait(timeout)
+    killer = threading.Timer(timeout, waiter.kill)
+    killer.start()
+    try:
+        lines = waiter.stdout.read().splitlines()  # (its stderr is a line or two)
+        err = waiter.stderr.read()
+        waiter.wait()
+    finally:
+        killer.cancel()
     return lines, err
 
 

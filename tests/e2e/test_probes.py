@@ -12,7 +12,7 @@ import pytest
 
 from soaf import ServiceParamTemplate
 from tests.conftest import wait_until
-from tests.e2e.test_cli import SOAF, lines_until, soaf
+from tests.e2e.test_cli import SOAF, lines_until, rest_of, soaf
 from tests.e2e.test_pipeline import example_core, run_example  # noqa: F401  (a fixture)
 
 
@@ -60,7 +60,8 @@ def test_soaf_wait_shows_the_eta(start_core, client, core_env):
         (work / "go2").touch()
         wait_until(lambda: client.status(sid).progress == 2 / 3, 30, message="two thirds")
         (work / "go3").touch()
-        out, err = waiter.communicate(timeout=60)
+        lines, err = rest_of(waiter)
+        out = "\n".join(lines)
     finally:
         waiter.kill()
     assert waiter.returncode == 0, err
