@@ -83,6 +83,24 @@ def test_a_call_writes_every_event_one_hset_and_one_note(r, prefix):
     pubsub.close()
 
 
+def test_a_service_that_wrote_no_log_line_ages_without_its_log_key(r, prefix):
+    """A final change saying the log stream cannot exist (``logs=False``) ages the record,
+    its events and its payload, one EXPIRE fewer; by default the log stream ages too."""
+    keys = Keys(prefix)
+    for sid, logs, expires in (("quiet", False, 3), ("chatty", True, 4)):
+        entry = entry_of(r, keys)
+        r.hset(keys.service(sid), mapping={"state": '"running"', "seq": 3, "attempt": 1,
+                                           "submitted_at": time.time()})
+        r.set(keys.payload(sid), b"the payload")
+        r.rpush(keys.log(sid), "a line")  # (were there one, it would be left as it is)
+        final = Change(sid, 1, 4, {"state": "succeeded"}, ack=entry, logs=logs)
+        used = counted(r, lambda final=final: record(r, keys, [final], record_ttl=100))
+        assert used["expire"] == expires
+        for key in (keys.service(sid), keys.events(sid), keys.payload(sid)):
+            assert 0 < r.ttl(key) <= 100
+        assert r.ttl(keys.log(sid)) == -1 if not logs else 0 < r.ttl(keys.log(sid)) <= 100
+
+
 def test_a_final_state_finishes_its_entry_in_the_same_call(r, prefix):
     keys = Keys(prefix)
     entry = entry_of(r, keys)

@@ -369,6 +369,47 @@ def test_the_exits_of_one_look_go_to_the_core_in_one_send(tmp_path):
     assert all((tmp_path / f"exit{i}").read_text().startswith("0\n") for i in range(4))
 
 
+def test_requests_that_arrive_together_are_read_at_once_and_each_answered(tmp_path):
+    """Requests the core's threads sent while the spawner was busy come in with one read;
+    each is answered in its order, and a request split across reads waits for its rest."""
+    from soaf.process.spawnserver import Server, frame
+
+    class Peer:
+        def __init__(self, chunks):
+            self.chunks, self.sent = list(chunks), []
+
+        def recv(self, size):
+            return self.chunks.pop(0) if self.chunks else b""
+
+        def sendall(self, data):
+            self.sent.append(data)
+
+    def request(i):
+        return frame({"argv": ["sleep", "5"], "cwd": str(tmp_path), "env": dict(os.environ),
+                      "stdout": str(tmp_path / "out"), "stderr": str(tmp_path / "err"),
+                      "exit_file": str(tmp_path / f"exit{i}")})
+
+    third = request(2)
+    peer = Peer([request(0) + request(1) + third[:10], third[10:], b"{not json"])
+    server = Server(peer, None)  # type: ignore[arg-type]
+    pending = bytearray()
+    pids = []
+    try:
+        assert server._answer(pending) and len(peer.sent) == 2 and pending
+        assert server._answer(pending) and len(peer.sent) == 3 and not pending
+        pids = [json.loads(data[4:])["pid"] for data in peer.sent]
+        assert [int((tmp_path / f"exit{i}").read_text().split()[1]) for i in range(3)] == pids
+        assert server._answer(pending)  # not whole yet (its length is garbage: it waits)
+        assert not server._answer(pending)  # the core closed its end
+        garbage = Server(Peer([b"\0\0\0\x05{not}"]), None)  # type: ignore[arg-type]
+        garbage.requests.close = lambda: garbage.requests.chunks.append("closed")
+        assert not garbage._answer(bytearray()) and garbage.requests.chunks == ["closed"]
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
 def test_a_program_not_yet_journaled_is_found_by_the_token_its_spawner_noted(tmp_path,
                                                                              spawning):
     """A core that dies between the spawn and the journal leaves no token on disk: the

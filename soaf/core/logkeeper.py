@@ -112,6 +112,7 @@ class LogHandle:
     files: list[_File]
     lock: threading.Lock = field(default_factory=threading.Lock)
     active: bool = True
+    shipped: int = 0  # lines handed to the writer for the service's log stream
 
 
 class LogKeeper:
@@ -159,7 +160,8 @@ class LogKeeper:
         return handle
 
     def finish(self, handle: LogHandle) -> dict[str, Any]:
-        """The program has ended: ship the rest, leave a plain capped tail; returns sizes."""
+        """The program has ended: ship the rest, leave a plain capped tail; returns sizes
+        (``handle.shipped`` then says whether the service's log stream got any line)."""
         with self._lock:
             if handle in self._handles:
                 self._handles.remove(handle)
@@ -345,5 +347,6 @@ class LogKeeper:
                 lines = lines[-SHIP_MAX_LINES:]
             entries.extend((f.stream, handle.attempt, line[:LINE_MAX]) for line in lines)
         if entries:
+            handle.shipped += len(entries)
             self._put(LogLines(handle.service_id, entries, self.lines))
         return sizes

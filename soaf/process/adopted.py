@@ -22,6 +22,7 @@ from pathlib import Path
 
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity, pidfd_for, signaller, stop_group
+from soaf.process.latch import Latch
 from soaf.process.spawn import Exit, group_rss_kb
 from soaf.process.stop import GroupStop, GroupStopping
 
@@ -41,7 +42,7 @@ class AdoptedProcess(GroupStopping):
         self.exit_file = exit_file
         self.running_at = running_at or time.time()
         self.exit: Exit | None = None  # None after the exit: its status is unknown
-        self.exited = threading.Event()
+        self.exited = Latch()
         self.argv: list[str] = []
         self._on_exit: list[Callable[[Exit | None], None]] = []
         self._stop = GroupStop.of(self, "adopted pid")

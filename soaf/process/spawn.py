@@ -23,7 +23,6 @@ import os
 import resource
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from soaf.errors import ProgramError
 from soaf.process import affinity, shim
+from soaf.process.latch import Latch
 from soaf.process.reaper import Reaper
 from soaf.process.spawner import SpawnerGone
 from soaf.process.stop import GroupStop, GroupStopping, killpg
@@ -196,7 +196,7 @@ class Process(GroupStopping):
         self.pid: int | None = None
         self.started_at = 0.0
         self.exit: Exit | None = None
-        self.exited = threading.Event()
+        self.exited = Latch()
         self._popen: subprocess.Popen[bytes] | None = None
         self._on_exit: list[Callable[[Exit], None]] = []
         self._stop = GroupStop.of(self)

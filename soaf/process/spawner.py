@@ -83,6 +83,27 @@ class Reader:
         return message
 
 
+def receive(sock: socket.socket) -> dict[str, Any] | None:
+    """The next message, or None at the end of the stream: its length, then no more than
+    it (the spawner's hello, before the socket is handed to a ``Reader``)."""
+    head = _exactly(sock, _HEADER.size)
+    if head is None:
+        return None
+    body = _exactly(sock, _HEADER.unpack(head)[0])
+    return None if body is None else json.loads(body)
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 class SpawnerGone(Exception):
     """The spawner is not there (any more): spawn the program another way."""
 
@@ -132,7 +153,7 @@ class Spawner:
             theirs_e.close()
         mine_r.settimeout(READY_TIMEOUT)
         try:
-            hello = spawnserver.receive(mine_r)
+            hello = receive(mine_r)
         except OSError:
             hello = None
         if hello is None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 import weakref
 from collections.abc import Callable
 from typing import Protocol
+
+from soaf.process.latch import Latch
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class GroupStopping:
     """The stop a program offers the core's limit enforcer, spawned or adopted alike:
     ``begin_stop`` never blocks, ``tick`` sends a SIGKILL that has become due."""
 
-    exited: threading.Event
+    exited: Latch
     _stop: GroupStop
 
     def begin_stop(self, grace: float) -> None:

@@ -79,6 +79,10 @@ class Change:
     #: Called from the writer thread once the change is in Redis, with True if it was
     #: applied (or had been, by an earlier try) and False if a newer attempt fenced it out.
     on_written: Callable[[bool], None] | None = field(default=None, repr=False)
+    #: False when the service's log stream cannot exist (no line was ever written to it):
+    #: a change that finishes its entry then leaves it out of the keys that age with the
+    #: record (one EXPIRE less for a service that printed nothing).
+    logs: bool = True
 
     def flat(self, *, journal: bool = True) -> list[Any]:
         """This change's part of RECORD_LUA's ARGV (each value JSON-encoded once). The
@@ -198,7 +202,7 @@ def _record_head(keys: Keys, changes: list[Change], record_ttl: float, finish: b
     aging = keys.aging(sid)  # record and events first
     record = [*aging[:2], keys.services]
     if acks:
-        record += [keys.cancels, *aging[2:]]
+        record += [keys.cancels, *(aging[2:] if any(c.logs for c in acks) else aging[3:])]
     for change in acks:
         stream, entry_id = split_ref(keys, change.ack or "")
         record.append(stream)

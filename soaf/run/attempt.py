@@ -62,8 +62,7 @@ from soaf.run.prepare import (
 
 log = logging.getLogger(__name__)
 
-STDOUT = "stdout.log"
-STDERR = "stderr.log"
+STDOUT, STDERR = "stdout.log", "stderr.log"
 
 
 class Attempt:
@@ -196,15 +195,12 @@ class Attempt:
             # ``pid`` is the program's; a shimmed one's is known once the shim forked it
             # (usually by now, else at its first sample: ``enforce``).
             self.pid_known = process.usage.find(process.pid) is not None
-            self.emit({"state": State.RUNNING.value, "running_at": now,
-                       "pid": process.program_pid,
+            self.emit({"state": State.RUNNING.value, "running_at": now, "pid": process.program_pid,
                        "shim_pid": process.pid if self.shimmed else None,
                        "command": self.argv if self.argv is not None else list(process.argv),
-                       **self.host.journal_step(
-                           # ``shimmed``: its exit file will say how it ended
+                       **self.host.journal_step(  # (``shimmed``: an exit file says how it ended)
                            "running", save=True, shimmed=self.shimmed or process.spawned,
-                           running_at=now,
-                           process=identity.to_dict() if identity else None)})
+                           running_at=now, process=identity.to_dict() if identity else None)})
         return self._follow(process)
 
     def _keep_logs(self, stdout: Path, stderr: Path) -> None:
@@ -218,7 +214,11 @@ class Attempt:
         with self._logs_lock:
             logs, self._logs = self._logs, None
         keeper = self.host.engines.keeper
-        return keeper.finish(logs) if logs is not None and keeper is not None else {}
+        if logs is None or keeper is None:
+            return {}
+        stats = keeper.finish(logs)
+        self.host.logs_finished(logs.shipped > 0)
+        return stats
 
     def _follow(self, process: Any) -> Outcome:
         """Call the handler's callbacks until the program ends; how it ended."""

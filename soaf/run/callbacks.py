@@ -43,6 +43,7 @@ from typing import Any
 from soaf.data.workdir import list_files, scan
 from soaf.plugin.handler import STOP, DefaultHandler, WatcherHandler
 from soaf.plugin.service import Service
+from soaf.process.latch import Latch
 from soaf.process.spawn import Process
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class _Quiet:
     """A default-handler service as the shared watcher sees it."""
 
     def __init__(self, signature: DirSignature, wake: threading.Event,
-                 exited: threading.Event) -> None:
+                 exited: Latch) -> None:
         self.signature = signature
         self.wake = wake
         self.exited = exited

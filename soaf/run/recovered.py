@@ -74,6 +74,10 @@ class RecoveredRun(ServiceRun):
     #: Its first attempt is the one already under way: its fields stay on the record.
     continues_attempt = True
 
+    def logs_finished(self, shipped: bool) -> None:
+        """The core that began the attempt may have written its log stream: it always ages
+        with the record."""
+
     @property
     def mode(self) -> str:
         if self.previous.final is not None:  # written by the run, or by the died-twice rule

@@ -37,6 +37,7 @@ from soaf.data import markers
 from soaf.data.handoff import resolve_ref
 from soaf.errors import FetchError
 from soaf.plugin.loader import Registry
+from soaf.process.latch import Latch
 from soaf.protocol.state import Change, State
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run import cached
@@ -96,6 +97,9 @@ class ServiceRun:
         self._seq_lock = threading.Lock()
         self._closed = False
         self._building: dict[str, Any] | None = None  # (see ``emit``)
+        #: True once an attempt's output is all shipped and none of it went to the log
+        #: stream (None: not known, e.g. no program ran or its logs are not finished).
+        self._quiet: bool | None = None
         #: The run marker of the last attempt that took a work dir.
         self._marker: markers.Marker | None = None
         #: The journal (soaf.run.journal) of the attempt under way, from the moment its
@@ -107,7 +111,7 @@ class ServiceRun:
         #: The result cache key of this run (soaf.run.cached), None when it is not cached.
         self.cache_key: str | None = None
         #: Set once the final state is in Redis (or fenced out); ``on_final_written`` first.
-        self.final_written = threading.Event()
+        self.final_written = Latch()
         self.on_final_written = Once()
 
     @property
@@ -198,7 +202,8 @@ class ServiceRun:
             self._seq += 1
             self.engines.writer.put(Change(self.service_id, self.attempt, self._seq, values,
                                            ack=self.claim.entry_id if final else None,
-                                           on_written=self._final_written if final else None))
+                                           on_written=self._final_written if final else None,
+                                           logs=not (self._quiet and self.attempt == 1)))
             if final:
                 self._closed = True
 
@@ -224,6 +229,11 @@ class ServiceRun:
         if journal is None or not needs_note(name, handler):
             return _NOTHING
         return journal.noting(name)
+
+    def logs_finished(self, shipped: bool) -> None:
+        """An attempt's output is all shipped: a run whose only attempt wrote no line to
+        the log stream has none to age with its record."""
+        self._quiet = not shipped and self._quiet is not False
 
     def mark_collected(self) -> None:
         """after_watch_callback has run: a core that recovers the run never calls it again."""

@@ -262,14 +262,20 @@ def test_logs_come_from_redis_and_from_the_work_dir_only_without_a_copy(
     assert list(client.logs(sid)) == []
 
 
-def test_the_output_of_a_program_that_ends_at_once_reaches_redis(start_core, client):
+def test_the_output_of_a_program_that_ends_at_once_reaches_redis(start_core, client,
+                                                                  redis_server, prefix):
     # Such a program may write everything (and end) before its start has returned.
     start_core()
     ids = [client.submit(ServiceParamTemplate("shell", args={"script": f"echo out {i}; echo err >&2"}))
            for i in range(20)]
-    client.wait_all(ids, timeout=120)
+    quiet = client.submit(ServiceParamTemplate("shell", args={"script": "true"}))
+    client.wait_all([*ids, quiet], timeout=120)
     for i, sid in enumerate(ids):
         assert sorted(line.text for line in client.log_lines(sid)) == ["err", f"out {i}"], sid
+    # Their log streams age with their records; one that printed nothing has none to age.
+    r, keys = redis_server.client(), Keys(prefix)
+    assert all(r.ttl(keys.log(sid)) > 0 for sid in ids)
+    assert not r.exists(keys.log(quiet)) and r.ttl(keys.service(quiet)) > 0
 
 
 def test_follow_logs_from_a_service_that_has_not_started(start_core, client):
