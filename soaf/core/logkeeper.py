@@ -103,9 +103,10 @@ class _File:
     seen: int = -1  # its size at the last pass
 
 
-@dataclass
+@dataclass(eq=False)
 class LogHandle:
-    """The log files of one attempt of one service."""
+    """The log files of one attempt of one service (equal only to itself: the keeper
+    finds it among dozens of running ones at once, not field by field)."""
 
     service_id: str
     attempt: int
@@ -132,7 +133,7 @@ class LogKeeper:
         self.interval = interval
         self.lines = lines
         self._connected = connected
-        self._handles: list[LogHandle] = []
+        self._handles: dict[LogHandle, None] = {}  # (a set in the order added)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="soaf-logs", daemon=True)
@@ -156,15 +157,14 @@ class LogKeeper:
             files.append(_File(stream, path, offset=size))
         handle = LogHandle(service_id, attempt, files)
         with self._lock:
-            self._handles.append(handle)
+            self._handles[handle] = None
         return handle
 
     def finish(self, handle: LogHandle) -> dict[str, Any]:
         """The program has ended: ship the rest, leave a plain capped tail; returns sizes
         (``handle.shipped`` then says whether the service's log stream got any line)."""
         with self._lock:
-            if handle in self._handles:
-                self._handles.remove(handle)
+            self._handles.pop(handle, None)
         stats: dict[str, Any] = {}
         with handle.lock:
             handle.active = False
