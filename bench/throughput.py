@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -91,6 +92,26 @@ def breakdown(before: dict[str, int], after: dict[str, int], n: int) -> str:
     return ", ".join(f"{k} {v:.1f}" for v, k in top)
 
 
+#: The stages of one service's latency: each ends at the record field named (the client's
+#: clock before the submit and after the wait bound the first and the last), so the
+#: core's share and the client's can be told apart. Core and client share one clock here.
+STAGES = (("submit", "submitted_at"), ("claim", "building_at"), ("prepare", "preparing_at"),
+          ("spawn", "running_at"), ("run", "exited_at"), ("finish", "finished_at"),
+          ("seen", None))
+
+
+def stage_times(rec: Any, start: float, seen: float) -> dict[str, float]:
+    """Milliseconds each of STAGES took for one service (a stage whose end the record
+    lacks is left out, and the next one counts from the last end known)."""
+    out, last = {}, start
+    for name, field in STAGES:
+        end = seen if field is None else rec.get(field)
+        if isinstance(end, (int, float)):
+            out[name] = (end - last) * 1000
+            last = end
+    return out
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
@@ -144,16 +165,21 @@ def main() -> int:
               f"({'tmpfs' if str(work_root).startswith('/dev/shm') else 'disk'}), "
               f"max_services={opts.max_services}, file_poll={opts.file_poll}")
         lat = []
+        stages: dict[str, list[float]] = {name: [] for name, _ in STAGES}
         seq_before = command_counts(r)
         for _ in range(opts.latency_runs):
-            t0 = time.perf_counter()
+            t0, wall0 = time.perf_counter(), time.time()
             sid = client.submit(ServiceParamTemplate("true"))
             rec = client.wait(sid, timeout=30)
             lat.append((time.perf_counter() - t0) * 1000)
             assert rec.state == "succeeded", rec
+            for name, took in stage_times(rec, wall0, time.time()).items():
+                stages[name].append(took)
         print(f"latency submit->final ({opts.latency_runs} sequential): "
               f"p50 {statistics.median(lat):.2f} ms, p95 {pct(lat, 95):.2f} ms, "
               f"max {max(lat):.2f} ms")
+        print("  by stage (p50 ms): " + ", ".join(
+            f"{name} {statistics.median(v):.2f}" for name, v in stages.items() if v))
         seq_after = command_counts(r)
         seq_total = sum(seq_after.values()) - sum(seq_before.values())
         print(f"  redis commands per sequential submit + wait: {seq_total / opts.latency_runs:.1f}")
@@ -194,6 +220,7 @@ def main() -> int:
             opts.json.write_text(json.dumps({
                 "services_per_s": opts.n / elapsed, "submit_per_s": opts.n / t_submit,
                 "latency_p50_ms": statistics.median(lat), "latency_p95_ms": pct(lat, 95),
+                "latency_stages_p50_ms": {k: statistics.median(v) for k, v in stages.items() if v},
                 "loaded_p50_ms": statistics.median(e2e),
                 "redis_cmds_per_service": total / opts.n,
                 "redis_cmds_per_sequential_wait": seq_total / opts.latency_runs,
