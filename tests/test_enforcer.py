@@ -73,6 +73,40 @@ def test_fast_services_are_ticked_more_often():
         sup.stop()
 
 
+class LatePoke(threading.Event):
+    """The enforcer's poke event, armed to be poked just as a wait runs out: the moment
+    between the end of a wait and what the loop does next."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        got = super().wait(timeout)
+        if self.armed and not got:
+            self.armed = False
+            self.set()  # another thread pokes right now
+        return got
+
+
+def test_a_poke_as_a_wait_runs_out_is_not_lost():
+    sup = LimitEnforcer(interval=60, fast_interval=0.02)
+    late = sup._poked = LatePoke()
+    slow, fast = Ticked("slow"), Ticked("fast")
+    fast.fast = True  # type: ignore[attr-defined]
+    sup.add(slow)
+    sup.add(fast)
+    sup.start()
+    try:
+        wait_until(lambda: len(fast.ticks) >= 2, 10, message="fast ticks")
+        late.armed = True  # the next fast wait runs out and a poke lands
+        wait_until(lambda: not late.armed, 5, message="the late poke")
+        sup.remove(fast)  # nothing wakes the loop for 60 s now but that poke
+        wait_until(lambda: len(slow.ticks) == 1, 5, message="the poke's tick")
+    finally:
+        sup.stop()
+
+
 class Sampled:
     """A program whose memory the limits sample: counts the samples."""
 

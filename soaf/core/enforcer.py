@@ -101,7 +101,8 @@ class LimitEnforcer:
             if self._fast:
                 wait = min(wait, self.fast_interval)
             poked = self._poked.wait(max(wait, 0.0))
-            self._poked.clear()
+            if poked:  # (a poke that comes after a wait ran out is kept for the next one)
+                self._poked.clear()
             if poked or time.monotonic() >= next_pass:
                 next_pass = time.monotonic() + self.interval
                 self._passes += 1
