@@ -250,6 +250,10 @@ def test_redis_outage_keeps_events_in_order(start_core, own_redis, prefix, logdi
     waited: dict[str, object] = {}
     waiter = threading.Thread(target=lambda: waited.update(r=client.wait(ids[0], timeout=90)))
     waiter.start()
+    # The outage begins once the wait has read the records: a wait that has read nothing
+    # yet fails at once when Redis cannot be reached (a wrong URL must not hang a client).
+    wait_until(lambda: any(w.read for w in client._listener.board.waits), 10,
+               message="the wait's first read")
     own_redis.stop()
     try:
         with pytest.raises(RedisUnavailable):
