@@ -358,6 +358,9 @@ def test_waiting_and_following_logs_ride_out_a_redis_restart(own_redis, start_co
     for thread in threads:
         thread.start()
     wait_until(lambda: client.log_lines(sid), 20, message="a first line")
+    # (once the wait has read: a wait that has read nothing yet fails at once without Redis)
+    wait_until(lambda: any(w.read for w in client._listener.board.waits), 10,
+               message="the wait's first read")
     own_redis.stop()  # a clean restart: the append-only file keeps everything
     own_redis.start()
     for thread in threads:
