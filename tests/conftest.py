@@ -35,6 +35,14 @@ def stream_events(r: redis.Redis, key: str) -> list[dict[str, Any]]:
     return [event for _, data in r.xrange(key) for event in decode_events(data)]
 
 
+def until_waiting(client: Any, timeout: float = 10.0) -> None:
+    """Until a ``wait`` under way in another thread of ``client`` has read the records: only
+    then does it ride out a Redis outage (one that has read nothing yet fails at once, so
+    that a wrong URL does not hang a client)."""
+    wait_until(lambda: any(w.read for w in client._listener.board.waits), timeout,
+               message="the wait's first read")
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
                message: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""

@@ -56,13 +56,19 @@ def test_ticks_every_interval():
         sup.stop()
 
 
-def test_fast_services_are_ticked_more_often():
-    sup = LimitEnforcer(interval=60, fast_interval=0.02)
+def started_slow_and_fast(sup: LimitEnforcer) -> tuple[Ticked, Ticked]:
+    """A service without a memory limit and one with (``fast``), added to a started ``sup``."""
     slow, fast = Ticked("slow"), Ticked("fast")
     fast.fast = True  # type: ignore[attr-defined]
     sup.add(slow)
     sup.add(fast)
     sup.start()
+    return slow, fast
+
+
+def test_fast_services_are_ticked_more_often():
+    sup = LimitEnforcer(interval=60, fast_interval=0.02)
+    slow, fast = started_slow_and_fast(sup)
     try:
         wait_until(lambda: len(fast.ticks) >= 10, 10, message="ten fast ticks")
         assert slow.ticks == []  # a slow one waits for the interval (or a poke)
@@ -92,11 +98,7 @@ class LatePoke(threading.Event):
 def test_a_poke_as_a_wait_runs_out_is_not_lost():
     sup = LimitEnforcer(interval=60, fast_interval=0.02)
     late = sup._poked = LatePoke()
-    slow, fast = Ticked("slow"), Ticked("fast")
-    fast.fast = True  # type: ignore[attr-defined]
-    sup.add(slow)
-    sup.add(fast)
-    sup.start()
+    slow, fast = started_slow_and_fast(sup)
     try:
         wait_until(lambda: len(fast.ticks) >= 2, 10, message="fast ticks")
         late.armed = True  # the next fast wait runs out and a poke lands

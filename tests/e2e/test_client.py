@@ -27,7 +27,7 @@ from soaf.errors import (
 from soaf.protocol.keys import Keys
 from soaf.protocol.state import decode_events
 from tests.blocking import flavours
-from tests.conftest import SECRET, wait_until
+from tests.conftest import SECRET, until_waiting, wait_until
 from tests.test_tail import punch_head
 
 
@@ -358,9 +358,7 @@ def test_waiting_and_following_logs_ride_out_a_redis_restart(own_redis, start_co
     for thread in threads:
         thread.start()
     wait_until(lambda: client.log_lines(sid), 20, message="a first line")
-    # (once the wait has read: a wait that has read nothing yet fails at once without Redis)
-    wait_until(lambda: any(w.read for w in client._listener.board.waits), 10,
-               message="the wait's first read")
+    until_waiting(client)  # (the outage begins once the wait can ride it out)
     own_redis.stop()  # a clean restart: the append-only file keeps everything
     own_redis.start()
     for thread in threads:

@@ -20,7 +20,7 @@ from soaf import ServiceParamTemplate
 from soaf.errors import DuplicateService, RedisUnavailable
 from soaf.protocol.keys import GROUP, Keys
 from soaf.protocol.state import FINAL_VALUES
-from tests.conftest import SECRET, wait_until
+from tests.conftest import SECRET, until_waiting, wait_until
 
 
 @pytest.fixture
@@ -250,10 +250,7 @@ def test_redis_outage_keeps_events_in_order(start_core, own_redis, prefix, logdi
     waited: dict[str, object] = {}
     waiter = threading.Thread(target=lambda: waited.update(r=client.wait(ids[0], timeout=90)))
     waiter.start()
-    # The outage begins once the wait has read the records: a wait that has read nothing
-    # yet fails at once when Redis cannot be reached (a wrong URL must not hang a client).
-    wait_until(lambda: any(w.read for w in client._listener.board.waits), 10,
-               message="the wait's first read")
+    until_waiting(client)  # (the outage begins once the wait can ride it out)
     own_redis.stop()
     try:
         with pytest.raises(RedisUnavailable):
