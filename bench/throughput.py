@@ -5,7 +5,8 @@ Starts a private redis-server (unix socket) and one real core process (start_cor
 work root on tmpfs (/dev/shm) unless --work-root is given, then measures
   1. latency: submit one service, wait for its final state, repeat (p50/p95/max);
   2. throughput: submit N services as fast as one client can, wait for all;
-and prints Redis commands per service (from INFO commandstats).
+and prints Redis commands per service (from INFO commandstats), CPU per service by process,
+and the core's context switches per service (its threads' hand-overs and waits).
 
     .venv/bin/python bench/throughput.py [-n 2000] [--latency-runs 300] [--max-services 64]
 """
@@ -84,6 +85,20 @@ def _children(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except (OSError, ValueError):
         return []
+
+
+def switches(pid: int) -> int:
+    """Context switches (voluntary and not) of the threads of ``pid`` alive now: a service's
+    hand-overs between the core's threads, and its waits, each cost one or two. A thread
+    that ended takes its count with it; the core keeps its run threads idle for a while,
+    so a bench misses few."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError, ValueError):
+            for line in status.read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+    return total
 
 
 def breakdown(before: dict[str, int], after: dict[str, int], n: int) -> str:
@@ -188,6 +203,7 @@ def main() -> int:
 
         before = command_counts(r)
         cpu_before, redis_before = process_cpu(core.pid), redis_cpu(r)
+        switches_before = switches(core.pid)
         client_before = time.process_time()
         ids = []
         t0 = time.perf_counter()
@@ -198,6 +214,7 @@ def main() -> int:
         elapsed = time.perf_counter() - t0
         after = command_counts(r)
         cpu_after, redis_after = process_cpu(core.pid), redis_cpu(r)
+        core_switches = (switches(core.pid) - switches_before) / opts.n
         client_cpu = time.process_time() - client_before
         bad = [x for x in records if x.state != "succeeded"]
         e2e = [(x.get("finished_at") - x.get("submitted_at")) * 1000 for x in records]
@@ -216,6 +233,7 @@ def main() -> int:
               f"{children / opts.n * 1000:.2f} ms, redis-server "
               f"{(redis_after - redis_before) / opts.n * 1000:.2f} ms, client "
               f"{client_cpu / opts.n * 1000:.2f} ms")
+        print(f"  context switches per service in the core: {core_switches:.1f}")
         if opts.json is not None:
             opts.json.write_text(json.dumps({
                 "services_per_s": opts.n / elapsed, "submit_per_s": opts.n / t_submit,
@@ -227,6 +245,7 @@ def main() -> int:
                 "core_cpu_ms": own / opts.n * 1000, "programs_cpu_ms": children / opts.n * 1000,
                 "redis_cpu_ms": (redis_after - redis_before) / opts.n * 1000,
                 "client_cpu_ms": client_cpu / opts.n * 1000,
+                "core_switches_per_service": core_switches,
                 "work_root": "disk" if opts.work_root is not None and
                 not str(opts.work_root).startswith("/dev/shm") else "tmpfs",
                 "not_succeeded": len(bad)}, indent=1))
