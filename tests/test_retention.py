@@ -148,6 +148,52 @@ def test_a_dir_taken_again_during_the_sweep_is_kept(root):
     assert ok.exists()
 
 
+def test_a_retry_that_takes_its_dir_again_during_the_sweep_keeps_it(root):
+    """The dir's own marker is read again under the lock: a retry of the same service
+    that restarted in it after the sweep's first look keeps it."""
+    ok = run(root, "ok", "succeeded")
+    calls = []
+
+    def in_use() -> set[Path]:
+        calls.append(1)
+        if len(calls) == 2:  # under the lock, before the dir is checked again
+            mark_started(root, "ok", "ok")  # (its marker says running again)
+        return set()
+
+    report = sweep(root, policy(keep_succeeded_hours=0), in_use=in_use)
+    assert report.removed == [] and {"dir": "ok", "reason": "taken again"} in report.kept
+    assert ok.exists()
+
+
+def test_a_marker_being_written_holds_every_removal_back(root):
+    """A marker that cannot be read yet may name any dir: nothing is removed meanwhile
+    (one left unreadable for a minute is taken as damaged and ignored)."""
+    ok = run(root, "ok", "succeeded")
+    (runs_dir(root) / "half.json").write_text('{"service_id": "half", "work_')
+    report = sweep(root, policy(keep_succeeded_hours=0))
+    assert report.removed == [] and ok.exists()
+    os.utime(runs_dir(root) / "half.json", (time.time() - 120, time.time() - 120))
+    assert [r["dir"] for r in sweep(root, policy(keep_succeeded_hours=0)).removed] == ["ok"]
+
+
+def test_nested_work_paths_are_kept_and_a_shared_prefix_is_not_nesting(root):
+    outer = run(root, "outer", "succeeded", work_path="area")
+    inner = run(root, "inner", "succeeded", work_path="area/deep/inner")
+    beside = run(root, "beside", "succeeded", work_path="area-2")
+    report = sweep(root, policy(keep_succeeded_hours=0))
+    assert [r["dir"] for r in report.removed] == ["area-2"] and not beside.exists()
+    assert outer.exists() and inner.exists()
+    assert {k["dir"] for k in report.kept if k["reason"] == "nested work paths"} == {
+        "area", "area/deep/inner"}
+
+
+def test_only_a_measuring_sweep_walks_the_whole_root(root):
+    run(root, "ok", "succeeded", size=1000)
+    assert sweep(root, policy()).total_before > 1000
+    assert sweep(root, policy(), measure=False).total_before == 0
+    assert sweep(root, policy(max_bytes=10**9), measure=False).total_before > 1000
+
+
 def test_removal_waits_for_a_service_taking_the_lock(root):
     """A service start holds the lock shared; the sweep's removal needs it exclusive."""
     import threading

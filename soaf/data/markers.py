@@ -129,7 +129,8 @@ def mark_set_aside(work_root: Path, work_name: str, state: str) -> Marker:
     return marker
 
 
-def _read(path: Path) -> Marker | None:
+def read_marker(path: Path) -> Marker | None:
+    """The marker in ``path``; None when it is gone, or unreadable for longer than a write takes."""
     try:
         data = json.loads(path.read_text())
         marker = Marker(**{k: v for k, v in data.items() if k in Marker.__dataclass_fields__})
@@ -154,7 +155,7 @@ def read_markers(work_root: Path) -> list[Marker]:
     directory = runs_dir(work_root)
     if not directory.is_dir():
         return []
-    return [m for p in sorted(directory.glob("*.json")) if (m := _read(p)) is not None]
+    return [m for p in sorted(directory.glob("*.json")) if (m := read_marker(p)) is not None]
 
 
 def abandoned(marker: Marker, host: str) -> bool:

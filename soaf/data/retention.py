@@ -11,7 +11,8 @@ The sweep (``soaf gc``, and a core's periodic ``Sweeper``) reads only the run ma
   ``keep_failed_hours``; over ``max_bytes`` the oldest finished dirs go first;
 - each removal re-checks the markers under an exclusive ``flock`` of
   ``.soaf/gc.lock``, which every service start holds shared while it writes its marker
-  and creates its dir, so a dir is never removed under a service that just took it.
+  and creates its dir, so a dir is never removed under a service that just took it
+  (soaf.data.holds: the lock is taken once per batch of dirs, not once per dir).
 """
 
 from __future__ import annotations
@@ -19,20 +20,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import threading
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from soaf.config import RetentionPolicy, host_name
-from soaf.data.markers import Marker, abandoned, meta_dir, read_markers, work_root_lock, write_marker
+from soaf.data.holds import Hold, Holds, InUse, identities, identity
+from soaf.data.markers import Marker, abandoned, read_markers, write_marker
 from soaf.protocol.state import State
 
 log = logging.getLogger(__name__)
+
 
 #: Files kept beside the outputs when a succeeded dir is trimmed (``on_success=outputs``).
 KEEP_WITH_OUTPUTS = ("stdout.log", "stderr.log")
@@ -76,81 +77,118 @@ def du(path: Path) -> int:
     return total
 
 
-InUse = Callable[[], "set[Path]"]
-
-
 def sweep(work_root: Path, policy: RetentionPolicy, *, in_use: InUse | None = None,
-          now: float | None = None, dry_run: bool = False) -> SweepReport:
+          now: float | None = None, dry_run: bool = False, measure: bool = True) -> SweepReport:
     """Apply ``policy`` to the finished work dirs under ``work_root``.
 
     ``in_use`` returns the (resolved) work dirs this process is running services in;
-    they are never touched whatever their markers say. ``now`` is for tests.
+    they are never touched whatever their markers say. ``now`` is for tests. ``measure``
+    totals the bytes under the root first (``total_before``; always with ``max_bytes``):
+    a core's periodic sweep does without that walk of every file.
+
+    What the sweep removes or trims is checked again, and done, under the exclusive
+    work-root lock, taken once for up to ``HOLD_DIRS`` dirs (soaf.data.holds): a service
+    starting meanwhile waits for one such hold at most.
     """
     now = time.time() if now is None else now
     report = SweepReport(dry_run=dry_run)
     root = work_root.resolve()
     if not root.is_dir():
         return report
-    report.total_before = du(root)
-    dirs = _finished_dirs(root, report, now, in_use)
+    if measure or policy.max_bytes:
+        report.total_before = du(root)
+    seen, dirs = _finished_dirs(root, report, now, in_use)
+    expired: list[tuple[_Dir, str]] = []
+    trims: list[tuple[_Dir, list[Path], int]] = []
     survivors: list[_Dir] = []
     for d in dirs:
         age = now - d.finished_at
         if d.failed:
             if age >= policy.keep_failed_hours * 3600:
-                _remove(root, d, report, "failed", in_use, dry_run)
+                d.size = du(d.path)
+                expired.append((d, "failed"))
                 continue
         elif age >= policy.keep_succeeded_hours * 3600:
             if policy.on_success == "remove":
-                _remove(root, d, report, "succeeded", in_use, dry_run)
+                d.size = du(d.path)
+                expired.append((d, "succeeded"))
                 continue
             if policy.on_success == "outputs" and not all(m.trimmed for m in d.markers):
-                _trim(root, d, report, in_use, dry_run)
+                trims.append((d, *_victims(d)))
         survivors.append(d)
-    if policy.max_bytes:
-        total = report.total_before - report.freed
+    capped = bool(policy.max_bytes) and report.total_before > policy.max_bytes
+    holds = Holds(root, seen, in_use, dry_run=dry_run)
+    for hold, (d, victims, size) in holds.each(trims):
+        _trim(d, victims, size, report, hold)
+    for hold, (d, reason) in holds.each(expired):
+        _remove(d, reason, report, hold)
+    if capped:
         survivors.sort(key=lambda d: (d.failed, d.finished_at))
-        for d in survivors:
-            if total <= policy.max_bytes:
-                break
+
+        def under() -> bool:
+            return report.total_before - report.freed <= policy.max_bytes
+
+        for hold, d in holds.each(survivors, until=under):
             d.size = du(d.path)
-            if _remove(root, d, report, "over max_bytes", in_use, dry_run):
-                total -= d.size
+            _remove(d, "over max_bytes", report, hold)
+    removed = {r["dir"] for r in report.removed}
     for d in survivors:
-        if not any(r["dir"] == d.name for r in report.removed):
+        if d.name not in removed:
             report.kept.append({"dir": d.name, "reason": "failed" if d.failed else "succeeded"})
     return report
 
 
 def _finished_dirs(root: Path, report: SweepReport, now: float,
-                   in_use: InUse | None) -> list[_Dir]:
+                   in_use: InUse | None) -> tuple[set[str], list[_Dir]]:
+    """The names of the marker files read (those that could be read), and the dirs whose
+    every run has finished, oldest first."""
     host = host_name()
     groups: dict[str, list[Marker]] = {}
+    seen: set[str] = set()
     for marker in read_markers(root):
         groups.setdefault(marker.work_dir, []).append(marker)
-    busy = {p.resolve() for p in in_use()} if in_use else set()
-    names = [n for n in groups if n]
+        if marker.work_dir and marker.path is not None:
+            seen.add(marker.path.name)
+    busy = identities(in_use()) if in_use else set()
+    nested = _nested(n for n in groups if n)
     out: list[_Dir] = []
     for name, markers in groups.items():
         path = root / name
         if not name or name.startswith(".."):
             continue  # a marker being written; its dir is in use
-        if any(n != name and (n.startswith(name + "/") or name.startswith(n + "/")) for n in names):
+        if name in nested:
             report.kept.append({"dir": name, "reason": "nested work paths"})
             continue
-        if not path.exists():
+        found = identity(path)
+        if found is None:
             if all(m.final or abandoned(m, host) for m in markers):
                 for m in markers:
                     _unlink_marker(m)
             continue
-        if path.resolve() in busy or any(not m.final and not abandoned(m, host) for m in markers):
+        if found in busy or any(not m.final and not abandoned(m, host) for m in markers):
             report.kept.append({"dir": name, "reason": "in use"})
             continue
         finished = [m.finished_at or _mtime(m) for m in markers]
         failed = any(m.state != State.SUCCEEDED.value for m in markers)
         out.append(_Dir(name, path, markers, failed=failed, finished_at=max(finished, default=now)))
     out.sort(key=lambda d: d.finished_at)
-    return out
+    return seen, out
+
+
+def _nested(names: Iterable[str]) -> set[str]:
+    """The work dir names that lie inside another one's dir, or hold another one: such
+    dirs are never swept (removing the outer one would take the inner one along). Each
+    name's parents are looked up, so a root with tens of thousands of dirs costs a set
+    lookup per path component, not a comparison of every name with every other."""
+    present = set(names)
+    found: set[str] = set()
+    for name in present:
+        parts = name.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in present:
+                found.update((name, parent))
+    return found
 
 
 def _mtime(marker: Marker) -> float:
@@ -166,58 +204,40 @@ def _unlink_marker(marker: Marker) -> None:
             marker.path.unlink()
 
 
-def _still_finished(root: Path, d: _Dir, in_use: InUse | None) -> bool:
-    """Under the exclusive lock: has nobody taken the dir since the sweep looked?"""
-    host = host_name()
-    now_markers = [m for m in read_markers(root) if m.work_dir == d.name or not m.work_dir]
-    if any(not m.final and not abandoned(m, host) for m in now_markers):
+def _remove(d: _Dir, reason: str, report: SweepReport, hold: Hold) -> bool:
+    if not hold.still_free(d.name, d.path, d.markers):
+        report.kept.append({"dir": d.name, "reason": "taken again"})
         return False
-    if {m.service_id for m in now_markers} != {m.service_id for m in d.markers}:
-        return False
-    busy = {p.resolve() for p in in_use()} if in_use else set()
-    return d.path.resolve() not in busy
-
-
-def _remove(root: Path, d: _Dir, report: SweepReport, reason: str, in_use: InUse | None,
-            dry_run: bool) -> bool:
-    size = d.size or du(d.path)
-    if dry_run:
-        report.removed.append({"dir": d.name, "bytes": size, "reason": reason})
-        report.freed += size
-        return True
-    trash = meta_dir(root) / "trash" / uuid.uuid4().hex
-    with work_root_lock(root, exclusive=True):
-        if not _still_finished(root, d, in_use):
-            report.kept.append({"dir": d.name, "reason": "taken again"})
-            return False
-        trash.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(d.path, trash)
+    if not hold.dry_run:
+        if not hold.trash(d.path):
+            return False  # gone meanwhile: the next sweep forgets its markers
         for m in d.markers:
             _unlink_marker(m)
-    shutil.rmtree(trash, ignore_errors=True)
-    report.removed.append({"dir": d.name, "bytes": size, "reason": reason})
-    report.freed += size
-    log.info("removed work dir %s (%s, %d bytes)", d.name, reason, size)
+        log.info("removed work dir %s (%s, %d bytes)", d.name, reason, d.size)
+    report.removed.append({"dir": d.name, "bytes": d.size, "reason": reason})
+    report.freed += d.size
     return True
 
 
-def _trim(root: Path, d: _Dir, report: SweepReport, in_use: InUse | None,
-          dry_run: bool) -> None:
+def _victims(d: _Dir) -> tuple[list[Path], int]:
+    """The files trimming ``d`` removes (all but its outputs and logs), and their bytes."""
     keep = {name for m in d.markers for name in m.outputs} | set(KEEP_WITH_OUTPUTS)
     victims = [p for p in _files(d.path) if p.relative_to(d.path).as_posix() not in keep]
-    size = sum(p.lstat().st_size for p in victims)
-    if not dry_run:
-        with work_root_lock(root, exclusive=True):
-            if not _still_finished(root, d, in_use):
-                return
-            for p in victims:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-            _prune_empty(d.path)
-            for m in d.markers:
-                m.trimmed = True
-                if m.path is not None:
-                    write_marker(m.path, m)
+    return victims, sum(p.lstat().st_size for p in victims)
+
+
+def _trim(d: _Dir, victims: list[Path], size: int, report: SweepReport, hold: Hold) -> None:
+    if not hold.dry_run:
+        if not hold.still_free(d.name, d.path, d.markers):
+            return
+        for p in victims:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        _prune_empty(d.path)
+        for m in d.markers:
+            m.trimmed = True
+            if m.path is not None:
+                write_marker(m.path, m)
         log.info("trimmed work dir %s to its outputs (%d bytes freed)", d.name, size)
     report.trimmed.append({"dir": d.name, "bytes": size})
     report.freed += size
@@ -262,7 +282,7 @@ class Sweeper:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                report = sweep(self.work_root, self.policy, in_use=self.in_use)
+                report = sweep(self.work_root, self.policy, in_use=self.in_use, measure=False)
                 if report.removed or report.trimmed:
                     log.info("work root sweep: removed %d dirs, trimmed %d, freed %d bytes",
                              len(report.removed), len(report.trimmed), report.freed)
