@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from soaf.config import ConfigError, RetentionPolicy, Settings
+from soaf.data import holds
 from soaf.data.markers import mark_finished, mark_started, runs_dir, work_root_lock
 from soaf.data.retention import Sweeper, sweep
 
@@ -163,6 +164,27 @@ def test_a_retry_that_takes_its_dir_again_during_the_sweep_keeps_it(root):
     report = sweep(root, policy(keep_succeeded_hours=0), in_use=in_use)
     assert report.removed == [] and {"dir": "ok", "reason": "taken again"} in report.kept
     assert ok.exists()
+
+
+def test_a_dir_taken_during_the_sweep_stays_taken_through_its_later_holds(root, monkeypatch):
+    """The sweep lets the lock go between batches of dirs; a service marker read by one
+    hold still counts in the next ones (it is not read again)."""
+    monkeypatch.setattr(holds, "HOLD_DIRS", 1)
+    first = run(root, "a", "succeeded")
+    time.sleep(0.01)
+    taken = run(root, "b", "succeeded")
+    calls = []
+
+    def in_use() -> set[Path]:
+        calls.append(1)
+        if len(calls) == 1:  # after the first look: a service starts in b's dir
+            mark_started(root, "again", "b")
+        return set()
+
+    report = sweep(root, policy(keep_succeeded_hours=0), in_use=in_use)
+    assert [r["dir"] for r in report.removed] == ["a"] and not first.exists()
+    assert taken.exists() and {"dir": "b", "reason": "taken again"} in report.kept
+    assert len(calls) == 3  # the first look, and one hold for each dir
 
 
 def test_a_marker_being_written_holds_every_removal_back(root):

@@ -8,7 +8,7 @@ starts during a big sweep waits for one hold, not for the whole sweep.
 
 Whether a chosen dir is still free needs only the markers that may name it now: its own
 (read again), and those that were new, or could not be read, at the sweep's first look
-(read once per hold, after one listing of the markers' dir). A marker names the dir of its
+(each new one read once, by the first hold that lists it). A marker names the dir of its
 own service, the same for all its attempts, so no other marker can come to name a chosen
 dir. (Reading every marker again for each dir removed made a sweep quadratic in the dirs
 a core keeps: 45 s of CPU, most of it under the lock, to remove 2,000 dirs.)
@@ -57,12 +57,20 @@ def identities(paths: Iterable[Path]) -> set[tuple[int, int]]:
 
 class Holds:
     """The holds a sweep acts under, ``HOLD_DIRS`` dirs each. ``seen``: the names of the
-    marker files its first look read."""
+    marker files its first look read (and could read)."""
 
     def __init__(self, root: Path, seen: set[str], in_use: InUse | None, *,
                  dry_run: bool) -> None:
-        self._args = (root, seen, in_use)
-        self._dry_run = dry_run
+        self.root = root
+        self.in_use = in_use
+        self.dry_run = dry_run
+        #: Marker files whose dir is known: read at the first look, or by an earlier hold.
+        self.seen = set(seen)
+        #: The markers of files new since the first look, by the dir they name, read by an
+        #: earlier hold. Which dir each names never changes; a later change of its state
+        #: cannot free a chosen dir it names (its service is not among that dir's), so none
+        #: is read twice.
+        self.fresh: dict[str, list[Marker]] = {}
 
     def each(self, items: list[T], *, until: Callable[[], bool] = lambda: False
              ) -> Iterator[tuple[Hold, T]]:
@@ -71,7 +79,7 @@ class Holds:
         for start in range(0, len(items), HOLD_DIRS):
             if until():
                 return
-            with Hold(*self._args, dry_run=self._dry_run) as hold:
+            with Hold(self) as hold:
                 for item in items[start:start + HOLD_DIRS]:
                     if until():
                         return
@@ -81,14 +89,12 @@ class Holds:
 class Hold:
     """One exclusive hold of the lock (none in a dry run), with the markers as they are now."""
 
-    def __init__(self, root: Path, seen: set[str], in_use: InUse | None, *,
-                 dry_run: bool) -> None:
-        self.root = root
-        self.seen = seen
-        self.in_use = in_use
-        self.dry_run = dry_run
+    def __init__(self, holds: Holds) -> None:
+        self.root = holds.root
+        self.holds = holds
+        self.dry_run = holds.dry_run
         self.host = host_name()
-        self.fresh: list[Marker] = []
+        self.unread: list[Marker] = []  # being written: read again by the next hold
         self.busy: set[tuple[int, int]] = set()
         self.trashed: list[Path] = []
         self._stack = contextlib.ExitStack()
@@ -96,15 +102,24 @@ class Hold:
     def __enter__(self) -> Hold:
         if self.dry_run:
             return self
+        holds = self.holds
         self._stack.enter_context(work_root_lock(self.root, exclusive=True))
         directory = runs_dir(self.root)
         try:
             names = os.listdir(directory)
         except OSError:
             names = []
-        self.fresh = [m for name in names if name.endswith(".json") and name not in self.seen
-                      if (m := read_marker(directory / name)) is not None]
-        self.busy = identities(self.in_use()) if self.in_use else set()
+        for name in names:
+            if name.endswith(".json") and name not in holds.seen:
+                marker = read_marker(directory / name)
+                if marker is None:
+                    continue
+                if marker.work_dir:
+                    holds.seen.add(name)
+                    holds.fresh.setdefault(marker.work_dir, []).append(marker)
+                else:
+                    self.unread.append(marker)
+        self.busy = identities(holds.in_use()) if holds.in_use else set()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -119,7 +134,8 @@ class Hold:
             return True
         own = {m.path for m in markers if m.path is not None}
         mine = [m for m in map(read_marker, own) if m is not None]
-        now = [m for m in (*mine, *self.fresh) if m.work_dir == name or not m.work_dir]
+        now = [m for m in (*mine, *self.holds.fresh.get(name, ()), *self.unread)
+               if m.work_dir == name or not m.work_dir]
         if any(not m.final and not abandoned(m, self.host) for m in now):
             return False
         if {m.service_id for m in now} != {m.service_id for m in markers}:
