@@ -145,7 +145,8 @@ class Hold:
     def trash(self, path: Path) -> bool:
         """Move ``path`` out of the way (removed once the lock is let go); False if gone."""
         target = meta_dir(self.root) / "trash" / uuid.uuid4().hex
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not self.trashed:  # (once a hold)
+            target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(path, target)
         except FileNotFoundError:

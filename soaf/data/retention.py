@@ -34,7 +34,6 @@ from soaf.protocol.state import State
 
 log = logging.getLogger(__name__)
 
-
 #: Files kept beside the outputs when a succeeded dir is trimmed (``on_success=outputs``).
 KEEP_WITH_OUTPUTS = ("stdout.log", "stderr.log")
 
@@ -227,9 +226,9 @@ def _victims(d: _Dir) -> tuple[list[Path], int]:
 
 
 def _trim(d: _Dir, victims: list[Path], size: int, report: SweepReport, hold: Hold) -> None:
+    if not hold.still_free(d.name, d.path, d.markers):
+        return
     if not hold.dry_run:
-        if not hold.still_free(d.name, d.path, d.markers):
-            return
         for p in victims:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
