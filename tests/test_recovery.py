@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from soaf.core.heartbeat import Identity, claim_node
-from soaf.core.recovery import take_over
+from soaf.core.liveness import Liveness, missing_heartbeats, take_over
 from soaf.errors import NodeInUse, ProgramError
 from soaf.process import shim
 from soaf.process.coremark import mark_core
@@ -41,9 +41,16 @@ def deliver(r, keys: Keys, consumer: str, n: int) -> list[str]:
     return ids
 
 
+def beat(r, keys: Keys, node: str, token: str | None = None) -> None:
+    """Write ``node``'s heartbeat key as its core does (the scripts read its token)."""
+    r.set(keys.node(node), json.dumps({"pid": 1, "token": token or f"t-{node}"}), px=60_000)
+
+
 def test_racing_survivors_take_each_entry_exactly_once(r, prefix):
     keys = Keys(prefix)
     ids = deliver(r, keys, "dead", 60)
+    for i in range(4):
+        beat(r, keys, f"s{i}")
     claimed: dict[str, list[str]] = {}
     barrier = threading.Barrier(4)
 
@@ -51,7 +58,7 @@ def test_racing_survivors_take_each_entry_exactly_once(r, prefix):
         client = r.__class__(connection_pool=r.connection_pool)
         barrier.wait()
         got: list[str] = []
-        while moved := take_over(client, keys.node("dead"), keys.submit, "dead", name, 7):
+        while moved := take_over(client, keys, keys.submit, "dead", name, f"t-{name}", 7):
             got += [entry_id for entry_id, _ in moved]
         claimed[name] = got
 
@@ -72,13 +79,59 @@ def test_racing_survivors_take_each_entry_exactly_once(r, prefix):
 def test_a_live_node_is_never_taken_over(r, prefix):
     keys = Keys(prefix)
     ids = deliver(r, keys, "alive", 3)
+    beat(r, keys, "thief")
+    beat(r, keys, "heir")
     r.set(keys.node("alive"), "{}", px=60_000)
-    assert take_over(r, keys.node("alive"), keys.submit, "alive", "thief", 10) == []
+    assert take_over(r, keys, keys.submit, "alive", "thief", "t-thief", 10) == []
     assert r.xpending(keys.submit, GROUP)["consumers"] == [{"name": b"alive", "pending": 3}]
     r.delete(keys.node("alive"))
-    moved = take_over(r, keys.node("alive"), keys.submit, "alive", "heir", 10)
+    moved = take_over(r, keys, keys.submit, "alive", "heir", "t-heir", 10)
     assert [entry_id for entry_id, _ in moved] == ids
     assert moved[0][1] == {b"id": b"s0"}
+
+
+def test_a_core_judges_others_dead_only_where_it_sees_its_own_heartbeat(r, prefix):
+    """A server without the taker's own heartbeat (a stale master after a flapping
+    failover, or a replica promoted without the last writes) is not where its beats go:
+    there every live core looks dead, and it takes nothing over."""
+    keys = Keys(prefix)
+    ids = deliver(r, keys, "other", 2)
+    assert missing_heartbeats(r, keys, ["other", "third"], "heir", "t-heir") is None
+    assert take_over(r, keys, keys.submit, "other", "heir", "t-heir", 10) == []
+    beat(r, keys, "heir", "a-token-of-another-process")  # the name, but not this core
+    assert missing_heartbeats(r, keys, ["other"], "heir", "t-heir") is None
+    assert take_over(r, keys, keys.submit, "other", "heir", "t-heir", 10) == []
+    r.set(keys.node("heir"), "not json", px=60_000)
+    assert take_over(r, keys, keys.submit, "other", "heir", "t-heir", 10) == []
+    assert r.xpending(keys.submit, GROUP)["consumers"] == [{"name": b"other", "pending": 2}]
+    beat(r, keys, "heir")
+    beat(r, keys, "third")
+    assert missing_heartbeats(r, keys, ["other", "third"], "heir", "t-heir") == {"other"}
+    moved = take_over(r, keys, keys.submit, "other", "heir", "t-heir", 10)
+    assert [entry_id for entry_id, _ in moved] == ids
+
+
+def test_a_missing_heartbeat_counts_a_whole_ttl_seen_beside_the_own_one(r, prefix):
+    keys = Keys(prefix)
+    liveness = Liveness(r, keys, "heir", "t-heir", ttl=0.3)
+    beat(r, keys, "heir")
+    beat(r, keys, "alive")
+    assert liveness.dead(["alive", "gone", "heir"]) == []  # "gone": missing from now on
+    assert liveness.alive == {"alive"}
+    time.sleep(0.35)
+    assert liveness.dead(["alive", "gone", "heir"]) == ["gone"]
+    # The own heartbeat vanishes (data lost, or this is not the server the beats reach):
+    # nobody is judged, and the count starts over once it is back.
+    r.delete(keys.node("heir"))
+    assert liveness.dead(["alive", "gone"]) == []
+    beat(r, keys, "heir")
+    assert liveness.dead(["alive", "gone"]) == []
+    time.sleep(0.35)
+    assert liveness.dead(["alive", "gone"]) == ["gone"]
+    r.delete(keys.node("alive"))  # a key deleted once is no death
+    assert liveness.dead(["alive", "gone"]) == ["gone"]
+    beat(r, keys, "alive")
+    assert liveness.dead(["alive", "gone"]) == ["gone"] and liveness.alive == {"alive"}
 
 
 def _record(r, keys: Keys, sid: str, entry: str, state: str, attempt: int) -> None:

@@ -192,7 +192,7 @@ class Core:
             client, keys, s, launcher=self.launcher, gate=self.gate, runs=self.runs,
             connected_since=self.heartbeat.steady_since,
             connected=lambda: self.writer.connected, registry=lambda: self.loader.current,
-            stopping=self._stopping, offered=self.router.offered)
+            stopping=self._stopping, offered=self.router.offered, token=self.identity.token)
         reloader = self.reloader
         assert reloader is not None
         self.control = Control(self.blocking, keys, s.node, cancel=self.runs.cancel,

@@ -41,15 +41,16 @@ import redis
 from soaf.config import Settings
 from soaf.core.intake import Gate
 from soaf.core.launcher import Launcher
+from soaf.core.liveness import Liveness, take_over
 from soaf.core.ratelog import RateLimitedLog
 from soaf.core.routing import entry_ref, holders, own_pending, queue_service, streams
 from soaf.core.runtable import RunTable
 from soaf.plugin.loader import Registry
 from soaf.process import shim
 from soaf.process.identity import ProcIdentity, started_ago, stop_group, verified
-from soaf.protocol.keys import GROUP, Keys
-from soaf.protocol.replies import Entry, Pending, hash_of, pending, text
-from soaf.protocol.scripts import RECLAIM, TAKEOVER_LUA
+from soaf.protocol.keys import Keys
+from soaf.protocol.replies import Entry, Pending, hash_of, text
+from soaf.protocol.scripts import RECLAIM
 from soaf.protocol.state import ServiceRecord, State
 from soaf.protocol.template import ServiceParamTemplate
 from soaf.run.claim import Claim
@@ -73,16 +74,6 @@ def lost_budget(template: ServiceParamTemplate, registry: Registry | None) -> in
     return policy_for(template, program).max_lost
 
 
-def take_over(client: redis.Redis, heartbeat_key: str, stream: str, dead: str, taker: str,
-              count: int) -> list[Pending]:
-    """Move up to ``count`` entries pending for ``dead`` to ``taker`` if ``dead``'s
-    heartbeat is gone; the entries moved (fields None for an entry no longer in the stream)."""
-    resp = client.eval(TAKEOVER_LUA, 2, heartbeat_key, stream, GROUP, dead, taker, count)
-    # EVAL returns XCLAIM's entries with their fields flat: [id, [k1, v1, k2, v2 ...]].
-    return pending([(item[0], None if item[1] is None else dict(zip(item[1][::2], item[1][1::2])))
-                    for item in resp or [] if item])
-
-
 class Recovery:
     """The recovery duties of one core (restart and takeover)."""
 
@@ -90,7 +81,9 @@ class Recovery:
                  launcher: Launcher, gate: Gate, runs: RunTable,
                  connected_since: Callable[[], float | None], connected: Callable[[], bool],
                  registry: Callable[[], Registry | None], stopping: threading.Event,
-                 offered: Callable[[], list[str]]) -> None:
+                 offered: Callable[[], list[str]], token: str) -> None:
+        """``token``: the one in this core's heartbeat (soaf.core.liveness: it judges
+        others dead only where it sees its own heartbeat)."""
         self.client = client
         self.keys = keys
         self.settings = settings
@@ -106,8 +99,8 @@ class Recovery:
         self.node = settings.node
         self.taken_over = 0
         self._errors = RateLimitedLog(log)
-        #: When this core first found each node's heartbeat missing (monotonic).
-        self._missing_since: dict[str, float] = {}
+        self.token = token
+        self.liveness = Liveness(client, keys, self.node, token, settings.heartbeat_ttl)
         #: Dead nodes found holding nothing: nothing more can be delivered to them until
         #: their heartbeat is back, so their queues are not searched again.
         self._emptied: set[str] = set()
@@ -300,8 +293,9 @@ class Recovery:
         # Cores register their names; consumers of the old submit stream may predate that.
         names = sorted({text(n) for n in self.client.smembers(self.keys.nodes)}
                        | set(holders(self.client, [self.keys.submit]).get(self.keys.submit, {})))
-        dead = [name for name in names
-                if name != self.node and self._missing_long(name) and name not in self._emptied]
+        dead = self.liveness.dead(names)
+        self._emptied -= self.liveness.alive  # their heartbeat is back: search them again
+        dead = [name for name in dead if name not in self._emptied]
         if not dead:
             return 0
         held = holders(self.client, streams(self.client, self.keys, offered))
@@ -313,8 +307,8 @@ class Recovery:
             for stream in found:
                 if free <= 0:
                     break
-                entries = take_over(self.client, self.keys.node(name), stream, name,
-                                    self.node, free)
+                entries = take_over(self.client, self.keys, stream, name, self.node,
+                                    self.token, free)
                 if not entries:
                     continue
                 log.warning("node %s is dead (no heartbeat); took over %d of its entries",
@@ -326,17 +320,6 @@ class Recovery:
                 free -= len(entries)
         self.taken_over += moved
         return moved
-
-    def _missing_long(self, name: str) -> bool:
-        """True once ``name``'s heartbeat has been missing for a whole TTL, seen by this
-        core: a key deleted once (by anyone who can write to Redis) is renewed by its live
-        core at its next beat, and is no reason to take its work."""
-        if self.client.exists(self.keys.node(name)):
-            self._missing_since.pop(name, None)
-            self._emptied.discard(name)
-            return False
-        since = self._missing_since.setdefault(name, time.monotonic())
-        return time.monotonic() - since >= self.settings.heartbeat_ttl
 
     def loop(self) -> None:
         """The takeover thread: look for dead nodes every heartbeat interval."""

@@ -2,8 +2,9 @@
 
 Each change that must be atomic is one script: submitting, claiming an entry for an
 attempt, writing a batch of record changes, cancelling, reclaiming a lost attempt, taking
-over a dead node's entries, the heartbeat's compare-and-set, the plugin version counter and
-the fleet-wide concurrency slots. Together they show every multi-key change soaf makes.
+over a dead node's entries (judged only where a core sees its own heartbeat), the
+heartbeat's compare-and-set, the plugin version counter and the fleet-wide concurrency
+slots. Together they show every multi-key change soaf makes.
 
 * ``records``: what changes a service's record;
 * ``guard``: the Lua those scripts start with (Redis is not trusted);
@@ -16,6 +17,7 @@ the fleet-wide concurrency slots. Together they show every multi-key change soaf
 
 from soaf.protocol.scripts.nodes import (
     CAS_LUA,
+    MISSING_LUA,
     NEXT_NUMBER_LUA,
     REFRESH_LUA,
     RELEASE_LUA,
@@ -44,7 +46,7 @@ from soaf.protocol.scripts.slots import TAKE_SLOT, TAKE_SLOT_LUA
 
 __all__ = [
     "CANCEL", "CANCEL_LUA", "CAS_LUA", "CLAIM", "CLAIM_LUA", "FINISH", "FINISH_LUA",
-    "NEXT_NUMBER_LUA", "NOTE",
+    "MISSING_LUA", "NEXT_NUMBER_LUA", "NOTE",
     "RECLAIM", "RECLAIM_LUA", "RECORD", "RECORD_LUA", "RECORD_STEP", "RECORD_STEP_LUA",
     "REFRESH_LUA", "RELEASE_LUA", "REQUEUE", "REQUEUE_LUA", "SUBMIT", "SUBMIT_LUA", "TAKE",
     "TAKEOVER_LUA", "TAKE_LUA", "TAKE_SLOT", "TAKE_SLOT_LUA", "UNREAD_CANCEL", "Script",

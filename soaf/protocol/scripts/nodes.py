@@ -3,12 +3,40 @@ entries, and the per-node plugin version counter."""
 
 from __future__ import annotations
 
-# KEYS: heartbeat of the dead node, submit stream | ARGV: group, dead consumer, taker, count
-# The heartbeat check and the claim are one atomic step: two takers never both get an entry,
-# and a node whose heartbeat is back is left alone. A dead consumer with nothing pending is
+# Lua: true when ``key`` is this core's heartbeat (it holds ``token``) on the server that
+# runs the script. A core judges others dead only where it sees its own heartbeat: a server
+# that lacks it is not the one its beats reach (a failover that left two masters for a while,
+# each connection following whichever Sentinel named when it connected) or lost data (a
+# replica promoted before it had the last writes), and there every live core can look dead.
+_OWN = """
+local function soaf_own(key, token)
+  local ok, cur = pcall(redis.call, 'GET', key)
+  if not ok or not cur then return false end
+  local fine, v = pcall(cjson.decode, cur)
+  return fine and type(v) == 'table' and v['token'] == token
+end
+"""
+
+# KEYS: the taker's own heartbeat, then the heartbeats of the nodes asked about
+# ARGV: the taker's token
+# Returns -1 when the taker's own heartbeat is not on this server (nothing can be judged
+# here), else 1 or 0 per node asked about: its heartbeat is missing.
+MISSING_LUA = _OWN + """
+if not soaf_own(KEYS[1], ARGV[1]) then return -1 end
+local missing = {}
+for i = 2, #KEYS do missing[i - 1] = 1 - redis.call('EXISTS', KEYS[i]) end
+return missing
+"""
+
+# KEYS: heartbeat of the dead node, submit stream, the taker's own heartbeat
+# ARGV: group, dead consumer, taker, count, the taker's token
+# The heartbeat checks and the claim are one atomic step: two takers never both get an entry,
+# a node whose heartbeat is back is left alone, and so is every node while the taker's own
+# heartbeat is not on this server (see _OWN). A dead consumer with nothing pending is
 # deleted (atomically, so no entry delivered to it meanwhile can be dropped).
-TAKEOVER_LUA = """
+TAKEOVER_LUA = _OWN + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {} end
+if not soaf_own(KEYS[3], ARGV[5]) then return {} end
 local pending = redis.call('XPENDING', KEYS[2], ARGV[1], '-', '+', ARGV[4], ARGV[2])
 if #pending == 0 then
   redis.call('XGROUP', 'DELCONSUMER', KEYS[2], ARGV[1], ARGV[2])
