@@ -14,10 +14,12 @@ ways:
   two survivors racing for one dead node, exactly one gets each entry, and a core whose
   heartbeat is alive is never robbed, however long its services run (there is no
   idle-time reclaim). It looks only in the queues of the services it offers (and the old
-  submit stream), so it takes over only what it can run. Programs of the dead core that
-  run on this machine are stopped (after verifying pid and start time); on another
-  machine they are stopped by that node's core when it restarts. The attempt is marked
-  ``lost``.
+  submit stream), so it takes over only what it can run. The attempt is marked ``lost``
+  (a newer attempt fences the old one), and only then are the dead core's programs that
+  run on this machine stopped (after verifying pid and start time): a core taken for dead
+  that was alive writes the end of a program stopped so, and that write must meet the
+  newer attempt. On another machine they are stopped by that node's core when it
+  restarts.
 
 A ``lost`` attempt is followed by a new attempt, unless the service's attempts are used
 up (soaf.run.policy, the same rule as for retries): then it ends ``failed`` with the
@@ -197,16 +199,23 @@ class Recovery:
             mine = local is not None and local.core_gone()
         if mine and self._resume(entry_id, template, registry, record, journal, path):
             return
+        # Fence first, then stop: the attempt's core may be alive after all (its heartbeat
+        # did not reach Redis for a TTL), and it writes the end of the program stopped here
+        # at once. Written after the reclaim, that end meets the newer attempt and is
+        # refused; written before it, it would end the service "killed by SIGTERM".
+        claim = self._reclaim(entry_id, template, registry, reason, previous)
         for candidate in candidates:
             if candidate is not None:
                 self._stop_leftover(candidate, why="its attempt is lost")
         if local is not None:
             remove_files(path, local)
-        self._reclaim(entry_id, template, registry, reason, previous)
+        if claim is not None:
+            self.launcher.start(ServiceRun, template, claim, registry)
 
     def _reclaim(self, entry_id: str, template: ServiceParamTemplate, registry: Registry,
-                 reason: str, previous: str) -> None:
-        """Record the attempt in progress as lost and start a new one (or end it failed)."""
+                 reason: str, previous: str) -> Claim | None:
+        """Record the attempt in progress as lost; the new attempt's claim, or None when
+        the service is not run again (final, lost too often, a duplicate)."""
         sid = template.service_id
         keys, args = self.launcher.claim_args(entry_id, template, registry)
         args += [lost_budget(template, registry), reason, previous]
@@ -217,11 +226,11 @@ class Recovery:
                         "lost too often: failed" if verdict == b"failed"
                         else f"not run: {verdict.decode()} ({detail.decode()})")
             self.launcher.finish_entries([entry_id])
-            return
+            return None
         claim = Claim.from_reply(entry_id, reply)
         log.warning("service %s: attempt %d was lost (%s); running attempt %d", sid,
                     claim.attempt - 1, reason, claim.attempt)
-        self.launcher.start(ServiceRun, template, claim, registry)
+        return claim
 
     def _resume(self, entry_id: str, template: ServiceParamTemplate, registry: Registry,
                 record: ServiceRecord, journal: Journal, path: Path) -> bool:

@@ -188,6 +188,38 @@ def test_deleted_heartbeat_of_a_live_core_causes_no_takeover(start_core, redis_s
     assert a.alive() and r.exists(Keys(prefix).node("core-a"))
 
 
+def test_a_takeover_of_a_live_core_fences_before_it_stops_the_program(start_core, redis_server,
+                                                                     prefix, client, logdir):
+    """core-a is alive, but its heartbeat key is deleted over and over for longer than the
+    TTL: core-b takes its service over and stops its program (same host). core-a sees the
+    program die and writes the old attempt's end at once; that write must meet the newer
+    attempt (the takeover fences in Redis first, then stops), so the service is run again
+    and succeeds, rather than ending "failed: killed by SIGTERM"."""
+    start_core(SOAF_NODE="core-a")
+    r = redis_server.client()
+    key = Keys(prefix).node("core-a")
+    done = logdir / "done"  # the program runs until this file exists
+    sid = client.submit(ServiceParamTemplate("hold", args={
+        "seconds": 0, "logdir": str(logdir), "code": 0, "until": str(done)}, watch_interval=0.2))
+    wait_until(lambda: client.status(sid).state == "running", 30, message="running")
+    start_core(SOAF_NODE="core-b")
+    time.sleep(3.5)  # core-b has been connected for a whole TTL: it may take over now
+    deadline = time.monotonic() + 30
+    while (now := client.status(sid)).attempt < 2 and not now.final:
+        assert time.monotonic() < deadline, "core-b to take the service over"
+        for _ in range(20):  # core-a writes its key again at each beat
+            r.delete(key)
+            time.sleep(0.005)
+    assert not client.status(sid).final, client.status(sid)  # not ended by the stopped program
+    wait_until(lambda: client.status(sid).state == "running", 30, message="attempt 2 to run")
+    done.touch()
+    record = client.wait(sid, timeout=60)
+    assert (record.state, record.attempt, record.node) == ("succeeded", 2, "core-b"), record
+    assert [a.get("state") for a in record.get("attempts")] == ["lost", "succeeded"]
+    finals = [e for e in client.events(sid, follow=False) if e.get("state") in FINAL_VALUES]
+    assert len(finals) == 1, finals
+
+
 def test_forged_heartbeat_token_stops_no_core(start_core, redis_server, prefix, client, logdir):
     """A heartbeat value with another token, naming a dead process on this host, a live
     process of this host that is no core, or a core on another host whose value stays
