@@ -101,7 +101,6 @@ class Recovery:
         self.node = settings.node
         self.taken_over = 0
         self._errors = RateLimitedLog(log)
-        self.token = token
         self.liveness = Liveness(client, keys, self.node, token, settings.heartbeat_ttl)
         #: Dead nodes found holding nothing: nothing more can be delivered to them until
         #: their heartbeat is back, so their queues are not searched again.
@@ -317,7 +316,7 @@ class Recovery:
                 if free <= 0:
                     break
                 entries = take_over(self.client, self.keys, stream, name, self.node,
-                                    self.token, free)
+                                    self.liveness.token, free)
                 if not entries:
                     continue
                 log.warning("node %s is dead (no heartbeat); took over %d of its entries",
