@@ -108,6 +108,18 @@ class Launcher:
         except redis.RedisError as e:  # its lease runs out after the heartbeat TTL
             log.warning("cannot give back the slot of %s (%s)", service_id, e)
 
+    def drop_lease(self, template: ServiceParamTemplate, registry: Registry) -> None:
+        """Remove the slot lease of a service that is final without a run here (a takeover
+        found it lost too often, or already final). Its dead core left the lease behind; an
+        expired lease is dropped only by the next TAKE_SLOT of its service name, so until
+        then the slots key would still list a service that ended."""
+        if self._cap(template, registry) is None:
+            return
+        try:
+            self.client.zrem(self.keys.slots(template.service), template.service_id)
+        except redis.RedisError as e:  # it runs out anyway; the next take drops it
+            log.warning("cannot drop the slot lease of %s (%s)", template.service_id, e)
+
     def renew_slots(self) -> None:
         """Extend the leases of the slots this core holds (every heartbeat interval)."""
         now = time.monotonic()

@@ -225,6 +225,8 @@ class Recovery:
                         "lost too often: failed" if verdict == b"failed"
                         else f"not run: {verdict.decode()} ({detail.decode()})")
             self.launcher.finish_entries([entry_id])
+            if verdict in (b"failed", b"final"):
+                self.launcher.drop_lease(template, registry)
             return None
         claim = Claim.from_reply(entry_id, reply)
         log.warning("service %s: attempt %d was lost (%s); running attempt %d", sid,

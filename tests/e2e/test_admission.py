@@ -84,6 +84,24 @@ def test_nodes_shows_used_and_free_capacity(start_core, core_env, client):
     assert client.wait(sid, timeout=30).state == "cancelled"
 
 
+def test_a_takeover_that_ends_a_service_drops_its_slot_lease(start_core, client, redis_server,
+                                                             prefix):
+    """A service that a takeover ends (lost too often) holds no slot afterwards, even when
+    no other service of its name comes to take a slot (which would drop expired leases)."""
+    a = start_core(SOAF_NODE="core-a")
+    held = [client.submit(ServiceParamTemplate("throttled", args={"seconds": 60}, max_lost=0))
+            for _ in range(2)]
+    wait_until(lambda: all(client.status(s).state == "running" for s in held), 30,
+               message="both slots taken on core-a")
+    crash(a, client, held)
+    start_core(SOAF_NODE="core-b")
+    lost = [client.wait(s, timeout=60) for s in held]
+    assert [(r.state, r.get("failure")) for r in lost] == [("failed", "lost")] * 2
+    with redis.Redis.from_url(redis_server.url) as r:
+        wait_until(lambda: r.zcard(f"{prefix}:slots:throttled") == 0, 10,
+                   message="the leases of the ended services dropped")
+
+
 def test_max_concurrent_caps_runs_across_two_cores(start_core, client, redis_server, prefix):
     start_core(SOAF_NODE="core-a")
     start_core(SOAF_NODE="core-b")

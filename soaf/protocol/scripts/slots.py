@@ -10,7 +10,8 @@ granted (``ZREM``). A core killed with -9 renews nothing: its leases run out aft
 heartbeat TTL, and TAKE_SLOT drops expired leases before it counts, so the slots of a
 lost core's attempts come free when that core counts as dead; the core that re-runs or
 adopts such an attempt takes its slot again, past the cap if need be (``force``), as
-admission does for runs a core already owns. Leases compare clocks of several hosts:
+admission does for runs a core already owns; the one that ends such a service instead
+(lost too often) removes its lease. Leases compare clocks of several hosts:
 keep them in sync (NTP), as the heartbeats already require.
 
 """
