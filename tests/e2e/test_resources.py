@@ -7,10 +7,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from soaf import ServiceParamTemplate
+from tests.conftest import wait_until
 
 MIB = 1024
 
@@ -112,23 +114,37 @@ def test_status_shows_what_ran_what_it_cost_and_how_it_ended(start_core, client,
     assert re.search(r"^attempts +#1 succeeded on core-a, \d+\.\d s$", text, re.M)
 
 
-def test_wait_all_follow_watches_until_ctrl_c(start_core, client, core_env):
+def test_wait_all_follow_watches_until_ctrl_c(start_core, client, core_env, tmp_path):
     start_core()
+    # The first service runs until the watcher shows it: a service that ended before the
+    # watcher started is none of its business, and the watcher may take seconds to start.
+    go = tmp_path / "go"
+    first = client.submit(ServiceParamTemplate(
+        "shell", args={"script": f"while [ ! -e {go} ]; do sleep 0.05; done"}))
     watcher = subprocess.Popen([str(Path(sys.executable).parent / "soaf"), "wait", "--all",
                                 "--follow"], env=core_env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(watcher.stdout or ()), daemon=True)
+    reader.start()
     try:
-        first = client.submit(ServiceParamTemplate("shell", args={"script": "true"}))
+        wait_until(lambda: any(first in line for line in lines), 60,
+                   message="the watcher to show the first service")
+        go.touch()
         client.wait(first, timeout=30)
         # idle for longer than `--all` lingers (2 s), then a new service: still watched
         time.sleep(3.5)
         assert watcher.poll() is None
         second = client.submit(ServiceParamTemplate("shell", args={"script": "exit 2"}))
         client.wait(second, timeout=30)
-        time.sleep(1.5)  # it shows the end of the second one
+        wait_until(lambda: any(f"{second} shell failed" in line for line in lines), 30,
+                   message="the watcher to show the end of the second service")
     finally:
         watcher.send_signal(signal.SIGINT)
-        out, err = watcher.communicate(timeout=30)
+        watcher.wait(timeout=30)
+        reader.join(timeout=10)
+    err = watcher.stderr.read() if watcher.stderr else ""
+    out = "".join(lines)
     assert f"{first} shell succeeded" in out and f"{second} shell failed" in out, out
     assert err.strip().endswith("1 failed, 1 succeeded"), err
     assert watcher.returncode == 1
