@@ -84,10 +84,9 @@ def test_nodes_shows_used_and_free_capacity(start_core, core_env, client):
     assert client.wait(sid, timeout=30).state == "cancelled"
 
 
-def test_a_takeover_that_ends_a_service_drops_its_slot_lease(start_core, client, redis_server,
-                                                             prefix):
-    """A service that a takeover ends (lost too often) holds no slot afterwards, even when
-    no other service of its name comes to take a slot (which would drop expired leases)."""
+def _crash_holding_both_slots(start_core, client) -> list[str]:
+    """Two services of ``throttled`` (max_concurrent 2) running on core-a, core-a crashed
+    (kill -9, programs too), core-b started; the two services' ids."""
     a = start_core(SOAF_NODE="core-a")
     held = [client.submit(ServiceParamTemplate("throttled", args={"seconds": 60}, max_lost=0))
             for _ in range(2)]
@@ -95,6 +94,14 @@ def test_a_takeover_that_ends_a_service_drops_its_slot_lease(start_core, client,
                message="both slots taken on core-a")
     crash(a, client, held)
     start_core(SOAF_NODE="core-b")
+    return held
+
+
+def test_a_takeover_that_ends_a_service_drops_its_slot_lease(start_core, client, redis_server,
+                                                             prefix):
+    """A service that a takeover ends (lost too often) holds no slot afterwards, even when
+    no other service of its name comes to take a slot (which would drop expired leases)."""
+    held = _crash_holding_both_slots(start_core, client)
     lost = [client.wait(s, timeout=60) for s in held]
     assert [(r.state, r.get("failure")) for r in lost] == [("failed", "lost")] * 2
     with redis.Redis.from_url(redis_server.url) as r:
@@ -120,13 +127,7 @@ def test_max_concurrent_caps_runs_across_two_cores(start_core, client, redis_ser
 def test_the_slots_of_a_killed_core_come_free(start_core, client, redis_server, prefix):
     """A core killed with -9 (its programs with it) gives nothing back; its leases run out
     after the heartbeat TTL and the next service of that name starts on the survivor."""
-    a = start_core(SOAF_NODE="core-a")
-    held = [client.submit(ServiceParamTemplate("throttled", args={"seconds": 60}, max_lost=0))
-            for _ in range(2)]
-    wait_until(lambda: all(client.status(s).state == "running" for s in held), 30,
-               message="both slots taken on core-a")
-    crash(a, client, held)
-    start_core(SOAF_NODE="core-b")
+    held = _crash_holding_both_slots(start_core, client)
     late = client.submit(ServiceParamTemplate("throttled", args={"seconds": 0.5}))
     assert client.wait(late, timeout=60).state == "succeeded"
     lost = [client.wait(s, timeout=60) for s in held]
