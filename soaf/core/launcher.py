@@ -109,10 +109,10 @@ class Launcher:
             log.warning("cannot give back the slot of %s (%s)", service_id, e)
 
     def drop_lease(self, template: ServiceParamTemplate, registry: Registry) -> None:
-        """Remove the slot lease of a service that is final without a run here (a takeover
-        found it lost too often, or already final). Its dead core left the lease behind; an
-        expired lease is dropped only by the next TAKE_SLOT of its service name, so until
-        then the slots key would still list a service that ended."""
+        """Remove the slot lease of a service a takeover ended without a run (lost too
+        often). Its dead core left the lease behind; an expired lease is dropped only by the
+        next TAKE_SLOT of its service name, so until then the slots key would still list a
+        service that ended."""
         if self._cap(template, registry) is None:
             return
         try:
