@@ -101,24 +101,21 @@ class Launcher:
         """Give back the slot this core took for ``service_id`` (if any)."""
         with self._slot_lock:
             key = self._slots.pop(service_id, None)
-        if key is None:
-            return
+        if key is not None:
+            self._remove_lease(key, service_id)
+
+    def drop_lease(self, template: ServiceParamTemplate) -> None:
+        """Remove the slot lease of a service a takeover ended without a run (lost too
+        often). Its dead core left the lease behind; an expired lease is dropped only by the
+        next TAKE_SLOT of its service name, so until then the slots key would still list a
+        service that ended. (No cap check: the plugin that set one may have changed since.)"""
+        self._remove_lease(self.keys.slots(template.service), template.service_id)
+
+    def _remove_lease(self, key: str, service_id: str) -> None:
         try:
             self.client.zrem(key, service_id)
         except redis.RedisError as e:  # its lease runs out after the heartbeat TTL
             log.warning("cannot give back the slot of %s (%s)", service_id, e)
-
-    def drop_lease(self, template: ServiceParamTemplate, registry: Registry) -> None:
-        """Remove the slot lease of a service a takeover ended without a run (lost too
-        often). Its dead core left the lease behind; an expired lease is dropped only by the
-        next TAKE_SLOT of its service name, so until then the slots key would still list a
-        service that ended."""
-        if self._cap(template, registry) is None:
-            return
-        try:
-            self.client.zrem(self.keys.slots(template.service), template.service_id)
-        except redis.RedisError as e:  # it runs out anyway; the next take drops it
-            log.warning("cannot drop the slot lease of %s (%s)", template.service_id, e)
 
     def renew_slots(self) -> None:
         """Extend the leases of the slots this core holds (every heartbeat interval)."""

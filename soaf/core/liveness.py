@@ -10,9 +10,10 @@ a master until Sentinel reaches it; each connection of a core follows whichever 
 Sentinel named when it connected, so its heartbeat may go to one server while its takeover
 looks at the other, where the other cores' beats are missing too. Without the check, two
 live cores would take each other's services over again and again, until the services
-failed as "lost too often". A promoted replica that lacks the last writes (the heartbeat keys among them) is
-the same case until every core has beaten again. Until its own heartbeat is back in view,
-a core judges nobody, and its count of how long others' keys were missing starts over.
+failed as "lost too often". A promoted replica that lacks the last writes (the heartbeat
+keys among them) is the same case until every core has beaten again. Until its own
+heartbeat is back in view, a core judges nobody, and its count of how long others' keys
+were missing starts over.
 """
 
 from __future__ import annotations

@@ -226,7 +226,7 @@ class Recovery:
                         else f"not run: {verdict.decode()} ({detail.decode()})")
             self.launcher.finish_entries([entry_id])
             if verdict == b"failed":  # (any other verdict: a live core may hold the lease)
-                self.launcher.drop_lease(template, registry)
+                self.launcher.drop_lease(template)
             return None
         claim = Claim.from_reply(entry_id, reply)
         log.warning("service %s: attempt %d was lost (%s); running attempt %d", sid,
